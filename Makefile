@@ -1,0 +1,25 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install the pinned dependencies.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test venv clean wheel-check
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (polyquant needs Python 3.11)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=23" "setuptools>=68,<85" wheel
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,test]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/polyquant demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,3 @@
+"""polyquant: quantization for non-LLM models."""
+
+__version__ = "0.1.0"

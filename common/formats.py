@@ -1,0 +1,403 @@
+"""Number formats: what values a quantized tensor can take, in units of its scale.
+
+Every format exposes its representable ``grid()`` (sorted, float32) and ``round(x)``: round-to-nearest onto
+that grid, saturating at the ends. Rounding is done in closed form (no search over the grid), so it is as fast
+as ``torch.round`` and differentiable through ``round_ste``.
+
+| format        | values (scale = 1)                                       | zero point |
+|---------------|----------------------------------------------------------|------------|
+| IntFormat     | integers qmin..qmax (two's complement when signed)       | allowed    |
+| FloatFormat   | sign * 2^(e - bias) * (1 + m / 2^M), with subnormals     | no         |
+| LogFormat     | 0 and (sign) base^-k for k = 0 .. 2^bits - 1             | no         |
+| BinaryFormat  | -1, +1                                                   | no         |
+
+Formats are frozen dataclasses and are looked up by name with ``get_format("int4")``, ``get_format("e2m1")``,
+``get_format("log2_4")``, ``get_format("binary")``. ``list_formats()`` names them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "IntFormat",
+    "FloatFormat",
+    "LogFormat",
+    "BinaryFormat",
+    "Format",
+    "get_format",
+    "list_formats",
+    "round_ste",
+]
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round half to even in the forward pass; identity gradient (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def _check_bits(bits: int, lo: int, hi: int, what: str) -> None:
+    if not isinstance(bits, int) or isinstance(bits, bool) or not lo <= bits <= hi:
+        raise ValueError(f"{what}: bits must be an integer in [{lo}, {hi}], got {bits!r}")
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """Uniform integer format with ``bits`` bits, signed (two's complement) or unsigned."""
+
+    bits: int
+    signed: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, 1, 8, "IntFormat")
+
+    @property
+    def name(self) -> str:
+        return f"{'int' if self.signed else 'uint'}{self.bits}"
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def max_value(self) -> float:
+        return float(max(abs(self.qmin), self.qmax))
+
+    @property
+    def supports_zero_point(self) -> bool:
+        return True
+
+    def grid(self) -> Tensor:
+        return torch.arange(self.qmin, self.qmax + 1, dtype=torch.float32)
+
+    def round(self, x: Tensor) -> Tensor:
+        return torch.clamp(torch.round(x), self.qmin, self.qmax)
+
+    def round_ste(self, x: Tensor) -> Tensor:
+        # Clamp after the STE round: gradient 1 inside [qmin, qmax], 0 outside (clipped STE).
+        return torch.clamp(round_ste(x), self.qmin, self.qmax)
+
+    def encode(self, q: Tensor) -> Tensor:
+        """Grid values -> unsigned codes 0 .. 2^bits - 1 (offset binary for signed formats)."""
+        return (q.round().to(torch.int32) - self.qmin).to(torch.uint8)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return codes.to(torch.float32) + self.qmin
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """Minifloat ExMy: 1 sign bit, ``exp_bits`` exponent bits, ``man_bits`` mantissa bits.
+
+    Args:
+        exp_bits: exponent bits E (>= 1).
+        man_bits: mantissa bits M (>= 0).
+        bias: exponent bias; default 2^(E-1) - 1.
+        specials: which bit patterns are not finite numbers.
+            "none": every pattern is a number (E2M1, E3M2, ... as in OCP MX FP4/FP6).
+            "fn": only S.1..1.1..1 is NaN (OCP E4M3FN, max 448).
+            "ieee": the top exponent holds inf/NaN (E5M2, max 57344).
+    """
+
+    exp_bits: int
+    man_bits: int
+    bias: int | None = None
+    specials: Literal["none", "fn", "ieee"] = "none"
+    _bias: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_bits(self.exp_bits, 1, 8, "FloatFormat exp_bits")
+        if not isinstance(self.man_bits, int) or not 0 <= self.man_bits <= 10:
+            raise ValueError(f"FloatFormat: man_bits must be an integer in [0, 10], got {self.man_bits!r}")
+        if self.specials not in ("none", "fn", "ieee"):
+            raise ValueError(f"FloatFormat: specials must be 'none', 'fn' or 'ieee', got {self.specials!r}")
+        if self.specials == "fn" and self.exp_bits + self.man_bits < 2:
+            raise ValueError("FloatFormat: 'fn' specials need at least 2 exponent+mantissa bits")
+        bias = 2 ** (self.exp_bits - 1) - 1 if self.bias is None else self.bias
+        object.__setattr__(self, "_bias", int(bias))
+
+    @property
+    def name(self) -> str:
+        suffix = {"none": "", "fn": "fn", "ieee": ""}[self.specials]
+        default_bias = 2 ** (self.exp_bits - 1) - 1
+        bias = "" if self._bias == default_bias else f"_b{self._bias}"
+        return f"e{self.exp_bits}m{self.man_bits}{suffix}{bias}"
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.exp_bits + self.man_bits
+
+    @property
+    def exponent_bias(self) -> int:
+        return self._bias
+
+    @property
+    def max_exponent_field(self) -> int:
+        top = 2**self.exp_bits - 1
+        return top - 1 if self.specials == "ieee" else top
+
+    @property
+    def max_value(self) -> float:
+        e = self.max_exponent_field
+        top_mantissa = 2**self.man_bits - 1
+        if self.specials == "fn":
+            top_mantissa -= 1  # S.1111.111 is NaN
+        if e == 0:  # only subnormals (E1 with bias such that field 1 ... never here) keep it general
+            return 2.0 ** (1 - self._bias) * top_mantissa / 2**self.man_bits
+        return 2.0 ** (e - self._bias) * (1 + top_mantissa / 2**self.man_bits)
+
+    @property
+    def min_normal_exponent(self) -> int:
+        return 1 - self._bias
+
+    @property
+    def supports_zero_point(self) -> bool:
+        return False
+
+    def _positive_values(self) -> list[float]:
+        values: list[float] = []
+        m_count = 2**self.man_bits
+        for e in range(0, self.max_exponent_field + 1):
+            for m in range(m_count):
+                if e == 0:
+                    v = 2.0 ** (1 - self._bias) * (m / m_count)
+                else:
+                    v = 2.0 ** (e - self._bias) * (1 + m / m_count)
+                if v <= self.max_value:
+                    values.append(v)
+        return values
+
+    def grid(self) -> Tensor:
+        pos = sorted(set(self._positive_values()))
+        neg = [-v for v in reversed(pos) if v > 0]
+        return torch.tensor(neg + pos, dtype=torch.float32)
+
+    def _step(self, x: Tensor) -> Tensor:
+        # Spacing of the grid around |x|: 2^(e - M) with e the (clamped) binade exponent.
+        absx = x.detach().abs().float()
+        e = torch.floor(torch.log2(absx.clamp_min(torch.finfo(torch.float32).tiny)))
+        e = e.clamp(min=self.min_normal_exponent)
+        return torch.exp2(e - self.man_bits)
+
+    def round(self, x: Tensor) -> Tensor:
+        step = self._step(x)
+        q = torch.round(x / step) * step  # round half to even on the mantissa
+        return torch.clamp(q, -self.max_value, self.max_value).to(x.dtype)
+
+    def round_ste(self, x: Tensor) -> Tensor:
+        step = self._step(x)
+        q = round_ste(x / step) * step
+        return torch.clamp(q, -self.max_value, self.max_value)
+
+    def encode(self, q: Tensor) -> Tensor:
+        """Grid values -> bit patterns (sign | exponent | mantissa) as uint8 (formats of up to 8 bits)."""
+        if self.bits > 8:
+            raise ValueError(f"{self.name}: encode supports formats of at most 8 bits")
+        grid = self.grid()
+        idx = torch.searchsorted(grid, q.float().contiguous().clamp(grid[0], grid[-1]))
+        idx = idx.clamp(max=grid.numel() - 1)
+        if not torch.equal(grid[idx], q.float()):
+            raise ValueError(f"{self.name}: encode got values that are not on the grid; call round() first")
+        return self._grid_codes()[idx]
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return self._code_values()[codes.long()]
+
+    def _pattern_value(self, code: int) -> float:
+        sign = -1.0 if code >> (self.exp_bits + self.man_bits) & 1 else 1.0
+        e = (code >> self.man_bits) & (2**self.exp_bits - 1)
+        m = code & (2**self.man_bits - 1)
+        m_count = 2**self.man_bits
+        if e > self.max_exponent_field or (
+            self.specials == "fn" and e == self.max_exponent_field and m == m_count - 1
+        ):
+            return math.nan
+        if e == 0:
+            return sign * 2.0 ** (1 - self._bias) * (m / m_count)
+        return sign * 2.0 ** (e - self._bias) * (1 + m / m_count)
+
+    def _code_values(self) -> Tensor:
+        return torch.tensor([self._pattern_value(c) for c in range(2**self.bits)], dtype=torch.float32)
+
+    def _grid_codes(self) -> Tensor:
+        values = self._code_values()
+        codes = []
+        for v in self.grid().tolist():
+            # +0 (code 0) for zero, otherwise the unique pattern with that value.
+            matches = (values == v).nonzero().flatten()
+            codes.append(int(matches[0]))
+        return torch.tensor(codes, dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class LogFormat:
+    """Logarithmic format: 0 and base^-k for k in 0 .. 2^bits - 1 (times a sign when signed).
+
+    ``base_log2`` is log2 of the base: 1.0 for log2, 0.5 for log-sqrt2, q/r for AdaLog's adaptive base
+    2^(q/r). As in RepQ-ViT and AdaLog, codes k >= 2^bits are flushed to zero (a mask), not clamped.
+    """
+
+    bits: int
+    base_log2: float = 1.0
+    signed: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, 1, 8, "LogFormat")
+        if not self.base_log2 > 0 or not math.isfinite(self.base_log2):
+            raise ValueError(f"LogFormat: base_log2 must be a positive finite number, got {self.base_log2!r}")
+
+    @property
+    def name(self) -> str:
+        kind = {1.0: "log2", 0.5: "logsqrt2"}.get(self.base_log2, f"log{self.base_log2:g}")
+        return f"{'s' if self.signed else ''}{kind}_{self.bits}"
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits
+
+    @property
+    def max_value(self) -> float:
+        return 1.0
+
+    @property
+    def supports_zero_point(self) -> bool:
+        return False
+
+    def grid(self) -> Tensor:
+        k = torch.arange(self.levels, dtype=torch.float64)
+        pos = torch.exp2(-k * self.base_log2).float().flip(0)
+        zero = torch.zeros(1)
+        if self.signed:
+            return torch.cat([-pos.flip(0), zero, pos])
+        return torch.cat([zero, pos])
+
+    def exponent(self, x: Tensor) -> Tensor:
+        """k = round(-log2|x| / base_log2) with no clamping (>= levels means zero)."""
+        absx = x.detach().abs().float().clamp_min(1e-30)
+        return torch.round(-torch.log2(absx) / self.base_log2)
+
+    def round(self, x: Tensor) -> Tensor:
+        k = self.exponent(x)
+        flush = k >= self.levels
+        k = k.clamp(0, self.levels - 1)
+        mag = torch.exp2(-k * self.base_log2)
+        mag = torch.where(flush | (x == 0), torch.zeros_like(mag), mag)
+        out = mag * torch.sign(x) if self.signed else torch.where(x > 0, mag, torch.zeros_like(mag))
+        return out.to(x.dtype)
+
+    def round_ste(self, x: Tensor) -> Tensor:
+        return x + (self.round(x) - x).detach()
+
+    def encode(self, q: Tensor) -> Tensor:
+        """Grid values -> codes: k for base^-k; zero gets code ``levels`` (one more than n bits can hold)."""
+        if self.signed:
+            raise ValueError("encode of signed log formats is not supported")
+        k = self.exponent(q)
+        return torch.where(q == 0, torch.full_like(k, self.levels), k).to(torch.int32)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        mag = torch.exp2(-codes.float() * self.base_log2)
+        return torch.where(codes >= self.levels, torch.zeros_like(mag), mag)
+
+
+@dataclass(frozen=True)
+class BinaryFormat:
+    """Binary format {-1, +1} (sign); zero maps to +1 as in XNOR-Net / binary embeddings."""
+
+    @property
+    def name(self) -> str:
+        return "binary"
+
+    @property
+    def bits(self) -> int:
+        return 1
+
+    @property
+    def max_value(self) -> float:
+        return 1.0
+
+    @property
+    def supports_zero_point(self) -> bool:
+        return False
+
+    def grid(self) -> Tensor:
+        return torch.tensor([-1.0, 1.0])
+
+    def round(self, x: Tensor) -> Tensor:
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    def round_ste(self, x: Tensor) -> Tensor:
+        # Clipped STE (BinaryConnect): gradient 1 where |x| <= 1.
+        clipped = x.clamp(-1, 1)
+        return clipped + (self.round(x) - clipped).detach()
+
+    def encode(self, q: Tensor) -> Tensor:
+        return (q > 0).to(torch.uint8)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        return codes.float() * 2 - 1
+
+
+Format = Union[IntFormat, FloatFormat, LogFormat, BinaryFormat]
+
+# Named minifloats: OCP MX / FP8 conventions; the FP4/FP6 family has no special values.
+_FLOATS: dict[str, FloatFormat] = {
+    "e2m1": FloatFormat(2, 1),
+    "e3m0": FloatFormat(3, 0),
+    "e1m2": FloatFormat(1, 2),
+    "e2m3": FloatFormat(2, 3),
+    "e3m2": FloatFormat(3, 2),
+    "e3m4": FloatFormat(3, 4),
+    "e4m3": FloatFormat(4, 3, specials="fn"),
+    "e5m2": FloatFormat(5, 2, specials="ieee"),
+}
+_ALIASES = {"fp4": "e2m1", "fp4_e2m1": "e2m1", "fp8": "e4m3", "fp8_e4m3": "e4m3", "fp8_e5m2": "e5m2",
+            "e4m3fn": "e4m3", "fp6_e2m3": "e2m3", "fp6_e3m2": "e3m2"}
+
+
+def list_formats() -> list[str]:
+    """Every name ``get_format`` accepts (aliases and per-bit families spelled out)."""
+    names = [f"int{b}" for b in range(1, 9)] + [f"uint{b}" for b in range(1, 9)]
+    names += list(_FLOATS) + list(_ALIASES)
+    names += [f"{kind}_{b}" for kind in ("log2", "logsqrt2") for b in range(1, 9)]
+    names += ["binary"]
+    return names
+
+
+def get_format(name: str | Format) -> Format:
+    """Look a format up by name: int1..int8, uint1..uint8, e2m1 (fp4), e4m3, e5m2, ..., log2_4, logsqrt2_4,
+    binary. A Format instance is returned unchanged."""
+    if isinstance(name, (IntFormat, FloatFormat, LogFormat, BinaryFormat)):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"format must be a name or a Format, got {type(name).__name__}")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key in _FLOATS:
+        return _FLOATS[key]
+    if key == "binary":
+        return BinaryFormat()
+    if m := re.fullmatch(r"(u?)int(\d+)", key):
+        bits = int(m.group(2))
+        if not 1 <= bits <= 8:
+            raise ValueError(f"unknown format {name!r}: integer formats have 1 to 8 bits")
+        return IntFormat(bits, signed=m.group(1) == "")
+    if m := re.fullmatch(r"(log2|logsqrt2)_(\d+)", key):
+        bits = int(m.group(2))
+        if not 1 <= bits <= 8:
+            raise ValueError(f"unknown format {name!r}: log formats have 1 to 8 bits")
+        return LogFormat(bits, base_log2=1.0 if m.group(1) == "log2" else 0.5)
+    close = difflib.get_close_matches(key, list_formats(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown format {name!r}{hint} (see polyquant.formats.list_formats())")

@@ -1,0 +1,427 @@
+"""Fake-quant modules, model surgery and calibration.
+
+A ``Quantizer`` module quantizes one tensor. It moves through three states:
+
+    raw          -> identity (the float model)
+    calibrating  -> identity, while its observer records statistics
+    quantized    -> fake-quant with frozen scale / zero point (or dynamic per-token qparams)
+
+``QuantLinear``, ``QuantConv1d/2d/3d`` and ``QuantMatMul`` hold a weight quantizer and input quantizers.
+``prepare(model, rules)`` swaps matching modules for their quant versions; ``calibrate(model, batches)`` runs the
+calibration set through the model and freezes every quantizer.
+
+    rules = [QuantRule("blocks.*.mlp.fc*", weight=QuantSpec("int4", PerChannel(0)), input=QuantSpec("int8"))]
+    qmodel = prepare(model, rules, ignore=["head"])
+    calibrate(qmodel, loader)
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .formats import Format, get_format
+from .observers import Observer, make_observer
+from .primitives import Granularity, PerTensor, block_size_for, choose_qparams, fake_quantize
+
+__all__ = [
+    "QuantSpec",
+    "QuantRule",
+    "Quantizer",
+    "ActQuantizer",
+    "QuantLinear",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantConv3d",
+    "QuantMatMul",
+    "prepare",
+    "calibrate",
+    "set_state",
+    "quantizers",
+    "State",
+]
+
+State = Literal["raw", "calibrating", "quantized"]
+_STATES = ("raw", "calibrating", "quantized")
+
+
+@dataclass
+class QuantSpec:
+    """How one tensor is quantized.
+
+    Args:
+        fmt: format name or instance ("int8", "uint4", "e2m1", "log2_4", ...).
+        granularity: PerTensor(), PerChannel(axis), PerGroup(size, axis) or PerToken().
+        symmetric: symmetric range (zero point 0) or asymmetric (INT only).
+        observer: "minmax", "percentile" or "mse".
+        percentile: upper percentile for the percentile observer.
+        averaging: EMA constant for running statistics; None keeps the running min / max.
+        dynamic: compute qparams from every input at run time (per-token activations); no calibration.
+    """
+
+    fmt: str | Format = "int8"
+    granularity: Granularity = field(default_factory=PerTensor)
+    symmetric: bool = True
+    observer: str = "minmax"
+    percentile: float = 99.99
+    averaging: float | None = None
+    dynamic: bool = False
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        self.fmt = get_format(self.fmt)
+        if self.observer not in ("minmax", "percentile", "mse"):
+            raise ValueError(f"unknown observer {self.observer!r}; choose minmax, percentile or mse")
+        if not self.symmetric and not self.fmt.supports_zero_point:
+            raise ValueError(f"asymmetric quantization needs an integer format, got {self.fmt.name}")
+        if self.dynamic and self.observer != "minmax":
+            raise ValueError("dynamic quantization computes min-max qparams at run time; use observer='minmax'")
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizes one tensor according to a ``QuantSpec``; see the module docstring for its states."""
+
+    def __init__(self, spec: QuantSpec, *, name: str = "") -> None:
+        super().__init__()
+        self.spec = spec
+        self.name = name
+        self.state: State = "raw"
+        self.observer: Observer | None = None
+        self.register_buffer("scale", None)
+        self.register_buffer("zero_point", None)
+
+    @property
+    def fmt(self) -> Format:
+        return self.spec.fmt  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"{self.fmt.name}, {type(s.granularity).__name__}, sym={s.symmetric}, {s.observer}, state={self.state}"
+
+    def set_state(self, state: State) -> None:
+        if state not in _STATES:
+            raise ValueError(f"unknown state {state!r}")
+        if state == "calibrating" and not self.spec.dynamic:
+            self.observer = make_observer(
+                self.spec.observer,
+                self.fmt,
+                self.spec.granularity,
+                symmetric=self.spec.symmetric,
+                averaging=self.spec.averaging,
+                percentile=self.spec.percentile,
+                name=self.name,
+            )
+        if state == "quantized" and not self.spec.dynamic and self.scale is None:
+            if self.observer is None or self.observer.min_val is None:
+                where = f" {self.name}" if self.name else ""
+                raise ValueError(f"quantizer{where} was never calibrated: the calibration set is empty or unused")
+            scale, zp = self.observer.calculate_qparams()
+            self.scale, self.zero_point = scale, zp
+            self.observer = None
+        self.state = state
+
+    def calibrate_from(self, x: Tensor) -> None:
+        """One-shot calibration from a tensor that is fully known (weights)."""
+        self.set_state("calibrating")
+        assert self.observer is not None or self.spec.dynamic
+        if self.observer is not None:
+            self.observer.update(x)
+        self.set_state("quantized")
+
+    def block_size(self, x: Tensor) -> tuple[int, ...]:
+        return block_size_for(self.spec.granularity, x.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state == "raw":
+            return x
+        if self.state == "calibrating":
+            if self.observer is not None:
+                self.observer.update(x)
+            return x
+        bs = self.block_size(x)
+        if self.spec.dynamic:
+            scale, zp = choose_qparams(x.detach(), self.fmt, bs, symmetric=self.spec.symmetric)
+        else:
+            scale, zp = self.scale, self.zero_point
+        zp_arg = zp if self.fmt.supports_zero_point else None
+        return fake_quantize(x, self.fmt, scale.to(x.device), None if zp_arg is None else zp_arg.to(x.device), bs)
+
+
+class ActQuantizer(Quantizer):
+    """A quantizer placed on an activation by itself (e.g. after a softmax)."""
+
+
+def _make(spec: QuantSpec | None, name: str) -> Quantizer | None:
+    return None if spec is None else Quantizer(spec, name=name)
+
+
+class _QuantWeightModule(nn.Module):
+    """Shared logic of layers with a quantized weight and a quantized input."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_quant(self, weight: QuantSpec | None, input: QuantSpec | None, output: QuantSpec | None, name: str) -> None:
+        self.weight_quantizer = _make(weight, f"{name}.weight" if name else "weight")
+        self.input_quantizer = _make(input, f"{name}.input" if name else "input")
+        self.output_quantizer = _make(output, f"{name}.output" if name else "output")
+
+    def quant_weight(self) -> Tensor:
+        """The weight as the forward pass uses it: fake-quantized once the weight quantizer is frozen."""
+        wq = self.weight_quantizer
+        if wq is None or wq.state != "quantized":
+            return self.weight
+        return wq(self.weight)
+
+    def calibrate_weight(self) -> None:
+        """Weights are fully known: freeze the weight quantizer from the weight itself in one shot."""
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.scale = None
+            self.weight_quantizer.zero_point = None
+            self.weight_quantizer.calibrate_from(self.weight.detach())
+
+    def _io(self, x: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        y = fn(x, self.quant_weight())
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        return y
+
+
+class QuantLinear(_QuantWeightModule):
+    """nn.Linear with fake-quantized weight, input and (optionally) output."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        weight: QuantSpec | None = None,
+        input: QuantSpec | None = None,
+        output: QuantSpec | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._init_quant(weight, input, output, name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._io(x, lambda a, w: F.linear(a, w, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _QuantConvNd(_QuantWeightModule):
+    def __init__(
+        self,
+        conv: nn.modules.conv._ConvNd,
+        *,
+        weight: QuantSpec | None = None,
+        input: QuantSpec | None = None,
+        output: QuantSpec | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.conv = conv  # keeps stride / padding / groups and the conv's own forward logic
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self._init_quant(weight, input, output, name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._io(x, lambda a, w: self.conv._conv_forward(a, w, self.bias))
+
+
+class QuantConv1d(_QuantConvNd):
+    """nn.Conv1d with fake-quantized weight and input."""
+
+
+class QuantConv2d(_QuantConvNd):
+    """nn.Conv2d with fake-quantized weight and input."""
+
+
+class QuantConv3d(_QuantConvNd):
+    """nn.Conv3d with fake-quantized weight and input."""
+
+
+class QuantMatMul(nn.Module):
+    """a @ b with both operands fake-quantized (attention products q @ k^T and attn @ v)."""
+
+    def __init__(self, *, a: QuantSpec | None = None, b: QuantSpec | None = None, name: str = "") -> None:
+        super().__init__()
+        self.a_quantizer = _make(a, f"{name}.a" if name else "a")
+        self.b_quantizer = _make(b, f"{name}.b" if name else "b")
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.a_quantizer is not None:
+            a = self.a_quantizer(a)
+        if self.b_quantizer is not None:
+            b = self.b_quantizer(b)
+        return a @ b
+
+
+# --- model surgery -------------------------------------------------------------------------------------------
+
+_WRAPPERS: dict[type[nn.Module], type[_QuantWeightModule]] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Conv3d: QuantConv3d,
+}
+
+
+@dataclass
+class QuantRule:
+    """Which modules to quantize and how.
+
+    Args:
+        pattern: module name pattern (fnmatch, e.g. "blocks.*.attn.qkv"; or "re:<regex>" matched in full), or a
+            module type / tuple of types. "*" matches every supported module.
+        weight: spec of the weight quantizer (None: float weight).
+        input: spec of the input quantizer (None: float input).
+        output: spec of the output quantizer (usually None).
+    """
+
+    pattern: str | type | tuple[type, ...] = "*"
+    weight: QuantSpec | None = None
+    input: QuantSpec | None = None
+    output: QuantSpec | None = None
+
+    def matches(self, name: str, module: nn.Module) -> bool:
+        return _matches(self.pattern, name, module)
+
+
+def _matches(pattern: str | type | tuple[type, ...], name: str, module: nn.Module) -> bool:
+    if isinstance(pattern, (type, tuple)):
+        return isinstance(module, pattern)
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def prepare(
+    model: nn.Module,
+    rules: Sequence[QuantRule],
+    *,
+    ignore: Iterable[str | type] = (),
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace every Linear / Conv module matched by a rule with its quant version (first matching rule wins).
+
+    Modules matched by ``ignore`` (name patterns or types) stay float. Returns the prepared model (a deep copy
+    unless ``inplace``). Raises ValueError when no module matches any rule.
+    """
+    if not rules:
+        raise ValueError("prepare needs at least one QuantRule")
+    ignore = list(ignore)
+    if not inplace:
+        model = copy.deepcopy(model)
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        wrapper = _WRAPPERS.get(type(module))
+        if wrapper is None or any(_matches(p, name, module) for p in ignore):  # type: ignore[arg-type]
+            continue
+        rule = next((r for r in rules if r.matches(name, module)), None)
+        if rule is None:
+            continue
+        new = wrapper(module, weight=rule.weight, input=rule.input, output=rule.output, name=name)  # type: ignore[arg-type]
+        _set_submodule(model, name, new)
+        replaced += 1
+    if replaced == 0:
+        raise ValueError("no module matched the quantization rules; check the patterns (names look like "
+                         f"{[n for n, _ in list(model.named_modules())[1:4]]})")
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if name == "":
+        raise ValueError("cannot replace the root module; wrap it in a container first")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantizers(model: nn.Module) -> list[Quantizer]:
+    """Every Quantizer in the model, in module order."""
+    return [m for m in model.modules() if isinstance(m, Quantizer)]
+
+
+def set_state(model: nn.Module, state: State) -> None:
+    """Move every quantizer of the model to ``state`` (raw / calibrating / quantized)."""
+    qs = quantizers(model)
+    if not qs:
+        raise ValueError("the model has no quantizers; call prepare() first")
+    for q in qs:
+        q.set_state(state)
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return model(batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        # (inputs, labels) pairs from a DataLoader: feed the first element.
+        return model(batch[0])
+    raise TypeError(f"cannot feed a batch of type {type(batch).__name__}; pass forward_fn")
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool = True,
+    desc: str = "calibrating",
+) -> nn.Module:
+    """Run the calibration batches through the model with every quantizer observing, then freeze them.
+
+    All quantizers observe at once (every module sees float inputs, as in parallel calibration). Raises
+    ValueError for an empty calibration set and for NaN / Inf in the data (naming the quantizer).
+    """
+    from tqdm.auto import tqdm
+
+    forward_fn = forward_fn or _default_forward
+    if not quantizers(model):
+        raise ValueError("the model has no quantizers; call prepare() first")
+    weight_modules = [m for m in model.modules() if isinstance(m, _QuantWeightModule)]
+    weight_qs = {id(m.weight_quantizer) for m in weight_modules if m.weight_quantizer is not None}
+    # Weight quantizers stay raw during the pass: every module sees float inputs (parallel calibration).
+    qs = [q for q in quantizers(model) if id(q) not in weight_qs]
+    for m in weight_modules:
+        if m.weight_quantizer is not None:
+            m.weight_quantizer.set_state("raw")
+    for q in qs:
+        q.scale = None
+        q.zero_point = None
+        q.set_state("calibrating")
+    was_training = model.training
+    model.eval()
+    seen = 0
+    with torch.no_grad():
+        total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        for batch in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
+            forward_fn(model, batch)
+            seen += 1
+    if seen == 0:
+        for q in qs:
+            q.set_state("raw")
+        raise ValueError("the calibration set is empty: calibrate() needs at least one batch")
+    for m in weight_modules:
+        m.calibrate_weight()
+    for q in qs:
+        if q.observer is not None and q.observer.min_val is None and not q.spec.dynamic:
+            raise ValueError(f"quantizer {q.name} saw no data during calibration: is its module used in forward?")
+        q.set_state("quantized")
+    model.train(was_training)
+    return model

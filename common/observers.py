@@ -1,0 +1,253 @@
+"""Observers: collect statistics of a tensor during calibration and turn them into scale / zero point.
+
+| observer    | statistic per block                               | qparams                                    |
+|-------------|---------------------------------------------------|--------------------------------------------|
+| minmax      | running min / max (or EMA with ``averaging``)     | min-max (``qparams_from_minmax``)           |
+| percentile  | lower / upper percentile of each batch (EMA'd)    | min-max of the clipped range               |
+| mse         | min / max plus a bounded sample of the data       | clipping ratio by grid search on the MSE   |
+
+Every observer rejects NaN / Inf in its input with a ``ValueError`` and refuses to produce qparams before it
+has seen data.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .formats import Format, get_format
+from .primitives import (
+    Granularity,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    block_reduce,
+    block_size_for,
+    fake_quantize,
+    qparams_from_minmax,
+    scale_shape,
+)
+
+__all__ = ["Observer", "MinMaxObserver", "PercentileObserver", "MSEObserver", "make_observer", "OBSERVERS"]
+
+
+class Observer:
+    """Base class: running per-block min / max, optionally as an exponential moving average."""
+
+    def __init__(
+        self,
+        fmt: Format | str,
+        granularity: Granularity | Sequence[int],
+        *,
+        symmetric: bool = True,
+        averaging: float | None = None,
+        name: str = "",
+    ) -> None:
+        if averaging is not None and not 0.0 < averaging <= 1.0:
+            raise ValueError(f"averaging must be in (0, 1], got {averaging}")
+        self.fmt = get_format(fmt)
+        self.granularity = granularity
+        self.symmetric = symmetric
+        self.averaging = averaging
+        self.name = name
+        self.min_val: Tensor | None = None
+        self.max_val: Tensor | None = None
+        self.batches = 0
+
+    def _check(self, x: Tensor) -> Tensor:
+        where = f" in {self.name}" if self.name else ""
+        if x.numel() == 0:
+            raise ValueError(f"empty tensor observed{where}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"calibration data contains NaN or Inf{where}")
+        return x.detach().float()
+
+    def block_size(self, x: Tensor) -> tuple[int, ...]:
+        """Blocks for this input: a Granularity is resolved against each tensor's own shape."""
+        if isinstance(self.granularity, (PerTensor, PerChannel, PerGroup, PerToken)):
+            return block_size_for(self.granularity, x.shape)
+        return tuple(int(b) for b in self.granularity)
+
+    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        bs = self.block_size(x)
+        return block_reduce(x, bs, "amin"), block_reduce(x, bs, "amax")
+
+    def update(self, x: Tensor) -> None:
+        x = self._check(x)
+        lo, hi = self._stats(x)
+        if self.min_val is None or self.max_val is None:
+            self.min_val, self.max_val = lo, hi
+        elif self.averaging is None:
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+        else:
+            a = self.averaging
+            self.min_val = (1 - a) * self.min_val + a * lo
+            self.max_val = (1 - a) * self.max_val + a * hi
+        self.batches += 1
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:
+        if self.min_val is None or self.max_val is None:
+            where = f" {self.name}" if self.name else ""
+            raise ValueError(f"observer{where} has seen no data: the calibration set is empty")
+        return qparams_from_minmax(self.min_val, self.max_val, self.fmt, symmetric=self.symmetric)
+
+
+class MinMaxObserver(Observer):
+    """Running (or EMA) min / max."""
+
+
+class PercentileObserver(Observer):
+    """Per-batch lower / upper percentiles of each block, merged by EMA (or plain mean when averaging=None)."""
+
+    def __init__(
+        self,
+        fmt: Format | str,
+        granularity: Granularity | Sequence[int],
+        *,
+        percentile: float = 99.99,
+        symmetric: bool = True,
+        averaging: float | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__(fmt, granularity, symmetric=symmetric, averaging=averaging, name=name)
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        self.percentile = percentile
+
+    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        bs = self.block_size(x)
+        blocks = _blocks_as_rows(x, bs)  # (num_blocks, block_numel)
+        n = blocks.shape[1]
+        k_hi = max(1, min(n, int(round(self.percentile / 100.0 * n))))
+        k_lo = max(1, min(n, n - k_hi + 1))
+        hi = blocks.kthvalue(k_hi, dim=1).values
+        lo = blocks.kthvalue(k_lo, dim=1).values
+        shape = scale_shape(x.shape, bs)
+        return lo.reshape(shape), hi.reshape(shape)
+
+    def update(self, x: Tensor) -> None:
+        if self.averaging is not None:
+            super().update(x)
+            return
+        # Plain running mean of per-batch percentiles (what most PTQ code does).
+        x = self._check(x)
+        lo, hi = self._stats(x)
+        if self.min_val is None or self.max_val is None:
+            self.min_val, self.max_val = lo, hi
+        else:
+            n = self.batches
+            self.min_val = (self.min_val * n + lo) / (n + 1)
+            self.max_val = (self.max_val * n + hi) / (n + 1)
+        self.batches += 1
+
+
+class MSEObserver(Observer):
+    """Grid search over clipping ratios: pick, per block, the ratio whose fake-quant MSE is lowest.
+
+    Keeps at most ``max_samples`` elements per block (a uniform subsample of every batch) for the search.
+    """
+
+    def __init__(
+        self,
+        fmt: Format | str,
+        granularity: Granularity | Sequence[int],
+        *,
+        symmetric: bool = True,
+        averaging: float | None = None,
+        grid: int = 100,
+        min_ratio: float = 0.2,
+        norm: float = 2.0,
+        max_samples: int = 4096,
+        name: str = "",
+    ) -> None:
+        super().__init__(fmt, granularity, symmetric=symmetric, averaging=averaging, name=name)
+        if grid < 1 or not 0.0 < min_ratio <= 1.0:
+            raise ValueError("MSEObserver: grid must be >= 1 and min_ratio in (0, 1]")
+        self.grid = grid
+        self.min_ratio = min_ratio
+        self.norm = norm
+        self.max_samples = max_samples
+        self._samples: list[Tensor] = []
+        self._sample_count = 0
+
+    def update(self, x: Tensor) -> None:
+        super().update(x)
+        rows = _blocks_as_rows(x.detach().float(), self.block_size(x))  # (num_blocks, block_numel)
+        budget = self.max_samples - self._sample_count
+        if budget <= 0:
+            return
+        if rows.shape[1] > budget:
+            gen = torch.Generator().manual_seed(self.batches)
+            idx = torch.randperm(rows.shape[1], generator=gen)[:budget]
+            rows = rows[:, idx]
+        self._samples.append(rows)
+        self._sample_count += rows.shape[1]
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:
+        scale, zp = super().calculate_qparams()
+        assert self.min_val is not None and self.max_val is not None
+        data = torch.cat(self._samples, dim=1)  # (num_blocks, samples)
+        nb = data.shape[0]
+        best_err = torch.full((nb,), float("inf"))
+        best_scale, best_zp = scale.reshape(nb).clone(), zp.reshape(nb).clone()
+        lo, hi = self.min_val.reshape(nb), self.max_val.reshape(nb)
+        row_block = (1, data.shape[1])
+        for ratio in torch.linspace(1.0, self.min_ratio, self.grid).tolist():
+            s, z = qparams_from_minmax(lo * ratio, hi * ratio, self.fmt, symmetric=self.symmetric)
+            s, z = s.reshape(nb, 1), z.reshape(nb, 1)
+            zq = z if self.fmt.supports_zero_point else None
+            xq = fake_quantize(data, self.fmt, s, zq, row_block)
+            err = (xq - data).abs().pow(self.norm).mean(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, s.flatten(), best_scale)
+            best_zp = torch.where(better, z.flatten(), best_zp)
+        return best_scale.reshape(scale.shape), best_zp.reshape(zp.shape)
+
+
+def _blocks_as_rows(x: Tensor, block_size: Sequence[int]) -> Tensor:
+    """(num_blocks, block_numel): each row holds one block's elements."""
+    shape = scale_shape(x.shape, block_size)
+    ndim = x.dim()
+    view: list[int] = []
+    for s, b in zip(x.shape, block_size):
+        view += [s // b, b]
+    perm = [2 * i for i in range(ndim)] + [2 * i + 1 for i in range(ndim)]
+    num_blocks = 1
+    for s in shape:
+        num_blocks *= s
+    return x.reshape(view).permute(perm).reshape(num_blocks, -1)
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "percentile": PercentileObserver,
+    "mse": MSEObserver,
+}
+
+
+def make_observer(
+    kind: str,
+    fmt: Format | str,
+    granularity: Granularity | Sequence[int],
+    *,
+    symmetric: bool = True,
+    averaging: float | None = None,
+    percentile: float = 99.99,
+    name: str = "",
+) -> Observer:
+    """Build an observer by name ('minmax', 'percentile' or 'mse')."""
+    if kind == "minmax":
+        return MinMaxObserver(fmt, granularity, symmetric=symmetric, averaging=averaging, name=name)
+    if kind == "percentile":
+        return PercentileObserver(
+            fmt, granularity, percentile=percentile, symmetric=symmetric, averaging=averaging, name=name
+        )
+    if kind == "mse":
+        return MSEObserver(fmt, granularity, symmetric=symmetric, averaging=averaging, name=name)
+    raise ValueError(f"unknown observer {kind!r}; choose from {sorted(OBSERVERS)}")
+

@@ -1,0 +1,255 @@
+"""Quantization as pure functions (torchao style): choose qparams, quantize, dequantize, fake-quantize.
+
+One ``block_size`` argument covers every granularity. A block is the set of elements that share one scale
+(and zero point); ``block_size`` has one entry per dimension of the input and must divide it.
+
+| granularity            | input shape   | block_size     | scale shape    |
+|------------------------|---------------|----------------|----------------|
+| per tensor             | (N, C)        | (N, C)         | (1, 1)         |
+| per channel, axis 0    | (N, C)        | (1, C)         | (N, 1)         |
+| per channel, axis 1    | (N, C)        | (N, 1)         | (1, C)         |
+| per group of g, axis 1 | (N, C)        | (1, g)         | (N, C / g)     |
+| per token              | (B, T, C)     | (1, 1, C)      | (B, T, 1)      |
+
+Scales and zero points are stored with the *scale shape* above (one entry per block, same rank as the input),
+so ``x.view(blocked) * scale.view(blocked)`` broadcasts. Use the ``Granularity`` dataclasses and
+``block_size_for`` to get a ``block_size`` without counting dimensions by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .formats import Format, IntFormat, get_format
+
+__all__ = [
+    "PerTensor",
+    "PerChannel",
+    "PerGroup",
+    "PerToken",
+    "Granularity",
+    "block_size_for",
+    "scale_shape",
+    "block_reduce",
+    "block_expand",
+    "qparams_from_minmax",
+    "choose_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+]
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale for the whole tensor."""
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale per index of ``axis`` (weights: axis 0 = output channels)."""
+
+    axis: int = 0
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """One scale per ``group_size`` consecutive elements along ``axis`` and per index of the other axes."""
+
+    group_size: int
+    axis: int = -1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"PerGroup: group_size must be a positive integer, got {self.group_size!r}")
+
+
+@dataclass(frozen=True)
+class PerToken:
+    """One scale per token: every index of all but the last (feature) dimension."""
+
+
+Granularity = Union[PerTensor, PerChannel, PerGroup, PerToken]
+
+
+def block_size_for(granularity: Granularity, shape: Sequence[int]) -> tuple[int, ...]:
+    """The ``block_size`` that expresses ``granularity`` for a tensor of ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    if isinstance(granularity, PerTensor):
+        return shape
+    if ndim == 0:
+        raise ValueError(f"{type(granularity).__name__} needs a tensor with at least one dimension")
+    if isinstance(granularity, PerChannel):
+        axis = _axis(granularity.axis, ndim)
+        return tuple(1 if d == axis else s for d, s in enumerate(shape))
+    if isinstance(granularity, PerGroup):
+        axis = _axis(granularity.axis, ndim)
+        if shape[axis] % granularity.group_size:
+            raise ValueError(
+                f"group size {granularity.group_size} does not divide dimension {axis} of size {shape[axis]}"
+            )
+        return tuple(granularity.group_size if d == axis else 1 for d in range(ndim))
+    if isinstance(granularity, PerToken):
+        return tuple(1 for _ in shape[:-1]) + (shape[-1],)
+    raise TypeError(f"unknown granularity {granularity!r}")
+
+
+def _axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} out of range for a tensor with {ndim} dimensions")
+    return axis % ndim
+
+
+def _check_block(shape: Sequence[int], block_size: Sequence[int]) -> None:
+    if len(block_size) != len(shape):
+        raise ValueError(f"block_size {tuple(block_size)} must have one entry per dimension of shape {tuple(shape)}")
+    for s, b in zip(shape, block_size):
+        if b < 1 or s % b:
+            raise ValueError(f"block_size {tuple(block_size)} does not divide shape {tuple(shape)}")
+
+
+def scale_shape(shape: Sequence[int], block_size: Sequence[int]) -> tuple[int, ...]:
+    """Shape of the scale / zero-point tensor: one entry per block."""
+    _check_block(shape, block_size)
+    return tuple(s // b for s, b in zip(shape, block_size))
+
+
+def _blocked_view(shape: Sequence[int], block_size: Sequence[int]) -> tuple[list[int], list[int]]:
+    # (S0, S1) with blocks (B0, B1) -> view (S0/B0, B0, S1/B1, B1); reduce over the odd dims.
+    view: list[int] = []
+    reduce_dims: list[int] = []
+    for i, (s, b) in enumerate(zip(shape, block_size)):
+        view += [s // b, b]
+        reduce_dims.append(2 * i + 1)
+    return view, reduce_dims
+
+
+def block_reduce(x: Tensor, block_size: Sequence[int], op: str) -> Tensor:
+    """Reduce ``x`` over each block with ``op`` in {'amin', 'amax', 'absmax'}; result has the scale shape."""
+    _check_block(x.shape, block_size)
+    view, dims = _blocked_view(x.shape, block_size)
+    xb = x.reshape(view)
+    if op == "amin":
+        out = torch.amin(xb, dim=dims, keepdim=True)
+    elif op == "amax":
+        out = torch.amax(xb, dim=dims, keepdim=True)
+    elif op == "absmax":
+        out = torch.amax(xb.abs(), dim=dims, keepdim=True)
+    else:
+        raise ValueError(f"unknown reduction {op!r}")
+    return out.reshape(scale_shape(x.shape, block_size))
+
+
+def block_expand(p: Tensor, shape: Sequence[int], block_size: Sequence[int]) -> Tensor:
+    """Broadcast per-block parameters ``p`` (scale shape) back to the full ``shape``."""
+    view, _ = _blocked_view(shape, block_size)
+    pv = p.reshape([v if i % 2 == 0 else 1 for i, v in enumerate(view)])
+    return pv.expand(view).reshape(tuple(shape))
+
+
+def qparams_from_minmax(
+    min_val: Tensor,
+    max_val: Tensor,
+    fmt: Format | str,
+    *,
+    symmetric: bool = True,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero point from per-block min / max statistics.
+
+    Symmetric: scale = max(|min|, |max|) / fmt.max_value (for unsigned INT: max / qmax), zero point 0.
+    Asymmetric (INT only): the range is widened to include 0, scale = (max - min) / (qmax - qmin),
+    zero_point = qmin - round(min / scale), clamped to [qmin, qmax].
+    Zero-range blocks (all zeros) get scale ``eps``: they dequantize to exactly 0.
+    """
+    fmt = get_format(fmt)
+    min_val = min_val.float()
+    max_val = max_val.float()
+    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+        raise ValueError("quantization range contains NaN or Inf; check the calibration data")
+    if symmetric:
+        if isinstance(fmt, IntFormat) and not fmt.signed:
+            amax = max_val.clamp_min(0)
+            scale = amax / fmt.qmax
+        else:
+            if isinstance(fmt, IntFormat) and fmt.qmax == 0:
+                raise ValueError(f"{fmt.name} has no positive values: use symmetric=False or more bits")
+            amax = torch.maximum(min_val.abs(), max_val.abs())
+            denom = fmt.qmax if isinstance(fmt, IntFormat) else fmt.max_value
+            scale = amax / denom
+        scale = scale.clamp_min(eps)
+        return scale, torch.zeros_like(scale)
+    if not isinstance(fmt, IntFormat):
+        raise ValueError(f"asymmetric quantization needs an integer format, got {fmt.name}")
+    lo = torch.minimum(min_val, torch.zeros_like(min_val))
+    hi = torch.maximum(max_val, torch.zeros_like(max_val))
+    scale = ((hi - lo) / (fmt.qmax - fmt.qmin)).clamp_min(eps)
+    zero_point = torch.clamp(fmt.qmin - torch.round(lo / scale), fmt.qmin, fmt.qmax)
+    return scale, zero_point
+
+
+def choose_qparams(
+    x: Tensor,
+    fmt: Format | str,
+    block_size: Sequence[int],
+    *,
+    symmetric: bool = True,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor]:
+    """Min-max scale and zero point of ``x`` for every block (see ``qparams_from_minmax``)."""
+    if x.numel() == 0:
+        raise ValueError("cannot choose quantization parameters for an empty tensor")
+    if not torch.isfinite(x).all():
+        raise ValueError("input contains NaN or Inf")
+    return qparams_from_minmax(
+        block_reduce(x, block_size, "amin"), block_reduce(x, block_size, "amax"), fmt, symmetric=symmetric, eps=eps
+    )
+
+
+def quantize(x: Tensor, fmt: Format | str, scale: Tensor, zero_point: Tensor | None, block_size: Sequence[int]) -> Tensor:
+    """Map ``x`` onto the format's grid: q = round(x / scale) + zero_point, clamped / saturated.
+
+    Returns grid values as float32 (integers for INT formats); ``fmt.encode`` turns them into codes.
+    """
+    fmt = get_format(fmt)
+    s = block_expand(scale.float(), x.shape, block_size)
+    q = fmt.round(x.float() / s + (0 if zero_point is None else block_expand(zero_point.float(), x.shape, block_size)))
+    if isinstance(fmt, IntFormat):
+        return q
+    if zero_point is not None and bool((zero_point != 0).any()):
+        raise ValueError(f"{fmt.name} does not support a zero point")
+    return q
+
+
+def dequantize(
+    q: Tensor,
+    scale: Tensor,
+    zero_point: Tensor | None,
+    block_size: Sequence[int],
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """x_hat = (q - zero_point) * scale."""
+    s = block_expand(scale.float(), q.shape, block_size)
+    out = q.float() if zero_point is None else q.float() - block_expand(zero_point.float(), q.shape, block_size)
+    return (out * s).to(dtype)
+
+
+def fake_quantize(
+    x: Tensor, fmt: Format | str, scale: Tensor, zero_point: Tensor | None, block_size: Sequence[int]
+) -> Tensor:
+    """Quantize then dequantize, differentiable: straight-through rounding, clipped gradient outside the range.
+
+    Gradients also reach ``scale`` (as in LSQ), so reconstruction can learn step sizes.
+    """
+    fmt = get_format(fmt)
+    s = block_expand(scale.to(x.dtype), x.shape, block_size)
+    if zero_point is None or not fmt.supports_zero_point:
+        return fmt.round_ste(x / s) * s
+    z = block_expand(zero_point.to(x.dtype), x.shape, block_size)
+    return (fmt.round_ste(x / s + z) - z) * s

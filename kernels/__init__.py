@@ -1,0 +1,1 @@
+"""Shared Triton kernels with pure-torch references."""
