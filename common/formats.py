@@ -85,8 +85,8 @@ class IntFormat:
         return torch.clamp(torch.round(x), self.qmin, self.qmax)
 
     def round_ste(self, x: Tensor) -> Tensor:
-        # Clamp after the STE round: gradient 1 inside [qmin, qmax], 0 outside (clipped STE).
-        return torch.clamp(round_ste(x), self.qmin, self.qmax)
+        # Clamp before the STE round: gradient 1 inside [qmin, qmax], 0 outside (clipped STE).
+        return round_ste(torch.clamp(x, self.qmin, self.qmax))
 
     def encode(self, q: Tensor) -> Tensor:
         """Grid values -> unsigned codes 0 .. 2^bits - 1 (offset binary for signed formats)."""
@@ -196,9 +196,9 @@ class FloatFormat:
         return torch.clamp(q, -self.max_value, self.max_value).to(x.dtype)
 
     def round_ste(self, x: Tensor) -> Tensor:
+        x = torch.clamp(x, -self.max_value, self.max_value)
         step = self._step(x)
-        q = round_ste(x / step) * step
-        return torch.clamp(q, -self.max_value, self.max_value)
+        return round_ste(x / step) * step
 
     def encode(self, q: Tensor) -> Tensor:
         """Grid values -> bit patterns (sign | exponent | mantissa) as uint8 (formats of up to 8 bits)."""

@@ -159,7 +159,7 @@ class MSEObserver(Observer):
         symmetric: bool = True,
         averaging: float | None = None,
         grid: int = 100,
-        min_ratio: float = 0.2,
+        min_ratio: float = 0.01,
         norm: float = 2.0,
         max_samples: int = 4096,
         name: str = "",

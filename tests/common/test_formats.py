@@ -1,0 +1,166 @@
+"""Number formats against hand-computed grids and rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polyquant.formats import BinaryFormat, FloatFormat, IntFormat, LogFormat, get_format, list_formats
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_int_ranges(bits: int) -> None:
+    s, u = IntFormat(bits), IntFormat(bits, signed=False)
+    assert (s.qmin, s.qmax) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert (u.qmin, u.qmax) == (0, 2**bits - 1)
+    assert s.grid().numel() == u.grid().numel() == 2**bits
+
+
+def test_int_round_half_even_and_clamp() -> None:
+    f = IntFormat(4)
+    x = torch.tensor([-9.0, -8.4, -0.5, 0.5, 1.5, 2.5, 6.6, 7.5, 100.0])
+    assert f.round(x).tolist() == [-8, -8, 0, 0, 2, 2, 7, 7, 7]
+
+
+def test_int_encode_decode_roundtrip() -> None:
+    f = IntFormat(3)
+    q = f.grid()
+    codes = f.encode(q)
+    assert codes.tolist() == list(range(8))
+    assert torch.equal(f.decode(codes), q)
+
+
+# Hand-derived grids (positive half): 2^(e-bias) * (1 + m/2^M), subnormals 2^(1-bias) * m/2^M.
+GRIDS = {
+    "e2m1": [0, 0.5, 1, 1.5, 2, 3, 4, 6],
+    "e3m0": [0, 0.25, 0.5, 1, 2, 4, 8, 16],
+    "e1m2": [0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5],
+    "e2m3": [0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1, 1.125, 1.25, 1.375, 1.5, 1.625, 1.75, 1.875,
+             2, 2.25, 2.5, 2.75, 3, 3.25, 3.5, 3.75, 4, 4.5, 5, 5.5, 6, 6.5, 7, 7.5],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRIDS))
+def test_float_grids(name: str) -> None:
+    grid = get_format(name).grid()
+    pos = grid[grid >= 0].tolist()
+    assert pos == GRIDS[name]
+    assert torch.equal(grid[grid < 0], -grid[grid > 0].flip(0))
+
+
+@pytest.mark.parametrize(
+    ("name", "max_value", "count"),
+    [("e3m2", 28.0, 32), ("e3m4", 31.0, 128), ("e4m3", 448.0, 127), ("e5m2", 57344.0, 124)],
+)
+def test_float_max_and_grid_size(name: str, max_value: float, count: int) -> None:
+    f = get_format(name)
+    assert f.max_value == max_value
+    # distinct finite non-negative values
+    assert int((f.grid() >= 0).sum()) == count
+
+
+def test_float_configurable_bias() -> None:
+    f = FloatFormat(2, 1, bias=2)  # every value of e2m1 halved
+    assert f.grid()[f.grid() >= 0].tolist() == [0, 0.25, 0.5, 0.75, 1, 1.5, 2, 3]
+    assert f.name == "e2m1_b2"
+
+
+def test_e2m1_round_ties_to_even_mantissa() -> None:
+    f = get_format("fp4")
+    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0, -100.0, 0.3])
+    assert f.round(x).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -6.0, 0.5]
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("e4m3", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)])
+def test_fp8_round_matches_torch_cast(name: str, dtype: torch.dtype) -> None:
+    f = get_format(name)
+    x = torch.randn(20000) * f.max_value / 8
+    x = x.clamp(-f.max_value, f.max_value)
+    assert torch.equal(f.round(x), x.to(dtype).float())
+
+
+@pytest.mark.parametrize("name", ["e2m1", "e3m0", "e1m2", "e2m3", "e3m2", "e4m3", "e5m2"])
+def test_float_round_is_nearest_grid_point(name: str) -> None:
+    f = get_format(name)
+    grid = f.grid()
+    x = torch.linspace(-1.2 * f.max_value, 1.2 * f.max_value, 5001)
+    got = f.round(x)
+    dist = (x[:, None] - grid[None, :]).abs()
+    best = dist.min(dim=1).values
+    assert torch.isin(got, grid).all()
+    assert torch.allclose((got - x).abs(), best, atol=1e-6 * f.max_value)
+
+
+@pytest.mark.parametrize("name", ["e2m1", "e3m2", "e4m3", "e5m2"])
+def test_float_encode_decode(name: str) -> None:
+    f = get_format(name)
+    grid = f.grid()
+    codes = f.encode(grid)
+    assert codes.unique().numel() == grid.numel()
+    assert torch.equal(f.decode(codes), grid)
+    with pytest.raises(ValueError, match="not on the grid"):
+        f.encode(torch.tensor([0.3]))
+
+
+def test_e2m1_codes_are_ocp_bit_patterns() -> None:
+    f = get_format("e2m1")
+    # 0.5 = 0|00|1, 1.0 = 0|01|0, 6.0 = 0|11|1, -6.0 = 1|11|1
+    assert f.encode(torch.tensor([0.5, 1.0, 6.0, -6.0])).tolist() == [0b0001, 0b0010, 0b0111, 0b1111]
+
+
+def test_log2_grid_and_flush_to_zero() -> None:
+    f = LogFormat(2)  # k = 0..3 -> 1, 1/2, 1/4, 1/8
+    assert f.grid().tolist() == [0, 0.125, 0.25, 0.5, 1]
+    x = torch.tensor([1.0, 0.7, 0.3, 0.1, 0.05, 0.0, -0.5, 2.0])
+    # -log2: 0, 0.51->1, 1.74->2, 3.32->3, 4.32->4 (>=4: flushed), 0 -> 0, negative -> 0 (unsigned), 2 -> clamp k=0
+    assert f.round(x).tolist() == [1.0, 0.5, 0.25, 0.125, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_logsqrt2_and_adaptive_base() -> None:
+    f = get_format("logsqrt2_3")
+    assert f.base_log2 == 0.5
+    x = torch.tensor([2 ** -0.5, 0.5, 2 ** -1.5])
+    assert torch.allclose(f.round(x), x)
+    ada = LogFormat(4, base_log2=37 / 37)
+    assert torch.equal(ada.round(x), LogFormat(4).round(x))
+
+
+def test_signed_log() -> None:
+    f = LogFormat(2, signed=True)
+    assert f.round(torch.tensor([-0.5, 0.5, -0.01])).tolist() == [-0.5, 0.5, 0.0]
+
+
+def test_binary() -> None:
+    f = BinaryFormat()
+    x = torch.tensor([-0.3, 0.0, 2.0])
+    assert f.round(x).tolist() == [-1, 1, 1]
+    assert f.encode(f.round(x)).tolist() == [0, 1, 1]
+
+
+def test_round_ste_gradients() -> None:
+    x = torch.tensor([0.3, 1.7, 100.0], requires_grad=True)
+    IntFormat(4).round_ste(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 0.0]  # clipped outside [qmin, qmax]
+
+
+@pytest.mark.parametrize("name", ["int9", "int0", "uint12", "e9m9x", "float4", "log2_9", ""])
+def test_unknown_or_out_of_range_formats(name: str) -> None:
+    with pytest.raises(ValueError):
+        get_format(name)
+
+
+def test_unknown_format_suggests() -> None:
+    with pytest.raises(ValueError, match="did you mean"):
+        get_format("in8")
+
+
+@pytest.mark.parametrize("bits", [0, 9, 2.5])
+def test_bits_out_of_range(bits) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="bits"):
+        IntFormat(bits)
+
+
+def test_every_listed_format_resolves() -> None:
+    for name in list_formats():
+        f = get_format(name)
+        assert f.grid().numel() >= 2

@@ -1,0 +1,79 @@
+"""Observers: running statistics, percentile clipping and MSE clipping search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polyquant.observers import MinMaxObserver, MSEObserver, PercentileObserver, make_observer
+from polyquant.primitives import PerChannel, PerTensor, block_size_for, fake_quantize
+
+
+def test_minmax_running_across_batches() -> None:
+    obs = MinMaxObserver("int8", PerTensor())
+    obs.update(torch.tensor([[0.5, -1.0]]))
+    obs.update(torch.tensor([[2.54, 0.0], [0.1, 0.2]]))  # different batch size: fine for per-tensor
+    scale, zp = obs.calculate_qparams()
+    assert scale.item() == pytest.approx(2.54 / 127)
+
+
+def test_minmax_ema() -> None:
+    obs = MinMaxObserver("int8", PerTensor(), averaging=0.5, symmetric=False)
+    obs.update(torch.tensor([0.0, 4.0]))
+    obs.update(torch.tensor([0.0, 2.0]))
+    assert obs.max_val.item() == pytest.approx(3.0)
+
+
+def test_per_channel_activation_statistics() -> None:
+    obs = MinMaxObserver("int8", PerChannel(-1))
+    obs.update(torch.tensor([[[1.0, -2.0]], [[0.5, 4.0]]]))  # (B, T, C)
+    assert obs.max_val.shape == (1, 1, 2)
+    assert obs.max_val.flatten().tolist() == [1.0, 4.0]
+
+
+def test_percentile_clips_outlier() -> None:
+    x = torch.cat([torch.linspace(-1, 1, 9999), torch.tensor([100.0])])
+    mm, pc = MinMaxObserver("int8", PerTensor()), PercentileObserver("int8", PerTensor(), percentile=99.9)
+    mm.update(x)
+    pc.update(x)
+    assert mm.calculate_qparams()[0].item() == pytest.approx(100 / 127)
+    assert pc.calculate_qparams()[0].item() < 1.01 / 127
+
+
+def test_percentile_hand_computed() -> None:
+    obs = PercentileObserver("int8", PerTensor(), percentile=90.0)
+    obs.update(torch.arange(1.0, 11.0))  # 10 values: 90th -> 9th smallest = 9, lower -> 2nd smallest = 2
+    assert obs.max_val.item() == 9.0 and obs.min_val.item() == 2.0
+
+
+def test_mse_observer_beats_minmax_on_heavy_tails() -> None:
+    torch.manual_seed(0)
+    x = torch.distributions.StudentT(2.0).sample((20000,))
+    mm, mse = MinMaxObserver("int4", PerTensor()), MSEObserver("int4", PerTensor())
+    mm.update(x)
+    mse.update(x)
+    errs = []
+    for obs in (mm, mse):
+        s, z = obs.calculate_qparams()
+        errs.append((fake_quantize(x, "int4", s, z, (x.numel(),)) - x).pow(2).mean().item())
+    assert errs[1] < 0.75 * errs[0]  # measured: 2.90 vs 4.13
+
+
+def test_mse_observer_per_channel_shape() -> None:
+    w = torch.randn(8, 32)
+    obs = MSEObserver("int4", block_size_for(PerChannel(0), w.shape))
+    obs.update(w)
+    s, z = obs.calculate_qparams()
+    assert s.shape == (8, 1)
+
+
+def test_observer_errors() -> None:
+    obs = make_observer("minmax", "int8", PerTensor(), name="blocks.0.fc1.input")
+    with pytest.raises(ValueError, match="seen no data"):
+        obs.calculate_qparams()
+    with pytest.raises(ValueError, match="NaN or Inf in blocks.0.fc1.input"):
+        obs.update(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="unknown observer"):
+        make_observer("kl", "int8", PerTensor())
+    with pytest.raises(ValueError, match="percentile"):
+        PercentileObserver("int8", PerTensor(), percentile=10.0)

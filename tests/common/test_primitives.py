@@ -1,0 +1,147 @@
+"""Pure quantization functions against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polyquant.primitives import (
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    PerToken,
+    block_size_for,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    qparams_from_minmax,
+    quantize,
+    scale_shape,
+)
+
+
+def test_block_sizes() -> None:
+    shape = (4, 6)
+    assert block_size_for(PerTensor(), shape) == (4, 6)
+    assert block_size_for(PerChannel(0), shape) == (1, 6)
+    assert block_size_for(PerChannel(1), shape) == (4, 1)
+    assert block_size_for(PerChannel(-1), shape) == (4, 1)
+    assert block_size_for(PerGroup(3), shape) == (1, 3)
+    assert block_size_for(PerToken(), (2, 5, 6)) == (1, 1, 6)
+    assert scale_shape(shape, (1, 3)) == (4, 2)
+
+
+def test_bad_granularity() -> None:
+    with pytest.raises(ValueError, match="does not divide"):
+        block_size_for(PerGroup(4), (4, 6))
+    with pytest.raises(ValueError, match="axis"):
+        block_size_for(PerChannel(2), (4, 6))
+    with pytest.raises(ValueError, match="group_size"):
+        PerGroup(0)
+
+
+def test_symmetric_int8_per_tensor_hand_computed() -> None:
+    x = torch.tensor([[-1.27, 0.5], [0.635, 1.0]])
+    scale, zp = choose_qparams(x, "int8", (2, 2))
+    assert torch.allclose(scale, torch.tensor([[0.01]]))
+    assert zp.item() == 0
+    q = quantize(x, "int8", scale, zp, (2, 2))
+    assert q.tolist() == [[-127, 50], [64, 100]]  # 63.5 -> 64 (half to even)
+    assert torch.allclose(dequantize(q, scale, zp, (2, 2)), torch.tensor([[-1.27, 0.5], [0.64, 1.0]]))
+
+
+def test_asymmetric_uint4_per_channel_hand_computed() -> None:
+    x = torch.tensor([[0.0, 1.5, 3.0], [-1.0, 0.0, 2.0]])
+    bs = block_size_for(PerChannel(0), x.shape)
+    scale, zp = choose_qparams(x, "uint4", bs, symmetric=False)
+    # row 0: range [0, 3] -> scale 3/15 = 0.2, zp 0; row 1: range [-1, 2] -> scale 0.2, zp = round(1/0.2) = 5
+    assert torch.allclose(scale.flatten(), torch.tensor([0.2, 0.2]))
+    assert zp.flatten().tolist() == [0, 5]
+    q = quantize(x, "uint4", scale, zp, bs)
+    assert q.tolist() == [[0, 8, 15], [0, 5, 15]]  # 7.5 -> 8 (half to even)
+    assert torch.allclose(dequantize(q, scale, zp, bs), torch.tensor([[0.0, 1.6, 3.0], [-1.0, 0.0, 2.0]]))
+
+
+def test_asymmetric_range_includes_zero() -> None:
+    scale, zp = qparams_from_minmax(torch.tensor(2.0), torch.tensor(4.0), "uint8", symmetric=False)
+    assert torch.allclose(scale, torch.tensor(4.0 / 255))
+    assert zp.item() == 0
+
+
+def test_per_group_scales() -> None:
+    x = torch.tensor([[1.0, -2.0, 0.5, 4.0]])
+    bs = block_size_for(PerGroup(2), x.shape)
+    scale, _ = choose_qparams(x, "int4", bs)
+    assert torch.allclose(scale, torch.tensor([[2.0 / 7, 4.0 / 7]]))
+
+
+def test_per_token_scales() -> None:
+    x = torch.tensor([[[1.0, -3.0], [0.5, 0.25]]])
+    scale, _ = choose_qparams(x, "int8", block_size_for(PerToken(), x.shape))
+    assert scale.shape == (1, 2, 1)
+    assert torch.allclose(scale.flatten(), torch.tensor([3.0 / 127, 0.5 / 127]))
+
+
+def test_fp4_scale_uses_format_max() -> None:
+    x = torch.tensor([[12.0, -3.0]])
+    scale, zp = choose_qparams(x, "e2m1", (1, 2))
+    assert scale.item() == pytest.approx(2.0)
+    q = quantize(x, "e2m1", scale, None, (1, 2))
+    assert q.tolist() == [[6.0, -1.5]]
+
+
+def test_zero_range_channel_dequantizes_to_zero() -> None:
+    x = torch.zeros(2, 4)
+    x[1] = torch.tensor([1.0, -1.0, 0.5, 0.0])
+    bs = block_size_for(PerChannel(0), x.shape)
+    scale, zp = choose_qparams(x, "int8", bs)
+    assert torch.isfinite(scale).all() and (scale > 0).all()
+    y = dequantize(quantize(x, "int8", scale, zp, bs), scale, zp, bs)
+    assert torch.equal(y[0], torch.zeros(4))
+
+
+def test_nan_inf_and_empty_rejected() -> None:
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        choose_qparams(torch.tensor([1.0, float("nan")]), "int8", (2,))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        choose_qparams(torch.tensor([1.0, float("inf")]), "int8", (2,))
+    with pytest.raises(ValueError, match="empty"):
+        choose_qparams(torch.empty(0), "int8", (0,))
+
+
+def test_asymmetric_float_rejected() -> None:
+    with pytest.raises(ValueError, match="integer format"):
+        qparams_from_minmax(torch.tensor(-1.0), torch.tensor(1.0), "e4m3", symmetric=False)
+
+
+def test_fake_quantize_matches_quantize_dequantize_and_has_ste_gradient() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    bs = block_size_for(PerChannel(0), x.shape)
+    scale, zp = choose_qparams(x, "uint4", bs, symmetric=False)
+    ref = dequantize(quantize(x, "uint4", scale, zp, bs), scale, zp, bs)
+    xg = x.clone().requires_grad_(True)
+    out = fake_quantize(xg, "uint4", scale, zp, bs)
+    assert torch.allclose(out, ref, atol=1e-6)
+    out.sum().backward()
+    # Min-max range: nothing is clipped, so the gradient is 1 (the range ends may sit a rounding error outside).
+    inside = (x > x.amin(dim=1, keepdim=True)) & (x < x.amax(dim=1, keepdim=True))
+    assert torch.equal(xg.grad[inside], torch.ones_like(x)[inside])
+
+
+def test_fake_quantize_gradient_reaches_scale() -> None:
+    x = torch.tensor([0.26, -0.74, 3.0])
+    s = torch.tensor([0.5], requires_grad=True)
+    fake_quantize(x, "int4", s, None, (3,)).sum().backward()
+    assert s.grad is not None and s.grad.item() != 0
+
+
+def test_sqnr_improves_with_bits() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 64)
+    errs = []
+    for bits in (2, 4, 6, 8):
+        bs = block_size_for(PerChannel(0), x.shape)
+        scale, zp = choose_qparams(x, f"int{bits}", bs)
+        errs.append((fake_quantize(x, f"int{bits}", scale, zp, bs) - x).pow(2).mean().item())
+    assert errs == sorted(errs, reverse=True)
