@@ -223,6 +223,9 @@ class QuantLinear(_QuantWeightModule):
 
 
 class _QuantConvNd(_QuantWeightModule):
+    _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                   "padding_mode", "_reversed_padding_repeated_twice")
+
     def __init__(
         self,
         conv: nn.modules.conv._ConvNd,
@@ -233,13 +236,20 @@ class _QuantConvNd(_QuantWeightModule):
         name: str = "",
     ) -> None:
         super().__init__()
-        self.conv = conv  # keeps stride / padding / groups and the conv's own forward logic
+        # Copy the conv's hyper-parameters (not the module: its weight would be stored twice).
+        self._conv_type = type(conv)
+        for attr in self._CONV_ATTRS:
+            setattr(self, attr, getattr(conv, attr))
         self.weight = conv.weight
         self.bias = conv.bias
         self._init_quant(weight, input, output, name)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._io(x, lambda a, w: self.conv._conv_forward(a, w, self.bias))
+        return self._io(x, lambda a, w: self._conv_type._conv_forward(self, a, w, self.bias))  # type: ignore[arg-type]
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}")
 
 
 class QuantConv1d(_QuantConvNd):
