@@ -1,0 +1,109 @@
+"""The core demo: a small MLP trained on sklearn's 8x8 digits, quantized at W8A8 / W4A8 / W4A4 with min-max
+and MSE observers. Prints accuracy and the bytes of the saved artifact for each setting.
+
+Runs offline in a few seconds: ``polyquant demo`` (or ``python -m polyquant.demo``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .artifact import save
+from .export import export
+from .nn import QuantRule, QuantSpec, calibrate, prepare
+from .primitives import PerChannel
+
+__all__ = ["DemoRow", "digits_split", "train_digits_mlp", "run_core_demo"]
+
+
+@dataclass
+class DemoRow:
+    setting: str
+    observer: str
+    accuracy: float
+    artifact_bytes: int
+
+
+def digits_split(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """sklearn digits as float tensors in [0, 1]: (x_train, y_train, x_test, y_test), 1347 / 450 split."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm], y[perm]
+    return x[:1347], y[:1347], x[1347:], y[1347:]
+
+
+def train_digits_mlp(x: Tensor, y: Tensor, *, seed: int = 0, epochs: int = 30) -> nn.Module:
+    """A 64-128-128-10 MLP trained with Adam; about 97% test accuracy."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(128):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(-1) == y).float().mean().item() * 100
+
+
+def _artifact_bytes(model: nn.Module, directory: Path, name: str) -> int:
+    path = directory / f"{name}.safetensors"
+    save(export(model, plugin=None, method="core-demo"), path)
+    return path.stat().st_size
+
+
+SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3)}
+
+
+def run_core_demo(*, seed: int = 0, calib_samples: int = 256) -> str:
+    """Train, quantize and report; returns the printable table."""
+    start = time.perf_counter()
+    x_train, y_train, x_test, y_test = digits_split(seed)
+    model = train_digits_mlp(x_train, y_train, seed=seed)
+    calib = list(x_train[:calib_samples].split(64))
+    rows: list[DemoRow] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        fp_path = Path(tmp) / "float.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fp_path))
+        rows.append(DemoRow("float32", "-", _accuracy(model, x_test, y_test), fp_path.stat().st_size))
+        for setting, (wbits, abits) in SETTINGS.items():
+            for observer in ("minmax", "mse"):
+                rules = [QuantRule(
+                    "*",
+                    weight=QuantSpec(f"int{wbits}", PerChannel(0), observer=observer),
+                    input=QuantSpec(f"int{abits}", observer=observer),
+                )]
+                qmodel = prepare(model, rules)
+                calibrate(qmodel, calib, progress=False)
+                rows.append(DemoRow(setting, observer, _accuracy(qmodel, x_test, y_test),
+                                    _artifact_bytes(qmodel, Path(tmp), f"{setting}-{observer}")))
+    elapsed = time.perf_counter() - start
+    lines = [
+        "polyquant core demo: 64-128-128-10 MLP on sklearn digits (450 test images), "
+        f"calibration on {calib_samples} training images",
+        f"{'setting':<8} {'observer':<8} {'accuracy %':>10} {'artifact bytes':>15}",
+    ]
+    lines += [f"{r.setting:<8} {r.observer:<8} {r.accuracy:>10.2f} {r.artifact_bytes:>15,}" for r in rows]
+    lines.append(f"(weights per-channel symmetric INT, activations per-tensor INT; {elapsed:.1f} s)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(run_core_demo())

@@ -1,0 +1,169 @@
+"""Turn a calibrated fake-quant model into a real quantized artifact, and back.
+
+``export(model)`` packs every frozen weight quantizer's codes into bytes (``pack_bits``) and keeps the float
+tensors that were not quantized; ``restore(model, artifact)`` loads such an artifact into a model prepared with
+the same rules and returns it quantized, with outputs identical to the exported model.
+
+Keys (flat, per module ``<fqn>``):
+
+    <fqn>.weight_packed      uint8   codes of the weight, ``bits`` per code, densely packed
+    <fqn>.weight_scale       float32 per-block scales
+    <fqn>.weight_zero_point  float32 per-block zero points (INT formats)
+    <fqn>.weight_shape       int64   the weight's shape
+    <quantizer>.scale / .zero_point       activation quantizers' frozen qparams
+    float.<name>             every other parameter / buffer of the model, unchanged
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .artifact import Artifact, ArtifactError
+from .formats import BinaryFormat, FloatFormat, IntFormat, LogFormat
+from .nn import Quantizer, _QuantWeightModule
+from .pack import pack_bits, unpack_bits
+from .primitives import block_size_for, dequantize, quantize
+
+__all__ = ["export", "restore", "code_bits"]
+
+
+def code_bits(q: Quantizer) -> int:
+    """Bits per stored code of a quantizer's format (log formats need one more for their zero)."""
+    fmt = q.fmt
+    if isinstance(fmt, LogFormat):
+        return fmt.bits + 1
+    return fmt.bits
+
+
+def _weight_codes(module: _QuantWeightModule) -> tuple[Tensor, int]:
+    wq = module.weight_quantizer
+    assert wq is not None and wq.scale is not None
+    w = module.weight.detach().float()
+    bs = block_size_for(wq.spec.granularity, w.shape)
+    zp = wq.zero_point if wq.fmt.supports_zero_point else None
+    q = quantize(w, wq.fmt, wq.scale, zp, bs)
+    fmt = wq.fmt
+    if isinstance(fmt, (IntFormat, FloatFormat, BinaryFormat)):
+        codes = fmt.encode(q)
+    else:
+        codes = fmt.encode(q).to(torch.uint8)
+    return codes, code_bits(wq)
+
+
+def export(
+    model: nn.Module,
+    *,
+    plugin: str | None = None,
+    method: str | None = None,
+    config: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Artifact:
+    """Pack a calibrated model into an ``Artifact`` (see the module docstring for the keys)."""
+    tensors: dict[str, Tensor] = {}
+    quantized_weights: set[str] = set()
+    specs: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantWeightModule) and module.weight_quantizer is not None:
+            wq = module.weight_quantizer
+            if wq.state != "quantized" or wq.scale is None:
+                raise ValueError(f"{name}: weight quantizer is not frozen; run calibrate() before export")
+            codes, bits = _weight_codes(module)
+            tensors[f"{name}.weight_packed"] = pack_bits(codes.flatten(), bits)
+            tensors[f"{name}.weight_scale"] = wq.scale.float().contiguous()
+            tensors[f"{name}.weight_zero_point"] = wq.zero_point.float().contiguous()
+            tensors[f"{name}.weight_shape"] = torch.tensor(list(module.weight.shape), dtype=torch.int64)
+            quantized_weights.add(f"{name}.weight")
+            specs[f"{name}.weight_quantizer"] = _spec_dict(wq, bits)
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer) and name not in specs:
+            specs[name] = _spec_dict(module, code_bits(module))
+            if module.scale is not None:
+                tensors[f"{name}.scale"] = module.scale.float().contiguous()
+                tensors[f"{name}.zero_point"] = module.zero_point.float().contiguous()
+    for name, t in model.state_dict().items():
+        if name in quantized_weights or name.endswith((".scale", ".zero_point")) and _is_quantizer_buffer(model, name):
+            continue
+        tensors[f"float.{name}"] = t.detach().contiguous()
+    return Artifact(
+        tensors=tensors,
+        plugin=plugin,
+        method=method,
+        config=dict(config or {}),
+        meta={**(meta or {}), "quantizers": specs},
+    )
+
+
+def _is_quantizer_buffer(model: nn.Module, name: str) -> bool:
+    owner = name.rpartition(".")[0]
+    try:
+        return isinstance(model.get_submodule(owner), Quantizer)
+    except AttributeError:
+        return False
+
+
+def _spec_dict(q: Quantizer, bits: int) -> dict[str, Any]:
+    s = q.spec
+    return {
+        "format": q.fmt.name,
+        "granularity": type(s.granularity).__name__,
+        "symmetric": s.symmetric,
+        "dynamic": s.dynamic,
+        "bits": bits,
+    }
+
+
+def restore(model: nn.Module, artifact: Artifact, *, strict: bool = True) -> nn.Module:
+    """Load ``artifact`` into ``model`` (prepared with the same rules, not calibrated); returns it quantized."""
+    t = artifact.tensors
+    specs = artifact.meta.get("quantizers", {})
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantWeightModule) and module.weight_quantizer is not None:
+            wq = module.weight_quantizer
+            key = f"{name}.weight_quantizer"
+            if key not in specs or specs[key]["format"] != wq.fmt.name:
+                raise ArtifactError(f"artifact does not match the model: {key} missing or of another format")
+            shape = tuple(int(v) for v in t[f"{name}.weight_shape"].tolist())
+            if shape != tuple(module.weight.shape):
+                raise ArtifactError(f"{name}: weight shape {shape} in the artifact, {tuple(module.weight.shape)} in the model")
+            numel = 1
+            for d in shape:
+                numel *= d
+            codes = unpack_bits(t[f"{name}.weight_packed"], specs[key]["bits"], numel).reshape(shape)
+            q = wq.fmt.decode(codes)
+            scale, zp = t[f"{name}.weight_scale"], t[f"{name}.weight_zero_point"]
+            bs = block_size_for(wq.spec.granularity, shape)
+            w = dequantize(q, scale, zp if wq.fmt.supports_zero_point else None, bs)
+            with torch.no_grad():
+                module.weight.copy_(w.to(module.weight.dtype))
+            wq.scale, wq.zero_point = scale.clone(), zp.clone()
+            wq.observer = None
+            wq.state = "quantized"
+    weight_quantizers = {id(m.weight_quantizer) for m in model.modules() if isinstance(m, _QuantWeightModule)}
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer) and id(module) not in weight_quantizers:
+            if f"{name}.scale" in t:
+                module.scale, module.zero_point = t[f"{name}.scale"].clone(), t[f"{name}.zero_point"].clone()
+            elif not module.spec.dynamic:
+                raise ArtifactError(f"artifact has no qparams for quantizer {name}")
+            module.observer = None
+            module.state = "quantized"
+    floats = {k[len("float."):]: v for k, v in t.items() if k.startswith("float.")}
+    missing, unexpected = model.load_state_dict(floats, strict=False)
+    missing = [k for k in missing if not _is_quantized_key(model, k)]
+    if strict and (missing or unexpected):
+        raise ArtifactError(f"artifact does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def _is_quantized_key(model: nn.Module, key: str) -> bool:
+    owner, _, leaf = key.rpartition(".")
+    try:
+        m = model.get_submodule(owner)
+    except AttributeError:
+        return False
+    if isinstance(m, Quantizer):
+        return True
+    return leaf == "weight" and isinstance(m, _QuantWeightModule) and m.weight_quantizer is not None
