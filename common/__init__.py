@@ -31,6 +31,18 @@ from .nn import (  # noqa: E402
     prepare,
     set_state,
 )
+from .pack import pack_bits, pack_signed, unpack_bits, unpack_signed  # noqa: E402
+from .transforms import (  # noqa: E402
+    HadamardRotation,
+    fold_hadamard_into_linear,
+    fold_layernorm_into_linears,
+    fold_scale_into_linear,
+    fwht,
+    hadamard_matrix,
+    hadamard_transform,
+    random_hadamard,
+)
+from .vq import GroupedResidualVQ, ProductVQ, ResidualVQ, VectorQuantizer, batched_kmeans, kmeans  # noqa: E402
 from .primitives import (  # noqa: E402
     PerChannel,
     PerGroup,
@@ -112,4 +124,22 @@ __all__ = [
     "save",
     "load",
     "restore",
+    "pack_bits",
+    "unpack_bits",
+    "pack_signed",
+    "unpack_signed",
+    "HadamardRotation",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "fwht",
+    "random_hadamard",
+    "fold_hadamard_into_linear",
+    "fold_layernorm_into_linears",
+    "fold_scale_into_linear",
+    "VectorQuantizer",
+    "ResidualVQ",
+    "GroupedResidualVQ",
+    "ProductVQ",
+    "kmeans",
+    "batched_kmeans",
 ]

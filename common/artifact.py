@@ -1,0 +1,467 @@
+"""Safe save / load of quantized artifacts: one .safetensors file with a JSON manifest, checked end to end.
+
+File layout (plain safetensors, readable by any safetensors reader):
+
+    8 bytes       little-endian u64 N, the header length
+    N bytes       JSON header: {"__metadata__": {"polyquant": "<manifest JSON>"},
+                                "<name>": {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, ...}
+                  padded with spaces to a multiple of 8
+    data          the raw little-endian tensor bytes, back to back (offsets are relative to the data start)
+
+The manifest (a JSON object stored as a string under ``__metadata__["polyquant"]``):
+
+    format            "polyquant-artifact"
+    format_version    1
+    polyquant_version the writer's ``polyquant.__version__``
+    plugin, method    str or null
+    config, meta      JSON objects
+    tensors           {name: {"dtype": "F32", "shape": [...], "sha256": "<hex of the raw bytes>"}}
+    manifest_sha256   sha256 of the canonical JSON (sorted keys, no spaces) of all the fields above
+
+``load`` never unpickles and never runs code from the file: it checks the header itself (length, JSON, dtypes,
+shapes, offsets contiguous and in range), the manifest (format, version, its own checksum, tensor names, dtypes,
+shapes) and every tensor's sha256 before safetensors reads the bytes. Any problem raises ``ArtifactError``.
+The checksums detect corruption, not deliberate tampering (anyone can recompute them); they are not a signature.
+
+Tensor keys are flat strings, by convention ``<fqn>.weight_packed``, ``<fqn>.weight_scale``,
+``<fqn>.weight_zero_point``, ``<fqn>.weight_shape``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import sys
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor
+
+__all__ = ["Artifact", "ArtifactError", "save", "load", "read_manifest", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "polyquant-artifact"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "polyquant"
+_MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+
+# safetensors dtype name -> torch dtype (the ones we write and accept)
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
+
+_MANIFEST_FIELDS = {
+    "format",
+    "format_version",
+    "polyquant_version",
+    "plugin",
+    "method",
+    "config",
+    "meta",
+    "tensors",
+    "manifest_sha256",
+}
+_ENTRY_FIELDS = {"dtype", "shape", "data_offsets"}
+_MANIFEST_TENSOR_FIELDS = {"dtype", "shape", "sha256"}
+
+
+class ArtifactError(ValueError):
+    """An artifact cannot be saved or loaded: the message names the file and the problem."""
+
+
+@dataclass
+class Artifact:
+    """Tensors plus the JSON description of how they were produced.
+
+    Args:
+        tensors: flat name -> tensor (any device; saved from CPU, loaded on CPU).
+        plugin: name of the plugin that produced it, or None for the core.
+        method: name of the method, or None.
+        config: the method's configuration, JSON-serializable (tuples come back as lists).
+        meta: anything else JSON-serializable (e.g. quantizer specs, model name).
+        format_version: file format version; ``load`` fills in the file's.
+    """
+
+    tensors: dict[str, Tensor]
+    plugin: str | None = None
+    method: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Save
+
+
+def save(artifact: Artifact, path: str | os.PathLike[str]) -> Path:
+    """Write ``artifact`` to ``path`` atomically (temp file in the same folder, fsync, rename); returns the path.
+
+    Raises ``ArtifactError`` for an artifact that cannot be represented (non-JSON config or meta, bad names,
+    unsupported dtypes); the previous file at ``path``, if any, is untouched on any failure.
+    """
+    path = Path(path)
+    where = str(path)
+    if artifact.format_version != FORMAT_VERSION:
+        raise ArtifactError(f"{where}: can only write format_version {FORMAT_VERSION}, got {artifact.format_version}")
+    for name, value in (("plugin", artifact.plugin), ("method", artifact.method)):
+        if value is not None and not isinstance(value, str):
+            raise ArtifactError(f"{where}: {name} must be a string or None, got {type(value).__name__}")
+    for name, value in (("config", artifact.config), ("meta", artifact.meta)):
+        if not isinstance(value, dict):
+            raise ArtifactError(f"{where}: {name} must be a dict, got {type(value).__name__}")
+        _check_json(value, name, where)
+    if not isinstance(artifact.tensors, dict):
+        kind = type(artifact.tensors).__name__
+        raise ArtifactError(f"{where}: tensors must be a dict of name -> Tensor, got {kind}")
+
+    tensors: dict[str, Tensor] = {}
+    for name, t in artifact.tensors.items():
+        tensors[name] = _prepare_tensor(name, t, where)
+    raw = {name: _raw_bytes(t) for name, t in tensors.items()}
+
+    manifest: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "polyquant_version": _polyquant_version(),
+        "plugin": artifact.plugin,
+        "method": artifact.method,
+        "config": artifact.config,
+        "meta": artifact.meta,
+        "tensors": {
+            name: {
+                "dtype": _DTYPE_NAMES[t.dtype],
+                "shape": list(t.shape),
+                "sha256": hashlib.sha256(raw[name]).hexdigest(),
+            }
+            for name, t in tensors.items()
+        },
+    }
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+
+    # Data order: widest dtypes first, so every tensor is aligned to its item size (the data start is 8-aligned).
+    order = sorted(tensors, key=lambda n: -tensors[n].dtype.itemsize)
+    header: dict[str, Any] = {"__metadata__": {MANIFEST_KEY: json.dumps(manifest, allow_nan=False)}}
+    offset = 0
+    for name in order:
+        end = offset + len(raw[name])
+        t = tensors[name]
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    head = json.dumps(header, separators=(",", ":")).encode("ascii")
+    head += b" " * (-(8 + len(head)) % 8)
+
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as f:
+            _write_chunk(f, len(head).to_bytes(8, "little"))
+            _write_chunk(f, head)
+            for name in order:
+                _write_chunk(f, raw[name])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _write_chunk(f: BinaryIO, data: bytes | memoryview) -> None:
+    f.write(data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    with suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _prepare_tensor(name: object, t: object, where: str) -> Tensor:
+    if not isinstance(name, str) or not name:
+        raise ArtifactError(f"{where}: tensor names must be non-empty strings, got {name!r}")
+    if name == "__metadata__":
+        raise ArtifactError(f"{where}: '__metadata__' is reserved and cannot name a tensor")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ArtifactError(f"{where}: tensor name {name!r} is not valid unicode") from e
+    if not isinstance(t, Tensor):
+        raise ArtifactError(f"{where}: tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+    if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
+        raise ArtifactError(f"{where}: tensor {name!r} must be a dense tensor with data ({t.layout}, {t.device})")
+    if t.dtype not in _DTYPE_NAMES:
+        supported = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_NAMES)
+        raise ArtifactError(f"{where}: tensor {name!r} has unsupported dtype {t.dtype} (supported: {supported})")
+    return t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+
+
+def _raw_bytes(t: Tensor) -> memoryview:
+    """The tensor's bytes in memory order (little-endian), without a copy."""
+    if sys.byteorder != "little":
+        raise ArtifactError("saving artifacts on a big-endian machine is not supported")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _check_json(value: Any, at: str, where: str) -> None:
+    """Raise ArtifactError unless ``value`` is plain JSON: dict (str keys), list/tuple, str, int, finite float,
+    bool, None."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ArtifactError(f"{where}: {at} is {value}, which JSON cannot represent")
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json(item, f"{at}[{i}]", where)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ArtifactError(f"{where}: {at} has a non-string key {key!r}; JSON keys must be strings")
+            _check_json(item, f"{at}[{key!r}]", where)
+        return
+    raise ArtifactError(f"{where}: {at} is a {type(value).__name__}, which is not JSON-serializable")
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def _polyquant_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Load
+
+
+def load(path: str | os.PathLike[str]) -> Artifact:
+    """Read and verify an artifact written by ``save``; tensors come back on CPU, in the order they were saved.
+
+    Raises ``ArtifactError`` (and nothing else) for a missing, unreadable, truncated, corrupted or foreign file.
+    """
+    where = str(path)
+    try:
+        return _load(Path(path), where)
+    except ArtifactError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a corrupted file must never surface as another error type
+        raise ArtifactError(f"{where}: cannot load artifact ({type(e).__name__}: {e})") from e
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The verified manifest of an artifact, reading only its header (tensor checksums are not verified)."""
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = _header_length(f.read(8), size, where)
+            head = f.read(n)
+        entries, metadata = _parse_header(head, size - 8 - n, where)
+        return _parse_manifest(metadata, entries, where)
+    except ArtifactError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{where}: cannot read artifact header ({type(e).__name__}: {e})") from e
+
+
+def _load(path: Path, where: str) -> Artifact:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{where}: cannot read file ({e.strerror or e})") from e
+    n = _header_length(data[:8], len(data), where)
+    start = 8 + n
+    entries, metadata = _parse_header(data[8:start], len(data) - start, where)
+    manifest = _parse_manifest(metadata, entries, where)
+
+    with memoryview(data) as view:
+        for name, spec in manifest["tensors"].items():
+            begin, end = entries[name]["data_offsets"]
+            if hashlib.sha256(view[start + begin : start + end]).hexdigest() != spec["sha256"]:
+                raise ArtifactError(f"{where}: checksum mismatch for tensor {name!r} (the file is corrupted)")
+
+    from safetensors.torch import load as safetensors_load
+
+    try:
+        loaded = safetensors_load(data)
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{where}: safetensors rejected the file ({e})") from e
+    return Artifact(
+        tensors={name: loaded[name] for name in manifest["tensors"]},
+        plugin=manifest["plugin"],
+        method=manifest["method"],
+        config=manifest["config"],
+        meta=manifest["meta"],
+        format_version=manifest["format_version"],
+    )
+
+
+def _header_length(prefix: bytes, file_size: int, where: str) -> int:
+    if file_size < 8 or len(prefix) < 8:
+        raise ArtifactError(f"{where}: truncated or not an artifact: {file_size} bytes, less than the 8-byte prefix")
+    n = int.from_bytes(prefix[:8], "little")
+    if n < 2 or n > _MAX_HEADER_BYTES or 8 + n > file_size:
+        raise ArtifactError(
+            f"{where}: bad header length {n} for a file of {file_size} bytes "
+            "(truncated, corrupted or not a safetensors file)"
+        )
+    return n
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_json(text: bytes | str, what: str, where: str) -> dict[str, Any]:
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        value = json.loads(text, object_pairs_hook=_strict_object, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ArtifactError(f"{where}: bad {what}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{where}: bad {what}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_header(head: bytes, data_len: int, where: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Validate the safetensors JSON header against the data size; returns (tensor entries, __metadata__)."""
+    if not head.startswith(b"{"):
+        raise ArtifactError(f"{where}: bad header: does not start with '{{' (not a safetensors file)")
+    if not head.rstrip(b" ").endswith(b"}"):
+        raise ArtifactError(f"{where}: bad header: the JSON object must be followed by nothing but space padding")
+    header = _parse_json(head, "header", where)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        raise ArtifactError(f"{where}: not a polyquant artifact: safetensors file without metadata")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ArtifactError(f"{where}: bad header: __metadata__ must map strings to strings")
+
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) != _ENTRY_FIELDS:
+            raise ArtifactError(f"{where}: bad header entry for tensor {name!r}: expected {sorted(_ENTRY_FIELDS)}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise ArtifactError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ArtifactError(f"{where}: tensor {name!r} has a bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise ArtifactError(f"{where}: tensor {name!r} has bad data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise ArtifactError(f"{where}: tensor {name!r} data_offsets {offsets} outside the {data_len} data bytes")
+        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        if end - begin != nbytes:
+            raise ArtifactError(f"{where}: tensor {name!r} spans {end - begin} bytes, {dtype}{shape} needs {nbytes}")
+        spans.append((begin, end, name))
+
+    expected = 0
+    for begin, end, name in sorted(spans):
+        if begin != expected:
+            problem = "overlaps the previous tensor" if begin < expected else "leaves a gap before it"
+            raise ArtifactError(f"{where}: bad header: tensor {name!r} at offset {begin} {problem}")
+        expected = end
+    if expected != data_len:
+        raise ArtifactError(
+            f"{where}: tensors cover {expected} bytes but the data section has {data_len} (truncated or padded file)"
+        )
+    return header, metadata
+
+
+def _parse_manifest(metadata: dict[str, str], entries: dict[str, dict[str, Any]], where: str) -> dict[str, Any]:
+    """Validate the manifest and check it against the header entries; returns the manifest."""
+    if MANIFEST_KEY not in metadata:
+        raise ArtifactError(f"{where}: not a polyquant artifact: no '{MANIFEST_KEY}' manifest in the metadata")
+    extra = set(metadata) - {MANIFEST_KEY}
+    if extra:
+        raise ArtifactError(f"{where}: unexpected metadata keys {sorted(extra)} next to the manifest")
+    manifest = _parse_json(metadata[MANIFEST_KEY], "manifest", where)
+    if manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{where}: not a polyquant artifact: manifest format is {manifest.get('format')!r}")
+    version = manifest.get("format_version")
+    if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
+        raise ArtifactError(
+            f"{where}: unsupported format_version {version!r} (this polyquant reads 1..{FORMAT_VERSION}; "
+            "a newer file needs a newer polyquant)"
+        )
+    if set(manifest) != _MANIFEST_FIELDS:
+        raise ArtifactError(f"{where}: bad manifest: fields {sorted(manifest)}, expected {sorted(_MANIFEST_FIELDS)}")
+    if manifest["manifest_sha256"] != _manifest_digest(manifest):
+        raise ArtifactError(f"{where}: manifest checksum mismatch (the header is corrupted)")
+    for key in ("plugin", "method"):
+        if manifest[key] is not None and not isinstance(manifest[key], str):
+            raise ArtifactError(f"{where}: bad manifest: {key} must be a string or null")
+    if not isinstance(manifest["config"], dict) or not isinstance(manifest["meta"], dict):
+        raise ArtifactError(f"{where}: bad manifest: config and meta must be objects")
+    if not isinstance(manifest["polyquant_version"], str):
+        raise ArtifactError(f"{where}: bad manifest: polyquant_version must be a string")
+
+    tensors = manifest["tensors"]
+    if not isinstance(tensors, dict):
+        raise ArtifactError(f"{where}: bad manifest: tensors must be an object")
+    missing, unexpected = set(tensors) - set(entries), set(entries) - set(tensors)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{where}: tensor names do not match the manifest: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    for name, spec in tensors.items():
+        if not isinstance(spec, dict) or set(spec) != _MANIFEST_TENSOR_FIELDS:
+            raise ArtifactError(f"{where}: bad manifest entry for tensor {name!r}")
+        entry = entries[name]
+        if spec["dtype"] != entry["dtype"] or spec["shape"] != entry["shape"]:
+            raise ArtifactError(
+                f"{where}: tensor {name!r} is {entry['dtype']}{entry['shape']} in the file but "
+                f"{spec['dtype']}{spec['shape']} in the manifest"
+            )
+        if not isinstance(spec["sha256"], str):
+            raise ArtifactError(f"{where}: bad manifest: sha256 of tensor {name!r} must be a string")
+    return manifest

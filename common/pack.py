@@ -1,0 +1,141 @@
+"""Dense bit packing of 1..8-bit integer codes into bytes, exact round trip.
+
+Layout: the codes are read in flattened (row-major) order and written to one little-endian bit stream. Code ``i``
+occupies stream bits ``[i * bits, (i + 1) * bits)``, its least significant bit first, and stream bit ``j`` is bit
+``j % 8`` of byte ``j // 8``. So the first code sits in the low bits of byte 0, and with ``bits`` in {3, 5, 6, 7}
+codes straddle byte boundaries. ``n`` codes take exactly ``ceil(n * bits / 8)`` bytes; unused high bits of the last
+byte are zero.
+
+    bits=4, codes [1, 2, 3]  ->  bytes [0x21, 0x03]
+    bits=3, codes [7, 1]     ->  bytes [0x0F]          (0b00_001_111)
+
+The shape is not stored: pass ``numel`` to ``unpack_bits`` and reshape the result yourself.
+Signed codes are stored in offset binary (``code + 2 ** (bits - 1)``), see ``pack_signed``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["packed_numel", "pack_bits", "unpack_bits", "pack_signed", "unpack_signed"]
+
+# Eight codes of at most 7 bits make at most 56 bits: one int64 word per group, no overflow into the sign bit.
+_GROUP = 8
+# Groups handled per step, to bound the int64 temporaries (8 bytes per code) for very large tensors.
+_CHUNK_GROUPS = 1 << 20
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+
+
+def packed_numel(numel: int, bits: int) -> int:
+    """Number of bytes that ``numel`` codes of ``bits`` bits take: ``ceil(numel * bits / 8)``."""
+    _check_bits(bits)
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    return (numel * bits + 7) // 8
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack unsigned codes in ``[0, 2**bits)`` densely into a 1-D uint8 tensor (see the module docstring).
+
+    Args:
+        codes: integer (or bool) tensor of any shape; it is read in flattened order.
+        bits: bits per code, 1..8.
+
+    Returns:
+        uint8 tensor of ``ceil(codes.numel() * bits / 8)`` bytes, on the device of ``codes``.
+    """
+    _check_bits(bits)
+    if codes.dtype.is_floating_point or codes.dtype.is_complex:
+        raise ValueError(f"codes must be an integer tensor, got dtype {codes.dtype}")
+    flat = codes.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8, device=codes.device)
+    if flat.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        flat = flat.to(torch.int64)  # min/max are not implemented for these; huge uint64 wrap negative and fail below
+    lo, hi = int(flat.min()), int(flat.max())
+    if lo < 0 or hi >= 1 << bits:
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for bits={bits}, got values in [{lo}, {hi}]")
+    if bits == 8:
+        return flat.to(torch.uint8).clone()
+
+    num_groups = math.ceil(n / _GROUP)
+    padded = torch.zeros(num_groups * _GROUP, dtype=torch.int64, device=codes.device)
+    padded[:n] = flat
+    groups = padded.view(num_groups, _GROUP)  # (G, 8) codes
+    code_shift = torch.arange(_GROUP, device=codes.device) * bits  # (8,)
+    byte_shift = torch.arange(bits, device=codes.device) * 8  # (bits,)
+    out = torch.empty(num_groups, bits, dtype=torch.uint8, device=codes.device)  # 8 codes -> `bits` bytes
+    for start in range(0, num_groups, _CHUNK_GROUPS):
+        g = groups[start : start + _CHUNK_GROUPS]
+        words = (g << code_shift).sum(dim=1)  # (g,) disjoint bit fields, so the sum is a bitwise OR
+        out[start : start + _CHUNK_GROUPS] = ((words[:, None] >> byte_shift) & 0xFF).to(torch.uint8)
+    return out.view(-1)[: packed_numel(n, bits)]
+
+
+def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of ``pack_bits``: the first ``numel`` codes of ``packed`` as a 1-D uint8 tensor.
+
+    ``packed`` must hold exactly ``ceil(numel * bits / 8)`` bytes.
+    """
+    _check_bits(bits)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be a uint8 tensor, got dtype {packed.dtype}")
+    expected = packed_numel(numel, bits)
+    flat = packed.reshape(-1)
+    if flat.numel() != expected:
+        raise ValueError(
+            f"packed has {flat.numel()} bytes, but {numel} codes of {bits} bits need exactly {expected} bytes"
+        )
+    if numel == 0:
+        return torch.empty(0, dtype=torch.uint8, device=packed.device)
+    if bits == 8:
+        return flat.clone()
+
+    num_groups = math.ceil(numel / _GROUP)
+    padded = torch.zeros(num_groups * bits, dtype=torch.int64, device=packed.device)
+    padded[:expected] = flat
+    groups = padded.view(num_groups, bits)  # (G, bits) bytes
+    code_shift = torch.arange(_GROUP, device=packed.device) * bits  # (8,)
+    byte_shift = torch.arange(bits, device=packed.device) * 8  # (bits,)
+    mask = (1 << bits) - 1
+    out = torch.empty(num_groups, _GROUP, dtype=torch.uint8, device=packed.device)
+    for start in range(0, num_groups, _CHUNK_GROUPS):
+        g = groups[start : start + _CHUNK_GROUPS]
+        words = (g << byte_shift).sum(dim=1)  # (g,)
+        out[start : start + _CHUNK_GROUPS] = ((words[:, None] >> code_shift) & mask).to(torch.uint8)
+    return out.view(-1)[:numel]
+
+
+def pack_signed(codes: Tensor, bits: int) -> Tensor:
+    """Pack signed codes in ``[-2**(bits-1), 2**(bits-1) - 1]`` (the range of a two's-complement ``bits``-bit int).
+
+    Each code is stored in offset binary, ``code + 2**(bits-1)`` (two's complement with the top bit flipped), then
+    packed with ``pack_bits``.
+    """
+    _check_bits(bits)
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be a signed integer tensor, got dtype {codes.dtype}")
+    offset = 1 << (bits - 1)
+    flat = codes.reshape(-1)
+    if flat.numel() > 0:
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < -offset or hi > offset - 1:
+            raise ValueError(
+                f"signed codes must lie in [{-offset}, {offset - 1}] for bits={bits}, got values in [{lo}, {hi}]"
+            )
+    return pack_bits(flat.to(torch.int16) + offset, bits)
+
+
+def unpack_signed(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of ``pack_signed``: the first ``numel`` signed codes as a 1-D int8 tensor."""
+    _check_bits(bits)
+    offset = 1 << (bits - 1)
+    return (unpack_bits(packed, bits, numel).to(torch.int16) - offset).to(torch.int8)

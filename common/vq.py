@@ -1,0 +1,570 @@
+"""Vector quantization: seeded (batched) k-means and VQ / RVQ / GRVQ / product VQ modules.
+
+Every quantizer maps ``(..., dim)`` vectors to integer codes and back:
+
+    encode(x) -> codes          decode(codes) -> x_hat          fit(x)  (offline, k-means)
+    forward(x) -> (x_hat with a straight-through gradient, codes, commitment loss)   (training, EMA codebooks)
+
+| quantizer            | codes shape                          | codebooks                                   |
+|----------------------|--------------------------------------|---------------------------------------------|
+| VectorQuantizer      | (...,)                               | one (K, dim)                                |
+| ResidualVQ           | (..., num_quantizers)                | one per stage, each on the previous residual |
+| GroupedResidualVQ    | (..., groups, num_quantizers)        | one RVQ per slice of dim / groups features   |
+| ProductVQ            | (..., num_subvectors)                | one per slice of dim / num_subvectors        |
+
+Codebooks are buffers updated by exponential moving averages of assigned counts and sums, never by gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "kmeans",
+    "batched_kmeans",
+    "VectorQuantizer",
+    "ResidualVQ",
+    "GroupedResidualVQ",
+    "ProductVQ",
+]
+
+# Elements of one (B, rows, K) distance block when batch_size is not given.
+_DIST_BLOCK = 1 << 24
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# k-means
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _block_rows(b: int, k: int, batch_size: int | None) -> int:
+    return batch_size if batch_size is not None else max(1, _DIST_BLOCK // max(1, b * k))
+
+
+def _nearest(x: Tensor, c: Tensor, batch_size: int | None) -> tuple[Tensor, Tensor]:
+    """Index of and squared distance to the nearest row of ``c`` for each row of ``x``, a block of rows at a time.
+
+    x: (B, N, D), c: (B, K, D) -> codes (B, N) int64, dist2 (B, N).
+    """
+    b, n, _ = x.shape
+    rows = _block_rows(b, c.shape[1], batch_size)
+    c_sq = c.pow(2).sum(-1)  # (B, K)
+    codes = torch.empty(b, n, dtype=torch.int64, device=x.device)
+    dist2 = torch.empty(b, n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, rows):
+        xs = x[:, start : start + rows]  # (B, r, D)
+        d = torch.baddbmm(c_sq[:, None, :], xs, c.transpose(1, 2), alpha=-2.0)  # (B, r, K) = |c|^2 - 2 x.c
+        d_min, idx = d.min(dim=-1)
+        codes[:, start : start + rows] = idx
+        dist2[:, start : start + rows] = (d_min + xs.pow(2).sum(-1)).clamp_min(0)
+    return codes, dist2
+
+
+def _exact_scatter(x: Tensor) -> bool:
+    """Whether scatter-add of x's dtype on x's device is reproducible (CPU: yes; CUDA: float atomics, no)."""
+    return x.device.type == "cpu"
+
+
+def _cluster_stats(x: Tensor, codes: Tensor, k: int, batch_size: int | None) -> tuple[Tensor, Tensor]:
+    """Per-cluster sums (B, K, D) and counts (B, K) of x (B, N, D) under codes (B, N), bitwise reproducible.
+
+    On CPU a scatter-add; on accelerators scatter-add uses float atomics (run-to-run differences), so the sums are
+    a one-hot matmul in float64 instead, a block of rows at a time.
+    """
+    b, n, d = x.shape
+    counts = torch.zeros(b, k, dtype=torch.int64, device=x.device).scatter_add_(1, codes, torch.ones_like(codes))
+    if _exact_scatter(x):
+        sums = torch.zeros(b, k, d, dtype=x.dtype, device=x.device)
+        return sums.scatter_add_(1, codes[..., None].expand(-1, -1, d), x), counts
+    sums64 = torch.zeros(b, k, d, dtype=torch.float64, device=x.device)
+    rows = _block_rows(b, k, batch_size)
+    for start in range(0, n, rows):
+        onehot = F.one_hot(codes[:, start : start + rows], k).to(torch.float64)  # (B, r, K)
+        sums64 += onehot.transpose(1, 2) @ x[:, start : start + rows].double()
+    return sums64.to(x.dtype), counts
+
+
+def _kmeans_pp(x: Tensor, k: int, g: torch.Generator) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) for each of the B groups: (B, N, D) -> (B, k, D)."""
+    b, n, d = x.shape
+    groups = torch.arange(b, device=x.device)
+    centers = torch.empty(b, k, d, dtype=x.dtype, device=x.device)
+    first = torch.randint(0, n, (b,), generator=g, device=x.device)
+    centers[:, 0] = x[groups, first]
+    dist2 = (x - centers[:, :1]).pow(2).sum(-1)  # (B, N)
+    for i in range(1, k):
+        weights = torch.where(dist2.sum(1, keepdim=True) > 0, dist2, torch.ones_like(dist2))  # all taken: uniform
+        # argmin E_j / w_j with E_j ~ Exp(1) picks j with probability w_j / sum(w): exact, and no float cumsum
+        # (whose CUDA scan is not bitwise reproducible).
+        race = torch.empty_like(weights).exponential_(generator=g) / weights
+        race = torch.where(weights > 0, race, torch.inf)  # a point already taken is never picked again
+        idx = race.argmin(dim=1)
+        centers[:, i] = x[groups, idx]
+        dist2 = torch.minimum(dist2, (x - centers[:, i : i + 1]).pow(2).sum(-1))
+    return centers
+
+
+def _update_centroids(
+    x: Tensor, codes: Tensor, dist2: Tensor, centers: Tensor, batch_size: int | None = None
+) -> Tensor:
+    """Means of the assigned points; an empty cluster is re-seeded at the farthest points from their centroids."""
+    b, n, d = x.shape
+    k = centers.shape[1]
+    sums, counts = _cluster_stats(x, codes, k, batch_size)
+    new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None].to(x.dtype), centers)
+    empty = counts == 0  # (B, K)
+    if bool(empty.any()):
+        far = dist2.topk(min(k, n), dim=1).indices  # (B, k') farthest points first
+        rank = (empty.long().cumsum(1) - 1).clamp(0, far.shape[1] - 1)  # i-th empty cluster -> i-th farthest point
+        idx = far.gather(1, rank)  # (B, K)
+        new = torch.where(empty[..., None], x.gather(1, idx[..., None].expand(-1, -1, d)), new)
+    return new
+
+
+@torch.no_grad()
+def batched_kmeans(
+    x: Tensor, k: int, *, iters: int = 20, seed: int = 0, batch_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Independent k-means on each of B groups at once (Lloyd's algorithm with k-means++ seeding).
+
+    Args:
+        x: (B, N, D) points; B independent problems.
+        k: clusters per group. If a group has fewer than k distinct points, some centroids coincide.
+        iters: maximum Lloyd iterations (stops early when no assignment changes).
+        seed: seeds the k-means++ sampling; same seed and input give the same result on the same device.
+        batch_size: rows of x per distance block (bounds memory at B * batch_size * k); None picks one.
+
+    Returns:
+        centroids (B, k, D) in x's dtype, codes (B, N) int64: the nearest centroid of every point.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"batched_kmeans expects x of shape (B, N, D), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"kmeans needs floating-point data, got {x.dtype}")
+    if x.shape[1] == 0:
+        raise ValueError("kmeans needs at least one point (N = 0)")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if iters < 0:
+        raise ValueError(f"iters must be >= 0, got {iters}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    xw = x.to(_work_dtype(x))
+    mean = xw.mean(dim=1, keepdim=True)  # (B, 1, D) centering keeps |x|^2 - 2 x.c + |c|^2 accurate far from 0
+    xw = xw - mean
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    centers = _kmeans_pp(xw, k, g)
+    codes, dist2 = _nearest(xw, centers, batch_size)
+    for _ in range(iters):
+        centers = _update_centroids(xw, codes, dist2, centers, batch_size)
+        new_codes, dist2 = _nearest(xw, centers, batch_size)
+        converged = torch.equal(new_codes, codes)
+        codes = new_codes
+        if converged:
+            break
+    return (centers + mean).to(x.dtype), codes
+
+
+def kmeans(
+    x: Tensor, k: int, *, iters: int = 20, seed: int = 0, batch_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Seeded k-means of (N, D) points -> centroids (k, D), codes (N,). See ``batched_kmeans`` for the arguments."""
+    if x.dim() != 2:
+        raise ValueError(f"kmeans expects x of shape (N, D), got {tuple(x.shape)}")
+    centers, codes = batched_kmeans(x[None], k, iters=iters, seed=seed, batch_size=batch_size)
+    return centers[0], codes[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Vector quantizer
+
+
+class VectorQuantizer(nn.Module):
+    """VQ with EMA codebook (van den Oord et al. 2017, "Neural Discrete Representation Learning")."""
+
+    embed: Tensor
+    cluster_size: Tensor
+    embed_sum: Tensor
+    initted: Tensor
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        codebook_size: int,
+        decay: float = 0.99,
+        commitment_weight: float = 1.0,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        threshold_dead_code: float = 0.0,
+        eps: float = 1e-5,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            dim: vector size D.
+            codebook_size: number of codes K.
+            decay: EMA decay ``g`` of the codebook statistics, in [0, 1). Per training batch, with ``c_k`` the
+                number and ``s_k`` the sum of vectors assigned to code k: ``n_k = g n_k + (1 - g) c_k``,
+                ``m_k = g m_k + (1 - g) s_k``, ``e_k = m_k / n_k``. A code starts with ``n_k = 1, m_k = e_k``, so an
+                unused code stays where it is (both decay together) instead of collapsing to zero.
+            commitment_weight: weight of ``|x - sg(q)|^2`` in the returned loss.
+            kmeans_init: initialize the codebook by k-means on the first training batch (else seeded randn).
+            kmeans_iters: Lloyd iterations for that initialization and for ``fit``.
+            threshold_dead_code: codes whose EMA count falls below this are restarted at random batch vectors
+                (0 disables).
+            eps: floor of the EMA counts in the division.
+            seed: seeds the initial codebook, k-means and dead-code sampling.
+        """
+        super().__init__()
+        if dim < 1 or codebook_size < 1:
+            raise ValueError(f"dim and codebook_size must be >= 1, got dim={dim}, codebook_size={codebook_size}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if threshold_dead_code < 0:
+            raise ValueError(f"threshold_dead_code must be >= 0, got {threshold_dead_code}")
+        self.dim = dim
+        self.codebook_size = codebook_size
+        self.decay = decay
+        self.commitment_weight = commitment_weight
+        self.kmeans_init = kmeans_init
+        self.kmeans_iters = kmeans_iters
+        self.threshold_dead_code = threshold_dead_code
+        self.eps = eps
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+        init = torch.randn(codebook_size, dim, generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("embed", init)  # (K, D) the codebook
+        self.register_buffer("cluster_size", torch.ones(codebook_size))  # (K,) EMA of assigned counts
+        self.register_buffer("embed_sum", init.clone())  # (K, D) EMA of assigned sums
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+
+    @property
+    def codebook(self) -> Tensor:
+        return self.embed
+
+    @torch.no_grad()
+    def set_codebook(self, codebook: Tensor) -> None:
+        """Replace the codebook and reset the EMA state: each code starts with a prior count of 1 at its value."""
+        if codebook.shape != (self.codebook_size, self.dim):
+            expected = (self.codebook_size, self.dim)
+            raise ValueError(f"codebook must have shape {expected}, got {tuple(codebook.shape)}")
+        self.embed.copy_(codebook)
+        self.cluster_size.fill_(1.0)
+        self.embed_sum.copy_(codebook)
+        self.initted.fill_(True)
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, *, iters: int | None = None) -> VectorQuantizer:
+        """Set the codebook to the k-means centroids of ``x`` (..., dim); returns self."""
+        flat = self._flatten(x)
+        iters = self.kmeans_iters if iters is None else iters
+        centers, _ = kmeans(flat.to(self.embed.dtype), self.codebook_size, iters=iters, seed=self.seed)
+        self.set_codebook(centers)
+        return self
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """Nearest code of each vector: (..., dim) -> (...,) int64."""
+        flat = self._flatten(x)
+        codes, _ = _nearest(flat.to(self.embed.dtype)[None], self.embed[None], None)
+        return codes[0].view(x.shape[:-1])
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codebook vectors of ``codes``: (...,) -> (..., dim)."""
+        return F.embedding(codes, self.embed)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantize ``x`` (..., dim); in training mode also update the codebook. Returns (x_hat, codes, loss)."""
+        flat = self._flatten(x)  # (N, D)
+        if self.training and not bool(self.initted):
+            self.fit(flat)
+        codes = self.encode(flat)  # (N,)
+        q = self.decode(codes).to(x.dtype)  # (N, D)
+        if self.training:
+            self._ema_update(flat.detach(), codes)
+        loss = self.commitment_weight * F.mse_loss(flat, q.detach()) if flat.numel() else flat.sum()
+        x_hat = flat + (q - flat).detach()  # straight-through estimator
+        return x_hat.view(x.shape), codes.view(x.shape[:-1]), loss
+
+    @torch.no_grad()
+    def _ema_update(self, flat: Tensor, codes: Tensor) -> None:
+        flat = flat.to(self.embed.dtype)
+        sums, counts = _cluster_stats(flat[None], codes[None], self.codebook_size, None)
+        sums, counts = sums[0], counts[0].to(self.embed.dtype)  # (K, D), (K,)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        self.embed.copy_(self.embed_sum / self.cluster_size.clamp_min(self.eps)[:, None])
+        if self.threshold_dead_code > 0:
+            self._restart_dead_codes(flat)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: Tensor) -> None:
+        dead = (self.cluster_size < self.threshold_dead_code).nonzero().squeeze(1)
+        if dead.numel() == 0 or flat.shape[0] == 0:
+            return
+        pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=self._generator).to(flat.device)
+        self.embed[dead] = flat[pick]
+        self.embed_sum[dead] = flat[pick]
+        self.cluster_size[dead] = 1.0
+
+    def _flatten(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected vectors of size {self.dim} in the last dim, got shape {tuple(x.shape)}")
+        return x.reshape(-1, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, codebook_size={self.codebook_size}, decay={self.decay}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Residual VQ
+
+
+class ResidualVQ(nn.Module):
+    """Residual VQ: each stage quantizes the previous stages' error (Zeghidour et al. 2021, "SoundStream")."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        quantizer_dropout: bool = False,
+        decay: float = 0.99,
+        commitment_weight: float = 1.0,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        threshold_dead_code: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            num_quantizers: number of stages n_q.
+            quantizer_dropout: in training, use only the first n ~ U{1..n_q} stages per forward (codes of the
+                dropped stages are -1), so that fewer stages still decode well (SoundStream's bitrate scalability).
+            Other arguments: as ``VectorQuantizer`` (stage i uses seed + i).
+        """
+        super().__init__()
+        if num_quantizers < 1:
+            raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
+        self.dim = dim
+        self.num_quantizers = num_quantizers
+        self.quantizer_dropout = quantizer_dropout
+        self._generator = torch.Generator().manual_seed(seed)
+        self.layers = nn.ModuleList(
+            VectorQuantizer(
+                dim=dim,
+                codebook_size=codebook_size,
+                decay=decay,
+                commitment_weight=commitment_weight,
+                kmeans_init=kmeans_init,
+                kmeans_iters=kmeans_iters,
+                threshold_dead_code=threshold_dead_code,
+                seed=seed + i,
+            )
+            for i in range(num_quantizers)
+        )
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, *, iters: int | None = None) -> ResidualVQ:
+        """Greedy stage-wise k-means on the residuals of ``x`` (..., dim); returns self."""
+        residual = x.reshape(-1, self.dim)
+        for layer in self.layers:
+            layer.fit(residual, iters=iters)
+            residual = residual - layer.decode(layer.encode(residual)).to(residual.dtype)
+        return self
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, *, num_quantizers: int | None = None) -> Tensor:
+        """Codes of the first ``num_quantizers`` stages (default all): (..., dim) -> (..., n)."""
+        n = self._check_n(num_quantizers)
+        residual = x
+        codes = []
+        for layer in self.layers[:n]:
+            c = layer.encode(residual)
+            residual = residual - layer.decode(c).to(residual.dtype)
+            codes.append(c)
+        return torch.stack(codes, dim=-1)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Sum of the stage codewords: (..., n) -> (..., dim) with n <= num_quantizers; code -1 means skipped."""
+        if codes.shape[-1] > self.num_quantizers:
+            raise ValueError(f"codes have {codes.shape[-1]} stages, this RVQ has {self.num_quantizers}")
+        out = torch.zeros(*codes.shape[:-1], self.dim, dtype=self.layers[0].embed.dtype, device=codes.device)
+        for i in range(codes.shape[-1]):
+            c = codes[..., i]
+            out = out + self.layers[i].decode(c.clamp_min(0)) * (c >= 0)[..., None]
+        return out
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (x_hat with straight-through gradient, codes (..., n_q), summed commitment loss)."""
+        n = self.num_quantizers
+        if self.training and self.quantizer_dropout:
+            n = int(torch.randint(1, self.num_quantizers + 1, (1,), generator=self._generator))
+        residual = x
+        total = torch.zeros_like(x)
+        loss = x.new_zeros(())
+        codes = torch.full((*x.shape[:-1], self.num_quantizers), -1, dtype=torch.int64, device=x.device)
+        for i, layer in enumerate(self.layers[:n]):
+            q, c, stage_loss = layer(residual)  # the loss reaches x through the residual
+            q = q.detach()
+            total = total + q
+            residual = residual - q
+            loss = loss + stage_loss
+            codes[..., i] = c
+        x_hat = x + (total - x).detach()
+        return x_hat, codes, loss
+
+    def _check_n(self, n: int | None) -> int:
+        if n is None:
+            return self.num_quantizers
+        if not 1 <= n <= self.num_quantizers:
+            raise ValueError(f"num_quantizers must be in 1..{self.num_quantizers}, got {n}")
+        return n
+
+
+class GroupedResidualVQ(nn.Module):
+    """Group-residual VQ: the features split into groups, each with its own RVQ (Yang et al. 2023, "HiFi-Codec")."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        groups: int,
+        num_quantizers: int,
+        codebook_size: int,
+        quantizer_dropout: bool = False,
+        decay: float = 0.99,
+        commitment_weight: float = 1.0,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        threshold_dead_code: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        """``dim`` must be divisible by ``groups``; group g uses seed + g * num_quantizers. Else as ``ResidualVQ``."""
+        super().__init__()
+        if groups < 1 or dim % groups:
+            raise ValueError(f"dim={dim} must be divisible by groups={groups}")
+        self.dim = dim
+        self.groups = groups
+        self.rvqs = nn.ModuleList(
+            ResidualVQ(
+                dim=dim // groups,
+                num_quantizers=num_quantizers,
+                codebook_size=codebook_size,
+                quantizer_dropout=quantizer_dropout,
+                decay=decay,
+                commitment_weight=commitment_weight,
+                kmeans_init=kmeans_init,
+                kmeans_iters=kmeans_iters,
+                threshold_dead_code=threshold_dead_code,
+                seed=seed + g * num_quantizers,
+            )
+            for g in range(groups)
+        )
+
+    def _split(self, x: Tensor) -> tuple[Tensor, ...]:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected vectors of size {self.dim} in the last dim, got shape {tuple(x.shape)}")
+        return x.chunk(self.groups, dim=-1)
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, *, iters: int | None = None) -> GroupedResidualVQ:
+        """Fit each group's RVQ on its slice of ``x`` (..., dim); returns self."""
+        for rvq, part in zip(self.rvqs, self._split(x)):
+            rvq.fit(part, iters=iters)
+        return self
+
+    def encode(self, x: Tensor, *, num_quantizers: int | None = None) -> Tensor:
+        """(..., dim) -> (..., groups, n)."""
+        parts = self._split(x)
+        return torch.stack([rvq.encode(p, num_quantizers=num_quantizers) for rvq, p in zip(self.rvqs, parts)], dim=-2)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """(..., groups, n) -> (..., dim)."""
+        return torch.cat([rvq.decode(codes[..., g, :]) for g, rvq in enumerate(self.rvqs)], dim=-1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (x_hat, codes (..., groups, n_q), summed loss)."""
+        outs = [rvq(p) for rvq, p in zip(self.rvqs, self._split(x))]
+        x_hat = torch.cat([o[0] for o in outs], dim=-1)
+        codes = torch.stack([o[1] for o in outs], dim=-2)
+        loss = torch.stack([o[2] for o in outs]).sum()
+        return x_hat, codes, loss
+
+
+class ProductVQ(nn.Module):
+    """Product (sub-vector) quantization: one codebook per slice of the features (Jegou et al. 2011, "PQ")."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_subvectors: int,
+        codebook_size: int,
+        decay: float = 0.99,
+        commitment_weight: float = 1.0,
+        kmeans_init: bool = True,
+        kmeans_iters: int = 10,
+        threshold_dead_code: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        """``dim`` must be divisible by ``num_subvectors``; sub-vector m uses seed + m. Else as ``VectorQuantizer``."""
+        super().__init__()
+        if num_subvectors < 1 or dim % num_subvectors:
+            raise ValueError(f"dim={dim} must be divisible by num_subvectors={num_subvectors}")
+        self.dim = dim
+        self.num_subvectors = num_subvectors
+        self.kmeans_iters = kmeans_iters
+        self.seed = seed
+        self.quantizers = nn.ModuleList(
+            VectorQuantizer(
+                dim=dim // num_subvectors,
+                codebook_size=codebook_size,
+                decay=decay,
+                commitment_weight=commitment_weight,
+                kmeans_init=kmeans_init,
+                kmeans_iters=kmeans_iters,
+                threshold_dead_code=threshold_dead_code,
+                seed=seed + m,
+            )
+            for m in range(num_subvectors)
+        )
+
+    def _split(self, x: Tensor) -> tuple[Tensor, ...]:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected vectors of size {self.dim} in the last dim, got shape {tuple(x.shape)}")
+        return x.chunk(self.num_subvectors, dim=-1)
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, *, iters: int | None = None) -> ProductVQ:
+        """k-means on all sub-vectors at once (``batched_kmeans``); returns self."""
+        sub = x.reshape(-1, self.num_subvectors, self.dim // self.num_subvectors).transpose(0, 1)  # (M, N, d)
+        first = self.quantizers[0]
+        iters = self.kmeans_iters if iters is None else iters
+        centers, _ = batched_kmeans(sub.to(first.embed.dtype), first.codebook_size, iters=iters, seed=self.seed)
+        for m, vq in enumerate(self.quantizers):
+            vq.set_codebook(centers[m])
+        return self
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(..., dim) -> (..., num_subvectors)."""
+        return torch.stack([vq.encode(p) for vq, p in zip(self.quantizers, self._split(x))], dim=-1)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """(..., num_subvectors) -> (..., dim)."""
+        return torch.cat([vq.decode(codes[..., m]) for m, vq in enumerate(self.quantizers)], dim=-1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (x_hat, codes (..., num_subvectors), summed loss)."""
+        outs = [vq(p) for vq, p in zip(self.quantizers, self._split(x))]
+        x_hat = torch.cat([o[0] for o in outs], dim=-1)
+        codes = torch.stack([o[1] for o in outs], dim=-1)
+        loss = torch.stack([o[2] for o in outs]).sum()
+        return x_hat, codes, loss

@@ -1,0 +1,323 @@
+"""k-means and the VQ family: hand-computed cases, determinism, EMA updates, dead codes, rate/distortion order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polyquant.vq import GroupedResidualVQ, ProductVQ, ResidualVQ, VectorQuantizer, batched_kmeans, kmeans
+from polyquant import vq as vq_mod
+from polyquant.vq import _update_centroids
+
+
+def _blobs(centers: list[list[float]], per: int = 50, spread: float = 0.05, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    c = torch.tensor(centers)
+    x = c.repeat_interleave(per, 0) + spread * torch.randn(len(centers) * per, c.shape[1], generator=g)
+    return x[torch.randperm(x.shape[0], generator=g)]
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# k-means
+
+
+def test_kmeans_hand_computed_1d() -> None:
+    x = torch.tensor([[0.0], [0.1], [0.2], [10.0], [10.1], [10.2]])
+    centers, codes = kmeans(x, 2)
+    order = centers[:, 0].argsort()
+    assert torch.allclose(centers[order, 0], torch.tensor([0.1, 10.1]), atol=1e-6)
+    assert codes.dtype == torch.int64
+    assert codes[0] == codes[1] == codes[2] and codes[3] == codes[4] == codes[5] and codes[0] != codes[3]
+    assert torch.allclose(centers[codes], torch.tensor([[0.1]] * 3 + [[10.1]] * 3), atol=1e-6)
+
+
+def test_kmeans_recovers_blobs() -> None:
+    true = [[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 5.0]]
+    x = _blobs(true)
+    centers, codes = kmeans(x, 4, seed=3)
+    d = torch.cdist(centers, torch.tensor(true))
+    assert d.min(dim=1).values.max() < 0.05  # every centroid sits on a blob ...
+    assert sorted(d.argmin(dim=1).tolist()) == [0, 1, 2, 3]  # ... and every blob has one
+    assert torch.equal(codes, torch.cdist(x, centers).argmin(1))
+
+
+def test_kmeans_deterministic_and_chunk_independent() -> None:
+    x = torch.randn(500, 3)
+    a = kmeans(x, 8, seed=5)
+    b = kmeans(x, 8, seed=5)
+    c = kmeans(x, 8, seed=5, batch_size=64)  # 8 row chunks
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.allclose(a[0], c[0], atol=1e-5) and torch.equal(a[1], c[1])
+
+
+def test_kmeans_fewer_distinct_points_than_k() -> None:
+    x = torch.tensor([[1.0, 1.0]] * 5 + [[3.0, 0.0]] * 5)
+    centers, codes = kmeans(x, 4)
+    assert torch.isfinite(centers).all()
+    assert torch.equal(centers[codes], x)
+    centers, codes = kmeans(torch.tensor([[2.0]]), 3)  # k > N
+    assert centers.shape == (3, 1) and torch.equal(centers, torch.full((3, 1), 2.0)) and codes.tolist() == [0]
+
+
+def test_kmeans_k_equals_n() -> None:
+    x = torch.randn(6, 2)
+    centers, codes = kmeans(x, 6)
+    assert torch.allclose(centers[codes], x)
+    assert sorted(codes.tolist()) == list(range(6))
+
+
+def test_cluster_stats_matmul_path_matches_scatter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reproducible one-hot path used on accelerators gives the same sums as the CPU scatter-add."""
+    x = torch.randn(2, 300, 3)
+    codes = torch.randint(0, 7, (2, 300))
+    sums, counts = vq_mod._cluster_stats(x, codes, 7, None)
+    monkeypatch.setattr(vq_mod, "_exact_scatter", lambda x: False)
+    sums2, counts2 = vq_mod._cluster_stats(x, codes, 7, 64)
+    assert torch.equal(counts, counts2) and torch.allclose(sums, sums2, atol=1e-5)
+    assert torch.equal(counts[0], torch.bincount(codes[0], minlength=7))
+    assert torch.allclose(sums[1, 3], x[1][codes[1] == 3].sum(0), atol=1e-5)
+
+
+def test_empty_cluster_reseeded_from_farthest_points() -> None:
+    x = torch.tensor([[[0.0], [3.0], [10.0]]])
+    centers = torch.tensor([[[1.0], [100.0], [200.0]]])
+    codes = torch.zeros(1, 3, dtype=torch.int64)  # everything in cluster 0, clusters 1 and 2 empty
+    dist2 = torch.tensor([[1.0, 4.0, 81.0]])
+    new = _update_centroids(x, codes, dist2, centers)
+    assert torch.allclose(new[0, :, 0], torch.tensor([13.0 / 3.0, 10.0, 3.0]))
+
+
+def test_batched_kmeans() -> None:
+    offsets = torch.tensor([0.0, 100.0, -50.0])
+    base = _blobs([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]], per=30)
+    x = base[None] + offsets[:, None, None]  # (3, 90, 2)
+    centers, codes = batched_kmeans(x, 3, seed=1)
+    assert centers.shape == (3, 3, 2) and codes.shape == (3, 90)
+    for b in range(3):
+        recon = centers[b][codes[b]]
+        assert _mse(recon, x[b]) < 0.01
+    again = batched_kmeans(x, 3, seed=1)
+    assert torch.equal(again[0], centers) and torch.equal(again[1], codes)
+
+
+def test_kmeans_validation() -> None:
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        kmeans(torch.randn(3), 2)
+    with pytest.raises(ValueError, match=r"\(B, N, D\)"):
+        batched_kmeans(torch.randn(3, 2), 2)
+    with pytest.raises(ValueError, match="k must be"):
+        kmeans(torch.randn(3, 2), 0)
+    with pytest.raises(ValueError, match="N = 0"):
+        kmeans(torch.randn(0, 2), 2)
+    with pytest.raises(ValueError, match="floating-point"):
+        kmeans(torch.ones(3, 2, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        kmeans(torch.randn(3, 2), 2, batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# VectorQuantizer
+
+
+def test_keyword_only_constructors() -> None:
+    with pytest.raises(TypeError):
+        VectorQuantizer(4, 8)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        ResidualVQ(4, 2, 8)  # type: ignore[misc]
+
+
+def test_vq_encode_decode_roundtrip() -> None:
+    vq = VectorQuantizer(dim=3, codebook_size=16).fit(torch.randn(400, 3))
+    x = torch.randn(2, 5, 3)
+    codes = vq.encode(x)
+    assert codes.shape == (2, 5) and codes.dtype == torch.int64
+    x_hat = vq.decode(codes)
+    assert x_hat.shape == x.shape
+    assert torch.equal(codes, torch.cdist(x.reshape(-1, 3), vq.codebook).argmin(1).view(2, 5))
+    assert torch.equal(vq.encode(x_hat), codes)  # a codeword encodes to itself
+    all_codes = torch.arange(16)
+    assert torch.equal(vq.encode(vq.decode(all_codes)), all_codes)
+
+
+def test_vq_ema_update_hand_example() -> None:
+    vq = VectorQuantizer(dim=1, codebook_size=2, decay=0.5)
+    vq.set_codebook(torch.tensor([[0.0], [10.0]]))
+    vq.train()
+    x_hat, codes, loss = vq(torch.tensor([[1.0], [2.0], [9.0]]))
+    assert codes.tolist() == [0, 0, 1]
+    # quantized with the codebook *before* the update; loss = mean((1-0)^2, (2-0)^2, (9-10)^2) = 2
+    assert x_hat[:, 0].tolist() == [0.0, 0.0, 10.0]
+    assert loss.item() == pytest.approx(2.0)
+    # n0 = 0.5 * 1 + 0.5 * 2 = 1.5, m0 = 0.5 * 0 + 0.5 * 3 = 1.5  -> e0 = 1.0
+    # n1 = 0.5 * 1 + 0.5 * 1 = 1.0, m1 = 0.5 * 10 + 0.5 * 9 = 9.5 -> e1 = 9.5
+    assert vq.cluster_size.tolist() == [1.5, 1.0]
+    assert vq.codebook[:, 0].tolist() == [1.0, 9.5]
+    # An unused code keeps its value: counts and sums decay together.
+    vq(torch.tensor([[1.0]]))
+    assert vq.codebook[1, 0].item() == pytest.approx(9.5)
+
+
+def test_vq_eval_does_not_update() -> None:
+    vq = VectorQuantizer(dim=2, codebook_size=4).fit(torch.randn(50, 2))
+    before = vq.codebook.clone()
+    vq.eval()
+    vq(torch.randn(20, 2) + 3)
+    assert torch.equal(vq.codebook, before)
+
+
+def test_vq_kmeans_init_on_first_batch() -> None:
+    true = [[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 5.0]]
+    vq = VectorQuantizer(dim=2, codebook_size=4, decay=0.9)
+    assert not bool(vq.initted)
+    vq.train()
+    vq(_blobs(true))
+    assert bool(vq.initted)
+    d = torch.cdist(vq.codebook, torch.tensor(true))
+    assert d.min(dim=1).values.max() < 0.1 and sorted(d.argmin(1).tolist()) == [0, 1, 2, 3]
+
+
+def test_vq_straight_through_gradient() -> None:
+    vq = VectorQuantizer(dim=4, codebook_size=8, commitment_weight=0.25).fit(torch.randn(100, 4))
+    vq.eval()  # keep the codebook fixed so that q can be recomputed below
+    x = torch.randn(10, 4, requires_grad=True)
+    x_hat, _, loss = vq(x)
+    (x_hat.sum() + loss).backward()
+    q = vq.decode(vq.encode(x.detach()))
+    expected = torch.ones(10, 4) + 0.25 * 2 * (x.detach() - q) / x.numel()
+    assert torch.allclose(x.grad, expected, atol=1e-6)
+    assert torch.allclose(x_hat, q)
+
+
+def test_dead_code_restart() -> None:
+    data = _blobs([[0.0, 0.0], [4.0, 4.0]], per=20)
+    vq = VectorQuantizer(dim=2, codebook_size=4, decay=0.5, threshold_dead_code=1.0, seed=1)
+    vq.set_codebook(torch.tensor([[0.0, 0.0], [4.0, 4.0], [1000.0, 1000.0], [-1000.0, 1000.0]]))
+    vq.train()
+    _, codes, _ = vq(data)
+    assert set(codes.tolist()) == {0, 1}  # the far codes were unused ...
+    for row in vq.codebook[2:]:  # ... so they were restarted at batch vectors
+        assert (data == row).all(dim=1).any()
+    assert vq.cluster_size[2:].tolist() == [1.0, 1.0]
+    assert (vq.cluster_size[:2] >= 1.0).all()  # used codes stay alive
+
+
+def test_vq_state_dict_roundtrip_and_errors() -> None:
+    vq = VectorQuantizer(dim=2, codebook_size=8).fit(torch.randn(100, 2))
+    other = VectorQuantizer(dim=2, codebook_size=8, seed=9)
+    other.load_state_dict(vq.state_dict())
+    x = torch.randn(30, 2)
+    assert torch.equal(other.encode(x), vq.encode(x))
+    with pytest.raises(ValueError, match="size 2"):
+        vq.encode(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="decay"):
+        VectorQuantizer(dim=2, codebook_size=8, decay=1.0)
+    with pytest.raises(ValueError, match="codebook must have shape"):
+        vq.set_codebook(torch.zeros(3, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Residual, grouped residual and product VQ
+
+
+def test_rvq_error_decreases_with_stages() -> None:
+    x = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0))
+    rvq = ResidualVQ(dim=8, num_quantizers=4, codebook_size=16).fit(x)
+    errors = [_mse(rvq.decode(rvq.encode(x, num_quantizers=n)), x) for n in range(1, 5)]
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    single = VectorQuantizer(dim=8, codebook_size=16).fit(x)
+    single_err = _mse(single.decode(single.encode(x)), x)
+    assert errors[-1] < 0.8 * single_err, (errors, single_err)
+    assert errors[0] == pytest.approx(single_err, rel=0.05)
+
+
+def test_rvq_encode_decode_and_forward_consistent() -> None:
+    x = torch.randn(300, 4)
+    rvq = ResidualVQ(dim=4, num_quantizers=3, codebook_size=8).fit(x)
+    rvq.eval()
+    xs = torch.randn(2, 7, 4)
+    codes = rvq.encode(xs)
+    assert codes.shape == (2, 7, 3)
+    x_hat, fcodes, loss = rvq(xs)
+    assert torch.equal(fcodes, codes)
+    assert torch.allclose(x_hat, rvq.decode(codes), atol=1e-6)
+    skipped = torch.cat([codes[..., :2], torch.full_like(codes[..., :1], -1)], dim=-1)  # -1: stage not used
+    assert torch.allclose(rvq.decode(codes[..., :2]), rvq.decode(skipped))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="num_quantizers"):
+        rvq.encode(xs, num_quantizers=4)
+
+
+def test_rvq_training_and_quantizer_dropout() -> None:
+    x = torch.randn(256, 4)
+    rvq = ResidualVQ(dim=4, num_quantizers=4, codebook_size=8, quantizer_dropout=True, seed=2)
+    rvq.train()
+    seen_dropped = False
+    for _ in range(8):
+        xin = x.clone().requires_grad_(True)
+        x_hat, codes, loss = rvq(xin)
+        assert codes.shape == (256, 4)
+        used = (codes[0] >= 0).sum().item()
+        assert used >= 1 and bool((codes[:, :used] >= 0).all()) and bool((codes[:, used:] == -1).all())
+        seen_dropped |= used < 4
+        (x_hat.sum() + loss).backward()
+        assert torch.isfinite(xin.grad).all()
+    assert seen_dropped
+    assert all(bool(layer.initted) for layer in rvq.layers)
+
+
+def test_grouped_rvq() -> None:
+    x = torch.randn(600, 8)
+    grvq = GroupedResidualVQ(dim=8, groups=2, num_quantizers=2, codebook_size=16).fit(x)
+    codes = grvq.encode(x)
+    assert codes.shape == (600, 2, 2)
+    recon = grvq.decode(codes)
+    one_stage = grvq.decode(grvq.encode(x, num_quantizers=1))
+    assert _mse(recon, x) < _mse(one_stage, x) < _mse(torch.zeros_like(x), x)
+    grvq.eval()
+    x_hat, fcodes, _ = grvq(x)
+    assert torch.equal(fcodes, codes) and torch.allclose(x_hat, recon, atol=1e-6)
+    # Each group only sees its own features.
+    x2 = x.clone()
+    x2[:, 4:] += 100
+    assert torch.equal(grvq.encode(x2)[:, 0], codes[:, 0])
+    with pytest.raises(ValueError, match="divisible"):
+        GroupedResidualVQ(dim=8, groups=3, num_quantizers=2, codebook_size=4)
+
+
+def test_product_vq_beats_scalar_baseline() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3000, 4, generator=g)
+    mix = torch.randn(4, 8, generator=g)
+    x = z @ mix + 0.05 * torch.randn(3000, 8, generator=g)  # correlated features
+    # Same rate, 2 bits per feature: 16 codes per pair of features vs 4 levels per feature (1-D k-means).
+    pq = ProductVQ(dim=8, num_subvectors=4, codebook_size=16).fit(x)
+    scalar = ProductVQ(dim=8, num_subvectors=8, codebook_size=4).fit(x)
+    pq_err, scalar_err = _mse(pq.decode(pq.encode(x)), x), _mse(scalar.decode(scalar.encode(x)), x)
+    lo, hi = x.min(0).values, x.max(0).values
+    step = (hi - lo) / 3
+    uniform = ((x - lo) / step).round() * step + lo
+    assert pq_err < scalar_err < _mse(uniform, x)
+    assert pq_err < 0.9 * scalar_err, (pq_err, scalar_err)
+
+
+def test_product_vq_roundtrip_and_forward() -> None:
+    x = torch.randn(200, 6)
+    pq = ProductVQ(dim=6, num_subvectors=3, codebook_size=8).fit(x)
+    codes = pq.encode(x)
+    assert codes.shape == (200, 3)
+    recon = pq.decode(codes)
+    assert torch.equal(pq.encode(recon), codes)
+    pq.eval()
+    x_hat, fcodes, loss = pq(x)
+    assert torch.equal(fcodes, codes) and torch.allclose(x_hat, recon) and loss.ndim == 0
+    pq.train()
+    fresh = ProductVQ(dim=6, num_subvectors=3, codebook_size=8)
+    fresh.train()
+    _, c, _ = fresh(x)
+    assert c.shape == (200, 3) and all(bool(q.initted) for q in fresh.quantizers)
+    with pytest.raises(ValueError, match="divisible"):
+        ProductVQ(dim=6, num_subvectors=4, codebook_size=8)
