@@ -1,0 +1,292 @@
+"""The polyquant command line, run in-process against fake plugins (entry points patched), plus the console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import types
+from collections.abc import Iterator
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import pytest
+
+import polyquant
+from polyquant import cli
+from polyquant.cli import main
+from polyquant.plugins import DISABLE_ENV, ENTRY_POINT_GROUP, _registry, clear_cache
+
+SPECS = textwrap.dedent("""
+    from polyquant.plugins import PluginSpec
+
+    GOOD = PluginSpec(
+        name="good",
+        api_version=1,
+        summary="A fake plugin with command-line hooks.",
+        methods={"alpha": "Prints its bit width.", "crash": "Raises."},
+        requires=("pytest>=1",),
+        impl="pq_fake_cli_impl",
+        demo="pq_fake_cli_impl:demo",
+    )
+    NEEDY = PluginSpec(
+        name="needy",
+        api_version=1,
+        summary="Needs a package that is not installed.",
+        methods={"alpha": "Never runs."},
+        requires=("definitely-not-installed-pkg>=1",),
+        impl="pq_fake_cli_never_imported",
+    )
+""")
+
+IMPL = textwrap.dedent("""
+    METHODS = {"alpha": object(), "crash": object()}
+
+    def add_quantize_args(parser, method):
+        parser.add_argument("--bits", type=int, required=True, help="weight bit width")
+
+    def run_quantize(method, args):
+        if method == "crash":
+            raise RuntimeError("kaboom")
+        print(f"{method} bits={args.bits}")
+        return 0
+
+    def demo():
+        return "good demo report"
+
+    def add_load_args(parser):
+        parser.add_argument("--shout", action="store_true")
+
+    def run_load(artifact, args):
+        print(("LOADED " if args.shout else "loaded ") + artifact.method)
+        return 0
+""")
+
+
+def _module(name: str, source: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    exec(source, module.__dict__)
+    return module
+
+
+def _use_entry_points(monkeypatch: pytest.MonkeyPatch, targets: dict[str, str]) -> None:
+    eps = [EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in targets.items()]
+    monkeypatch.setattr(_registry, "_entry_points", lambda: eps)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_discovery(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv(DISABLE_ENV, raising=False)
+    _use_entry_points(monkeypatch, {})
+    clear_cache()
+    yield
+    clear_cache()
+
+
+@pytest.fixture
+def fake_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pq_fake_cli_specs", _module("pq_fake_cli_specs", SPECS))
+    monkeypatch.setitem(sys.modules, "pq_fake_cli_impl", _module("pq_fake_cli_impl", IMPL))
+    monkeypatch.setitem(sys.modules, "pq_fake_cli_broken", _module("pq_fake_cli_broken", "SPEC = 42"))
+    _use_entry_points(monkeypatch, {
+        "good": "pq_fake_cli_specs:GOOD",
+        "needy": "pq_fake_cli_specs:NEEDY",
+        "broken": "pq_fake_cli_broken:SPEC",
+    })
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--help")
+    assert code == 0 and out.startswith("usage: polyquant") and not err
+    for command in ("list", "info", "demo", "quantize", "load"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command", ["list", "info", "demo", "quantize", "load"])
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0 and out.startswith(f"usage: polyquant {command}")
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith(f"polyquant {polyquant.__version__} ")
+
+
+def test_list_without_plugins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(capsys, "list") == (0, "no plugins installed (entry-point group 'polyquant.plugins')\n", "")
+    assert run(capsys, "list", "--json") == (0, "[]\n", "")
+
+
+def test_list_table(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
+    code, out, _ = run(capsys, "list")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["name", "available", "distribution", "methods"]
+    assert lines[1].split() == ["broken", "no", "-", "-"]
+    assert lines[2].split() == ["good", "yes", "-", "alpha,", "crash"]
+    assert lines[3].split() == ["needy", "no", "-", "alpha"]
+    assert "broken: entry point 'pq_fake_cli_broken:SPEC' is of type int, not PluginSpec" in lines
+    assert "needy: missing requirement: definitely-not-installed-pkg>=1 is not installed" in lines
+
+
+def test_list_json(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
+    code, out, _ = run(capsys, "list", "--json")
+    plugins = {p["name"]: p for p in json.loads(out)}
+    assert code == 0 and list(plugins) == ["broken", "good", "needy"]
+    assert plugins["good"]["available"] and plugins["good"]["methods"] == {"alpha": "Prints its bit width.",
+                                                                           "crash": "Raises."}
+    assert not plugins["broken"]["available"] and "not PluginSpec" in plugins["broken"]["error"]
+
+
+def test_info(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
+    code, out, _ = run(capsys, "info", "good")
+    assert code == 0 and out.startswith("good: A fake plugin with command-line hooks.\n")
+    assert "available:      yes" in out and "error:" not in out
+    assert any(line.split()[0] == "pytest>=1" and line.split()[-1] == "ok" for line in out.splitlines()[1:] if line)
+    assert "    alpha  Prints its bit width." in out
+
+    code, out, _ = run(capsys, "info", "needy")
+    assert code == 0 and "available:      no" in out
+    assert "error:          missing requirement" in out
+    assert "definitely-not-installed-pkg>=1  not installed  MISSING" in out
+
+
+def test_quantize_dispatches_to_the_plugin(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
+    assert run(capsys, "quantize", "good/alpha", "--bits", "4") == (0, "alpha bits=4\n", "")
+    code, out, _ = run(capsys, "quantize", "good/alpha", "--help")
+    assert code == 0 and out.startswith("usage: polyquant quantize good/alpha") and "--bits" in out
+
+
+def test_command_failure_is_one_line_unless_debug(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
+    code, out, err = run(capsys, "quantize", "good/crash", "--bits", "4")
+    assert code == 1 and not out
+    assert err == "polyquant: error: RuntimeError: kaboom (run with --debug for the traceback)\n"
+    code, _, err = run(capsys, "--debug", "quantize", "good/crash", "--bits", "4")
+    assert code == 1 and "Traceback" in err and err.endswith("polyquant: error: RuntimeError: kaboom\n")
+
+
+BAD_ARGS = [
+    [],
+    ["frobnicate"],
+    ["list", "--bogus"],
+    ["info"],
+    ["info", "nope"],
+    ["quantize"],
+    ["quantize", "good"],
+    ["quantize", "nope/alpha"],
+    ["quantize", "good/gamma"],
+    ["quantize", "good/alpha"],  # the plugin's parser: --bits is required
+    ["quantize", "good/alpha", "--bits", "four"],
+    ["quantize", "needy/alpha"],  # unavailable
+    ["quantize", "broken/alpha"],
+    ["demo", "nope"],
+    ["demo", "needy"],
+    ["load"],
+    ["load", "no/such/artifact.safetensors"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_ARGS, ids=lambda a: " ".join(a) or "(nothing)")
+def test_bad_arguments_give_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], fake_plugins: None, argv: list[str]
+) -> None:
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and not out
+    assert err.startswith("polyquant") and ": error: " in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unknown_plugin_names_the_known_ones(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
+    _, _, err = run(capsys, "info", "nope")
+    assert err == "polyquant: error: unknown plugin 'nope' (known plugins: broken, good, needy)\n"
+
+
+def test_demo_runs_plugin_demos(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
+    assert run(capsys, "demo") == (0, "== good ==\ngood demo report\n", "")
+    assert run(capsys, "demo", "good") == (0, "== good ==\ngood demo report\n", "")
+
+
+def test_demo_failure_exits_1(
+    capsys: pytest.CaptureFixture[str], fake_plugins: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom() -> str:
+        raise ValueError("demo broke")
+
+    monkeypatch.setattr(sys.modules["pq_fake_cli_impl"], "demo", boom)
+    code, out, err = run(capsys, "demo")
+    assert code == 1 and out == "== good ==\n"
+    assert err.startswith("polyquant: error: demo of plugin 'good' failed: ValueError: demo broke")
+
+
+def test_demo_falls_back_to_the_core_demo(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pq_fake_core_demo", _module("pq_fake_core_demo", "def run(): return 'core'"))
+    monkeypatch.setattr(cli, "CORE_DEMO", "pq_fake_core_demo:run")
+    assert run(capsys, "demo") == (0, "== core ==\ncore\n", "")
+    monkeypatch.setattr(cli, "CORE_DEMO", "pq_fake_no_such_module:run")
+    code, _, err = run(capsys, "demo")
+    assert code == 1 and "core demo pq_fake_no_such_module:run cannot be loaded" in err
+
+
+def test_duplicate_plugin_warning_is_one_line(capsys: pytest.CaptureFixture[str], fake_plugins: None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _use_entry_points(monkeypatch, {"good": "pq_fake_cli_specs:GOOD"})
+    eps = _registry._entry_points() * 2
+    monkeypatch.setattr(_registry, "_entry_points", lambda: eps)
+    code, _, err = run(capsys, "list")
+    assert code == 0 and err.startswith("polyquant: warning: plugin 'good' is declared twice")
+
+
+def _save_artifact(path: Path, plugin: str | None) -> Path:
+    artifact = pytest.importorskip("polyquant.artifact")
+    torch = pytest.importorskip("torch")
+    tensors = {"float.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    artifact.save(artifact.Artifact(tensors=tensors, plugin=plugin, method="m1", config={"bits": 4}, meta={}), path)
+    return path
+
+
+def test_load_summarizes_an_artifact(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = _save_artifact(tmp_path / "a.safetensors", plugin=None)
+    code, out, err = run(capsys, "load", str(path))
+    assert code == 0 and not err
+    assert out.splitlines()[0] == f"{path}: {path.stat().st_size:,} bytes, 1 tensors (checksums verified)"
+    assert '  method:  "m1"' in out and '  config:  {"bits": 4}' in out
+
+
+def test_load_hands_the_artifact_to_its_plugin(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_plugins: None
+) -> None:
+    path = _save_artifact(tmp_path / "a.safetensors", plugin="good")
+    code, out, _ = run(capsys, "load", str(path), "--shout")
+    assert code == 0 and out.endswith("LOADED m1\n")
+    code, out, err = run(capsys, "load", str(path), "--whisper")
+    assert code == 2 and not out and err.count("\n") == 1 and "unrecognized arguments: --whisper" in err
+
+
+def test_load_rejects_a_damaged_artifact(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = _save_artifact(tmp_path / "a.safetensors", plugin=None)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # inside the tensor bytes: the checksum no longer matches
+    path.write_bytes(bytes(data))
+    code, out, err = run(capsys, "load", str(path))
+    assert code == 2 and not out and err.startswith(f"polyquant: error: {path}: ") and err.count("\n") == 1
+    (tmp_path / "junk.safetensors").write_bytes(b"not an artifact")
+    code, _, err = run(capsys, "load", str(tmp_path / "junk.safetensors"))
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_script_and_module_entry() -> None:
+    script = Path(sys.executable).parent / "polyquant"
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: polyquant")
+    done = subprocess.run([sys.executable, "-m", "polyquant", "frobnicate"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("polyquant: error: argument COMMAND: invalid choice: 'frobnicate'")
+    assert done.stderr.count("\n") == 1
