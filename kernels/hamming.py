@@ -1,0 +1,195 @@
+"""Binary embedding search: Hamming distance between packed bit vectors, top-k nearest.
+
+What it is for: the embeddings plugin's 1-bit quantization (sign of each dimension) packs a D-dim embedding into
+D / 8 bytes; search compares popcount(q XOR x) instead of dot products (32x less memory than fp32).
+
+Packing: ``pack_binary(bits)`` packs (..., D) along the last dim into (..., ceil(D / 8)) uint8; bit j of byte i is
+element 8 i + j (little-endian bit order, numpy ``packbits(bitorder="little")``); padding bits are 0.
+``hamming_topk(queries, database, k)`` returns, per query, the k smallest distances in ascending order, ties broken
+by the smaller database index, so both paths give identical results.
+
+Triton: a program takes BLOCK_Q queries x BLOCK_N database rows; bits become +-1 int8 and an int8 tensor-core
+product gives q . x = D - 2 hamming(q, x) (the database stays packed in memory and is unpacked in registers). Each
+block keeps its k best (distance, index) pairs; torch.topk merges the ceil(N / BLOCK_N) * k candidates per query.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._dispatch import HAS_TRITON, cdiv, interpreting, next_pow2, require_triton, tl, triton, use_triton
+
+__all__ = [
+    "pack_binary",
+    "unpack_binary",
+    "hamming_distance_reference",
+    "hamming_topk_reference",
+    "hamming_topk",
+]
+
+_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+def pack_binary(bits: Tensor) -> Tensor:
+    """Pack (..., D) bits (bool, or nonzero = 1) into (..., ceil(D / 8)) uint8, little-endian within each byte."""
+    d = bits.shape[-1]
+    b = (bits != 0).to(torch.uint8)
+    if d % 8:
+        b = torch.nn.functional.pad(b, (0, 8 - d % 8))
+    b = b.reshape(*b.shape[:-1], -1, 8)  # (..., bytes, 8)
+    weights = (1 << torch.arange(8, device=bits.device)).to(torch.uint8)
+    return (b * weights).sum(dim=-1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_binary(packed: Tensor, d: int) -> Tensor:
+    """Inverse of ``pack_binary``: (..., ceil(d / 8)) uint8 -> (..., d) bool."""
+    if packed.dtype != torch.uint8 or packed.shape[-1] != cdiv(d, 8):
+        raise ValueError(f"need uint8 (..., {cdiv(d, 8)}), got {packed.dtype} {tuple(packed.shape)}")
+    shifts = torch.arange(8, device=packed.device)
+    bits = (packed[..., None].to(torch.int32) >> shifts) & 1  # (..., bytes, 8)
+    return bits.reshape(*packed.shape[:-1], -1)[..., :d].bool()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch references
+
+
+def _check(queries: Tensor, database: Tensor) -> None:
+    if (queries.dtype != torch.uint8 or database.dtype != torch.uint8 or queries.dim() != 2 or database.dim() != 2
+            or queries.shape[1] != database.shape[1]):
+        raise ValueError(f"need uint8 queries (Q, B) and database (N, B), got {queries.dtype} "
+                         f"{tuple(queries.shape)} and {database.dtype} {tuple(database.shape)}")
+
+
+def hamming_distance_reference(queries: Tensor, database: Tensor) -> Tensor:
+    """All distances popcount(q XOR x): (Q, B), (N, B) uint8 -> (Q, N) int32 (materialized: small inputs)."""
+    _check(queries, database)
+    x = queries[:, None, :] ^ database[None, :, :]  # (Q, N, B)
+    return _POPCOUNT8.to(x.device)[x.long()].sum(dim=-1, dtype=torch.int32)
+
+
+def _topk_keys(keys: Tensor, k: int) -> Tensor:
+    return torch.topk(keys, min(k, keys.shape[1]), dim=1, largest=False, sorted=True).values
+
+
+def _split_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
+    return (keys >> 32).to(torch.int32), keys & 0xFFFFFFFF
+
+
+def hamming_topk_reference(queries: Tensor, database: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """k nearest database rows per query: distances (Q, k) int32 ascending, indices (Q, k) int64.
+
+    Ties are broken by the smaller index (sort key distance * 2^32 + index). The database is scanned in chunks.
+    """
+    _check(queries, database)
+    n = database.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, N = {n}], got {k}")
+    step = max(1, (1 << 22) // max(1, queries.shape[0] * queries.shape[1]))
+    best = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device)
+    for i in range(0, n, step):
+        dist = hamming_distance_reference(queries, database[i : i + step]).long()  # (Q, n)
+        idx = torch.arange(i, i + dist.shape[1], device=queries.device)
+        best = _topk_keys(torch.cat([best, (dist << 32) | idx], dim=1), k)  # (Q, <= k)
+    return _split_keys(best)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernel
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _hamming_topk_kernel(
+        q_ptr, x_ptr, out_ptr, Q, N, B, k, num_blocks, D_TOT, stride_q,
+        BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        """Hamming distances of a (BLOCK_Q, BLOCK_N) block on the tensor cores, then its k best per query.
+
+        With bits mapped to +-1, q . x = D - 2 hamming(q, x): the queries come pre-expanded as int8 +-1
+        (Q, D_TOT); database bytes are unpacked in registers, BLOCK_B bytes (8 BLOCK_B bits) per step, and
+        multiplied with an int8 dot. Keys distance * BLOCK_N + column are unique per row, so k rounds of
+        (min, knock out) give the block's k best; they are stored as distance * 2^32 + index.
+        """
+        pid_q = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_b = tl.arange(0, BLOCK_B)
+        offs_bits = tl.arange(0, 8 * BLOCK_B)
+        shifts = tl.arange(0, 8)
+        q_mask = offs_q < Q
+        n_mask = offs_n < N
+        q_rows = q_ptr + offs_q.to(tl.int64)[:, None] * stride_q
+        x_cols = x_ptr + offs_n.to(tl.int64)[None, :] * B
+        acc = tl.zeros([BLOCK_Q, BLOCK_N], dtype=tl.int32)
+        for b0 in range(0, B, BLOCK_B):
+            qpm = tl.load(q_rows + 8 * b0 + offs_bits[None, :], mask=q_mask[:, None], other=1)  # (BQ, 8 BB) int8
+            xb = tl.load(x_cols + b0 + offs_b[:, None], mask=((b0 + offs_b) < B)[:, None] & n_mask[None, :],
+                         other=0).to(tl.int32)  # (BLOCK_B, BLOCK_N) bytes
+            bits = (xb[:, None, :] >> shifts[None, :, None]) & 1  # (BLOCK_B, 8, BLOCK_N), bit j of byte i
+            xpm = tl.reshape(bits * 2 - 1, (8 * BLOCK_B, BLOCK_N)).to(tl.int8)  # row 8 i + j
+            acc = tl.dot(qpm, xpm, acc, out_dtype=tl.int32)
+        dist = (D_TOT - acc) // 2
+        big: tl.constexpr = 2147483647
+        key = tl.where(n_mask[None, :], dist * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], big)
+        out_rows = out_ptr + offs_q.to(tl.int64) * (num_blocks * k) + pid_n * k
+        for j in range(0, k):
+            m = tl.min(key, axis=1)  # (BLOCK_Q,)
+            d = (m // BLOCK_N).to(tl.int64)
+            i = (pid_n * BLOCK_N + m % BLOCK_N).to(tl.int64)
+            cand = tl.where(m == big, 9223372036854775807, (d << 32) | i)
+            tl.store(out_rows + j, cand, mask=q_mask)
+            key = tl.where(key == m[:, None], big, key)
+
+
+def hamming_topk_triton(
+    queries: Tensor, database: Tensor, k: int, *, blocks: tuple[int, int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Triton launcher of ``hamming_topk_reference``; ``blocks`` = (BLOCK_Q, BLOCK_N) overrides the heuristic."""
+    require_triton()
+    _check(queries, database)
+    n, b = database.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, N = {n}], got {k}")
+    nq = queries.shape[0]
+    if nq == 0:
+        return (torch.empty(0, k, dtype=torch.int32, device=queries.device),
+                torch.empty(0, k, dtype=torch.int64, device=queries.device))
+    if blocks is not None:
+        block_q, block_n = blocks
+    elif interpreting():
+        block_q, block_n = 16, 64
+    else:
+        block_q, block_n = 128, 256
+    block_b = min(32, max(4, next_pow2(b)))  # bytes per step: a dot over 8 * block_b >= 32 bits
+    steps = cdiv(b, block_b)
+    qpm = unpack_binary(torch.nn.functional.pad(queries, (0, steps * block_b - b)), 8 * steps * block_b)
+    qpm = (qpm.to(torch.int8) * 2 - 1).contiguous()  # (Q, D_TOT) +-1; padding bits are 0 -> -1 on both sides
+    x = database if database.stride(-1) == 1 and database.stride(0) == b else database.contiguous()
+    blocks_n = cdiv(n, block_n)
+    cand = torch.empty(nq, blocks_n * k, dtype=torch.int64, device=queries.device)
+    _hamming_topk_kernel[(cdiv(nq, block_q), blocks_n)](
+        qpm, x, cand, nq, n, b, k, blocks_n, 8 * steps * block_b, qpm.stride(0), BLOCK_Q=block_q,
+        BLOCK_N=block_n, BLOCK_B=block_b, num_warps=8,
+    )
+    return _split_keys(_topk_keys(cand, k))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public, dispatching API
+
+
+def hamming_topk(queries: Tensor, database: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """k nearest packed binary vectors per query by Hamming distance.
+
+    Args:
+        queries: (Q, B) uint8 from ``pack_binary``. database: (N, B) uint8. k: 1 <= k <= N.
+
+    Returns:
+        distances (Q, k) int32 ascending and indices (Q, k) int64 (ties: smaller index first).
+    """
+    if use_triton(queries, database):
+        return hamming_topk_triton(queries, database, k)
+    return hamming_topk_reference(queries, database, k)

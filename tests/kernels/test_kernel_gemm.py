@@ -1,0 +1,181 @@
+"""4-bit packing, weight-only GEMM (int4 / fp4) and W8A8 int8 GEMM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polyquant.kernels import gemm
+from polyquant.kernels.gemm import GemmConfig
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------------ references
+
+
+def test_pack_4bit_layout() -> None:
+    # low nibble = even index; int4 two's complement; odd K padded with 0
+    packed = gemm.pack_4bit(torch.tensor([[1, -2, 3], [-8, 7, -1]], dtype=torch.int8))
+    assert packed.dtype == torch.uint8
+    assert packed.tolist() == [[0xE1, 0x03], [0x78, 0x0F]]
+    assert gemm.unpack_4bit(packed, 3).tolist() == [[1, -2, 3], [-8, 7, -1]]
+    assert gemm.unpack_4bit(packed, 3, signed=False).tolist() == [[1, 14, 3], [8, 7, 15]]
+
+
+def test_pack_round_trip_random() -> None:
+    codes = torch.randint(-8, 8, (5, 4, 17), dtype=torch.int8)
+    assert torch.equal(gemm.unpack_4bit(gemm.pack_4bit(codes), 17), codes)
+    with pytest.raises(ValueError):
+        gemm.unpack_4bit(gemm.pack_4bit(codes), 15)
+
+
+def test_quantize_weight_4bit_hand() -> None:
+    w = torch.tensor([[7.0, -3.5, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    packed, scale = gemm.quantize_weight_4bit(w, fmt="int4", group_size=4)
+    assert scale.tolist() == [[1.0], [1.0]]
+    assert gemm.unpack_4bit(packed, 4).tolist() == [[7, -4, 1, 0], [0, 0, 0, 0]]  # -3.5 ties to even
+    packed, scale = gemm.quantize_weight_4bit(torch.tensor([[6.0, -1.5, 0.2, 2.6]]), fmt="fp4", group_size=4)
+    assert scale.tolist() == [[1.0]]
+    back = gemm.dequantize_weight_4bit(packed, scale, k=4, fmt="fp4", group_size=4)
+    assert back.tolist() == [[6.0, -1.5, 0.0, 3.0]]
+
+
+def test_w4_reference_equals_dense_matmul() -> None:
+    w = torch.randn(24, 70)
+    packed, scale = gemm.quantize_weight_4bit(w, fmt="int4", group_size=32)
+    wd = gemm.dequantize_weight_4bit(packed, scale, k=70, fmt="int4", group_size=32)
+    assert rel_err(wd, w) < 0.15
+    x = torch.randn(2, 3, 70)
+    bias = torch.randn(24)
+    y = gemm.w4_gemm_reference(x, packed, scale, fmt="int4", group_size=32, bias=bias)
+    assert y.shape == (2, 3, 24)
+    torch.testing.assert_close(y, x @ wd.T + bias)
+    with pytest.raises(ValueError, match="scale"):
+        gemm.w4_gemm_reference(x, packed, scale[:, :1], group_size=32)
+    with pytest.raises(ValueError, match="format"):
+        gemm.quantize_weight_4bit(w, fmt="int3")
+
+
+def test_int8_reference_hand() -> None:
+    xq = torch.tensor([[1, 2], [-3, 4]], dtype=torch.int8)
+    wq = torch.tensor([[5, 6], [7, -8], [127, -128]], dtype=torch.int8)
+    y = gemm.int8_gemm_reference(xq, torch.tensor([[0.5], [2.0]]), wq, torch.tensor([1.0, 0.1, 0.01]),
+                                 out_dtype=torch.float32)
+    expected = torch.tensor([[17 * 0.5, -9 * 0.5 * 0.1, -129 * 0.5 * 0.01], [9 * 2.0, -53 * 2.0 * 0.1,
+                                                                             -893 * 2.0 * 0.01]])
+    torch.testing.assert_close(y, expected)
+
+
+def test_int8_reference_is_exact_for_long_k() -> None:
+    k = 8192  # sums reach 1.3e8 > 2^24: an fp32 matmul would round them
+    xq = torch.full((1, k), 127, dtype=torch.int8)
+    wq = torch.full((1, k), -128, dtype=torch.int8)
+    wq[0, 0] = -127
+    y = gemm.int8_gemm_reference(xq, 1.0, wq, 1.0, out_dtype=torch.float32)
+    assert y.item() == float(torch.tensor(127 * (-128 * k + 1), dtype=torch.float32))
+
+
+def test_w8a8_linear_close_to_float(torch_path: None) -> None:
+    x = torch.randn(6, 64)
+    w = torch.randn(32, 64)
+    ws = w.abs().amax(dim=1) / 127
+    wq = torch.round(w / ws[:, None]).to(torch.int8)
+    y = gemm.w8a8_linear(x, wq, ws)
+    assert rel_err(y, x @ w.T) < 0.02
+
+
+# ------------------------------------------------------------------------------------------------ Triton
+
+W4_CASES = [  # (M, N, K, group)
+    (1, 48, 256, 128),
+    (3, 40, 200, 32),
+    (20, 64, 384, 64),
+    (5, 33, 131, 40),  # odd K, non-power-of-two group
+    (0, 16, 64, 32),  # empty batch
+]
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_w4_gemm_triton_matches_reference(triton_path: str, fmt: str, dtype: torch.dtype) -> None:
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    for m, n, k, g in W4_CASES:
+        w = torch.randn(n, k, device=triton_path)
+        packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, group_size=g)
+        x = torch.randn(m, k, device=triton_path).to(dtype)
+        bias = torch.randn(n, device=triton_path) if m % 2 else None
+        ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, group_size=g, bias=bias)
+        out = gemm.w4_gemm(x, packed, scale.to(dtype), fmt=fmt, group_size=g, bias=bias)
+        assert out.dtype == dtype and out.shape == (m, n)
+        if m:
+            assert rel_err(out, ref) < tol, (m, n, k, g)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+@pytest.mark.parametrize("config", [
+    GemmConfig("gemv", 1, 16, 64, 4, 1),  # one group per step
+    GemmConfig("gemv", 1, 16, 256, 4, 1),  # several groups per step
+    GemmConfig("dot", 16, 32, 64, 4, 1),  # scale after the dot (group % BLOCK_K == 0)
+    GemmConfig("dot", 16, 32, 128, 4, 1),  # scale before the dot
+])
+def test_w4_gemm_triton_configs(triton_path: str, fmt: str, config: GemmConfig) -> None:
+    m, n, k, g = 2, 40, 320, 64
+    w = torch.randn(n, k, device=triton_path)
+    packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, group_size=g)
+    x = torch.randn(m, k, device=triton_path)
+    ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, group_size=g)
+    out = gemm.w4_gemm_triton(x, packed, scale, fmt=fmt, group_size=g, config=config)
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 16, 32), (37, 70, 300), (64, 64, 512), (0, 8, 16)])
+def test_int8_gemm_triton_matches_reference(triton_path: str, m: int, n: int, k: int) -> None:
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device=triton_path)
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device=triton_path)
+    xs = torch.rand(m, 1, device=triton_path) / 64  # keeps fp16 outputs finite
+    ws = torch.rand(n, device=triton_path) / 64
+    bias = torch.randn(n, device=triton_path)
+    for out_dtype in (torch.float32, torch.float16):
+        ref = gemm.int8_gemm_reference(xq, xs, wq, ws, bias=bias, out_dtype=out_dtype)
+        out = gemm.int8_gemm(xq, xs, wq, ws, bias=bias, out_dtype=out_dtype)
+        assert out.dtype == out_dtype and out.shape == (m, n)
+        torch.testing.assert_close(out, ref, rtol=1e-5 if out_dtype == torch.float32 else 1e-3, atol=1e-6)
+
+
+def test_w8a8_linear_triton(triton_path: str) -> None:
+    x = torch.randn(2, 5, 96, device=triton_path)
+    wq = torch.randint(-127, 128, (48, 96), dtype=torch.int8, device=triton_path)
+    ws = torch.rand(48, device=triton_path) / 100
+    out = gemm.w8a8_linear(x, wq, ws)
+    ref_q, ref_s = gemm.quantize_dynamic(x, fmt="int8")
+    ref = gemm.int8_gemm_reference(ref_q, ref_s, wq, ws, out_dtype=x.dtype)
+    assert out.shape == (2, 5, 48)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+@pytest.mark.parametrize("m", [1, 16, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_w4_gemm_gpu_large(fmt: str, m: int, dtype: torch.dtype) -> None:
+    n = k = 4096
+    w = torch.randn(n, k, device="cuda")
+    packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, group_size=128)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, group_size=128)
+    out = gemm.w4_gemm(x, packed, scale.to(dtype), fmt=fmt, group_size=128)
+    assert rel_err(out, ref) < (5e-3 if dtype == torch.float16 else 2e-2)
+
+
+@pytest.mark.gpu
+def test_int8_gemm_gpu_large() -> None:
+    m, n, k = 1000, 4096, 4096
+    xq = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
+    wq = torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda")
+    ref = torch._int_mm(torch.cat([xq, xq[:24]]), wq.T)[:m].float()
+    out = gemm.int8_gemm(xq, 1.0, wq, 1.0, out_dtype=torch.float32)
+    assert torch.equal(out, ref)
