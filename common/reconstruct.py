@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
 
@@ -161,6 +162,9 @@ class ReconstructConfig:
             whole reconstruction (False: weight-only reconstruction); their state is restored afterwards.
         learn_act_scale: also learn the scales of the activation quantizers inside the block (LSQ style).
         act_lr: Adam learning rate of the activation scales.
+        block_inputs: where a block's inputs come from: "quantized" (the model being reconstructed, which holds
+            the earlier, already reconstructed blocks: BRECQ / QDrop) or "float" (the float model's block
+            inputs, as the AdaLog reference's ``block_recon.py`` does). QDrop needs "quantized".
         max_samples: keep at most this many captured samples (random subset); None keeps all.
         seed: seed of the mini-batch sampling and QDrop masks (the global RNG state is left untouched).
         version: config schema version.
@@ -178,6 +182,7 @@ class ReconstructConfig:
     act_quant: bool = True
     learn_act_scale: bool = False
     act_lr: float = 4e-5
+    block_inputs: str = "quantized"
     max_samples: int | None = None
     seed: int = 0
     version: int = 1
@@ -187,6 +192,10 @@ class ReconstructConfig:
             raise ValueError(f"unknown rounding {self.rounding!r}; choose one of {sorted(_ROUNDINGS)}")
         if not _is_int(self.iters) or self.iters < 0:
             raise ValueError(f"iters must be a non-negative integer, got {self.iters!r}")
+        if self.block_inputs not in ("quantized", "float"):
+            raise ValueError(f"block_inputs must be 'quantized' or 'float', got {self.block_inputs!r}")
+        if self.block_inputs == "float" and self.drop_prob > 0:
+            raise ValueError("QDrop (drop_prob > 0) mixes float and quantized inputs: use block_inputs='quantized'")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive (or None for the rounding's default), got {self.lr!r}")
         if not _is_int(self.batch_size) or self.batch_size < 1:
@@ -790,7 +799,11 @@ def _reconstruct_block(
     from tqdm.auto import tqdm
 
     block = _get_block(model, name)
-    data = capture_block_io(model, fp_model, name, batches, forward_fn=forward_fn, fp_inputs=config.drop_prob > 0)
+    float_inputs = config.block_inputs == "float"
+    data = capture_block_io(model, fp_model, name, batches, forward_fn=forward_fn,
+                            fp_inputs=config.drop_prob > 0 or float_inputs)
+    if float_inputs:  # the float model's inputs replace the quantized model's
+        data = dataclasses.replace(data, args=data.fp_args, kwargs=data.fp_kwargs, fp_args=None, fp_kwargs=None)
     gw = _grad_weights_for(name, grad_weights, data)
     loss_fn: ReconLoss = LOSSES[config.loss] if isinstance(config.loss, str) else config.loss
     if config.loss == "fisher" and gw is None:

@@ -182,6 +182,8 @@ def test_flexround_conv_has_input_channel_factor_and_equals_rtn_at_init() -> Non
         (dict(drop_prob=1.5), "drop_prob"),
         (dict(act_lr=0.0), "act_lr"),
         (dict(max_samples=0), "max_samples"),
+        (dict(block_inputs="fp"), "block_inputs"),
+        (dict(block_inputs="float", drop_prob=0.5), "QDrop"),
         (dict(version=2), "version"),
     ],
 )
@@ -325,6 +327,20 @@ def test_layer_wise_block_and_default_fp_copy_match_explicit_float_model(digits:
             assert torch.equal(ma.weight, mb.weight)
     assert torch.equal(a[1][0].weight, rtn[1][0].weight)  # block "1" was not in the list
     assert not torch.equal(a[0][0].weight, rtn[0][0].weight)
+
+
+def test_float_block_inputs_make_each_block_independent_of_the_earlier_ones(digits: dict) -> None:
+    # "float": block "2" learns from the float model's block-2 inputs, so reconstructing "0" first changes
+    # nothing for it; "quantized" (BRECQ): block "2" sees the reconstructed block "0" and its result changes.
+    fp, calib = digits["model"], digits["calib"]
+    rtn = _rtn(fp, calib)
+    results = {}
+    for inputs in ("float", "quantized"):
+        cfg = ReconstructConfig(iters=60, seed=1, block_inputs=inputs)
+        alone = reconstruct(copy.deepcopy(rtn), ["2"], calib, cfg, fp_model=fp, progress=False)
+        after = reconstruct(copy.deepcopy(rtn), ["0", "2"], calib, cfg, fp_model=fp, progress=False)
+        results[inputs] = torch.equal(alone[2].weight, after[2].weight)
+    assert results == {"float": True, "quantized": False}
 
 
 # --- activations: BRECQ / QDrop / LSQ, Fisher ----------------------------------------------------------------
