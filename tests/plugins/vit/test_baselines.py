@@ -1,0 +1,152 @@
+"""Baseline quantizers of the vit harness against hand-computed values, and the baselines' recipes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("sklearn")
+
+from polyquant.plugins.vit.baselines import BASELINES, BaselineConfig, baseline_recipe, quantize_baseline  # noqa: E402
+from polyquant.plugins.vit.data import calib_set  # noqa: E402
+from polyquant.plugins.vit.harness import vit_quantizers  # noqa: E402
+from polyquant.plugins.vit.models import load_digits_vit  # noqa: E402
+from polyquant.plugins.vit.quantizers import (  # noqa: E402
+    LogQuantizer,
+    TwinUniformQuantizer,
+    UniformQuantizer,
+    log_fq,
+    twin_fq,
+    uniform_codes,
+    uniform_fq,
+)
+
+S2 = math.sqrt(2.0)
+
+
+def test_uniform_by_hand() -> None:
+    # 3 bits, step 0.25, zero point 4: codes clamp(round(x / 0.25) + 4, 0, 7)
+    x = torch.tensor([-1.0, 0.0, 0.26, 0.37, 2.0, -3.0])
+    s, z = torch.tensor(0.25), torch.tensor(4.0)
+    assert uniform_codes(x, s, z, 3).tolist() == [0.0, 4.0, 5.0, 5.0, 7.0, 0.0]
+    assert uniform_fq(x, s, z, 3).tolist() == [-1.0, 0.0, 0.25, 0.25, 0.75, -1.0]
+
+
+def test_uniform_grad_path_matches_inference_path() -> None:
+    x = torch.randn(64) * 3
+    s, z = torch.tensor(0.3), torch.tensor(7.0)
+    xg = x.clone().requires_grad_(True)
+    y = uniform_fq(xg, s, z, 4)
+    assert torch.equal(y.detach(), uniform_fq(x, s, z, 4))
+    y.sum().backward()
+    code = (x / s).round() + z
+    inside = (code > 0) & (code < 15)  # torch.clamp passes no gradient at the bounds themselves
+    assert torch.equal(xg.grad, inside.float())  # clipped straight-through
+
+
+def test_uniform_quantizer_codes_decode_round_trip() -> None:
+    q = UniformQuantizer(4, (3, 1), weight=True)
+    w = torch.randn(3, 8)
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    scale = (hi - lo) / 15
+    q.set_params(scale, -lo / scale)
+    q.set_state("quantized")
+    codes = q.codes(w)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15
+    assert torch.allclose(q.decode(codes), q(w))
+    assert float((q(w) - w).abs().max()) <= float(scale.max()) / 2 + 1e-6
+
+
+def test_log2_by_hand() -> None:
+    # -log2(x) = 1, 1.737 -> 2, 3.32 -> 3, 6.64 -> 7 (>= 2^2 = 4 levels at 2 bits: flushed to 0)
+    x = torch.tensor([0.5, 0.3, 0.1, 0.01, 1.0])
+    out = log_fq(x, torch.tensor(1.0), 2, 1.0)
+    assert torch.allclose(out, torch.tensor([0.5, 0.25, 0.125, 0.0, 1.0]))
+
+
+def test_log_sqrt2_by_hand_and_inference_form() -> None:
+    # base sqrt2: k = round(-2 log2 x): 0.5 -> 2, 0.3 -> 3.47 -> 3, 0.01 -> 13.3 >= 8 levels -> 0
+    x = torch.tensor([0.5, 0.3, 0.01, 0.9])
+    out = log_fq(x, torch.tensor(1.0), 3, 0.5)
+    assert torch.allclose(out, torch.tensor([0.5, 2 ** -1.5, 0.0, 1.0]))
+    # the reference code's inference form 2^(-ceil(k/2)) * (1 + (sqrt2 - 1) * (k mod 2)) gives the same levels
+    for k in range(8):
+        assert math.isclose(2 ** (-k / 2), 2 ** (-math.ceil(k / 2)) * (1 + (S2 - 1) * (k % 2)), rel_tol=1e-12)
+
+
+def test_log_quantizer_scale_and_shift() -> None:
+    q = LogQuantizer(3, 1.0, shift=0.17)
+    q.set_params(torch.tensor(2.0))
+    q.set_state("quantized")
+    # (x + 0.17) / 2: 0.25 -> k = 2; 0.335 -> k = round(1.58) = 2; 0.5 -> k = 1; then 2 * 2^-k - 0.17
+    out = q(torch.tensor([0.33, 0.5, 0.83]))
+    assert torch.allclose(out, torch.tensor([0.33, 0.33, 0.83]), atol=1e-6)
+    assert float(q(torch.tensor([-0.17]))) == pytest.approx(-0.17)  # the GELU minimum maps to exactly -shift
+
+
+def test_twin_uniform_softmax_by_hand() -> None:
+    # 3 bits: 2 bits per range (4 levels); R1 step 0.01 covers [0, 0.04), R2 step 0.25
+    x = torch.tensor([0.023, 0.039, 0.6, 0.95, 0.0])
+    out = twin_fq(x, torch.tensor(0.01), torch.tensor(0.25), 3, "softmax")
+    assert torch.allclose(out, torch.tensor([0.02, 0.03, 0.5, 0.75, 0.0]))
+
+
+def test_twin_uniform_signed_by_hand() -> None:
+    # negatives on step 0.05 (codes -4..0), non-negatives on step 0.5 (codes 0..3)
+    x = torch.tensor([-0.12, -0.5, 1.3, 9.0, 0.1])
+    out = twin_fq(x, torch.tensor(0.05), torch.tensor(0.5), 3, "signed")
+    assert torch.allclose(out, torch.tensor([-0.1, -0.2, 1.5, 1.5, 0.0]))
+
+
+def test_twin_uniform_quantizer_validation_and_ste() -> None:
+    with pytest.raises(ValueError, match="at least 2 bits"):
+        TwinUniformQuantizer(1, "softmax")
+    with pytest.raises(ValueError, match="mode"):
+        TwinUniformQuantizer(4, "gelu")
+    q = TwinUniformQuantizer(4, "softmax")
+    with pytest.raises(ValueError, match="calibrate"):
+        q.set_state("quantized")
+    q.set_params(1 / 512, 1 / 8)
+    q.set_state("quantized")
+    x = torch.rand(10, requires_grad=True)
+    q(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(10))
+
+
+@pytest.mark.parametrize("method", sorted(BASELINES))
+def test_recipes_follow_the_table(method: str) -> None:
+    r = baseline_recipe(method, BaselineConfig(wbits=3, abits=5))
+    assert (r.wbits, r.abits, r.softmax_bits) == (3, 5, 5)
+    expected = {"minmax": ("uniform", "uniform", False), "percentile": ("uniform", "uniform", False),
+                "log2": ("log2", "uniform", True), "logsqrt2": ("logsqrt2", "uniform", True),
+                "twin_uniform": ("twin", "twin", True)}[method]
+    assert (r.softmax, r.gelu, r.ln_reparam) == expected
+    assert r.calib == (method if method in ("minmax", "percentile") else "search")
+
+
+def test_unknown_baseline_and_bad_config() -> None:
+    with pytest.raises(ValueError, match="unknown baseline"):
+        baseline_recipe("kmeans", BaselineConfig())
+    with pytest.raises(TypeError, match="BaselineConfig"):
+        baseline_recipe("minmax", {"wbits": 4})
+    for bad in ({"wbits": 9}, {"abits": 1}, {"percentile": 40.0}, {"search_round": 0}, {"version": 2}):
+        with pytest.raises(ValueError):
+            BaselineConfig(**bad)
+
+
+def test_percentile_clips_activations_tighter_than_minmax() -> None:
+    model = load_digits_vit()
+    calib = calib_set(16, seed=0)
+    cfg = dict(wbits=8, abits=4, calib_size=16)
+    scales = {}
+    for method in ("minmax", "percentile"):
+        q = quantize_baseline(model, calib, method, BaselineConfig(**cfg))
+        scales[method] = {qz.name: qz.scale.clone() for qz in vit_quantizers(q)
+                          if isinstance(qz, UniformQuantizer) and qz.scale.numel() == 1}
+    assert scales["minmax"].keys() == scales["percentile"].keys() and len(scales["minmax"]) > 10
+    tighter = [n for n in scales["minmax"] if float(scales["percentile"][n]) < float(scales["minmax"][n]) * 0.999]
+    looser = [n for n in scales["minmax"] if float(scales["percentile"][n]) > float(scales["minmax"][n]) * 1.001]
+    assert not looser and len(tighter) >= len(scales["minmax"]) // 2

@@ -1,0 +1,201 @@
+"""The vit plugin's public surface: entry point and methods, artifacts, command line, demo and "+retrain"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("sklearn")
+
+from polyquant.artifact import ArtifactError, load, save  # noqa: E402
+from polyquant.cli import main  # noqa: E402
+from polyquant.plugins import discover, get_method  # noqa: E402
+from polyquant.plugins.vit.adalog import AdaLogConfig, AdaLogQuantizer  # noqa: E402
+from polyquant.plugins.vit.baselines import BaselineConfig  # noqa: E402
+from polyquant.plugins.vit.data import calib_set, evaluate, load_digits_data  # noqa: E402
+from polyquant.plugins.vit.methods import (  # noqa: E402
+    CONFIGS,
+    METHODS,
+    export_artifact,
+    make_config,
+    quantize_vit,
+    restore,
+)
+from polyquant.plugins.vit.models import build_model, digits_vit_config, load_digits_vit  # noqa: E402
+from polyquant.plugins.vit.spec import SPEC  # noqa: E402
+
+FAST_ADALOG = dict(calib_size=8, search_round=1, eq_n=32)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return load_digits_vit()
+
+
+@pytest.fixture(scope="module")
+def adalog_w4a4(model: torch.nn.Module) -> tuple[torch.nn.Module, AdaLogConfig]:
+    config = AdaLogConfig(wbits=4, abits=4, **FAST_ADALOG)
+    return quantize_vit(model, calib_set(8, seed=0), "adalog", config), config
+
+
+def test_entry_point_methods_match_the_implementation() -> None:
+    assert set(METHODS) == set(SPEC.methods) == set(CONFIGS)
+    info = discover()["vit"]
+    assert info.spec is not None and info.spec.methods.keys() == SPEC.methods.keys()
+    assert get_method("vit", "adalog") is METHODS["adalog"]
+
+
+def test_quantize_vit_rejects_bad_input(model: torch.nn.Module) -> None:
+    calib = calib_set(4, seed=0)
+    with pytest.raises(ValueError, match="unknown method"):
+        quantize_vit(model, calib, "gptq")
+    with pytest.raises(TypeError, match="AdaLogConfig"):
+        quantize_vit(model, calib, "adalog", BaselineConfig())
+    with pytest.raises(ValueError, match="unknown method"):
+        make_config("gptq")
+    with pytest.raises(ValueError, match="wbits"):
+        make_config("adalog", wbits=12)
+
+
+def test_adalog_artifact_restores_identical_outputs(adalog_w4a4, tmp_path: Path) -> None:
+    qmodel, config = adalog_w4a4
+    x = load_digits_data().x_test[:64]
+    path = save(export_artifact(qmodel, "adalog", config, digits_vit_config()), tmp_path / "a.safetensors")
+    restored = restore(load(path))
+    with torch.no_grad():
+        assert torch.equal(restored(x), qmodel(x))
+    assert any(isinstance(m, AdaLogQuantizer) for m in restored.modules())
+    # 4-bit weights are packed two per byte: the artifact is far below the float checkpoint
+    n_params = sum(p.numel() for p in load_digits_vit().parameters())
+    assert path.stat().st_size < 0.35 * 4 * n_params
+
+
+def test_restore_rejects_foreign_artifacts(adalog_w4a4) -> None:
+    qmodel, config = adalog_w4a4
+    art = export_artifact(qmodel, "adalog", config, digits_vit_config())
+    art.plugin = "audio"
+    with pytest.raises(ArtifactError, match="not a vit harness artifact"):
+        restore(art)
+    art = export_artifact(qmodel, "adalog", config, digits_vit_config())
+    art.config["recipe"]["version"] = 2
+    with pytest.raises(ArtifactError, match="Recipe version"):
+        restore(art)
+    art = export_artifact(qmodel, "adalog", config, digits_vit_config())
+    del art.tensors["blocks.0.mlp.fc1.weight_packed"]
+    with pytest.raises(ArtifactError, match="no quantized weight"):
+        restore(art)
+
+
+def test_export_needs_a_harness_model(model: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="not quantized by the vit harness"):
+        export_artifact(model, "adalog", AdaLogConfig(), digits_vit_config())
+
+
+def test_cli_quantize_then_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "minmax_w8a8.safetensors"
+    code = main(["quantize", "vit/minmax", "--model", "digits-vit", "--wbits", "8", "--abits", "8",
+                 "--calib", "16", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and out.is_file(), text
+    assert "digits test accuracy: float" in text and f"saved {out}" in text
+    assert main(["load", str(out), "--eval"]) == 0
+    text = capsys.readouterr().out
+    assert "restored minmax W8A8" in text
+    acc = float(text.split("digits test accuracy:")[1].split("%")[0])
+    assert acc >= evaluate(load_digits_vit()) - 0.5  # W8A8 stays within half a point of float
+
+
+def test_cli_timm_model_with_random_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "deit.safetensors"
+    code = main(["quantize", "vit/percentile", "--model", "deit_tiny_patch16_224", "--img-size", "32",
+                 "--calib", "4", "--out", str(out)])
+    assert code == 0, capsys.readouterr()
+    assert main(["load", str(out)]) == 0
+    assert "quantized Linear / Conv layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["quantize", "vit/adalog", "--wbits", "12"],
+    ["quantize", "vit/adalog", "--model", "no_such_model_xyz"],
+    ["quantize", "vit/nosuch"],
+    ["quantize", "vit/minmax", "--calib", "many"],
+    ["quantize", "vit/adalog", "--model", "/no/such/checkpoint.safetensors"],
+])
+def test_cli_bad_arguments_exit_2_without_traceback(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip()
+
+
+def test_demo_table() -> None:
+    from polyquant.plugins.vit.demo import run_demo
+
+    text = run_demo(calib_size=8)
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:] if line.split()}
+    assert {"float", "adalog", "minmax"} <= rows.keys()
+    assert float(rows["adalog"][2]) > 90.0
+
+
+def test_adalog_retrain_runs_on_the_core_engine(model: torch.nn.Module, adalog_w4a4) -> None:
+    from polyquant.plugins.vit.quantizers import GELU_SHIFT
+
+    plain, config = adalog_w4a4
+    tuned = quantize_vit(model, calib_set(8, seed=0), "adalog",
+                         make_config("adalog", **{**config.to_dict(), "retrain": True, "retrain_iters": 40,
+                                                  "retrain_size": 8}))
+    x = calib_set(64, seed=7)
+    with torch.no_grad():
+        ref = model(x)
+        err_plain = float((plain(x) - ref).pow(2).mean())
+        err_tuned = float((tuned(x) - ref).pow(2).mean())
+    changed = [n for (n, p), (_, p0) in zip(tuned.named_parameters(), plain.named_parameters())
+               if p.shape == p0.shape and not torch.equal(p, p0)]
+    assert changed  # reconstruction moved the weights (AdaRound) or the activation scales
+    assert err_tuned < err_plain * 1.05  # and did not make the logits worse on held-out images
+    # the post-GELU shift is folded with fc2's final (reconstructed) weights: b = b_fp - shift * W_q 1
+    for i, block in enumerate(tuned.blocks):
+        fc2 = block.mlp.fc2
+        assert bool(fc2.input_quantizer.bias_folded)
+        expected = model.blocks[i].mlp.fc2.bias - GELU_SHIFT * fc2.quant_weight().sum(1)
+        assert torch.allclose(fc2.bias, expected, atol=1e-5)
+    assert all(q.lut for q in tuned.modules() if isinstance(q, AdaLogQuantizer))  # tables again after retrain
+
+
+def test_lut_flag_selects_the_inference_dequantization(model: torch.nn.Module, adalog_w4a4) -> None:
+    plain, config = adalog_w4a4
+    floaty = quantize_vit(model, calib_set(8, seed=0), "adalog", make_config("adalog", **{**config.to_dict(),
+                                                                                          "lut": False}))
+    quants = [q for q in floaty.modules() if isinstance(q, AdaLogQuantizer)]
+    assert quants and not any(q.lut for q in quants)
+    assert all(q.lut for q in plain.modules() if isinstance(q, AdaLogQuantizer))
+
+
+def test_qhyvit_artifact_restores_identical_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from polyquant.plugins.vit.hybrid import load_digits_hybrid
+    from polyquant.plugins.vit.qhyvit import QHyViTConfig
+
+    hybrid, _ = load_digits_hybrid("mobilevit")
+    config = QHyViTConfig(wbits=4, abits=4, calib_size=8, grid=10, search_rounds=1)
+    qmodel = quantize_vit(hybrid, calib_set(8, seed=0), "qhyvit", config)
+    _, model_config = build_model("digits-hybrid")
+    path = save(export_artifact(qmodel, "qhyvit", config, model_config), tmp_path / "q.safetensors")
+    restored = restore(load(path))
+    x = load_digits_data().x_test[:32]
+    with torch.no_grad():
+        assert torch.equal(restored(x), qmodel(x))
+    art = load(path)
+    art.config["method_config"]["version"] = 7
+    with pytest.raises(ArtifactError, match="Q-HyViT config"):
+        restore(art)
+    choices = load(path).config["quantizers"]
+    assert {c["axis"] is None for c in choices.values()} == {True, False}  # both granularities were chosen
+    # and the command line: quantize to an artifact, load it back and evaluate
+    out = tmp_path / "cli.safetensors"
+    assert main(["quantize", "vit/qhyvit", "--wbits", "8", "--abits", "8", "--calib", "8", "--grid", "10",
+                 "--search-rounds", "1", "--out", str(out)]) == 0
+    assert main(["load", str(out), "--eval"]) == 0
+    text = capsys.readouterr().out
+    assert "restored qhyvit W8A8" in text and "digits test accuracy" in text
