@@ -70,6 +70,8 @@ def _config(method: str, wbits: int, abits: int, calib: int, fast: bool, retrain
         fields["search_round"] = 1
     if method == "adalog+retrain":
         return make_config("adalog", retrain=True, retrain_iters=retrain_iters, retrain_size=256, **fields)
+    if method in ("log2+gelu", "logsqrt2+gelu"):  # the quantizer ablation: log quantizers after GELU too
+        return make_config(method.split("+")[0], log_gelu=True, **fields)
     if method == "qhyvit" and fast:
         fields["search_rounds"] = 1
     return make_config(method, **fields)

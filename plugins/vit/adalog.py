@@ -272,8 +272,8 @@ def adalog_activation_fpcs(
 
     ``evaluate(scales (K,), qs (K,)) -> loss (K,)`` (lower is better). 1) rank every q at ``current_scale`` and
     keep ``base_num``; 2) cross them with ``scale_num`` scales spaced between (P90, P100 of the positive values
-    of x) + shift, as the reference computes them; keep ``width``; 3) ``steps - 1`` rounds of ``eq_n / width`` new scales per survivor with
-    the step shrinking by (eq_n / width - 0.5). Returns (scale, q, loss, evaluations).
+    of x) + shift, as the reference computes them; keep ``width``; 3) ``steps - 1`` rounds of ``eq_n / width``
+    new scales per survivor with the step shrinking by (eq_n / width - 0.5). Returns (scale, q, loss, evaluations).
     """
     scale0 = torch.tensor([float(current_scale)])
     q_top, _ = search_log_base(lambda qs: evaluate(scale0.expand_as(qs), qs), topk=base_num)
@@ -313,7 +313,7 @@ class AdaLogConfig:
         conv_abits: input bits of Conv layers (the patch embedding; reference ``qconv_a_bit`` = 8).
         calib_size: number of calibration images used (the first ``calib_size`` of the given set).
         calib_batch_size: batch size of the float forward passes that capture layer inputs / outputs.
-        eq_n: candidates per FPCS round (128).
+        eq_n: candidates per FPCS round (128; at least 64, see ``check_harness_fields``).
         steps: FPCS rounds (6).
         search_round: alternations of weight and activation searches (3).
         fpcs: True: FPCS; False: one flat grid of ``eq_n`` candidates per search (ablation).

@@ -24,7 +24,9 @@ Stable API:
 |               |                       |                        | (PTQ4ViT)       | (PTQ4ViT)            |        |
 
 log2, logsqrt2 and twin_uniform share everything with AdaLog except the post-softmax and post-GELU quantizers,
-so their gap to AdaLog measures the quantizers alone (the "quantizer ablation" of the paper). minmax and
+so their gap to AdaLog measures the quantizers alone (the "quantizer ablation" of the paper). With
+``log_gelu=True`` log2 / logsqrt2 also use their log quantizer (shifted by -min GELU) after GELU, the reference's
+ablation setting, where the post-GELU scale comes from AdaLog's search. minmax and
 percentile are plain statistics-based PTQ with per-tensor activation quantizers and no reparameterization.
 """
 
@@ -62,7 +64,10 @@ class BaselineConfig:
         calib_size: calibration images used (the first ``calib_size`` of the given set).
         calib_batch_size: batch size of the float capture passes.
         percentile: upper percentile of the ``percentile`` baseline (the lower one is 100 - percentile).
-        eq_n, steps, search_round: search settings of the searched baselines (as AdaLog: 128, 6, 3).
+        eq_n, steps, search_round: search settings of the searched baselines (as AdaLog: 128, 6, 3; eq_n >= 64).
+        log_gelu: log2 / logsqrt2 only: quantize post-GELU activations with the shifted log quantizer of the same
+            base instead of a uniform one (AdaLog's quantizer ablation; the scale comes from AdaLog's search,
+            as in the reference).
         progress: show progress bars.
     """
 
@@ -76,11 +81,14 @@ class BaselineConfig:
     eq_n: int = 128
     steps: int = 6
     search_round: int = 3
+    log_gelu: bool = False
     progress: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
         check_harness_fields(self)
+        if not isinstance(self.log_gelu, bool):
+            raise ValueError(f"log_gelu must be True or False, got {self.log_gelu!r}")
         if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if self.version != 1:
@@ -108,11 +116,14 @@ def baseline_recipe(method: str, config: BaselineConfig):  # -> harness.Recipe
         conv_abits=config.conv_abits, calib_size=config.calib_size, calib_batch_size=config.calib_batch_size,
         eq_n=config.eq_n, steps=config.steps, search_round=config.search_round, progress=config.progress,
     )
+    if config.log_gelu and method not in ("log2", "logsqrt2"):
+        raise ValueError(f"log_gelu applies to the log2 / logsqrt2 baselines, not {method!r}")
     if method in ("minmax", "percentile"):
         return Recipe(name=method, calib=method, percentile=float(config.percentile), softmax="uniform",
                       gelu="uniform", ln_reparam=False, head_wise=False, **common)
     if method in _SEARCHED:
         softmax, gelu = _SEARCHED[method]
+        gelu = softmax if config.log_gelu else gelu
         return Recipe(name=method, calib="search", softmax=softmax, gelu=gelu, ln_reparam=True, head_wise=True,
                       **common)
     raise ValueError(f"unknown baseline {method!r}; choose one of {sorted(BASELINES)}")

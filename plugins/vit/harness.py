@@ -76,7 +76,7 @@ __all__ = [
 
 ROLES = ("weight", "post_ln", "post_gelu", "linear", "conv", "qk", "v", "softmax")
 SOFTMAX_QUANTIZERS = ("adalog", "log2", "logsqrt2", "uniform", "twin")
-GELU_QUANTIZERS = ("adalog", "uniform", "twin")
+GELU_QUANTIZERS = ("adalog", "uniform", "twin", "log2", "logsqrt2")
 CALIBRATIONS = ("search", "minmax", "percentile")
 
 
@@ -301,6 +301,8 @@ def _act_quantizer(role: str, recipe: Recipe, heads: int, name: str) -> VitQuant
             return AdaLogQuantizer(a, shift=GELU_SHIFT, name=name)
         if recipe.gelu == "twin":
             return TwinUniformQuantizer(a, "signed", name=name)
+        if recipe.gelu in ("log2", "logsqrt2"):
+            return LogQuantizer(a, 1.0 if recipe.gelu == "log2" else 0.5, shift=GELU_SHIFT, name=name)
         return UniformQuantizer(a, (1,), name=name)
     if role in ("qk", "v"):
         return UniformQuantizer(a, per_head, name=name)
@@ -701,9 +703,14 @@ def _post_ln_flow(qmodel: nn.Module, layer: nn.Module, prob: _LinearProblem, rec
 
 
 def _adalog_gelu_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, info: LayerInfo) -> None:
-    """Reference ``PostGeluLogBasedBatchingQuantLinear.hyperparameter_searching`` with FPCS."""
+    """Reference ``PostGeluLogBasedBatchingQuantLinear.hyperparameter_searching`` with FPCS.
+
+    With a shifted log2 / log-sqrt2 input quantizer (the quantizer ablation) the search runs on a temporary AdaLog
+    quantizer and the log quantizer then takes its scale, as the reference's ``tmp_quantizer`` does.
+    """
     wq: UniformQuantizer = layer.weight_quantizer
-    aq: AdaLogQuantizer = layer.input_quantizer
+    final = layer.input_quantizer
+    aq = final if isinstance(final, AdaLogQuantizer) else AdaLogQuantizer(final.bits, shift=GELU_SHIFT)
     w = layer.weight.detach()
     w_rows = w.reshape(w.shape[0], -1)
     w_levels = 2 ** (wq.bits - 1)
@@ -740,6 +747,8 @@ def _adalog_gelu_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, in
         res = _uniform_search(w_rows, wq.bits, prob.weight_eval(xq, wq.bits), recipe, zp_levels=w_levels,
                               min_scale=1e-8)
         wq.set_params(res.scale.reshape(wq.scale.shape), res.zero_point.reshape(wq.scale.shape))
+    if final is not aq:
+        final.set_params(torch.tensor(scale))
     info.stats["q"] = q
     info.stats["scale"] = scale
 
@@ -873,7 +882,7 @@ def calibrate_layer(qmodel: nn.Module, info: LayerInfo, tensors: list[Tensor], r
     prob = _LinearProblem(module, x, y)
     if info.role == "post_ln" and info.norm is not None and recipe.ln_reparam:
         _post_ln_flow(qmodel, module, prob, recipe, info)
-    elif info.role == "post_gelu" and recipe.gelu == "adalog":
+    elif info.role == "post_gelu" and recipe.gelu in ("adalog", "log2", "logsqrt2"):
         _adalog_gelu_flow(module, prob, recipe, info)
     elif info.role == "post_gelu" and recipe.gelu == "twin":
         _twin_gelu_flow(module, prob, recipe, info)

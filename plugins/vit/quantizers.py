@@ -89,7 +89,9 @@ def check_harness_fields(config: Any) -> None:
     check_int("conv_abits", config.conv_abits, 2, 8)
     check_int("calib_size", config.calib_size, 1, 1 << 20)
     check_int("calib_batch_size", config.calib_batch_size, 1, 1 << 20)
-    check_int("eq_n", config.eq_n, 16, 4096)
+    # FPCS keeps 32 survivors and refines each with eq_n // 32 new candidates whose spacing shrinks by
+    # (eq_n // 32 - 0.5): below 64 that factor is 0.5, the step grows every round and the search drifts off.
+    check_int("eq_n", config.eq_n, 64, 4096)
     check_int("steps", config.steps, 1, 32)
     check_int("search_round", config.search_round, 1, 16)
 

@@ -267,7 +267,8 @@ def test_quantile_rows_matches_torch() -> None:
 
 
 @pytest.mark.parametrize("field,value", [("wbits", 1), ("abits", 9), ("wbits", 4.0), ("calib_size", 0),
-                                         ("steps", 0), ("softmax_bits", 1), ("version", 2)])
+                                         ("steps", 0), ("softmax_bits", 1), ("version", 2),
+                                         ("eq_n", 32)])
 def test_config_validation(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         AdaLogConfig(**{field: value})

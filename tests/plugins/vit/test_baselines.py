@@ -150,3 +150,20 @@ def test_percentile_clips_activations_tighter_than_minmax() -> None:
     tighter = [n for n in scales["minmax"] if float(scales["percentile"][n]) < float(scales["minmax"][n]) * 0.999]
     looser = [n for n in scales["minmax"] if float(scales["percentile"][n]) > float(scales["minmax"][n]) * 1.001]
     assert not looser and len(tighter) >= len(scales["minmax"]) // 2
+
+
+def test_log_gelu_ablation_recipe_and_quantizers() -> None:
+    r = baseline_recipe("logsqrt2", BaselineConfig(log_gelu=True))
+    assert (r.softmax, r.gelu) == ("logsqrt2", "logsqrt2")
+    with pytest.raises(ValueError, match="log_gelu"):
+        baseline_recipe("minmax", BaselineConfig(log_gelu=True))
+    model = load_digits_vit()
+    cfg = BaselineConfig(wbits=6, abits=6, calib_size=8, search_round=1, eq_n=64, log_gelu=True)
+    q = quantize_baseline(model, calib_set(8, seed=0), "log2", cfg)
+    gelu_qs = [blk.mlp.fc2.input_quantizer for blk in q.blocks]
+    assert all(isinstance(g, LogQuantizer) and g.base_log2 == 1.0 and g.shift > 0.16 and g.searched
+               for g in gelu_qs)
+    x = calib_set(16, seed=3)
+    with torch.no_grad():
+        ref, out = model(x), q(x)
+    assert float((out - ref).norm() / ref.norm()) < 0.2  # W6A6 with log2 after GELU stays close to float

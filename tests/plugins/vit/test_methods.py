@@ -27,7 +27,7 @@ from polyquant.plugins.vit.methods import (  # noqa: E402
 from polyquant.plugins.vit.models import build_model, digits_vit_config, load_digits_vit  # noqa: E402
 from polyquant.plugins.vit.spec import SPEC  # noqa: E402
 
-FAST_ADALOG = dict(calib_size=8, search_round=1, eq_n=32)
+FAST_ADALOG = dict(calib_size=8, search_round=1, eq_n=64)
 
 
 @pytest.fixture(scope="module")
@@ -139,22 +139,21 @@ def test_demo_table() -> None:
     assert float(rows["adalog"][2]) > 90.0
 
 
-def test_adalog_retrain_runs_on_the_core_engine(model: torch.nn.Module, adalog_w4a4) -> None:
+def test_adalog_retrain_improves_w3a3(model: torch.nn.Module) -> None:
     from polyquant.plugins.vit.quantizers import GELU_SHIFT
 
-    plain, config = adalog_w4a4
-    tuned = quantize_vit(model, calib_set(8, seed=0), "adalog",
-                         make_config("adalog", **{**config.to_dict(), "retrain": True, "retrain_iters": 40,
-                                                  "retrain_size": 8}))
-    x = calib_set(64, seed=7)
+    calib = calib_set(64, seed=0)
+    config = AdaLogConfig(wbits=3, abits=3, calib_size=16, search_round=1)
+    plain = quantize_vit(model, calib, "adalog", config)
+    tuned = quantize_vit(model, calib, "adalog",
+                         make_config("adalog", **{**config.to_dict(), "retrain": True, "retrain_iters": 150,
+                                                  "retrain_size": 64}))
+    x = load_digits_data().x_test
     with torch.no_grad():
-        ref = model(x)
-        err_plain = float((plain(x) - ref).pow(2).mean())
-        err_tuned = float((tuned(x) - ref).pow(2).mean())
-    changed = [n for (n, p), (_, p0) in zip(tuned.named_parameters(), plain.named_parameters())
-               if p.shape == p0.shape and not torch.equal(p, p0)]
-    assert changed  # reconstruction moved the weights (AdaRound) or the activation scales
-    assert err_tuned < err_plain * 1.05  # and did not make the logits worse on held-out images
+        ref = torch.log_softmax(model(x), -1)
+        kl = {name: float((ref.exp() * (ref - torch.log_softmax(q(x), -1))).sum(-1).mean())
+              for name, q in (("plain", plain), ("tuned", tuned))}
+    assert kl["tuned"] < 0.9 * kl["plain"]  # block reconstruction brings the held-out predictions closer
     # the post-GELU shift is folded with fc2's final (reconstructed) weights: b = b_fp - shift * W_q 1
     for i, block in enumerate(tuned.blocks):
         fc2 = block.mlp.fc2

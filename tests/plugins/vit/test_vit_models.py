@@ -134,7 +134,7 @@ def test_timm_adalog_end_to_end_small_search(name: str, kwargs: dict) -> None:
     size, chans = input_spec(model)
     calib = calib_set(4, 0, size, chans)
     t0 = time.perf_counter()
-    qmodel = quantize_adalog(model, calib, AdaLogConfig(wbits=6, abits=6, calib_size=4, eq_n=16, steps=2,
+    qmodel = quantize_adalog(model, calib, AdaLogConfig(wbits=6, abits=6, calib_size=4, eq_n=64, steps=2,
                                                         search_round=1))
     assert time.perf_counter() - t0 < 120
     _check_coverage(model, qmodel)
