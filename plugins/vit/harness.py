@@ -53,6 +53,7 @@ from .quantizers import (
     TwinUniformQuantizer,
     UniformQuantizer,
     VitQuantizer,
+    check_int,
     log_fq,
     twin_fq,
     uniform_fq,
@@ -121,9 +122,7 @@ class Recipe:
 
     def __post_init__(self) -> None:
         for k in ("wbits", "abits", "softmax_bits", "conv_abits"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or not 2 <= v <= 8:
-                raise ValueError(f"{k} must be an integer in [2, 8], got {v!r}")
+            check_int(k, getattr(self, k), 2, 8)
         if self.calib not in CALIBRATIONS:
             raise ValueError(f"calib must be one of {CALIBRATIONS}, got {self.calib!r}")
         if self.softmax not in SOFTMAX_QUANTIZERS:
@@ -583,6 +582,17 @@ def _uniform_search(rows: Tensor, bits: int, evaluate: fp.Evaluate, recipe: Reci
     return fp.flat_grid_search(scales.clamp_min(min_scale), zps, evaluate)
 
 
+def _search_weight(layer: nn.Module, evaluate: fp.Evaluate, recipe: Recipe) -> fp.FPCSResult:
+    """Search ``layer``'s per-row asymmetric weight quantizer with ``evaluate`` (its own MSE on the first pass,
+    the layer output afterwards) and set it; min(16, 2^(b-1)) zero points as in the reference."""
+    wq: UniformQuantizer = layer.weight_quantizer
+    w = layer.weight.detach()
+    res = _uniform_search(w.reshape(w.shape[0], -1), wq.bits, evaluate, recipe, zp_levels=2 ** (wq.bits - 1),
+                          min_scale=1e-8)
+    wq.set_params(res.scale.reshape(wq.scale.shape), res.zero_point.reshape(wq.scale.shape))
+    return res
+
+
 # --- LayerNorm reparameterization -------------------------------------------------------------------------------
 
 
@@ -640,15 +650,11 @@ def _uniform_layer_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, 
     wq: UniformQuantizer = layer.weight_quantizer
     aq: UniformQuantizer = layer.input_quantizer
     w = layer.weight.detach()
-    w_rows = w.reshape(w.shape[0], -1)
-    w_levels = 2 ** (wq.bits - 1)
     a_levels = 2**aq.bits
     x = prob.x
     a_rows = _rows_for(x, "tensor")
 
-    res = _uniform_search(w_rows, wq.bits, _weight_self_eval(w, wq.bits), recipe, zp_levels=w_levels,
-                          min_scale=1e-8)
-    wq.set_params(res.scale.reshape(wq.scale.shape), res.zero_point.reshape(wq.scale.shape))
+    _search_weight(layer, _weight_self_eval(w, wq.bits), recipe)
 
     def a_self(s: Tensor, z: Tensor) -> Tensor:
         def part(sl: slice) -> Tensor:
@@ -662,9 +668,7 @@ def _uniform_layer_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, 
     evaluations = 0
     for _ in range(recipe.search_round):
         xq = uniform_fq(x, aq.scale, aq.zero_point, aq.bits)
-        res = _uniform_search(w_rows, wq.bits, prob.weight_eval(xq, wq.bits), recipe, zp_levels=w_levels,
-                              min_scale=1e-8)
-        wq.set_params(res.scale.reshape(wq.scale.shape), res.zero_point.reshape(wq.scale.shape))
+        res = _search_weight(layer, prob.weight_eval(xq, wq.bits), recipe)
         evaluations += res.evaluations
 
         def a_out(s: Tensor, z: Tensor) -> Tensor:
@@ -712,12 +716,8 @@ def _adalog_gelu_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, in
     final = layer.input_quantizer
     aq = final if isinstance(final, AdaLogQuantizer) else AdaLogQuantizer(final.bits, shift=GELU_SHIFT)
     w = layer.weight.detach()
-    w_rows = w.reshape(w.shape[0], -1)
-    w_levels = 2 ** (wq.bits - 1)
     x = prob.x
-    res = _uniform_search(w_rows, wq.bits, _weight_self_eval(w, wq.bits), recipe, zp_levels=w_levels,
-                          min_scale=1e-8)
-    wq.set_params(res.scale.reshape(wq.scale.shape), res.zero_point.reshape(wq.scale.shape))
+    _search_weight(layer, _weight_self_eval(w, wq.bits), recipe)
     lo, hi = (fp.positive_quantile(x, [0.9, 1.0]) + aq.shift).tolist()
     scale = lo + (hi - lo) * (recipe.eq_n - 2) / (recipe.eq_n - 1)  # linspace(lo, hi, eq_n)[-2]
     q = aq.r  # the reference starts from q = r (base 2)
@@ -744,9 +744,7 @@ def _adalog_gelu_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, in
             scale = float(grid[int(torch.argmin(loss))])
         aq.set_params(scale, q)
         xq = aq.fake_quant(x)
-        res = _uniform_search(w_rows, wq.bits, prob.weight_eval(xq, wq.bits), recipe, zp_levels=w_levels,
-                              min_scale=1e-8)
-        wq.set_params(res.scale.reshape(wq.scale.shape), res.zero_point.reshape(wq.scale.shape))
+        _search_weight(layer, prob.weight_eval(xq, wq.bits), recipe)
     if final is not aq:
         final.set_params(torch.tensor(scale))
     info.stats["q"] = q
@@ -759,15 +757,11 @@ def _twin_gelu_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, info
     wq: UniformQuantizer = layer.weight_quantizer
     aq: TwinUniformQuantizer = layer.input_quantizer
     w = layer.weight.detach()
-    w_rows = w.reshape(w.shape[0], -1)
-    w_levels = 2 ** (wq.bits - 1)
     x = prob.x
     half = 2 ** (aq.bits - 1)
     d_neg = GELU_SHIFT / half
     d_pos = float(x.abs().max()) / (half - 0.5)
-    res = _uniform_search(w_rows, wq.bits, _weight_self_eval(w, wq.bits), recipe, zp_levels=w_levels,
-                          min_scale=1e-8)
-    wq.set_params(res.scale.reshape(wq.scale.shape), res.zero_point.reshape(wq.scale.shape))
+    _search_weight(layer, _weight_self_eval(w, wq.bits), recipe)
     cands = d_neg * torch.exp2(torch.arange(-5, 25, dtype=torch.float32))
     for _ in range(recipe.search_round):
         loss = prob.act_eval(
@@ -778,9 +772,7 @@ def _twin_gelu_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, info
         d_pos = float(cands[int(torch.argmin(loss))])
         aq.set_params(d_neg, d_pos)
         xq = aq.fake_quant(x)
-        res = _uniform_search(w_rows, wq.bits, prob.weight_eval(xq, wq.bits), recipe, zp_levels=w_levels,
-                              min_scale=1e-8)
-        wq.set_params(res.scale.reshape(wq.scale.shape), res.zero_point.reshape(wq.scale.shape))
+        _search_weight(layer, prob.weight_eval(xq, wq.bits), recipe)
 
 
 def _matmul_eval(other: Tensor, y: Tensor, operand: str, groups: str) -> Callable[[Tensor], Tensor]:
