@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from polyquant.kernels import gemm, hadamard, hamming, quant, vq
 from polyquant.kernels.gemm import GemmConfig
+from polyquant.transforms import hadamard_matrix
 
 ROWS: list[dict] = []
 
@@ -123,8 +124,8 @@ def bench_quant(device: str, quick: bool, peaks: dict) -> None:
            bytes_moved=nbytes, peaks=peaks)
 
     s = torch.rand(m, k // 32, device=device) + 0.5
-    t_alt = bench_ms(lambda: quant.quantize_reference(x, s, fmt="e2m1", group_size=32), device, quick)
-    t = bench_ms(lambda: quant.quantize(x, s, fmt="e2m1", group_size=32), device, quick)
+    t_alt = bench_ms(lambda: quant.quantize_reference(x, s, fmt="e2m1", block_size=(1, 32)), device, quick)
+    t = bench_ms(lambda: quant.quantize(x, s, fmt="e2m1", block_size=(1, 32)), device, quick)
     record("quantize", f"e2m1 group32 {m}x{k}", "torch reference", t_alt, t,
            bytes_moved=x.numel() * (x.element_size() + 1) + s.numel() * 4, peaks=peaks)
 
@@ -163,20 +164,21 @@ def bench_w4(device: str, quick: bool, peaks: dict, do_sweep: bool) -> None:
     for nk in sizes:
         w = torch.randn(nk, nk, device=device, dtype=dt)
         for fmt in ("int4", "e2m1"):
-            packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, group_size=128)
+            packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, block_size=(1, 128))
             scale = scale.to(dt)
             for m in batches:
                 x = torch.randn(m, nk, device=device, dtype=dt)
                 t_alt = bench_ms(lambda: F.linear(x, w), device, quick)
-                t = bench_ms(lambda: gemm.w4_gemm(x, packed, scale, fmt=fmt, group_size=128), device, quick)
+                t = bench_ms(lambda: gemm.w4_gemm(x, packed, scale, fmt=fmt, block_size=(1, 128)), device, quick)
                 note = "default launch config"
                 if do_sweep:
                     if (m, nk) not in chosen:  # swept on int4, reused for fp4
-                        t_best, cfg = sweep(lambda c: gemm.w4_gemm_triton(x, packed, scale, fmt=fmt, group_size=128,
-                                                                          config=c), w4_candidates(m), device)
+                        t_best, cfg = sweep(lambda c: gemm.w4_gemm_triton(x, packed, scale, fmt=fmt,
+                                                                          block_size=(1, 128), config=c),
+                                            w4_candidates(m), device)
                         chosen[(m, nk)] = cfg
                     cfg = chosen[(m, nk)]
-                    t_best = bench_ms(lambda: gemm.w4_gemm_triton(x, packed, scale, fmt=fmt, group_size=128,
+                    t_best = bench_ms(lambda: gemm.w4_gemm_triton(x, packed, scale, fmt=fmt, block_size=(1, 128),
                                                                   config=cfg), device, quick)
                     note = f"default config {t:.4f} ms; best swept config {vars(cfg)}"
                     t = min(t, t_best)
@@ -219,13 +221,13 @@ def bench_fwht(device: str, quick: bool, peaks: dict) -> None:
     for n in ([1024, 1536, 2560] if quick else [4096, 1536, 5120, 12288]):
         m = (1 << 16) // n * 16 if quick else (1 << 27) // (2 * n)  # 128 MB of fp16 on the GPU
         x = torch.randn(m, n, device=device, dtype=dt)
-        h = (hadamard.hadamard_matrix(n, device=device) / math.sqrt(n)).to(dt)
-        t_alt = bench_ms(lambda: x @ h.T, device, quick)
+        h = hadamard_matrix(n, device=device).to(dt)  # the core's orthonormal matrix: fwht(x) = x @ h
+        t_alt = bench_ms(lambda: x @ h, device, quick)
         t = bench_ms(lambda: hadamard.fwht(x), device, quick)
         record("fwht", f"{m}x{n} {str(dt)[6:]}", "dense Hadamard matmul", t_alt, t,
                bytes_moved=2 * x.numel() * x.element_size(), peaks=peaks)
         t = bench_ms(lambda: hadamard.fwht_quantize(x), device, quick)
-        t_alt = bench_ms(lambda: quant.quantize_dynamic(x @ h.T, fmt="int8"), device, quick)
+        t_alt = bench_ms(lambda: quant.quantize_dynamic(x @ h, fmt="int8"), device, quick)
         record("fwht_quantize int8", f"{m}x{n} {str(dt)[6:]}", "matmul + quantize_dynamic", t_alt, t,
                bytes_moved=x.numel() * (x.element_size() + 1) + m * 4, peaks=peaks)
         del x

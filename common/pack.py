@@ -11,6 +11,22 @@ byte are zero.
 
 The shape is not stored: pass ``numel`` to ``unpack_bits`` and reshape the result yourself.
 Signed codes are stored in offset binary (``code + 2 ** (bits - 1)``), see ``pack_signed``.
+
+Row layout (``pack_rows``), the one layout of packed weights: artifacts (``polyquant.export``) and the packed-weight
+kernels (``polyquant.kernels.w4_gemm``) read the same bytes. Codes (..., K), e.g. a weight (N, K) in ``nn.Linear``
+layout (a conv weight (O, I, kh, kw) as (O, I * kh * kw)), are packed row by row in row-major order:
+
+  - every row is padded at its end with zero codes to ``K' = row_length(K, bits)``, the smallest multiple of
+    ``8 / gcd(bits, 8)`` that is >= K, so that each row fills whole bytes (K' = K rounded up to even for 4 bits);
+  - the padded rows are one stream as above: row n takes bytes ``[n * K' * bits / 8, (n + 1) * K' * bits / 8)``,
+    and the result has shape (..., K' * bits / 8).
+
+For 4 bits, byte j of a row holds code 2j in its low nibble and code 2j + 1 in its high nibble:
+
+    bits=4, codes [[1, 2, 3], [4, 5, 6]]  ->  bytes [[0x21, 0x03], [0x54, 0x06]]
+
+Codes are the unsigned codes of the formats' ``encode`` (``polyquant.formats``): offset binary ``q - qmin`` for
+integer formats (int4: q + 8), the bit pattern sign | exponent | mantissa for floating-point formats.
 """
 
 from __future__ import annotations
@@ -20,7 +36,17 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["packed_numel", "pack_bits", "unpack_bits", "pack_signed", "unpack_signed"]
+__all__ = [
+    "packed_numel",
+    "pack_bits",
+    "unpack_bits",
+    "pack_signed",
+    "unpack_signed",
+    "row_length",
+    "pad_rows",
+    "pack_rows",
+    "unpack_rows",
+]
 
 # Eight codes of at most 7 bits make at most 56 bits: one int64 word per group, no overflow into the sign bit.
 _GROUP = 8
@@ -139,3 +165,42 @@ def unpack_signed(packed: Tensor, bits: int, numel: int) -> Tensor:
     _check_bits(bits)
     offset = 1 << (bits - 1)
     return (unpack_bits(packed, bits, numel).to(torch.int16) - offset).to(torch.int8)
+
+
+def row_length(k: int, bits: int) -> int:
+    """Codes per row in the row layout: ``k`` rounded up to a multiple of ``8 / gcd(bits, 8)`` (whole bytes)."""
+    _check_bits(bits)
+    if k < 0:
+        raise ValueError(f"row length must be >= 0, got {k}")
+    step = 8 // math.gcd(bits, 8)
+    return -(-k // step) * step
+
+
+def pad_rows(codes: Tensor, bits: int) -> Tensor:
+    """Pad the last dim of ``codes`` (..., K) with zero codes to ``row_length(K, bits)``.
+
+    ``pack_bits(pad_rows(codes, bits), bits)`` is the row layout, flattened (see the module docstring).
+    """
+    if codes.dim() == 0:
+        raise ValueError("the row layout needs codes with at least one dimension (..., K)")
+    k = codes.shape[-1]
+    return torch.nn.functional.pad(codes, (0, row_length(k, bits) - k))
+
+
+def pack_rows(codes: Tensor, bits: int) -> Tensor:
+    """Pack unsigned codes (..., K) in the row layout: (..., row_length(K, bits) * bits / 8) uint8."""
+    padded = pad_rows(codes, bits)  # (..., K')
+    return pack_bits(padded, bits).reshape(*codes.shape[:-1], padded.shape[-1] * bits // 8)
+
+
+def unpack_rows(packed: Tensor, bits: int, k: int) -> Tensor:
+    """Inverse of ``pack_rows``: (..., row_length(k, bits) * bits / 8) uint8 -> (..., k) uint8 codes."""
+    length = row_length(k, bits)
+    if packed.dim() == 0 or packed.shape[-1] != length * bits // 8:
+        raise ValueError(
+            f"packed rows must have {length * bits // 8} bytes for {k} codes of {bits} bits, "
+            f"got shape {tuple(packed.shape)}"
+        )
+    rows = packed.shape[:-1]
+    codes = unpack_bits(packed, bits, math.prod(rows) * length)
+    return codes.reshape(*rows, length)[..., :k]

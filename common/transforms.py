@@ -112,11 +112,17 @@ def _check_size(n: int) -> tuple[int, int]:
     return split
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
-    """Orthonormal Hadamard matrix (``H @ H.T = I``, entries ``+-1/sqrt(n)``) of a supported size ``n``."""
+def hadamard_matrix(
+    n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, *, normalize: bool = True
+) -> Tensor:
+    """Orthonormal Hadamard matrix (``H @ H.T = I``, entries ``+-1/sqrt(n)``) of a supported size ``n``.
+
+    ``H_n = kron(Sylvester(2**k), B) / sqrt(n)`` (module docstring): index ``i = s * b + t`` with ``s`` the Sylvester
+    index and ``t`` the base index. With ``normalize=False`` the entries are exactly +-1 (``H @ H.T = n I``).
+    """
     p, b = _check_size(n)
-    h = torch.kron(_sylvester(p), _base_matrix(b)) / math.sqrt(n)
-    return h.to(dtype=dtype, device=device)
+    h = torch.kron(_sylvester(p), _base_matrix(b))
+    return (h / math.sqrt(n) if normalize else h).to(dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "kmeans",
+    "nearest_codes",
     "batched_kmeans",
     "VectorQuantizer",
     "ResidualVQ",
@@ -46,7 +47,7 @@ def _block_rows(b: int, k: int, batch_size: int | None) -> int:
     return batch_size if batch_size is not None else max(1, _DIST_BLOCK // max(1, b * k))
 
 
-def _nearest(x: Tensor, c: Tensor, batch_size: int | None) -> tuple[Tensor, Tensor]:
+def nearest_codes(x: Tensor, c: Tensor, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Index of and squared distance to the nearest row of ``c`` for each row of ``x``, a block of rows at a time.
 
     x: (B, N, D), c: (B, K, D) -> codes (B, N) int64, dist2 (B, N).
@@ -159,10 +160,10 @@ def batched_kmeans(
     xw = xw - mean
     g = torch.Generator(device=x.device).manual_seed(seed)
     centers = _kmeans_pp(xw, k, g)
-    codes, dist2 = _nearest(xw, centers, batch_size)
+    codes, dist2 = nearest_codes(xw, centers, batch_size)
     for _ in range(iters):
         centers = _update_centroids(xw, codes, dist2, centers, batch_size)
-        new_codes, dist2 = _nearest(xw, centers, batch_size)
+        new_codes, dist2 = nearest_codes(xw, centers, batch_size)
         converged = torch.equal(new_codes, codes)
         codes = new_codes
         if converged:
@@ -272,7 +273,7 @@ class VectorQuantizer(nn.Module):
     def encode(self, x: Tensor) -> Tensor:
         """Nearest code of each vector: (..., dim) -> (...,) int64."""
         flat = self._flatten(x)
-        codes, _ = _nearest(flat.to(self.embed.dtype)[None], self.embed[None], None)
+        codes, _ = nearest_codes(flat.to(self.embed.dtype)[None], self.embed[None], None)
         return codes[0].view(x.shape[:-1])
 
     def decode(self, codes: Tensor) -> Tensor:

@@ -9,9 +9,14 @@ without it, and names are loaded lazily from their modules on first use.
 |------------|----------------------------------------------------------------------------------------|
 | quant      | quantize, dequantize (INT-k, FP ExMy; per-tensor/channel/group), quantize_dynamic (per-token) |
 | gemm       | w4_gemm (int4 / fp4 weight-only, packed), int8_gemm and w8a8_linear (W8A8)              |
-| hadamard   | fwht, fwht_quantize (n = 2^k, 12 * 2^k, 40 * 2^k)                                       |
+| hadamard   | fwht, fwht_quantize (n = 2^k, 12 * 2^k, 40 * 2^k, ...)                                  |
 | vq         | vq_assign (fused distance + argmin), vq_decode, rvq_decode, rvq_assign                  |
 | hamming    | pack_binary, hamming_topk (packed-bit Hamming top-k)                                    |
+
+The kernels speak the core's vocabulary and compute the core's definitions: formats are ``polyquant.formats``
+objects or names, granularity is the core's ``block_size`` (``polyquant.primitives``), packed weights use the
+core's row layout (``polyquant.pack.pack_rows``, the layout of artifacts), and the Hadamard matrix is the core's
+(``polyquant.transforms.hadamard_matrix``). ``tests/kernels/test_core_agreement.py`` checks each pair.
 """
 
 from __future__ import annotations
@@ -24,10 +29,6 @@ _EXPORTS: dict[str, str] = {
     "use_triton": "_dispatch",
     "HAS_TRITON": "_dispatch",
     # quant
-    "IntSpec": "quant",
-    "FPSpec": "quant",
-    "FP_FORMATS": "quant",
-    "resolve_format": "quant",
     "quantize": "quant",
     "dequantize": "quant",
     "quantize_dynamic": "quant",
@@ -45,7 +46,6 @@ _EXPORTS: dict[str, str] = {
     "int8_gemm_reference": "gemm",
     "w8a8_linear": "gemm",
     # hadamard
-    "hadamard_matrix": "hadamard",
     "fwht": "hadamard",
     "fwht_reference": "hadamard",
     "fwht_quantize": "hadamard",

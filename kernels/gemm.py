@@ -4,14 +4,17 @@ What they are for: ``w4_gemm`` is the weight-only linear layer of the 4-bit plug
 batch 1 to a few hundred tokens); ``int8_gemm`` is the W8A8 linear layer of Quamba (SSM) and ViT W8A8, with
 per-token activation scales and per-channel weight scales.
 
-Packed 4-bit weights. A weight W (N, K) (nn.Linear layout: out_features x in_features) is stored as
-``packed`` (N, ceil(K / 2)) uint8, two codes per byte along K: **the low nibble holds the even index k = 2j, the
-high nibble the odd index k = 2j + 1** (an odd K is padded with code 0). Codes:
-  - ``"int4"``: signed two's complement in [-8, 7]; symmetric per-group scale absmax / 7 (so -8 is not used by
-    ``quantize_weight_4bit``, but it decodes correctly).
-  - ``"e2m1"`` (fp4): sign bit, 2 exponent bits (bias 1), 1 mantissa bit; magnitudes
+Packed 4-bit weights use the core's row layout (``polyquant.pack.pack_rows``), the layout of artifacts too: a
+weight W (N, K) (nn.Linear layout: out_features x in_features) is stored as ``packed`` (N, ceil(K / 2)) uint8, two
+codes per byte along K, **the low nibble holding the even index k = 2j, the high nibble the odd index k = 2j + 1**
+(an odd K is padded with code 0). Codes are the core formats' ``encode`` codes:
+  - ``"int4"`` (``IntFormat(4)``): offset binary, code = q + 8 for q in [-8, 7]; symmetric scales absmax / 7
+    (so -8 is not produced by ``quantize_weight_4bit``, but it decodes correctly).
+  - ``"e2m1"`` (fp4, ``FloatFormat(2, 1)``): sign bit, 2 exponent bits (bias 1), 1 mantissa bit; magnitudes
     {0, 0.5, 1, 1.5, 2, 3, 4, 6}; scale absmax / 6.
-``scale`` (N, G), G = ceil(K / group_size), any float dtype; W[n, k] = value(code[n, k]) * scale[n, k // group_size].
+Scales follow the core's ``block_size`` (1, g) (``PerGroup(g)``; g = K is per channel): ``scale`` (N, K / g), any
+float dtype; W[n, k] = value(code[n, k]) * scale[n, k // g]. An artifact's ``weight_packed`` (viewed as
+(N, ceil(K / 2))) and ``weight_scale`` feed ``w4_gemm`` as they are.
 
     y = x @ W.T (+ bias)      x (..., K) in fp16 / bf16 / fp32 -> y (..., N) in x.dtype
 
@@ -21,9 +24,14 @@ W8A8: y = (xq @ wq.T) * x_scale[:, None] * w_scale[None, :] (+ bias), int32 accu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from polyquant.formats import FloatFormat, Format, IntFormat, get_format
+from polyquant.pack import pack_rows, unpack_rows
+from polyquant.primitives import scale_shape
 
 from ._dispatch import (
     HAS_TRITON, as_rows, cdiv, compute_dtype, interpreting, require_triton, tl, tl_dtype, triton, use_triton,
@@ -43,14 +51,28 @@ __all__ = [
     "GemmConfig",
 ]
 
-_W4_FORMATS = {"int4": "int4", "e2m1": "e2m1", "fp4": "e2m1"}
+_E2M1 = FloatFormat(2, 1)
 
 
-def _w4_format(fmt: str) -> str:
-    try:
-        return _W4_FORMATS[fmt.lower()]
-    except (KeyError, AttributeError):
-        raise ValueError(f"4-bit weight format must be 'int4' or 'e2m1' ('fp4'), got {fmt!r}") from None
+def _w4_format(fmt: str | Format) -> IntFormat | FloatFormat:
+    """The core format of a 4-bit weight: int4 (signed) or e2m1; the kernels decode no other."""
+    f = get_format(fmt)
+    if isinstance(f, (IntFormat, FloatFormat)) and f in (IntFormat(4), _E2M1):
+        return f
+    raise ValueError(f"4-bit weight format must be int4 or e2m1 (fp4), got {f.name}")
+
+
+def _w4_group(k: int, n: int, block_size: Sequence[int]) -> int:
+    """The group length g of a weight (N, K) with the core's block_size (1, g); g even or g = K (per channel)."""
+    bs = tuple(int(b) for b in block_size)
+    if len(bs) != 2 or bs[0] != 1:
+        raise ValueError(f"4-bit weights take block_size (1, g) (PerGroup(g) along K), got {bs}")
+    if n * k:
+        scale_shape((n, k), bs)  # the core's check: g divides K
+    g = bs[1]
+    if g % 2 and g != k:
+        raise ValueError(f"4-bit weights need an even group length (two codes per byte) or g = K, got {g}")
+    return g
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,78 +80,74 @@ def _w4_format(fmt: str) -> str:
 
 
 def pack_4bit(codes: Tensor) -> Tensor:
-    """Pack 4-bit codes (..., K) two per byte along K: low nibble = even index. Returns (..., ceil(K / 2)) uint8.
+    """``polyquant.pack.pack_rows(codes, 4)``: codes (..., K) in [0, 15] -> (..., ceil(K / 2)) uint8.
 
-    ``codes`` is int8 in [-8, 7] (two's complement nibbles) or uint8 in [0, 15] (e.g. E2M1 bit patterns).
+    Codes are the formats' ``encode`` codes (int4: q + 8; e2m1: the bit pattern); low nibble = even index.
     """
-    if codes.dtype not in (torch.int8, torch.uint8):
-        raise ValueError(f"codes must be int8 or uint8, got {codes.dtype}")
-    k = codes.shape[-1]
-    c = codes.to(torch.int16) & 0xF  # (..., K)
-    if k % 2:
-        c = torch.nn.functional.pad(c, (0, 1))
-    return (c[..., 0::2] | (c[..., 1::2] << 4)).to(torch.uint8)  # (..., ceil(K / 2))
+    return pack_rows(codes, 4)
 
 
-def unpack_4bit(packed: Tensor, k: int, *, signed: bool = True) -> Tensor:
-    """Inverse of ``pack_4bit``: (..., ceil(k / 2)) uint8 -> (..., k) int8 in [-8, 7] (signed) or uint8 in [0, 15]."""
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed must be uint8, got {packed.dtype}")
-    if packed.shape[-1] != cdiv(k, 2):
-        raise ValueError(f"packed has {packed.shape[-1]} bytes per row, {k} codes need {cdiv(k, 2)}")
-    p = packed.to(torch.int16)
-    c = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(*packed.shape[:-1], -1)[..., :k]  # (..., k)
-    if signed:
-        return ((c ^ 8) - 8).to(torch.int8)
-    return c.to(torch.uint8)
+def unpack_4bit(packed: Tensor, k: int) -> Tensor:
+    """``polyquant.pack.unpack_rows(packed, 4, k)``: (..., ceil(k / 2)) uint8 -> (..., k) uint8 codes in [0, 15]."""
+    return unpack_rows(packed, 4, k)
 
 
-def quantize_weight_4bit(w: Tensor, *, fmt: str = "int4", group_size: int = 128) -> tuple[Tensor, Tensor]:
-    """Symmetric per-group 4-bit quantization of a weight (N, K) (absmax scales), packed for ``w4_gemm``.
+def quantize_weight_4bit(
+    w: Tensor, *, fmt: str | Format = "int4", block_size: Sequence[int] = (1, 128)
+) -> tuple[Tensor, Tensor]:
+    """Symmetric 4-bit quantization of a weight (N, K) with absmax scales per block (1, g), packed for ``w4_gemm``.
 
     Returns:
-        packed (N, ceil(K / 2)) uint8 and fp32 scales (N, ceil(K / group_size)).
+        packed (N, ceil(K / 2)) uint8 and fp32 scales (N, K / g).
     """
-    fmt = _w4_format(fmt)
+    f = _w4_format(fmt)
     if w.dim() != 2:
         raise ValueError(f"expected a weight (N, K), got shape {tuple(w.shape)}")
-    codes, scale = quantize_dynamic(w, fmt=fmt, group_size=group_size)  # (N, K), (N, G)
+    _w4_group(w.shape[1], w.shape[0], block_size)
+    codes, scale = quantize_dynamic(w, fmt=f, block_size=block_size)  # (N, K) kernel codes, (N, K / g)
+    if isinstance(f, IntFormat):
+        codes = f.encode(codes)  # q -> q + 8, the format's codes
     return pack_4bit(codes), scale
 
 
 def dequantize_weight_4bit(
-    packed: Tensor, scale: Tensor, *, k: int, fmt: str = "int4", group_size: int = 128,
+    packed: Tensor, scale: Tensor, *, k: int, fmt: str | Format = "int4", block_size: Sequence[int] = (1, 128),
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Packed 4-bit weight -> dense (N, k) weight."""
-    fmt = _w4_format(fmt)
-    codes = unpack_4bit(packed, k, signed=fmt == "int4")  # (N, k)
-    return dequantize_reference(codes, scale.float(), fmt=fmt, group_size=group_size, dtype=dtype)
+    """Packed 4-bit weight -> dense (N, k) weight: ``dequantize_reference`` (the core's decode and dequantize)."""
+    f = _w4_format(fmt)
+    _w4_group(k, packed.shape[0], block_size)
+    codes = unpack_4bit(packed, k)  # (N, k) the format's codes
+    if isinstance(f, IntFormat):
+        codes = f.decode(codes).to(torch.int8)  # q + 8 -> q, the kernel codes
+    return dequantize_reference(codes, scale.float(), fmt=f, block_size=block_size, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # torch references
 
 
-def _check_w4(x: Tensor, packed: Tensor, scale: Tensor, group_size: int) -> tuple[int, int, int]:
+def _check_w4(x: Tensor, packed: Tensor, scale: Tensor, block_size: Sequence[int]) -> tuple[int, int, int]:
+    """(N, K, g) of a packed weight (N, ceil(K / 2)) and its scales (N, K / g)."""
     k = x.shape[-1]
     n = packed.shape[0]
     if packed.dim() != 2 or packed.dtype != torch.uint8 or packed.shape[1] != cdiv(k, 2):
         raise ValueError(f"packed must be uint8 (N, ceil(K/2)) = (N, {cdiv(k, 2)}), got {packed.dtype} "
                          f"{tuple(packed.shape)}")
-    g = cdiv(k, group_size)
-    if scale.shape != (n, g):
-        raise ValueError(f"scale must have shape (N, ceil(K/group_size)) = {(n, g)}, got {tuple(scale.shape)}")
+    g = _w4_group(k, n, block_size)
+    if scale.shape != (n, k // g if g else 0):
+        raise ValueError(f"scale must have shape (N, K / g) = {(n, k // g if g else 0)} for block_size "
+                         f"{tuple(block_size)}, got {tuple(scale.shape)}")
     return n, k, g
 
 
 def w4_gemm_reference(
-    x: Tensor, packed: Tensor, scale: Tensor, *, fmt: str = "int4", group_size: int = 128,
+    x: Tensor, packed: Tensor, scale: Tensor, *, fmt: str | Format = "int4", block_size: Sequence[int] = (1, 128),
     bias: Tensor | None = None,
 ) -> Tensor:
     """y = x @ dequant(W).T (+ bias): dequantize to fp32, fp32 matmul, cast to x.dtype."""
-    n, k, _ = _check_w4(x, packed, scale, group_size)
-    w = dequantize_weight_4bit(packed, scale, k=k, fmt=fmt, group_size=group_size)  # (N, K)
+    n, k, _ = _check_w4(x, packed, scale, block_size)
+    w = dequantize_weight_4bit(packed, scale, k=k, fmt=fmt, block_size=block_size)  # (N, K)
     y = as_rows(x).float() @ w.T  # (M, N)
     if bias is not None:
         y = y + bias.float()
@@ -151,7 +169,6 @@ def int8_gemm_reference(
 
     x_scale: per token, (..., 1) / (M,) or a scalar; w_scale: per output channel (N,) / (N, 1) or a scalar.
     """
-    k = xq.shape[-1]
     n = wq.shape[0]
     xm = as_rows(xq)  # (M, K)
     acc = (xm.double() @ wq.double().T).float()  # (M, N); exact: |sum| < 2^53
@@ -182,12 +199,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _nibbles_to_f16(nib, IS_FP: tl.constexpr):
-        """int16 nibbles -> fp16: int4 two's complement exactly; E2M1 values times 2^-14 (``S_MUL`` undoes it)."""
+        """int16 nibbles -> fp16: int4 offset binary q + 8 exactly; E2M1 values times 2^-14 (``S_MUL`` undoes it)."""
         if IS_FP:
             # sign -> bit 15; exponent and mantissa -> bits 10..9: an fp16 of value e2m1 * 2^-14 (subnormals too)
             return (((nib & 8) << 12) | ((nib & 7) << 9)).to(tl.float16, bitcast=True)
         else:
-            return ((nib ^ 8) | 0x6400).to(tl.float16, bitcast=True) - 1032.0  # 1024 + (c ^ 8) - 1032 = c
+            return (nib | 0x6400).to(tl.float16, bitcast=True) - 1032.0  # 1024 + (q + 8) - 1032 = q
 
     @triton.jit
     def _nibbles_to_f32(nib, IS_FP: tl.constexpr):
@@ -196,7 +213,7 @@ if HAS_TRITON:
         if IS_FP:
             return _nibbles_to_f16(nib, IS_FP).to(tl.float32)
         else:
-            return (0x4B000000 | (nib.to(tl.int32) ^ 8)).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+            return (0x4B000000 | nib.to(tl.int32)).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
 
     @triton.jit
     def _w4_gemv_kernel(
@@ -348,13 +365,14 @@ def _w4_config(m: int, n: int, k: int, group_size: int) -> GemmConfig:
 
 
 def w4_gemm_triton(
-    x: Tensor, packed: Tensor, scale: Tensor, *, fmt: str = "int4", group_size: int = 128,
+    x: Tensor, packed: Tensor, scale: Tensor, *, fmt: str | Format = "int4", block_size: Sequence[int] = (1, 128),
     bias: Tensor | None = None, config: GemmConfig | None = None,
 ) -> Tensor:
     """Triton launcher of ``w4_gemm_reference``; ``config`` overrides the heuristic launch parameters."""
     require_triton()
-    fmt = _w4_format(fmt)
-    n, k, g = _check_w4(x, packed, scale, group_size)
+    is_fp = isinstance(_w4_format(fmt), FloatFormat)
+    n, k, group_size = _check_w4(x, packed, scale, block_size)
+    g = scale.shape[1]  # groups per row
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
     xm = as_rows(x)
@@ -371,12 +389,11 @@ def w4_gemm_triton(
     if scale.stride(-1) != 1:
         scale = scale.contiguous()
     cfg = config or _w4_config(m, n, k, group_size)
-    is_fp = fmt == "e2m1"
     b = bias if bias is not None else scale  # a dummy pointer when there is no bias
     if cfg.kind == "gemv":
         block_kp = cfg.block_k // 2
         if group_size & (group_size - 1) or (2 * block_kp > group_size and (2 * block_kp) % group_size):
-            raise ValueError(f"the gemv kernel needs a power-of-two group_size, got {group_size}")
+            raise ValueError(f"the gemv kernel needs a power-of-two group length, got {group_size}")
         _w4_gemv_kernel[(cdiv(n, cfg.block_n), m)](
             xm, packed, scale, b, y, n, k, packed.shape[1], g, xm.stride(0), packed.stride(0), scale.stride(0),
             y.stride(0), GROUP=group_size, IS_FP=is_fp, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n,
@@ -441,25 +458,26 @@ def int8_gemm_triton(
 
 
 def w4_gemm(
-    x: Tensor, packed: Tensor, scale: Tensor, *, fmt: str = "int4", group_size: int = 128,
+    x: Tensor, packed: Tensor, scale: Tensor, *, fmt: str | Format = "int4", block_size: Sequence[int] = (1, 128),
     bias: Tensor | None = None,
 ) -> Tensor:
     """Weight-only 4-bit linear: y = x @ W.T (+ bias), W dequantized inside the kernel (module docstring).
 
     Args:
         x: activations (..., K), fp16 / bf16 / fp32.
-        packed: (N, ceil(K / 2)) uint8 from ``quantize_weight_4bit`` / ``pack_4bit``.
-        scale: (N, ceil(K / group_size)) per-group scales, any float dtype.
-        fmt: ``"int4"`` or ``"e2m1"`` (``"fp4"``).
-        group_size: K elements per scale (32 to 128 typical).
+        packed: (N, ceil(K / 2)) uint8 in the core's row layout (``quantize_weight_4bit``, ``pack_4bit``, or an
+            artifact's ``weight_packed`` viewed as (N, -1)).
+        scale: (N, K / g) per-group scales, any float dtype (an artifact's ``weight_scale``).
+        fmt: int4 or e2m1 (fp4): a ``polyquant.formats`` format or name.
+        block_size: the core's (1, g): g elements of K per scale (32 to 128 typical; g = K for per channel).
         bias: optional (N,).
 
     Returns:
         y (..., N) in x.dtype.
     """
     if use_triton(x, packed, scale):
-        return w4_gemm_triton(x, packed, scale, fmt=fmt, group_size=group_size, bias=bias)
-    return w4_gemm_reference(x, packed, scale, fmt=fmt, group_size=group_size, bias=bias)
+        return w4_gemm_triton(x, packed, scale, fmt=fmt, block_size=block_size, bias=bias)
+    return w4_gemm_reference(x, packed, scale, fmt=fmt, block_size=block_size, bias=bias)
 
 
 def int8_gemm(

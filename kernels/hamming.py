@@ -3,8 +3,10 @@
 What it is for: the embeddings plugin's 1-bit quantization (sign of each dimension) packs a D-dim embedding into
 D / 8 bytes; search compares popcount(q XOR x) instead of dot products (32x less memory than fp32).
 
-Packing: ``pack_binary(bits)`` packs (..., D) along the last dim into (..., ceil(D / 8)) uint8; bit j of byte i is
-element 8 i + j (little-endian bit order, numpy ``packbits(bitorder="little")``); padding bits are 0.
+Packing: ``pack_binary(bits)`` is the core's row layout with 1 bit per code (``polyquant.pack.pack_rows(bits, 1)``):
+(..., D) along the last dim into (..., ceil(D / 8)) uint8; bit j of byte i is element 8 i + j (little-endian bit
+order, numpy ``packbits(bitorder="little")``); padding bits are 0. Bit 1 is the core ``BinaryFormat``'s code of +1,
+so ``pack_binary(x >= 0)`` packs the binary (sign) quantization of x.
 ``hamming_topk(queries, database, k)`` returns, per query, the k smallest distances in ascending order, ties broken
 by the smaller database index, so both paths give identical results.
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from polyquant.pack import pack_rows, unpack_rows
 
 from ._dispatch import HAS_TRITON, cdiv, interpreting, next_pow2, require_triton, tl, triton, use_triton
 
@@ -32,23 +36,13 @@ _POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.i
 
 
 def pack_binary(bits: Tensor) -> Tensor:
-    """Pack (..., D) bits (bool, or nonzero = 1) into (..., ceil(D / 8)) uint8, little-endian within each byte."""
-    d = bits.shape[-1]
-    b = (bits != 0).to(torch.uint8)
-    if d % 8:
-        b = torch.nn.functional.pad(b, (0, 8 - d % 8))
-    b = b.reshape(*b.shape[:-1], -1, 8)  # (..., bytes, 8)
-    weights = (1 << torch.arange(8, device=bits.device)).to(torch.uint8)
-    return (b * weights).sum(dim=-1, dtype=torch.int32).to(torch.uint8)
+    """Pack (..., D) bits (bool, or nonzero = 1) into (..., ceil(D / 8)) uint8: ``pack_rows(bits != 0, 1)``."""
+    return pack_rows(bits != 0, 1)
 
 
 def unpack_binary(packed: Tensor, d: int) -> Tensor:
     """Inverse of ``pack_binary``: (..., ceil(d / 8)) uint8 -> (..., d) bool."""
-    if packed.dtype != torch.uint8 or packed.shape[-1] != cdiv(d, 8):
-        raise ValueError(f"need uint8 (..., {cdiv(d, 8)}), got {packed.dtype} {tuple(packed.shape)}")
-    shifts = torch.arange(8, device=packed.device)
-    bits = (packed[..., None].to(torch.int32) >> shifts) & 1  # (..., bytes, 8)
-    return bits.reshape(*packed.shape[:-1], -1)[..., :d].bool()
+    return unpack_rows(packed, 1, d).bool()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,51 +1,52 @@
-"""Quantize / dequantize to INT-k and FP ExMy codes with per-tensor, per-channel, per-group and per-token scales.
+"""Quantize / dequantize to the core's INT and FP formats with the core's ``block_size`` granularity, fused.
 
 What it is for: the real (not fake) quantization step of every plugin: packing weights, quantizing activations
 for W8A8 GEMMs (``quantize_dynamic``: per-token scales fused with the max reduction, one pass over the data).
 
-Granularity. ``x`` of shape (..., K) is viewed as M = prod(...) rows of K. Scales (and zero points) have one
-value per group of ``group_size`` consecutive elements of a row, i.e. shape (..., G) with G = ceil(K / group_size);
-any shape that broadcasts to that is accepted:
+The core is the specification: ``quantize_reference`` / ``dequantize_reference`` are ``polyquant.primitives``'
+``quantize_tensor`` / ``dequantize`` plus the code conversion below, and the Triton kernels compute the same
+values bit for bit.
 
-| granularity                   | group_size | scale shape for x (M, K) |
-|-------------------------------|------------|--------------------------|
-| per-tensor                    | None       | () or (1, 1)             |
-| per-row (weight out-channel,  | None       | (M, 1)                   |
-|   activation token)           |            |                          |
-| per-column (input channel)    | 1          | (K,) or (1, K)           |
-| per-group along K             | g          | (M, ceil(K / g))         |
+Formats are ``polyquant.formats`` objects or names (``get_format``): ``IntFormat`` (``"int2"`` .. ``"int8"``,
+``"uint1"`` .. ``"uint8"``) and ``FloatFormat`` of at most 8 bits (``"e2m1"`` = fp4, ``"e2m3"``, ``"e3m2"``,
+``"e4m3"`` = fp8 E4M3FN (max 448), ``"e5m2"`` (max 57344), ...). The Triton kernels take their constants
+(qmin / qmax, exponent and mantissa bits, bias, max) from the format object.
 
-Formats. ``fmt`` is a name or a spec:
-  - ``"int2"`` .. ``"int8"``: signed two's-complement codes in [-2^(b-1), 2^(b-1) - 1], stored as int8;
-    ``"uint1"`` .. ``"uint8"``: codes in [0, 2^b - 1], stored as uint8 (use a zero point).
-    code = clamp(round_half_even(x / scale) + zero_point, qmin, qmax); x_hat = (code - zero_point) * scale.
-  - FP ExMy (``"e2m1"`` = fp4, ``"e2m3"``, ``"e3m2"``, ``"e4m3"`` = fp8 E4M3FN (max 448), ``"e5m2"`` (max 57344)):
-    x / scale is rounded to the nearest value of the format's grid (ties to even mantissa), saturating at
-    +-max; the code is the bit pattern sign | exponent | mantissa in a uint8 (the same bits as
-    torch.float8_e4m3fn / float8_e5m2 for the 8-bit formats). Negative zero is stored as +0.
-    x_hat = value(code) * scale.
-  Objects with the attributes of polyquant.formats (``bits``/``signed``, or ``exp_bits``/``man_bits``/
-  ``exponent_bias``/``max_value``) are accepted too.
+Granularity is the core's ``block_size`` (one entry per dimension of ``x``, each dividing it; None: per tensor).
+Scales and zero points have the core's scale shape ``x.shape / block_size`` (any shape with that many elements
+is accepted, a float for per-tensor). The kernels view ``x`` (..., K) as M rows of K and walk groups of
+``g = block_size[-1]`` elements along K; blocks over the leading dimensions are expanded on the host.
+
+| granularity (x of shape (M, K))   | block_size | scale shape | core granularity   |
+|-----------------------------------|------------|-------------|--------------------|
+| per tensor                        | (M, K)     | (1, 1)      | PerTensor()        |
+| per row (out channel, token)      | (1, K)     | (M, 1)      | PerChannel(0)      |
+| per column (input channel)        | (M, 1)     | (1, K)      | PerChannel(1)      |
+| per group of g along K            | (1, g)     | (M, K / g)  | PerGroup(g)        |
+
+Codes (what ``quantize`` returns, same shape as ``x``):
+  - IntFormat: the grid values q = clamp(round_half_even(x / scale + zero_point), qmin, qmax) of
+    ``quantize_tensor``, as int8 (signed formats) or uint8 (unsigned); ``fmt.encode`` would give q - qmin.
+    x_hat = (q - zero_point) * scale.
+  - FloatFormat: ``fmt.encode(quantize_tensor(...))``, the bit pattern sign | exponent | mantissa as uint8 (the
+    bits of torch.float8_e4m3fn / float8_e5m2 for the 8-bit formats); x / scale saturates at +-max, negative
+    zero is stored as +0. x_hat = value(code) * scale. No zero point.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import math
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from polyquant.formats import FloatFormat, Format, IntFormat, get_format
+from polyquant.primitives import block_expand, block_reduce, dequantize as core_dequantize, quantize_tensor, scale_shape
+
 from ._dispatch import HAS_TRITON, as_rows, cdiv, interpreting, next_pow2, require_triton, tl, triton, use_triton
 
 __all__ = [
-    "IntSpec",
-    "FPSpec",
-    "FP_FORMATS",
-    "resolve_format",
-    "fp_round_reference",
-    "fp_encode_reference",
-    "fp_decode_reference",
     "quantize_reference",
     "dequantize_reference",
     "quantize_dynamic_reference",
@@ -54,178 +55,81 @@ __all__ = [
     "quantize_dynamic",
 ]
 
+KernelFormat = IntFormat | FloatFormat
+
 
 # ----------------------------------------------------------------------------------------------------------------
-# formats
+# formats and blocks (the core's, validated for the kernels)
 
 
-@dataclass(frozen=True)
-class IntSpec:
-    """Uniform integer codes: ``bits`` in 1..8, signed (two's complement, int8 storage) or unsigned (uint8)."""
-
-    bits: int
-    signed: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
-            raise ValueError(f"IntSpec: bits must be an integer in 1..8, got {self.bits!r}")
-        if self.signed and self.bits < 2:
-            raise ValueError("IntSpec: signed codes need at least 2 bits")
-
-    @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.signed else 0
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
-
-    @property
-    def max_value(self) -> float:
-        """The largest symmetric magnitude, used for absmax scales: scale = absmax / max_value."""
-        return float(self.qmax)
-
-    @property
-    def code_dtype(self) -> torch.dtype:
-        return torch.int8 if self.signed else torch.uint8
-
-
-@dataclass(frozen=True)
-class FPSpec:
-    """Saturating minifloat: 1 sign bit, ``exp_bits`` exponent bits, ``man_bits`` mantissa bits, ``bias``.
-
-    ``max_value`` is the largest finite magnitude (it fixes which top patterns are inf/NaN: none for the
-    OCP MX FP4/FP6 formats, S.1111.111 for E4M3FN, the whole top exponent for E5M2). Subnormals are kept.
-    """
-
-    exp_bits: int
-    man_bits: int
-    bias: int
-    max_value: float
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.exp_bits <= 5 or not 0 <= self.man_bits <= 5 or 1 + self.exp_bits + self.man_bits > 8:
-            raise ValueError(f"FPSpec: need 1..5 exponent bits, 0..5 mantissa bits, at most 8 bits in all: {self}")
-        if not self.max_value > 0:
-            raise ValueError(f"FPSpec: max_value must be positive, got {self.max_value}")
-
-    @property
-    def bits(self) -> int:
-        return 1 + self.exp_bits + self.man_bits
-
-    @property
-    def min_exp(self) -> int:
-        """Exponent of the smallest normal binade, 1 - bias (subnormals share its step)."""
-        return 1 - self.bias
-
-    @property
-    def code_dtype(self) -> torch.dtype:
-        return torch.uint8
-
-
-# name -> spec; max values: (2 - 2^-M) * 2^(2^E - 1 - bias) for the formats with no specials.
-FP_FORMATS: dict[str, FPSpec] = {
-    "e2m1": FPSpec(2, 1, 1, 6.0),
-    "e2m3": FPSpec(2, 3, 1, 7.5),
-    "e3m2": FPSpec(3, 2, 3, 28.0),
-    "e4m3": FPSpec(4, 3, 7, 448.0),
-    "e5m2": FPSpec(5, 2, 15, 57344.0),
-}
-_ALIASES = {"fp4": "e2m1", "fp8": "e4m3", "e4m3fn": "e4m3", "fp6_e2m3": "e2m3", "fp6_e3m2": "e3m2"}
-
-Format = IntSpec | FPSpec
-
-
-def resolve_format(fmt: str | Any) -> Format:
-    """A format from a name (``"int4"``, ``"uint8"``, ``"e2m1"``/``"fp4"``, ``"e4m3"``/``"fp8"``, ``"e5m2"``), a spec,
-    or a duck-typed format object."""
-    if isinstance(fmt, (IntSpec, FPSpec)):
+def _kernel_format(fmt: str | Format) -> KernelFormat:
+    """The core format ``fmt`` (a name or a Format), checked to have a kernel: INT, or FP of at most 8 bits."""
+    fmt = get_format(fmt)
+    if isinstance(fmt, IntFormat):
         return fmt
-    if isinstance(fmt, str):
-        key = fmt.strip().lower()
-        key = _ALIASES.get(key, key)
-        if key in FP_FORMATS:
-            return FP_FORMATS[key]
-        for prefix, signed in (("uint", False), ("int", True)):
-            if key.startswith(prefix) and key[len(prefix):].isdigit():
-                return IntSpec(int(key[len(prefix):]), signed)
-        raise ValueError(f"unknown format {fmt!r}: expected intN, uintN or one of {sorted(FP_FORMATS)}")
-    if hasattr(fmt, "exp_bits") and hasattr(fmt, "man_bits"):
-        bias = getattr(fmt, "exponent_bias", getattr(fmt, "bias", None))
-        return FPSpec(int(fmt.exp_bits), int(fmt.man_bits), int(bias), float(fmt.max_value))
-    if hasattr(fmt, "bits") and hasattr(fmt, "signed"):
-        return IntSpec(int(fmt.bits), bool(fmt.signed))
-    raise TypeError(f"format must be a name or a format spec, got {type(fmt).__name__}")
+    if isinstance(fmt, FloatFormat) and fmt.bits <= 8 and fmt.exp_bits <= 5:
+        return fmt
+    raise ValueError(
+        f"no kernel for format {fmt.name}: the kernels take integer formats and floating-point formats of at most "
+        "8 bits with at most 5 exponent bits"
+    )
+
+
+def _code_dtype(fmt: KernelFormat) -> torch.dtype:
+    return torch.int8 if isinstance(fmt, IntFormat) and fmt.signed else torch.uint8
+
+
+def _symmetric_max(fmt: KernelFormat) -> float:
+    """The divisor of absmax scales, as in ``polyquant.primitives.qparams_from_minmax``: qmax or the FP max."""
+    return float(fmt.qmax) if isinstance(fmt, IntFormat) else fmt.max_value
+
+
+def _encode_fp(fmt: FloatFormat, q: Tensor) -> Tensor:
+    """``fmt.encode(q)`` on q's device (the core's FloatFormat builds its code tables on the CPU)."""
+    return fmt.encode(q.cpu()).to(q.device)
+
+
+def _decode_fp(fmt: FloatFormat, codes: Tensor) -> Tensor:
+    """``fmt.decode(codes)`` on the codes' device."""
+    return fmt.decode(codes.cpu()).to(codes.device)
+
+
+def _check_block_size(shape: Sequence[int], block_size: Sequence[int] | None) -> tuple[int, ...]:
+    """The core ``block_size`` for a tensor of ``shape`` (None: per tensor), validated as the core does."""
+    bs = tuple(shape) if block_size is None else tuple(int(b) for b in block_size)
+    scale_shape(shape, bs)  # raises ValueError unless bs has one entry per dim and divides shape
+    return bs
+
+
+def _row_block_size(shape: Sequence[int], block_size: Sequence[int] | None) -> tuple[int, ...]:
+    """A block of g consecutive elements along the last dim (None: per token), as dynamic quantization needs."""
+    bs = _check_block_size(shape, (*(1 for _ in shape[:-1]), shape[-1]) if block_size is None else block_size)
+    if any(b != 1 for b in bs[:-1]):
+        raise ValueError(f"dynamic quantization takes blocks along the last dim, (1, ..., 1, g); got {bs}")
+    return bs
+
+
+def _as_blocks(p: Tensor | float, shape: Sequence[int], block_size: tuple[int, ...], device: torch.device) -> Tensor:
+    """A scale / zero point as fp32 in the core's scale shape (one value per block)."""
+    blocks = scale_shape(shape, block_size)
+    p = torch.as_tensor(p, dtype=torch.float32, device=device)
+    if p.numel() != math.prod(blocks):
+        raise ValueError(
+            f"scale / zero point of shape {tuple(p.shape)} does not fit block_size {block_size} on a tensor of "
+            f"shape {tuple(shape)}: expected the scale shape {blocks}"
+        )
+    return p.reshape(blocks)
+
+
+def _group_params(p: Tensor | float, shape: Sequence[int], block_size: tuple[int, ...], device: torch.device) -> Tensor:
+    """A scale / zero point -> one fp32 value per (row, group of ``block_size[-1]`` along K): (M, K / g), contiguous."""
+    groups = (*shape[:-1], shape[-1] // block_size[-1])
+    blocks = _as_blocks(p, shape, block_size, device)
+    return as_rows(block_expand(blocks, groups, (*block_size[:-1], 1))).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# torch references (the specification, and the CPU path)
-
-
-_rows = as_rows
-
-
-def _groups(k: int, group_size: int | None) -> tuple[int, int]:
-    """(group size, number of groups G) along a row of K elements."""
-    gs = k if group_size is None else group_size
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
-    return gs, (cdiv(k, gs) if gs > 0 else 0)
-
-
-def _group_params(p: Tensor | float, shape: torch.Size, group_size: int | None, device: torch.device) -> Tensor:
-    """Broadcast a scale / zero point to one fp32 value per (row, group): (M, G), contiguous."""
-    _, g = _groups(shape[-1], group_size)
-    p = torch.as_tensor(p, dtype=torch.float32, device=device)
-    target = (*shape[:-1], g)
-    try:
-        return as_rows(torch.broadcast_to(p.reshape(1) if p.dim() == 0 else p, target)).contiguous()
-    except RuntimeError as err:
-        raise ValueError(
-            f"scale / zero point of shape {tuple(p.shape)} does not broadcast to {target} "
-            f"(x {tuple(shape)}, group_size={group_size})"
-        ) from err
-
-
-def _per_element(p: Tensor, k: int, gs: int) -> Tensor:
-    """(M, G) group parameters -> (M, K) per element."""
-    return p.repeat_interleave(gs, dim=1)[:, :k]
-
-
-def fp_round_reference(v: Tensor, fmt: FPSpec) -> Tensor:
-    """Round fp32 values onto the format's grid: nearest, ties to even mantissa, saturating at +-max."""
-    a = v.abs().clamp(max=fmt.max_value)  # (M, K)
-    _, e = torch.frexp(a)  # a = m * 2^e with m in [0.5, 1): the binade exponent is e - 1
-    e = (e - 1).clamp(min=fmt.min_exp)  # subnormals share the smallest normal binade's step
-    step = torch.ldexp(torch.ones_like(a), e - fmt.man_bits)
-    q = torch.round(a / step) * step  # exact: step is a power of two
-    return torch.where(v < 0, -q, q)
-
-
-def fp_encode_reference(q: Tensor, fmt: FPSpec) -> Tensor:
-    """Grid values -> bit patterns sign | exponent | mantissa (uint8). Zero of either sign -> code 0."""
-    a = q.abs().float()
-    _, e = torch.frexp(a)
-    e = e - 1
-    man_scale = 2.0**fmt.man_bits
-    subnormal = a * 2.0 ** (fmt.bias - 1 + fmt.man_bits)  # m for a = m * 2^(1 - bias - M)
-    normal = (e + fmt.bias) * man_scale + (torch.ldexp(a, -e) - 1) * man_scale  # exponent field, mantissa
-    mag = torch.where(a >= 2.0**fmt.min_exp, normal, subnormal).to(torch.int32)
-    sign = (q < 0).to(torch.int32) << (fmt.exp_bits + fmt.man_bits)
-    return (mag | sign).to(torch.uint8)
-
-
-def fp_decode_reference(codes: Tensor, fmt: FPSpec) -> Tensor:
-    """Bit patterns -> fp32 values (patterns above max_value decode as if finite; they are never produced)."""
-    c = codes.to(torch.int32)
-    s = (c >> (fmt.exp_bits + fmt.man_bits)) & 1
-    e = (c >> fmt.man_bits) & (2**fmt.exp_bits - 1)
-    m = (c & (2**fmt.man_bits - 1)).float()
-    one = torch.ones_like(m)
-    sub = m * 2.0 ** (1 - fmt.bias - fmt.man_bits)
-    normal = torch.ldexp(one + m / 2.0**fmt.man_bits, e - fmt.bias)
-    v = torch.where(e == 0, sub, normal)
-    return torch.where(s == 1, -v, v)
+# torch references: the core's primitives (the specification, and the CPU path)
 
 
 def quantize_reference(
@@ -234,25 +138,19 @@ def quantize_reference(
     zero_point: Tensor | float | None = None,
     *,
     fmt: str | Format = "int8",
-    group_size: int | None = None,
+    block_size: Sequence[int] | None = None,
 ) -> Tensor:
-    """Codes of ``x`` (..., K) with static scales (see the module docstring); same shape as ``x``."""
-    spec = resolve_format(fmt)
-    if zero_point is not None and isinstance(spec, FPSpec):
-        raise ValueError("floating-point formats take no zero point")
-    k = x.shape[-1] if x.dim() else 0
-    gs, _ = _groups(k, group_size)
-    xm = _rows(x).float()  # (M, K)
-    s = _per_element(_group_params(scale, x.shape, group_size, x.device), k, gs)  # (M, K)
-    v = xm / s
-    if isinstance(spec, FPSpec):
-        codes = fp_encode_reference(fp_round_reference(v, spec), spec)
-    else:
-        q = torch.round(v)
-        if zero_point is not None:
-            q = q + _per_element(_group_params(zero_point, x.shape, group_size, x.device), k, gs)
-        codes = q.clamp(spec.qmin, spec.qmax).to(spec.code_dtype)
-    return codes.reshape(x.shape)
+    """Codes of ``x`` with static scales (module docstring): the core's ``quantize_tensor``, then the code dtype."""
+    fmt = _kernel_format(fmt)
+    if zero_point is not None and isinstance(fmt, FloatFormat):
+        raise ValueError(f"{fmt.name} takes no zero point")
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=_code_dtype(fmt), device=x.device)
+    bs = _check_block_size(x.shape, block_size)
+    s = _as_blocks(scale, x.shape, bs, x.device)
+    z = None if zero_point is None else _as_blocks(zero_point, x.shape, bs, x.device)
+    q = quantize_tensor(x, fmt, s, z, bs)
+    return _encode_fp(fmt, q) if isinstance(fmt, FloatFormat) else q.to(_code_dtype(fmt))
 
 
 def dequantize_reference(
@@ -261,46 +159,56 @@ def dequantize_reference(
     zero_point: Tensor | float | None = None,
     *,
     fmt: str | Format = "int8",
-    group_size: int | None = None,
+    block_size: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Values of ``codes`` (..., K): (code - zero_point) * scale, or value(code) * scale for FP formats."""
-    spec = resolve_format(fmt)
-    k = codes.shape[-1] if codes.dim() else 0
-    gs, _ = _groups(k, group_size)
-    c = _rows(codes)  # (M, K)
-    s = _per_element(_group_params(scale, codes.shape, group_size, codes.device), k, gs)
-    if isinstance(spec, FPSpec):
-        v = fp_decode_reference(c, spec)
-    else:
-        v = c.float()
-        if zero_point is not None:
-            v = v - _per_element(_group_params(zero_point, codes.shape, group_size, codes.device), k, gs)
-    return (v * s).to(dtype).reshape(codes.shape)
+    """Values of ``codes``: the core's ``dequantize`` of q (INT) or of ``fmt.decode(codes)`` (FP)."""
+    fmt = _kernel_format(fmt)
+    if codes.numel() == 0:
+        return torch.empty(codes.shape, dtype=dtype, device=codes.device)
+    bs = _check_block_size(codes.shape, block_size)
+    s = _as_blocks(scale, codes.shape, bs, codes.device)
+    if isinstance(fmt, FloatFormat):
+        return core_dequantize(_decode_fp(fmt, codes), s, None, bs, dtype=dtype)
+    z = None if zero_point is None else _as_blocks(zero_point, codes.shape, bs, codes.device)
+    return core_dequantize(codes, s, z, bs, dtype=dtype)
 
 
 def quantize_dynamic_reference(
-    x: Tensor, *, fmt: str | Format = "int8", group_size: int | None = None
+    x: Tensor, *, fmt: str | Format = "int8", block_size: Sequence[int] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Symmetric dynamic quantization: scale = absmax / max_value per row (per token) or per group.
+    """Symmetric dynamic quantization: scale = absmax / qmax (INT) or absmax / max (FP) per block along K.
+
+    ``block_size`` is (1, ..., 1, g); None: per token (1, ..., 1, K).
 
     Returns:
-        codes (same shape as x) and fp32 scales (..., G), G = 1 per token or ceil(K / group_size).
-        A row or group of zeros gets scale 1.
+        codes (same shape as x) and fp32 scales in the core's scale shape (..., K / g). A block of zeros gets
+        scale 1 (the core's ``choose_qparams`` gives it ``eps``; both dequantize it to 0).
     """
-    spec = resolve_format(fmt)
-    if isinstance(spec, IntSpec) and not spec.signed:
-        raise ValueError("dynamic quantization is symmetric: use a signed integer or a floating-point format")
-    k = x.shape[-1] if x.dim() else 0
-    gs, g = _groups(k, group_size)
-    xm = _rows(x).float()  # (M, K)
-    m = xm.shape[0]
-    pad = g * gs - k
-    amax = torch.nn.functional.pad(xm.abs(), (0, pad)).reshape(m, g, gs).amax(dim=2) if g else xm.new_zeros(m, 0)
+    fmt = _dynamic_format(fmt)
+    if x.numel() == 0:
+        return _empty_dynamic(x, fmt, block_size)
+    bs = _row_block_size(x.shape, block_size)
+    amax = block_reduce(x.float(), bs, "absmax")  # (..., K / g)
     # tensor / tensor: torch divides by a Python scalar on CUDA through its reciprocal, which is not exact
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, spec.max_value), torch.ones_like(amax))  # (M, G)
-    codes = quantize_reference(x, scale.reshape(*x.shape[:-1], g), fmt=spec, group_size=group_size)
-    return codes, scale.reshape(*x.shape[:-1], g)
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, _symmetric_max(fmt)), torch.ones_like(amax))
+    return quantize_reference(x, scale, fmt=fmt, block_size=bs), scale
+
+
+def _dynamic_format(fmt: str | Format) -> KernelFormat:
+    fmt = _kernel_format(fmt)
+    if isinstance(fmt, IntFormat) and (not fmt.signed or fmt.qmax < 1):
+        raise ValueError(f"dynamic quantization is symmetric: use a signed integer format of at least 2 bits or a "
+                         f"floating-point format, got {fmt.name}")
+    return fmt
+
+
+def _empty_dynamic(x: Tensor, fmt: KernelFormat, block_size: Sequence[int] | None) -> tuple[Tensor, Tensor]:
+    k = x.shape[-1] if x.dim() else 0
+    g = k if block_size is None else int(block_size[-1])
+    groups = k // g if g else 0
+    codes = torch.empty(x.shape, dtype=_code_dtype(fmt), device=x.device)
+    return codes, torch.empty((*x.shape[:-1], groups), dtype=torch.float32, device=x.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,7 +228,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp_round(v, MAN: tl.constexpr, MIN_EXP: tl.constexpr, MAXV: tl.constexpr):
-        """``fp_round_reference``: saturate, then round to the binade's step (ties to even)."""
+        """``FloatFormat.round``: saturate, then round to the binade's step (ties to even)."""
         a = tl.minimum(tl.abs(v), MAXV)
         e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 a); fp32 subnormals give -127
         e = tl.maximum(e, MIN_EXP)
@@ -329,7 +237,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp_encode(q, EXP: tl.constexpr, MAN: tl.constexpr, BIAS: tl.constexpr):
-        """``fp_encode_reference``: grid value -> int32 bit pattern."""
+        """``FloatFormat.encode``: grid value -> int32 bit pattern."""
         a = tl.abs(q)
         bits = a.to(tl.int32, bitcast=True)
         e = ((bits >> 23) & 0xFF) - 127
@@ -342,7 +250,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _fp_decode(code, EXP: tl.constexpr, MAN: tl.constexpr, BIAS: tl.constexpr):
-        """``fp_decode_reference``: int32 bit pattern -> fp32 value."""
+        """``FloatFormat.decode`` of the finite patterns: int32 bit pattern -> fp32 value."""
         s = (code >> (EXP + MAN)) & 1
         e = (code >> MAN) & ((1 << EXP) - 1)
         m = code & ((1 << MAN) - 1)
@@ -354,13 +262,13 @@ if HAS_TRITON:
     @triton.jit
     def _to_codes(v, z, HAS_ZP: tl.constexpr, IS_FP: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
                   EXP: tl.constexpr, MAN: tl.constexpr, BIAS: tl.constexpr, MAXV: tl.constexpr):
-        """x / scale -> int32 codes (integer value, or FP bit pattern)."""
+        """x / scale -> int32 codes (integer value, or FP bit pattern); INT: round(x / scale + zero_point)."""
         if IS_FP:
             code = _fp_encode(_fp_round(v, MAN, 1 - BIAS, MAXV), EXP, MAN, BIAS)
         else:
-            q = _rne(tl.minimum(tl.maximum(v, -4194304.0), 4194304.0))
             if HAS_ZP:
-                q = q + z
+                v = v + z
+            q = _rne(tl.minimum(tl.maximum(v, -4194304.0), 4194304.0))
             code = tl.minimum(tl.maximum(q, QMIN), QMAX).to(tl.int32)
         return code
 
@@ -464,11 +372,12 @@ if HAS_TRITON:
         tl.store(q_ptr + rows * K + cols, code.to(q_ptr.dtype.element_ty), mask=mask)
 
 
-def _format_constants(spec: Format) -> dict[str, Any]:
-    if isinstance(spec, FPSpec):
-        return dict(IS_FP=True, QMIN=0, QMAX=0, EXP=spec.exp_bits, MAN=spec.man_bits, BIAS=spec.bias,
-                    MAXV=float(spec.max_value))
-    return dict(IS_FP=False, QMIN=spec.qmin, QMAX=spec.qmax, EXP=0, MAN=0, BIAS=0, MAXV=float(spec.max_value))
+def _format_constants(fmt: KernelFormat) -> dict[str, Any]:
+    """The Triton kernels' constexpr parameters, from the core format."""
+    if isinstance(fmt, FloatFormat):
+        return dict(IS_FP=True, QMIN=0, QMAX=0, EXP=fmt.exp_bits, MAN=fmt.man_bits, BIAS=fmt.exponent_bias,
+                    MAXV=fmt.max_value)
+    return dict(IS_FP=False, QMIN=fmt.qmin, QMAX=fmt.qmax, EXP=0, MAN=0, BIAS=0, MAXV=_symmetric_max(fmt))
 
 
 def _tile(m: int, k: int, elems: int) -> tuple[int, int]:
@@ -483,56 +392,56 @@ def _elems() -> int:
 
 
 def _rows_contig(x: Tensor) -> Tensor:
-    xm = _rows(x)
+    xm = as_rows(x)
     return xm if xm.stride(-1) == 1 else xm.contiguous()
 
 
 def quantize_triton(
     x: Tensor, scale: Tensor | float, zero_point: Tensor | float | None = None, *, fmt: str | Format = "int8",
-    group_size: int | None = None,
+    block_size: Sequence[int] | None = None,
 ) -> Tensor:
     """Triton launcher of ``quantize_reference`` (same arguments and result)."""
     require_triton()
-    spec = resolve_format(fmt)
-    if zero_point is not None and isinstance(spec, FPSpec):
-        raise ValueError("floating-point formats take no zero point")
-    out = torch.empty(x.shape, dtype=spec.code_dtype, device=x.device)
+    fmt = _kernel_format(fmt)
+    if zero_point is not None and isinstance(fmt, FloatFormat):
+        raise ValueError(f"{fmt.name} takes no zero point")
+    out = torch.empty(x.shape, dtype=_code_dtype(fmt), device=x.device)
     if x.numel() == 0:
         return out
-    k = x.shape[-1]
-    gs, g = _groups(k, group_size)
+    bs = _check_block_size(x.shape, block_size)
+    k, gs = x.shape[-1], bs[-1]
     xm = _rows_contig(x)
     m = xm.shape[0]
-    s = _group_params(scale, x.shape, group_size, x.device)
-    z = s if zero_point is None else _group_params(zero_point, x.shape, group_size, x.device)
+    s = _group_params(scale, x.shape, bs, x.device)  # (M, K / gs)
+    z = s if zero_point is None else _group_params(zero_point, x.shape, bs, x.device)
     bm, bk = _tile(m, k, _elems())
     _quantize_kernel[(cdiv(m, bm), cdiv(k, bk))](
-        xm, s, z, out, m, k, g, xm.stride(0), GROUP=gs, BLOCK_M=bm, BLOCK_K=bk,
-        HAS_ZP=zero_point is not None, **_format_constants(spec),
+        xm, s, z, out, m, k, k // gs, xm.stride(0), GROUP=gs, BLOCK_M=bm, BLOCK_K=bk,
+        HAS_ZP=zero_point is not None, **_format_constants(fmt),
     )
     return out
 
 
 def dequantize_triton(
     codes: Tensor, scale: Tensor | float, zero_point: Tensor | float | None = None, *,
-    fmt: str | Format = "int8", group_size: int | None = None, dtype: torch.dtype = torch.float32,
+    fmt: str | Format = "int8", block_size: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Triton launcher of ``dequantize_reference``."""
     require_triton()
-    spec = resolve_format(fmt)
+    fmt = _kernel_format(fmt)
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     if codes.numel() == 0:
         return out
-    k = codes.shape[-1]
-    gs, g = _groups(k, group_size)
+    bs = _check_block_size(codes.shape, block_size)
+    k, gs = codes.shape[-1], bs[-1]
     cm = _rows_contig(codes)
     m = cm.shape[0]
-    s = _group_params(scale, codes.shape, group_size, codes.device)
-    z = s if zero_point is None else _group_params(zero_point, codes.shape, group_size, codes.device)
-    c = _format_constants(spec)
+    s = _group_params(scale, codes.shape, bs, codes.device)
+    z = s if zero_point is None else _group_params(zero_point, codes.shape, bs, codes.device)
+    c = _format_constants(fmt)
     bm, bk = _tile(m, k, _elems())
     _dequantize_kernel[(cdiv(m, bm), cdiv(k, bk))](
-        cm, s, z, out, m, k, g, cm.stride(0), GROUP=gs, BLOCK_M=bm, BLOCK_K=bk,
+        cm, s, z, out, m, k, k // gs, cm.stride(0), GROUP=gs, BLOCK_M=bm, BLOCK_K=bk,
         HAS_ZP=zero_point is not None and not c["IS_FP"], IS_FP=c["IS_FP"], EXP=c["EXP"], MAN=c["MAN"],
         BIAS=c["BIAS"],
     )
@@ -540,22 +449,21 @@ def dequantize_triton(
 
 
 def quantize_dynamic_triton(
-    x: Tensor, *, fmt: str | Format = "int8", group_size: int | None = None
+    x: Tensor, *, fmt: str | Format = "int8", block_size: Sequence[int] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Triton launcher of ``quantize_dynamic_reference``: one kernel, the max reduction fused."""
     require_triton()
-    spec = resolve_format(fmt)
-    if isinstance(spec, IntSpec) and not spec.signed:
-        raise ValueError("dynamic quantization is symmetric: use a signed integer or a floating-point format")
-    k = x.shape[-1] if x.dim() else 0
-    gs, g = _groups(k, group_size)
-    codes = torch.empty(x.shape, dtype=spec.code_dtype, device=x.device)
-    scale = torch.empty((*x.shape[:-1], g), dtype=torch.float32, device=x.device)
+    fmt = _dynamic_format(fmt)
     if x.numel() == 0:
-        return codes, scale
+        return _empty_dynamic(x, fmt, block_size)
+    bs = _row_block_size(x.shape, block_size)
+    k, gs = x.shape[-1], bs[-1]
+    g = k // gs
+    codes = torch.empty(x.shape, dtype=_code_dtype(fmt), device=x.device)
+    scale = torch.empty((*x.shape[:-1], g), dtype=torch.float32, device=x.device)
     xm = _rows_contig(x)
     m = xm.shape[0]
-    consts = _format_constants(spec)
+    consts = _format_constants(fmt)
     elems = _elems()
     if g == 1:  # per token (or one group per row)
         block_k = min(next_pow2(k), 8192 if not interpreting() else 16384)
@@ -567,7 +475,7 @@ def quantize_dynamic_triton(
     else:
         group_pad = next_pow2(gs)
         if group_pad > 8192:
-            raise ValueError(f"group_size {gs} too large for the Triton kernel (at most 8192)")
+            raise ValueError(f"block_size {bs}: groups of {gs} are too large for the Triton kernel (at most 8192)")
         block_g = min(next_pow2(g), max(1, elems // group_pad))
         block_m = min(next_pow2(m), max(1, elems // (group_pad * block_g)))
         _quantize_groups_kernel[(cdiv(m, block_m), cdiv(g, block_g))](
@@ -587,23 +495,23 @@ def quantize(
     zero_point: Tensor | float | None = None,
     *,
     fmt: str | Format = "int8",
-    group_size: int | None = None,
+    block_size: Sequence[int] | None = None,
 ) -> Tensor:
-    """Quantize ``x`` (..., K) to codes with static scales (module docstring); Triton on CUDA.
+    """Quantize ``x`` to codes with static scales (module docstring); Triton on CUDA.
 
     Args:
         x: float tensor (..., K).
-        scale: one scale per (row, group), broadcastable to (..., ceil(K / group_size)).
-        zero_point: integer formats only; same shape rules as ``scale``.
-        fmt: ``"int8"``, ``"int4"``, ``"uint8"``, ``"e2m1"``, ``"e4m3"``, ``"e5m2"``, ... or a spec.
-        group_size: elements per group along K; None: one group per row.
+        scale: one scale per block, in the core's scale shape ``x.shape / block_size``; a float for per tensor.
+        zero_point: integer formats only; same shape as ``scale``.
+        fmt: a ``polyquant.formats`` format or name: ``"int8"``, ``"int4"``, ``"uint8"``, ``"e2m1"``, ``"e4m3"``, ...
+        block_size: the core's block size, e.g. ``(1, 128)`` for groups of 128 along K; None: per tensor.
 
     Returns:
         Codes, same shape as ``x``: int8 for signed integer formats, uint8 otherwise.
     """
     if use_triton(x):
-        return quantize_triton(x, scale, zero_point, fmt=fmt, group_size=group_size)
-    return quantize_reference(x, scale, zero_point, fmt=fmt, group_size=group_size)
+        return quantize_triton(x, scale, zero_point, fmt=fmt, block_size=block_size)
+    return quantize_reference(x, scale, zero_point, fmt=fmt, block_size=block_size)
 
 
 def dequantize(
@@ -612,25 +520,29 @@ def dequantize(
     zero_point: Tensor | float | None = None,
     *,
     fmt: str | Format = "int8",
-    group_size: int | None = None,
+    block_size: Sequence[int] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Inverse of ``quantize``: values of ``codes`` (..., K) times their scales, as ``dtype``."""
     if use_triton(codes):
-        return dequantize_triton(codes, scale, zero_point, fmt=fmt, group_size=group_size, dtype=dtype)
-    return dequantize_reference(codes, scale, zero_point, fmt=fmt, group_size=group_size, dtype=dtype)
+        return dequantize_triton(codes, scale, zero_point, fmt=fmt, block_size=block_size, dtype=dtype)
+    return dequantize_reference(codes, scale, zero_point, fmt=fmt, block_size=block_size, dtype=dtype)
 
 
 def quantize_dynamic(
-    x: Tensor, *, fmt: str | Format = "int8", group_size: int | None = None
+    x: Tensor, *, fmt: str | Format = "int8", block_size: Sequence[int] | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Symmetric dynamic quantization with absmax scales per token (``group_size=None``) or per group.
+    """Symmetric dynamic quantization with absmax scales per token (``block_size=None``) or per group along K.
 
     Used for W8A8 activations (per-token int8, then ``gemm.int8_gemm``) and for packing weights per group.
 
+    Args:
+        block_size: ``(1, ..., 1, g)``, g dividing K; None: per token, ``(1, ..., 1, K)``.
+
     Returns:
-        (codes like ``x``, fp32 scales (..., G)); scale = absmax / max_value, 1 for an all-zero row or group.
+        (codes like ``x``, fp32 scales (..., K / g)); scale = absmax / qmax (INT) or absmax / max (FP), 1 for a
+        block of zeros.
     """
     if use_triton(x):
-        return quantize_dynamic_triton(x, fmt=fmt, group_size=group_size)
-    return quantize_dynamic_reference(x, fmt=fmt, group_size=group_size)
+        return quantize_dynamic_triton(x, fmt=fmt, block_size=block_size)
+    return quantize_dynamic_reference(x, fmt=fmt, block_size=block_size)

@@ -50,21 +50,14 @@ def vq_assign_reference(x: Tensor, codebook: Tensor, *, chunk_rows: int | None =
         indices (...) int64 and squared distances (...) fp32. Rows are processed ``chunk_rows`` at a time
         (default: about 4M distances per chunk) so memory stays bounded.
     """
+    from polyquant.vq import nearest_codes
+
     _check_codebook(x, codebook)
-    k, d = codebook.shape
+    k = codebook.shape[0]
     xm = as_rows(x).float()  # (N, D)
-    c = codebook.float()  # (K, D)
-    c2 = (c * c).sum(dim=1)  # (K,)
     step = chunk_rows or max(1, (1 << 22) // k)
-    idx = torch.empty(xm.shape[0], dtype=torch.int64, device=x.device)
-    dist = torch.empty(xm.shape[0], dtype=torch.float32, device=x.device)
-    for i in range(0, xm.shape[0], step):
-        xc = xm[i : i + step]  # (n, D)
-        dc = c2[None, :] - 2.0 * (xc @ c.T)  # (n, K), ||x||^2 does not change the argmin
-        best, arg = dc.min(dim=1)  # first index among ties
-        idx[i : i + step] = arg
-        dist[i : i + step] = (best + (xc * xc).sum(dim=1)).clamp_min(0)
-    return idx.reshape(x.shape[:-1]), dist.reshape(x.shape[:-1])
+    idx, dist = nearest_codes(xm[None], codebook.float()[None], step)  # (1, N) each: the core's definition
+    return idx[0].reshape(x.shape[:-1]), dist[0].reshape(x.shape[:-1])
 
 
 def vq_decode_reference(indices: Tensor, codebook: Tensor) -> Tensor:

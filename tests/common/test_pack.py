@@ -7,7 +7,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polyquant.pack import pack_bits, pack_signed, packed_numel, unpack_bits, unpack_signed
+from polyquant.pack import (
+    pack_bits,
+    pack_rows,
+    pack_signed,
+    packed_numel,
+    pad_rows,
+    row_length,
+    unpack_bits,
+    unpack_rows,
+    unpack_signed,
+)
 
 
 @pytest.mark.parametrize(
@@ -121,3 +131,53 @@ def test_signed_roundtrip_property(bits: int, data: st.DataObject) -> None:
     codes = data.draw(st.lists(st.integers(-half, half - 1), min_size=0, max_size=100))
     t = torch.tensor(codes, dtype=torch.int64)
     assert unpack_signed(pack_signed(t, bits), bits, len(codes)).tolist() == codes
+
+
+# ------------------------------------------------------------------------------------------------ row layout
+
+
+def test_row_length() -> None:
+    assert [row_length(5, b) for b in range(1, 9)] == [8, 8, 8, 6, 8, 8, 8, 5]
+    assert [row_length(k, 4) for k in (0, 1, 2, 3)] == [0, 2, 2, 4]
+    with pytest.raises(ValueError, match="bits"):
+        row_length(4, 9)
+
+
+def test_rows_hand_computed() -> None:
+    packed = pack_rows(torch.tensor([[1, 2, 3], [4, 5, 6]]), 4)
+    assert packed.dtype == torch.uint8 and packed.tolist() == [[0x21, 0x03], [0x54, 0x06]]  # low nibble first
+    assert unpack_rows(packed, 4, 3).tolist() == [[1, 2, 3], [4, 5, 6]]
+    # 3 bits: a row of 3 codes is padded to 8 codes (3 bytes) so the next row starts on a byte
+    assert pack_rows(torch.tensor([[7, 1, 0], [1, 0, 0]]), 3).tolist() == [[0x0F, 0, 0], [0x01, 0, 0]]
+    assert pad_rows(torch.tensor([[1, 2, 3]]), 4).tolist() == [[1, 2, 3, 0]]
+
+
+def test_rows_are_the_flat_stream_of_padded_rows() -> None:
+    codes = torch.randint(0, 16, (3, 5, 9), dtype=torch.uint8)
+    packed = pack_rows(codes, 4)
+    assert packed.shape == (3, 5, 5)
+    assert torch.equal(packed.flatten(), pack_bits(pad_rows(codes, 4), 4))
+    even = codes[..., :8]
+    assert torch.equal(pack_rows(even, 4).flatten(), pack_bits(even, 4))  # whole-byte rows: no padding
+    assert torch.equal(unpack_rows(packed, 4, 9), codes)
+
+
+def test_rows_errors_and_empty() -> None:
+    with pytest.raises(ValueError, match="3 bytes"):
+        unpack_rows(torch.zeros(2, 2, dtype=torch.uint8), 4, 5)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        pack_rows(torch.tensor(3), 4)
+    assert pack_rows(torch.zeros(0, 7, dtype=torch.uint8), 4).shape == (0, 4)
+    assert unpack_rows(torch.zeros(2, 0, dtype=torch.uint8), 4, 0).shape == (2, 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(bits=st.integers(1, 8), rows=st.integers(0, 4), k=st.integers(0, 20), data=st.data())
+def test_rows_roundtrip_property(bits: int, rows: int, k: int, data: st.DataObject) -> None:
+    values = data.draw(st.lists(st.integers(0, (1 << bits) - 1), min_size=rows * k, max_size=rows * k))
+    codes = torch.tensor(values, dtype=torch.uint8).reshape(rows, k)
+    packed = pack_rows(codes, bits)
+    assert packed.shape == (rows, row_length(k, bits) * bits // 8)
+    assert torch.equal(unpack_rows(packed, bits, k), codes)
+    for r in range(rows):  # each row is its own dense stream, starting at a byte boundary
+        assert packed[r].tolist() == pack_bits(pad_rows(codes[r], bits), bits).tolist()

@@ -43,6 +43,14 @@ def test_orthonormal_and_plus_minus_one(n: int) -> None:
     assert torch.allclose(h.abs() * math.sqrt(n), torch.ones(n, n, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("n", [4, 12, 24, 40])
+def test_unnormalized_matrix(n: int) -> None:
+    h = hadamard_matrix(n, dtype=torch.float64, normalize=False)
+    assert set(h.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
+    assert torch.allclose(h / math.sqrt(n), hadamard_matrix(n, dtype=torch.float64), atol=0, rtol=1e-15)
+
+
 @pytest.mark.parametrize("n", [1, 2, 8, 64, 512])
 def test_fwht_matches_dense(n: int) -> None:
     x = torch.randn(3, 5, n, dtype=torch.float64)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from polyquant.formats import IntFormat, get_format
 from polyquant.kernels import gemm
 from polyquant.kernels.gemm import GemmConfig
+from polyquant.pack import pack_rows
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -18,16 +20,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_pack_4bit_layout() -> None:
-    # low nibble = even index; int4 two's complement; odd K padded with 0
-    packed = gemm.pack_4bit(torch.tensor([[1, -2, 3], [-8, 7, -1]], dtype=torch.int8))
+    # the core's row layout: low nibble = even index; int4 codes are offset binary q + 8; odd K padded with code 0
+    int4 = get_format("int4")
+    q = torch.tensor([[1, -2, 3], [-8, 7, -1]], dtype=torch.int8)
+    packed = gemm.pack_4bit(int4.encode(q))  # codes [[9, 6, 11], [0, 15, 7]]
     assert packed.dtype == torch.uint8
-    assert packed.tolist() == [[0xE1, 0x03], [0x78, 0x0F]]
-    assert gemm.unpack_4bit(packed, 3).tolist() == [[1, -2, 3], [-8, 7, -1]]
-    assert gemm.unpack_4bit(packed, 3, signed=False).tolist() == [[1, 14, 3], [8, 7, 15]]
+    assert packed.tolist() == [[0x69, 0x0B], [0xF0, 0x07]]
+    assert torch.equal(packed, pack_rows(int4.encode(q), 4))
+    assert gemm.unpack_4bit(packed, 3).tolist() == [[9, 6, 11], [0, 15, 7]]
+    assert int4.decode(gemm.unpack_4bit(packed, 3)).tolist() == q.tolist()
+    with pytest.raises(ValueError, match=r"\[0, 15\]"):
+        gemm.pack_4bit(q)  # two's complement codes are not the format's codes
 
 
 def test_pack_round_trip_random() -> None:
-    codes = torch.randint(-8, 8, (5, 4, 17), dtype=torch.int8)
+    codes = torch.randint(0, 16, (5, 4, 17), dtype=torch.uint8)
     assert torch.equal(gemm.unpack_4bit(gemm.pack_4bit(codes), 17), codes)
     with pytest.raises(ValueError):
         gemm.unpack_4bit(gemm.pack_4bit(codes), 15)
@@ -35,29 +42,35 @@ def test_pack_round_trip_random() -> None:
 
 def test_quantize_weight_4bit_hand() -> None:
     w = torch.tensor([[7.0, -3.5, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    packed, scale = gemm.quantize_weight_4bit(w, fmt="int4", group_size=4)
+    packed, scale = gemm.quantize_weight_4bit(w, fmt="int4", block_size=(1, 4))
     assert scale.tolist() == [[1.0], [1.0]]
-    assert gemm.unpack_4bit(packed, 4).tolist() == [[7, -4, 1, 0], [0, 0, 0, 0]]  # -3.5 ties to even
-    packed, scale = gemm.quantize_weight_4bit(torch.tensor([[6.0, -1.5, 0.2, 2.6]]), fmt="fp4", group_size=4)
+    assert gemm.unpack_4bit(packed, 4).tolist() == [[15, 4, 9, 8], [8, 8, 8, 8]]  # -3.5 ties to even: -4 + 8
+    packed, scale = gemm.quantize_weight_4bit(torch.tensor([[6.0, -1.5, 0.2, 2.6]]), fmt="fp4", block_size=(1, 4))
     assert scale.tolist() == [[1.0]]
-    back = gemm.dequantize_weight_4bit(packed, scale, k=4, fmt="fp4", group_size=4)
+    back = gemm.dequantize_weight_4bit(packed, scale, k=4, fmt="fp4", block_size=(1, 4))
     assert back.tolist() == [[6.0, -1.5, 0.0, 3.0]]
 
 
 def test_w4_reference_equals_dense_matmul() -> None:
-    w = torch.randn(24, 70)
-    packed, scale = gemm.quantize_weight_4bit(w, fmt="int4", group_size=32)
-    wd = gemm.dequantize_weight_4bit(packed, scale, k=70, fmt="int4", group_size=32)
+    w = torch.randn(24, 64)
+    packed, scale = gemm.quantize_weight_4bit(w, fmt=IntFormat(4), block_size=(1, 32))
+    wd = gemm.dequantize_weight_4bit(packed, scale, k=64, fmt="int4", block_size=(1, 32))
     assert rel_err(wd, w) < 0.15
-    x = torch.randn(2, 3, 70)
+    x = torch.randn(2, 3, 64)
     bias = torch.randn(24)
-    y = gemm.w4_gemm_reference(x, packed, scale, fmt="int4", group_size=32, bias=bias)
+    y = gemm.w4_gemm_reference(x, packed, scale, fmt="int4", block_size=(1, 32), bias=bias)
     assert y.shape == (2, 3, 24)
     torch.testing.assert_close(y, x @ wd.T + bias)
     with pytest.raises(ValueError, match="scale"):
-        gemm.w4_gemm_reference(x, packed, scale[:, :1], group_size=32)
-    with pytest.raises(ValueError, match="format"):
+        gemm.w4_gemm_reference(x, packed, scale[:, :1], block_size=(1, 32))
+    with pytest.raises(ValueError, match="int4 or e2m1"):
         gemm.quantize_weight_4bit(w, fmt="int3")
+    with pytest.raises(ValueError, match="does not divide"):
+        gemm.quantize_weight_4bit(w, block_size=(1, 48))
+    with pytest.raises(ValueError, match="even group"):
+        gemm.quantize_weight_4bit(torch.randn(4, 63), block_size=(1, 21))
+    with pytest.raises(ValueError, match=r"\(1, g\)"):
+        gemm.quantize_weight_4bit(w, block_size=(2, 32))
 
 
 def test_int8_reference_hand() -> None:
@@ -92,9 +105,10 @@ def test_w8a8_linear_close_to_float(torch_path: None) -> None:
 
 W4_CASES = [  # (M, N, K, group)
     (1, 48, 256, 128),
-    (3, 40, 200, 32),
+    (3, 40, 192, 32),
     (20, 64, 384, 64),
-    (5, 33, 131, 40),  # odd K, non-power-of-two group
+    (5, 33, 200, 40),  # non-power-of-two group
+    (2, 17, 131, 131),  # odd K, per channel
     (0, 16, 64, 32),  # empty batch
 ]
 
@@ -105,11 +119,11 @@ def test_w4_gemm_triton_matches_reference(triton_path: str, fmt: str, dtype: tor
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     for m, n, k, g in W4_CASES:
         w = torch.randn(n, k, device=triton_path)
-        packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, group_size=g)
+        packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, block_size=(1, g))
         x = torch.randn(m, k, device=triton_path).to(dtype)
         bias = torch.randn(n, device=triton_path) if m % 2 else None
-        ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, group_size=g, bias=bias)
-        out = gemm.w4_gemm(x, packed, scale.to(dtype), fmt=fmt, group_size=g, bias=bias)
+        ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, block_size=(1, g), bias=bias)
+        out = gemm.w4_gemm(x, packed, scale.to(dtype), fmt=fmt, block_size=(1, g), bias=bias)
         assert out.dtype == dtype and out.shape == (m, n)
         if m:
             assert rel_err(out, ref) < tol, (m, n, k, g)
@@ -125,10 +139,10 @@ def test_w4_gemm_triton_matches_reference(triton_path: str, fmt: str, dtype: tor
 def test_w4_gemm_triton_configs(triton_path: str, fmt: str, config: GemmConfig) -> None:
     m, n, k, g = 2, 40, 320, 64
     w = torch.randn(n, k, device=triton_path)
-    packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, group_size=g)
+    packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, block_size=(1, g))
     x = torch.randn(m, k, device=triton_path)
-    ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, group_size=g)
-    out = gemm.w4_gemm_triton(x, packed, scale, fmt=fmt, group_size=g, config=config)
+    ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, block_size=(1, g))
+    out = gemm.w4_gemm_triton(x, packed, scale, fmt=fmt, block_size=(1, g), config=config)
     assert rel_err(out, ref) < 1e-5
 
 
@@ -164,10 +178,10 @@ def test_w8a8_linear_triton(triton_path: str) -> None:
 def test_w4_gemm_gpu_large(fmt: str, m: int, dtype: torch.dtype) -> None:
     n = k = 4096
     w = torch.randn(n, k, device="cuda")
-    packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, group_size=128)
+    packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, block_size=(1, 128))
     x = torch.randn(m, k, device="cuda", dtype=dtype)
-    ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, group_size=128)
-    out = gemm.w4_gemm(x, packed, scale.to(dtype), fmt=fmt, group_size=128)
+    ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, block_size=(1, 128))
+    out = gemm.w4_gemm(x, packed, scale.to(dtype), fmt=fmt, block_size=(1, 128))
     assert rel_err(out, ref) < (5e-3 if dtype == torch.float16 else 2e-2)
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from polyquant.kernels import hadamard
+from polyquant.transforms import hadamard_matrix
 
-SIZES = [1, 2, 4, 8, 12, 16, 20, 24, 40, 48, 64, 80, 128, 160, 256, 384, 640, 1024, 1536, 2560, 5120]
+SIZES = [1, 2, 4, 8, 12, 16, 20, 24, 28, 36, 40, 48, 64, 80, 128, 160, 256, 384, 640, 1024, 1152, 1536, 2560, 5120]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -17,30 +18,35 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("n", [12, 20, 40, 96, 160, 640, 1024, 1536])
-def test_hadamard_matrix_is_hadamard(n: int) -> None:
-    h = hadamard.hadamard_matrix(n, dtype=torch.float64)
-    assert set(h.unique().tolist()) == {-1.0, 1.0}
-    assert torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64))
-
-
-def test_sylvester_entries() -> None:
-    h = hadamard.hadamard_matrix(8)
-    i = torch.arange(8)
-    popcount = torch.tensor([bin(v).count("1") for v in (i[:, None] & i[None, :]).flatten().tolist()])
-    assert torch.equal(h, (1 - 2 * (popcount % 2)).reshape(8, 8).float())
-
-
 def test_unsupported_sizes() -> None:
-    for n in (3, 24 + 1, 56, 100):
-        with pytest.raises(ValueError, match="Hadamard size"):
-            hadamard.hadamard_matrix(n)
-        with pytest.raises(ValueError, match="Hadamard size"):
+    for n in (3, 24 + 1, 52, 100):
+        with pytest.raises(ValueError, match="no Hadamard matrix"):
             hadamard.fwht_reference(torch.zeros(2, n))
+        with pytest.raises(ValueError, match="no Hadamard matrix"):
+            hadamard.fwht_triton(torch.zeros(2, n))
+
+
+@pytest.mark.parametrize("n", [256, 640, 1152, 1536])
+def test_plan_is_the_core_factorization(n: int) -> None:
+    f, l = hadamard._plan(n)
+    assert f * l == n and f > 1
+    h = hadamard_matrix(n, dtype=torch.float64, normalize=False)
+    hf = hadamard_matrix(f, dtype=torch.float64, normalize=False)
+    hl = hadamard_matrix(l, dtype=torch.float64, normalize=False)
+    assert torch.equal(h, torch.kron(hf, hl))
+
+
+def test_plan_tiles() -> None:
+    # (F, L): F rows of L contiguous columns, L padded to at most 128 (256 above n = 16384)
+    plans = {n: hadamard._plan(n) for n in (12, 40, 1536, 4096, 5120, 12288, 32768)}
+    assert plans == {12: (1, 12), 40: (1, 40), 1536: (16, 96), 4096: (32, 128), 5120: (64, 80),
+                     12288: (128, 96), 32768: (128, 256)}
+    with pytest.raises(ValueError, match="too large"):
+        hadamard._plan(65536)
 
 
 def test_fwht_basis_vectors() -> None:
-    # e_0 -> all entries 1/sqrt(n); e_j -> column j of H / sqrt(n)
+    # e_0 -> all entries 1/sqrt(n); e_j -> row j of H / sqrt(n)
     n = 8
     y = hadamard.fwht_reference(torch.eye(n))
     assert torch.allclose(y[0], torch.full((n,), 1 / math.sqrt(n)))
@@ -52,12 +58,12 @@ def test_fwht_basis_vectors() -> None:
 @pytest.mark.parametrize("n", SIZES)
 def test_fwht_reference_is_dense_transform(n: int) -> None:
     x = torch.randn(3, 2, n, dtype=torch.float64)
-    h = hadamard.hadamard_matrix(n, dtype=torch.float64)
-    torch.testing.assert_close(hadamard.fwht_reference(x), x @ h.T / math.sqrt(n))
-    torch.testing.assert_close(hadamard.fwht_reference(x, scale=1.0), x @ h.T)
+    h = hadamard_matrix(n, dtype=torch.float64)  # the core's orthonormal matrix
+    torch.testing.assert_close(hadamard.fwht_reference(x), x @ h)
+    torch.testing.assert_close(hadamard.fwht_reference(x, scale=1.0), x @ h * math.sqrt(n))
     # orthonormal: the norm is preserved, and H^T undoes it
     torch.testing.assert_close(hadamard.fwht_reference(x).norm(dim=-1), x.norm(dim=-1))
-    torch.testing.assert_close(hadamard.fwht_reference(x) @ h / math.sqrt(n), x)
+    torch.testing.assert_close(hadamard.fwht_reference(x) @ h.T, x)
 
 
 def test_fwht_quantize_reference() -> None:
