@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from polyquant.formats import BinaryFormat, Format, LogFormat, get_format
-from polyquant.primitives import PerChannel, block_size_for, choose_qparams, dequantize, quantize
+from polyquant.primitives import PerChannel, block_size_for, choose_qparams, dequantize, quantize_tensor
 
 FORMATS: list[Format] = [
     *(get_format(f"int{b}") for b in (2, 3, 4, 6, 8)),
@@ -48,7 +48,7 @@ def _qdq(x: torch.Tensor, fmt: Format) -> torch.Tensor:
         zp = torch.zeros_like(scale)
     else:
         scale, zp = choose_qparams(x, fmt, bs)
-    q = quantize(x, fmt, scale, None, bs)
+    q = quantize_tensor(x, fmt, scale, None, bs)
     return dequantize(q, scale, None, bs)
 
 

@@ -1,21 +1,26 @@
 """polyquant: quantization for non-LLM models.
 
+One contract for every method of every plugin (``polyquant.api``):
+
     import polyquant as pq
-    qmodel = pq.prepare(model, [pq.QuantRule("*", weight=pq.QuantSpec("int4", pq.PerChannel(0)))])
-    pq.calibrate(qmodel, batches)
-    pq.save(qmodel, "model.safetensors")          # packed codes + scales + JSON manifest, never pickle
-    pq.restore(pq.prepare(model, rules), pq.load("model.safetensors"))
+    from polyquant.plugins.vit.adalog import AdaLogConfig
+
+    qm = pq.quantize(model, AdaLogConfig(wbits=4, abits=4), calib=batches)   # -> pq.QuantizedModel
+    pq.save(qm, "model.safetensors")          # packed codes + qparams + JSON manifest, never pickle
+    qm = pq.load("model.safetensors")         # the plugin rebuilds the model; outputs identical
+
+The building blocks are public too: formats and pure primitives (``quantize_tensor``, ``dequantize``,
+``fake_quantize``), fake-quant modules (``prepare`` / ``calibrate``), capture, searches, reconstruction,
+rotations, vector quantization, bit packing and the artifact file format (``polyquant.artifact``).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Any
-
 __version__ = "0.1.0"
 
+from .api import Calibration, QuantizedModel, RunOptions, load, quantize, register_handler, save  # noqa: E402
 from .artifact import Artifact, ArtifactError  # noqa: E402
+from .config import ConfigError, QuantConfig  # noqa: E402
 from .formats import BinaryFormat, FloatFormat, IntFormat, LogFormat, get_format, list_formats  # noqa: E402
 from .nn import (  # noqa: E402
     ActQuantizer,
@@ -51,44 +56,8 @@ from .primitives import (  # noqa: E402
     choose_qparams,
     dequantize,
     fake_quantize,
-    quantize,
+    quantize_tensor,
 )
-
-
-def save(obj: Any, path: str | os.PathLike[str], **manifest: Any) -> Path:
-    """Save an ``Artifact`` or a calibrated model (packed with ``export``) to one safetensors file, atomically.
-
-    For a model, keyword arguments ``plugin``, ``method``, ``config`` and ``meta`` go into the manifest.
-    """
-    import torch
-
-    from . import artifact
-    from .export import export
-
-    if isinstance(obj, Artifact):
-        if manifest:
-            raise TypeError("manifest fields are taken from the Artifact itself")
-        return artifact.save(obj, path)
-    if isinstance(obj, torch.nn.Module):
-        unknown = set(manifest) - {"plugin", "method", "config", "meta"}
-        if unknown:
-            raise TypeError(f"unknown manifest fields {sorted(unknown)}")
-        return artifact.save(export(obj, **manifest), path)
-    raise TypeError(f"polyquant.save takes an Artifact or a torch.nn.Module, got {type(obj).__name__}")
-
-
-def load(path: str | os.PathLike[str]) -> Artifact:
-    """Load and verify an artifact (raises ``ArtifactError`` for anything truncated, tampered or foreign)."""
-    from . import artifact
-
-    return artifact.load(path)
-
-
-def restore(model: Any, art: Artifact) -> Any:
-    """Load an artifact into a model prepared with the same rules; see ``polyquant.export.restore``."""
-    from .export import restore as _restore
-
-    return _restore(model, art)
 
 
 __all__ = [
@@ -106,7 +75,7 @@ __all__ = [
     "PerGroup",
     "PerToken",
     "choose_qparams",
-    "quantize",
+    "quantize_tensor",
     "dequantize",
     "fake_quantize",
     "QuantSpec",
@@ -121,9 +90,15 @@ __all__ = [
     "prepare",
     "calibrate",
     "set_state",
+    "quantize",
     "save",
     "load",
-    "restore",
+    "QuantizedModel",
+    "Calibration",
+    "RunOptions",
+    "register_handler",
+    "QuantConfig",
+    "ConfigError",
     "pack_bits",
     "unpack_bits",
     "pack_signed",

@@ -3,8 +3,11 @@
     polyquant list [--json]                         installed plugins, their state and methods
     polyquant info PLUGIN                           one plugin: summary, requirements, methods, error
     polyquant demo [PLUGIN ...]                     plugin demos; the core demo when no plugin has one
-    polyquant quantize PLUGIN/METHOD [ARGS ...]     handed to the plugin (add_quantize_args / run_quantize)
-    polyquant load ARTIFACT [ARGS ...]              verify and summarize an artifact; handed to its plugin's run_load
+    polyquant quantize PLUGIN/METHOD [ARGS ...]     options from the method's config fields + the plugin's model
+                                                    and data options (add_model_args / load_inputs), then
+                                                    polyquant.quantize and polyquant.save
+    polyquant load ARTIFACT [ARGS ...]              verify and summarize an artifact; its plugin rebuilds the model
+                                                    and its run_load hook reports
 
 Exit codes: 0 success, 1 a command failed, 2 bad arguments or an unusable plugin. Errors are one line on stderr;
 ``--debug`` adds the traceback.
@@ -16,13 +19,17 @@ import argparse
 import importlib
 import json
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
+
+import torch
 
 from . import __version__
+from .config import CliOption, ConfigError, QuantConfig, cli_options
 from .plugins import (
     API_VERSION,
     PluginInfo,
@@ -35,7 +42,7 @@ from .plugins import (
     load,
 )
 
-__all__ = ["main", "build_parser", "CliError"]
+__all__ = ["main", "build_parser", "CliError", "add_config_options", "config_from_args"]
 
 CORE_DEMO = "polyquant.demo:run_core_demo"
 
@@ -222,6 +229,55 @@ def _run_reported(what: str, demo: Any, args: argparse.Namespace) -> bool:
     return True
 
 
+def _config_class(plugin: str, method: str) -> type[QuantConfig]:
+    cls = get_method(plugin, method)  # unusable plugin or unknown method -> PluginLoadError
+    if not (isinstance(cls, type) and issubclass(cls, QuantConfig)):
+        raise CliError(f"{plugin}/{method} is not configured by a QuantConfig class; use the plugin's Python API")
+    return cls
+
+
+def _option_type(opt: CliOption) -> Callable[[str], Any]:
+    """argparse type of a generated option: parses the text; range checks are the config's."""
+    def parse(text: str) -> Any:
+        if opt.optional and text.lower() == "none":
+            return None
+        if opt.kind == "choice":
+            for choice in opt.choices:
+                if text == str(choice):
+                    return choice
+            raise argparse.ArgumentTypeError(f"choose one of {', '.join(map(str, opt.choices))}, got {text!r}")
+        try:
+            return int(text) if opt.kind == "int" else float(text) if opt.kind == "float" else text
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if opt.kind == 'int' else 'a number'}, got "
+                                             f"{text!r}") from None
+
+    return parse
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type[QuantConfig]) -> None:
+    """One option per field of ``cls`` (``--wbits``; booleans as ``--flag`` / ``--no-flag``)."""
+    group = parser.add_argument_group(f"method options ({cls.__name__})")
+    for opt in cli_options(cls):
+        default = "none" if opt.default is None else opt.default
+        help_text = f"{opt.help} (default: {default})".strip()
+        if opt.kind == "bool":
+            group.add_argument(*opt.flags, dest=opt.field, action=argparse.BooleanOptionalAction,
+                               default=opt.default, help=help_text)
+        else:
+            metavar = "{" + ",".join(map(str, opt.choices)) + "}" if opt.kind == "choice" else opt.kind.upper()
+            group.add_argument(*opt.flags, dest=opt.field, type=_option_type(opt), default=opt.default,
+                               metavar=metavar, help=help_text)
+
+
+def config_from_args(cls: type[QuantConfig], args: argparse.Namespace, prog: str) -> QuantConfig:
+    """Build and validate the config from the generated options (a bad value is a one-line usage error)."""
+    try:
+        return cls(**{opt.field: getattr(args, opt.field) for opt in cli_options(cls)})
+    except ConfigError as e:
+        raise CliError(str(e), prog=prog) from None
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     if args.target is None:
         if args.help:
@@ -231,14 +287,42 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     plugin, sep, method = args.target.partition("/")
     if not sep or not plugin or not method:
         raise CliError(f"expected PLUGIN/METHOD, got {args.target!r} (see 'polyquant list')")
-    get_method(plugin, method)  # unusable plugin or unknown method -> PluginLoadError
+    cls = _config_class(plugin, method)
     impl = load(plugin)
-    if not hasattr(impl, "add_quantize_args") or not hasattr(impl, "run_quantize"):
-        raise CliError(f"plugin {plugin!r} has no command-line quantize hook; use its Python API")
-    parser = _Parser(prog=f"polyquant quantize {args.target}", description=_method_summary(plugin, method))
-    impl.add_quantize_args(parser, method)
-    rest = ["--help"] if args.help else args.rest
-    return int(impl.run_quantize(method, parser.parse_args(rest)))
+    if not hasattr(impl, "add_model_args") or not hasattr(impl, "load_inputs"):
+        raise CliError(f"plugin {plugin!r} has no command-line model hooks; use its Python API")
+    prog = f"polyquant quantize {args.target}"
+    parser = _Parser(prog=prog, description=_method_summary(plugin, method))
+    impl.add_model_args(parser, method)
+    add_config_options(parser, cls)
+    run = parser.add_argument_group("run options (not saved)")
+    run.add_argument("--out", type=Path, default=None, help="artifact path (.safetensors)")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where the model is)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars (they show only in a terminal)")
+    parsed = parser.parse_args(["--help"] if args.help else args.rest)
+    config = config_from_args(cls, parsed, prog)
+
+    from .api import progress_default, quantize, save
+
+    inputs = impl.load_inputs(method, config, parsed)
+    t0 = time.perf_counter()
+    try:
+        device = None if parsed.device is None else torch.device(parsed.device)
+    except RuntimeError as e:
+        raise CliError(f"--device {parsed.device}: {e}", prog=prog) from None
+    qm = quantize(inputs.model, config, inputs.calib, progress=progress_default() and not parsed.quiet,
+                  device=device)
+    if qm.model_config is None:
+        qm.model_config = inputs.model_config
+    seconds = time.perf_counter() - t0
+    print(f"{plugin}/{method}: {inputs.label}, {seconds:.1f} s")
+    if hasattr(impl, "report_quantized"):
+        impl.report_quantized(qm, inputs, parsed)
+    if parsed.out is None:
+        return 0
+    path = save(qm, parsed.out, meta={"calib_seconds": round(seconds, 3)})
+    print(f"saved {path} ({path.stat().st_size:,} bytes)")
+    return 0
 
 
 def _method_summary(plugin: str, method: str) -> str | None:
@@ -271,7 +355,13 @@ def cmd_load(args: argparse.Namespace) -> int:
         impl.add_load_args(parser)
         plugin_args = parser.parse_args(["--help"] if args.help else args.rest)
         _print_artifact(path, artifact)
-        return int(impl.run_load(artifact, plugin_args))
+        from .api import from_artifact
+
+        try:
+            qm = from_artifact(artifact)
+        except ArtifactError as e:
+            raise CliError(str(e)) from e
+        return int(impl.run_load(qm, plugin_args))
     if args.help:
         args.parser.print_help()
         return 0

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .artifact import save
+from .checkpoint import save_checkpoint
 from .export import export
 from .nn import QuantRule, QuantSpec, calibrate, prepare
 from .primitives import PerChannel
@@ -79,9 +80,7 @@ def run_core_demo(*, seed: int = 0, calib_samples: int = 256) -> str:
     rows: list[DemoRow] = []
     with tempfile.TemporaryDirectory() as tmp:
         fp_path = Path(tmp) / "float.safetensors"
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fp_path))
+        save_checkpoint(model.state_dict(), fp_path, {})
         rows.append(DemoRow("float32", "-", _accuracy(model, x_test, y_test), fp_path.stat().st_size))
         for setting, (wbits, abits) in SETTINGS.items():
             for observer in ("minmax", "mse"):

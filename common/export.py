@@ -1,12 +1,14 @@
 """Turn a calibrated fake-quant model into a real quantized artifact, and back.
 
-``export(model)`` packs every frozen weight quantizer's codes into bytes (``pack_bits``) and keeps the float
+``export(model)`` packs every frozen weight quantizer's codes into bytes and keeps the float
 tensors that were not quantized; ``restore(model, artifact)`` loads such an artifact into a model prepared with
 the same rules and returns it quantized, with outputs identical to the exported model.
 
 Keys (flat, per module ``<fqn>``):
 
-    <fqn>.weight_packed      uint8   codes of the weight, ``bits`` per code, densely packed
+    <fqn>.weight_packed      uint8   codes of the weight, ``bits`` per code, in ``polyquant.pack``'s row layout
+                                     (one zero-padded row of bytes per output channel): the layout the GEMM
+                                     kernels read, so these bytes feed ``polyquant.kernels.w4_gemm`` unchanged
     <fqn>.weight_scale       float32 per-block scales
     <fqn>.weight_zero_point  float32 per-block zero points (INT formats)
     <fqn>.weight_shape       int64   the weight's shape
@@ -23,11 +25,11 @@ from torch import Tensor, nn
 
 from .artifact import Artifact, ArtifactError
 from .formats import BinaryFormat, FloatFormat, IntFormat, LogFormat
-from .nn import Quantizer, _QuantWeightModule
-from .pack import pack_bits, unpack_bits
-from .primitives import block_size_for, dequantize, quantize
+from .nn import Quantizer, QuantWeightModule
+from .pack import pack_bits, pad_rows, unpack_rows
+from .primitives import block_size_for, dequantize, quantize_tensor
 
-__all__ = ["export", "restore", "code_bits"]
+__all__ = ["export", "export_tensors", "quantizer_specs", "restore", "code_bits"]
 
 
 def code_bits(q: Quantizer) -> int:
@@ -38,19 +40,53 @@ def code_bits(q: Quantizer) -> int:
     return fmt.bits
 
 
-def _weight_codes(module: _QuantWeightModule) -> tuple[Tensor, int]:
+def _weight_codes(module: QuantWeightModule) -> tuple[Tensor, int]:
     wq = module.weight_quantizer
     assert wq is not None and wq.scale is not None
     w = module.weight.detach().float()
     bs = block_size_for(wq.spec.granularity, w.shape)
     zp = wq.zero_point if wq.fmt.supports_zero_point else None
-    q = quantize(w, wq.fmt, wq.scale, zp, bs)
+    q = quantize_tensor(w, wq.fmt, wq.scale, zp, bs)
     fmt = wq.fmt
     if isinstance(fmt, (IntFormat, FloatFormat, BinaryFormat)):
         codes = fmt.encode(q)
     else:
         codes = fmt.encode(q).to(torch.uint8)
-    return codes, code_bits(wq)
+    bits = code_bits(wq)
+    return pad_rows(codes.reshape(codes.shape[0], -1), bits), bits  # pack_bits of these rows: the row layout of pack
+
+
+def export_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The artifact tensors of a calibrated model (keys in the module docstring)."""
+    tensors: dict[str, Tensor] = {}
+    quantized_weights: set[str] = set()
+    weight_quantizers: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantWeightModule) and module.weight_quantizer is not None:
+            wq = module.weight_quantizer
+            if wq.state != "quantized" or wq.scale is None:
+                raise ValueError(f"{name}: weight quantizer is not frozen; run calibrate() before export")
+            codes, bits = _weight_codes(module)
+            tensors[f"{name}.weight_packed"] = pack_bits(codes.flatten(), bits)
+            tensors[f"{name}.weight_scale"] = wq.scale.float().contiguous()
+            tensors[f"{name}.weight_zero_point"] = wq.zero_point.float().contiguous()
+            tensors[f"{name}.weight_shape"] = torch.tensor(list(module.weight.shape), dtype=torch.int64)
+            quantized_weights.add(f"{name}.weight")
+            weight_quantizers.add(f"{name}.weight_quantizer")
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer) and name not in weight_quantizers and module.scale is not None:
+            tensors[f"{name}.scale"] = module.scale.float().contiguous()
+            tensors[f"{name}.zero_point"] = module.zero_point.float().contiguous()
+    for name, t in model.state_dict().items():
+        if name in quantized_weights or name.endswith((".scale", ".zero_point")) and _is_quantizer_buffer(model, name):
+            continue
+        tensors[f"float.{name}"] = t.detach().contiguous()
+    return tensors
+
+
+def quantizer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every quantizer's spec as JSON (format, granularity, symmetric, dynamic, stored bits), by module name."""
+    return {name: _spec_dict(m, code_bits(m)) for name, m in model.named_modules() if isinstance(m, Quantizer)}
 
 
 def export(
@@ -62,37 +98,12 @@ def export(
     meta: dict[str, Any] | None = None,
 ) -> Artifact:
     """Pack a calibrated model into an ``Artifact`` (see the module docstring for the keys)."""
-    tensors: dict[str, Tensor] = {}
-    quantized_weights: set[str] = set()
-    specs: dict[str, Any] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, _QuantWeightModule) and module.weight_quantizer is not None:
-            wq = module.weight_quantizer
-            if wq.state != "quantized" or wq.scale is None:
-                raise ValueError(f"{name}: weight quantizer is not frozen; run calibrate() before export")
-            codes, bits = _weight_codes(module)
-            tensors[f"{name}.weight_packed"] = pack_bits(codes.flatten(), bits)
-            tensors[f"{name}.weight_scale"] = wq.scale.float().contiguous()
-            tensors[f"{name}.weight_zero_point"] = wq.zero_point.float().contiguous()
-            tensors[f"{name}.weight_shape"] = torch.tensor(list(module.weight.shape), dtype=torch.int64)
-            quantized_weights.add(f"{name}.weight")
-            specs[f"{name}.weight_quantizer"] = _spec_dict(wq, bits)
-    for name, module in model.named_modules():
-        if isinstance(module, Quantizer) and name not in specs:
-            specs[name] = _spec_dict(module, code_bits(module))
-            if module.scale is not None:
-                tensors[f"{name}.scale"] = module.scale.float().contiguous()
-                tensors[f"{name}.zero_point"] = module.zero_point.float().contiguous()
-    for name, t in model.state_dict().items():
-        if name in quantized_weights or name.endswith((".scale", ".zero_point")) and _is_quantizer_buffer(model, name):
-            continue
-        tensors[f"float.{name}"] = t.detach().contiguous()
     return Artifact(
-        tensors=tensors,
+        tensors=export_tensors(model),
         plugin=plugin,
         method=method,
         config=dict(config or {}),
-        meta={**(meta or {}), "quantizers": specs},
+        meta={**(meta or {}), "quantizers": quantizer_specs(model)},
     )
 
 
@@ -115,12 +126,17 @@ def _spec_dict(q: Quantizer, bits: int) -> dict[str, Any]:
     }
 
 
-def restore(model: nn.Module, artifact: Artifact, *, strict: bool = True) -> nn.Module:
-    """Load ``artifact`` into ``model`` (prepared with the same rules, not calibrated); returns it quantized."""
+def restore(model: nn.Module, artifact: Artifact, *, specs: dict[str, dict[str, Any]] | None = None,
+            strict: bool = True) -> nn.Module:
+    """Load ``artifact`` into ``model`` (prepared with the same rules, not calibrated); returns it quantized.
+
+    ``specs``: the quantizers' specs (``quantizer_specs`` of the exported model); default: the artifact's
+    ``meta["quantizers"]``, where ``export`` records them.
+    """
     t = artifact.tensors
-    specs = artifact.meta.get("quantizers", {})
+    specs = artifact.meta.get("quantizers", {}) if specs is None else specs
     for name, module in model.named_modules():
-        if isinstance(module, _QuantWeightModule) and module.weight_quantizer is not None:
+        if isinstance(module, QuantWeightModule) and module.weight_quantizer is not None:
             wq = module.weight_quantizer
             key = f"{name}.weight_quantizer"
             if key not in specs or specs[key]["format"] != wq.fmt.name:
@@ -131,7 +147,8 @@ def restore(model: nn.Module, artifact: Artifact, *, strict: bool = True) -> nn.
             numel = 1
             for d in shape:
                 numel *= d
-            codes = unpack_bits(t[f"{name}.weight_packed"], specs[key]["bits"], numel).reshape(shape)
+            packed = t[f"{name}.weight_packed"].reshape(shape[0], -1)  # one row of bytes per output channel
+            codes = unpack_rows(packed, specs[key]["bits"], numel // shape[0]).reshape(shape)
             q = wq.fmt.decode(codes)
             scale, zp = t[f"{name}.weight_scale"], t[f"{name}.weight_zero_point"]
             bs = block_size_for(wq.spec.granularity, shape)
@@ -141,7 +158,7 @@ def restore(model: nn.Module, artifact: Artifact, *, strict: bool = True) -> nn.
             wq.scale, wq.zero_point = scale.clone(), zp.clone()
             wq.observer = None
             wq.state = "quantized"
-    weight_quantizers = {id(m.weight_quantizer) for m in model.modules() if isinstance(m, _QuantWeightModule)}
+    weight_quantizers = {id(m.weight_quantizer) for m in model.modules() if isinstance(m, QuantWeightModule)}
     for name, module in model.named_modules():
         if isinstance(module, Quantizer) and id(module) not in weight_quantizers:
             if f"{name}.scale" in t:
@@ -166,4 +183,4 @@ def _is_quantized_key(model: nn.Module, key: str) -> bool:
         return False
     if isinstance(m, Quantizer):
         return True
-    return leaf == "weight" and isinstance(m, _QuantWeightModule) and m.weight_quantizer is not None
+    return leaf == "weight" and isinstance(m, QuantWeightModule) and m.weight_quantizer is not None

@@ -9,6 +9,8 @@ as ``torch.round`` and differentiable through ``round_ste``.
 | IntFormat     | integers qmin..qmax (two's complement when signed)       | allowed    |
 | FloatFormat   | sign * 2^(e - bias) * (1 + m / 2^M), with subnormals     | no         |
 | LogFormat     | 0 and (sign) base^-k for k = 0 .. 2^bits - 1             | no         |
+| TwinUniform-  | two (bits-1)-bit uniform ranges, steps 1 and 2^r         | no         |
+| Format        | (PTQ4ViT), one bit picks the range                       |            |
 | BinaryFormat  | -1, +1                                                   | no         |
 
 Formats are frozen dataclasses and are looked up by name with ``get_format("int4")``, ``get_format("e2m1")``,
@@ -30,6 +32,7 @@ __all__ = [
     "IntFormat",
     "FloatFormat",
     "LogFormat",
+    "TwinUniformFormat",
     "BinaryFormat",
     "Format",
     "get_format",
@@ -244,22 +247,42 @@ class FloatFormat:
 class LogFormat:
     """Logarithmic format: 0 and base^-k for k in 0 .. 2^bits - 1 (times a sign when signed).
 
-    ``base_log2`` is log2 of the base: 1.0 for log2, 0.5 for log-sqrt2, q/r for AdaLog's adaptive base
-    2^(q/r). As in RepQ-ViT and AdaLog, codes k >= 2^bits are flushed to zero (a mask), not clamped.
+    ``base_log2`` is log2 of the base: 1.0 for log2, 0.5 for log-sqrt2. As in RepQ-ViT and AdaLog, codes
+    k >= 2^bits are flushed to zero (a mask), not clamped.
+
+    AdaLog's adaptive base 2^(q/r) (integers q, r; AdaLog fixes r = 37 and searches q) is given exactly as
+    ``base_ratio=(q, r)`` (``base_log2`` then is q / r): exponents are computed as -log2|x| * r / q and levels
+    as 2^(-k q / r). ``lut=True`` (rational bases only) gives the hardware levels of AdaLog's dequantizer:
+    T2[(k q) mod r] * 2^(-floor(k q / r)), with T2[j] = 2^(-j / r) rounded to a step of 1 / (2^(bits+1) - 2).
     """
 
     bits: int
     base_log2: float = 1.0
     signed: bool = False
+    base_ratio: tuple[int, int] | None = None
+    lut: bool = False
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, 1, 8, "LogFormat")
+        if self.base_ratio is not None:
+            q, r = self.base_ratio
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (q, r)):
+                raise ValueError(f"LogFormat: base_ratio must be two positive integers (q, r), got {self.base_ratio!r}")
+            if self.base_log2 not in (1.0, q / r):
+                raise ValueError(f"LogFormat: base_log2 {self.base_log2!r} contradicts base_ratio {q}/{r}")
+            object.__setattr__(self, "base_ratio", (q, r))
+            object.__setattr__(self, "base_log2", q / r)
+        elif self.lut:
+            raise ValueError("LogFormat: lut=True needs a rational base (base_ratio=(q, r))")
         if not self.base_log2 > 0 or not math.isfinite(self.base_log2):
             raise ValueError(f"LogFormat: base_log2 must be a positive finite number, got {self.base_log2!r}")
 
     @property
     def name(self) -> str:
-        kind = {1.0: "log2", 0.5: "logsqrt2"}.get(self.base_log2, f"log{self.base_log2:g}")
+        if self.base_ratio is not None:
+            kind = f"log{self.base_ratio[0]}r{self.base_ratio[1]}{'lut' if self.lut else ''}"
+        else:
+            kind = {1.0: "log2", 0.5: "logsqrt2"}.get(self.base_log2, f"log{self.base_log2:g}")
         return f"{'s' if self.signed else ''}{kind}_{self.bits}"
 
     @property
@@ -274,9 +297,27 @@ class LogFormat:
     def supports_zero_point(self) -> bool:
         return False
 
+    def magnitude(self, k: Tensor) -> Tensor:
+        """base^-k for integer-valued codes ``k`` (float32), exact or from the hardware table (``lut``)."""
+        k = k.float()
+        if self.base_ratio is None:
+            return torch.exp2(-k * self.base_log2)
+        q, r = self.base_ratio
+        if not self.lut:
+            return torch.exp2(-k * q / r)
+        kq = torch.round(k * q)  # exact integers
+        t1 = torch.floor(kq / r)
+        step = 1.0 / (2 ** (self.bits + 1) - 2)
+        j = torch.arange(r, dtype=torch.float64)
+        table = (torch.round(torch.exp2(-j / r) / step) * step).float().to(k.device)
+        return table[(kq - t1 * r).long().clamp(0, r - 1)] * torch.exp2(-t1)
+
     def grid(self) -> Tensor:
         k = torch.arange(self.levels, dtype=torch.float64)
-        pos = torch.exp2(-k * self.base_log2).float().flip(0)
+        if self.base_ratio is None:
+            pos = torch.exp2(-k * self.base_log2).float().flip(0)
+        else:
+            pos = self.magnitude(k).flip(0)
         zero = torch.zeros(1)
         if self.signed:
             return torch.cat([-pos.flip(0), zero, pos])
@@ -285,13 +326,16 @@ class LogFormat:
     def exponent(self, x: Tensor) -> Tensor:
         """k = round(-log2|x| / base_log2) with no clamping (>= levels means zero)."""
         absx = x.detach().abs().float().clamp_min(1e-30)
+        if self.base_ratio is not None:
+            q, r = self.base_ratio
+            return torch.round(-torch.log2(absx) * r / q)
         return torch.round(-torch.log2(absx) / self.base_log2)
 
     def round(self, x: Tensor) -> Tensor:
         k = self.exponent(x)
         flush = k >= self.levels
         k = k.clamp(0, self.levels - 1)
-        mag = torch.exp2(-k * self.base_log2)
+        mag = self.magnitude(k) if self.base_ratio is not None else torch.exp2(-k * self.base_log2)
         mag = torch.where(flush | (x == 0), torch.zeros_like(mag), mag)
         out = mag * torch.sign(x) if self.signed else torch.where(x > 0, mag, torch.zeros_like(mag))
         return out.to(x.dtype)
@@ -303,12 +347,89 @@ class LogFormat:
         """Grid values -> codes: k for base^-k; zero gets code ``levels`` (one more than n bits can hold)."""
         if self.signed:
             raise ValueError("encode of signed log formats is not supported")
+        if self.lut:
+            grid = self.magnitude(torch.arange(self.levels, dtype=torch.float32))  # decreasing in k
+            idx = (grid[None, :] == q.float().reshape(-1, 1)).float().argmax(dim=1).reshape(q.shape)
+            return torch.where(q == 0, torch.full_like(idx, self.levels), idx).to(torch.int32)
         k = self.exponent(q)
         return torch.where(q == 0, torch.full_like(k, self.levels), k).to(torch.int32)
 
     def decode(self, codes: Tensor) -> Tensor:
-        mag = torch.exp2(-codes.float() * self.base_log2)
+        if self.base_ratio is not None:
+            mag = self.magnitude(codes.clamp(0, self.levels - 1))
+        else:
+            mag = torch.exp2(-codes.float() * self.base_log2)
         return torch.where(codes >= self.levels, torch.zeros_like(mag), mag)
+
+
+@dataclass(frozen=True)
+class TwinUniformFormat:
+    """PTQ4ViT's twin-uniform format: two uniform ranges of ``bits - 1`` bits each, one more bit picks the range.
+
+    In units of the fine step d1 (the scale) with the coarse step d2 = 2^ratio_log2 * d1, h = 2^(bits-1):
+
+    | ``signed`` | fine range R1                    | coarse range R2                        | a value uses     |
+    |------------|----------------------------------|----------------------------------------|------------------|
+    | False      | 0, 1, .., h - 1                  | 0, d2, .., (h - 1) d2                  | R1 below h, R2   |
+    |            |                                  |                                        | above (softmax)  |
+    | True       | -h, .., -1, 0 (negative values)  | 0, d2, .., (h - 1) d2 (non-negative)   | R1 if negative   |
+    |            |                                  |                                        | (post-GELU)      |
+
+    A value picks its range first, so ``round`` saturates inside the fine range (h - 0.4 -> h - 1) instead of
+    going to the nearer coarse value: PTQ4ViT's rule, not plain round-to-nearest.
+    """
+
+    bits: int
+    ratio_log2: int = 0
+    signed: bool = False
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits, 2, 8, "TwinUniformFormat")
+        if not isinstance(self.ratio_log2, int) or isinstance(self.ratio_log2, bool):
+            raise ValueError(f"TwinUniformFormat: ratio_log2 must be an integer, got {self.ratio_log2!r}")
+
+    @property
+    def name(self) -> str:
+        return f"twin{'s' if self.signed else ''}{self.ratio_log2}_{self.bits}"
+
+    @property
+    def half(self) -> int:
+        return 2 ** (self.bits - 1)
+
+    @property
+    def ratio(self) -> float:
+        return 2.0**self.ratio_log2
+
+    @property
+    def max_value(self) -> float:
+        return float(max(self.half - 1, (self.half - 1) * self.ratio))
+
+    @property
+    def supports_zero_point(self) -> bool:
+        return False
+
+    def grid(self) -> Tensor:
+        i = torch.arange(self.half, dtype=torch.float32)
+        fine = -i.flip(0) - 1 if self.signed else i
+        values = torch.cat([fine, torch.zeros(1), i * self.ratio])
+        return torch.unique(values)  # sorted
+
+    def round(self, x: Tensor) -> Tensor:
+        h, c = self.half, self.ratio
+        coarse = torch.clamp(torch.round(x / c), 0, h - 1) * c
+        if self.signed:
+            return coarse + torch.clamp(torch.round(x), -h, 0)
+        fine = torch.clamp(torch.round(x), 0, h - 1)
+        return torch.where(x < h, fine, coarse)
+
+    def round_ste(self, x: Tensor) -> Tensor:
+        return x + (self.round(x) - x).detach()
+
+    def encode(self, q: Tensor) -> Tensor:
+        raise NotImplementedError("twin-uniform codes are not packed (activations only)")
+
+    def decode(self, codes: Tensor) -> Tensor:
+        raise NotImplementedError("twin-uniform codes are not packed (activations only)")
 
 
 @dataclass(frozen=True)
@@ -349,7 +470,7 @@ class BinaryFormat:
         return codes.float() * 2 - 1
 
 
-Format = Union[IntFormat, FloatFormat, LogFormat, BinaryFormat]
+Format = Union[IntFormat, FloatFormat, LogFormat, TwinUniformFormat, BinaryFormat]
 
 # Named minifloats: OCP MX / FP8 conventions; the FP4/FP6 family has no special values.
 _FLOATS: dict[str, FloatFormat] = {
@@ -378,7 +499,7 @@ def list_formats() -> list[str]:
 def get_format(name: str | Format) -> Format:
     """Look a format up by name: int1..int8, uint1..uint8, e2m1 (fp4), e4m3, e5m2, ..., log2_4, logsqrt2_4,
     binary. A Format instance is returned unchanged."""
-    if isinstance(name, (IntFormat, FloatFormat, LogFormat, BinaryFormat)):
+    if isinstance(name, (IntFormat, FloatFormat, LogFormat, TwinUniformFormat, BinaryFormat)):
         return name
     if not isinstance(name, str):
         raise TypeError(f"format must be a name or a Format, got {type(name).__name__}")

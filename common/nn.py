@@ -36,12 +36,14 @@ __all__ = [
     "QuantRule",
     "Quantizer",
     "ActQuantizer",
+    "SearchedQuantizer",
     "QuantLinear",
     "QuantConv1d",
     "QuantConv2d",
     "QuantConv3d",
     "QuantMatMul",
     "prepare",
+    "set_submodule",
     "calibrate",
     "set_state",
     "quantizers",
@@ -127,6 +129,25 @@ class Quantizer(nn.Module):
             self.observer = None
         self.state = state
 
+    def freeze(self, scale: Tensor, zero_point: Tensor | None = None, *, spec: QuantSpec | None = None) -> None:
+        """Fix the quantization parameters (found by a search, or restored); no observer will replace them.
+
+        ``spec`` replaces the quantizer's spec when the search also chose the format, granularity or scheme.
+        ``scale`` / ``zero_point`` are stored as detached copies, in the shape the forward broadcasts against
+        (the scale shape of ``primitives.scale_shape``; for per-tensor quantizers any shape of one element).
+        The state is left as it is (a search may go on with the float model); ``set_state("quantized")`` then
+        uses these parameters.
+        """
+        if spec is not None:
+            if not isinstance(spec, QuantSpec):
+                raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+            self.spec = spec
+        if not isinstance(scale, Tensor):
+            raise TypeError(f"scale must be a Tensor, got {type(scale).__name__}")
+        self.scale = scale.detach().clone()
+        self.zero_point = None if zero_point is None else zero_point.detach().clone()
+        self.observer = None
+
     def calibrate_from(self, x: Tensor) -> None:
         """One-shot calibration from a tensor that is fully known (weights)."""
         self.set_state("calibrating")
@@ -145,6 +166,10 @@ class Quantizer(nn.Module):
             if self.observer is not None:
                 self.observer.update(x)
             return x
+        return self.fake_quant(x)
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        """Quantize-dequantize ``x`` with the frozen (or, for dynamic specs, per-input) parameters."""
         bs = self.block_size(x)
         if self.spec.dynamic:
             scale, zp = choose_qparams(x.detach(), self.fmt, bs, symmetric=self.spec.symmetric)
@@ -158,11 +183,43 @@ class ActQuantizer(Quantizer):
     """A quantizer placed on an activation by itself (e.g. after a softmax)."""
 
 
+class SearchedQuantizer(Quantizer):
+    """A quantizer whose parameters come from a search instead of an observer.
+
+    ``calibrating`` is a pass-through (the search reads captured tensors, not the forward); ``freeze`` fixes the
+    chosen parameters and marks the quantizer ``searched``; ``quantized`` is refused until then. Subclasses with
+    their own parameterization (a log base, two scales, ...) override ``fake_quant``; the default is the core
+    ``fake_quantize`` with the spec, as ``Quantizer`` does. Subclasses may register their parameter buffers
+    with fixed shapes at construction, so a ``state_dict`` round trip (then ``searched = True``) restores them.
+    """
+
+    def __init__(self, spec: QuantSpec, *, name: str = "") -> None:
+        super().__init__(spec, name=name)
+        self.searched = False
+
+    def freeze(self, scale: Tensor, zero_point: Tensor | None = None, *, spec: QuantSpec | None = None) -> None:
+        super().freeze(scale, zero_point, spec=spec)
+        self.searched = True
+
+    def set_state(self, state: State) -> None:
+        if state not in _STATES:
+            raise ValueError(f"unknown state {state!r}")
+        if state == "quantized" and not self.searched:
+            where = f" {self.name}" if self.name else ""
+            raise ValueError(f"quantizer{where} has no parameters yet: calibrate the model first")
+        self.state = state
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state != "quantized":
+            return x
+        return self.fake_quant(x)
+
+
 def _make(spec: QuantSpec | None, name: str) -> Quantizer | None:
     return None if spec is None else Quantizer(spec, name=name)
 
 
-class _QuantWeightModule(nn.Module):
+class QuantWeightModule(nn.Module):
     """Shared logic of layers with a quantized weight and a quantized input."""
 
     weight: nn.Parameter
@@ -196,7 +253,7 @@ class _QuantWeightModule(nn.Module):
         return y
 
 
-class QuantLinear(_QuantWeightModule):
+class QuantLinear(QuantWeightModule):
     """nn.Linear with fake-quantized weight, input and (optionally) output."""
 
     def __init__(
@@ -222,7 +279,7 @@ class QuantLinear(_QuantWeightModule):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class _QuantConvNd(_QuantWeightModule):
+class _QuantConvNd(QuantWeightModule):
     _CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                    "padding_mode", "_reversed_padding_repeated_twice")
 
@@ -244,8 +301,12 @@ class _QuantConvNd(_QuantWeightModule):
         self.bias = conv.bias
         self._init_quant(weight, input, output, name)
 
+    def conv_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The float convolution of ``x`` with ``weight`` and this layer's bias, stride, padding, groups."""
+        return self._conv_type._conv_forward(self, x, weight, self.bias)  # type: ignore[arg-type]
+
     def forward(self, x: Tensor) -> Tensor:
-        return self._io(x, lambda a, w: self._conv_type._conv_forward(self, a, w, self.bias))  # type: ignore[arg-type]
+        return self._io(x, self.conv_forward)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -282,7 +343,7 @@ class QuantMatMul(nn.Module):
 
 # --- model surgery -------------------------------------------------------------------------------------------
 
-_WRAPPERS: dict[type[nn.Module], type[_QuantWeightModule]] = {
+_WRAPPERS: dict[type[nn.Module], type[QuantWeightModule]] = {
     nn.Linear: QuantLinear,
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
@@ -345,7 +406,7 @@ def prepare(
         if rule is None:
             continue
         new = wrapper(module, weight=rule.weight, input=rule.input, output=rule.output, name=name)  # type: ignore[arg-type]
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         replaced += 1
     if replaced == 0:
         raise ValueError("no module matched the quantization rules; check the patterns (names look like "
@@ -353,12 +414,21 @@ def prepare(
     return model
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    if name == "":
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule of ``model`` at the dotted ``name`` with ``module`` (also ``polyquant.surgery``).
+
+    Raises ValueError for the root (``""``) or a name ending with a dot, TypeError when ``module`` is not an
+    ``nn.Module``, and AttributeError (from ``get_submodule``, naming the missing part) for a bad parent path.
+    """
+    if not isinstance(name, str) or name == "":
         raise ValueError("cannot replace the root module; wrap it in a container first")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"set_submodule needs an nn.Module, got {type(module).__name__}")
     parent_name, _, child = name.rpartition(".")
+    if not child:
+        raise ValueError(f"module name {name!r} ends with a dot")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    setattr(parent, child, module)
 
 
 def quantizers(model: nn.Module) -> list[Quantizer]:
@@ -375,7 +445,7 @@ def set_state(model: nn.Module, state: State) -> None:
         q.set_state(state)
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
+def default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Tensor):
         return model(batch)
     if isinstance(batch, dict):
@@ -401,10 +471,10 @@ def calibrate(
     """
     from tqdm.auto import tqdm
 
-    forward_fn = forward_fn or _default_forward
+    forward_fn = forward_fn or default_forward
     if not quantizers(model):
         raise ValueError("the model has no quantizers; call prepare() first")
-    weight_modules = [m for m in model.modules() if isinstance(m, _QuantWeightModule)]
+    weight_modules = [m for m in model.modules() if isinstance(m, QuantWeightModule)]
     weight_qs = {id(m.weight_quantizer) for m in weight_modules if m.weight_quantizer is not None}
     # Weight quantizers stay raw during the pass: every module sees float inputs (parallel calibration).
     qs = [q for q in quantizers(model) if id(q) not in weight_qs]

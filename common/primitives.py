@@ -38,7 +38,7 @@ __all__ = [
     "block_expand",
     "qparams_from_minmax",
     "choose_qparams",
-    "quantize",
+    "quantize_tensor",
     "dequantize",
     "fake_quantize",
 ]
@@ -211,8 +211,9 @@ def choose_qparams(
     )
 
 
-def quantize(x: Tensor, fmt: Format | str, scale: Tensor, zero_point: Tensor | None, block_size: Sequence[int]) -> Tensor:
-    """Map ``x`` onto the format's grid: q = round(x / scale) + zero_point, clamped / saturated.
+def quantize_tensor(x: Tensor, fmt: Format | str, scale: Tensor, zero_point: Tensor | None, block_size: Sequence[int]) -> Tensor:
+    """Map ``x`` onto the format's grid: q = round(x / scale + zero_point), clamped / saturated (the zero point is
+    added before rounding; the kernels follow the same order).
 
     Returns grid values as float32 (integers for INT formats); ``fmt.encode`` turns them into codes.
     """

@@ -2,8 +2,8 @@
 
 Given a ``prepare``d + ``calibrate``d model (weight quantizers frozen with scale / zero point), ``reconstruct``
 walks the named blocks in order. For each block it captures the block's inputs in the quantized model and the
-block's outputs in the float model (forward hooks; the forward is stopped right after the block, so only the
-current block's tensors are ever held, on CPU), then learns how each weight of every QuantLinear / QuantConv
+block's outputs in the float model (``polyquant.capture``; the forward is stopped right after the block, so only
+the current block's tensors are ever held, on CPU), then learns how each weight of every QuantLinear / QuantConv
 inside the block is rounded so the block output matches the float one, then hardens the rounding: the module's
 float weight is replaced by the dequantized hardened weight, which its (unchanged) weight quantizer maps to
 itself exactly. The next block's inputs come from the already reconstructed model (as in BRECQ).
@@ -28,17 +28,18 @@ them (``export``) is exact.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from .capture import Call, capture
 from .formats import IntFormat
-from .nn import Quantizer, _default_forward, _QuantWeightModule
+from .nn import Quantizer, default_forward, QuantWeightModule
 from .primitives import block_expand
 
 __all__ = [
@@ -166,7 +167,10 @@ class ReconstructConfig:
             the earlier, already reconstructed blocks: BRECQ / QDrop) or "float" (the float model's block
             inputs, as the AdaLog reference's ``block_recon.py`` does). QDrop needs "quantized".
         max_samples: keep at most this many captured samples (random subset); None keeps all.
-        seed: seed of the mini-batch sampling and QDrop masks (the global RNG state is left untouched).
+        seed: seed of the mini-batch sampling, the ``max_samples`` subset and the QDrop masks. Each block draws
+            from its own stream, seeded by (seed, block name), so a block's result does not depend on which
+            blocks were reconstructed before it (with ``block_inputs="float"`` it is bit-identical); the
+            global RNG state is left untouched.
         version: config schema version.
     """
 
@@ -301,7 +305,7 @@ class AdaRoundWeight(nn.Module):
         if not isinstance(fmt, IntFormat):
             raise ValueError(f"AdaRound rounds onto an integer grid; {quantizer.name} uses {fmt.name}")
         self.fmt = fmt
-        self.state = "quantized"  # read by _QuantWeightModule.quant_weight()
+        self.state = "quantized"  # read by QuantWeightModule.quant_weight()
         self.soft = True
         self.block_size = quantizer.block_size(weight)
         w = weight.detach()
@@ -422,17 +426,14 @@ _ROUNDERS: dict[str, type[nn.Module]] = {"adaround": AdaRoundWeight, "flexround"
 # --- capture -------------------------------------------------------------------------------------------------
 
 
-class _StopForward(Exception):
-    """Raised by a capture hook to end the forward pass right after the block of interest."""
-
-
 @dataclass
 class BlockData:
     """A block's captured calibration data, on CPU, concatenated over batches along dim 0.
 
     Args:
-        args / kwargs: the block's inputs in the quantized model; tensors whose dim 0 is the batch are
-            concatenated, everything else is taken from the first batch (constants such as masks).
+        args / kwargs: the block's inputs in the quantized model (the float model's with
+            ``block_inputs="float"``); tensors whose dim 0 is the batch are concatenated, everything else is
+            taken from the first batch (constants such as masks).
         batched_args / batched_kwargs: which positional / keyword inputs are per-sample tensors.
         target: the float model's block output: a list of Tensors (or None entries), one per output.
         target_is_tensor: the block returns a single Tensor (``target`` then has one entry).
@@ -483,18 +484,6 @@ def _get_block(model: nn.Module, name: str, what: str = "model") -> nn.Module:
         raise ValueError(f"{what} has no module named {name!r} (names look like {names})") from None
 
 
-def _to_cpu(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.detach().cpu()
-    if isinstance(x, tuple):
-        return tuple(_to_cpu(v) for v in x)
-    if isinstance(x, list):
-        return [_to_cpu(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _to_cpu(v) for k, v in x.items()}
-    return x
-
-
 def _flat_outputs(out: Any, block: str) -> tuple[list[Tensor | None], bool]:
     if isinstance(out, Tensor):
         return [out], True
@@ -511,12 +500,13 @@ def _batch_len(args: tuple[Any, ...], kwargs: dict[str, Any], block: str) -> int
     raise ValueError(f"block {block!r} has no tensor input to reconstruct from")
 
 
-def _run_until_stop(model: nn.Module, forward_fn: Callable[[nn.Module, Any], Any], batch: Any, block: str) -> None:
-    try:
-        forward_fn(model, batch)
-    except _StopForward:
-        return
-    raise ValueError(f"block {block!r} was not called by the forward pass; check the name and forward_fn")
+def _first_call(model: nn.Module, block: str, batch: Any, forward_fn: Callable[[nn.Module, Any], Any], *,
+                inputs: bool, outputs: bool, offload: str | None = "cpu") -> Call:
+    """The block's first call in the forward of one batch; the forward stops right after it (before, without
+    outputs), so no later module runs."""
+    caps = capture(model, [block], [batch], forward_fn=forward_fn, inputs=inputs, outputs=outputs, calls="first",
+                   early_stop=True, offload=offload)
+    return caps[block].calls[0]
 
 
 def _collate(records: list[tuple[tuple[Any, ...], dict[str, Any]]], sizes: list[int]) -> tuple[
@@ -549,50 +539,41 @@ def capture_block_io(
     *,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     fp_inputs: bool = False,
+    block_inputs: str = "quantized",
 ) -> BlockData:
     """Capture ``block``'s inputs in ``model`` and its output in ``fp_model`` for every batch.
 
-    A forward pre-hook on the block in ``model`` records its inputs and a forward hook on the block in
-    ``fp_model`` its output (and inputs with ``fp_inputs``); both then raise a private ``_StopForward``, so no
-    module after the block runs and only this block's tensors are ever held (moved to CPU). Runs under
-    ``torch.no_grad()``; the caller chooses train / eval mode. If the block is called several times in one
-    forward, the first call is captured. Raises ValueError when the block is not called by the forward pass.
+    Uses ``polyquant.capture`` per batch (the batches are read once): the forward in ``model`` stops right before
+    the block, the one in ``fp_model`` right after it, so no module after the block runs and only this block's
+    tensors are ever held (copies, on CPU). With ``fp_inputs`` the float model's block inputs are kept too
+    (QDrop). With ``block_inputs="float"`` the block's inputs are the float model's and ``model`` does not run.
+    Runs under ``torch.no_grad()``; the caller chooses train / eval mode. If the block is called several times
+    in one forward, the first call is captured. Raises ValueError when the block is not called by a forward.
     """
-    forward_fn = forward_fn or _default_forward
-    qblock = _get_block(model, block)
-    fblock = _get_block(fp_model, block, "fp_model")
+    if block_inputs not in ("quantized", "float"):
+        raise ValueError(f"block_inputs must be 'quantized' or 'float', got {block_inputs!r}")
+    forward_fn = forward_fn or default_forward
+    _get_block(model, block)
+    _get_block(fp_model, block, "fp_model")
+    from_float = block_inputs == "float"
     q_records: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     f_records: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     outs: list[list[Tensor | None]] = []
-    is_tensor = [True]
-
-    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        q_records.append((_to_cpu(args), _to_cpu(kwargs)))
-        raise _StopForward
-
-    def fwd_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
-        flat, is_tensor[0] = _flat_outputs(out, block)
-        outs.append(_to_cpu(flat))
-        if fp_inputs:
-            f_records.append((_to_cpu(args), _to_cpu(kwargs)))
-        raise _StopForward
-
-    with torch.no_grad():
-        for batch in batches:
-            handle = qblock.register_forward_pre_hook(pre_hook, with_kwargs=True)
-            try:
-                _run_until_stop(model, forward_fn, batch, block)
-            finally:
-                handle.remove()
-            handle = fblock.register_forward_hook(fwd_hook, with_kwargs=True)
-            try:
-                _run_until_stop(fp_model, forward_fn, batch, block)
-            finally:
-                handle.remove()
-    if not q_records:
+    is_tensor = True
+    for batch in batches:
+        if not from_float:
+            q = _first_call(model, block, batch, forward_fn, inputs=True, outputs=False)
+            q_records.append((q.args, q.kwargs))
+        f = _first_call(fp_model, block, batch, forward_fn, inputs=fp_inputs or from_float, outputs=True)
+        flat, is_tensor = _flat_outputs(f.output, block)
+        outs.append(flat)
+        if fp_inputs or from_float:
+            f_records.append((f.args, f.kwargs))
+    if not outs:
         raise ValueError("the calibration set is empty: reconstruction needs at least one batch")
-    sizes = [_batch_len(a, k, block) for a, k in q_records]
-    args, kwargs, bargs, bkwargs = _collate(q_records, sizes)
+    records = f_records if from_float else q_records
+    sizes = [_batch_len(a, k, block) for a, k in records]
+    args, kwargs, bargs, bkwargs = _collate(records, sizes)
     del q_records
     target: list[Tensor | None] = []
     for j in range(len(outs[0])):
@@ -605,9 +586,9 @@ def capture_block_io(
         target.append(torch.cat(parts, 0))  # type: ignore[arg-type]
     del outs
     fp_args = fp_kwargs = None
-    if fp_inputs:
+    if fp_inputs and not from_float:
         fp_args, fp_kwargs, _, _ = _collate(f_records, sizes)
-    return BlockData(args, kwargs, bargs, bkwargs, target, is_tensor[0], sum(sizes), fp_args, fp_kwargs)
+    return BlockData(args, kwargs, bargs, bkwargs, target, is_tensor, sum(sizes), fp_args, fp_kwargs)
 
 
 def fisher_grad_weights(
@@ -621,43 +602,28 @@ def fisher_grad_weights(
 ) -> list[Tensor]:
     """Squared gradients of ``task_loss(model_output, batch)`` w.r.t. ``block``'s output, one tensor per batch.
 
-    Use the float model (BRECQ's diagonal Fisher). A forward hook turns the block output into a leaf, so the
-    backward stops there and no parameter gradient is computed or accumulated. The model runs in eval mode
+    Use the float model (BRECQ's diagonal Fisher). The gradients come from ``polyquant.capture`` (the first
+    call of the block in each forward): the backward stops at the block output and no parameter gradient is
+    computed or accumulated; a frozen model works too. The model runs in eval mode
     (its mode is restored). With ``normalize`` the weights are divided by their mean over the whole set, so
     ``reg_weight`` keeps the balance it has with the plain MSE. Pass them to ``reconstruct`` as
     ``grad_weights={block: weights}`` or lazily ``grad_weights=lambda b: fisher_grad_weights(fp, b, ...)``.
     The block must return a single Tensor. Results are on CPU.
     """
-    forward_fn = forward_fn or _default_forward
-    blk = _get_block(model, block)
-    leaves: list[Tensor] = []
-
-    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> Tensor:
-        if not isinstance(out, Tensor):
-            raise TypeError(f"fisher_grad_weights needs block {block!r} to return a Tensor, got {type(out).__name__}")
-        leaf = out.detach().requires_grad_(True)
-        leaves.append(leaf)
-        return leaf
-
-    grads: list[Tensor] = []
+    _get_block(model, block)
     was_training = model.training
     model.eval()
-    handle = blk.register_forward_hook(hook)
     try:
-        with torch.enable_grad():
-            for batch in batches:
-                leaves.clear()
-                loss = task_loss(forward_fn(model, batch), batch)
-                if not leaves:
-                    raise ValueError(f"block {block!r} was not called by the forward pass")
-                (g,) = torch.autograd.grad(loss, leaves[0], allow_unused=True)
-                g = torch.zeros_like(leaves[0]) if g is None else g
-                grads.append(g.detach().pow(2).cpu())
+        caps = capture(model, [block], batches, forward_fn=forward_fn or default_forward, inputs=False,
+                       outputs=False, loss_fn=task_loss, calls="first")
     finally:
-        handle.remove()
         model.train(was_training)
-    if not grads:
-        raise ValueError("the batch set is empty: fisher_grad_weights needs at least one batch")
+    grads: list[Tensor] = []
+    for call in caps[block].calls:
+        if not isinstance(call.grad, Tensor):
+            raise TypeError(f"fisher_grad_weights needs block {block!r} to return a Tensor, got "
+                            f"{type(call.grad).__name__}")
+        grads.append(call.grad.pow(2))
     if normalize:
         mean = sum(float(g.double().sum()) for g in grads) / sum(g.numel() for g in grads)
         if not mean > 0 or not math.isfinite(mean):
@@ -679,25 +645,14 @@ def block_output_mse(
 
     Both forwards stop after the block. Averaged over every output element; tuple outputs are summed.
     """
-    forward_fn = forward_fn or _default_forward
-    qblock = _get_block(model, block)
-    fblock = _get_block(fp_model, block, "fp_model")
-    got: list[list[Tensor | None]] = []
-
-    def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        got.append(_flat_outputs(out, block)[0])
-        raise _StopForward
-
+    forward_fn = forward_fn or default_forward
+    _get_block(model, block)
+    _get_block(fp_model, block, "fp_model")
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in batches:
-            got.clear()
-            for m, b in ((model, qblock), (fp_model, fblock)):
-                handle = b.register_forward_hook(hook)
-                try:
-                    _run_until_stop(m, forward_fn, batch, block)
-                finally:
-                    handle.remove()
+            got = [_flat_outputs(_first_call(m, block, batch, forward_fn, inputs=False, outputs=True,
+                                             offload=None).output, block)[0] for m in (model, fp_model)]
             for q, f in zip(got[0], got[1]):
                 if q is not None and f is not None:
                     total += float((q.float() - f.float().to(q.device)).pow(2).sum())
@@ -710,12 +665,18 @@ def block_output_mse(
 # --- engine --------------------------------------------------------------------------------------------------
 
 
-def _weight_modules(block: nn.Module) -> list[_QuantWeightModule]:
-    return [m for m in block.modules() if isinstance(m, _QuantWeightModule) and m.weight_quantizer is not None]
+def _block_seed(seed: int, block: str) -> int:
+    """The RNG seed of one block: a function of ``seed`` and the block's name only (stable across processes)."""
+    digest = hashlib.sha256(f"{seed}:{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63: a valid torch seed
+
+
+def _weight_modules(block: nn.Module) -> list[QuantWeightModule]:
+    return [m for m in block.modules() if isinstance(m, QuantWeightModule) and m.weight_quantizer is not None]
 
 
 def _act_quantizers(module: nn.Module) -> list[Quantizer]:
-    weight_qs = {id(m.weight_quantizer) for m in module.modules() if isinstance(m, _QuantWeightModule)}
+    weight_qs = {id(m.weight_quantizer) for m in module.modules() if isinstance(m, QuantWeightModule)}
     return [q for q in module.modules() if isinstance(q, Quantizer) and id(q) not in weight_qs]
 
 
@@ -799,11 +760,8 @@ def _reconstruct_block(
     from tqdm.auto import tqdm
 
     block = _get_block(model, name)
-    float_inputs = config.block_inputs == "float"
-    data = capture_block_io(model, fp_model, name, batches, forward_fn=forward_fn,
-                            fp_inputs=config.drop_prob > 0 or float_inputs)
-    if float_inputs:  # the float model's inputs replace the quantized model's
-        data = dataclasses.replace(data, args=data.fp_args, kwargs=data.fp_kwargs, fp_args=None, fp_kwargs=None)
+    data = capture_block_io(model, fp_model, name, batches, forward_fn=forward_fn, fp_inputs=config.drop_prob > 0,
+                            block_inputs=config.block_inputs)
     gw = _grad_weights_for(name, grad_weights, data)
     loss_fn: ReconLoss = LOSSES[config.loss] if isinstance(config.loss, str) else config.loss
     if config.loss == "fisher" and gw is None:
@@ -959,7 +917,7 @@ def reconstruct(
                         "once per block)")
     if config.loss == "fisher" and grad_weights is None:
         raise ValueError("loss='fisher' needs grad_weights (see fisher_grad_weights)")
-    forward_fn = forward_fn or _default_forward
+    forward_fn = forward_fn or default_forward
     fp = fp_model if fp_model is not None else _float_copy(model)
     for b in blocks:
         _get_block(fp, b, "fp_model")
@@ -974,8 +932,8 @@ def reconstruct(
     fp.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(config.seed)
             for name in tqdm(blocks, desc=f"{config.rounding}", disable=not progress):
+                torch.manual_seed(_block_seed(config.seed, name))
                 stats = _reconstruct_block(model, fp, name, calib_batches, config, forward_fn, grad_weights, progress)
                 _log.info("reconstructed %s: loss %.4g -> %.4g", name, stats["first_loss"], stats["last_loss"])
     finally:

@@ -3,7 +3,7 @@
     from polyquant.plugins import discover, load, get_method
 
     discover()                       # {"vit": PluginInfo(...), ...}; never raises
-    get_method("vit", "ptq4vit")     # imports the plugin's impl module on first use
+    get_method("vit", "adalog")      # AdaLogConfig: imports the plugin's impl module on first use
 
 Importing this package is cheap: it reads no entry points and imports no plugin or heavy dependency.
 The contract a plugin implements is documented in ``polyquant.plugins._registry``.

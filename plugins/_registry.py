@@ -11,7 +11,7 @@ imported only when the plugin is used. Built-in plugins are declared the same wa
     # polyquant_pointcloud/spec.py (light: no torch import)
     SPEC = PluginSpec(
         name="pointcloud",                            # == the entry-point name
-        api_version=1,                                # == API_VERSION
+        api_version=2,                                # == API_VERSION
         summary="Post-training quantization of point-cloud networks.",
         methods={"minmax": "Per-channel INT8 weights, min-max activations."},
         requires=("torch>=2.4",),                     # PEP 508, checked from metadata before impl is imported
@@ -19,19 +19,24 @@ imported only when the plugin is used. Built-in plugins are declared the same wa
         demo="polyquant_pointcloud.demo:run",
     )
 
-The impl module contract:
+The impl module contract (the method contract itself is ``polyquant.api``; docs/ARCHITECTURE.md):
 
-    METHODS: dict[str, object]   method name -> what implements it (config class, function, ...); the keys are
-                                 exactly the keys of ``spec.methods``. Methods are resolved through this dict
-                                 only (``get_method``), never by importing names read from a file.
+    METHODS: dict[str, type[QuantConfig]]  method name -> its config class; the keys are exactly the keys of
+                                 ``spec.methods``. Importing the impl module registers one handler per config class
+                                 (``polyquant.api.register_handler``). Methods are resolved through this dict only
+                                 (``get_method``), never by importing names read from a file.
+    example(method) -> polyquant.api.MethodExample   a small offline case; the contract test runs every method
 
-    Optional command-line hooks, used by ``polyquant quantize <plugin>/<method> [args...]``:
-    add_quantize_args(parser: argparse.ArgumentParser, method: str) -> None   add the method's options
-    run_quantize(method: str, args: argparse.Namespace) -> int                do the work, return an exit code
+    Optional: build_model(model_config: dict) -> nn.Module   the float skeleton an artifact describes (``load``)
+    Optional command-line hooks, used by ``polyquant quantize <plugin>/<method> [args...]`` (the method's own options
+    are generated from its config fields):
+    add_model_args(parser: argparse.ArgumentParser, method: str) -> None       model and data options
+    load_inputs(method: str, config, args) -> object with .model, .model_config, .calib, .label
+    report_quantized(qm, inputs, args) -> None                                  print quality numbers
 
     Optional hooks used by ``polyquant load <artifact> [args...]`` for artifacts whose manifest names the plugin:
     add_load_args(parser: argparse.ArgumentParser) -> None
-    run_load(artifact: polyquant.artifact.Artifact, args: argparse.Namespace) -> int
+    run_load(qm: polyquant.api.QuantizedModel, args: argparse.Namespace) -> int
 
 ``spec.demo`` ("module:function") names a function that runs a short offline demo and returns a printable report.
 
@@ -69,7 +74,7 @@ __all__ = [
     "clear_cache",
 ]
 
-API_VERSION = 1  # bumped when PluginSpec or the impl contract changes incompatibly
+API_VERSION = 2  # bumped when PluginSpec or the impl contract changes incompatibly (2: METHODS map to QuantConfig classes)
 ENTRY_POINT_GROUP = "polyquant.plugins"
 DISABLE_ENV = "POLYQUANT_DISABLE_PLUGINS"  # comma-separated plugin names, or "all" / "*"
 

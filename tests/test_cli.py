@@ -23,7 +23,7 @@ SPECS = textwrap.dedent("""
 
     GOOD = PluginSpec(
         name="good",
-        api_version=1,
+        api_version=2,
         summary="A fake plugin with command-line hooks.",
         methods={"alpha": "Prints its bit width.", "crash": "Raises."},
         requires=("pytest>=1",),
@@ -32,7 +32,7 @@ SPECS = textwrap.dedent("""
     )
     NEEDY = PluginSpec(
         name="needy",
-        api_version=1,
+        api_version=2,
         summary="Needs a package that is not installed.",
         methods={"alpha": "Never runs."},
         requires=("definitely-not-installed-pkg>=1",),
@@ -40,33 +40,92 @@ SPECS = textwrap.dedent("""
     )
 """)
 
-IMPL = textwrap.dedent("""
-    METHODS = {"alpha": object(), "crash": object()}
+IMPL = textwrap.dedent('''
+    from dataclasses import dataclass
 
-    def add_quantize_args(parser, method):
-        parser.add_argument("--bits", type=int, required=True, help="weight bit width")
+    import torch
 
-    def run_quantize(method, args):
-        if method == "crash":
-            raise RuntimeError("kaboom")
-        print(f"{method} bits={args.bits}")
-        return 0
+    from polyquant.api import QuantizedModel, register_handler
+    from polyquant.config import QuantConfig, bits_field
+
+
+    @dataclass
+    class AlphaConfig(QuantConfig):
+        """Alpha.
+
+        Args:
+            bits: weight bit width.
+        """
+
+        bits: int = bits_field(8)
+
+
+    @dataclass
+    class CrashConfig(QuantConfig):
+        bits: int = bits_field(8)
+
+
+    METHODS = {"alpha": AlphaConfig, "crash": CrashConfig}
+
+
+    def _alpha(model, config, calib, run):
+        print(f"alpha bits={config.bits}")
+        return QuantizedModel(model, config)
+
+
+    def _crash(model, config, calib, run):
+        raise RuntimeError("kaboom")
+
+
+    def _restore(model, config, artifact):
+        return QuantizedModel(model, config)
+
+
+    register_handler(AlphaConfig, plugin="good", method="alpha", restore=_restore)(_alpha)
+    register_handler(CrashConfig, plugin="good", method="crash")(_crash)
+
+
+    class Inputs:
+        def __init__(self):
+            self.model = torch.nn.Identity()
+            self.model_config = {"kind": "identity"}
+            self.calib = [torch.zeros(1)]
+            self.label = "fake"
+
+
+    def build_model(model_config):
+        return torch.nn.Identity()
+
+
+    def add_model_args(parser, method):
+        parser.add_argument("--size", type=int, default=1, help="input size")
+
+
+    def load_inputs(method, config, args):
+        return Inputs()
+
 
     def demo():
         return "good demo report"
 
+
     def add_load_args(parser):
         parser.add_argument("--shout", action="store_true")
 
-    def run_load(artifact, args):
-        print(("LOADED " if args.shout else "loaded ") + artifact.method)
+
+    def run_load(qm, args):
+        print(("LOADED " if args.shout else "loaded ") + qm.method)
         return 0
-""")
+''')
 
 
 def _module(name: str, source: str) -> types.ModuleType:
     module = types.ModuleType(name)
-    exec(source, module.__dict__)
+    sys.modules[name] = module  # dataclasses and type hints look the module up while it executes
+    try:
+        exec(source, module.__dict__)
+    finally:
+        del sys.modules[name]
     return module
 
 
@@ -158,10 +217,14 @@ def test_info(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
     assert "definitely-not-installed-pkg>=1  not installed  MISSING" in out
 
 
-def test_quantize_dispatches_to_the_plugin(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
-    assert run(capsys, "quantize", "good/alpha", "--bits", "4") == (0, "alpha bits=4\n", "")
+def test_quantize_builds_the_config_and_calls_the_handler(capsys: pytest.CaptureFixture[str],
+                                                          fake_plugins: None) -> None:
+    code, out, err = run(capsys, "quantize", "good/alpha", "--bits", "4", "--quiet")
+    assert code == 0 and not err
+    assert out.startswith("alpha bits=4\ngood/alpha: fake, ")
     code, out, _ = run(capsys, "quantize", "good/alpha", "--help")
-    assert code == 0 and out.startswith("usage: polyquant quantize good/alpha") and "--bits" in out
+    assert code == 0 and out.startswith("usage: polyquant quantize good/alpha")
+    assert "--bits INT" in out and "weight bit width. (default: 8)" in out and "--size" in out
 
 
 def test_command_failure_is_one_line_unless_debug(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
@@ -182,8 +245,9 @@ BAD_ARGS = [
     ["quantize", "good"],
     ["quantize", "nope/alpha"],
     ["quantize", "good/gamma"],
-    ["quantize", "good/alpha"],  # the plugin's parser: --bits is required
+    ["quantize", "good/alpha", "--bits", "12"],  # out of the config's range
     ["quantize", "good/alpha", "--bits", "four"],
+    ["quantize", "good/alpha", "--nope"],
     ["quantize", "needy/alpha"],  # unavailable
     ["quantize", "broken/alpha"],
     ["demo", "nope"],
@@ -259,14 +323,17 @@ def test_load_summarizes_an_artifact(capsys: pytest.CaptureFixture[str], tmp_pat
     assert '  method:  "m1"' in out and '  config:  {"bits": 4}' in out
 
 
-def test_load_hands_the_artifact_to_its_plugin(
+def test_load_hands_the_rebuilt_model_to_its_plugin(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, fake_plugins: None
 ) -> None:
-    path = _save_artifact(tmp_path / "a.safetensors", plugin="good")
+    path = tmp_path / "a.safetensors"
+    assert run(capsys, "quantize", "good/alpha", "--quiet", "--out", str(path))[0] == 0
     code, out, _ = run(capsys, "load", str(path), "--shout")
-    assert code == 0 and out.endswith("LOADED m1\n")
+    assert code == 0 and out.endswith("LOADED alpha\n")
     code, out, err = run(capsys, "load", str(path), "--whisper")
     assert code == 2 and not out and err.count("\n") == 1 and "unrecognized arguments: --whisper" in err
+    code, out, err = run(capsys, "load", str(_save_artifact(tmp_path / "b.safetensors", plugin="good")))
+    assert code == 2 and err.count("\n") == 1 and "schema" in err  # not written by polyquant.save
 
 
 def test_load_rejects_a_damaged_artifact(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -164,3 +164,45 @@ def test_every_listed_format_resolves() -> None:
     for name in list_formats():
         f = get_format(name)
         assert f.grid().numel() >= 2
+
+
+def test_log_format_rational_base_and_lut_by_hand() -> None:
+    from polyquant.formats import LogFormat as LF
+
+    # AdaLog base 2^(q/r) with q = 74, r = 37: base 4; exponents -log2|x| * r / q
+    f = LF(3, base_ratio=(74, 37))
+    assert f.base_log2 == 2.0 and f.name == "log74r37_3"
+    x = torch.tensor([1.0, 0.25, 0.2, 0.03, 1e-6, 0.0])  # k = 0, 1, round(1.16) = 1, round(2.53) = 3, 9.97 -> flushed
+    assert torch.equal(f.round(x), torch.tensor([1.0, 0.25, 0.25, 4.0**-3, 0.0, 0.0]))
+    assert LF(3) == LF(3, 1.0) and LF(3).base_ratio is None  # the old constructor is unchanged
+    # hardware table: q = 50, r = 37, 2 bits: k q = 0, 50, 100, 150 -> shifts 0, 1, 2, 4 and fractions
+    # 2^(-0/37), 2^(-13/37), 2^(-26/37), 2^(-2/37) rounded to steps of 1 / (2^3 - 2) = 1/6
+    g = LF(2, base_ratio=(50, 37), lut=True)
+    frac = torch.round(torch.exp2(-torch.tensor([0.0, 13, 26, 2], dtype=torch.float64) / 37) * 6) / 6
+    expected = (frac * torch.exp2(-torch.tensor([0.0, 1, 2, 4], dtype=torch.float64))).float()
+    assert torch.equal(g.magnitude(torch.arange(4)), expected)
+    assert torch.equal(g.grid(), torch.cat([torch.zeros(1), expected.flip(0)]))
+    codes = g.encode(g.round(torch.tensor([1.0, 0.4, 0.0])))
+    assert codes.tolist() == [0, 1, 4] and torch.equal(g.decode(codes), g.round(torch.tensor([1.0, 0.4, 0.0])))
+    with pytest.raises(ValueError, match="rational"):
+        LF(3, lut=True)
+    with pytest.raises(ValueError, match="contradicts"):
+        LF(3, base_log2=0.5, base_ratio=(74, 37))
+    with pytest.raises(ValueError, match="positive integers"):
+        LF(3, base_ratio=(0, 37))
+
+
+def test_twin_uniform_format_by_hand() -> None:
+    from polyquant.formats import TwinUniformFormat
+
+    # 3 bits: two 2-bit ranges; fine steps 0..3, coarse steps 0, 4, 8, 12 (ratio 2^2)
+    f = TwinUniformFormat(3, 2)
+    assert f.grid().tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 8.0, 12.0]
+    # below the fine range's end (4) a value stays on the fine grid: 3.6 -> 3, not the nearer 4 (PTQ4ViT)
+    assert f.round(torch.tensor([2.4, 3.6, 4.1, 6.0, 99.0])).tolist() == [2.0, 3.0, 4.0, 8.0, 12.0]
+    s = TwinUniformFormat(3, 2, signed=True)  # negatives on the fine grid (-4 .. 0), the rest on the coarse one
+    assert s.grid().tolist() == [-4.0, -3.0, -2.0, -1.0, 0.0, 4.0, 8.0, 12.0]
+    assert s.round(torch.tensor([-9.0, -1.4, 1.9, 2.1, 7.0])).tolist() == [-4.0, -1.0, 0.0, 4.0, 8.0]
+    assert get_format(f) is f and not f.supports_zero_point and f.name == "twin2_3"
+    with pytest.raises(ValueError, match="bits"):
+        TwinUniformFormat(1)

@@ -15,7 +15,7 @@ from polyquant.primitives import (
     dequantize,
     fake_quantize,
     qparams_from_minmax,
-    quantize,
+    quantize_tensor,
     scale_shape,
 )
 
@@ -45,7 +45,7 @@ def test_symmetric_int8_per_tensor_hand_computed() -> None:
     scale, zp = choose_qparams(x, "int8", (2, 2))
     assert torch.allclose(scale, torch.tensor([[0.01]]))
     assert zp.item() == 0
-    q = quantize(x, "int8", scale, zp, (2, 2))
+    q = quantize_tensor(x, "int8", scale, zp, (2, 2))
     assert q.tolist() == [[-127, 50], [64, 100]]  # 63.5 -> 64 (half to even)
     assert torch.allclose(dequantize(q, scale, zp, (2, 2)), torch.tensor([[-1.27, 0.5], [0.64, 1.0]]))
 
@@ -57,7 +57,7 @@ def test_asymmetric_uint4_per_channel_hand_computed() -> None:
     # row 0: range [0, 3] -> scale 3/15 = 0.2, zp 0; row 1: range [-1, 2] -> scale 0.2, zp = round(1/0.2) = 5
     assert torch.allclose(scale.flatten(), torch.tensor([0.2, 0.2]))
     assert zp.flatten().tolist() == [0, 5]
-    q = quantize(x, "uint4", scale, zp, bs)
+    q = quantize_tensor(x, "uint4", scale, zp, bs)
     assert q.tolist() == [[0, 8, 15], [0, 5, 15]]  # 7.5 -> 8 (half to even)
     assert torch.allclose(dequantize(q, scale, zp, bs), torch.tensor([[0.0, 1.6, 3.0], [-1.0, 0.0, 2.0]]))
 
@@ -86,7 +86,7 @@ def test_fp4_scale_uses_format_max() -> None:
     x = torch.tensor([[12.0, -3.0]])
     scale, zp = choose_qparams(x, "e2m1", (1, 2))
     assert scale.item() == pytest.approx(2.0)
-    q = quantize(x, "e2m1", scale, None, (1, 2))
+    q = quantize_tensor(x, "e2m1", scale, None, (1, 2))
     assert q.tolist() == [[6.0, -1.5]]
 
 
@@ -96,7 +96,7 @@ def test_zero_range_channel_dequantizes_to_zero() -> None:
     bs = block_size_for(PerChannel(0), x.shape)
     scale, zp = choose_qparams(x, "int8", bs)
     assert torch.isfinite(scale).all() and (scale > 0).all()
-    y = dequantize(quantize(x, "int8", scale, zp, bs), scale, zp, bs)
+    y = dequantize(quantize_tensor(x, "int8", scale, zp, bs), scale, zp, bs)
     assert torch.equal(y[0], torch.zeros(4))
 
 
@@ -119,7 +119,7 @@ def test_fake_quantize_matches_quantize_dequantize_and_has_ste_gradient() -> Non
     x = torch.randn(8, 16)
     bs = block_size_for(PerChannel(0), x.shape)
     scale, zp = choose_qparams(x, "uint4", bs, symmetric=False)
-    ref = dequantize(quantize(x, "uint4", scale, zp, bs), scale, zp, bs)
+    ref = dequantize(quantize_tensor(x, "uint4", scale, zp, bs), scale, zp, bs)
     xg = x.clone().requires_grad_(True)
     out = fake_quantize(xg, "uint4", scale, zp, bs)
     assert torch.allclose(out, ref, atol=1e-6)

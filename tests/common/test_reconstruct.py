@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from polyquant.nn import QuantConv2d, QuantLinear, QuantRule, QuantSpec, calibrate, prepare, quantizers
-from polyquant.primitives import PerChannel, PerGroup, dequantize, quantize
+from polyquant.primitives import PerChannel, PerGroup, dequantize, quantize_tensor
 from polyquant.reconstruct import (
     LOSSES,
     AdaRoundWeight,
@@ -296,7 +296,7 @@ def test_hardened_weights_are_fixed_points_of_the_weight_quantizer(digits: dict)
                 assert type(m.weight_quantizer).__name__ == "Quantizer"  # the rounding module is gone
                 assert m.weight.requires_grad and m.weight.grad is None
                 wq = m.weight_quantizer
-                codes = quantize(m.weight.detach(), wq.fmt, wq.scale, wq.zero_point, wq.block_size(m.weight))
+                codes = quantize_tensor(m.weight.detach(), wq.fmt, wq.scale, wq.zero_point, wq.block_size(m.weight))
                 torch.testing.assert_close(dequantize(codes, wq.scale, wq.zero_point, wq.block_size(m.weight)),
                                            m.weight.detach(), rtol=0, atol=0)
                 changed += int((m.quant_weight() != m0.quant_weight()).sum())
@@ -444,6 +444,12 @@ def test_capture_stops_after_the_block_and_holds_only_its_tensors() -> None:
         torch.testing.assert_close(data.target[0], model[1](model[0](x)))
     with_fp = capture_block_io(q, model, "1", batches, fp_inputs=True)
     assert len(with_fp.tensors()) == 3  # + the float model's block input (QDrop)
+    # block_inputs="float": the inputs are the float model's, and the quantized model does not run at all.
+    from_fp = capture_block_io(nn.Sequential(_Boom(), q[1]), model, "1", batches, block_inputs="float")
+    assert len(from_fp.tensors()) == 2 and from_fp.fp_args is None
+    with torch.no_grad():
+        torch.testing.assert_close(from_fp.args[0], model[0](x), rtol=0, atol=0)
+        assert torch.equal(from_fp.target[0], data.target[0])
 
 
 def test_reconstruct_never_runs_modules_after_the_current_block() -> None:

@@ -1,0 +1,356 @@
+"""The method contract: ``quantize(model, config, calib=...)``, ``save`` and ``load``, keyed by config type.
+
+    import polyquant as pq
+    from polyquant.plugins.vit.adalog import AdaLogConfig
+
+    qm = pq.quantize(model, AdaLogConfig(wbits=4, abits=4), calib=batches)    # -> QuantizedModel
+    pq.save(qm, "adalog.safetensors")                                          # artifact: safetensors + JSON
+    qm2 = pq.load("adalog.safetensors")                                        # plugin rebuilds the model
+
+A plugin registers one handler per config class (torchao's ``quantize_`` does the same with its configs):
+
+    @register_handler(AdaLogConfig, plugin="vit", method="adalog", export=..., restore=...)
+    def _quantize(model: nn.Module, config: AdaLogConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
+        ...
+
+``calib`` means one thing everywhere: an iterable of batches, each fed to the model by ``forward_fn(model,
+batch)`` (default: a tensor is ``model(batch)``, a dict ``model(**batch)``, a tuple or list ``model(batch[0])``).
+Progress bars and the device are arguments of the call (``RunOptions``), never config fields, never saved.
+
+Artifacts (``polyquant.artifact``) written by ``save`` carry in their manifest ``config``:
+
+    schema       ARTIFACT_SCHEMA (1)
+    model        the plugin's model config (its ``build_model`` rebuilds the float skeleton from it), or null
+    method       the method config, ``config.to_dict()`` (version + fields)
+    state        JSON the handler's ``restore`` needs beyond the config (searched choices, per-quantizer specs)
+
+and tensors named by the handler's ``export`` (packed weight codes, qparams, VQ codes and codebooks:
+``polyquant.export``). ``load`` reads the plugin and method from the manifest, resolves them through the plugin's
+``METHODS`` (never by importing a name read from the file), checks the method config against its class, asks the
+plugin's ``build_model`` for the skeleton (or uses the ``model`` given) and hands both to the handler's ``restore``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .artifact import Artifact, ArtifactError
+from .config import ConfigError, QuantConfig
+from .nn import default_forward
+
+__all__ = [
+    "ARTIFACT_SCHEMA",
+    "Calibration",
+    "RunOptions",
+    "QuantizedModel",
+    "MethodExample",
+    "describe_model",
+    "model_description",
+    "Handler",
+    "register_handler",
+    "get_handler",
+    "handlers",
+    "quantize",
+    "save",
+    "load",
+    "to_artifact",
+    "from_artifact",
+    "default_forward",
+    "progress_default",
+]
+
+ARTIFACT_SCHEMA = 1
+
+C = TypeVar("C", bound=QuantConfig)
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+def progress_default() -> bool:
+    """Progress bars are on when standard error is a terminal."""
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration input: batches (any re-iterable, e.g. a list or a DataLoader) and how to feed them."""
+
+    batches: Iterable[Any]
+    forward_fn: ForwardFn | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        return (self.forward_fn or default_forward)(model, batch)
+
+    def inputs(self, limit: int | None = None) -> Tensor:
+        """The model inputs of the batches concatenated along dim 0 (first ``limit`` rows), for methods that
+        work on one input tensor. Batches are tensors or (input, label) pairs; such methods call the model on
+        the tensor themselves, so a ``forward_fn`` is refused rather than silently ignored."""
+        if self.forward_fn is not None:
+            raise TypeError("this method feeds the model one input tensor and cannot use forward_fn; pass batches "
+                            "of model inputs (or (input, label) pairs) instead")
+        parts: list[Tensor] = []
+        n = 0
+        for batch in self.batches:
+            x = batch if isinstance(batch, Tensor) else batch[0] if isinstance(batch, (list, tuple)) and batch else None
+            if not isinstance(x, Tensor):
+                raise TypeError(f"this method needs tensor batches or (tensor, label) pairs, got {type(batch).__name__}")
+            parts.append(x)
+            n += len(x)
+            if limit is not None and n >= limit:
+                break
+        if not parts:
+            raise ValueError("the calibration set is empty")
+        out = torch.cat(parts)
+        return out if limit is None else out[:limit]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run is displayed and placed: call arguments, never saved."""
+
+    progress: bool = False
+    device: torch.device | None = None
+
+
+@dataclass
+class QuantizedModel:
+    """What ``quantize`` returns and ``load`` rebuilds.
+
+    Args:
+        model: the quantized model (eval mode).
+        config: the method config it was quantized with.
+        state: JSON-ready data that the method's ``restore`` needs beyond the config (searched choices, specs).
+        report: the method's report of the run (not saved).
+        plugin, method: where the method lives (``plugin/method`` on the command line); filled in from the
+            handler's registration.
+        model_config: the plugin's description of the float architecture (its ``build_model`` input), or None
+            when the model is the user's own (``load`` then needs the float model passed as ``model``). Filled in
+            from ``describe_model`` when the plugin built the float model.
+    """
+
+    model: nn.Module
+    config: QuantConfig
+    state: dict[str, Any] = field(default_factory=dict)
+    report: Any = None
+    plugin: str | None = None
+    method: str = ""
+    model_config: dict[str, Any] | None = None
+
+    def __call__(self, x: Any) -> Any:
+        return self.model(x)
+
+
+_MODEL_CONFIGS: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def describe_model(model: nn.Module, model_config: dict[str, Any]) -> nn.Module:
+    """Record how a plugin's ``build_model`` can rebuild ``model`` (kept beside the model, not on it); returns it.
+
+    ``quantize`` copies the description into the ``QuantizedModel``, so that ``save`` can record it.
+    """
+    _MODEL_CONFIGS[model] = copy.deepcopy(model_config)
+    return model
+
+
+def model_description(model: nn.Module) -> dict[str, Any] | None:
+    """The description ``describe_model`` recorded for ``model``, or None."""
+    found = _MODEL_CONFIGS.get(model)
+    return None if found is None else copy.deepcopy(found)
+
+
+@dataclass
+class MethodExample:
+    """A small, fast, offline case of one method, which a plugin's impl module returns from ``example(method)``:
+    the contract test (``tests/test_contract.py``) runs every method of every plugin through it."""
+
+    model: nn.Module
+    config: QuantConfig
+    calib: list[Any]
+    inputs: Any  # what the model is called on to compare outputs
+
+
+ExportFn = Callable[[QuantizedModel], dict[str, Tensor]]
+RestoreFn = Callable[[nn.Module, Any, Artifact], QuantizedModel]
+QuantizeFn = Callable[[nn.Module, Any, Calibration, RunOptions], QuantizedModel]
+
+
+def _core_export(qm: QuantizedModel) -> dict[str, Tensor]:
+    from .export import export_tensors
+
+    return export_tensors(qm.model)
+
+
+@dataclass(frozen=True)
+class Handler(Generic[C]):
+    """What a plugin registers for one config class."""
+
+    config_cls: type[C]
+    plugin: str | None
+    method: str
+    quantize: QuantizeFn
+    export: ExportFn
+    restore: RestoreFn | None
+
+
+_HANDLERS: dict[type[QuantConfig], Handler[Any]] = {}
+
+
+def register_handler(
+    config_cls: type[C],
+    *,
+    plugin: str | None,
+    method: str,
+    export: ExportFn | None = None,
+    restore: RestoreFn | None = None,
+) -> Callable[[QuantizeFn], QuantizeFn]:
+    """Decorator: register ``fn(model, config, calib, run) -> QuantizedModel`` as the handler of ``config_cls``.
+
+    ``export(qm) -> tensors`` names the artifact's tensors (default: ``polyquant.export.export_tensors``);
+    ``restore(skeleton, config, artifact) -> QuantizedModel`` rebuilds the quantized model from them.
+    """
+    if not (isinstance(config_cls, type) and issubclass(config_cls, QuantConfig)):
+        raise TypeError(f"handlers are registered for QuantConfig subclasses, got {config_cls!r}")
+
+    def decorate(fn: QuantizeFn) -> QuantizeFn:
+        old = _HANDLERS.get(config_cls)
+        if old is not None and old.quantize is not fn:
+            raise ValueError(f"{config_cls.__name__} already has a handler ({old.plugin}/{old.method})")
+        _HANDLERS[config_cls] = Handler(config_cls, plugin, method, fn, export or _core_export, restore)
+        return fn
+
+    return decorate
+
+
+def get_handler(config_cls: type[QuantConfig]) -> Handler[Any]:
+    """The handler registered for ``config_cls`` (``LookupError`` if none)."""
+    handler = _HANDLERS.get(config_cls)
+    if handler is None:
+        raise LookupError(f"no quantize handler is registered for {config_cls.__name__}; import the plugin module "
+                          "that defines it (or use polyquant.plugins.get_method)")
+    return handler
+
+
+def handlers() -> dict[type[QuantConfig], Handler[Any]]:
+    """Every registered handler, by config class (a copy)."""
+    return dict(_HANDLERS)
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib: Iterable[Any] | Calibration,
+    forward_fn: ForwardFn | None = None,
+    *,
+    progress: bool | None = None,
+    device: str | torch.device | None = None,
+) -> QuantizedModel:
+    """Quantize a copy of ``model`` with the method ``config`` configures; ``calib`` is an iterable of batches.
+
+    ``progress``: None shows bars when standard error is a terminal. ``device``: where to run (None: where the
+    model is). The input model is not modified.
+    """
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig instance (e.g. AdaLogConfig()), got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    handler = get_handler(type(config))
+    calibration = calib if isinstance(calib, Calibration) else Calibration(calib, forward_fn)
+    if isinstance(calib, Calibration) and forward_fn is not None:
+        raise TypeError("pass forward_fn inside the Calibration or as an argument, not both")
+    run = RunOptions(progress=progress_default() if progress is None else bool(progress),
+                     device=None if device is None else torch.device(device))
+    qm = handler.quantize(model, config, calibration, run)
+    if not isinstance(qm, QuantizedModel):
+        raise TypeError(f"the handler of {type(config).__name__} returned {type(qm).__name__}, not a QuantizedModel")
+    qm.plugin, qm.method = handler.plugin, handler.method
+    if qm.model_config is None:
+        qm.model_config = model_description(model)
+    return qm
+
+
+# --- artifacts -------------------------------------------------------------------------------------------------
+
+
+def to_artifact(qm: QuantizedModel, meta: dict[str, Any] | None = None) -> Artifact:
+    """The artifact of a quantized model (tensors from its handler's ``export``; manifest as the module says)."""
+    handler = get_handler(type(qm.config))
+    return Artifact(
+        tensors=handler.export(qm),
+        plugin=qm.plugin,
+        method=qm.method,
+        config={"schema": ARTIFACT_SCHEMA, "model": qm.model_config, "method": qm.config.to_dict(),
+                "state": qm.state},
+        meta=dict(meta or {}),
+    )
+
+
+def save(qm: QuantizedModel, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
+    """Write ``qm`` as an artifact (atomic; see ``polyquant.artifact``); ``meta`` is free-form JSON."""
+    from . import artifact
+
+    if not isinstance(qm, QuantizedModel):
+        raise TypeError(f"polyquant.save takes a QuantizedModel (from polyquant.quantize), got {type(qm).__name__}")
+    return artifact.save(to_artifact(qm, meta), path)
+
+
+def _handler_for(art: Artifact) -> tuple[Handler[Any], Any]:
+    """The handler and the impl module (or None for the core) named by an artifact."""
+    if art.plugin is None:
+        raise ArtifactError("the artifact names no plugin; restore it with polyquant.export.restore(model, artifact)")
+    from .plugins import get_method, load as load_plugin
+
+    cls = get_method(art.plugin, str(art.method))
+    if not (isinstance(cls, type) and issubclass(cls, QuantConfig)):
+        raise ArtifactError(f"{art.plugin}/{art.method} is not a config class in the plugin's METHODS")
+    return get_handler(cls), load_plugin(art.plugin)
+
+
+def from_artifact(art: Artifact, model: nn.Module | None = None) -> QuantizedModel:
+    """Rebuild the quantized model an artifact describes (see ``load``)."""
+    cfg = art.config
+    if cfg.get("schema") != ARTIFACT_SCHEMA:
+        raise ArtifactError(f"artifact schema {cfg.get('schema')!r} is not readable by this build "
+                            f"(it reads schema {ARTIFACT_SCHEMA})")
+    handler, impl = _handler_for(art)
+    if handler.restore is None:
+        raise ArtifactError(f"{art.plugin}/{art.method} artifacts cannot be restored (the method has no restore)")
+    try:
+        config = handler.config_cls.from_dict(cfg.get("method"))
+    except ConfigError as e:
+        raise ArtifactError(f"the artifact's method config is invalid: {e}") from None
+    if model is None:
+        model_config = cfg.get("model")
+        build = getattr(impl, "build_model", None)
+        if model_config is None or build is None:
+            raise ArtifactError(f"{art.plugin}/{art.method}: the artifact does not describe its model; pass the "
+                                "float model as load(path, model=...)")
+        try:
+            model = build(model_config)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ArtifactError(f"the artifact's model config is invalid: {e}") from None
+    else:
+        model = copy.deepcopy(model)
+    qm = handler.restore(model, config, art)
+    qm.plugin, qm.method = handler.plugin, handler.method
+    qm.model_config = cfg.get("model")
+    return qm
+
+
+def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> QuantizedModel:
+    """Load an artifact and rebuild its quantized model: the plugin's ``build_model`` makes the float skeleton
+    from the recorded model config (or ``model`` is used, not modified), then the method's ``restore``."""
+    from . import artifact
+
+    return from_artifact(artifact.load(path), model)

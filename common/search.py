@@ -1,0 +1,229 @@
+"""Searches for quantization parameters: candidate grids, a flat grid search and a progressive search.
+
+A search ranks *candidates* with a loss that is lower-is-better and independent per *group* (a weight row, a
+head, a channel, or one group for a per-tensor quantizer). Candidates are tensors with a leading candidate axis K
+and one column per group G:
+
+| tensor        | shape  | holds                                                                         |
+|---------------|--------|-------------------------------------------------------------------------------|
+| ``scales``    | (K, G) | candidate scales, or multipliers of a base scale (clipping ratios)            |
+| ``zero_points``| (K, G)| zero points searched with the scale, or another parameter kept fixed while the |
+|               |        | scale is refined (AdaLog's log-base numerator q), or None                      |
+| loss          | (K, G) | ``evaluate(scales, zero_points)``: the pluggable loss, lower is better         |
+
+``evaluate`` may see the candidates in slices: with ``chunk=n`` a search calls it on at most ``n`` candidates at
+a time, and ``chunked`` splits a callback's own work by an element budget, so memory stays bounded.
+
+| function                | what it does                                                                    |
+|-------------------------|---------------------------------------------------------------------------------|
+| ``grid_search``         | evaluate every candidate once, keep the best per group                          |
+| ``progressive_search``  | keep the best ``width`` per group, refine the scale around each survivor        |
+|                         | (``new_per`` offsets, spacing shrinking by ``new_per - 0.5`` a round), the      |
+|                         | zero point fixed; AdaLog's FPCS is this loop                                     |
+| ``uniform_grid``        | (scale, zero point) candidates between two percentile ranges (FPCS's first grid)|
+| ``quantile_rows``       | per-row quantiles without ``torch.quantile``'s size limit                       |
+| ``lowest``              | indices of the k lowest losses per group (NaN ranks last)                       |
+| ``chunked``             | run a callback on slices of the candidate axis and concatenate                  |
+
+Ties: ``tie_break="topk"`` ranks equal losses in ``torch.topk``'s order (the FPCS reference code);
+``"first"`` picks the lowest candidate index among equal losses (``torch.argmin``; a loop that keeps the first
+strictly better candidate).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Evaluate",
+    "SearchResult",
+    "MAX_ELEMENTS",
+    "chunked",
+    "lowest",
+    "quantile_rows",
+    "uniform_grid",
+    "grid_search",
+    "progressive_search",
+]
+
+Evaluate = Callable[[Tensor, "Tensor | None"], Tensor]  # (K, G) scales, zero points or None -> (K, G) losses
+TieBreak = Literal["topk", "first"]
+
+MAX_ELEMENTS = 1 << 19  # elements of one candidate chunk in ``chunked``: small chunks stay in cache
+
+
+@dataclass
+class SearchResult:
+    """The best candidate of every group.
+
+    Args:
+        scale: (G,) chosen scales (or multipliers, if the candidates were multipliers).
+        zero_point: (G,) chosen zero points (or second parameters), or None when none was searched.
+        loss: (G,) their losses.
+        index: (G,) their index in the last evaluated candidate set.
+        evaluations: candidates evaluated per group.
+    """
+
+    scale: Tensor
+    zero_point: Tensor | None
+    loss: Tensor
+    index: Tensor
+    evaluations: int
+
+
+def chunked(fn: Callable[[slice], Tensor], k: int, per_candidate: int, *, max_elements: int = MAX_ELEMENTS
+            ) -> Tensor:
+    """``torch.cat([fn(s) for s in slices])`` over slices of ``range(k)`` holding at most ``max_elements //
+    per_candidate`` candidates (at least one): a callback whose cost is ``per_candidate`` elements per candidate
+    stays within ``max_elements``."""
+    if k < 1:
+        raise ValueError(f"chunked needs at least one candidate, got k={k}")
+    size = max(1, max_elements // max(1, per_candidate))
+    return torch.cat([fn(slice(i, min(k, i + size))) for i in range(0, k, size)], dim=0)
+
+
+def lowest(loss: Tensor, k: int = 1, *, tie_break: TieBreak = "topk") -> Tensor:
+    """Indices (k', G) of the k lowest losses of every column of ``loss`` (K, G), best first; k' = min(k, K).
+
+    NaN counts as +inf. ``tie_break="first"`` (only for k = 1) returns the first index among equal losses.
+    """
+    if loss.dim() != 2:
+        raise ValueError(f"loss must have shape (K, G), got {tuple(loss.shape)}")
+    loss = torch.nan_to_num(loss, nan=float("inf"))
+    if tie_break == "first":
+        if k != 1:
+            raise ValueError("tie_break='first' picks one candidate per group (k=1)")
+        return torch.argmin(loss, dim=0, keepdim=True)
+    if tie_break != "topk":
+        raise ValueError(f"tie_break must be 'topk' or 'first', got {tie_break!r}")
+    return torch.topk(loss, k=min(k, loss.shape[0]), dim=0, largest=False).indices
+
+
+def quantile_rows(rows: Tensor, ps: list[float]) -> Tensor:
+    """Quantiles of every row of ``rows`` (G, M) with linear interpolation (``torch.quantile`` semantics, no
+    size limit). Returns (len(ps), G)."""
+    srt = rows.float().sort(dim=1).values
+    m = srt.shape[1]
+    out = []
+    for p in ps:
+        pos = p * (m - 1)
+        lo = int(pos)
+        hi = min(lo + 1, m - 1)
+        frac = pos - lo
+        out.append(srt[:, lo] * (1 - frac) + srt[:, hi] * frac)
+    return torch.stack(out)
+
+
+def uniform_grid(
+    rows: Tensor, bits: int, *, eq_n: int = 128, zp_levels: int | None = None, lo: float = 0.9, hi: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric uniform candidates for data ``rows`` (G, M): scales (K, G), zero points (K, G), scale step (G,).
+
+    ``num_zp = min(16, zp_levels)`` integer zero points centred on 2^(bits-1) (``zp_levels`` default
+    2^(bits-1)), times ``eq_n // num_zp`` scales spaced linearly from (P_lo - P_(1-lo)) / (2^bits - 1) to
+    (P_hi - P_(1-hi)) / (2^bits - 1); the zero point is the slow index, K = num_zp * (eq_n // num_zp). The step is
+    the spacing of the scales (the first refinement width of ``progressive_search``).
+    """
+    zp_levels = 2 ** (bits - 1) if zp_levels is None else zp_levels
+    num_zp = max(1, min(16, zp_levels))
+    num_scale = max(2, eq_n // num_zp)
+    q = quantile_rows(rows, [lo, hi, 1 - lo, 1 - hi])  # (4, G)
+    delta_min = q[0] - q[2]
+    delta_max = q[1] - q[3]
+    steps = torch.linspace(0, 1, num_scale)[:, None]
+    scales = (delta_min + steps * (delta_max - delta_min)) / (2**bits - 1)  # (num_scale, G)
+    scales = scales.repeat(num_zp, 1)
+    centre = 2 ** (bits - 1)
+    zps = torch.arange(centre - num_zp // 2, centre - num_zp // 2 + num_zp, dtype=torch.float32)
+    zps = zps.repeat_interleave(num_scale)[:, None].expand_as(scales).clone()
+    step = (delta_max - delta_min) / (num_scale - 1) / (2**bits - 1)
+    return scales, zps, step
+
+
+def _evaluate(evaluate: Evaluate, scales: Tensor, zero_points: Tensor | None, chunk: int | None) -> Tensor:
+    if chunk is None:
+        return evaluate(scales, zero_points)
+    k = scales.shape[0]
+    def part(sl: slice) -> Tensor:
+        return evaluate(scales[sl], None if zero_points is None else zero_points[sl])
+
+    return chunked(part, k, 1, max_elements=chunk)
+
+
+def _check(scales: Tensor, zero_points: Tensor | None) -> None:
+    if scales.dim() != 2 or scales.shape[0] == 0:
+        raise ValueError(f"candidate scales must have shape (K, G) with K >= 1, got {tuple(scales.shape)}")
+    if zero_points is not None and zero_points.shape != scales.shape:
+        raise ValueError(f"candidate zero points {tuple(zero_points.shape)} must match the scales "
+                         f"{tuple(scales.shape)}")
+
+
+def _pick(scales: Tensor, zero_points: Tensor | None, loss: Tensor, evaluations: int, tie_break: TieBreak
+          ) -> SearchResult:
+    best = lowest(loss, 1, tie_break=tie_break)  # (1, G)
+    return SearchResult(
+        scale=scales.gather(0, best)[0],
+        zero_point=None if zero_points is None else zero_points.gather(0, best)[0],
+        loss=loss.gather(0, best)[0],
+        index=best[0],
+        evaluations=evaluations,
+    )
+
+
+def grid_search(scales: Tensor, zero_points: Tensor | None, evaluate: Evaluate, *, chunk: int | None = None,
+                tie_break: TieBreak = "topk") -> SearchResult:
+    """Evaluate every candidate once and keep the best of every group.
+
+    ``evaluate(scales (k, G), zero_points (k, G) or None) -> (k, G)``; with ``chunk`` it sees at most ``chunk``
+    candidates per call. The loss must have one column per group (G = 1 for a per-tensor search).
+    """
+    _check(scales, zero_points)
+    loss = _evaluate(evaluate, scales, zero_points, chunk)
+    if loss.shape != scales.shape:
+        raise ValueError(f"evaluate returned shape {tuple(loss.shape)}, expected {tuple(scales.shape)}")
+    return _pick(scales, zero_points, loss, scales.shape[0], tie_break)
+
+
+def progressive_search(
+    scales: Tensor,
+    zero_points: Tensor | None,
+    step: Tensor | float,
+    evaluate: Evaluate,
+    *,
+    rounds: int = 6,
+    width: int = 16,
+    new_per: int = 8,
+    min_scale: float = 1e-8,
+    chunk: int | None = None,
+    tie_break: TieBreak = "topk",
+) -> SearchResult:
+    """Coarse-to-fine search: evaluate the initial candidates, then ``rounds - 1`` refinement rounds.
+
+    Each round keeps the best ``width`` candidates per group and tries ``new_per`` scales around each survivor,
+    s + (linspace(0, 1, new_per) - 0.5) * d, with its zero point fixed; d starts at ``step`` (a float, or
+    (G,) per group) and shrinks by (new_per - 0.5) every round. Scales are clamped to ``min_scale``. The result
+    is the best candidate of the last round. Evaluations per group: K + (rounds - 1) * width * new_per.
+    """
+    _check(scales, zero_points)
+    if rounds < 1 or width < 1 or new_per < 1:
+        raise ValueError(f"rounds, width and new_per must be positive, got {rounds}, {width}, {new_per}")
+    scales = scales.clamp_min(min_scale)
+    loss = _evaluate(evaluate, scales, zero_points, chunk)
+    evaluations = scales.shape[0]
+    delta = step.clone() if isinstance(step, Tensor) else float(step)
+    groups = scales.shape[1]
+    for _ in range(1, rounds):
+        idx = lowest(loss, width)  # (k, G)
+        top_s = scales.gather(0, idx)
+        offsets = (torch.linspace(0, 1, new_per) - 0.5)[:, None] * delta  # (new_per, G) or (new_per, 1)
+        delta = delta / (new_per - 0.5)
+        scales = (top_s[:, None, :] + offsets[None]).reshape(-1, groups).clamp_min(min_scale)
+        if zero_points is not None:
+            zero_points = zero_points.gather(0, idx).repeat_interleave(new_per, dim=0)
+        loss = _evaluate(evaluate, scales, zero_points, chunk)
+        evaluations += scales.shape[0]
+    return _pick(scales, zero_points, loss, evaluations, tie_break)
