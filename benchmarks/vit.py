@@ -46,40 +46,38 @@ def parse_bits(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _artifact_bytes(qmodel: Any, method: str, config: Any, model_config: dict[str, Any]) -> int:
-    """Size of the saved artifact: the vit plugin's export for its methods, the core export for the hybrid
+def _artifact_bytes(quantized: Any, method: str) -> int:
+    """Size of the saved artifact: ``polyquant.save`` for the plugin's methods, the core export for the hybrid
     baselines (plain core fake-quant models)."""
+    import polyquant as pq
     from polyquant.artifact import save
     from polyquant.export import export
 
-    from polyquant.plugins.vit.methods import export_artifact
-
-    if method == "qhyvit" or getattr(qmodel, "_polyquant_recipe", None) is not None:
-        artifact = export_artifact(qmodel, method, config, model_config)
-    else:
-        artifact = export(qmodel, plugin="vit", method=method, config={"model": model_config})
     with tempfile.TemporaryDirectory() as tmp:
-        return save(artifact, Path(tmp) / "a.safetensors").stat().st_size
+        path = Path(tmp) / "a.safetensors"
+        if isinstance(quantized, pq.QuantizedModel):
+            return pq.save(quantized, path).stat().st_size
+        return save(export(quantized, plugin="vit", method=method), path).stat().st_size
 
 
 def _config(method: str, wbits: int, abits: int, calib: int, fast: bool, retrain_iters: int) -> Any:
-    from polyquant.plugins.vit.methods import make_config
+    from polyquant.plugins.vit.methods import METHODS
 
     fields: dict[str, Any] = {"wbits": wbits, "abits": abits, "calib_size": calib}
     if fast and method not in ("qhyvit", "minmax", "percentile"):
         fields["search_round"] = 1
     if method == "adalog+retrain":
-        return make_config("adalog", retrain=True, retrain_iters=retrain_iters, retrain_size=256, **fields)
+        return METHODS["adalog"](retrain=True, retrain_iters=retrain_iters, retrain_size=256, **fields)
     if method in ("log2+gelu", "logsqrt2+gelu"):  # the quantizer ablation: log quantizers after GELU too
-        return make_config(method.split("+")[0], log_gelu=True, **fields)
+        return METHODS[method.split("+")[0]](log_gelu=True, **fields)
     if method == "qhyvit" and fast:
         fields["search_rounds"] = 1
-    return make_config(method, **fields)
+    return METHODS[method](**fields)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    import polyquant as pq
     from polyquant.plugins.vit.data import calib_set, evaluate, load_digits_data
-    from polyquant.plugins.vit.methods import quantize_vit
     from polyquant.plugins.vit.models import build_model, input_spec
     from polyquant.plugins.vit.qhyvit import quantize_hybrid_baseline
 
@@ -125,10 +123,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     try:
                         if model_config.get("source") == "hybrid" and method in ("minmax", "percentile"):
                             # Hybrids: the fair baseline has Q-HyViT's placement; only the calibration differs.
-                            qmodel = quantize_hybrid_baseline(model, calib, wbits=wbits, abits=abits,
-                                                              observer=method, calib_size=args.calib)
+                            quantized = quantize_hybrid_baseline(model, calib, wbits=wbits, abits=abits,
+                                                                 observer=method, calib_size=args.calib)
+                            qmodel = quantized
                         else:
-                            qmodel = quantize_vit(model, calib, method.split("+")[0], config)
+                            quantized = pq.quantize(model, config, calib=[calib], progress=False)
+                            qmodel = quantized.model
                     except Exception as e:  # a method failing on a model is a result, not a crash
                         print(f"  {bits} {method} seed {seed}: FAILED {type(e).__name__}: {e}", flush=True)
                         result["runs"].append({"model": model_name, "bits": bits, "method": method, "seed": seed,
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     with torch.no_grad():
                         logp = torch.log_softmax(qmodel(data.x_test), -1)
                     kl = float((fp_logp.exp() * (fp_logp - logp)).sum(-1).mean())
-                    nbytes = _artifact_bytes(qmodel, method.split("+")[0], config, model_config) if seed == 0 else None
+                    nbytes = _artifact_bytes(quantized, method) if seed == 0 else None
                     rec = {"model": model_name, "bits": bits, "method": method, "seed": seed, "accuracy": acc,
                            "kl": kl, "calib_seconds": seconds, "artifact_bytes": nbytes}
                     result["runs"].append(rec)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from polyquant.artifact import load, save
+import polyquant as pq
+from polyquant.plugins.vit.adalog import AdaLogConfig
+from polyquant.plugins.vit.baselines import MinMaxConfig
 from polyquant.plugins.vit.data import calib_set, evaluate, load_digits_data
-from polyquant.plugins.vit.methods import export_artifact, make_config, quantize_vit, restore
 from polyquant.plugins.vit.models import build_model, input_spec
 
 
@@ -38,20 +39,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--out", type=Path, default=Path("vit_adalog.safetensors"))
     args = p.parse_args(argv)
 
-    model, model_config = build_model(args.model, **({"img_size": args.img_size} if args.img_size else {}))
+    model, _ = build_model(args.model, **({"img_size": args.img_size} if args.img_size else {}))
     size, chans = input_spec(model)
-    calib = calib_set(args.calib, seed=0, img_size=size, channels=chans)
+    calib = [calib_set(args.calib, seed=0, img_size=size, channels=chans)]  # an iterable of batches
     data = load_digits_data(size, chans)
     digits = args.model.startswith("digits")
 
     results: dict[str, float] = {}
-    adalog_config = make_config("adalog", wbits=args.wbits, abits=args.abits, calib_size=args.calib,
-                                search_round=args.search_round)
-    qmodels = {
-        "adalog": quantize_vit(model, calib, "adalog", adalog_config),
-        "minmax": quantize_vit(model, calib, "minmax", make_config("minmax", wbits=args.wbits, abits=args.abits,
-                                                                    calib_size=args.calib)),
+    configs = {
+        "adalog": AdaLogConfig(wbits=args.wbits, abits=args.abits, calib_size=args.calib,
+                               search_round=args.search_round),
+        "minmax": MinMaxConfig(wbits=args.wbits, abits=args.abits, calib_size=args.calib),
     }
+    qms = {name: pq.quantize(model, config, calib=calib) for name, config in configs.items()}
+    qmodels = {name: qm.model for name, qm in qms.items()}
     x = data.x_test[:128]
     print(f"{args.model} W{args.wbits}A{args.abits}, {args.calib} calibration images")
     if digits:
@@ -61,10 +62,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results[name] = evaluate(q, data) if digits else logit_error(model, q, x)
         print(f"  {name:7s} " + (f"top-1 {results[name]:.2f}%" if digits else f"logit error {results[name]:.4f}"))
 
-    path = save(export_artifact(qmodels["adalog"], "adalog", adalog_config, model_config), args.out)
-    restored = restore(load(path))
+    path = pq.save(qms["adalog"], args.out)
+    restored = pq.load(path)  # the plugin rebuilds the model from the artifact's model config
     with torch.no_grad():
-        same = torch.equal(restored(x), qmodels["adalog"](x))
+        same = torch.equal(restored.model(x), qmodels["adalog"](x))
     print(f"saved {path} ({path.stat().st_size:,} bytes); restored model gives identical outputs: {same}")
     results["artifact_bytes"] = float(path.stat().st_size)
     results["identical"] = float(same)

@@ -1,7 +1,12 @@
-"""Vision-transformer plugin: AdaLog (ECCV'24) post-training quantization, baselines and the digits task.
+"""The vit plugin: post-training quantization of vision transformers (``polyquant quantize vit/<method>``).
 
-Importing this package is light (no torch, no timm). The plugin's entry point is ``polyquant.plugins.vit.spec:SPEC``;
-the methods live in ``polyquant.plugins.vit.methods`` (``METHODS``), the quantizers in ``adalog`` and
-``quantizers``, the shared harness (wrapping, calibration, FPCS) in ``harness`` and ``fpcs``, the task in ``data``
-and ``models``.
+Methods (each configured by its own ``QuantConfig``, run by ``polyquant.quantize``):
+
+- ``adalog`` (``adalog.AdaLogConfig``): AdaLog, adaptive-base log quantizers after softmax / GELU, FPCS search,
+  LayerNorm reparameterization, optional block reconstruction; timm ViT / DeiT / Swin.
+- ``qhyvit`` (``qhyvit.QHyViTConfig``): Q-HyViT for hybrid ViTs (MobileViT, EfficientFormer): per-operand
+  granularity and scheme search, Hessian-guided metric, bridge-block calibration.
+- baselines (``baselines``): ``minmax``, ``percentile``, ``log2``, ``logsqrt2``, ``twin_uniform``.
+
+Handlers, artifacts and command-line hooks are in ``methods``; shipped digits models in ``models`` / ``hybrid``.
 """

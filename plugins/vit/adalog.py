@@ -16,23 +16,27 @@ by at most s * 2^(-T1[k]) / (2 D): a relative error of at most ``lut_error_bound
 
 Post-GELU inputs use the shifted form (shift = ``GELU_SHIFT`` = -min GELU) and fold -shift into fc2's bias:
 fc2(Q(x + shift) - shift) = W_q Q(x + shift) + (b - shift * W_q 1). Post-softmax probabilities use scale 1 and
-only q is searched. ``quantize_adalog`` applies the full method (placement, FPCS, LayerNorm reparameterization).
+only q is searched. ``AdaLogConfig`` configures the full method (placement, FPCS, LayerNorm reparameterization),
+run by ``polyquant.quantize`` through the harness.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from polyquant.config import int_field
 from polyquant.formats import LogFormat, round_ste
 from polyquant.nn import QuantSpec
+from polyquant.search import lowest, progressive_search
 
 from .fpcs import positive_quantile
-from .quantizers import GELU_SHIFT, VitQuantizer, check_harness_fields, check_int
+from .quantizers import GELU_SHIFT, VitQuantizer
+from .recipe import HarnessConfig, Recipe
 
 __all__ = [
     "R",
@@ -52,7 +56,6 @@ __all__ = [
     "search_log_base",
     "adalog_activation_fpcs",
     "AdaLogConfig",
-    "quantize_adalog",
 ]
 
 R = 37  # denominator of log2(base) = q / r (fixed in the paper and the code)
@@ -160,8 +163,11 @@ def adalog_fq_from_log2(log2_x: Tensor, scale: Tensor, q: Tensor | float, bits: 
         q_t = torch.as_tensor(q)
         levels = adalog_levels(q_t.reshape(-1), bits, r=r, lut=True).to(idx.device, log2_x.dtype)  # (K, L + 1)
         kk = levels.shape[0]
-        idx = idx.expand(kk, *idx.shape[1:]) if idx.shape[0] != kk else idx
-        out = levels.gather(1, idx.reshape(kk, -1)).reshape(idx.shape) * scale
+        if kk == 1:  # one q for every element
+            out = torch.take(levels[0], idx) * scale
+        else:
+            idx = idx.expand(kk, *idx.shape[1:]) if idx.shape[0] != kk else idx
+            out = levels.gather(1, idx.reshape(kk, -1)).reshape(idx.shape) * scale
     else:
         keep = (k < 2**bits).to(log2_x.dtype)
         out = torch.exp2(-k.clamp(0, 2**bits - 1) * q / r) * scale * keep
@@ -191,7 +197,7 @@ class AdaLogQuantizer(VitQuantizer):
     """
 
     def __init__(self, bits: int, *, shift: float = 0.0, r: int = R, name: str = "") -> None:
-        super().__init__(QuantSpec(LogFormat(bits, base_log2=1.0)), bits=bits, name=name)
+        super().__init__(QuantSpec(LogFormat(bits, base_ratio=(int(r), int(r)), lut=True)), bits=bits, name=name)
         self.r = int(r)
         self.shift = float(shift)
         self.lut = True
@@ -203,13 +209,18 @@ class AdaLogQuantizer(VitQuantizer):
     def base_log2(self) -> float:
         return float(self.q) / self.r
 
+    @property
+    def fmt(self) -> LogFormat:
+        """The real format: 0 and 2^(-k q / r), k < 2^bits (the hardware levels when ``lut``); follows q."""
+        return LogFormat(self.bits, base_ratio=(int(self.q), self.r), lut=self.lut)
+
     def set_params(self, scale: Tensor | float, q: Tensor | int) -> None:
+        """Freeze a searched scale and base numerator q (an integer in [Q_MIN, Q_MAX])."""
         qv = int(round(float(q)))
         if not Q_MIN <= qv <= Q_MAX:
             raise ValueError(f"AdaLog q must be an integer in [{Q_MIN}, {Q_MAX}], got {q}")
-        self.scale = torch.as_tensor(scale, dtype=torch.float32).detach().reshape(1).clone()
         self.q = torch.full((1,), float(qv))
-        self.searched = True
+        self.freeze(torch.as_tensor(scale, dtype=torch.float32).reshape(1), spec=QuantSpec(self.fmt))
 
     def tables(self) -> tuple[Tensor, Tensor]:
         return adalog_tables(int(self.q), self.bits, r=self.r)
@@ -249,10 +260,10 @@ def fold_shift(layer: nn.Module) -> bool:
 def search_log_base(evaluate_q: Callable[[Tensor], Tensor], *, topk: int = 1,
                     q_range: tuple[int, int] = (Q_MIN, Q_MAX)) -> tuple[Tensor, Tensor]:
     """Rank every integer q in ``q_range`` (inclusive) with ``evaluate_q(qs (K,)) -> loss (K,)``; returns the
-    ``topk`` best q values and their losses."""
+    ``topk`` best q values and their losses (``polyquant.search.lowest``: NaN ranks last)."""
     qs = torch.arange(q_range[0], q_range[1] + 1, dtype=torch.float32)
     loss = torch.nan_to_num(evaluate_q(qs), nan=float("inf"))
-    best = torch.topk(loss, k=min(topk, len(qs)), largest=False).indices
+    best = lowest(loss[:, None], topk)[:, 0]
     return qs[best], loss[best]
 
 
@@ -272,110 +283,66 @@ def adalog_activation_fpcs(
 
     ``evaluate(scales (K,), qs (K,)) -> loss (K,)`` (lower is better). 1) rank every q at ``current_scale`` and
     keep ``base_num``; 2) cross them with ``scale_num`` scales spaced between (P90, P100 of the positive values
-    of x) + shift, as the reference computes them; keep ``width``; 3) ``steps - 1`` rounds of ``eq_n / width``
-    new scales per survivor with the step shrinking by (eq_n / width - 0.5). Returns (scale, q, loss, evaluations).
+    of x) + shift, as the reference computes them; 3) the core ``progressive_search`` with q in the zero-point
+    slot: keep ``width``, ``steps - 1`` rounds of ``eq_n / width`` new scales per survivor, the step shrinking by
+    (eq_n / width - 0.5). Returns (scale, q, loss, evaluations).
     """
     scale0 = torch.tensor([float(current_scale)])
     q_top, _ = search_log_base(lambda qs: evaluate(scale0.expand_as(qs), qs), topk=base_num)
-    evaluations = Q_MAX - Q_MIN + 1
     lo, hi = (positive_quantile(x, [0.9, 1.0]) + shift).tolist()
     grid = lo + (hi - lo) * torch.linspace(0, 1, scale_num)
     delta = (hi - lo) / max(scale_num - 1, 1)
     scales = grid.repeat(len(q_top)).clamp_min(1e-8)
     qs = q_top.repeat_interleave(scale_num)
-    loss = torch.nan_to_num(evaluate(scales, qs), nan=float("inf"))
-    evaluations += len(scales)
-    new_per = max(1, eq_n // width)
-    for _ in range(1, steps):
-        top = torch.topk(loss, k=min(width, len(loss)), largest=False).indices
-        top_s, top_q = scales[top], qs[top]
-        offsets = (torch.linspace(0, 1, new_per) - 0.5) * delta
-        delta = delta / (new_per - 0.5)
-        scales = (top_s[:, None] + offsets[None, :]).reshape(-1).clamp_min(1e-8)
-        qs = top_q.repeat_interleave(new_per)
-        loss = torch.nan_to_num(evaluate(scales, qs), nan=float("inf"))
-        evaluations += len(scales)
-    best = int(torch.argmin(loss))
-    return float(scales[best]), int(qs[best]), float(loss[best]), evaluations
+
+    def evaluate_columns(s: Tensor, q: Tensor | None) -> Tensor:  # (K, 1) columns <-> the (K,) callback
+        assert q is not None
+        return evaluate(s[:, 0], q[:, 0])[:, None]
+
+    res = progressive_search(scales[:, None], qs[:, None], delta, evaluate_columns, rounds=steps, width=width,
+                             new_per=max(1, eq_n // width), min_scale=1e-8, tie_break="first")
+    assert res.zero_point is not None
+    loss = float(torch.nan_to_num(res.loss, nan=float("inf"))[0])
+    return float(res.scale[0]), int(res.zero_point[0]), loss, Q_MAX - Q_MIN + 1 + res.evaluations
 
 
 # --- the method --------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class AdaLogConfig:
+class AdaLogConfig(HarnessConfig):
     """AdaLog post-training quantization of a timm ViT / DeiT / Swin (or the digits models).
 
+    The shared fields (bits, calibration sizes, search settings) are described in ``recipe.HarnessConfig``.
+
     Args:
-        wbits: weight bits (Linear and Conv, per output channel, asymmetric uniform), 2..8.
-        abits: activation bits (every quantized Linear / matmul input, and the head input), 2..8.
-        softmax_bits: bits of the post-softmax AdaLog quantizer; None: ``abits`` (the reference ``s_bit``).
-        conv_abits: input bits of Conv layers (the patch embedding; reference ``qconv_a_bit`` = 8).
-        calib_size: number of calibration images used (the first ``calib_size`` of the given set).
-        calib_batch_size: batch size of the float forward passes that capture layer inputs / outputs.
-        eq_n: candidates per FPCS round (128; at least 64, see ``check_harness_fields``).
-        steps: FPCS rounds (6).
-        search_round: alternations of weight and activation searches (3).
-        fpcs: True: FPCS; False: one flat grid of ``eq_n`` candidates per search (ablation).
+        fpcs: True: FPCS; False: one flat grid of eq_n candidates per search (ablation).
         ln_reparam: per-channel search of post-LayerNorm inputs folded into the LayerNorm affine (RepQ-ViT).
-        head_wise: per-head quantizers for the q, k, v matmul operands (reference ``matmul_head_channel_wise``).
+        head_wise: per-head quantizers for the q, k, v matmul operands (reference matmul_head_channel_wise).
         lut: hardware (table) dequantization of AdaLog quantizers at inference; False: float path.
         retrain: BRECQ-style block reconstruction after calibration ("+retrain"), on the core engine.
-        retrain_iters: reconstruction steps per block (paper: 20000; ``retrain=True`` only).
+        retrain_iters: reconstruction steps per block (paper: 20000; retrain only).
         retrain_size: images used by the reconstruction (paper: 1024; taken from the calibration set given).
         seed: seed of the reconstruction's sampling.
-        progress: show progress bars.
     """
 
-    wbits: int = 4
-    abits: int = 4
-    softmax_bits: int | None = None
-    conv_abits: int = 8
-    calib_size: int = 32
-    calib_batch_size: int = 32
-    eq_n: int = 128
-    steps: int = 6
-    search_round: int = 3
+    VERSION: ClassVar[int] = 1
     fpcs: bool = True
     ln_reparam: bool = True
     head_wise: bool = True
     lut: bool = True
     retrain: bool = False
-    retrain_iters: int = 2000
-    retrain_size: int = 1024
-    seed: int = 0
-    progress: bool = False
-    version: int = 1
+    retrain_iters: int = int_field(2000, 0, 1 << 24)
+    retrain_size: int = int_field(1024, 1, 1 << 20)
+    seed: int = int_field(0, 0, 2**31 - 1)
 
-    def __post_init__(self) -> None:
-        check_harness_fields(self)
-        check_int("retrain_iters", self.retrain_iters, 0, 1 << 24)
-        check_int("retrain_size", self.retrain_size, 1, 1 << 20)
-        if self.version != 1:
-            raise ValueError(f"unsupported AdaLogConfig version {self.version} (this build reads version 1)")
+    def recipe(self) -> Recipe:
+        return Recipe(
+            name="adalog", wbits=self.wbits, abits=self.abits, softmax_bits=self.softmax_bits or self.abits,
+            conv_abits=self.conv_abits, calib="search", softmax="adalog", gelu="adalog", ln_reparam=self.ln_reparam,
+            head_wise=self.head_wise, eq_n=self.eq_n, steps=self.steps, search_round=self.search_round,
+            fpcs=self.fpcs, lut=self.lut, calib_size=self.calib_size, calib_batch_size=self.calib_batch_size,
+        )
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def quantize_adalog(model: nn.Module, calib: Tensor, config: AdaLogConfig | None = None) -> nn.Module:
-    """Quantize a copy of ``model`` with AdaLog; ``calib`` is a (N, C, H, W) tensor of calibration images.
-
-    Returns the quantized model (fake-quant, every quantizer in the ``quantized`` state, eval mode).
-    """
-    from .harness import Recipe, quantize_with_recipe
-
-    config = AdaLogConfig() if config is None else config
-    if not isinstance(config, AdaLogConfig):
-        raise TypeError(f"config must be an AdaLogConfig, got {type(config).__name__}")
-    recipe = Recipe.adalog(config)
-    # With "+retrain" the post-GELU shifts are folded into fc2's bias only after AdaRound has set fc2's weights
-    # (the fold uses the quantized weights), as the reference folds after reconstruction.
-    qmodel = quantize_with_recipe(model, calib, recipe, fold=not config.retrain)
-    if config.retrain:
-        from .retrain import retrain
-
-        retrain(qmodel, model, calib, iters=config.retrain_iters, size=config.retrain_size, seed=config.seed,
-                progress=config.progress, lut=config.lut)
-    return qmodel
-
+    def images_needed(self) -> int:
+        return max(self.calib_size, self.retrain_size) if self.retrain else self.calib_size

@@ -1,16 +1,13 @@
 """Baseline ViT PTQ methods in the same harness as AdaLog (same data, same model, same placement).
 
-Stable API:
+Each baseline has its own config class (a ``recipe.HarnessConfig``), run by ``polyquant.quantize``:
 
-    BaselineConfig(wbits=4, abits=4, ...)                       shared dataclass config (validated)
-    quantize_baseline(model, calib, method, config) -> nn.Module  method in BASELINES
-    quantize_minmax / quantize_percentile / quantize_log2 / quantize_logsqrt2 / quantize_twin_uniform
-        (model, calib, config=None) -> nn.Module
-    BASELINES: dict[str, Callable]                               name -> function above
-    baseline_recipe(method, config) -> harness.Recipe            what each baseline quantizes and how
+    MinMaxConfig, PercentileConfig, Log2Config, LogSqrt2Config, TwinUniformConfig
+    BASELINES: dict[str, type[BaselineConfig]]                  method name -> config class
+    config.recipe() -> recipe.Recipe                            what each baseline quantizes and how
 
-``model`` is a float timm ViT / DeiT / Swin (or a digits model); ``calib`` a (N, C, H, W) image tensor (the first
-``config.calib_size`` are used). The returned model is a quantized copy in eval mode (fake-quant).
+``model`` is a float timm ViT / DeiT / Swin (or a digits model); calibration batches are images (the first
+``config.calib_size`` are used). The quantized model is a copy in eval mode (fake-quant).
 
 | method        | weights (per channel) | post-LN / other inputs | post-GELU       | post-softmax         | search |
 |---------------|-----------------------|------------------------|-----------------|----------------------|--------|
@@ -32,141 +29,107 @@ percentile are plain statistics-based PTQ with per-tensor activation quantizers 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
-from torch import Tensor, nn
+from polyquant.config import ConfigError, float_field
 
-from .quantizers import check_harness_fields
+from .recipe import HarnessConfig, Recipe
 
 __all__ = [
     "BaselineConfig",
+    "MinMaxConfig",
+    "PercentileConfig",
+    "Log2Config",
+    "LogSqrt2Config",
+    "TwinUniformConfig",
     "BASELINES",
-    "baseline_recipe",
-    "quantize_baseline",
-    "quantize_minmax",
-    "quantize_percentile",
-    "quantize_log2",
-    "quantize_logsqrt2",
-    "quantize_twin_uniform",
 ]
 
 
 @dataclass
-class BaselineConfig:
-    """Settings shared by every baseline.
+class BaselineConfig(HarnessConfig):
+    """Settings shared by every baseline: those of ``recipe.HarnessConfig`` (bits, calibration, search)."""
+
+    VERSION: ClassVar[int] = 1
+
+    def _recipe(self, name: str, calib: str, softmax: str, gelu: str, *, percentile: float = 99.99) -> Recipe:
+        searched = calib == "search"
+        return Recipe(
+            name=name, wbits=self.wbits, abits=self.abits, softmax_bits=self.softmax_bits or self.abits,
+            conv_abits=self.conv_abits, calib=calib, percentile=percentile, softmax=softmax, gelu=gelu,
+            ln_reparam=searched, head_wise=searched, eq_n=self.eq_n, steps=self.steps,
+            search_round=self.search_round, calib_size=self.calib_size, calib_batch_size=self.calib_batch_size,
+        )
+
+
+@dataclass
+class MinMaxConfig(BaselineConfig):
+    """Min-max uniform PTQ: per-channel weights, per-tensor activations, uniform softmax / GELU."""
+
+    def recipe(self) -> Recipe:
+        return self._recipe("minmax", "minmax", "uniform", "uniform")
+
+
+@dataclass
+class PercentileConfig(BaselineConfig):
+    """Percentile-clipped uniform PTQ.
 
     Args:
-        wbits: weight bits, 2..8.
-        abits: activation bits, 2..8.
-        softmax_bits: post-softmax bits; None: ``abits``.
-        conv_abits: Conv input bits (the patch embedding; 8 as in AdaLog's setting).
-        calib_size: calibration images used (the first ``calib_size`` of the given set).
-        calib_batch_size: batch size of the float capture passes.
-        percentile: upper percentile of the ``percentile`` baseline (the lower one is 100 - percentile).
-        eq_n, steps, search_round: search settings of the searched baselines (as AdaLog: 128, 6, 3; eq_n >= 64).
-        log_gelu: log2 / logsqrt2 only: quantize post-GELU activations with the shifted log quantizer of the same
-            base instead of a uniform one (AdaLog's quantizer ablation; the scale comes from AdaLog's search,
-            as in the reference).
-        progress: show progress bars.
+        percentile: upper percentile of the activation ranges (the lower one is 100 - percentile).
     """
 
-    wbits: int = 4
-    abits: int = 4
-    softmax_bits: int | None = None
-    conv_abits: int = 8
-    calib_size: int = 32
-    calib_batch_size: int = 32
-    percentile: float = 99.99
-    eq_n: int = 128
-    steps: int = 6
-    search_round: int = 3
+    percentile: float = float_field(99.99, 50.0, 100.0)
+
+    def validate(self) -> None:
+        if self.percentile == 50.0:
+            raise ConfigError("percentile must be in (50, 100], got 50.0")
+
+    def recipe(self) -> Recipe:
+        return self._recipe("percentile", "percentile", "uniform", "uniform", percentile=self.percentile)
+
+
+@dataclass
+class Log2Config(BaselineConfig):
+    """AdaLog's pipeline with a log2 post-softmax quantizer (FQ-ViT / RepQ-ViT) and a uniform post-GELU one.
+
+    Args:
+        log_gelu: also quantize post-GELU activations with the shifted log quantizer of the same base instead of
+            a uniform one (AdaLog's quantizer ablation; the scale comes from AdaLog's search, as in the reference).
+    """
+
     log_gelu: bool = False
-    progress: bool = False
-    version: int = 1
 
-    def __post_init__(self) -> None:
-        check_harness_fields(self)
-        if not isinstance(self.log_gelu, bool):
-            raise ValueError(f"log_gelu must be True or False, got {self.log_gelu!r}")
-        if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {self.percentile!r}")
-        if self.version != 1:
-            raise ValueError(f"unsupported BaselineConfig version {self.version} (this build reads version 1)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def recipe(self) -> Recipe:
+        return self._recipe("log2", "search", "log2", "log2" if self.log_gelu else "uniform")
 
 
-_SEARCHED = {  # method -> (softmax quantizer, gelu quantizer)
-    "log2": ("log2", "uniform"),
-    "logsqrt2": ("logsqrt2", "uniform"),
-    "twin_uniform": ("twin", "twin"),
-}
+@dataclass
+class LogSqrt2Config(BaselineConfig):
+    """RepQ-ViT style: LayerNorm reparameterization and a log-sqrt2 post-softmax quantizer.
+
+    Args:
+        log_gelu: also quantize post-GELU activations with the shifted log-sqrt2 quantizer (ablation).
+    """
+
+    log_gelu: bool = False
+
+    def recipe(self) -> Recipe:
+        return self._recipe("logsqrt2", "search", "logsqrt2", "logsqrt2" if self.log_gelu else "uniform")
 
 
-def baseline_recipe(method: str, config: BaselineConfig):  # -> harness.Recipe
-    """The harness recipe of a baseline (see the module table)."""
-    from .harness import Recipe
-
-    if not isinstance(config, BaselineConfig):
-        raise TypeError(f"config must be a BaselineConfig, got {type(config).__name__}")
-    common = dict(
-        wbits=config.wbits, abits=config.abits, softmax_bits=config.softmax_bits or config.abits,
-        conv_abits=config.conv_abits, calib_size=config.calib_size, calib_batch_size=config.calib_batch_size,
-        eq_n=config.eq_n, steps=config.steps, search_round=config.search_round, progress=config.progress,
-    )
-    if config.log_gelu and method not in ("log2", "logsqrt2"):
-        raise ValueError(f"log_gelu applies to the log2 / logsqrt2 baselines, not {method!r}")
-    if method in ("minmax", "percentile"):
-        return Recipe(name=method, calib=method, percentile=float(config.percentile), softmax="uniform",
-                      gelu="uniform", ln_reparam=False, head_wise=False, **common)
-    if method in _SEARCHED:
-        softmax, gelu = _SEARCHED[method]
-        gelu = softmax if config.log_gelu else gelu
-        return Recipe(name=method, calib="search", softmax=softmax, gelu=gelu, ln_reparam=True, head_wise=True,
-                      **common)
-    raise ValueError(f"unknown baseline {method!r}; choose one of {sorted(BASELINES)}")
-
-
-def quantize_baseline(model: nn.Module, calib: Tensor, method: str, config: BaselineConfig | None = None
-                      ) -> nn.Module:
-    """Quantize a copy of ``model`` with baseline ``method`` (see ``BASELINES``)."""
-    from .harness import quantize_with_recipe
-
-    config = BaselineConfig() if config is None else config
-    return quantize_with_recipe(model, calib, baseline_recipe(method, config))
-
-
-def quantize_minmax(model: nn.Module, calib: Tensor, config: BaselineConfig | None = None) -> nn.Module:
-    """Min-max uniform PTQ: per-channel weights, per-tensor activations, uniform softmax / GELU."""
-    return quantize_baseline(model, calib, "minmax", config)
-
-
-def quantize_percentile(model: nn.Module, calib: Tensor, config: BaselineConfig | None = None) -> nn.Module:
-    """Percentile-clipped uniform PTQ (``config.percentile``)."""
-    return quantize_baseline(model, calib, "percentile", config)
-
-
-def quantize_log2(model: nn.Module, calib: Tensor, config: BaselineConfig | None = None) -> nn.Module:
-    """AdaLog's pipeline with a log2 post-softmax quantizer and a uniform post-GELU one."""
-    return quantize_baseline(model, calib, "log2", config)
-
-
-def quantize_logsqrt2(model: nn.Module, calib: Tensor, config: BaselineConfig | None = None) -> nn.Module:
-    """RepQ-ViT style: LayerNorm reparameterization and a log-sqrt2 post-softmax quantizer."""
-    return quantize_baseline(model, calib, "logsqrt2", config)
-
-
-def quantize_twin_uniform(model: nn.Module, calib: Tensor, config: BaselineConfig | None = None) -> nn.Module:
+@dataclass
+class TwinUniformConfig(BaselineConfig):
     """PTQ4ViT style twin-uniform post-softmax and post-GELU quantizers."""
-    return quantize_baseline(model, calib, "twin_uniform", config)
+
+    def recipe(self) -> Recipe:
+        return self._recipe("twin_uniform", "search", "twin", "twin")
 
 
-BASELINES: dict[str, Callable[..., nn.Module]] = {
-    "minmax": quantize_minmax,
-    "percentile": quantize_percentile,
-    "log2": quantize_log2,
-    "logsqrt2": quantize_logsqrt2,
-    "twin_uniform": quantize_twin_uniform,
+BASELINES: dict[str, type[BaselineConfig]] = {
+    "minmax": MinMaxConfig,
+    "percentile": PercentileConfig,
+    "log2": Log2Config,
+    "logsqrt2": LogSqrt2Config,
+    "twin_uniform": TwinUniformConfig,
 }

@@ -12,23 +12,26 @@ def run_demo(wbits: int = 4, abits: int = 4, calib_size: int = 16) -> str:
     uniform PTQ, evaluate both on the 540 held-out digits and return a table."""
     import torch
 
-    from .adalog import AdaLogConfig, quantize_adalog
-    from .baselines import BaselineConfig, quantize_minmax
+    import polyquant as pq
+
+    from .adalog import AdaLogConfig
+    from .baselines import MinMaxConfig
     from .data import calib_set, evaluate
-    from .models import load_digits_vit
+    from .models import build_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(min(threads, 2))
     try:
-        model = load_digits_vit()
-        calib = calib_set(calib_size, seed=0)
+        model, _ = build_model("digits-vit")
+        calib = [calib_set(calib_size, seed=0)]
         rows = [("float", "-", f"{evaluate(model):.2f}", "-")]
         t0 = time.perf_counter()
-        q = quantize_adalog(model, calib, AdaLogConfig(wbits=wbits, abits=abits, calib_size=calib_size,
-                                                       search_round=1))
+        q = pq.quantize(model, AdaLogConfig(wbits=wbits, abits=abits, calib_size=calib_size, search_round=1),
+                        calib=calib, progress=False).model
         rows.append(("adalog", f"W{wbits}A{abits}", f"{evaluate(q):.2f}", f"{time.perf_counter() - t0:.1f}"))
         t0 = time.perf_counter()
-        q = quantize_minmax(model, calib, BaselineConfig(wbits=wbits, abits=abits, calib_size=calib_size))
+        q = pq.quantize(model, MinMaxConfig(wbits=wbits, abits=abits, calib_size=calib_size), calib=calib,
+                        progress=False).model
         rows.append(("minmax", f"W{wbits}A{abits}", f"{evaluate(q):.2f}", f"{time.perf_counter() - t0:.1f}"))
     finally:
         torch.set_num_threads(threads)

@@ -4,7 +4,9 @@ Every method of this plugin (AdaLog and the baselines) is a ``Recipe`` run by ``
 differ only in their quantizers and in how the parameters are found, never in the data or the placement.
 
 Placement (AdaLog's ``utils/wrap_net.py``; every ``nn.Linear`` / ``nn.Conv2d`` is replaced, timm ``Attention`` and
-Swin ``WindowAttention`` get an explicit forward whose two products are ``QuantMatMul``s):
+Swin ``WindowAttention`` get their product patch from ``attention.py`` (``polyquant.surgery``), whose two products
+``matmul_qk`` and ``matmul_av`` are ``QuantMatMul``s; the matmul sees the raw q, the softmax scale multiplies its
+output, as in the reference):
 
 | role        | tensor                                             | AdaLog quantizer                              |
 |-------------|----------------------------------------------------|-----------------------------------------------|
@@ -28,19 +30,21 @@ the tensor's own MSE (as in the reference code).
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polyquant.capture import capture as capture_modules
 from polyquant.nn import QuantConv2d, QuantLinear, QuantMatMul, Quantizer
 from polyquant.primitives import qparams_from_minmax
+from polyquant.search import Evaluate, SearchResult, chunked, quantile_rows, uniform_grid
+from polyquant.surgery import ProductSite, fold_batchnorm, is_product_patched, set_submodule
 
 from . import fpcs as fp
 from .adalog import (
-    AdaLogConfig,
     AdaLogQuantizer,
     adalog_activation_fpcs,
     adalog_fq_from_log2,
@@ -53,18 +57,16 @@ from .quantizers import (
     TwinUniformQuantizer,
     UniformQuantizer,
     VitQuantizer,
-    check_int,
-    log_fq,
     twin_fq,
     uniform_fq,
 )
+from .attention import patch_attention, vit_attention_classes
+from .recipe import Recipe
 
 __all__ = [
     "ROLES",
     "Recipe",
     "LayerInfo",
-    "QuantAttention",
-    "QuantWindowAttention",
     "wrap",
     "capture",
     "calibrate_layer",
@@ -76,90 +78,6 @@ __all__ = [
 ]
 
 ROLES = ("weight", "post_ln", "post_gelu", "linear", "conv", "qk", "v", "softmax")
-SOFTMAX_QUANTIZERS = ("adalog", "log2", "logsqrt2", "uniform", "twin")
-GELU_QUANTIZERS = ("adalog", "uniform", "twin", "log2", "logsqrt2")
-CALIBRATIONS = ("search", "minmax", "percentile")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Which quantizer each role gets and how parameters are found (see the module docstring).
-
-    Args:
-        name: method name recorded in artifacts.
-        wbits, abits: weight / activation bits; softmax_bits: post-softmax bits; conv_abits: Conv input bits.
-        calib: "search" (FPCS / grid search on the layer output), "minmax" or "percentile" (statistics).
-        percentile: upper percentile for ``calib="percentile"`` (the lower one is 100 - percentile).
-        softmax: post-softmax quantizer: "adalog", "log2", "logsqrt2", "uniform" or "twin".
-        gelu: post-GELU quantizer: "adalog" (shifted, bias-folded), "uniform" or "twin".
-        ln_reparam: per-channel post-LayerNorm search folded into the LayerNorm (``calib="search"`` only).
-        head_wise: per-head quantizers for the q, k, v operands.
-        eq_n, steps, search_round, fpcs: search settings (FPCS when ``fpcs``, else a flat grid of ``eq_n``).
-        lut: AdaLog hardware dequantization at inference.
-        calib_size, calib_batch_size: images used and the capture batch size.
-    """
-
-    name: str
-    wbits: int = 4
-    abits: int = 4
-    softmax_bits: int = 4
-    conv_abits: int = 8
-    calib: str = "search"
-    percentile: float = 99.99
-    softmax: str = "adalog"
-    gelu: str = "adalog"
-    ln_reparam: bool = True
-    head_wise: bool = True
-    eq_n: int = 128
-    steps: int = 6
-    search_round: int = 3
-    fpcs: bool = True
-    lut: bool = True
-    calib_size: int = 32
-    calib_batch_size: int = 32
-    progress: bool = False
-    version: int = 1
-
-    def __post_init__(self) -> None:
-        for k in ("wbits", "abits", "softmax_bits", "conv_abits"):
-            check_int(k, getattr(self, k), 2, 8)
-        if self.calib not in CALIBRATIONS:
-            raise ValueError(f"calib must be one of {CALIBRATIONS}, got {self.calib!r}")
-        if self.softmax not in SOFTMAX_QUANTIZERS:
-            raise ValueError(f"softmax quantizer must be one of {SOFTMAX_QUANTIZERS}, got {self.softmax!r}")
-        if self.gelu not in GELU_QUANTIZERS:
-            raise ValueError(f"gelu quantizer must be one of {GELU_QUANTIZERS}, got {self.gelu!r}")
-        if self.calib != "search" and (self.softmax != "uniform" or self.gelu != "uniform" or self.ln_reparam):
-            raise ValueError("statistics calibration (minmax / percentile) supports uniform quantizers only, "
-                             "without LayerNorm reparameterization")
-        if not 50.0 < self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.calib_size < 1 or self.calib_batch_size < 1:
-            raise ValueError("calib_size and calib_batch_size must be positive")
-        if self.version != 1:
-            raise ValueError(f"unsupported Recipe version {self.version!r} (this build reads version 1)")
-
-    @classmethod
-    def adalog(cls, config: AdaLogConfig) -> Recipe:
-        return cls(
-            name="adalog", wbits=config.wbits, abits=config.abits,
-            softmax_bits=config.softmax_bits or config.abits, conv_abits=config.conv_abits, calib="search",
-            softmax="adalog", gelu="adalog", ln_reparam=config.ln_reparam, head_wise=config.head_wise,
-            eq_n=config.eq_n, steps=config.steps, search_round=config.search_round, fpcs=config.fpcs,
-            lut=config.lut, calib_size=config.calib_size, calib_batch_size=config.calib_batch_size,
-            progress=config.progress,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Recipe:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown recipe fields {sorted(unknown)}")
-        return cls(**d)
 
 
 @dataclass
@@ -171,77 +89,6 @@ class LayerInfo:
     role: str
     norm: str | None = None
     heads: int = 1
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
-# --- attention with explicit products --------------------------------------------------------------------------
-
-try:  # timm >= 1.0.20 resolves attention masks with these helpers
-    from timm.layers import maybe_add_mask, resolve_self_attn_mask  # noqa: E402
-except ImportError:  # pragma: no cover - older timm
-
-    def resolve_self_attn_mask(n: int, attn: Tensor, attn_mask: Tensor | None, is_causal: bool = False
-                               ) -> Tensor | None:
-        if is_causal:
-            return torch.full((n, n), float("-inf"), dtype=attn.dtype, device=attn.device).triu_(1)
-        return attn_mask
-
-    def maybe_add_mask(attn: Tensor, mask: Tensor | None) -> Tensor:
-        return attn if mask is None else attn + mask
-
-from timm.models.swin_transformer import WindowAttention  # noqa: E402
-from timm.models.vision_transformer import Attention  # noqa: E402
-
-
-class QuantAttention(Attention):
-    """timm ``Attention`` with the explicit (non-fused) path and ``matmul1`` (q @ k^T), ``matmul2`` (attn @ v).
-
-    Instances are made by swapping the class of an existing ``Attention`` (``wrap``), so parameters and names stay.
-    As in the reference code, the softmax scale multiplies the product (the matmul sees the raw q).
-    """
-
-    matmul1: QuantMatMul
-    matmul2: QuantMatMul
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        B, N, C = x.shape
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, H, N, hd) each
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale  # (B, H, N, N)
-        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.matmul2(attn, v)  # (B, H, N, hd)
-        x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-        x = self.norm(x)
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
-
-
-class QuantWindowAttention(WindowAttention):
-    """Swin ``WindowAttention`` with explicit ``matmul1`` / ``matmul2`` (relative position bias and mask kept)."""
-
-    matmul1: QuantMatMul
-    matmul2: QuantMatMul
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        B_, N, C = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B_, H, N, hd)
-        attn = self.matmul1(q, k.transpose(-2, -1)) * self.scale
-        attn = attn + self._get_rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
-        x = self.matmul2(attn, v).transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
-
-
-_ATTENTION: dict[type, type] = {Attention: QuantAttention, WindowAttention: QuantWindowAttention}
 
 
 # --- wrapping ---------------------------------------------------------------------------------------------------
@@ -275,7 +122,7 @@ def _norm_name(model: nn.Module, name: str) -> str | None:
 
 def _linear_role(model: nn.Module, name: str) -> tuple[str, str | None]:
     parent, child = _parent(model, name)
-    if child == "qkv" and isinstance(parent, (QuantAttention, QuantWindowAttention)):
+    if child == "qkv" and parent is not None and is_product_patched(parent):
         return "post_ln", _norm_name(model, name)
     if child == "fc1" and hasattr(parent, "fc2"):
         return "post_ln", _norm_name(model, name)
@@ -319,35 +166,37 @@ def _act_quantizer(role: str, recipe: Recipe, heads: int, name: str) -> VitQuant
     raise ValueError(f"unknown role {role!r}")
 
 
-def wrap(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, list[LayerInfo]]:
+def wrap(model: nn.Module, recipe: Recipe, example: Tensor | None = None) -> tuple[nn.Module, list[LayerInfo]]:
     """A deep copy of ``model`` with every Linear / Conv2d and attention product quantized per ``recipe``
-    (quantizers raw, parameters unset), and the list of quantized layers in module order."""
+    (quantizers raw, parameters unset), and the list of quantized layers in module order.
+
+    Hybrids' BatchNorms are folded into their convs first (``polyquant.surgery.fold_batchnorm``) with one forward
+    of ``example`` (a few input images; None: zeros of the model's input size).
+    """
     qmodel = copy.deepcopy(model).eval()
     if any(isinstance(m, nn.BatchNorm2d) for m in qmodel.modules()):
         # Hybrids: BatchNorm folded into the conv before it (as Q-HyViT does), so the folded weight is quantized.
-        from .models import input_spec
-        from .qhyvit import fold_batchnorm
+        if example is None:
+            from .models import input_spec
 
-        size, chans = input_spec(qmodel)
-        with torch.no_grad():
-            fold_batchnorm(qmodel, torch.zeros(2, chans, size, size))
-    for name, module in list(qmodel.named_modules()):
-        swap = _ATTENTION.get(type(module))
-        if swap is None:
-            continue
-        module.__class__ = swap
-        heads = int(module.num_heads)
-        module.matmul1 = QuantMatMul(name=f"{name}.matmul1")
-        module.matmul2 = QuantMatMul(name=f"{name}.matmul2")
-        module.matmul1.a_quantizer = _act_quantizer("qk", recipe, heads, f"{name}.matmul1.a")
-        module.matmul1.b_quantizer = _act_quantizer("qk", recipe, heads, f"{name}.matmul1.b")
-        module.matmul2.a_quantizer = _act_quantizer("softmax", recipe, heads, f"{name}.matmul2.a")
-        module.matmul2.b_quantizer = _act_quantizer("v", recipe, heads, f"{name}.matmul2.b")
+            size, chans = input_spec(qmodel)
+            example = torch.zeros(2, chans, size, size)
+        fold_batchnorm(qmodel, example)
+
+    def make_product(site: ProductSite) -> QuantMatMul:
+        heads = int(site.module.num_heads)
+        a_role, b_role = ("qk", "qk") if site.product == "matmul_qk" else ("softmax", "v")
+        product = QuantMatMul(name=site.name)
+        product.a_quantizer = _act_quantizer(a_role, recipe, heads, f"{site.name}.a")
+        product.b_quantizer = _act_quantizer(b_role, recipe, heads, f"{site.name}.b")
+        return product
+
+    patch_attention(qmodel, make_product, scaled_query=False, classes=vit_attention_classes())
 
     plan: list[LayerInfo] = []
     seen_conv = False
     for name, module in list(qmodel.named_modules()):
-        if isinstance(module, (QuantAttention, QuantWindowAttention)):
+        if is_product_patched(module):
             continue
         if type(module) is nn.Linear:
             role, norm = _linear_role(qmodel, name)
@@ -368,13 +217,12 @@ def wrap(model: nn.Module, recipe: Recipe) -> tuple[nn.Module, list[LayerInfo]]:
         new.weight_quantizer = UniformQuantizer(recipe.wbits, (w.shape[0],) + (1,) * (w.dim() - 1), weight=True,
                                                 name=f"{name}.weight")
         new.input_quantizer = _act_quantizer(role, recipe, 1, f"{name}.input")
-        parent, child = _parent(qmodel, name)
-        setattr(parent, child, new)
+        set_submodule(qmodel, name, new)
         plan.append(LayerInfo(name, kind, role, norm=norm if recipe.ln_reparam else None))
     for name, module in qmodel.named_modules():
         if isinstance(module, QuantMatMul):
             heads = int(_parent(qmodel, name)[0].num_heads)  # type: ignore[union-attr]
-            kind = "matmul_qk" if name.endswith("matmul1") else "matmul_av"
+            kind = "matmul_qk" if name.endswith("matmul_qk") else "matmul_av"
             plan.append(LayerInfo(name, kind, "qk" if kind == "matmul_qk" else "softmax", heads=heads))
     order = {n: i for i, (n, _) in enumerate(qmodel.named_modules())}
     plan.sort(key=lambda info: order[info.name])
@@ -403,33 +251,16 @@ def _set_all(model: nn.Module, state: str) -> None:
 # --- capture ----------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def capture(qmodel: nn.Module, plan: list[LayerInfo], images: Tensor, batch_size: int) -> dict[str, list[Tensor]]:
-    """Float inputs and outputs of every planned layer: name -> [input(s)..., output] (CPU, concatenated)."""
-    store: dict[str, list[list[Tensor]]] = {}
-    hooks = []
+    """Float inputs and outputs of every planned layer: name -> [input(s)..., output] (CPU, float32, every call
+    concatenated); the input is the layer's first positional argument, both operands for a QuantMatMul."""
+    caps = capture_modules(qmodel, [info.name for info in plan], images.split(batch_size))
+    data: dict[str, list[Tensor]] = {}
     for info in plan:
-        mod = qmodel.get_submodule(info.name)
-
-        def hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor, key: str = info.name) -> None:
-            # clone: in-place activations downstream (SiLU(inplace=True), ...) would overwrite shared storage
-            tensors = [t.detach().float().cpu().clone() for t in inp[: 2 if isinstance(m, QuantMatMul) else 1]]
-            tensors.append(out.detach().float().cpu().clone())
-            store.setdefault(key, [[] for _ in tensors])
-            for lst, t in zip(store[key], tensors):
-                lst.append(t)
-
-        hooks.append(mod.register_forward_hook(hook))
-    try:
-        for i in range(0, len(images), batch_size):
-            qmodel(images[i : i + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
-    missing = [info.name for info in plan if info.name not in store]
-    if missing:
-        raise ValueError(f"layers never called during calibration: {missing[:5]}")
-    return {k: [torch.cat(parts) for parts in v] for k, v in store.items()}
+        cap = caps.pop(info.name)
+        n_in = 2 if isinstance(qmodel.get_submodule(info.name), QuantMatMul) else 1
+        data[info.name] = [cap.input(j).float() for j in range(n_in)] + [cap.output().float()]
+    return data
 
 
 # --- loss evaluators --------------------------------------------------------------------------------------------
@@ -446,7 +277,7 @@ def _rows_for(x: Tensor, groups: str, heads: int = 1) -> Tensor:
     raise ValueError(groups)
 
 
-def _weight_self_eval(w: Tensor, bits: int) -> fp.Evaluate:
+def _weight_self_eval(w: Tensor, bits: int) -> Evaluate:
     rows = w.reshape(w.shape[0], -1)  # (out, D)
 
     def evaluate(s: Tensor, z: Tensor) -> Tensor:
@@ -454,7 +285,7 @@ def _weight_self_eval(w: Tensor, bits: int) -> fp.Evaluate:
             wq = uniform_fq(rows[None], s[sl, :, None], z[sl, :, None], bits)
             return (wq - rows[None]).pow(2).mean(-1)
 
-        return fp.chunked(part, s.shape[0], rows.numel())
+        return chunked(part, s.shape[0], rows.numel())
 
     return evaluate
 
@@ -494,7 +325,7 @@ class _LinearProblem:
             Y = self.y.reshape(-1, self.y.shape[-1])
         return X.double(), Y.double() - b
 
-    def weight_eval(self, xq: Tensor, bits: int) -> fp.Evaluate:
+    def weight_eval(self, xq: Tensor, bits: int) -> Evaluate:
         """Per-output-channel layer-output MSE of weight candidates (K, out) -> (K, out), given the input xq."""
         w = self.layer.weight.detach()
         rows = w.reshape(w.shape[0], -1)  # (out, D)
@@ -514,7 +345,7 @@ class _LinearProblem:
                     lin = torch.einsum("kod,do->ko", wq, C)
                     return ((quad - 2 * lin + yy) / m).float()
 
-                return fp.chunked(part, s.shape[0], rows.numel() * max(1, d // 8))
+                return chunked(part, s.shape[0], rows.numel() * max(1, d // 8))
 
             return evaluate
         Xf, Yf = X.float(), Yb.float()
@@ -526,11 +357,11 @@ class _LinearProblem:
                 out = (Xf @ wq.reshape(-1, d).t()).reshape(m, k, -1)  # (M, k, out)
                 return (out - Yf[:, None, :]).pow(2).mean(0)
 
-            return fp.chunked(part, s.shape[0], m * rows.shape[0] + rows.numel())
+            return chunked(part, s.shape[0], m * rows.shape[0] + rows.numel())
 
         return evaluate_direct
 
-    def _weight_eval_loop(self, xq: Tensor, bits: int) -> fp.Evaluate:
+    def _weight_eval_loop(self, xq: Tensor, bits: int) -> Evaluate:
         w = self.layer.weight.detach()
         rows = w.reshape(w.shape[0], -1)
 
@@ -559,7 +390,7 @@ class _LinearProblem:
                 out = self.forward(xq, wq)
             return (out - self.y[None]).pow(2).reshape(k, -1).mean(1, keepdim=True)
 
-        return fp.chunked(part, k_total, per)
+        return chunked(part, k_total, per)
 
 
 def _bshape(x: Tensor, params: Tensor, groups: str) -> Tensor:
@@ -574,15 +405,15 @@ def _bshape(x: Tensor, params: Tensor, groups: str) -> Tensor:
     raise ValueError(groups)
 
 
-def _uniform_search(rows: Tensor, bits: int, evaluate: fp.Evaluate, recipe: Recipe, *, zp_levels: int,
-                    min_scale: float) -> fp.FPCSResult:
-    scales, zps, step = fp.uniform_grid(rows, bits, eq_n=recipe.eq_n, zp_levels=zp_levels)
+def _uniform_search(rows: Tensor, bits: int, evaluate: Evaluate, recipe: Recipe, *, zp_levels: int,
+                    min_scale: float) -> SearchResult:
+    scales, zps, step = uniform_grid(rows, bits, eq_n=recipe.eq_n, zp_levels=zp_levels)
     if recipe.fpcs:
         return fp.fpcs(scales, zps, step, evaluate, steps=recipe.steps, eq_n=recipe.eq_n, min_scale=min_scale)
     return fp.flat_grid_search(scales.clamp_min(min_scale), zps, evaluate)
 
 
-def _search_weight(layer: nn.Module, evaluate: fp.Evaluate, recipe: Recipe) -> fp.FPCSResult:
+def _search_weight(layer: nn.Module, evaluate: Evaluate, recipe: Recipe) -> SearchResult:
     """Search ``layer``'s per-row asymmetric weight quantizer with ``evaluate`` (its own MSE on the first pass,
     the layer output afterwards) and set it; min(16, 2^(b-1)) zero points as in the reference."""
     wq: UniformQuantizer = layer.weight_quantizer
@@ -628,7 +459,7 @@ def reparam_layernorm(norm: nn.LayerNorm, layer: nn.Module, scale: Tensor, zero_
 def _stats_qparams(x: Tensor, bits: int, recipe: Recipe, groups: str = "tensor") -> tuple[Tensor, Tensor]:
     rows = _rows_for(x, groups) if groups != "weight" else x.reshape(x.shape[0], -1)
     if recipe.calib == "percentile":
-        lo, hi = fp.quantile_rows(rows, [1 - recipe.percentile / 100.0, recipe.percentile / 100.0])
+        lo, hi = quantile_rows(rows, [1 - recipe.percentile / 100.0, recipe.percentile / 100.0])
     else:
         lo, hi = rows.min(dim=1).values, rows.max(dim=1).values
     s, z = qparams_from_minmax(lo, hi, f"uint{bits}", symmetric=False)
@@ -661,7 +492,7 @@ def _uniform_layer_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, 
             xq = uniform_fq(x[None], _bshape(x, s[sl], "tensor"), _bshape(x, z[sl], "tensor"), aq.bits)
             return (xq - x[None]).pow(2).reshape(xq.shape[0], -1).mean(1, keepdim=True)
 
-        return fp.chunked(part, s.shape[0], x.numel())
+        return chunked(part, s.shape[0], x.numel())
 
     res = _uniform_search(a_rows, aq.bits, a_self, recipe, zp_levels=a_levels, min_scale=1e-4)
     aq.set_params(res.scale, res.zero_point)
@@ -681,7 +512,6 @@ def _uniform_layer_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, 
         res = _uniform_search(a_rows, aq.bits, a_out, recipe, zp_levels=a_levels, min_scale=1e-4)
         aq.set_params(res.scale, res.zero_point)
         evaluations += res.evaluations
-    info.stats["evaluations_per_search"] = recipe.steps * recipe.eq_n if recipe.fpcs else recipe.eq_n
 
 
 def _post_ln_flow(qmodel: nn.Module, layer: nn.Module, prob: _LinearProblem, recipe: Recipe, info: LayerInfo
@@ -696,13 +526,12 @@ def _post_ln_flow(qmodel: nn.Module, layer: nn.Module, prob: _LinearProblem, rec
             xq = uniform_fq(x[None], _bshape(x, s[sl], "channel"), _bshape(x, z[sl], "channel"), aq.bits)
             return (xq - x[None]).pow(2).reshape(xq.shape[0], -1, x.shape[-1]).mean(1)
 
-        return fp.chunked(part, s.shape[0], x.numel())
+        return chunked(part, s.shape[0], x.numel())
 
     res = _uniform_search(rows, aq.bits, a_self, recipe, zp_levels=2**aq.bits, min_scale=1e-4)
     norm = qmodel.get_submodule(info.norm)  # type: ignore[arg-type]
     r, b, _, _ = reparam_layernorm(norm, layer, res.scale, res.zero_point)
     prob.x = x / r - b
-    info.stats["reparam_r_range"] = (float(r.min()), float(r.max()))
     _uniform_layer_flow(layer, prob, recipe, info)
 
 
@@ -747,8 +576,6 @@ def _adalog_gelu_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, in
         _search_weight(layer, prob.weight_eval(xq, wq.bits), recipe)
     if final is not aq:
         final.set_params(torch.tensor(scale))
-    info.stats["q"] = q
-    info.stats["scale"] = scale
 
 
 def _twin_gelu_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, info: LayerInfo) -> None:
@@ -793,7 +620,7 @@ def _matmul_uniform_search(quant: UniformQuantizer, t: Tensor, other_q: Tensor, 
     loss = _matmul_eval(other_q, y, operand, groups)
 
     def evaluate(s: Tensor, z: Tensor) -> Tensor:
-        return fp.chunked(
+        return chunked(
             lambda sl: loss(uniform_fq(t[None], _bshape(t, s[sl], groups), _bshape(t, z[sl], groups), quant.bits)),
             s.shape[0], t.numel() + y.numel())
 
@@ -803,7 +630,7 @@ def _matmul_uniform_search(quant: UniformQuantizer, t: Tensor, other_q: Tensor, 
 
 
 def _init_from_grid(quant: UniformQuantizer, t: Tensor, recipe: Recipe, groups: str, heads: int) -> None:
-    scales, zps, _ = fp.uniform_grid(_rows_for(t, groups, heads), quant.bits, eq_n=recipe.eq_n)
+    scales, zps, _ = uniform_grid(_rows_for(t, groups, heads), quant.bits, eq_n=recipe.eq_n)
     quant.set_params(scales[-2].reshape(quant.scale.shape), zps[-2].reshape(quant.scale.shape))
 
 
@@ -835,19 +662,18 @@ def _calibrate_matmul(mm: QuantMatMul, info: LayerInfo, a: Tensor, b: Tensor, y:
             log2_a = torch.log2(a.clamp_min(1e-38))
 
             def eval_q(qs: Tensor) -> Tensor:
-                return fp.chunked(
+                return chunked(
                     lambda sl: loss(adalog_fq_from_log2(log2_a[None], one, qs[sl].reshape(-1, 1, 1, 1, 1), aq.bits,
                                                         r=aq.r, lut=recipe.lut)),
                     len(qs), a.numel() + y.numel()).reshape(-1)
 
             q_top, _ = search_log_base(eval_q)
             aq.set_params(1.0, int(q_top[0]))
-            info.stats["q"] = int(q_top[0])
         elif isinstance(aq, TwinUniformQuantizer):
             half = 2 ** (aq.bits - 1)
             d_hi = 1.0 / half
             cands = d_hi / torch.exp2(torch.arange(0, 16, dtype=torch.float32))
-            losses = fp.chunked(
+            losses = chunked(
                 lambda sl: loss(twin_fq(a[None], cands[sl].reshape(-1, 1, 1, 1, 1), torch.tensor(d_hi), aq.bits,
                                         "softmax")),
                 len(cands), a.numel() + y.numel()).reshape(-1)
@@ -899,7 +725,8 @@ def _progress(items: list[LayerInfo], enabled: bool, desc: str) -> Iterator[Laye
     return iter(tqdm(items, desc=desc))
 
 
-def quantize_with_recipe(model: nn.Module, calib: Tensor, recipe: Recipe, *, fold: bool = True) -> nn.Module:
+def quantize_with_recipe(model: nn.Module, calib: Tensor, recipe: Recipe, *, fold: bool = True,
+                         progress: bool = False) -> nn.Module:
     """Wrap a copy of ``model``, capture the float layer inputs / outputs on ``calib[:recipe.calib_size]``,
     calibrate every layer (in parallel: each from float inputs), then ``finalize`` (``fold=False`` leaves the
     shifts unfolded and the quantizers in the ``quantized`` state, for a later reconstruction)."""
@@ -907,13 +734,11 @@ def quantize_with_recipe(model: nn.Module, calib: Tensor, recipe: Recipe, *, fol
         raise ValueError("calib must be a (N, C, H, W) tensor of images")
     if len(calib) == 0:
         raise ValueError("the calibration set is empty")
-    qmodel, plan = wrap(model, recipe)
     images = calib[: recipe.calib_size].float()
+    qmodel, plan = wrap(model, recipe, images[:2])
     data = capture(qmodel, plan, images, recipe.calib_batch_size)
-    for info in _progress(plan, recipe.progress, f"calibrating ({recipe.name})"):
+    for info in _progress(plan, progress, f"calibrating ({recipe.name})"):
         calibrate_layer(qmodel, info, data.pop(info.name), recipe)
-    qmodel._polyquant_plan = plan  # type: ignore[assignment]
-    qmodel._polyquant_recipe = recipe  # type: ignore[assignment]
     set_lut(qmodel, recipe.lut)  # inference dequantization: tables (hardware) or float
     if fold:
         return finalize(qmodel)

@@ -263,29 +263,21 @@ def asset_path(variant: str = "mobilevit") -> Path:
 
 def save_hybrid(model: nn.Module, info: dict[str, Any], path: str | Path) -> Path:
     """Write the state dict as safetensors, with ``info`` (incl. the config) as JSON metadata; atomic."""
-    from safetensors.torch import save_file
+    from polyquant.checkpoint import save_checkpoint
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {"format": _FORMAT, "format_version": "1", "info": json.dumps(info, sort_keys=True)}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
+    return save_checkpoint(model.state_dict(), path, meta)
 
 
 def load_hybrid(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint written by ``save_hybrid``: (model in eval mode, info)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from polyquant.checkpoint import read_checkpoint, read_checkpoint_metadata
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no hybrid checkpoint at {path}; train one with "
                                 "`python -m polyquant.plugins.vit.hybrid --train`")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_checkpoint_metadata(path)
     if meta.get("format") != _FORMAT or meta.get("format_version") != "1":
         raise ValueError(f"{path} is not a polyquant hybrid checkpoint (format {meta.get('format')!r}, "
                          f"version {meta.get('format_version')!r})")
@@ -293,7 +285,7 @@ def load_hybrid(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     cfg = dict(info["config"])
     cfg["widths"] = tuple(cfg["widths"])
     model = build_hybrid(HybridConfig(**cfg))
-    model.load_state_dict(load_file(str(path)), strict=True)
+    model.load_state_dict(read_checkpoint(path)[0], strict=True)
     return model.eval(), info
 
 

@@ -1,189 +1,130 @@
-"""The vit plugin's implementation module: methods, configs, artifacts and the command-line hooks.
+"""The vit plugin's implementation module: its methods' handlers, artifacts and command-line hooks.
 
-    METHODS: dict[str, Callable]          name -> quantize(model, calib, config) -> nn.Module
-    CONFIGS: dict[str, type]              name -> its config dataclass (qhyvit's is resolved lazily)
-    quantize_vit(model, calib, method, config=None) -> nn.Module
-    export_artifact(qmodel, method, config, model_config) -> polyquant.artifact.Artifact
-    restore(artifact) -> nn.Module        rebuilds a working quantized model (outputs identical to the saved one)
+    METHODS: dict[str, type[QuantConfig]]     method name -> config class (its handler is registered below)
 
-Command line (called by ``polyquant quantize vit/<method>`` and ``polyquant load``):
+Python (the core contract, ``polyquant.api``):
+
+    import polyquant as pq
+    from polyquant.plugins.vit.adalog import AdaLogConfig
+    from polyquant.plugins.vit.models import build_model
+
+    model, _ = build_model("digits-vit")                       # or any timm ViT / DeiT / Swin / hybrid
+    qm = pq.quantize(model, AdaLogConfig(wbits=4, abits=4), calib=[images])
+    pq.save(qm, "adalog_w4a4.safetensors"); qm = pq.load("adalog_w4a4.safetensors")
+
+Command line (``polyquant quantize vit/<method>``: options generated from the config's fields, plus the model and
+data options of ``add_model_args``):
 
     polyquant quantize vit/adalog --model digits-vit --wbits 4 --abits 4 --calib 32 --out adalog_w4a4.safetensors
     polyquant quantize vit/minmax --model deit_tiny_patch16_224 --img-size 32 --wbits 8 --abits 8 --out deit.st
     polyquant quantize vit/qhyvit --model digits-hybrid --wbits 4 --abits 4 --out qhyvit_w4a4.safetensors
     polyquant load adalog_w4a4.safetensors --eval
 
-``--model`` is 'digits-vit' (the shipped checkpoint), 'digits-hybrid' / 'digits-hybrid-v2', a checkpoint path,
-or a timm model name (random weights: ``timm.create_model(name, pretrained=False)``; calibration images are
-digits resized to the model's input). Artifacts (``polyquant.artifact``): weights as packed integer codes
-(``<fqn>.weight_packed`` + ``weight_scale`` / ``weight_zero_point`` / ``weight_shape``), every other tensor of the
-quantized model's state (activation quantizer scales, AdaLog q, folded biases, LayerNorms) as ``float.<key>``;
-the config holds the model config and the harness recipe, so ``restore`` rebuilds the model without pickle.
-Q-HyViT models are core fake-quant models and use ``polyquant.export`` (same weight keys, activation qparams as
-``<quantizer>.scale`` / ``.zero_point``); their config also records every quantizer's searched granularity and
-scheme, which ``restore`` applies to a freshly prepared skeleton.
+Artifacts of the harness methods (AdaLog, baselines): weights as packed integer codes (``<fqn>.weight_packed`` +
+``weight_scale`` / ``weight_zero_point`` / ``weight_shape``), every other tensor of the quantized model's state
+(activation quantizer scales, AdaLog q, folded biases, LayerNorms) as ``float.<key>``; the method config rebuilds
+the recipe and so the skeleton. Q-HyViT models are core fake-quant models (``polyquant.export``); their state also
+records every quantizer's searched granularity and scheme, applied to a freshly prepared skeleton on restore.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import time
-from pathlib import Path
-from typing import Any, Callable
+import copy
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .adalog import AdaLogConfig, quantize_adalog
-from .baselines import BASELINES, BaselineConfig
+from polyquant.api import Calibration, MethodExample, QuantizedModel, RunOptions, register_handler
+from polyquant.artifact import Artifact, ArtifactError
+from polyquant.config import QuantConfig
+
+from .adalog import AdaLogConfig
+from .baselines import BASELINES
+from .qhyvit import QHyViTConfig
+from .recipe import HarnessConfig
 
 __all__ = [
     "METHODS",
-    "CONFIGS",
-    "quantize_vit",
-    "make_config",
-    "export_artifact",
-    "restore",
-    "add_quantize_args",
-    "run_quantize",
+    "build_model",
+    "example",
+    "add_model_args",
+    "load_inputs",
+    "report_quantized",
     "add_load_args",
     "run_load",
 ]
 
 PLUGIN = "vit"
-ARTIFACT_KIND = "polyquant.vit.harness"  # config["kind"]: artifacts restore() can rebuild
-QHYVIT_KIND = "polyquant.vit.qhyvit"
 
-
-def _quantize_qhyvit(model: nn.Module, calib: Tensor, config: Any = None) -> nn.Module:
-    """Q-HyViT (hybrid ViTs), implemented in ``qhyvit.py``; imported on first use."""
-    from .qhyvit import quantize_qhyvit
-
-    return quantize_qhyvit(model, calib, config)
-
-
-METHODS: dict[str, Callable[..., nn.Module]] = {
-    "adalog": quantize_adalog,
-    "qhyvit": _quantize_qhyvit,
+METHODS: dict[str, type[QuantConfig]] = {
+    "adalog": AdaLogConfig,
+    "qhyvit": QHyViTConfig,
     **BASELINES,
 }
 
 
-def _qhyvit_config() -> type:
-    from .qhyvit import QHyViTConfig
-
-    return QHyViTConfig
-
-
-CONFIGS: dict[str, type | Callable[[], type]] = {
-    "adalog": AdaLogConfig,
-    "qhyvit": _qhyvit_config,
-    **{name: BaselineConfig for name in BASELINES},
-}
+def _placed(model: nn.Module, images: Tensor, run: RunOptions) -> tuple[nn.Module, Tensor]:
+    if run.device is None:
+        return model, images
+    return copy.deepcopy(model).to(run.device), images.to(run.device)
 
 
-def _config_class(method: str) -> type:
-    if method not in CONFIGS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    cls = CONFIGS[method]
-    return cls if isinstance(cls, type) else cls()
+# --- harness methods: AdaLog and the baselines ---------------------------------------------------------------------
 
 
-def make_config(method: str, **fields: Any) -> Any:
-    """The method's config dataclass built from ``fields`` (validated by its ``__post_init__``)."""
-    return _config_class(method)(**fields)
+def _quantize_harness(model: nn.Module, config: HarnessConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
+    from .harness import quantize_with_recipe
 
+    model, images = _placed(model, calib.inputs(config.images_needed()), run)
+    retrain = isinstance(config, AdaLogConfig) and config.retrain
+    # With "+retrain" the post-GELU shifts are folded into fc2's bias only after AdaRound has set fc2's weights
+    # (the fold uses the quantized weights), as the reference folds after reconstruction.
+    qmodel = quantize_with_recipe(model, images, config.recipe(), fold=not retrain, progress=run.progress)
+    if retrain:
+        from .retrain import retrain as run_retrain
 
-def quantize_vit(model: nn.Module, calib: Tensor, method: str, config: Any = None) -> nn.Module:
-    """Quantize a copy of ``model`` with ``method`` (a key of ``METHODS``) on calibration images ``calib``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    if config is not None and not isinstance(config, _config_class(method)):
-        raise TypeError(f"method {method!r} takes a {_config_class(method).__name__}, got {type(config).__name__}")
-    return METHODS[method](model, calib, config)
-
-
-# --- artifacts ----------------------------------------------------------------------------------------------------
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return dataclasses.asdict(config)
-    return dict(config or {})
-
-
-def _recipe_of(qmodel: nn.Module) -> Any:
-    recipe = getattr(qmodel, "_polyquant_recipe", None)
-    if recipe is None:
-        raise ValueError("this model was not quantized by the vit harness (AdaLog or a baseline); it cannot be "
-                         "exported as a vit artifact")
-    return recipe
+        assert isinstance(config, AdaLogConfig)
+        run_retrain(qmodel, model, images, iters=config.retrain_iters, size=config.retrain_size, seed=config.seed,
+                    progress=run.progress, lut=config.lut)
+    return QuantizedModel(qmodel, config)
 
 
 @torch.no_grad()
-def export_artifact(qmodel: nn.Module, method: str, config: Any, model_config: dict[str, Any],
-                    meta: dict[str, Any] | None = None) -> Any:
-    """Pack a quantized model into a ``polyquant.artifact.Artifact`` (keys: module docstring).
-
-    Models of the vit harness (AdaLog, baselines) and of Q-HyViT (``method == "qhyvit"``) are supported.
-    """
-    if method == "qhyvit":
-        return _export_qhyvit(qmodel, config, model_config, meta)
-    from polyquant.artifact import Artifact
+def _export_harness(qm: QuantizedModel) -> dict[str, Tensor]:
     from polyquant.nn import QuantConv2d, QuantLinear
-    from polyquant.pack import pack_bits
+    from polyquant.pack import pack_rows
 
     from .quantizers import UniformQuantizer
 
-    recipe = _recipe_of(qmodel)
     tensors: dict[str, Tensor] = {}
     skip: set[str] = set()
-    for name, m in qmodel.named_modules():
+    for name, m in qm.model.named_modules():
         if isinstance(m, (QuantLinear, QuantConv2d)) and isinstance(m.weight_quantizer, UniformQuantizer):
             wq = m.weight_quantizer
             codes = wq.codes(m.weight)
-            tensors[f"{name}.weight_packed"] = pack_bits(codes.flatten(), wq.bits)
+            tensors[f"{name}.weight_packed"] = pack_rows(codes.reshape(len(codes), -1), wq.bits)  # the core layout
             tensors[f"{name}.weight_scale"] = wq.scale.float().contiguous()
             tensors[f"{name}.weight_zero_point"] = wq.zero_point.float().contiguous()
             tensors[f"{name}.weight_shape"] = torch.tensor(list(m.weight.shape), dtype=torch.int64)
             skip |= {f"{name}.weight", f"{name}.weight_quantizer.scale", f"{name}.weight_quantizer.zero_point"}
-    for key, t in qmodel.state_dict().items():
+    for key, t in qm.model.state_dict().items():
         if key not in skip:
             tensors[f"float.{key}"] = t.detach().contiguous().cpu()
-    cfg = _config_dict(config)
-    return Artifact(
-        tensors=tensors,
-        plugin=PLUGIN,
-        method=method,
-        config={"kind": ARTIFACT_KIND, "model": model_config, "recipe": recipe.to_dict(), "method_config": cfg},
-        meta={"weight_bits": recipe.wbits, "act_bits": recipe.abits, **(meta or {})},
-    )
+    return tensors
 
 
 @torch.no_grad()
-def restore(artifact: Any) -> nn.Module:
-    """Rebuild the quantized model an artifact of ``export_artifact`` describes (eval mode, quantized state)."""
-    from polyquant.artifact import ArtifactError
+def _restore_harness(model: nn.Module, config: HarnessConfig, artifact: Artifact) -> QuantizedModel:
     from polyquant.nn import QuantConv2d, QuantLinear
-    from polyquant.pack import unpack_bits
+    from polyquant.pack import unpack_rows
 
-    from .harness import Recipe, vit_quantizers, wrap
-    from .models import model_from_config
+    from .harness import vit_quantizers, wrap
     from .quantizers import UniformQuantizer
 
-    cfg = artifact.config
-    if artifact.plugin == PLUGIN and cfg.get("kind") == QHYVIT_KIND:
-        return _restore_qhyvit(artifact)
-    if artifact.plugin != PLUGIN or cfg.get("kind") != ARTIFACT_KIND:
-        raise ArtifactError(f"not a vit harness artifact (plugin {artifact.plugin!r}, kind {cfg.get('kind')!r})")
-    try:
-        recipe = Recipe.from_dict(cfg["recipe"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"the artifact's recipe cannot be read: {e}") from None
-    qmodel, _ = wrap(model_from_config(cfg["model"]), recipe)
+    qmodel, _ = wrap(model, config.recipe())
     t = artifact.tensors
     state: dict[str, Tensor] = {k[len("float."):]: v for k, v in t.items() if k.startswith("float.")}
     for name, m in qmodel.named_modules():
@@ -196,8 +137,8 @@ def restore(artifact: Any) -> nn.Module:
                 raise ArtifactError(f"artifact has no quantized weight for {name}: {e}") from None
             if shape != tuple(m.weight.shape):
                 raise ArtifactError(f"{name}: weight shape {shape} in the artifact, {tuple(m.weight.shape)} in the model")
-            numel = int(torch.tensor(shape).prod())
-            codes = unpack_bits(packed, m.weight_quantizer.bits, numel).reshape(shape)
+            row = int(torch.tensor(shape[1:]).prod())
+            codes = unpack_rows(packed, m.weight_quantizer.bits, row).reshape(shape)
             state[f"{name}.weight"] = (codes.float() - zp) * scale  # the dequantized weight, on the grid
             state[f"{name}.weight_quantizer.scale"] = scale
             state[f"{name}.weight_quantizer.zero_point"] = zp
@@ -207,64 +148,70 @@ def restore(artifact: Any) -> nn.Module:
     for q in vit_quantizers(qmodel):
         q.searched = True
         q.set_state("quantized")
-    qmodel._polyquant_recipe = recipe  # type: ignore[assignment]
-    return qmodel.eval()
+    return QuantizedModel(qmodel.eval(), config)
 
 
+for _name, _cls in {"adalog": AdaLogConfig, **BASELINES}.items():
+    register_handler(_cls, plugin=PLUGIN, method=_name, export=_export_harness, restore=_restore_harness)(
+        _quantize_harness)
+
+
+# --- Q-HyViT ----------------------------------------------------------------------------------------------------
 # Q-HyViT models are core fake-quant models (QuantConv2d / QuantLinear / QuantMatMul with per-operand specs), so
-# they go through ``polyquant.export``; the artifact also records each quantizer's searched spec, which rebuilds
-# the same skeleton: model from its config -> BatchNorms folded -> ``prepare_hybrid`` -> specs -> qparams.
+# they go through ``polyquant.export``; the state also records each quantizer's searched spec, which rebuilds
+# the same skeleton: model -> BatchNorms folded -> ``prepare_hybrid`` -> specs -> qparams.
 
 
-def _quantizer_choice(q: Any) -> dict[str, Any]:
+def _quantizer_choices(qmodel: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every quantizer's spec (``polyquant.export.quantizer_specs``) with the searched sign and channel axis."""
+    from polyquant.export import quantizer_specs
     from polyquant.primitives import PerChannel
 
-    gran = q.spec.granularity
-    return {"bits": q.fmt.bits, "symmetric": bool(q.spec.symmetric), "signed": bool(getattr(q.fmt, "signed", True)),
-            "axis": gran.axis if isinstance(gran, PerChannel) else None, "state": q.state}
+    out = quantizer_specs(qmodel)
+    for name, spec in out.items():
+        q = qmodel.get_submodule(name)
+        gran = q.spec.granularity
+        spec.update(signed=bool(getattr(q.fmt, "signed", True)), axis=gran.axis if isinstance(gran, PerChannel) else None)
+    return out
 
 
-def _export_qhyvit(qmodel: nn.Module, config: Any, model_config: dict[str, Any],
-                   meta: dict[str, Any] | None) -> Any:
-    from polyquant.export import export
+def _quantize_qhyvit(model: nn.Module, config: QHyViTConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
     from polyquant.nn import Quantizer
 
-    if getattr(qmodel, "qhyvit_report", None) is None:
-        raise ValueError("this model was not quantized by Q-HyViT (no qhyvit_report); it cannot be exported as "
-                         "a qhyvit artifact")
-    choices = {n: _quantizer_choice(q) for n, q in qmodel.named_modules() if isinstance(q, Quantizer)}
-    raw = [n for n, c in choices.items() if c["state"] != "quantized"]
+    from .qhyvit import run_qhyvit
+
+    model, images = _placed(model, calib.inputs(config.calib_size), run)
+    qmodel, report = run_qhyvit(model, images, config, progress=run.progress)
+    quantizers = {n: q for n, q in qmodel.named_modules() if isinstance(q, Quantizer)}
+    raw = [n for n, q in quantizers.items() if q.state != "quantized"]
     if raw:
         raise ValueError(f"{len(raw)} quantizers are not frozen (units that never ran in forward?): {raw[:3]}")
-    cfg = _config_dict(config)
-    return export(qmodel, plugin=PLUGIN, method="qhyvit",
-                  config={"kind": QHYVIT_KIND, "model": model_config, "method_config": cfg, "quantizers": choices},
-                  meta={"weight_bits": cfg.get("wbits"), "act_bits": cfg.get("abits"), **(meta or {})})
+    return QuantizedModel(qmodel, config, state={"quantizers": _quantizer_choices(qmodel)}, report=report)
 
 
-def _restore_qhyvit(artifact: Any) -> nn.Module:
-    from polyquant.artifact import ArtifactError
+def _export_qhyvit(qm: QuantizedModel) -> dict[str, Tensor]:
+    from polyquant.export import export_tensors
+
+    return export_tensors(qm.model)
+
+
+def _restore_qhyvit(model: nn.Module, config: QHyViTConfig, artifact: Artifact) -> QuantizedModel:
     from polyquant.export import restore as core_restore
     from polyquant.formats import IntFormat
     from polyquant.nn import Quantizer, QuantSpec
     from polyquant.primitives import PerChannel, PerTensor
 
-    from .models import input_spec, model_from_config
-    from .qhyvit import fold_batchnorm, prepare_hybrid
+    from .models import input_spec
+    from polyquant.surgery import fold_batchnorm
 
-    from .qhyvit import QHyViTConfig
+    from .qhyvit import prepare_hybrid
 
-    cfg = artifact.config
-    try:  # validates bits, version and every other field of the recorded config
-        mc = dataclasses.asdict(QHyViTConfig(**cfg.get("method_config", {})))
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"the artifact's Q-HyViT config cannot be read: {e}") from None
-    model = model_from_config(cfg["model"]).eval()
+    model = model.eval()
     size, chans = input_spec(model)
     fold_batchnorm(model, torch.zeros(2, chans, size, size))
-    prepare_hybrid(model, wbits=mc["wbits"], abits=mc["abits"], ignore=mc["ignore"],
-                   quantize_matmul=mc["quantize_matmul"])
-    choices: dict[str, dict[str, Any]] = cfg.get("quantizers", {})
+    prepare_hybrid(model, wbits=config.wbits, abits=config.abits, ignore=config.ignore,
+                   quantize_matmul=config.quantize_matmul)
+    choices: dict[str, dict[str, Any]] = artifact.config.get("state", {}).get("quantizers", {})
     names = {n for n, q in model.named_modules() if isinstance(q, Quantizer)}
     if names != set(choices):
         raise ArtifactError(f"artifact does not match the model: quantizers {sorted(names ^ set(choices))[:5]} "
@@ -275,58 +222,88 @@ def _restore_qhyvit(artifact: Any) -> nn.Module:
             gran = PerTensor() if c["axis"] is None else PerChannel(int(c["axis"]))
             q.spec = QuantSpec(IntFormat(int(c["bits"]), signed=bool(c["signed"])), gran,
                                symmetric=bool(c["symmetric"]))
-    return core_restore(model, artifact).eval()
+    return QuantizedModel(core_restore(model, artifact, specs=choices).eval(), config, state={"quantizers": choices})
+
+
+register_handler(QHyViTConfig, plugin=PLUGIN, method="qhyvit", export=_export_qhyvit, restore=_restore_qhyvit)(
+    _quantize_qhyvit)
+
+
+# --- models ------------------------------------------------------------------------------------------------------
+
+
+def build_model(model_config: dict[str, Any]) -> nn.Module:
+    """The float skeleton an artifact's model config describes (``polyquant.load`` calls this)."""
+    from .models import model_from_config
+
+    return model_from_config(model_config).eval()
+
+
+def example(method: str) -> MethodExample:
+    """A fast case of ``method`` on a shipped digits model (the core's contract test runs it)."""
+    from .data import calib_set, load_digits_data
+    from .models import build_model as resolve_model
+    from .models import input_spec
+
+    cls = METHODS[method]
+    if cls is QHyViTConfig:
+        model, _ = resolve_model("digits-hybrid")
+        config: QuantConfig = QHyViTConfig(wbits=6, abits=6, calib_size=4, batch_size=4, grid=4, search_rounds=1)
+    else:
+        model, _ = resolve_model("digits-vit")
+        searched = method not in ("minmax", "percentile")
+        config = cls(wbits=6, abits=6, calib_size=4, calib_batch_size=4,
+                     **({"eq_n": 64, "steps": 1, "search_round": 1} if searched else {}))
+    size, chans = input_spec(model)
+    return MethodExample(model, config, [calib_set(4, 0, size, chans)], load_digits_data(size, chans).x_test[:8])
 
 
 # --- command line -------------------------------------------------------------------------------------------------
 
 
-def _int_in(lo: int, hi: int) -> Callable[[str], int]:
-    """argparse type: an integer in [lo, hi] (a bad value is a usage error: one line, exit code 2)."""
+@dataclass
+class CliInputs:
+    """What ``load_inputs`` gives the core command: the float model, its description and calibration batches."""
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {value}")
-        return value
-
-    return parse
+    model: nn.Module
+    model_config: dict[str, Any] | None
+    calib: list[Tensor]
+    label: str
 
 
-def add_quantize_args(parser: argparse.ArgumentParser, method: str) -> None:
-    """Options of ``polyquant quantize vit/<method>``."""
+def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:
+    """Model and data options of ``polyquant quantize vit/<method>`` (the method's own come from its config)."""
     parser.add_argument("--model", default="digits-hybrid" if method == "qhyvit" else "digits-vit",
                         help="'digits-vit', 'digits-hybrid', 'digits-hybrid-v2', a checkpoint path, or a timm model "
                              "name (random weights)")
-    parser.add_argument("--img-size", type=_int_in(8, 4096), default=None,
-                        help="input size of a timm model (e.g. 32 to stay fast)")
-    parser.add_argument("--wbits", type=_int_in(2, 8), default=4, help="weight bits (2..8)")
-    parser.add_argument("--abits", type=_int_in(2, 8), default=4, help="activation bits (2..8)")
-    parser.add_argument("--calib", type=_int_in(1, 1 << 20), default=32, help="number of calibration images")
-    parser.add_argument("--seed", type=_int_in(0, 2**31 - 1), default=0, help="seed of the calibration subset")
-    parser.add_argument("--out", type=Path, default=None, help="artifact path (.safetensors)")
-    parser.add_argument("--progress", action="store_true", help="show progress bars")
-    if method == "qhyvit":
-        parser.add_argument("--grid", type=_int_in(1, 10000), default=100,
-                            help="steps of the scale-multiplier grid (paper: 100)")
-        parser.add_argument("--search-rounds", type=_int_in(1, 16), default=3,
-                            help="alternating weight / activation search rounds (paper: 3)")
-    if method == "adalog":
-        parser.add_argument("--retrain", action="store_true", help="BRECQ-style block reconstruction (+retrain)")
-        parser.add_argument("--retrain-iters", type=_int_in(0, 1 << 24), default=2000, help="reconstruction steps per block")
-        parser.add_argument("--retrain-size", type=_int_in(1, 1 << 20), default=1024, help="images for the reconstruction")
+    parser.add_argument("--img-size", type=int, default=None, help="input size of a timm model (e.g. 32 to stay fast)")
+    parser.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration subset")
 
 
-def _calib_images(model: nn.Module, n: int, seed: int) -> Tensor:
+def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> CliInputs:
+    """The model named by ``--model`` and its calibration images (digits resized to the model's input)."""
+    from polyquant.cli import CliError
+
     from .data import calib_set, load_digits_data
+    from .models import build_model as resolve_model
     from .models import input_spec
 
+    prog = f"polyquant quantize vit/{method}"
+    if args.img_size is not None and not 8 <= args.img_size <= 4096:
+        raise CliError(f"--img-size must be in [8, 4096], got {args.img_size}", prog=prog)
+    if not 0 <= args.calib_seed < 2**31:
+        raise CliError(f"--calib-seed must be in [0, 2^31), got {args.calib_seed}", prog=prog)
+    kwargs = {"img_size": args.img_size} if args.img_size else {}
+    try:
+        model, model_config = resolve_model(args.model, **kwargs)
+    except (ValueError, FileNotFoundError) as e:  # unknown name, missing or foreign checkpoint: a usage error
+        raise CliError(f"--model {args.model}: {e}", prog=prog) from None
+    n = config.images_needed() if isinstance(config, HarnessConfig) else getattr(config, "calib_size", 32)
     size, chans = input_spec(model)
-    data = load_digits_data(size, 1 if chans == 1 else 3)
-    return calib_set(min(n, len(data.x_train)), seed, size, 1 if chans == 1 else 3)
+    channels = 1 if chans == 1 else 3
+    data = load_digits_data(size, channels)
+    images = calib_set(min(n, len(data.x_train)), args.calib_seed, size, channels)
+    return CliInputs(model, model_config, [images], f"{args.model}, {len(images)} calibration images")
 
 
 def _digits_accuracy(model: nn.Module) -> float | None:
@@ -340,66 +317,29 @@ def _digits_accuracy(model: nn.Module) -> float | None:
     return evaluate(model, load_digits_data(size, chans))
 
 
-def run_quantize(method: str, args: argparse.Namespace) -> int:
-    """``polyquant quantize vit/<method>``: quantize, save the artifact, report."""
-    from polyquant.artifact import save
+def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Namespace) -> None:
+    """Digits accuracy of the float and quantized models, for the digits models."""
+    from .models import DIGITS_MODELS
 
-    from .models import DIGITS_MODELS, build_model
-
-    from polyquant.cli import CliError
-
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    try:
-        model, model_config = build_model(args.model, **kwargs)
-    except (ValueError, FileNotFoundError) as e:  # unknown name, missing or foreign checkpoint: a usage error
-        raise CliError(f"--model {args.model}: {e}", prog=f"polyquant quantize vit/{method}") from None
-    fields: dict[str, Any] = {"wbits": args.wbits, "abits": args.abits, "calib_size": args.calib}
-    n_images = args.calib
-    if method == "adalog":
-        fields.update(retrain=args.retrain, retrain_iters=args.retrain_iters, retrain_size=args.retrain_size,
-                      seed=args.seed, progress=args.progress)
-        if args.retrain:
-            n_images = max(n_images, args.retrain_size)
-    elif method in BASELINES:
-        fields["progress"] = args.progress
-    elif method == "qhyvit":
-        fields.update(seed=args.seed, progress=args.progress, grid=args.grid, search_rounds=args.search_rounds)
-    config = make_config(method, **fields)
-    calib = _calib_images(model, n_images, args.seed)
-    t0 = time.perf_counter()
-    qmodel = quantize_vit(model, calib, method, config)
-    seconds = time.perf_counter() - t0
-    print(f"vit/{method}: {args.model} W{args.wbits}A{args.abits}, {args.calib} calibration images, {seconds:.1f} s")
-    if args.model in DIGITS_MODELS or model_config.get("source") in ("vit", "hybrid"):
-        fp_acc, q_acc = _digits_accuracy(model), _digits_accuracy(qmodel)
+    config = inputs.model_config or {}
+    if args.model in DIGITS_MODELS or config.get("source") in ("vit", "hybrid"):
+        fp_acc, q_acc = _digits_accuracy(inputs.model), _digits_accuracy(qm.model)
         if fp_acc is not None and q_acc is not None:
             print(f"digits test accuracy: float {fp_acc:.2f}%, quantized {q_acc:.2f}%")
-    if args.out is None:
-        return 0
-    artifact = export_artifact(qmodel, method, config, model_config,
-                               meta={"model": args.model, "calib_images": args.calib, "seed": args.seed,
-                                     "calib_seconds": round(seconds, 3)})
-    path = save(artifact, args.out)
-    print(f"saved {path} ({path.stat().st_size:,} bytes)")
-    return 0
 
 
 def add_load_args(parser: argparse.ArgumentParser) -> None:
     """Options of ``polyquant load`` for vit artifacts."""
-    parser.add_argument("--eval", action="store_true", help="rebuild the model and evaluate it on the digits task "
+    parser.add_argument("--eval", action="store_true", help="evaluate the rebuilt model on the digits task "
                                                             "(digits models only)")
 
 
-def run_load(artifact: Any, args: argparse.Namespace) -> int:
-    """``polyquant load``: rebuild the quantized model; report its layers (and digits accuracy with --eval)."""
-    qmodel = restore(artifact)
-    n_q = sum(1 for m in qmodel.modules() if hasattr(m, "weight_quantizer"))
-    bits = f"W{artifact.meta.get('weight_bits')}A{artifact.meta.get('act_bits')}"
-    print(f"restored {artifact.method} {bits}: {n_q} quantized Linear / Conv layers")
+def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
+    """``polyquant load``: report the rebuilt model's layers (and digits accuracy with --eval)."""
+    n_q = sum(1 for m in qm.model.modules() if hasattr(m, "weight_quantizer"))
+    bits = f"W{getattr(qm.config, 'wbits', '?')}A{getattr(qm.config, 'abits', '?')}"
+    print(f"restored {qm.method} {bits}: {n_q} quantized Linear / Conv layers")
     if args.eval:
-        acc = _digits_accuracy(qmodel)
-        if acc is None:
-            print("not a digits model: nothing to evaluate")
-        else:
-            print(f"digits test accuracy: {acc:.2f}%")
+        acc = _digits_accuracy(qm.model)
+        print("not a digits model: nothing to evaluate" if acc is None else f"digits test accuracy: {acc:.2f}%")
     return 0

@@ -100,33 +100,26 @@ def model_from_config(config: dict[str, Any]) -> nn.Module:
 def save_checkpoint(model: nn.Module, path: str | Path, config: dict[str, Any], meta: dict[str, Any] | None = None
                     ) -> None:
     """Save the float weights of ``model`` with its model config (safetensors; atomic)."""
-    from safetensors.torch import save_file
+    from polyquant.checkpoint import save_checkpoint as save_tensors
 
-    path = Path(path)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {_META_MODEL: json.dumps(config, sort_keys=True), _META_EXTRA: json.dumps(meta or {}, sort_keys=True)}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    save_tensors(model.state_dict(), path, metadata)
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """(model in eval mode, model config, metadata) from a checkpoint written by ``save_checkpoint``."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from polyquant.api import describe_model
+    from polyquant.checkpoint import read_checkpoint, read_checkpoint_metadata
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    metadata = read_checkpoint_metadata(path)
     if _META_MODEL not in metadata:
         raise ValueError(f"{path} has no model config (metadata key {_META_MODEL!r}); not a polyquant checkpoint")
     config = json.loads(metadata[_META_MODEL])
     meta = json.loads(metadata.get(_META_EXTRA, "{}"))
     model = model_from_config(config)
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model.eval(), config, meta
+    model.load_state_dict(read_checkpoint(path)[0], strict=True)
+    return describe_model(model.eval(), config), config, meta
 
 
 def load_digits_vit() -> nn.Module:
@@ -139,6 +132,8 @@ def load_digits_vit() -> nn.Module:
 def build_model(spec: str, **timm_kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Resolve a ``--model`` argument: 'digits-vit', a checkpoint path, or a timm model name (random weights;
     ``timm_kwargs`` such as img_size go to ``timm.create_model``). Returns (model in eval mode, model config)."""
+    from polyquant.api import describe_model
+
     if spec in ("digits-vit", "digits_vit"):
         model, config, _ = load_checkpoint(DIGITS_VIT_PATH)
         return model, config
@@ -146,13 +141,14 @@ def build_model(spec: str, **timm_kwargs: Any) -> tuple[nn.Module, dict[str, Any
         from .hybrid import load_digits_hybrid
 
         model, info = load_digits_hybrid(HYBRID_NAMES[spec])
-        return model, {"source": "hybrid", "kwargs": dict(info["config"])}
+        config = {"source": "hybrid", "kwargs": dict(info["config"])}
+        return describe_model(model, config), config
     path = Path(spec)
     if path.suffix == ".safetensors" or path.is_file():
         model, config, _ = load_checkpoint(path)
         return model, config
     config = {"source": "timm", "name": spec, "kwargs": dict(timm_kwargs)}
-    return model_from_config(config).eval(), config
+    return describe_model(model_from_config(config).eval(), config), config
 
 
 def count_parameters(model: nn.Module) -> int:

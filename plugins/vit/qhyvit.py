@@ -15,14 +15,15 @@ Hybrid ViTs (MobileViT v1/v2, EfficientFormer v1/v2) break ViT PTQ recipes in fo
 
 Algorithm (``run_qhyvit``), following the released ``batching_hybrid_calib`` (PTQ4ViT's Hessian calibrator):
 
-1. Fold every BatchNorm into the conv that feeds it; wrap every Conv2d / Linear (weight + input quantizer) and
-   every attention product (``QuantMatMul``: q @ k^T, attn @ v; MobileViTv2's key * scores and value * context
-   products) of the supported timm attention modules.
+1. Fold every BatchNorm into the conv that feeds it (``polyquant.surgery.fold_batchnorm``); wrap every Conv2d /
+   Linear (weight + input quantizer) and every attention product (``matmul_qk`` / ``matmul_av``: q @ k^T,
+   attn @ v; MobileViTv2's key * scores and value * context products) of the timm attention modules registered
+   in ``attention.py`` (``polyquant.surgery`` product patches).
 2. For each quantized unit, in forward order: capture its inputs, its float output O and the gradient
    g = dL/dO with L = KL(softmax(z_fp) || softmax(z)), z the logits of the model in its current calibration
    state. Initialise every operand with min-max scales (symmetric: max|x| / (2^(b-1) - 0.5); asymmetric:
    (max - min) / (2^b - 1)). Then, for ``search_rounds`` rounds alternating operands (weights, then inputs),
-   for every candidate (granularity, scheme) search the scale multiplier over
+   for every candidate (granularity, scheme) search the scale multiplier (``polyquant.search.grid_search``) over
    {lo + i (hi - lo) / grid : i = 0..grid} (paper: 0.01..1.2, 100 steps) minimising the Hessian proxy
    ``sum g^2 (O_q - O)^2``; per-channel (per-head) scales whose channel maps to one output channel are
    chosen channel by channel. The (granularity, scheme) with the lowest metric wins.
@@ -44,38 +45,41 @@ What is simulated: everything is fake-quant (float compute on dequantized values
 biases stay float, as in PTQ4ViT / Q-HyViT. Channel-wise scales of a Linear's *input* are not integer-GEMM
 friendly; the search may choose them, as the paper's per-layer granularity choice does.
 
-    from polyquant.plugins.vit.qhyvit import QHyViTConfig, quantize_qhyvit
-    qmodel = quantize_qhyvit(model, calib_images, QHyViTConfig(wbits=4, abits=4))
-    qmodel.qhyvit_report.summary()
+    import polyquant as pq
+    from polyquant.plugins.vit.qhyvit import QHyViTConfig
+    qm = pq.quantize(model, QHyViTConfig(wbits=4, abits=4), calib=[calib_images])
+    qm.report.summary()
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polyquant.capture import capture
+from polyquant.config import ConfigError, QuantConfig, bits_field, int_field
 from polyquant.formats import IntFormat
 from polyquant.nn import QuantConv2d, QuantLinear, QuantMatMul, QuantRule, QuantSpec, Quantizer, prepare
 from polyquant.primitives import PerChannel, PerTensor
+from polyquant.search import grid_search
+from polyquant.surgery import PRODUCT_PATCHES, ProductSite, fold_batchnorm, is_product_patched
+
+from .attention import QuantMul, patch_attention
 
 __all__ = [
     "QHyViTConfig",
     "QHyViTReport",
     "UnitReport",
     "OperandChoice",
-    "QuantMul",
-    "quantize_qhyvit",
     "run_qhyvit",
     "quantize_hybrid_baseline",
-    "fold_batchnorm",
     "prepare_hybrid",
     "quant_units",
     "find_bridges",
@@ -84,24 +88,14 @@ __all__ = [
     "fake_quant",
     "hessian_metric",
     "kl_output_grads",
-    "register_attention",
-    "ATTENTION_PATCHES",
 ]
 
-_GRANULARITIES = ("search", "layer", "channel", "groups")
-_SCHEMES = ("search", "symmetric", "asymmetric")
-_METRICS = ("hessian", "mse")
-_CALIB_MODES = ("bridge", "sequential", "parallel")
 _OVERFLOW = ("widen", "clamp")
 _EPS = 1e-8
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 @dataclass
-class QHyViTConfig:
+class QHyViTConfig(QuantConfig):
     """Q-HyViT settings (defaults follow the released code: 32 images, grid 0.01..1.2 in 100 steps, 3 rounds).
 
     Args:
@@ -134,66 +128,33 @@ class QHyViTConfig:
         ignore: fnmatch patterns of Conv / Linear module names kept float.
         quantize_matmul: also quantize attention products.
         seed: seeds the Fisher label sampling and the reconstruction.
-        progress: show tqdm bars.
-        version: config schema version.
     """
 
-    wbits: int = 8
-    abits: int = 8
-    calib_size: int = 32
-    batch_size: int = 32
-    granularity: str = "search"
-    scheme: str = "search"
-    metric: str = "hessian"
-    calib_mode: str = "bridge"
-    zero_point_overflow: str = "clamp"
-    grid: int = 100
+    VERSION: ClassVar[int] = 1
+    wbits: int = bits_field(8)
+    abits: int = bits_field(8)
+    calib_size: int = int_field(32, 1, 1 << 20, cli=("--calib",))
+    batch_size: int = int_field(32, 1, 1 << 20)
+    granularity: Literal["search", "layer", "channel", "groups"] = "search"
+    scheme: Literal["search", "symmetric", "asymmetric"] = "search"
+    metric: Literal["hessian", "mse"] = "hessian"
+    calib_mode: Literal["bridge", "sequential", "parallel"] = "bridge"
+    zero_point_overflow: Literal["widen", "clamp"] = "clamp"
+    grid: int = int_field(100, 1, 10000)
     grid_range: tuple[float, float] = (0.01, 1.2)
-    search_rounds: int = 3
-    min_channel_samples: int = 256
-    recon_iters: int = 0
-    recon_batch_size: int = 32
+    search_rounds: int = int_field(3, 1, 16)
+    min_channel_samples: int = int_field(256, 1)
+    recon_iters: int = int_field(0, 0, 1 << 24)
+    recon_batch_size: int = int_field(32, 1, 1 << 20)
     bridge_units: tuple[str, ...] | None = None
     ignore: tuple[str, ...] = ()
     quantize_matmul: bool = True
-    seed: int = 0
-    progress: bool = False
-    version: int = 1
+    seed: int = int_field(0, 0, 2**31 - 1)
 
-    def __post_init__(self) -> None:
-        for name in ("wbits", "abits"):
-            v = getattr(self, name)
-            if not _is_int(v) or not 2 <= v <= 8:
-                raise ValueError(f"{name} must be an integer in [2, 8], got {v!r}")
-        for name in ("calib_size", "batch_size", "grid", "search_rounds", "recon_batch_size", "min_channel_samples"):
-            v = getattr(self, name)
-            if not _is_int(v) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not _is_int(self.recon_iters) or self.recon_iters < 0:
-            raise ValueError(f"recon_iters must be a non-negative integer, got {self.recon_iters!r}")
-        choices = {"granularity": _GRANULARITIES, "scheme": _SCHEMES, "metric": _METRICS,
-                   "calib_mode": _CALIB_MODES, "zero_point_overflow": _OVERFLOW}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {allowed}")
-        try:
-            lo, hi = (float(v) for v in self.grid_range)
-        except (TypeError, ValueError):
-            raise ValueError(f"grid_range must be two numbers (lo, hi), got {self.grid_range!r}") from None
+    def validate(self) -> None:
+        lo, hi = self.grid_range
         if not 0.0 < lo <= hi:
-            raise ValueError(f"grid_range must satisfy 0 < lo <= hi, got {self.grid_range!r}")
-        self.grid_range = (lo, hi)
-        if self.bridge_units is not None:
-            if isinstance(self.bridge_units, str):
-                raise TypeError("bridge_units is a tuple of module names, not a single string")
-            self.bridge_units = tuple(self.bridge_units)
-        if isinstance(self.ignore, str):
-            raise TypeError("ignore is a tuple of name patterns, not a single string")
-        self.ignore = tuple(self.ignore)
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.version != 1:
-            raise ValueError(f"unsupported QHyViTConfig version {self.version!r}; this polyquant reads 1")
+            raise ConfigError(f"grid_range must satisfy 0 < lo <= hi, got {self.grid_range!r}")
 
     def multipliers(self) -> Tensor:
         """The grid + 1 candidate multipliers of the min-max scale."""
@@ -353,216 +314,6 @@ def kl_output_grads(logits: Tensor, fp_logits: Tensor) -> Tensor:
     return F.kl_div(F.log_softmax(logits, dim=-1), F.softmax(fp_logits, dim=-1), reduction="sum")
 
 
-# --- BatchNorm folding ---------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def fold_batchnorm(model: nn.Module, example: Tensor) -> list[str]:
-    """Fold every eval-mode BatchNorm2d whose input is exactly a Conv2d's output into that conv; in place.
-
-    One forward of ``example`` finds the (conv, BN) pairs by tensor identity (the BN's input *is* the conv's
-    output), so it works for any module nesting (timm ``ConvNormAct`` / ``BatchNormAct2d``, ``ConvNorm``,
-    ``nn.Sequential`` stems). W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta.
-    A plain BN becomes ``nn.Identity``; timm's ``BatchNormAct2d`` keeps its dropout and activation. Returns the
-    names of the folded convs. The model must be in eval mode (running statistics).
-    """
-    if model.training:
-        raise ValueError("fold_batchnorm needs the model in eval mode (BN uses its running statistics)")
-    outputs: dict[int, tuple[str, Tensor]] = {}
-    pairs: list[tuple[str, str]] = []
-    seen_bn: set[str] = set()
-    hooks = []
-    names = {id(m): n for n, m in model.named_modules()}
-
-    def conv_hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
-        outputs[id(out)] = (names[id(module)], out)
-
-    def bn_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-        name = names[id(module)]
-        hit = outputs.get(id(args[0]))
-        if name not in seen_bn and hit is not None and hit[1] is args[0]:
-            pairs.append((hit[0], name))
-        seen_bn.add(name)
-
-    for m in model.modules():
-        if type(m) is nn.Conv2d:
-            hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.BatchNorm2d):
-            hooks.append(m.register_forward_pre_hook(bn_hook))
-    try:
-        reference = model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    convs_used: dict[str, int] = {}
-    for conv_name, _ in pairs:
-        convs_used[conv_name] = convs_used.get(conv_name, 0) + 1
-    folded = []
-    for conv_name, bn_name in pairs:
-        if convs_used[conv_name] != 1:
-            continue  # one conv feeding two BNs: not foldable
-        conv = model.get_submodule(conv_name)
-        bn = model.get_submodule(bn_name)
-        if bn.running_mean is None or bn.running_var is None:
-            continue
-        w = conv.weight
-        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
-        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
-        inv = gamma / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.weight = nn.Parameter((w * inv.view(-1, *([1] * (w.dim() - 1)))).detach().clone())
-        conv.bias = nn.Parameter(((bias - bn.running_mean) * inv + beta).detach().clone())
-        replacement: nn.Module = nn.Identity()
-        if hasattr(bn, "act"):  # timm BatchNormAct2d: bn -> drop -> act
-            replacement = nn.Sequential(getattr(bn, "drop", nn.Identity()), bn.act)
-        _set_module(model, bn_name, replacement)
-        folded.append(conv_name)
-    if folded and isinstance(reference, Tensor):
-        # A conv whose output also feeds another consumer (besides its BN) cannot be folded: check the result.
-        got = model(example)
-        tol = 1e-4 * max(1.0, float(reference.abs().max()))
-        if not torch.allclose(got, reference, rtol=1e-4, atol=tol):
-            raise RuntimeError(f"folding BatchNorm changed the model output by {float((got - reference).abs().max()):.3g}"
-                               "; a folded conv's output is probably used elsewhere too")
-    return folded
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-# --- attention products --------------------------------------------------------------------------------------
-
-
-class QuantMul(QuantMatMul):
-    """a * b (broadcast elementwise product) with both operands fake-quantized: MobileViTv2's separable attention."""
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        if self.a_quantizer is not None:
-            a = self.a_quantizer(a)
-        if self.b_quantizer is not None:
-            b = self.b_quantizer(b)
-        return a * b
-
-
-def _timm_attention_forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-    # timm.layers.Attention (ViT Block, MobileViT v1), reference path with quantized products.
-    from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
-
-    B, N, _ = x.shape
-    gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-    qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # (B, H, N, d)
-    q, k = self.q_norm(q), self.k_norm(k)
-    attn = self.matmul_qk(q * self.scale, k.transpose(-2, -1))  # (B, H, N, N)
-    attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-    attn = self.attn_drop(attn.softmax(dim=-1))
-    x = self.matmul_av(attn, v)  # (B, H, N, d)
-    x = x.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
-    x = self.norm(x)
-    if gate is not None:
-        x = x * gate
-    return self.proj_drop(self.proj(x))
-
-
-def _efficientformer_attention_forward(self: Any, x: Tensor) -> Tensor:
-    # timm.models.efficientformer.Attention (Meta3D blocks).
-    B, N, _ = x.shape
-    qkv = self.qkv(x).reshape(B, N, self.num_heads, -1).permute(0, 2, 1, 3)
-    q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)  # (B, H, N, d)
-    attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
-    attn = (attn + self.get_attention_biases(x.device)).softmax(dim=-1)
-    x = self.matmul_av(attn, v).transpose(1, 2).reshape(B, N, self.val_attn_dim)
-    return self.proj(x)
-
-
-def _efficientformerv2_attention_forward(self: Any, x: Tensor) -> Tensor:
-    # timm.models.efficientformer_v2.Attention2d (talking heads are 1x1 convs, quantized as convs).
-    B = x.shape[0]
-    if self.stride_conv is not None:
-        x = self.stride_conv(x)
-    q = self.q(x).reshape(B, self.num_heads, -1, self.N).permute(0, 1, 3, 2)
-    k = self.k(x).reshape(B, self.num_heads, -1, self.N).permute(0, 1, 2, 3)
-    v = self.v(x)
-    v_local = self.v_local(v)
-    v = v.reshape(B, self.num_heads, -1, self.N).permute(0, 1, 3, 2)
-    attn = self.matmul_qk(q, k) * self.scale
-    attn = attn + self.get_attention_biases(x.device)
-    attn = self.talking_head2(self.talking_head1(attn).softmax(dim=-1))
-    x = self.matmul_av(attn, v).transpose(2, 3)
-    x = x.reshape(B, self.dh, self.resolution[0], self.resolution[1]) + v_local
-    if self.upsample is not None:
-        x = self.upsample(x)
-    return self.proj(self.act(x))
-
-
-def _efficientformerv2_attention_down_forward(self: Any, x: Tensor) -> Tensor:
-    # timm.models.efficientformer_v2.Attention2dDownsample.
-    B = x.shape[0]
-    q = self.q(x).reshape(B, self.num_heads, -1, self.N2).permute(0, 1, 3, 2)
-    k = self.k(x).reshape(B, self.num_heads, -1, self.N).permute(0, 1, 2, 3)
-    v = self.v(x)
-    v_local = self.v_local(v)
-    v = v.reshape(B, self.num_heads, -1, self.N).permute(0, 1, 3, 2)
-    attn = self.matmul_qk(q, k) * self.scale
-    attn = (attn + self.get_attention_biases(x.device)).softmax(dim=-1)
-    x = self.matmul_av(attn, v).transpose(2, 3)
-    x = x.reshape(B, self.dh, self.resolution2[0], self.resolution2[1]) + v_local
-    return self.proj(self.act(x))
-
-
-def _linear_self_attention_forward(self: Any, x: Tensor, x_prev: Tensor | None = None) -> Tensor:
-    # timm.models.mobilevit.LinearSelfAttention (MobileViTv2), self-attention path.
-    if x_prev is not None:
-        raise NotImplementedError("quantized LinearSelfAttention supports self-attention only (x_prev=None)")
-    qkv = self.qkv_proj(x)  # (B, 1 + 2d, P, N)
-    query, key, value = qkv.split([1, self.embed_dim, self.embed_dim], dim=1)
-    scores = self.attn_drop(F.softmax(query, dim=-1))  # (B, 1, P, N)
-    context = self.matmul_qk(key, scores).sum(dim=-1, keepdim=True)  # (B, d, P, 1)
-    out = self.matmul_av(F.relu(value), context.expand_as(value))  # (B, d, P, N)
-    return self.out_drop(self.out_proj(out))
-
-
-# attention class -> (forward using self.matmul_qk / self.matmul_av, product module type)
-ATTENTION_PATCHES: dict[type, tuple[Callable[..., Tensor], type[QuantMatMul]]] = {}
-_PATCHED_CLASSES: dict[type, type] = {}
-
-
-def register_attention(cls: type, forward: Callable[..., Tensor], product: type[QuantMatMul] = QuantMatMul) -> None:
-    """Teach Q-HyViT an attention module: ``forward`` must compute its two products with ``self.matmul_qk`` and
-    ``self.matmul_av`` (``QuantMatMul`` or ``QuantMul`` modules installed by ``prepare_hybrid``)."""
-    if cls in ATTENTION_PATCHES:
-        warnings.warn(f"attention patch for {cls.__name__} registered twice; the last one wins", stacklevel=2)
-    ATTENTION_PATCHES[cls] = (forward, product)
-
-
-_TIMM_REGISTERED = [False]
-
-
-def _register_timm_attention() -> None:
-    if _TIMM_REGISTERED[0]:
-        return
-    _TIMM_REGISTERED[0] = True
-    from timm.layers.attention import Attention
-    from timm.models.efficientformer import Attention as EFAttention
-    from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample
-    from timm.models.mobilevit import LinearSelfAttention
-
-    register_attention(Attention, _timm_attention_forward)
-    register_attention(EFAttention, _efficientformer_attention_forward)
-    register_attention(Attention2d, _efficientformerv2_attention_forward)
-    register_attention(Attention2dDownsample, _efficientformerv2_attention_down_forward)
-    register_attention(LinearSelfAttention, _linear_self_attention_forward, QuantMul)
-
-
-def _patched_class(cls: type) -> type:
-    if cls not in _PATCHED_CLASSES:
-        forward, _ = ATTENTION_PATCHES[cls]
-        _PATCHED_CLASSES[cls] = type(f"Quant{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
-    return _PATCHED_CLASSES[cls]
-
-
 # --- model preparation ---------------------------------------------------------------------------------------
 
 
@@ -577,22 +328,21 @@ def prepare_hybrid(
     """Wrap every Conv2d / Linear (QuantConv2d / QuantLinear with weight and input quantizers) and every product
     of the registered attention modules (QuantMatMul / QuantMul); in place. Quantizers start raw.
 
-    The placeholder specs are min-max int specs; ``run_qhyvit`` replaces them with the searched ones.
+    The placeholder specs are min-max int specs; ``run_qhyvit`` replaces them with the searched ones. Attention
+    products are patched through ``attention.patch_attention`` (``polyquant.surgery``); timm ``Attention``'s
+    first product sees q * scale (timm's order).
     """
-    _register_timm_attention()
     w_spec = QuantSpec(IntFormat(wbits), PerChannel(0))
     a_spec = QuantSpec(IntFormat(abits), PerTensor())
     ignore = list(ignore)
     if any(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules()):
         prepare(model, [QuantRule((nn.Conv2d, nn.Linear), weight=w_spec, input=a_spec)], ignore=ignore, inplace=True)
     if quantize_matmul:
-        for name, m in list(model.named_modules()):
-            cls = type(m)
-            if cls in ATTENTION_PATCHES and not any(fnmatch.fnmatchcase(name, p) for p in ignore):
-                _, product = ATTENTION_PATCHES[cls]
-                m.matmul_qk = product(a=a_spec, b=a_spec, name=f"{name}.matmul_qk")
-                m.matmul_av = product(a=a_spec, b=a_spec, name=f"{name}.matmul_av")
-                m.__class__ = _patched_class(cls)
+
+        def make_product(site: ProductSite) -> QuantMatMul:
+            return site.product_type(a=a_spec, b=a_spec, name=site.name)
+
+        patch_attention(model, make_product, scaled_query=True, ignore=ignore)
     for m in model.modules():  # in-place activations would overwrite captured tensors
         if hasattr(m, "inplace") and isinstance(m.inplace, bool):
             m.inplace = False
@@ -638,7 +388,7 @@ class _Unit:
         if self.kind == "linear":
             return F.linear(xs[1], xs[0], m.bias)
         if self.kind == "conv":
-            return m._conv_type._conv_forward(m, xs[1], xs[0], m.bias)
+            return m.conv_forward(xs[1], xs[0])
         if self.kind == "mul":
             return xs[0] * xs[1]
         return xs[0] @ xs[1]
@@ -674,8 +424,7 @@ def _make_unit(name: str, module: nn.Module, config: QHyViTConfig) -> _Unit:
 def _transformer_roots(model: nn.Module) -> list[str]:
     """Names of the transformer blocks: the nearest known-block ancestor of every attention module."""
     known = {"Block", "LinearTransformerBlock", "MetaBlock1d", "EfficientFormerV2Block"}
-    names = [n for n, m in model.named_modules() if type(m) in _PATCHED_CLASSES.values()
-             or type(m) in ATTENTION_PATCHES]
+    names = [n for n, m in model.named_modules() if is_product_patched(m) or type(m) in PRODUCT_PATCHES]
     roots = []
     for n in names:
         parts = n.split(".")
@@ -742,58 +491,35 @@ def _capture(
     need_grad: bool,
     gen: torch.Generator,
 ) -> dict[str, _Captured]:
-    """One pass over the calibration chunks: inputs, float outputs and output gradients of ``units``."""
-    store: dict[str, dict[str, list]] = {u.name: {"in": [], "out": [], "grad": []} for u in units}
+    """One pass over the calibration chunks (``polyquant.capture``, kept on the compute device): the activation
+    operands, float outputs and output gradients of the first call of each of ``units`` per chunk."""
     sources: set[str] = set()
-    hooks = []
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> None:
-            s = store[name]
-            if len(s["out"]) == cur_chunk[0]:  # first call in this chunk only
-                s["in"].append([a.detach().clone() for a in args[:2] if isinstance(a, Tensor)])
-                s["out"].append(out.detach().clone())
-                if need_grad and out.requires_grad:
-                    out.register_hook(lambda g: s["grad"].append(g.detach().clone()))
-
-        return hook
-
-    cur_chunk = [0]
     upstream_quantized = any(q.state == "quantized" for q in model.modules() if isinstance(q, Quantizer))
-    for u in units:
-        hooks.append(u.module.register_forward_hook(make_hook(u.name)))
-    try:
-        for i, (x, z_fp) in enumerate(zip(chunks, fp_logits)):
-            cur_chunk[0] = i
-            with torch.set_grad_enabled(need_grad):
-                x = x.clone().requires_grad_(need_grad)
-                z = model(x)
-                if need_grad:
-                    if upstream_quantized:
-                        loss = kl_output_grads(z, z_fp)
-                        sources.add("kl")
-                    else:  # KL(p_fp || p_fp) has a zero gradient: one-sample Fisher of the KL at the float point
-                        probs = F.softmax(z_fp.float(), dim=-1).cpu()
-                        labels = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(z.device)
-                        loss = F.cross_entropy(z, labels, reduction="sum")
-                        sources.add("fisher")
-                    loss.backward()
-            model.zero_grad(set_to_none=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    out: dict[str, _Captured] = {}
+
+    def forward(m: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return m(batch[0].clone().requires_grad_(need_grad))
+
+    def task_loss(z: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+        z_fp = batch[1]
+        if upstream_quantized:
+            sources.add("kl")
+            return kl_output_grads(z, z_fp)
+        # KL(p_fp || p_fp) has a zero gradient: one-sample Fisher of the KL at the float point
+        probs = F.softmax(z_fp.float(), dim=-1).cpu()
+        labels = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(z.device)
+        sources.add("fisher")
+        return F.cross_entropy(z, labels, reduction="sum")
+
+    caps = capture(model, [u.name for u in units], list(zip(chunks, fp_logits)), forward_fn=forward,
+                   loss_fn=task_loss if need_grad else None, calls="first", offload=None)
     source = "mixed" if len(sources) > 1 else (sources.pop() if sources else "none")
+    out: dict[str, _Captured] = {}
     for u in units:
-        s = store[u.name]
-        if len(s["out"]) != len(chunks):
-            raise RuntimeError(f"unit {u.name} was not called once per forward pass; cannot calibrate it")
-        n_in = len(s["in"][0])
-        inputs = [torch.cat([c[j] for c in s["in"]], 0) for j in range(n_in)]
-        grad = None
-        if need_grad and len(s["grad"]) == len(chunks):
-            grad = torch.cat(s["grad"], 0)
-        out[u.name] = _Captured(inputs, torch.cat(s["out"], 0), grad, source if grad is not None else "none")
+        cap = caps[u.name]
+        operands = [[a for a in c.args[:2] if isinstance(a, Tensor)] for c in cap.calls]
+        inputs = [torch.cat([ops[j] for ops in operands], 0) for j in range(len(operands[0]))]
+        grad = cap.grad() if need_grad else None
+        out[u.name] = _Captured(inputs, cap.output(), grad, source if grad is not None else "none")
     return out
 
 
@@ -827,7 +553,12 @@ def _search_operand(
     mults: Tensor,
     overflow: str,
 ) -> float:
-    """Search operand j's (granularity, scheme, multiplier) with the other operands fixed at ``xq``."""
+    """Search operand j's (granularity, scheme, multiplier) with the other operands fixed at ``xq``.
+
+    For each (granularity, scheme) choice ``polyquant.search.grid_search`` picks the multiplier of the min-max
+    scale, one candidate at a time (channel by channel when a channel maps to one output channel); the choice with
+    the lowest metric wins. Ties go to the first candidate, as in the released loop.
+    """
     o = unit.operands[j]
     x = xs[j]
     best: tuple[float, str, bool, Tensor, Tensor, int] | None = None
@@ -835,34 +566,29 @@ def _search_operand(
         lo, hi = _range(x, gran, o.channel_axis)
         separable = gran == "channel" and o.out_axis is not None and lo.numel() > 1 \
             and out_fp.shape[o.out_axis] == lo.numel()
+
+        def evaluate(m: Tensor, zero_points: Tensor | None) -> Tensor:  # called at once, in this iteration
+            losses = []
+            for row in m:  # one candidate multiplier, shared by every block
+                s, z, _ = _qparams(lo, hi, float(row[0]), bits, sym, overflow)
+                args = list(xq)
+                args[j] = fake_quant(x, s, z, bits, sym)
+                err = (unit.op(args) - out_fp).pow(2)
+                if g2 is not None:
+                    err = err * g2
+                losses.append(_reduce(err, o.out_axis) if separable else err.sum().reshape(1))
+            return torch.stack(losses)  # (k, groups)
+
+        groups = lo.numel() if separable else 1
+        res = grid_search(mults[:, None].expand(-1, groups), None, evaluate, chunk=1, tie_break="first")
+        found = torch.isfinite(res.loss)  # no finite metric: keep the min-max scale (multiplier 1)
+        loss = torch.where(found, res.loss, torch.full_like(res.loss, float("inf")))
+        chosen = torch.where(found, res.scale, torch.ones_like(res.scale))
         if separable:
-            n = lo.numel()
-            best_loss = torch.full((n,), float("inf"))
-            best_m = torch.ones(n)
+            total = float(loss.sum())
+            mult: Tensor | float = chosen.view(lo.shape)
         else:
-            best_loss_s, best_m_s = float("inf"), 1.0
-        for m in mults.tolist():
-            s, z, _ = _qparams(lo, hi, m, bits, sym, overflow)
-            args = list(xq)
-            args[j] = fake_quant(x, s, z, bits, sym)
-            out = unit.op(args)
-            err = (out - out_fp).pow(2)
-            if g2 is not None:
-                err = err * g2
-            if separable:
-                loss = _reduce(err, o.out_axis)
-                better = loss < best_loss
-                best_loss = torch.where(better, loss, best_loss)
-                best_m = torch.where(better, torch.full_like(best_m, m), best_m)
-            else:
-                loss = float(err.sum())
-                if loss < best_loss_s:
-                    best_loss_s, best_m_s = loss, m
-        if separable:
-            total = float(best_loss.sum())
-            mult: Tensor | float = best_m.view(lo.shape)
-        else:
-            total, mult = best_loss_s, best_m_s
+            total, mult = float(loss[0]), float(chosen[0])
         if best is None or total < best[0]:
             s, z, over = _qparams(lo, hi, mult, bits, sym, overflow)
             best = (total, gran, sym, s, z, int(over.sum()) if not sym and overflow == "widen" else 0)
@@ -917,14 +643,10 @@ def _calibrate_unit(unit: _Unit, cap: _Captured, config: QHyViTConfig, weights: 
 
 
 def _freeze(o: _Operand, bits: int) -> None:
-    q = o.quantizer
     gran = PerTensor() if o.gran == "layer" else PerChannel(o.channel_axis)
-    q.spec = QuantSpec(IntFormat(bits, signed=o.sym), gran, symmetric=o.sym)
     assert o.scale is not None and o.zp is not None
-    q.scale = o.scale.detach().clone()
-    q.zero_point = o.zp.detach().clone()
-    q.observer = None
-    q.state = "quantized"
+    o.quantizer.freeze(o.scale, o.zp, spec=QuantSpec(IntFormat(bits, signed=o.sym), gran, symmetric=o.sym))
+    o.quantizer.set_state("quantized")
 
 
 # --- driver --------------------------------------------------------------------------------------------------
@@ -948,7 +670,7 @@ def _as_images(calib: Tensor | Sequence[Tensor], limit: int) -> Tensor:
 
 
 def run_qhyvit(
-    model: nn.Module, calib: Tensor | Sequence[Tensor], config: QHyViTConfig | None = None
+    model: nn.Module, calib: Tensor | Sequence[Tensor], config: QHyViTConfig | None = None, *, progress: bool = False
 ) -> tuple[nn.Module, QHyViTReport]:
     """Quantize a copy of ``model`` with Q-HyViT; returns (fake-quantized model in eval mode, report).
 
@@ -1001,7 +723,7 @@ def run_qhyvit(
 
     gen = torch.Generator().manual_seed(config.seed)
     captured: dict[str, _Captured] = {}
-    bar = tqdm(ordered, desc=f"Q-HyViT W{config.wbits}A{config.abits}", disable=not config.progress)
+    bar = tqdm(ordered, desc=f"Q-HyViT W{config.wbits}A{config.abits}", disable=not progress)
     for i, u in enumerate(bar):
         if u.name not in captured:
             # Capture every unit up to (and including) the next one that changes the calibration state.
@@ -1028,20 +750,10 @@ def run_qhyvit(
             q.state = "quantized"
 
     if config.recon_iters > 0 and pairs:
-        report.recon_blocks = _reconstruct_bridges(qmodel, chunks, fp_logits, pairs, config)
+        report.recon_blocks = _reconstruct_bridges(qmodel, chunks, fp_logits, pairs, config, progress)
     qmodel.eval()
     report.seconds = time.perf_counter() - t0
     return qmodel, report
-
-
-def quantize_qhyvit(model: nn.Module, calib: Tensor | Sequence[Tensor], config: QHyViTConfig | None = None) -> nn.Module:
-    """Q-HyViT post-training quantization; returns a fake-quantized copy of ``model`` in eval mode.
-
-    The report of the run (choices per unit, bridges, zero-point overflows) is attached as ``qhyvit_report``.
-    """
-    qmodel, report = run_qhyvit(model, calib, config)
-    qmodel.qhyvit_report = report  # type: ignore[assignment]
-    return qmodel
 
 
 def quantize_hybrid_baseline(
@@ -1094,7 +806,7 @@ def _common_ancestor(a: str, b: str) -> str:
 
 def _reconstruct_bridges(
     qmodel: nn.Module, chunks: list[Tensor], fp_logits: list[Tensor], pairs: list[tuple[str, str]],
-    config: QHyViTConfig,
+    config: QHyViTConfig, progress: bool,
 ) -> list[str]:
     """Jointly reconstruct the blocks holding the bridges (AdaRound + activation scales, Hessian-weighted loss)."""
     from polyquant.reconstruct import ReconstructConfig, reconstruct
@@ -1107,26 +819,13 @@ def _reconstruct_bridges(
     blocks = [b for b in blocks if not any(b != o and b.startswith(o + ".") for o in blocks)]
     if not blocks:
         return []
-    names = {n: m for n, m in qmodel.named_modules()}
     # Gradient weights: dKL/dO at each block output in the fully quantized model, squared, mean-normalised.
-    grads: dict[str, list[Tensor]] = {b: [] for b in blocks}
-    hooks = []
-    for b in blocks:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor, b: str = b) -> None:
-            if out.requires_grad:
-                out.register_hook(lambda g: grads[b].append(g.detach().clone()))
-        hooks.append(names[b].register_forward_hook(hook))
-    try:
-        for x, z_fp in zip(chunks, fp_logits):
-            with torch.enable_grad():
-                kl_output_grads(qmodel(x.clone().requires_grad_(True)), z_fp).backward()
-            qmodel.zero_grad(set_to_none=True)
-    finally:
-        for h in hooks:
-            h.remove()
+    caps = capture(qmodel, blocks, list(zip(chunks, fp_logits)), inputs=False, outputs=False, offload=None,
+                   forward_fn=lambda m, b: m(b[0].clone().requires_grad_(True)),
+                   loss_fn=lambda z, b: kl_output_grads(z, b[1]))
     weights = {}
     for b in blocks:
-        g2 = torch.cat(grads[b], 0).pow(2)
+        g2 = caps[b].grad().pow(2)  # type: ignore[union-attr]
         weights[b] = [g2 / g2.mean().clamp_min(1e-30)]
     rc = ReconstructConfig(rounding="adaround", iters=config.recon_iters, batch_size=config.recon_batch_size,
                            loss="fisher", learn_act_scale=True, seed=config.seed)
@@ -1134,5 +833,5 @@ def _reconstruct_bridges(
     for q in fp.modules():
         if isinstance(q, Quantizer):
             q.state = "raw"
-    reconstruct(qmodel, blocks, chunks, rc, fp_model=fp, grad_weights=weights, progress=config.progress)
+    reconstruct(qmodel, blocks, chunks, rc, fp_model=fp, grad_weights=weights, progress=progress)
     return blocks

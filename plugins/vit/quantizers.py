@@ -1,9 +1,10 @@
 """Searched-parameter quantizers of the ViT harness (uniform, log2, log-sqrt2, twin-uniform).
 
-Each quantizer is a ``polyquant.nn.Quantizer`` (states raw -> calibrating -> quantized, found by
-``polyquant.nn.quantizers`` / ``set_state``) whose parameters are *set by a search* instead of an observer, so
-``calibrating`` is a plain pass-through here. Parameters are buffers with shapes that broadcast against the
-tensor they quantize and are fixed at construction, so a ``state_dict`` round trip rebuilds the model exactly:
+Each quantizer is a ``polyquant.nn.SearchedQuantizer`` (states raw -> calibrating -> quantized, found by
+``polyquant.nn.quantizers`` / ``set_state``) whose parameters are *set by a search* (``set_params``, which calls
+the core ``freeze``) instead of an observer, so ``calibrating`` is a plain pass-through. Parameters are buffers
+with shapes that broadcast against the tensor they quantize and are fixed at construction, so a ``state_dict``
+round trip rebuilds the model exactly:
 
 | tensor                    | x shape         | param shape        |
 |---------------------------|-----------------|--------------------|
@@ -13,19 +14,21 @@ tensor they quantize and are fixed at construction, so a ``state_dict`` round tr
 | matmul operand, per head  | (B, H, N, D)    | (1, H, 1, 1)       |
 
 Every ``fake_quant`` has a functional twin (``uniform_fq``, ``log_fq``, ``twin_fq``) that also accepts a leading
-candidate dimension in its parameters; the searches in ``fpcs`` evaluate many candidates with it at once.
-AdaLog lives in ``adalog.py`` and follows the same pattern.
+candidate dimension in its parameters; the searches evaluate many candidates with it at once. These are fused
+fast paths of the core ``polyquant.primitives.fake_quantize`` on the format each quantizer declares (``uint<n>``,
+``LogFormat``, ``TwinUniformFormat``); ``tests/plugins/vit/test_fast_paths.py`` compares them with it. AdaLog lives
+in ``adalog.py`` and follows the same pattern.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
 
 import torch
 from torch import Tensor
 
-from polyquant.formats import LogFormat, round_ste
-from polyquant.nn import QuantSpec, Quantizer
+from polyquant.formats import IntFormat, LogFormat, TwinUniformFormat, round_ste
+from polyquant.nn import QuantSpec, SearchedQuantizer
 from polyquant.primitives import PerChannel, PerTensor
 
 __all__ = [
@@ -38,62 +41,21 @@ __all__ = [
     "uniform_codes",
     "log_fq",
     "twin_fq",
-    "check_int",
-    "check_harness_fields",
 ]
 
 # -min over x of GELU(x) (at x ~ -0.7518): adding it makes every post-GELU activation non-negative.
 GELU_SHIFT = 0.16997124254703522
 
 
-class VitQuantizer(Quantizer):
-    """Base: a Quantizer whose parameters come from a search. ``fake_quant`` is used in the quantized state."""
+class VitQuantizer(SearchedQuantizer):
+    """A ``SearchedQuantizer`` with a bit width; ``fake_quant`` is used in the quantized state."""
 
     def __init__(self, spec: QuantSpec, *, bits: int, name: str = "") -> None:
         super().__init__(spec, name=name)
         self.bits = bits
-        self.searched = False  # set by the calibration; restore() sets it after loading a state dict
-
-    def set_state(self, state: str) -> None:  # type: ignore[override]
-        if state not in ("raw", "calibrating", "quantized"):
-            raise ValueError(f"unknown state {state!r}")
-        if state == "quantized" and not self.searched:
-            where = f" {self.name}" if self.name else ""
-            raise ValueError(f"quantizer{where} has no parameters yet: calibrate the model first")
-        self.state = state  # type: ignore[assignment]
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.state != "quantized":
-            return x
-        return self.fake_quant(x)
-
-    def fake_quant(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, state={self.state}"
-
-
-def check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    """Raise ValueError unless ``value`` is an int (not a bool) in [lo, hi]."""
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-
-
-def check_harness_fields(config: Any) -> None:
-    """Validate the fields AdaLogConfig and BaselineConfig share (bits, calibration sizes, search settings)."""
-    check_int("wbits", config.wbits, 2, 8)
-    check_int("abits", config.abits, 2, 8)
-    if config.softmax_bits is not None:
-        check_int("softmax_bits", config.softmax_bits, 2, 8)
-    check_int("conv_abits", config.conv_abits, 2, 8)
-    check_int("calib_size", config.calib_size, 1, 1 << 20)
-    check_int("calib_batch_size", config.calib_batch_size, 1, 1 << 20)
-    # FPCS keeps 32 survivors and refines each with eq_n // 32 new candidates whose spacing shrinks by
-    # (eq_n // 32 - 0.5): below 64 that factor is 0.5, the step grows every round and the search drifts off.
-    check_int("eq_n", config.eq_n, 64, 4096)
-    check_int("steps", config.steps, 1, 32)
-    check_int("search_round", config.search_round, 1, 16)
 
 
 # --- uniform ---------------------------------------------------------------------------------------------------
@@ -123,15 +85,15 @@ class UniformQuantizer(VitQuantizer):
     def __init__(self, bits: int, param_shape: tuple[int, ...], *, weight: bool = False, name: str = "") -> None:
         # Weights are per output channel: the spec says so, which lets the core's AdaRound expand the scale.
         granularity = PerChannel(0) if weight else PerTensor()
-        spec = QuantSpec(f"uint{bits}", granularity=granularity, symmetric=False)
+        spec = QuantSpec(IntFormat(bits, signed=False), granularity=granularity, symmetric=False)
         super().__init__(spec, bits=bits, name=name)
         self.scale = torch.ones(param_shape)
         self.zero_point = torch.zeros(param_shape)
 
     def set_params(self, scale: Tensor, zero_point: Tensor) -> None:
-        self.scale = scale.detach().float().reshape(self.scale.shape).clone()
-        self.zero_point = torch.round(zero_point.detach().float()).reshape(self.zero_point.shape).clone()
-        self.searched = True
+        """Freeze searched parameters (reshaped to the parameter shape; the zero point rounded)."""
+        self.freeze(scale.detach().float().reshape(self.scale.shape),
+                    torch.round(zero_point.detach().float()).reshape(self.zero_point.shape))
 
     def fake_quant(self, x: Tensor) -> Tensor:
         return uniform_fq(x, self.scale, self.zero_point, self.bits)
@@ -173,8 +135,7 @@ class LogQuantizer(VitQuantizer):
         self.scale = torch.ones(1)
 
     def set_params(self, scale: Tensor) -> None:
-        self.scale = scale.detach().float().reshape(1).clone()
-        self.searched = True
+        self.freeze(scale.detach().float().reshape(1))
 
     def fake_quant(self, x: Tensor) -> Tensor:
         return log_fq(x, self.scale, self.bits, self.base_log2, shift=self.shift)
@@ -212,15 +173,21 @@ class TwinUniformQuantizer(VitQuantizer):
     def __init__(self, bits: int, mode: str, *, name: str = "") -> None:
         if bits < 2:
             raise ValueError("twin-uniform quantization needs at least 2 bits (one of them selects the range)")
-        super().__init__(QuantSpec(f"uint{bits}", symmetric=False), bits=bits, name=name)
         if mode not in ("softmax", "signed"):
             raise ValueError(f"twin-uniform mode must be 'softmax' or 'signed', got {mode!r}")
+        super().__init__(QuantSpec(TwinUniformFormat(bits, 0, signed=mode == "signed")), bits=bits, name=name)
         self.mode = mode
         self.scale = torch.ones(2)  # (d1 = scale_lo, d2 = scale_hi)
 
+    @property
+    def fmt(self) -> TwinUniformFormat:
+        """The real format: step d1 (the scale) and d2 = 2^r d1 (the searches keep d2 / d1 a power of two)."""
+        ratio = float(self.scale[1]) / float(self.scale[0])
+        return TwinUniformFormat(self.bits, int(round(math.log2(ratio))), signed=self.mode == "signed")
+
     def set_params(self, scale_lo: Tensor | float, scale_hi: Tensor | float) -> None:
         self.scale = torch.tensor([float(scale_lo), float(scale_hi)])
-        self.searched = True
+        self.freeze(self.scale, spec=QuantSpec(self.fmt))
 
     def fake_quant(self, x: Tensor) -> Tensor:
         out = twin_fq(x, self.scale[0], self.scale[1], self.bits, self.mode)

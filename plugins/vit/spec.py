@@ -6,7 +6,7 @@ from polyquant.plugins import PluginSpec
 
 SPEC = PluginSpec(
     name="vit",
-    api_version=1,
+    api_version=2,
     summary="Post-training quantization of vision transformers: AdaLog, Q-HyViT and baselines on timm ViT / DeiT / "
     "Swin / MobileViT models.",
     methods={

@@ -14,8 +14,9 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 
+import polyquant as pq  # noqa: E402
 from polyquant.plugins.vit.data import calib_set, evaluate, load_digits_data  # noqa: E402
-from polyquant.plugins.vit.methods import make_config, quantize_vit  # noqa: E402
+from polyquant.plugins.vit.methods import METHODS  # noqa: E402
 from polyquant.plugins.vit.models import load_digits_vit  # noqa: E402
 
 BASELINES = ("log2", "logsqrt2", "minmax")
@@ -32,7 +33,8 @@ def measure():
 
     def run(method: str, bits: int) -> tuple[float, float]:
         if (method, bits) not in cache:
-            q = quantize_vit(model, calib, method, make_config(method, wbits=bits, abits=bits, calib_size=32))
+            config = METHODS[method](wbits=bits, abits=bits, calib_size=32)
+            q = pq.quantize(model, config, calib=[calib], progress=False).model
             with torch.no_grad():
                 logp = torch.log_softmax(q(data.x_test), -1)
             kl = float((fp_logp.exp() * (fp_logp - logp)).sum(-1).mean())

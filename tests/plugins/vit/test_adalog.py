@@ -267,8 +267,7 @@ def test_quantile_rows_matches_torch() -> None:
 
 
 @pytest.mark.parametrize("field,value", [("wbits", 1), ("abits", 9), ("wbits", 4.0), ("calib_size", 0),
-                                         ("steps", 0), ("softmax_bits", 1), ("version", 2),
-                                         ("eq_n", 32)])
+                                         ("steps", 0), ("softmax_bits", 1), ("eq_n", 32), ("lut", 1)])
 def test_config_validation(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         AdaLogConfig(**{field: value})
@@ -276,5 +275,7 @@ def test_config_validation(field: str, value: object) -> None:
 
 def test_config_round_trips_as_dict() -> None:
     cfg = AdaLogConfig(wbits=3, abits=3)
-    assert AdaLogConfig(**cfg.to_dict()) == cfg
+    assert AdaLogConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="version"):
+        AdaLogConfig.from_dict({**cfg.to_dict(), "version": 2})
     assert math.isclose(lut_error_bound(4), 2 ** (36 / 37) / 60)

@@ -10,7 +10,15 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 
-from polyquant.plugins.vit.baselines import BASELINES, BaselineConfig, baseline_recipe, quantize_baseline  # noqa: E402
+import polyquant as pq  # noqa: E402
+from polyquant.config import ConfigError  # noqa: E402
+from polyquant.plugins.vit.baselines import (  # noqa: E402
+    BASELINES,
+    Log2Config,
+    LogSqrt2Config,
+    MinMaxConfig,
+    PercentileConfig,
+)
 from polyquant.plugins.vit.data import calib_set  # noqa: E402
 from polyquant.plugins.vit.harness import vit_quantizers  # noqa: E402
 from polyquant.plugins.vit.models import load_digits_vit  # noqa: E402
@@ -118,8 +126,8 @@ def test_twin_uniform_quantizer_validation_and_ste() -> None:
 
 @pytest.mark.parametrize("method", sorted(BASELINES))
 def test_recipes_follow_the_table(method: str) -> None:
-    r = baseline_recipe(method, BaselineConfig(wbits=3, abits=5))
-    assert (r.wbits, r.abits, r.softmax_bits) == (3, 5, 5)
+    r = BASELINES[method](wbits=3, abits=5).recipe()
+    assert (r.name, r.wbits, r.abits, r.softmax_bits) == (method, 3, 5, 5)
     expected = {"minmax": ("uniform", "uniform", False), "percentile": ("uniform", "uniform", False),
                 "log2": ("log2", "uniform", True), "logsqrt2": ("logsqrt2", "uniform", True),
                 "twin_uniform": ("twin", "twin", True)}[method]
@@ -127,14 +135,15 @@ def test_recipes_follow_the_table(method: str) -> None:
     assert r.calib == (method if method in ("minmax", "percentile") else "search")
 
 
-def test_unknown_baseline_and_bad_config() -> None:
-    with pytest.raises(ValueError, match="unknown baseline"):
-        baseline_recipe("kmeans", BaselineConfig())
-    with pytest.raises(TypeError, match="BaselineConfig"):
-        baseline_recipe("minmax", {"wbits": 4})
-    for bad in ({"wbits": 9}, {"abits": 1}, {"percentile": 40.0}, {"search_round": 0}, {"version": 2}):
-        with pytest.raises(ValueError):
-            BaselineConfig(**bad)
+def test_bad_baseline_configs() -> None:
+    for cls, bad in ((MinMaxConfig, {"wbits": 9}), (MinMaxConfig, {"abits": 1}), (PercentileConfig, {"percentile": 40.0}),
+                     (PercentileConfig, {"percentile": 50.0}), (MinMaxConfig, {"search_round": 0})):
+        with pytest.raises(ConfigError):
+            cls(**bad)
+    with pytest.raises(TypeError):
+        MinMaxConfig(log_gelu=True)  # type: ignore[call-arg]  # only the log baselines have the ablation switch
+    with pytest.raises(TypeError):
+        MinMaxConfig(percentile=99.0)  # type: ignore[call-arg]
 
 
 def test_percentile_clips_activations_tighter_than_minmax() -> None:
@@ -143,7 +152,7 @@ def test_percentile_clips_activations_tighter_than_minmax() -> None:
     cfg = dict(wbits=8, abits=4, calib_size=16)
     scales = {}
     for method in ("minmax", "percentile"):
-        q = quantize_baseline(model, calib, method, BaselineConfig(**cfg))
+        q = pq.quantize(model, BASELINES[method](**cfg), calib=[calib]).model
         scales[method] = {qz.name: qz.scale.clone() for qz in vit_quantizers(q)
                           if isinstance(qz, UniformQuantizer) and qz.scale.numel() == 1}
     assert scales["minmax"].keys() == scales["percentile"].keys() and len(scales["minmax"]) > 10
@@ -153,13 +162,11 @@ def test_percentile_clips_activations_tighter_than_minmax() -> None:
 
 
 def test_log_gelu_ablation_recipe_and_quantizers() -> None:
-    r = baseline_recipe("logsqrt2", BaselineConfig(log_gelu=True))
+    r = LogSqrt2Config(log_gelu=True).recipe()
     assert (r.softmax, r.gelu) == ("logsqrt2", "logsqrt2")
-    with pytest.raises(ValueError, match="log_gelu"):
-        baseline_recipe("minmax", BaselineConfig(log_gelu=True))
     model = load_digits_vit()
-    cfg = BaselineConfig(wbits=6, abits=6, calib_size=8, search_round=1, eq_n=64, log_gelu=True)
-    q = quantize_baseline(model, calib_set(8, seed=0), "log2", cfg)
+    cfg = Log2Config(wbits=6, abits=6, calib_size=8, search_round=1, eq_n=64, log_gelu=True)
+    q = pq.quantize(model, cfg, calib=[calib_set(8, seed=0)]).model
     gelu_qs = [blk.mlp.fc2.input_quantizer for blk in q.blocks]
     assert all(isinstance(g, LogQuantizer) and g.base_log2 == 1.0 and g.shift > 0.16 and g.searched
                for g in gelu_qs)

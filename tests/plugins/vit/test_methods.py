@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,21 +11,17 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 
-from polyquant.artifact import ArtifactError, load, save  # noqa: E402
+import polyquant as pq  # noqa: E402
+from polyquant.api import from_artifact, to_artifact  # noqa: E402
+from polyquant.artifact import ArtifactError  # noqa: E402
 from polyquant.cli import main  # noqa: E402
+from polyquant.config import ConfigError  # noqa: E402
 from polyquant.plugins import discover, get_method  # noqa: E402
 from polyquant.plugins.vit.adalog import AdaLogConfig, AdaLogQuantizer  # noqa: E402
-from polyquant.plugins.vit.baselines import BaselineConfig  # noqa: E402
+from polyquant.plugins.vit.baselines import MinMaxConfig  # noqa: E402
 from polyquant.plugins.vit.data import calib_set, evaluate, load_digits_data  # noqa: E402
-from polyquant.plugins.vit.methods import (  # noqa: E402
-    CONFIGS,
-    METHODS,
-    export_artifact,
-    make_config,
-    quantize_vit,
-    restore,
-)
-from polyquant.plugins.vit.models import build_model, digits_vit_config, load_digits_vit  # noqa: E402
+from polyquant.plugins.vit.methods import METHODS  # noqa: E402
+from polyquant.plugins.vit.models import build_model, load_digits_vit  # noqa: E402
 from polyquant.plugins.vit.spec import SPEC  # noqa: E402
 
 FAST_ADALOG = dict(calib_size=8, search_round=1, eq_n=64)
@@ -32,66 +29,76 @@ FAST_ADALOG = dict(calib_size=8, search_round=1, eq_n=64)
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return load_digits_vit()
+    return build_model("digits-vit")[0]
 
 
 @pytest.fixture(scope="module")
-def adalog_w4a4(model: torch.nn.Module) -> tuple[torch.nn.Module, AdaLogConfig]:
-    config = AdaLogConfig(wbits=4, abits=4, **FAST_ADALOG)
-    return quantize_vit(model, calib_set(8, seed=0), "adalog", config), config
+def adalog_w4a4(model: torch.nn.Module) -> pq.QuantizedModel:
+    return pq.quantize(model, AdaLogConfig(wbits=4, abits=4, **FAST_ADALOG), calib=[calib_set(8, seed=0)])
 
 
 def test_entry_point_methods_match_the_implementation() -> None:
-    assert set(METHODS) == set(SPEC.methods) == set(CONFIGS)
+    assert set(METHODS) == set(SPEC.methods)
     info = discover()["vit"]
     assert info.spec is not None and info.spec.methods.keys() == SPEC.methods.keys()
-    assert get_method("vit", "adalog") is METHODS["adalog"]
+    assert get_method("vit", "adalog") is METHODS["adalog"] is AdaLogConfig
+    assert len(set(METHODS.values())) == len(METHODS)  # one config class per method: the handler key
 
 
-def test_quantize_vit_rejects_bad_input(model: torch.nn.Module) -> None:
-    calib = calib_set(4, seed=0)
-    with pytest.raises(ValueError, match="unknown method"):
-        quantize_vit(model, calib, "gptq")
-    with pytest.raises(TypeError, match="AdaLogConfig"):
-        quantize_vit(model, calib, "adalog", BaselineConfig())
-    with pytest.raises(ValueError, match="unknown method"):
-        make_config("gptq")
-    with pytest.raises(ValueError, match="wbits"):
-        make_config("adalog", wbits=12)
+def test_quantize_rejects_bad_input(model: torch.nn.Module) -> None:
+    calib = [calib_set(4, seed=0)]
+    with pytest.raises(TypeError, match="QuantConfig"):
+        pq.quantize(model, {"wbits": 4}, calib=calib)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="wbits"):
+        AdaLogConfig(wbits=12)
+    with pytest.raises(ValueError, match="empty"):
+        pq.quantize(model, MinMaxConfig(), calib=[])
 
 
-def test_adalog_artifact_restores_identical_outputs(adalog_w4a4, tmp_path: Path) -> None:
-    qmodel, config = adalog_w4a4
+def test_adalog_artifact_restores_identical_outputs(adalog_w4a4: pq.QuantizedModel, tmp_path: Path) -> None:
+    qm = adalog_w4a4
+    assert (qm.plugin, qm.method) == ("vit", "adalog") and qm.model_config is not None
     x = load_digits_data().x_test[:64]
-    path = save(export_artifact(qmodel, "adalog", config, digits_vit_config()), tmp_path / "a.safetensors")
-    restored = restore(load(path))
+    path = pq.save(qm, tmp_path / "a.safetensors")
+    restored = pq.load(path)
+    assert restored.config == qm.config and restored.method == "adalog"
     with torch.no_grad():
-        assert torch.equal(restored(x), qmodel(x))
-    assert any(isinstance(m, AdaLogQuantizer) for m in restored.modules())
+        assert torch.equal(restored.model(x), qm.model(x))
+    assert any(isinstance(m, AdaLogQuantizer) for m in restored.model.modules())
     # 4-bit weights are packed two per byte: the artifact is far below the float checkpoint
     n_params = sum(p.numel() for p in load_digits_vit().parameters())
     assert path.stat().st_size < 0.35 * 4 * n_params
 
 
-def test_restore_rejects_foreign_artifacts(adalog_w4a4) -> None:
-    qmodel, config = adalog_w4a4
-    art = export_artifact(qmodel, "adalog", config, digits_vit_config())
+def test_restore_rejects_foreign_artifacts(adalog_w4a4: pq.QuantizedModel) -> None:
+    art = to_artifact(adalog_w4a4)
     art.plugin = "audio"
-    with pytest.raises(ArtifactError, match="not a vit harness artifact"):
-        restore(art)
-    art = export_artifact(qmodel, "adalog", config, digits_vit_config())
-    art.config["recipe"]["version"] = 2
-    with pytest.raises(ArtifactError, match="Recipe version"):
-        restore(art)
-    art = export_artifact(qmodel, "adalog", config, digits_vit_config())
+    with pytest.raises(Exception, match="audio"):
+        from_artifact(art)
+    art = to_artifact(adalog_w4a4)
+    art.config["method"]["version"] = 2
+    with pytest.raises(ArtifactError, match="AdaLogConfig version"):
+        from_artifact(art)
+    art = to_artifact(adalog_w4a4)
+    art.config["method"]["wbits"] = 99
+    with pytest.raises(ArtifactError, match="wbits"):
+        from_artifact(art)
+    art = to_artifact(adalog_w4a4)
     del art.tensors["blocks.0.mlp.fc1.weight_packed"]
     with pytest.raises(ArtifactError, match="no quantized weight"):
-        restore(art)
+        from_artifact(art)
 
 
-def test_export_needs_a_harness_model(model: torch.nn.Module) -> None:
-    with pytest.raises(ValueError, match="not quantized by the vit harness"):
-        export_artifact(model, "adalog", AdaLogConfig(), digits_vit_config())
+def test_load_needs_the_model_when_the_artifact_does_not_describe_it(adalog_w4a4: pq.QuantizedModel,
+                                                                     model: torch.nn.Module) -> None:
+    art = to_artifact(adalog_w4a4)
+    art.config["model"] = None
+    with pytest.raises(ArtifactError, match="model="):
+        from_artifact(art)
+    restored = from_artifact(art, model=model)
+    x = load_digits_data().x_test[:16]
+    with torch.no_grad():
+        assert torch.equal(restored.model(x), adalog_w4a4.model(x))
 
 
 def test_cli_quantize_then_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,7 +118,7 @@ def test_cli_quantize_then_load(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_cli_timm_model_with_random_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "deit.safetensors"
     code = main(["quantize", "vit/percentile", "--model", "deit_tiny_patch16_224", "--img-size", "32",
-                 "--calib", "4", "--out", str(out)])
+                 "--calib", "4", "--quiet", "--out", str(out)])
     assert code == 0, capsys.readouterr()
     assert main(["load", str(out)]) == 0
     assert "quantized Linear / Conv layers" in capsys.readouterr().out
@@ -123,6 +130,9 @@ def test_cli_timm_model_with_random_weights(tmp_path: Path, capsys: pytest.Captu
     ["quantize", "vit/nosuch"],
     ["quantize", "vit/minmax", "--calib", "many"],
     ["quantize", "vit/adalog", "--model", "/no/such/checkpoint.safetensors"],
+    ["quantize", "vit/qhyvit", "--granularity", "rows"],
+    ["quantize", "vit/percentile", "--percentile", "50"],
+    ["quantize", "vit/adalog", "--img-size", "3"],
 ])
 def test_cli_bad_arguments_exit_2_without_traceback(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
@@ -144,10 +154,9 @@ def test_adalog_retrain_improves_w3a3(model: torch.nn.Module) -> None:
 
     calib = calib_set(64, seed=0)
     config = AdaLogConfig(wbits=3, abits=3, calib_size=16, search_round=1)
-    plain = quantize_vit(model, calib, "adalog", config)
-    tuned = quantize_vit(model, calib, "adalog",
-                         make_config("adalog", **{**config.to_dict(), "retrain": True, "retrain_iters": 150,
-                                                  "retrain_size": 64}))
+    plain = pq.quantize(model, config, calib=[calib]).model
+    tuned = pq.quantize(model, dataclasses.replace(config, retrain=True, retrain_iters=150, retrain_size=64),
+                        calib=[calib]).model
     x = load_digits_data().x_test
     with torch.no_grad():
         ref = torch.log_softmax(model(x), -1)
@@ -164,32 +173,30 @@ def test_adalog_retrain_improves_w3a3(model: torch.nn.Module) -> None:
 
 
 def test_lut_flag_selects_the_inference_dequantization(model: torch.nn.Module, adalog_w4a4) -> None:
-    plain, config = adalog_w4a4
-    floaty = quantize_vit(model, calib_set(8, seed=0), "adalog", make_config("adalog", **{**config.to_dict(),
-                                                                                          "lut": False}))
+    plain = adalog_w4a4.model
+    floaty = pq.quantize(model, dataclasses.replace(adalog_w4a4.config, lut=False), calib=[calib_set(8, seed=0)]).model
     quants = [q for q in floaty.modules() if isinstance(q, AdaLogQuantizer)]
     assert quants and not any(q.lut for q in quants)
     assert all(q.lut for q in plain.modules() if isinstance(q, AdaLogQuantizer))
 
 
 def test_qhyvit_artifact_restores_identical_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from polyquant.plugins.vit.hybrid import load_digits_hybrid
+    from polyquant.artifact import load as load_artifact
     from polyquant.plugins.vit.qhyvit import QHyViTConfig
 
-    hybrid, _ = load_digits_hybrid("mobilevit")
     config = QHyViTConfig(wbits=4, abits=4, calib_size=8, grid=10, search_rounds=1)
-    qmodel = quantize_vit(hybrid, calib_set(8, seed=0), "qhyvit", config)
-    _, model_config = build_model("digits-hybrid")
-    path = save(export_artifact(qmodel, "qhyvit", config, model_config), tmp_path / "q.safetensors")
-    restored = restore(load(path))
+    hybrid, _ = build_model("digits-hybrid")
+    qm = pq.quantize(hybrid, config, calib=[calib_set(8, seed=0)])
+    path = pq.save(qm, tmp_path / "q.safetensors")
+    restored = pq.load(path)
     x = load_digits_data().x_test[:32]
     with torch.no_grad():
-        assert torch.equal(restored(x), qmodel(x))
-    art = load(path)
-    art.config["method_config"]["version"] = 7
-    with pytest.raises(ArtifactError, match="Q-HyViT config"):
-        restore(art)
-    choices = load(path).config["quantizers"]
+        assert torch.equal(restored.model(x), qm.model(x))
+    art = load_artifact(path)
+    art.config["method"]["version"] = 7
+    with pytest.raises(ArtifactError, match="QHyViTConfig version"):
+        from_artifact(art)
+    choices = load_artifact(path).config["state"]["quantizers"]
     assert {c["axis"] is None for c in choices.values()} == {True, False}  # both granularities were chosen
     # and the command line: quantize to an artifact, load it back and evaluate
     out = tmp_path / "cli.safetensors"

@@ -13,20 +13,20 @@ from torch import nn
 pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 
+import polyquant as pq  # noqa: E402
 from polyquant.nn import QuantConv2d, QuantLinear, QuantMatMul, Quantizer  # noqa: E402
+from polyquant.surgery import PRODUCT_PATCHES, fold_batchnorm  # noqa: E402
 from polyquant.plugins.vit.data import calib_set, evaluate, load_digits_data  # noqa: E402
+from polyquant.plugins.vit.attention import register_timm_attention  # noqa: E402
 from polyquant.plugins.vit.hybrid import load_digits_hybrid  # noqa: E402
 from polyquant.plugins.vit.qhyvit import (  # noqa: E402
-    ATTENTION_PATCHES,
     QHyViTConfig,
     asym_qparams,
     fake_quant,
-    fold_batchnorm,
     hessian_metric,
     kl_output_grads,
     prepare_hybrid,
     quantize_hybrid_baseline,
-    quantize_qhyvit,
     run_qhyvit,
     sym_qparams,
 )
@@ -50,12 +50,15 @@ FAST = dict(grid=4, search_rounds=1)  # structure tests: the search itself is ex
         (dict(grid=0), "grid"),
         (dict(grid_range=(1.2, 0.01)), "grid_range"),
         (dict(recon_iters=-1), "recon_iters"),
-        (dict(version=2), "version"),
+        (dict(granularity="rows"), "granularity"),
+        (dict(ignore="head"), "ignore"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         QHyViTConfig(**kwargs)
+    with pytest.raises(ValueError, match="version"):
+        QHyViTConfig.from_dict({**QHyViTConfig().to_dict(), "version": 2})
 
 
 def test_config_grid_is_the_papers() -> None:
@@ -63,8 +66,14 @@ def test_config_grid_is_the_papers() -> None:
     assert m.numel() == 101
     assert m[0].item() == pytest.approx(0.01) and m[-1].item() == pytest.approx(1.2)
     assert m[1].item() == pytest.approx(0.01 + 1.19 / 100)
-    with pytest.raises(TypeError, match="tuple"):
-        QHyViTConfig(bridge_units="stages.3.0.conv_1x1")
+    with pytest.raises(ValueError, match="bridge_units"):
+        QHyViTConfig(bridge_units="stages.3.0.conv_1x1")  # a tuple of names, not one string
+
+
+def quantize_qhyvit(model: nn.Module, calib: torch.Tensor | list[torch.Tensor], config: QHyViTConfig
+                    ) -> pq.QuantizedModel:
+    """Q-HyViT through the core contract (``calib``: images or a list of image batches)."""
+    return pq.quantize(model, config, calib=[calib] if isinstance(calib, torch.Tensor) else calib)
 
 
 # --- quantizer maths -----------------------------------------------------------------------------------------
@@ -258,7 +267,7 @@ def test_bridges_grad_sources_and_states(hybrid: nn.Module) -> None:
     calib = calib_set(16, seed=0)
     before = {k: v.clone() for k, v in hybrid.state_dict().items()}
     q = quantize_qhyvit(hybrid, calib, QHyViTConfig(wbits=6, abits=6, **FAST))
-    rep = q.qhyvit_report
+    rep = q.report
     assert rep.bridges == ["stages.3.0.conv_1x1", "stages.3.0.transformer.0.attn.qkv"]
     names = [u.name for u in rep.units]
     cut = names.index("stages.3.0.conv_1x1")
@@ -266,8 +275,8 @@ def test_bridges_grad_sources_and_states(hybrid: nn.Module) -> None:
     assert {u.grad_source for u in rep.units[: cut + 1]} == {"fisher"}
     assert {u.grad_source for u in rep.units[cut + 1:] if u.grad_source != "mse"} == {"kl"}
     assert len(rep.units) == 24 + 4  # 24 Conv / Linear + 2 products x 2 attention layers
-    assert not q.training
-    assert all(m.state == "quantized" and m.scale is not None for m in q.modules() if isinstance(m, Quantizer))
+    assert not q.model.training
+    assert all(m.state == "quantized" and m.scale is not None for m in q.model.modules() if isinstance(m, Quantizer))
     assert "Q-HyViT W6A6" in rep.summary()
     # the input model is untouched
     assert not any(isinstance(m, Quantizer) for m in hybrid.modules())
@@ -297,7 +306,7 @@ def test_rejects_bad_calibration(hybrid: nn.Module) -> None:
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         quantize_qhyvit(hybrid, bad, QHyViTConfig())
-    with pytest.raises(TypeError, match="QHyViTConfig"):
+    with pytest.raises(TypeError, match="QuantConfig"):
         quantize_qhyvit(hybrid, calib_set(4), {"wbits": 4})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="bridge_units"):
         quantize_qhyvit(hybrid, calib_set(4), QHyViTConfig(bridge_units=("nope",), **FAST))
@@ -306,8 +315,8 @@ def test_rejects_bad_calibration(hybrid: nn.Module) -> None:
 def test_bridge_block_reconstruction_runs(hybrid: nn.Module) -> None:
     calib = calib_set(16, seed=0)
     q = quantize_qhyvit(hybrid, calib, QHyViTConfig(wbits=4, abits=4, recon_iters=5, recon_batch_size=8, **FAST))
-    assert q.qhyvit_report.recon_blocks == ["stages.3.0"]  # the MobileViT block holding the bridge
-    conv = q.get_submodule("stages.3.0.conv_1x1")
+    assert q.report.recon_blocks == ["stages.3.0"]  # the MobileViT block holding the bridge
+    conv = q.model.get_submodule("stages.3.0.conv_1x1")
     assert torch.equal(conv.quant_weight(), conv.weight)  # hardened AdaRound weights lie on the grid
     with torch.no_grad():
         assert torch.isfinite(q(load_digits_data().x_test[:8])).all()
@@ -330,14 +339,15 @@ def test_timm_hybrid_coverage(name: str, kwargs: dict, size: int, monkeypatch: p
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
     n_linear_conv = sum(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules())
-    n_attn = sum(type(m) in ATTENTION_PATCHES for m in model.modules())
+    register_timm_attention()
+    n_attn = sum(type(m) in PRODUCT_PATCHES for m in model.modules())
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert n_attn > 0
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         ref = model(x)
-    q = quantize_qhyvit(model, x[:1], QHyViTConfig(wbits=8, abits=8, calib_size=1, grid=2, search_rounds=1))
-    rep = q.qhyvit_report
+    qm = quantize_qhyvit(model, x[:1], QHyViTConfig(wbits=8, abits=8, calib_size=1, grid=2, search_rounds=1))
+    q, rep = qm.model, qm.report
     # every Conv2d / Linear is wrapped and both of its quantizers are frozen
     assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in q.modules())
     wrapped = [m for m in q.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
@@ -346,7 +356,7 @@ def test_timm_hybrid_coverage(name: str, kwargs: dict, size: int, monkeypatch: p
     # every attention module computes its two products through quantized QuantMatMul / QuantMul modules
     products = [m for m in q.modules() if isinstance(m, QuantMatMul)]
     assert len(products) == 2 * n_attn
-    assert not any(type(m) in ATTENTION_PATCHES for m in q.modules())  # all patched
+    assert not any(type(m) in PRODUCT_PATCHES for m in q.modules())  # all patched
     called: list[str] = []
     for m in products:
         assert m.a_quantizer.state == m.b_quantizer.state == "quantized"
@@ -394,7 +404,7 @@ def results(hybrid: nn.Module) -> dict:
         for obs in ("minmax", "percentile"):
             out[bits, obs] = measure(quantize_hybrid_baseline(hybrid, calib, wbits=bits, abits=bits, observer=obs))
         out[bits, "qhyvit"] = measure(quantize_qhyvit(hybrid, calib, QHyViTConfig(wbits=bits, abits=bits,
-                                                                                   **ACC_CONFIG)))
+                                                                                   **ACC_CONFIG)).model)
     return out
 
 
@@ -423,5 +433,5 @@ def test_mobilevitv2_hybrid_w4a4() -> None:
     base = max(evaluate(quantize_hybrid_baseline(model, calib, wbits=4, abits=4, observer=o))
                for o in ("minmax", "percentile"))
     q = quantize_qhyvit(model, calib, QHyViTConfig(wbits=4, abits=4, **ACC_CONFIG))
-    assert any(isinstance(m, nn.GroupNorm) for m in q.modules())  # GroupNorm(1) stays float
-    assert evaluate(q) > base + 1.0
+    assert any(isinstance(m, nn.GroupNorm) for m in q.model.modules())  # GroupNorm(1) stays float
+    assert evaluate(q.model) > base + 1.0

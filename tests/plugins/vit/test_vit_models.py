@@ -13,10 +13,12 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("sklearn")
 
 from polyquant.nn import QuantConv2d, QuantLinear, QuantMatMul  # noqa: E402
-from polyquant.plugins.vit.adalog import AdaLogConfig, AdaLogQuantizer, quantize_adalog  # noqa: E402
-from polyquant.plugins.vit.baselines import BaselineConfig, quantize_minmax  # noqa: E402
+import polyquant as pq  # noqa: E402
+from polyquant.plugins.vit.adalog import AdaLogConfig, AdaLogQuantizer  # noqa: E402
+from polyquant.plugins.vit.baselines import MinMaxConfig  # noqa: E402
 from polyquant.plugins.vit.data import calib_set, evaluate, load_digits_data  # noqa: E402
-from polyquant.plugins.vit.harness import QuantAttention, QuantWindowAttention, Recipe, vit_quantizers, wrap  # noqa: E402
+from polyquant.plugins.vit.harness import vit_quantizers, wrap  # noqa: E402
+from polyquant.plugins.vit.recipe import Recipe  # noqa: E402
 from polyquant.plugins.vit.models import (  # noqa: E402
     DIGITS_VIT_PATH,
     build_model,
@@ -25,6 +27,7 @@ from polyquant.plugins.vit.models import (  # noqa: E402
     load_digits_vit,
     save_checkpoint,
 )
+from polyquant.surgery import is_product_patched  # noqa: E402
 
 TIMM_MODELS = [
     ("vit_tiny_patch16_224", {"img_size": 32}),
@@ -78,7 +81,7 @@ def test_wrapped_model_in_raw_state_is_the_float_model() -> None:
     assert roles["patch_embed.proj"] == "conv"
     assert roles["blocks.0.attn.qkv"] == "post_ln" and roles["blocks.0.mlp.fc1"] == "post_ln"
     assert roles["blocks.0.mlp.fc2"] == "post_gelu" and roles["blocks.0.attn.proj"] == "linear"
-    assert roles["blocks.0.attn.matmul2"] == "softmax" and roles["head"] == "linear"
+    assert roles["blocks.0.attn.matmul_av"] == "softmax" and roles["head"] == "linear"
     assert {info.norm for info in plan if info.role == "post_ln"} >= {"blocks.0.norm1", "blocks.0.norm2"}
 
 
@@ -88,11 +91,11 @@ def _check_coverage(model: nn.Module, qmodel: nn.Module) -> None:
     assert n_attn > 0
     assert not any(type(m) in (nn.Linear, nn.Conv2d) for m in qmodel.modules())
     assert sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in qmodel.modules()) == n_layers
-    attns = [m for m in qmodel.modules() if isinstance(m, (QuantAttention, QuantWindowAttention))]
+    attns = [m for m in qmodel.modules() if is_product_patched(m)]
     assert len(attns) == n_attn
     calls: dict[int, int] = {}
     hooks = [mm.register_forward_hook(lambda m, i, o: calls.__setitem__(id(m), calls.get(id(m), 0) + 1))
-             for a in attns for mm in (a.matmul1, a.matmul2)]
+             for a in attns for mm in (a.matmul_qk, a.matmul_av)]
     size, chans = input_spec(qmodel)
     with torch.no_grad():
         out = qmodel(torch.randn(2, chans, size, size))
@@ -112,7 +115,7 @@ def test_timm_module_coverage_minmax(name: str, kwargs: dict) -> None:
     model, _ = build_model(name, num_classes=10, **kwargs)
     size, chans = input_spec(model)
     calib = calib_set(4, 0, size, chans)
-    qmodel = quantize_minmax(model, calib, BaselineConfig(wbits=8, abits=8, calib_size=4))
+    qmodel = pq.quantize(model, MinMaxConfig(wbits=8, abits=8, calib_size=4), calib=[calib]).model
     _check_coverage(model, qmodel)
     x = calib_set(4, 1, size, chans)
     with torch.no_grad():
@@ -134,12 +137,12 @@ def test_timm_adalog_end_to_end_small_search(name: str, kwargs: dict) -> None:
     size, chans = input_spec(model)
     calib = calib_set(4, 0, size, chans)
     t0 = time.perf_counter()
-    qmodel = quantize_adalog(model, calib, AdaLogConfig(wbits=6, abits=6, calib_size=4, eq_n=64, steps=2,
-                                                        search_round=1))
+    qmodel = pq.quantize(model, AdaLogConfig(wbits=6, abits=6, calib_size=4, eq_n=64, steps=2, search_round=1),
+                         calib=[calib]).model
     assert time.perf_counter() - t0 < 120
     _check_coverage(model, qmodel)
     adalogs = [q for q in vit_quantizers(qmodel) if isinstance(q, AdaLogQuantizer)]
-    assert len(adalogs) == 2 * sum(isinstance(m, (QuantAttention, QuantWindowAttention)) for m in qmodel.modules())
+    assert len(adalogs) == 2 * sum(is_product_patched(m) for m in qmodel.modules())
     assert all(bool(q.bias_folded) for q in adalogs if q.shift)
     x = calib_set(4, 1, size, chans)
     with torch.no_grad():

@@ -1,0 +1,109 @@
+"""The method contract, for every method of every discovered plugin (as timm's test_models does for models).
+
+Each plugin's impl module gives a small offline case per method (``example(method) -> polyquant.api.MethodExample``).
+Every method must: configure itself with a ``QuantConfig`` whose dict and command-line round trips are exact,
+quantize through ``polyquant.quantize`` into a ``QuantizedModel`` that names its plugin and method, save, and load
+back (the plugin rebuilds the model from the artifact alone) with bit-identical outputs, also from the command
+line (``polyquant quantize PLUGIN/METHOD ... --out`` then ``polyquant load``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import polyquant as pq
+from polyquant.cli import add_config_options, config_from_args, main
+from polyquant.config import QuantConfig, cli_options
+from polyquant.plugins import discover, load
+
+
+def _cases() -> list[tuple[str, str]]:
+    cases = []
+    for name, info in discover().items():
+        if info.available and info.spec is not None:
+            cases += [(name, method) for method in info.spec.methods]
+    return cases
+
+
+CASES = _cases()
+IDS = [f"{p}/{m}" for p, m in CASES]
+
+
+def _example(plugin: str, method: str) -> pq.api.MethodExample:
+    impl = load(plugin)
+    if not hasattr(impl, "example"):
+        pytest.fail(f"plugin {plugin!r} gives no example(method) for the contract test")
+    return impl.example(method)
+
+
+def _argv(config: QuantConfig) -> list[str]:
+    """Command-line options that rebuild ``config`` (every field, defaults included)."""
+    argv: list[str] = []
+    for opt in cli_options(type(config)):
+        value = getattr(config, opt.field)
+        flag = opt.flags[0]
+        if opt.kind == "bool":
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, "none" if value is None else str(value)]
+    return argv
+
+
+def test_every_plugin_has_methods() -> None:
+    assert CASES, "no plugin with methods was discovered"
+
+
+@pytest.mark.parametrize("plugin,method", CASES, ids=IDS)
+def test_config_round_trips(plugin: str, method: str) -> None:
+    cls = load(plugin).METHODS[method]
+    assert isinstance(cls, type) and issubclass(cls, QuantConfig)
+    config = _example(plugin, method).config
+    assert type(config) is cls
+    data = json.loads(json.dumps(config.to_dict()))  # JSON-ready
+    assert data["version"] == cls.VERSION
+    assert cls.from_dict(data) == config
+    with pytest.raises(ValueError):
+        cls.from_dict({**data, "no_such_field": 1})
+    parser = argparse.ArgumentParser()
+    add_config_options(parser, cls)
+    assert config_from_args(cls, parser.parse_args([]), "test") == cls()  # CLI defaults = dataclass defaults
+    assert config_from_args(cls, parser.parse_args(_argv(config)), "test") == config
+
+
+@pytest.mark.parametrize("plugin,method", CASES, ids=IDS)
+def test_quantize_save_load_same_outputs(plugin: str, method: str, tmp_path: Path) -> None:
+    ex = _example(plugin, method)
+    with torch.no_grad():
+        before = ex.model(ex.inputs)
+    qm = pq.quantize(ex.model, ex.config, calib=ex.calib, progress=False)
+    assert isinstance(qm, pq.QuantizedModel) and (qm.plugin, qm.method) == (plugin, method)
+    assert qm.config == ex.config
+    with torch.no_grad():
+        assert torch.equal(ex.model(ex.inputs), before)  # the input model is not modified
+        out = qm.model(ex.inputs)
+    assert not torch.equal(out, before)  # something was quantized
+    path = pq.save(qm, tmp_path / "a.safetensors")
+    restored = pq.load(path)
+    assert (restored.plugin, restored.method, restored.config) == (plugin, method, ex.config)
+    with torch.no_grad():
+        assert torch.equal(restored.model(ex.inputs), out)
+    # with the float model given instead of the recorded description
+    with torch.no_grad():
+        assert torch.equal(pq.load(path, model=ex.model).model(ex.inputs), out)
+
+
+@pytest.mark.parametrize("plugin,method", CASES, ids=IDS)
+def test_command_line_round_trip(plugin: str, method: str, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    config = _example(plugin, method).config
+    out = tmp_path / "cli.safetensors"
+    code = main(["quantize", f"{plugin}/{method}", *_argv(config), "--quiet", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert pq.load(out).config == config
+    assert main(["load", str(out)]) == 0, capsys.readouterr().err
