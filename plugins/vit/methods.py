@@ -189,12 +189,6 @@ def _quantize_qhyvit(model: nn.Module, config: QHyViTConfig, calib: Calibration,
     return QuantizedModel(qmodel, config, state={"quantizers": _quantizer_choices(qmodel)}, report=report)
 
 
-def _export_qhyvit(qm: QuantizedModel) -> dict[str, Tensor]:
-    from polyquant.export import export_tensors
-
-    return export_tensors(qm.model)
-
-
 def _restore_qhyvit(model: nn.Module, config: QHyViTConfig, artifact: Artifact) -> QuantizedModel:
     from polyquant.export import restore as core_restore
     from polyquant.formats import IntFormat
@@ -225,7 +219,8 @@ def _restore_qhyvit(model: nn.Module, config: QHyViTConfig, artifact: Artifact) 
     return QuantizedModel(core_restore(model, artifact, specs=choices).eval(), config, state={"quantizers": choices})
 
 
-register_handler(QHyViTConfig, plugin=PLUGIN, method="qhyvit", export=_export_qhyvit, restore=_restore_qhyvit)(
+# Q-HyViT models are core fake-quant models: the default export (polyquant.export.export_tensors) writes them.
+register_handler(QHyViTConfig, plugin=PLUGIN, method="qhyvit", restore=_restore_qhyvit)(
     _quantize_qhyvit)
 
 
