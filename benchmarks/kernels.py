@@ -11,6 +11,13 @@ On CUDA, times are medians of triton.testing.do_bench (CUDA events, L2 flushed b
 there is no Triton: the "kernel" column is polyquant's torch reference (the CPU dispatch path).
 On CUDA the 4-bit GEMM, small-batch int8 GEMM and Hamming rows also sweep a few launch configurations and report
 the faster of the default and the best swept one (both are in the row's note); ``--no-sweep`` times the defaults.
+
+Memory-bound rows give the achieved GB/s as a share of the measured copy ceiling (``pct_of_peak``) and of the
+GPU's specified HBM bandwidth (``pct_of_hbm_spec``; None for a GPU missing from ``_env.hbm_spec_gbps``).
+On CUDA every row also times the kernel captured in a CUDA graph and replayed (``graph_ms``, same timing as
+``kernel_ms``): the GPU time without the per-call Python, dispatch and launch gaps. None on the CPU, or when the
+capture fails (``graph_error`` says why). The report starts with ``_env.environment``: git SHA and dirty flag,
+python / torch / triton / CUDA / driver versions, GPU name.
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _env import environment, hbm_spec_gbps
+from _timing import graph_ms as cuda_graph_ms
 
 from polyquant.kernels import gemm, hadamard, hamming, quant, vq
 from polyquant.kernels.gemm import GemmConfig
@@ -54,8 +63,16 @@ def bench_ms(fn: Callable[[], object], device: str, quick: bool = False) -> floa
     return statistics.median(times) * 1e3
 
 
-def ceilings(device: str) -> dict[str, float]:
-    """Measured peaks: copy bandwidth (GB/s, read + write), fp16 matmul TFLOP/s, int8 _int_mm TOP/s."""
+def graph_ms(fn: Callable[[], object], device: str, quick: bool = False) -> dict[str, object]:
+    """``_timing.graph_ms`` of ``fn`` with this script's timer; ``{"graph_ms": None}`` off CUDA."""
+    if device != "cuda":
+        return {"graph_ms": None}
+    return cuda_graph_ms(fn, lambda f: bench_ms(f, device, quick))
+
+
+def ceilings(device: str) -> dict[str, float | None]:
+    """Measured peaks: copy bandwidth (GB/s, read + write), fp16 matmul TFLOP/s, int8 _int_mm TOP/s; and the GPU's
+    specified HBM bandwidth (GB/s, from its name, not measured; None when unknown). Empty off CUDA."""
     if device != "cuda":
         return {}
     src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
@@ -70,18 +87,25 @@ def ceilings(device: str) -> dict[str, float]:
     int8 = 2 * 8192**3 / t / 1e9
     del src, dst, a, ai
     torch.cuda.empty_cache()
-    return {"copy_GBps": round(bw, 1), "fp16_matmul_TFLOPs": round(fp16, 1), "int8_mm_TOPs": round(int8, 1)}
+    return {"copy_GBps": round(bw, 1), "fp16_matmul_TFLOPs": round(fp16, 1), "int8_mm_TOPs": round(int8, 1),
+            "hbm_spec_GBps": hbm_spec_gbps(torch.cuda.get_device_name())}
 
 
-def record(op: str, shape: str, alt: str, t_alt: float, t_kernel: float, *, bytes_moved: float = 0.0,
-           flops: float = 0.0, peaks: dict[str, float], peak_key: str = "", note: str = "") -> None:
-    row = {"op": op, "shape": shape, "torch_alternative": alt, "torch_ms": round(t_alt, 4),
-           "kernel_ms": round(t_kernel, 4), "speedup": round(t_alt / t_kernel, 3) if t_kernel > 0 else None}
+def record(op: str, shape: str, alt: str, t_alt: float, t_kernel: float, *, graph: dict[str, object],
+           bytes_moved: float = 0.0, flops: float = 0.0, peaks: dict[str, float | None], peak_key: str = "",
+           note: str = "") -> None:
+    """Append a row to ROWS and print it. ``graph``: what ``graph_ms`` returned for the timed kernel."""
+    row: dict[str, object] = {
+        "op": op, "shape": shape, "torch_alternative": alt, "torch_ms": round(t_alt, 4),
+        "kernel_ms": round(t_kernel, 4), "speedup": round(t_alt / t_kernel, 3) if t_kernel > 0 else None, **graph,
+    }
     if bytes_moved:
         row["kernel_GBps"] = round(bytes_moved / t_kernel / 1e6, 1)
         if peaks.get("copy_GBps"):
             row["pct_of_peak"] = round(100 * row["kernel_GBps"] / peaks["copy_GBps"], 1)
             row["peak"] = "copy_GBps"
+        spec = peaks.get("hbm_spec_GBps")
+        row["pct_of_hbm_spec"] = round(100 * row["kernel_GBps"] / spec, 1) if spec else None
     if flops:
         row["kernel_TFLOPs"] = round(flops / t_kernel / 1e9, 2)
         if peak_key and peaks.get(peak_key) and not bytes_moved:
@@ -91,9 +115,11 @@ def record(op: str, shape: str, alt: str, t_alt: float, t_kernel: float, *, byte
         row["note"] = note
     ROWS.append(row)
     pct = f"{row['pct_of_peak']:5.1f}%" if "pct_of_peak" in row else "     -"
+    spec_pct = f"{row['pct_of_hbm_spec']:5.1f}%" if row.get("pct_of_hbm_spec") is not None else "     -"
     rate = f"{row.get('kernel_GBps', '')}" if bytes_moved else f"{row.get('kernel_TFLOPs', '')}T"
-    print(f"{op:<22}{shape:<30}{alt:<26}{t_alt:>10.4f}{t_kernel:>10.4f}{row['speedup']:>8.2f}x {rate:>10} {pct}",
-          flush=True)
+    t_graph = f"{row['graph_ms']:>10.4f}" if row["graph_ms"] is not None else f"{'-':>10}"
+    print(f"{op:<22}{shape:<30}{alt:<26}{t_alt:>10.4f}{t_kernel:>10.4f}{t_graph}{row['speedup']:>8.2f}x {rate:>10} "
+          f"{pct} {spec_pct}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -109,24 +135,27 @@ def bench_quant(device: str, quick: bool, peaks: dict) -> None:
         return (x.float() / s).round().clamp(-128, 127).to(torch.int8), s
 
     t_alt = bench_ms(torch_int8, device, quick)
-    t = bench_ms(lambda: quant.quantize_dynamic(x, fmt="int8"), device, quick)
+    kernel = partial(quant.quantize_dynamic, x, fmt="int8")
+    t = bench_ms(kernel, device, quick)
     nbytes = x.numel() * (x.element_size() + 1) + m * 4
     record("quantize_dynamic", f"int8 per-token {m}x{k}", "torch eager absmax+round", t_alt, t,
-           bytes_moved=nbytes, peaks=peaks)
+           graph=graph_ms(kernel, device, quick), bytes_moved=nbytes, peaks=peaks)
 
     def torch_fp8():
         s = x.abs().amax(dim=-1, keepdim=True).float() / 448
         return (x.float() / s).to(torch.float8_e4m3fn), s
 
     t_alt = bench_ms(torch_fp8, device, quick)
-    t = bench_ms(lambda: quant.quantize_dynamic(x, fmt="e4m3"), device, quick)
+    kernel = partial(quant.quantize_dynamic, x, fmt="e4m3")
+    t = bench_ms(kernel, device, quick)
     record("quantize_dynamic", f"e4m3 per-token {m}x{k}", "torch eager -> float8", t_alt, t,
-           bytes_moved=nbytes, peaks=peaks)
+           graph=graph_ms(kernel, device, quick), bytes_moved=nbytes, peaks=peaks)
 
     s = torch.rand(m, k // 32, device=device) + 0.5
     t_alt = bench_ms(lambda: quant.quantize_reference(x, s, fmt="e2m1", block_size=(1, 32)), device, quick)
-    t = bench_ms(lambda: quant.quantize(x, s, fmt="e2m1", block_size=(1, 32)), device, quick)
-    record("quantize", f"e2m1 group32 {m}x{k}", "torch reference", t_alt, t,
+    kernel = partial(quant.quantize, x, s, fmt="e2m1", block_size=(1, 32))
+    t = bench_ms(kernel, device, quick)
+    record("quantize", f"e2m1 group32 {m}x{k}", "torch reference", t_alt, t, graph=graph_ms(kernel, device, quick),
            bytes_moved=x.numel() * (x.element_size() + 1) + s.numel() * 4, peaks=peaks)
 
 
@@ -169,7 +198,8 @@ def bench_w4(device: str, quick: bool, peaks: dict, do_sweep: bool) -> None:
             for m in batches:
                 x = torch.randn(m, nk, device=device, dtype=dt)
                 t_alt = bench_ms(lambda: F.linear(x, w), device, quick)
-                t = bench_ms(lambda: gemm.w4_gemm(x, packed, scale, fmt=fmt, block_size=(1, 128)), device, quick)
+                kernel = partial(gemm.w4_gemm, x, packed, scale, fmt=fmt, block_size=(1, 128))
+                t = bench_ms(kernel, device, quick)
                 note = "default launch config"
                 if do_sweep:
                     if (m, nk) not in chosen:  # swept on int4, reused for fp4
@@ -178,13 +208,15 @@ def bench_w4(device: str, quick: bool, peaks: dict, do_sweep: bool) -> None:
                                             w4_candidates(m), device)
                         chosen[(m, nk)] = cfg
                     cfg = chosen[(m, nk)]
-                    t_best = bench_ms(lambda: gemm.w4_gemm_triton(x, packed, scale, fmt=fmt, block_size=(1, 128),
-                                                                  config=cfg), device, quick)
+                    swept = partial(gemm.w4_gemm_triton, x, packed, scale, fmt=fmt, block_size=(1, 128), config=cfg)
+                    t_best = bench_ms(swept, device, quick)
                     note = f"default config {t:.4f} ms; best swept config {vars(cfg)}"
-                    t = min(t, t_best)
+                    if t_best < t:
+                        t, kernel = t_best, swept
                 nbytes = packed.numel() + scale.numel() * scale.element_size() + x.numel() * 2 + m * nk * 2
                 record(f"w4_gemm {fmt}", f"M={m} N=K={nk} g128", f"{str(dt)[6:]} F.linear", t_alt, t,
-                       bytes_moved=nbytes, flops=2 * m * nk * nk, peaks=peaks, note=note)
+                       graph=graph_ms(kernel, device, quick), bytes_moved=nbytes, flops=2 * m * nk * nk, peaks=peaks,
+                       note=note)
 
 
 def bench_int8(device: str, quick: bool, peaks: dict, do_sweep: bool) -> None:
@@ -204,16 +236,18 @@ def bench_int8(device: str, quick: bool, peaks: dict, do_sweep: bool) -> None:
                 return gemm.int8_gemm_reference(xq, xs, wq, ws)
             name = "torch reference"
         t_alt = bench_ms(alt, device, quick)
-        t = bench_ms(lambda: gemm.int8_gemm(xq, xs, wq, ws), device, quick)
+        kernel: Callable[[], object] = partial(gemm.int8_gemm, xq, xs, wq, ws)
+        t = bench_ms(kernel, device, quick)
         note = ""
         if do_sweep and m <= 256:
             configs = [GemmConfig("dot", bm, bn, bk, 4, ns) for bm in (16, 32, 64) for bn in (32, 64, 128)
                        for bk in (128, 256) for ns in (3, 4) if bm <= max(16, m)]
             t_best, cfg = sweep(lambda c: gemm.int8_gemm_triton(xq, xs, wq, ws, config=c), configs, device)
             note = f"default config {t:.4f} ms; best swept config {vars(cfg)}"
-            t = min(t, t_best)
-        record("int8_gemm (W8A8)", f"M={m} N=K={nk}", name, t_alt, t, flops=2 * m * nk * nk, peaks=peaks,
-               peak_key="int8_mm_TOPs", note=note)
+            if t_best < t:
+                t, kernel = t_best, partial(gemm.int8_gemm_triton, xq, xs, wq, ws, config=cfg)
+        record("int8_gemm (W8A8)", f"M={m} N=K={nk}", name, t_alt, t, graph=graph_ms(kernel, device, quick),
+               flops=2 * m * nk * nk, peaks=peaks, peak_key="int8_mm_TOPs", note=note)
 
 
 def bench_fwht(device: str, quick: bool, peaks: dict) -> None:
@@ -223,13 +257,16 @@ def bench_fwht(device: str, quick: bool, peaks: dict) -> None:
         x = torch.randn(m, n, device=device, dtype=dt)
         h = hadamard_matrix(n, device=device).to(dt)  # the core's orthonormal matrix: fwht(x) = x @ h
         t_alt = bench_ms(lambda: x @ h, device, quick)
-        t = bench_ms(lambda: hadamard.fwht(x), device, quick)
+        kernel = partial(hadamard.fwht, x)
+        t = bench_ms(kernel, device, quick)
         record("fwht", f"{m}x{n} {str(dt)[6:]}", "dense Hadamard matmul", t_alt, t,
-               bytes_moved=2 * x.numel() * x.element_size(), peaks=peaks)
-        t = bench_ms(lambda: hadamard.fwht_quantize(x), device, quick)
+               graph=graph_ms(kernel, device, quick), bytes_moved=2 * x.numel() * x.element_size(), peaks=peaks)
+        kernel = partial(hadamard.fwht_quantize, x)
+        t = bench_ms(kernel, device, quick)
         t_alt = bench_ms(lambda: quant.quantize_dynamic(x @ h, fmt="int8"), device, quick)
         record("fwht_quantize int8", f"{m}x{n} {str(dt)[6:]}", "matmul + quantize_dynamic", t_alt, t,
-               bytes_moved=x.numel() * (x.element_size() + 1) + m * 4, peaks=peaks)
+               graph=graph_ms(kernel, device, quick), bytes_moved=x.numel() * (x.element_size() + 1) + m * 4,
+               peaks=peaks)
         del x
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -239,10 +276,16 @@ def bench_vq(device: str, quick: bool, peaks: dict) -> None:
     for n, k, d in ([(20000, 256, 8)] if quick else [(1 << 20, 1024, 8), (1 << 20, 256, 64)]):
         x = torch.randn(n, d, device=device)
         c = torch.randn(k, d, device=device)
-        t_alt = bench_ms(lambda: torch.cdist(x, c).argmin(dim=1), device, quick)
-        t = bench_ms(lambda: vq.vq_assign(x, c), device, quick)
-        record("vq_assign", f"N={n} K={k} D={d} fp32", "cdist + argmin", t_alt, t, flops=2 * n * k * d,
-               peaks=peaks, note="FLOPs counted as 2 N K D (the cross term); tensor cores, tf32x3 on CUDA")
+
+        def alt() -> torch.Tensor:  # ||c||^2 - 2 x c^T (||x||^2 does not change the argmin): one GEMM
+            return torch.addmm((c * c).sum(dim=1), x, c.T, alpha=-2).argmin(dim=1)  # (N, K) -> (N,)
+
+        t_alt = bench_ms(alt, device, quick)
+        kernel = partial(vq.vq_assign, x, c)
+        t = bench_ms(kernel, device, quick)
+        record("vq_assign", f"N={n} K={k} D={d} fp32", "addmm |c|^2-2xc^T + argmin", t_alt, t,
+               graph=graph_ms(kernel, device, quick), flops=2 * n * k * d, peaks=peaks,
+               note="FLOPs counted as 2 N K D (the cross term); tensor cores, tf32x3 on CUDA")
         del x
     n, qn, k, d = (20000, 4, 256, 32) if quick else (1 << 20, 8, 1024, 128)
     cb = torch.randn(qn, k, d, device=device, dtype=torch.float16 if device == "cuda" else torch.float32)
@@ -255,9 +298,10 @@ def bench_vq(device: str, quick: bool, peaks: dict) -> None:
         return out.to(cb.dtype)
 
     t_alt = bench_ms(alt, device, quick)
-    t = bench_ms(lambda: vq.rvq_decode(idx, cb), device, quick)
+    kernel = partial(vq.rvq_decode, idx, cb)
+    t = bench_ms(kernel, device, quick)
     record("rvq_decode", f"N={n} Q={qn} K={k} D={d}", "torch gather + sum", t_alt, t,
-           bytes_moved=n * d * cb.element_size() + idx.numel() * 8, peaks=peaks)
+           graph=graph_ms(kernel, device, quick), bytes_moved=n * d * cb.element_size() + idx.numel() * 8, peaks=peaks)
 
 
 def bench_hamming(device: str, quick: bool, peaks: dict, do_sweep: bool) -> None:
@@ -279,14 +323,16 @@ def bench_hamming(device: str, quick: bool, peaks: dict, do_sweep: bool) -> None
 
         name = "torch reference"
     t_alt = bench_ms(alt, device, quick)
-    t = bench_ms(lambda: hamming.hamming_topk(qp, xp, k), device, quick)
+    kernel: Callable[[], object] = partial(hamming.hamming_topk, qp, xp, k)
+    t = bench_ms(kernel, device, quick)
     note = "GB/s counts one pass over the packed database"
     if do_sweep:
         t_best, blocks = sweep(lambda b: hamming.hamming_topk_triton(qp, xp, k, blocks=b),
                                [(64, 128), (128, 128), (64, 256), (128, 256), (256, 128)], device)
         note += f"; default config {t:.4f} ms, best (BLOCK_Q, BLOCK_N) {blocks}"
-        t = min(t, t_best)
-    record("hamming_topk", f"Q={nq} N={n} D={dbits}b k={k}", name, t_alt, t,
+        if t_best < t:
+            t, kernel = t_best, partial(hamming.hamming_topk_triton, qp, xp, k, blocks=blocks)
+    record("hamming_topk", f"Q={nq} N={n} D={dbits}b k={k}", name, t_alt, t, graph=graph_ms(kernel, device, quick),
            bytes_moved=xp.numel(), peaks=peaks, note=note)
 
 
@@ -303,19 +349,12 @@ def main() -> None:
     args = p.parse_args()
     device = args.device
     torch.manual_seed(0)
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except (ImportError, OSError, RuntimeError):
-        info["triton"] = None
+    info = environment(device)
     peaks = ceilings(device)
     do_sweep = device == "cuda" and not args.no_sweep
     print(json.dumps({**info, "ceilings": peaks}))
-    print(f"{'op':<22}{'shape':<30}{'torch alternative':<26}{'torch ms':>10}{'ours ms':>10}{'ratio':>9} "
-          f"{'GB/s|TF':>10} {'%peak':>6}")
+    print(f"{'op':<22}{'shape':<30}{'torch alternative':<26}{'torch ms':>10}{'ours ms':>10}{'graph ms':>10}"
+          f"{'ratio':>9} {'GB/s|TF':>10} {'%peak':>6} {'%spec':>6}")
     benches: dict[str, Callable[[], None]] = {
         "quant": lambda: bench_quant(device, args.quick, peaks),
         "w4": lambda: bench_w4(device, args.quick, peaks, do_sweep),

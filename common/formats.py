@@ -20,6 +20,7 @@ Formats are frozen dataclasses and are looked up by name with ``get_format("int4
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -204,18 +205,22 @@ class FloatFormat:
         return round_ste(x / step) * step
 
     def encode(self, q: Tensor) -> Tensor:
-        """Grid values -> bit patterns (sign | exponent | mantissa) as uint8 (formats of up to 8 bits)."""
+        """Grid values -> bit patterns (sign | exponent | mantissa) as uint8 (formats of up to 8 bits).
+
+        Runs on ``q``'s device: the lookup tables are built there once (``_fp_tables``).
+        """
         if self.bits > 8:
             raise ValueError(f"{self.name}: encode supports formats of at most 8 bits")
-        grid = self.grid()
+        grid, grid_codes, _ = _fp_tables(self, q.device)
         idx = torch.searchsorted(grid, q.float().contiguous().clamp(grid[0], grid[-1]))
         idx = idx.clamp(max=grid.numel() - 1)
         if not torch.equal(grid[idx], q.float()):
             raise ValueError(f"{self.name}: encode got values that are not on the grid; call round() first")
-        return self._grid_codes()[idx]
+        return grid_codes[idx]
 
     def decode(self, codes: Tensor) -> Tensor:
-        return self._code_values()[codes.long()]
+        """Bit patterns -> values (float32, NaN for the special patterns), on ``codes``' device."""
+        return _fp_tables(self, codes.device)[2][codes.long()]
 
     def _pattern_value(self, code: int) -> float:
         sign = -1.0 if code >> (self.exp_bits + self.man_bits) & 1 else 1.0
@@ -241,6 +246,19 @@ class FloatFormat:
             matches = (values == v).nonzero().flatten()
             codes.append(int(matches[0]))
         return torch.tensor(codes, dtype=torch.uint8)
+
+
+@functools.lru_cache(maxsize=64)
+def _fp_tables(fmt: FloatFormat, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """``fmt``'s lookup tables on ``device``, built once per (format, device) and shared: do not modify them.
+
+    Returns:
+        grid (G,) float32 (``fmt.grid()``), the code of each grid value (G,) uint8, and the value of each of the
+        2^bits codes (2^bits,) float32.
+    """
+    with torch.inference_mode(False):  # plain tensors even when first called under inference_mode
+        grid, grid_codes, code_values = fmt.grid(), fmt._grid_codes(), fmt._code_values()
+        return grid.to(device), grid_codes.to(device), code_values.to(device)
 
 
 @dataclass(frozen=True)

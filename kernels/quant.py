@@ -84,16 +84,6 @@ def _symmetric_max(fmt: KernelFormat) -> float:
     return float(fmt.qmax) if isinstance(fmt, IntFormat) else fmt.max_value
 
 
-def _encode_fp(fmt: FloatFormat, q: Tensor) -> Tensor:
-    """``fmt.encode(q)`` on q's device (the core's FloatFormat builds its code tables on the CPU)."""
-    return fmt.encode(q.cpu()).to(q.device)
-
-
-def _decode_fp(fmt: FloatFormat, codes: Tensor) -> Tensor:
-    """``fmt.decode(codes)`` on the codes' device."""
-    return fmt.decode(codes.cpu()).to(codes.device)
-
-
 def _check_block_size(shape: Sequence[int], block_size: Sequence[int] | None) -> tuple[int, ...]:
     """The core ``block_size`` for a tensor of ``shape`` (None: per tensor), validated as the core does."""
     bs = tuple(shape) if block_size is None else tuple(int(b) for b in block_size)
@@ -150,7 +140,7 @@ def quantize_reference(
     s = _as_blocks(scale, x.shape, bs, x.device)
     z = None if zero_point is None else _as_blocks(zero_point, x.shape, bs, x.device)
     q = quantize_tensor(x, fmt, s, z, bs)
-    return _encode_fp(fmt, q) if isinstance(fmt, FloatFormat) else q.to(_code_dtype(fmt))
+    return fmt.encode(q) if isinstance(fmt, FloatFormat) else q.to(_code_dtype(fmt))
 
 
 def dequantize_reference(
@@ -169,7 +159,7 @@ def dequantize_reference(
     bs = _check_block_size(codes.shape, block_size)
     s = _as_blocks(scale, codes.shape, bs, codes.device)
     if isinstance(fmt, FloatFormat):
-        return core_dequantize(_decode_fp(fmt, codes), s, None, bs, dtype=dtype)
+        return core_dequantize(fmt.decode(codes), s, None, bs, dtype=dtype)
     z = None if zero_point is None else _as_blocks(zero_point, codes.shape, bs, codes.device)
     return core_dequantize(codes, s, z, bs, dtype=dtype)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from polyquant.formats import BinaryFormat, FloatFormat, IntFormat, LogFormat, get_format, list_formats
+from polyquant.formats import BinaryFormat, FloatFormat, IntFormat, LogFormat, _fp_tables, get_format, list_formats
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -100,6 +100,32 @@ def test_float_encode_decode(name: str) -> None:
     assert torch.equal(f.decode(codes), grid)
     with pytest.raises(ValueError, match="not on the grid"):
         f.encode(torch.tensor([0.3]))
+
+
+@pytest.mark.parametrize("name", ["e2m1", "e4m3"])
+def test_float_tables_follow_the_input_device(name: str) -> None:
+    """encode / decode look their tables up on the input's device (built once per device), not on the CPU."""
+    f = get_format(name)
+    meta = torch.device("meta")  # no data: decode still runs, and a CPU table indexed by meta codes gives a CPU tensor
+    assert f.decode(torch.arange(2**f.bits, dtype=torch.uint8, device=meta)).device == meta
+    tables = _fp_tables(f, meta)
+    assert all(t.device == meta for t in tables)
+    assert _fp_tables(f, meta) is tables  # cached per (format, device)
+    grid = f.grid()
+    assert torch.equal(f.decode(f.encode(grid)), grid)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["e2m1", "e3m2", "e4m3", "e5m2"])
+def test_float_encode_decode_on_cuda(name: str) -> None:
+    f = get_format(name)
+    grid = f.grid().cuda()
+    codes = f.encode(grid)
+    assert codes.device == grid.device and torch.equal(codes.cpu(), f.encode(grid.cpu()))
+    values = f.decode(codes)
+    assert values.device == grid.device and torch.equal(values, grid)
+    with pytest.raises(ValueError, match="not on the grid"):
+        f.encode(torch.tensor([0.3], device="cuda"))
 
 
 def test_e2m1_codes_are_ocp_bit_patterns() -> None:

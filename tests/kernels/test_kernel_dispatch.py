@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from kernel_checks import compiled_triton_skip_reason, use_compiled_triton
 
 import polyquant.kernels as K
 from polyquant.kernels import _dispatch
@@ -57,6 +59,32 @@ def test_forced_triton_runs_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("POLYQUANT_KERNELS", "torch")
     quant.quantize(torch.randn(4, 8), 0.1)
     assert called == [1]
+
+
+def test_gpu_test_setup_forces_triton(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU-marked tests get POLYQUANT_KERNELS=triton even when the environment says torch (they would compare the
+    reference with itself), through an autouse fixture of tests/kernels/conftest.py."""
+    assert "_gpu_tests_use_compiled_triton" in request.fixturenames
+    monkeypatch.setenv("POLYQUANT_KERNELS", "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read by interpreting() at call time; no kernel runs here
+    monkeypatch.setattr(_dispatch, "HAS_TRITON", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as the set-up sees it
+    assert compiled_triton_skip_reason() is None
+    use_compiled_triton(monkeypatch)
+    assert os.environ["POLYQUANT_KERNELS"] == "triton" and _dispatch.kernel_preference() == "triton"
+
+
+@pytest.mark.parametrize("missing", ["interpreter", "triton", "cuda"])
+def test_gpu_test_setup_skips(monkeypatch: pytest.MonkeyPatch, missing: str) -> None:
+    """GPU-marked tests are skipped under the Triton interpreter, without triton and without CUDA."""
+    monkeypatch.setenv("POLYQUANT_KERNELS", "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if missing == "interpreter" else "0")
+    monkeypatch.setattr(_dispatch, "HAS_TRITON", missing != "triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: missing != "cuda")
+    expected = {"interpreter": "TRITON_INTERPRET=1", "triton": "not installed", "cuda": "CUDA"}[missing]
+    with pytest.raises(pytest.skip.Exception, match=expected):
+        use_compiled_triton(monkeypatch)
+    assert os.environ["POLYQUANT_KERNELS"] == "torch"
 
 
 def test_lazy_exports() -> None:

@@ -5,15 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernel_checks import RTOL, assert_kernel_close, rel_err
+
 from polyquant.formats import IntFormat, get_format
 from polyquant.kernels import gemm
 from polyquant.kernels.gemm import GemmConfig
 from polyquant.pack import pack_rows
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # ------------------------------------------------------------------------------------------------ references
@@ -55,7 +52,7 @@ def test_w4_reference_equals_dense_matmul() -> None:
     w = torch.randn(24, 64)
     packed, scale = gemm.quantize_weight_4bit(w, fmt=IntFormat(4), block_size=(1, 32))
     wd = gemm.dequantize_weight_4bit(packed, scale, k=64, fmt="int4", block_size=(1, 32))
-    assert rel_err(wd, w) < 0.15
+    assert rel_err(wd, w) < 0.15  # a quantization error against the float weight: norm-relative on purpose
     x = torch.randn(2, 3, 64)
     bias = torch.randn(24)
     y = gemm.w4_gemm_reference(x, packed, scale, fmt="int4", block_size=(1, 32), bias=bias)
@@ -98,7 +95,24 @@ def test_w8a8_linear_close_to_float(torch_path: None) -> None:
     ws = w.abs().amax(dim=1) / 127
     wq = torch.round(w / ws[:, None]).to(torch.int8)
     y = gemm.w8a8_linear(x, wq, ws)
-    assert rel_err(y, x @ w.T) < 0.02
+    assert rel_err(y, x @ w.T) < 0.02  # a quantization error against the float product: norm-relative on purpose
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_output_check_rejects_one_wrong_element(dtype: torch.dtype) -> None:
+    """The element-wise check of the kernel tests fails on one wrong output element; the old norm-relative check
+    (``rel_err(out, ref) < tol``, tolerances 1e-5 / 2e-3 / 1e-2) passed it."""
+    old_tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    w = torch.randn(256, 512)
+    packed, scale = gemm.quantize_weight_4bit(w, fmt="int4", block_size=(1, 128))
+    x = torch.randn(128, 512).to(dtype)
+    ref = gemm.w4_gemm_reference(x, packed, scale, fmt="int4", block_size=(1, 128))  # (128, 256)
+    assert_kernel_close(ref.clone(), ref)
+    out = ref.clone()
+    out[17, 33] += 10 * RTOL[dtype] * ref.abs().max()  # one element off by 5x its tolerance or more
+    assert rel_err(out, ref) < old_tol
+    with pytest.raises(AssertionError, match="Mismatched elements: 1 /"):
+        assert_kernel_close(out, ref)
 
 
 # ------------------------------------------------------------------------------------------------ Triton
@@ -116,7 +130,6 @@ W4_CASES = [  # (M, N, K, group)
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_w4_gemm_triton_matches_reference(triton_path: str, fmt: str, dtype: torch.dtype) -> None:
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
     for m, n, k, g in W4_CASES:
         w = torch.randn(n, k, device=triton_path)
         packed, scale = gemm.quantize_weight_4bit(w, fmt=fmt, block_size=(1, g))
@@ -125,8 +138,7 @@ def test_w4_gemm_triton_matches_reference(triton_path: str, fmt: str, dtype: tor
         ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, block_size=(1, g), bias=bias)
         out = gemm.w4_gemm(x, packed, scale.to(dtype), fmt=fmt, block_size=(1, g), bias=bias)
         assert out.dtype == dtype and out.shape == (m, n)
-        if m:
-            assert rel_err(out, ref) < tol, (m, n, k, g)
+        assert_kernel_close(out, ref, context=(m, n, k, g))
 
 
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])
@@ -143,7 +155,7 @@ def test_w4_gemm_triton_configs(triton_path: str, fmt: str, config: GemmConfig) 
     x = torch.randn(m, k, device=triton_path)
     ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, block_size=(1, g))
     out = gemm.w4_gemm_triton(x, packed, scale, fmt=fmt, block_size=(1, g), config=config)
-    assert rel_err(out, ref) < 1e-5
+    assert_kernel_close(out, ref, context=config)
 
 
 @pytest.mark.parametrize("m, n, k", [(1, 16, 32), (37, 70, 300), (64, 64, 512), (0, 8, 16)])
@@ -182,7 +194,7 @@ def test_w4_gemm_gpu_large(fmt: str, m: int, dtype: torch.dtype) -> None:
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     ref = gemm.w4_gemm_reference(x, packed, scale, fmt=fmt, block_size=(1, 128))
     out = gemm.w4_gemm(x, packed, scale.to(dtype), fmt=fmt, block_size=(1, 128))
-    assert rel_err(out, ref) < (5e-3 if dtype == torch.float16 else 2e-2)
+    assert_kernel_close(out, ref)
 
 
 @pytest.mark.gpu

@@ -136,6 +136,25 @@ def test_dispatch_reference_on_cpu(torch_path: None) -> None:
     assert torch.equal(codes, quant.quantize_dynamic_reference(x)[0])
 
 
+@pytest.mark.parametrize("fmt", ["e2m1", "e4m3"])
+def test_fp_reference_stays_on_the_device(monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """The FP code conversion runs on the input's device: no copy to the CPU and back around the core's
+    ``FloatFormat.encode`` / ``decode`` (a CUDA input stays on the GPU)."""
+    x = torch.randn(8, 64) * 3
+    scale = torch.rand(8, 2) + 0.1
+    codes = quant.quantize_reference(x, scale, fmt=fmt, block_size=(1, 32))
+    back = quant.dequantize_reference(codes, scale, fmt=fmt, block_size=(1, 32))
+
+    def no_host_copy(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("Tensor.cpu() called: a host round trip")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", no_host_copy)
+    assert torch.equal(quant.quantize_reference(x, scale, fmt=fmt, block_size=(1, 32)), codes)
+    assert torch.equal(quant.dequantize_reference(codes, scale, fmt=fmt, block_size=(1, 32)), back)
+    meta = quant.dequantize_reference(codes.to("meta"), scale.to("meta"), fmt=fmt, block_size=(1, 32))
+    assert meta.device.type == "meta" and meta.shape == codes.shape  # decoded where the codes are
+
+
 # ------------------------------------------------------------------------------------------------ Triton
 
 
