@@ -6,10 +6,11 @@
     qm = pq.quantize(model, AdaLogConfig(wbits=4, abits=4), calib=batches)    # -> QuantizedModel
     pq.save(qm, "adalog.safetensors")                                          # artifact: safetensors + JSON
     qm2 = pq.load("adalog.safetensors")                                        # plugin rebuilds the model
+    qm3 = pq.load("adalog.safetensors", mode="packed")                         # ... on packed codes + kernels
 
 A plugin registers one handler per config class (torchao's ``quantize_`` does the same with its configs):
 
-    @register_handler(AdaLogConfig, plugin="vit", method="adalog", export=..., restore=...)
+    @register_handler(AdaLogConfig, plugin="vit", method="adalog", export=..., restore=..., packed_weights=...)
     def _quantize(model: nn.Module, config: AdaLogConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
         ...
 
@@ -28,6 +29,10 @@ and tensors named by the handler's ``export`` (packed weight codes, qparams, VQ 
 ``polyquant.export``). ``load`` reads the plugin and method from the manifest, resolves them through the plugin's
 ``METHODS`` (never by importing a name read from the file), checks the method config against its class, asks the
 plugin's ``build_model`` for the skeleton (or uses the ``model`` given) and hands both to the handler's ``restore``.
+
+``load(path, mode="packed")`` then replaces the quantized layers by packed modules (``polyquant.packed``) built
+from the artifact's weight entries, which the handler's ``packed_weights(qm, artifact)`` names with their formats
+(default: ``polyquant.export.weight_entries``, for models of the core's fake-quant modules).
 """
 
 from __future__ import annotations
@@ -147,6 +152,7 @@ class QuantizedModel:
     plugin: str | None = None
     method: str = ""
     model_config: dict[str, Any] | None = None
+    packing: Any = None  # polyquant.packed.PackReport after load(mode="packed"), else None
 
     def __call__(self, x: Any) -> Any:
         return self.model(x)
@@ -183,6 +189,7 @@ class MethodExample:
 
 ExportFn = Callable[[QuantizedModel], dict[str, Tensor]]
 RestoreFn = Callable[[nn.Module, Any, Artifact], QuantizedModel]
+PackedWeightsFn = Callable[[QuantizedModel, Artifact], dict[str, Any]]  # name -> WeightEntry, or why not packed
 QuantizeFn = Callable[[nn.Module, Any, Calibration, RunOptions], QuantizedModel]
 
 
@@ -190,6 +197,12 @@ def _core_export(qm: QuantizedModel) -> dict[str, Tensor]:
     from .export import export_tensors
 
     return export_tensors(qm.model)
+
+
+def _core_packed_weights(qm: QuantizedModel, art: Artifact) -> dict[str, Any]:
+    from .export import weight_entries
+
+    return weight_entries(qm.model, art)
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,7 @@ class Handler(Generic[C]):
     quantize: QuantizeFn
     export: ExportFn
     restore: RestoreFn | None
+    packed_weights: PackedWeightsFn
 
 
 _HANDLERS: dict[type[QuantConfig], Handler[Any]] = {}
@@ -214,11 +228,15 @@ def register_handler(
     method: str,
     export: ExportFn | None = None,
     restore: RestoreFn | None = None,
+    packed_weights: PackedWeightsFn | None = None,
 ) -> Callable[[QuantizeFn], QuantizeFn]:
     """Decorator: register ``fn(model, config, calib, run) -> QuantizedModel`` as the handler of ``config_cls``.
 
     ``export(qm) -> tensors`` names the artifact's tensors (default: ``polyquant.export.export_tensors``);
-    ``restore(skeleton, config, artifact) -> QuantizedModel`` rebuilds the quantized model from them.
+    ``restore(skeleton, config, artifact) -> QuantizedModel`` rebuilds the quantized model from them;
+    ``packed_weights(qm, artifact)`` names the weight entries a packed load builds its modules from
+    (``{module name: polyquant.packed.WeightEntry, or a string saying why the layer stays fake-quant}``; default
+    ``polyquant.export.weight_entries``).
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, QuantConfig)):
         raise TypeError(f"handlers are registered for QuantConfig subclasses, got {config_cls!r}")
@@ -227,15 +245,33 @@ def register_handler(
         old = _HANDLERS.get(config_cls)
         if old is not None and old.quantize is not fn:
             raise ValueError(f"{config_cls.__name__} already has a handler ({old.plugin}/{old.method})")
-        _HANDLERS[config_cls] = Handler(config_cls, plugin, method, fn, export or _core_export, restore)
+        _HANDLERS[config_cls] = Handler(config_cls, plugin, method, fn, export or _core_export, restore,
+                                        packed_weights or _core_packed_weights)
         return fn
 
     return decorate
 
 
+def _load_owner_plugin(config_cls: type[QuantConfig]) -> None:
+    """Load the discovered plugin whose package defines ``config_cls`` (its impl module registers the handlers),
+    so that ``quantize(model, SomeConfig())`` works after importing only the config's module."""
+    from .plugins import discover, load as load_plugin
+
+    module = config_cls.__module__
+    for name, info in discover().items():
+        package = info.value.partition(":")[0].rpartition(".")[0]  # the package holding the plugin's spec
+        if info.available and package and (module == package or module.startswith(package + ".")):
+            load_plugin(name)
+            return
+
+
 def get_handler(config_cls: type[QuantConfig]) -> Handler[Any]:
-    """The handler registered for ``config_cls`` (``LookupError`` if none)."""
+    """The handler registered for ``config_cls``, loading the plugin that defines the class if needed
+    (``LookupError`` if none)."""
     handler = _HANDLERS.get(config_cls)
+    if handler is None:
+        _load_owner_plugin(config_cls)
+        handler = _HANDLERS.get(config_cls)
     if handler is None:
         raise LookupError(f"no quantize handler is registered for {config_cls.__name__}; import the plugin module "
                           "that defines it (or use polyquant.plugins.get_method)")
@@ -317,8 +353,16 @@ def _handler_for(art: Artifact) -> tuple[Handler[Any], Any]:
     return get_handler(cls), load_plugin(art.plugin)
 
 
-def from_artifact(art: Artifact, model: nn.Module | None = None) -> QuantizedModel:
+LOAD_MODES = ("fake", "packed")
+
+
+def from_artifact(
+    art: Artifact, model: nn.Module | None = None, *, mode: str = "fake", device: str | torch.device | None = None,
+    cpu_dtype: torch.dtype = torch.bfloat16,
+) -> QuantizedModel:
     """Rebuild the quantized model an artifact describes (see ``load``)."""
+    if mode not in LOAD_MODES:
+        raise ValueError(f"mode must be one of {', '.join(LOAD_MODES)}, got {mode!r}")
     cfg = art.config
     if cfg.get("schema") != ARTIFACT_SCHEMA:
         raise ArtifactError(f"artifact schema {cfg.get('schema')!r} is not readable by this build "
@@ -345,12 +389,28 @@ def from_artifact(art: Artifact, model: nn.Module | None = None) -> QuantizedMod
     qm = handler.restore(model, config, art)
     qm.plugin, qm.method = handler.plugin, handler.method
     qm.model_config = cfg.get("model")
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    qm.model.to(dev)
+    if mode == "packed":
+        from .packed import pack_model
+
+        qm.packing = pack_model(qm.model, handler.packed_weights(qm, art), device=dev, cpu_dtype=cpu_dtype)
     return qm
 
 
-def load(path: str | os.PathLike[str], model: nn.Module | None = None) -> QuantizedModel:
+def load(
+    path: str | os.PathLike[str], model: nn.Module | None = None, *, mode: str = "fake",
+    device: str | torch.device | None = None, cpu_dtype: torch.dtype = torch.bfloat16,
+) -> QuantizedModel:
     """Load an artifact and rebuild its quantized model: the plugin's ``build_model`` makes the float skeleton
-    from the recorded model config (or ``model`` is used, not modified), then the method's ``restore``."""
+    from the recorded model config (or ``model`` is used, not modified), then the method's ``restore``.
+
+    ``mode="fake"``: fake-quant modules (float weights on the quantization grid). ``mode="packed"``: the
+    quantized layers become packed modules (``polyquant.packed``: codes only, the kernels' GEMMs); the load
+    report is ``qm.packing``. ``device``: where the model runs (default CPU); packed layouts are built for it.
+    ``cpu_dtype``: compute dtype of the packed CPU int4 / int8 weight-only GEMMs (``torch.bfloat16``, the default,
+    is fast; ``torch.float32`` matches fake-quant to fp32 rounding but is slow; see ``polyquant.packed``).
+    """
     from . import artifact
 
-    return from_artifact(artifact.load(path), model)
+    return from_artifact(artifact.load(path), model, mode=mode, device=device, cpu_dtype=cpu_dtype)

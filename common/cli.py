@@ -306,10 +306,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     inputs = impl.load_inputs(method, config, parsed)
     t0 = time.perf_counter()
-    try:
-        device = None if parsed.device is None else torch.device(parsed.device)
-    except RuntimeError as e:
-        raise CliError(f"--device {parsed.device}: {e}", prog=prog) from None
+    device = None if parsed.device is None else torch_device(parsed.device, prog)
     qm = quantize(inputs.model, config, inputs.calib, progress=progress_default() and not parsed.quiet,
                   device=device)
     if qm.model_config is None:
@@ -328,6 +325,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def _method_summary(plugin: str, method: str) -> str | None:
     spec = get_info(plugin).spec
     return spec.methods.get(method) if spec else None
+
+
+def torch_device(name: str, prog: str) -> torch.device:
+    """``--device NAME`` as a torch device (a ``CliError`` naming the option for a bad name)."""
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise CliError(f"--device {name}: {e}", prog=prog) from None
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -352,15 +357,29 @@ def cmd_load(args: argparse.Namespace) -> int:
     impl = load(plugin) if plugin else None  # the artifact's plugin must be usable to hand it over
     if impl is not None and hasattr(impl, "add_load_args") and hasattr(impl, "run_load"):
         parser = _Parser(prog=f"polyquant load {args.artifact}", description=f"Load hook of plugin {plugin!r}.")
+        parser.add_argument("--mode", choices=("fake", "packed"), default="fake",
+                            help="fake: fake-quant modules; packed: packed codes on the kernels (polyquant.packed)")
+        parser.add_argument("--device", default=None, help="where the model runs (default: cpu)")
+        parser.add_argument("--cpu-dtype", choices=("bf16", "fp32"), default="bf16",
+                            help="compute dtype of the packed CPU int4 / int8 GEMMs: bf16 is fast, fp32 matches "
+                                 "fake-quant to fp32 rounding but is slow")
         impl.add_load_args(parser)
         plugin_args = parser.parse_args(["--help"] if args.help else args.rest)
         _print_artifact(path, artifact)
         from .api import from_artifact
 
         try:
-            qm = from_artifact(artifact)
+            device = None if plugin_args.device is None else torch_device(plugin_args.device, str(parser.prog))
+            cpu_dtype = torch.bfloat16 if plugin_args.cpu_dtype == "bf16" else torch.float32
+            qm = from_artifact(artifact, mode=plugin_args.mode, device=device, cpu_dtype=cpu_dtype)
         except ArtifactError as e:
             raise CliError(str(e)) from e
+        if qm.packing is not None:
+            from .packed import resident_bytes
+
+            kinds = sorted(set(qm.packing.packed.values()))
+            print(f"packed {len(qm.packing.packed)} layers ({', '.join(kinds)}), {len(qm.packing.kept)} kept as "
+                  f"they were; model resident bytes: {resident_bytes(qm.model)}")
         return int(impl.run_load(qm, plugin_args))
     if args.help:
         args.parser.print_help()

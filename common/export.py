@@ -29,7 +29,7 @@ from .nn import Quantizer, QuantWeightModule
 from .pack import pack_bits, pad_rows, unpack_rows
 from .primitives import block_size_for, dequantize, quantize_tensor
 
-__all__ = ["export", "export_tensors", "quantizer_specs", "restore", "code_bits"]
+__all__ = ["export", "export_tensors", "quantizer_specs", "restore", "code_bits", "weight_entries"]
 
 
 def code_bits(q: Quantizer) -> int:
@@ -184,3 +184,30 @@ def _is_quantized_key(model: nn.Module, key: str) -> bool:
     if isinstance(m, Quantizer):
         return True
     return leaf == "weight" and isinstance(m, QuantWeightModule) and m.weight_quantizer is not None
+
+
+def weight_entries(model: nn.Module, artifact: Artifact, *, specs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The packed-weight entries (``polyquant.packed.WeightEntry``) of a restored core fake-quant model, by module
+    name, for ``polyquant.load(mode="packed")``; a layer whose weight cannot be packed maps to the reason.
+
+    Packed modules read blocks (1, g) of the weight flattened to (N, K): per-tensor, per-channel along axis 0 and
+    per-group along the last axis of a 2-d weight. Log and binary formats stay fake-quant.
+    """
+    from .packed import read_weight
+
+    specs = artifact.meta.get("quantizers", {}) if specs is None else specs
+    out: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantWeightModule) or module.weight_quantizer is None:
+            continue
+        wq = module.weight_quantizer
+        shape = tuple(module.weight.shape)
+        bs = block_size_for(wq.spec.granularity, shape)
+        if not isinstance(wq.fmt, (IntFormat, FloatFormat)):
+            out[name] = f"{wq.fmt.name} weights have no packed module"
+        elif tuple(bs) != shape and (bs[0] != 1 or (len(shape) > 2 and tuple(bs[1:]) != shape[1:])):
+            out[name] = f"blocks {bs} of a {shape} weight are not rows of the flattened weight"
+        else:
+            bits = specs.get(f"{name}.weight_quantizer", {}).get("bits", wq.fmt.bits)
+            out[name] = read_weight(artifact.tensors, name, wq.fmt, int(bits))
+    return out

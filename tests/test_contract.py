@@ -107,3 +107,20 @@ def test_command_line_round_trip(plugin: str, method: str, tmp_path: Path,
     assert code == 0, captured.err
     assert pq.load(out).config == config
     assert main(["load", str(out)]) == 0, capsys.readouterr().err
+
+
+def test_quantize_after_importing_only_the_config_module() -> None:
+    # The handler lives in the plugin's impl module; quantize loads the plugin that defines the config class.
+    import subprocess
+    import sys
+
+    code = ("import torch, polyquant as pq\n"
+            "from polyquant.plugins.vit.baselines import MinMaxConfig\n"
+            "from polyquant.plugins.vit.models import build_model\n"
+            "m, _ = build_model('digits-vit')\n"
+            "qm = pq.quantize(m, MinMaxConfig(wbits=8, abits=8, calib_size=4), calib=[torch.randn(4, 1, 32, 32)],"
+            " progress=False)\n"
+            "print(qm.plugin, qm.method)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["vit", "minmax"]

@@ -109,9 +109,13 @@ def batches(x: Tensor, batch_size: int = 256) -> Iterator[Tensor]:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
-    """Predicted class of every image of ``x`` (the model is put in eval mode and left there)."""
+    """Predicted class (on the CPU) of every image of ``x``, fed to the model on its device (the model is put in
+    eval mode and left there)."""
     model.eval()
-    return torch.cat([model(b).argmax(dim=-1) for b in batches(x, batch_size)])
+    first = next(iter([*model.parameters(), *model.buffers()]), None)
+    device = x.device if first is None else first.device
+    with torch.no_grad():
+        return torch.cat([model(b.to(device)).argmax(dim=-1).cpu() for b in batches(x, batch_size)])
 
 
 def evaluate(model: nn.Module, data: DigitsData | None = None, batch_size: int = 256) -> float:

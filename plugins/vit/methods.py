@@ -151,9 +151,22 @@ def _restore_harness(model: nn.Module, config: HarnessConfig, artifact: Artifact
     return QuantizedModel(qmodel.eval(), config)
 
 
+def _packed_weights_harness(qm: QuantizedModel, artifact: Artifact) -> dict[str, Any]:
+    """The harness's weight codes are unsigned ``bits``-bit codes with per-channel zero points: uint formats."""
+    from polyquant.formats import IntFormat
+    from polyquant.nn import QuantConv2d, QuantLinear
+    from polyquant.packed import read_weight
+
+    from .quantizers import UniformQuantizer
+
+    return {name: read_weight(artifact.tensors, name, IntFormat(m.weight_quantizer.bits, signed=False))
+            for name, m in qm.model.named_modules()
+            if isinstance(m, (QuantLinear, QuantConv2d)) and isinstance(m.weight_quantizer, UniformQuantizer)}
+
+
 for _name, _cls in {"adalog": AdaLogConfig, **BASELINES}.items():
-    register_handler(_cls, plugin=PLUGIN, method=_name, export=_export_harness, restore=_restore_harness)(
-        _quantize_harness)
+    register_handler(_cls, plugin=PLUGIN, method=_name, export=_export_harness, restore=_restore_harness,
+                     packed_weights=_packed_weights_harness)(_quantize_harness)
 
 
 # --- Q-HyViT ----------------------------------------------------------------------------------------------------
@@ -331,9 +344,12 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
 
 def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
     """``polyquant load``: report the rebuilt model's layers (and digits accuracy with --eval)."""
-    n_q = sum(1 for m in qm.model.modules() if hasattr(m, "weight_quantizer"))
+    from polyquant.packed import PACKED_MODULES
+
+    n_q = sum(1 for m in qm.model.modules() if hasattr(m, "weight_quantizer") or isinstance(m, PACKED_MODULES))
     bits = f"W{getattr(qm.config, 'wbits', '?')}A{getattr(qm.config, 'abits', '?')}"
-    print(f"restored {qm.method} {bits}: {n_q} quantized Linear / Conv layers")
+    kind = "packed" if qm.packing is not None else "fake-quant"
+    print(f"restored {qm.method} {bits}: {n_q} quantized Linear / Conv layers ({kind})")
     if args.eval:
         acc = _digits_accuracy(qm.model)
         print("not a digits model: nothing to evaluate" if acc is None else f"digits test accuracy: {acc:.2f}%")

@@ -1,0 +1,746 @@
+"""Packed modules: quantized layers that keep only their codes and run on the shared kernels.
+
+A fake-quant model (``polyquant.nn``) stores float weights on the quantization grid; the modules here store what
+an artifact stores (packed codes, scales, zero points) and compute with them:
+
+| module         | weight                                         | activations                     | matmul                          |
+|----------------|------------------------------------------------|---------------------------------|---------------------------------|
+| PackedLinear   | 2..8-bit int or fp4 (e2m1) codes, row layout,  | float (the layer's own input    | 4-bit: ``kernels.w4_gemm`` on   |
+|                | per-channel or group-wise scales (+ zero pts)  | quantizer, if any, still runs)  | CUDA, torch's int4 CPU GEMM;    |
+|                |                                                |                                 | 8-bit: torch's int8 CPU GEMM;   |
+|                |                                                |                                 | else decode + ``F.linear``      |
+| W8A8Linear     | int8 / uint8, per-channel (+ zero points)      | int8: static per-tensor         | ``kernels.int8_gemm`` on CUDA,  |
+|                |                                                | (+ zero point) or dynamic       | ``torch._int_mm`` on CPU        |
+|                |                                                | per-token                       |                                 |
+| HadamardLinear | a PackedLinear / W8A8Linear of W @ H           | online ``kernels.fwht`` of x    | the inner module's              |
+| PackedConv     | as PackedLinear (flattened (O, I * kh * kw))   | float                           | decode + the float convolution  |
+| VQLinear       | codes of sub-vectors (R residual stages)       | float                           | ``kernels.rvq_decode`` + linear |
+| VQTensor       | any tensor as VQ codes + codebooks             | -                               | ``kernels.rvq_decode``          |
+
+Weights are the core's definitions: codes are the formats' ``encode`` codes in ``polyquant.pack``'s row layout
+(``pack_rows``), the value of code c in block b is ``(fmt.decode(c) - zero_point[b]) * scale[b]`` with blocks
+(1, g) along the flattened input dimension (``PerChannel(0)``: g = K; ``PerGroup(g)``). ``WeightEntry`` reads them
+from an artifact's ``<fqn>.weight_packed / weight_scale / weight_zero_point / weight_shape`` tensors as they are.
+
+CPU compute dtype: torch's int4 and int8 weight-only CPU GEMMs are fast in bfloat16 only (measured on this
+project's AVX-512 CPU, 4096 x 4096, batch 1: 0.43 ms in bf16, 14 ms in fp32, fp32 dense 3.7 ms). Those paths
+cast the input and the scales to ``cpu_dtype`` and return the input's dtype: ``torch.bfloat16`` (default) is the
+fast one, with bf16 rounding of inputs and scales (on the digits ViT at W4A4 it moved test accuracy by up to 0.7
+points either way against fake-quant); ``torch.float32`` gives the fake-quant layer's outputs within fp32
+rounding, but torch's fp32 kernels are slower than a float matmul (``benchmarks/packed.py``).
+
+Where the bytes live: on CUDA the artifact's row bytes are the kernels' input unchanged. On CPU, 4-bit int weights
+take torch's tiled int4 layout (``_convert_weight_to_int4pack_for_cpu``, a one-time reordering of the same codes
+at build, so modules are built for a device: ``device=`` of the constructors and of ``pack_model``; the forward
+refuses inputs on another device type), and 8-bit weights are held as int8 (the code XOR 0x80). Zero points are
+exact corrections: ``(c - z) * s = (c - 8) * s + (8 - z) * s``, so symmetric kernels serve asymmetric weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .artifact import ArtifactError
+from .kernels import fwht, fwht_quantize, int8_gemm, quantize_dynamic, rvq_assign, rvq_decode, w4_gemm
+from .formats import FloatFormat, Format, IntFormat, get_format
+from .pack import row_length, unpack_rows
+from .primitives import PerChannel, PerTensor, PerToken, quantize_tensor
+
+__all__ = [
+    "WeightEntry",
+    "read_weight",
+    "decode_weight",
+    "PackedLinear",
+    "PackedConv",
+    "W8A8Linear",
+    "HadamardLinear",
+    "VQTensor",
+    "VQLinear",
+    "PackReport",
+    "pack_model",
+    "resident_bytes",
+    "PACKED_MODULES",
+]
+
+_E2M1 = FloatFormat(2, 1)
+_CPU_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 GEMM takes
+
+
+# --- weight entries ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightEntry:
+    """One quantized weight as an artifact stores it.
+
+    Args:
+        packed: uint8 codes in the row layout, (N, row bytes) or flat.
+        scale: block scales, N * K / g elements (per tensor: 1 element).
+        zero_point: block zero points (same size as ``scale``) or None; integer formats only.
+        shape: the weight's shape (N, ...); K is the product of the other dims.
+        fmt: the codes' format (``fmt.encode`` codes): an ``IntFormat`` or a ``FloatFormat``.
+        bits: stored bits per code (``fmt.bits``).
+    """
+
+    packed: Tensor
+    scale: Tensor
+    zero_point: Tensor | None
+    shape: tuple[int, ...]
+    fmt: Format
+    bits: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fmt, (IntFormat, FloatFormat)):
+            raise ValueError(f"packed weights take int or float formats, got {self.fmt.name}")
+        if self.bits != self.fmt.bits:
+            raise ValueError(f"{self.fmt.name} codes take {self.fmt.bits} bits, got bits={self.bits}")
+        if len(self.shape) < 2 or min(self.shape) < 1:
+            raise ValueError(f"weight shape must be (N, K, ...) with positive dims, got {self.shape}")
+        n, k = self.rows, self.cols
+        expected = n * row_length(k, self.bits) * self.bits // 8
+        if self.packed.dtype != torch.uint8 or self.packed.numel() != expected:
+            raise ValueError(f"packed codes of a {self.shape} weight at {self.bits} bits take {expected} uint8 bytes, "
+                             f"got {self.packed.numel()} {self.packed.dtype}")
+        if self.scale.numel() == 0 or n * k % self.scale.numel() or (self.scale.numel() != 1 and self.scale.numel() % n):
+            raise ValueError(f"{self.scale.numel()} scales do not make blocks of a {self.shape} weight")
+        if self.zero_point is not None:
+            if isinstance(self.fmt, FloatFormat):
+                if bool((self.zero_point != 0).any()):
+                    raise ValueError(f"{self.fmt.name} has no zero point")
+                self.zero_point = None
+            elif self.zero_point.numel() != self.scale.numel():
+                raise ValueError(f"zero_point has {self.zero_point.numel()} elements, scale {self.scale.numel()}")
+        if self.scale.numel() != 1 and k % (self.scale.numel() // n):
+            raise ValueError(f"{self.scale.numel() // n} groups per row do not divide K = {k}")
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return math.prod(self.shape[1:])
+
+    @property
+    def group_size(self) -> int:
+        """g: the block length along the flattened K (K for per-channel and per-tensor scales)."""
+        groups = 1 if self.scale.numel() == 1 else self.scale.numel() // self.rows
+        return self.cols // groups
+
+    def block_params(self) -> tuple[Tensor, Tensor | None]:
+        """Scales and zero points as fp32 (N, K / g) (a per-tensor value repeated over the rows)."""
+        groups = self.cols // self.group_size
+        scale = self.scale.float().reshape(-1).expand(self.rows * groups).reshape(self.rows, groups)
+        if self.zero_point is None:
+            return scale.contiguous(), None
+        zp = self.zero_point.float().reshape(-1).expand(self.rows * groups).reshape(self.rows, groups)
+        return scale.contiguous(), zp.contiguous()
+
+    def codes(self) -> Tensor:
+        """The codes (N, K) uint8."""
+        return unpack_rows(self.packed.reshape(self.rows, -1), self.bits, self.cols)
+
+
+def read_weight(tensors: dict[str, Tensor], name: str, fmt: Format | str, bits: int | None = None) -> WeightEntry:
+    """The ``WeightEntry`` of module ``name`` in an artifact's tensors (``ArtifactError`` if missing or bad)."""
+    f = get_format(fmt)
+    try:
+        packed, scale = tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"]
+        shape = tuple(int(v) for v in tensors[f"{name}.weight_shape"].tolist())
+    except KeyError as e:
+        raise ArtifactError(f"artifact has no quantized weight for {name}: missing {e}") from None
+    try:
+        return WeightEntry(packed, scale, tensors.get(f"{name}.weight_zero_point"), shape, f,
+                           f.bits if bits is None else bits)
+    except ValueError as e:
+        raise ArtifactError(f"{name}: {e}") from None
+
+
+def decode_weight(
+    codes: Tensor, fmt: Format, scale: Tensor, zero_point: Tensor | None, shape: tuple[int, ...] | None = None,
+    *, dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Codes (N, K) with block params (N, G) -> the dequantized weight (N, K) (or ``shape``)."""
+    n, k = codes.shape
+    g = k // scale.shape[1]
+    q = fmt.decode(codes).float().reshape(n, -1, g)  # (N, G, g) grid values
+    if zero_point is not None:
+        q = q - zero_point.float()[:, :, None]
+    w = (q * scale.float()[:, :, None]).reshape(n, k)
+    return w.to(dtype).reshape(shape if shape is not None else (n, k))
+
+
+def _zero(entry_fmt: Format, zero_point: Tensor | None, like: Tensor) -> Tensor:
+    """z with value = (code - z) * s for integer codes: zero_point - qmin."""
+    assert isinstance(entry_fmt, IntFormat)
+    zp = torch.zeros_like(like) if zero_point is None else zero_point
+    return zp - entry_fmt.qmin
+
+
+def _cpu_int4_group(n: int, g: int) -> int | None:
+    """The group torch's CPU int4 GEMM can use for blocks of g (a divisor of g it accepts), or None."""
+    if n % 16:
+        return None
+    return next((c for c in _CPU_INT4_GROUPS if g % c == 0), None)
+
+
+def _check_device(layout_device: str, x: Tensor, what: str) -> None:
+    if x.device.type != layout_device:
+        raise RuntimeError(f"this {what} was built for {layout_device} and got input on {x.device.type}; rebuild it "
+                           f"there (polyquant.load(path, mode='packed', device='{x.device.type}'))")
+
+
+# --- weight-only ------------------------------------------------------------------------------------------------
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T + b with W held as packed codes (see the module docstring for the paths).
+
+    The float input of a quantized layer still goes through its ``input_quantizer`` (activations stay simulated
+    here; ``W8A8Linear`` computes them in int8), and the output through its ``output_quantizer``.
+    """
+
+    def __init__(
+        self, entry: WeightEntry, bias: Tensor | None = None, *, device: str | torch.device = "cpu",
+        input_quantizer: nn.Module | None = None, output_quantizer: nn.Module | None = None,
+        cpu_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        if cpu_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"cpu_dtype must be torch.bfloat16 or torch.float32, got {cpu_dtype}")
+        if len(entry.shape) != 2:
+            raise ValueError(f"PackedLinear takes a weight (N, K), got {entry.shape}; use PackedConv")
+        dev = torch.device(device)
+        self.out_features, self.in_features = entry.shape
+        self.fmt = entry.fmt
+        self.bits = entry.bits
+        self.group_size = entry.group_size
+        self.device_type = dev.type
+        self.cpu_dtype = cpu_dtype
+        self.input_quantizer = input_quantizer
+        self.output_quantizer = output_quantizer
+        scale, zp = entry.block_params()  # (N, G) each
+        packed = entry.packed.reshape(self.out_features, -1)
+        self.path = self._choose_path(entry, dev)
+        self.register_buffer("weight_scale", scale.to(dev))
+        self.register_buffer("weight_zero_point", None if zp is None else zp.to(dev))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone().to(dev))
+        # Derived (non-persistent) tensors of the fast paths; tiny next to the codes.
+        self.register_buffer("_correction", None, persistent=False)  # (N, G): (8 - z) * s, int4 on CUDA
+        self.register_buffer("_cpu_params", None, persistent=False)  # (K / g', N, 2) torch's int4 scales and zeros
+        self.register_buffer("_w8_offset", None, persistent=False)  # (N,): (128 - z) * s for int8
+        if self.path == "w4":
+            self.register_buffer("weight_packed", packed.to(dev))
+            if isinstance(self.fmt, IntFormat):
+                corr = (8 - _zero(self.fmt, zp, scale)) * scale
+                self._correction = corr.to(dev) if bool((corr != 0).any()) else None
+        elif self.path == "cpu_int4":
+            codes = entry.codes().to(torch.int32)
+            self.register_buffer("weight_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+            g2 = _cpu_int4_group(self.out_features, self.group_size)
+            assert g2 is not None
+            rep = self.group_size // g2
+            s2 = scale.repeat_interleave(rep, dim=1)  # (N, K / g')
+            z2 = ((8 - _zero(self.fmt, zp, scale)) * scale).repeat_interleave(rep, dim=1)  # tinygemm: (q - 8) s + z
+            self._cpu_params = torch.stack([s2.T, z2.T], dim=-1).to(cpu_dtype).contiguous()
+            self.cpu_group = g2
+        elif self.path == "w8":
+            codes = entry.codes()
+            self.register_buffer("weight_packed", (codes ^ 0x80).view(torch.int8).to(dev))  # code - 128
+            self._w8_offset = ((128 - _zero(self.fmt, zp, scale)) * scale)[:, 0].contiguous().to(dev)
+            self.register_buffer("_w8_scale", scale[:, 0].to(cpu_dtype).contiguous().to(dev), persistent=False)
+        else:
+            self.register_buffer("weight_packed", packed.to(dev))
+
+    def _choose_path(self, entry: WeightEntry, dev: torch.device) -> str:
+        groups = entry.cols // entry.group_size
+        if entry.bits == 4 and (isinstance(entry.fmt, IntFormat) or entry.fmt == _E2M1):
+            if dev.type == "cuda" and (entry.group_size % 2 == 0 or groups == 1):
+                return "w4"
+            if dev.type == "cpu" and isinstance(entry.fmt, IntFormat) \
+                    and _cpu_int4_group(entry.rows, entry.group_size) is not None:
+                return "cpu_int4"
+        if entry.bits == 8 and isinstance(entry.fmt, IntFormat) and groups == 1 and dev.type == "cpu":
+            return "w8"
+        return "decode"
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, *, fmt: str | Format = "int4", group_size: int | None = 128,
+        device: str | torch.device | None = None,
+    ) -> "PackedLinear":
+        """Quantize a float ``nn.Linear`` (symmetric absmax scales per group of ``group_size``; None: per channel)."""
+        entry = quantize_weight(linear.weight.detach(), fmt, group_size)
+        return cls(entry, linear.bias, device=device or linear.weight.device)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt.name}, "
+                f"group={self.group_size}, path={self.path}, bias={self.bias is not None}")
+
+    def dequantized_weight(self) -> Tensor:
+        """The weight (N, K) in fp32, decoded (for checks; the forward does not build it on the fast paths)."""
+        if self.path == "cpu_int4":
+            eye = torch.eye(self.in_features, dtype=self.cpu_dtype)
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_packed, self.cpu_group,
+                                                               self._cpu_params).T.float().contiguous()
+        if self.path == "w8":
+            return (self.weight_packed.float() * self.weight_scale + self._w8_offset[:, None])
+        codes = unpack_rows(self.weight_packed, self.bits, self.in_features)
+        return decode_weight(codes, self.fmt, self.weight_scale, self.weight_zero_point)
+
+    def linear(self, x: Tensor) -> Tensor:
+        """x @ W.T + b on the codes (no quantizers)."""
+        _check_device(self.device_type, x, "PackedLinear")
+        if self.path == "w4":
+            fmt = "e2m1" if isinstance(self.fmt, FloatFormat) else "int4"
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            y = w4_gemm(x, self.weight_packed, self.weight_scale, fmt=fmt, block_size=(1, self.group_size),
+                        bias=bias if self._correction is None else None)
+            if self._correction is None:
+                return y  # bias added in the kernel
+            # asymmetric: + sum over groups of (sum of x in the group) * (8 - z) * s
+            xg = x.float().reshape(*x.shape[:-1], -1, self.group_size).sum(-1)  # (..., G)
+            y = (y.float() + xg @ self._correction.T).to(x.dtype)
+        elif self.path == "cpu_int4":
+            xc = x.reshape(-1, self.in_features).to(self.cpu_dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.weight_packed, self.cpu_group, self._cpu_params)
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        elif self.path == "w8":
+            xc = x.reshape(-1, self.in_features).to(self.cpu_dtype)
+            y = torch.ops.aten._weight_int8pack_mm(xc, self.weight_packed, self._w8_scale).float()
+            y = y + xc.float().sum(-1, keepdim=True) * self._w8_offset  # asymmetric correction (0 when symmetric)
+            y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        else:
+            y = F.linear(x, self.dequantized_weight().to(x.dtype))
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        y = self.linear(x)
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        return y
+
+
+
+def quantize_weight(w: Tensor, fmt: Format | str = "int4", group_size: int | None = 128) -> WeightEntry:
+    """Symmetric absmax quantization of a float weight (N, ...) into a ``WeightEntry`` (core primitives).
+
+    ``group_size``: block length along the flattened K (None: per output channel).
+    """
+    from .pack import pack_rows
+    from .primitives import choose_qparams
+
+    f = get_format(fmt)
+    w2 = w.detach().float().reshape(w.shape[0], -1)  # (N, K)
+    g = w2.shape[1] if group_size is None else int(group_size)
+    if g < 1 or w2.shape[1] % g:
+        raise ValueError(f"group_size {g} does not divide K = {w2.shape[1]}")
+    bs = (1, g)
+    scale, _ = choose_qparams(w2, f, bs, symmetric=True)  # (N, K / g)
+    q = quantize_tensor(w2, f, scale, None, bs)
+    codes = f.encode(q)
+    zp = torch.zeros_like(scale) if isinstance(f, IntFormat) else None
+    return WeightEntry(pack_rows(codes, f.bits), scale, zp, tuple(w.shape), f, f.bits)
+
+
+# --- convolutions -------------------------------------------------------------------------------------------------
+
+_CONV_FNS: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class PackedConv(nn.Module):
+    """A convolution whose weight (O, I / groups, *kernel) is held as packed codes, decoded for each call."""
+
+    def __init__(
+        self, entry: WeightEntry, conv: nn.Module, *, device: str | torch.device = "cpu",
+        input_quantizer: nn.Module | None = None, output_quantizer: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        dims = len(entry.shape) - 2
+        if dims not in _CONV_FNS:
+            raise ValueError(f"PackedConv takes 1-3d convolution weights, got shape {entry.shape}")
+        if getattr(conv, "padding_mode", "zeros") != "zeros":
+            raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported (only 'zeros')")
+        dev = torch.device(device)
+        self.shape = entry.shape
+        self.fmt = entry.fmt
+        self.bits = entry.bits
+        self.in_channels, self.out_channels = entry.shape[1] * conv.groups, entry.shape[0]
+        self.kernel_size = tuple(entry.shape[2:])
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        self.input_quantizer = input_quantizer
+        self.output_quantizer = output_quantizer
+        scale, zp = entry.block_params()
+        self.register_buffer("weight_packed", entry.packed.reshape(entry.rows, -1).to(dev))
+        self.register_buffer("weight_scale", scale.to(dev))
+        self.register_buffer("weight_zero_point", None if zp is None else zp.to(dev))
+        bias = getattr(conv, "bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone().to(dev))
+
+    def extra_repr(self) -> str:
+        return f"weight={self.shape}, {self.fmt.name}, stride={self.stride}, padding={self.padding}, groups={self.groups}"
+
+    def dequantized_weight(self) -> Tensor:
+        codes = unpack_rows(self.weight_packed, self.bits, math.prod(self.shape[1:]))
+        return decode_weight(codes, self.fmt, self.weight_scale, self.weight_zero_point, self.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = _CONV_FNS[len(self.shape) - 2](x, self.dequantized_weight().to(x.dtype), bias, self.stride, self.padding,
+                                           self.dilation, self.groups)
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        return y
+
+
+# --- W8A8 -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int8Activation:
+    """How a W8A8 layer quantizes its input: dynamic per-token symmetric int8, or static per-tensor
+    ``q = round(x / scale + zero_point)`` clamped to the format (int8 or uint8; the core's ``quantize_tensor``)."""
+
+    dynamic: bool = True
+    scale: float = 1.0
+    zero_point: float = 0.0
+    fmt: IntFormat = field(default_factory=lambda: IntFormat(8))
+
+    def __post_init__(self) -> None:
+        if self.fmt.bits != 8:
+            raise ValueError(f"W8A8 activations are 8-bit, got {self.fmt.name}")
+        if not self.dynamic and not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"a static activation scale must be finite and > 0, got {self.scale}")
+        if self.zero_point != round(self.zero_point):
+            raise ValueError(f"the activation zero point must be an integer, got {self.zero_point}")
+
+
+def int8_activation(quantizer: nn.Module | None) -> Int8Activation | None:
+    """The ``Int8Activation`` a core input quantizer computes, or None when W8A8 cannot reproduce it exactly
+    (not 8-bit int, per-channel granularity, or a quantizer with its own rounding, e.g. a plugin's)."""
+    from .nn import Quantizer
+
+    if not isinstance(quantizer, Quantizer) or type(quantizer).fake_quant is not Quantizer.fake_quant:
+        return None
+    fmt, spec = quantizer.fmt, quantizer.spec
+    if not isinstance(fmt, IntFormat) or fmt.bits != 8 or quantizer.state != "quantized":
+        return None
+    if spec.dynamic:
+        ok = isinstance(spec.granularity, PerToken) and spec.symmetric and fmt.signed
+        return Int8Activation(dynamic=True) if ok else None
+    if not isinstance(spec.granularity, PerTensor) or quantizer.scale is None or quantizer.scale.numel() != 1:
+        return None
+    zp = 0.0 if quantizer.zero_point is None else float(quantizer.zero_point.reshape(-1)[0])
+    return Int8Activation(dynamic=False, scale=float(quantizer.scale.reshape(-1)[0]), zero_point=zp, fmt=fmt)
+
+
+class W8A8Linear(nn.Module):
+    """y = x @ W.T + b with int8 activations and weights, int32 accumulation.
+
+    Weight: 8-bit int codes with per-channel scales and zero points. Activations: ``Int8Activation``. With
+    a = q_x - qmin_x - 128 and b = code - 128 (both int8) and offsets c_a = 128 + qmin_x - z_x, c_b = 128 - z_w:
+
+        y[m, n] = s_x * s_w[n] * (sum_k a b + c_b[n] * sum_k a + c_a * sum_k b[n] + K * c_a * c_b[n]) + bias[n]
+
+    the integer sum on ``kernels.int8_gemm`` (CUDA) or ``torch._int_mm`` (CPU), the rest exact corrections.
+    """
+
+    def __init__(
+        self, entry: WeightEntry, bias: Tensor | None = None, *, act: Int8Activation, device: str | torch.device = "cpu",
+        output_quantizer: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if not (isinstance(entry.fmt, IntFormat) and entry.bits == 8 and entry.group_size == entry.cols
+                and len(entry.shape) == 2):
+            raise ValueError(f"W8A8Linear takes an 8-bit int weight (N, K) with per-channel scales, got "
+                             f"{entry.fmt.name} {entry.shape} group {entry.group_size}")
+        dev = torch.device(device)
+        self.out_features, self.in_features = entry.shape
+        self.act = act
+        self.device_type = dev.type
+        self.output_quantizer = output_quantizer
+        scale, zp = entry.block_params()
+        b8 = (entry.codes() ^ 0x80).view(torch.int8)  # code - 128
+        c_b = 128 - _zero(entry.fmt, zp, scale)[:, 0]  # (N,)
+        self.register_buffer("weight_int8", b8.to(dev))
+        self.register_buffer("weight_scale", scale[:, 0].contiguous().to(dev))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone().to(dev))
+        self.register_buffer("_c_b", c_b.to(dev) if bool((c_b != 0).any()) else None, persistent=False)
+        self.register_buffer("_b_sum", b8.float().sum(1).to(dev), persistent=False)  # (N,)
+        # static activation qparams as tensors once (no host-to-device copy per call: CUDA graphs can capture it)
+        self.register_buffer("_act_scale", torch.tensor(act.scale, device=dev), persistent=False)
+        self.register_buffer("_act_zero_point", torch.tensor(act.zero_point, device=dev), persistent=False)
+
+    @property
+    def input_quantizer(self) -> None:
+        return None
+
+    def extra_repr(self) -> str:
+        how = "dynamic per-token" if self.act.dynamic else f"static {self.act.fmt.name}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, act={how}, bias={self.bias is not None}"
+
+    def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor, float]:
+        """x (M, K) -> int8 a (M, K), fp32 scales (M, 1) and the offset c_a."""
+        if self.act.dynamic:
+            a, s = quantize_dynamic(x, fmt="int8")
+            return a, s.float(), 0.0
+        fmt = self.act.fmt
+        q = quantize_tensor(x, fmt, self._act_scale, self._act_zero_point, tuple(x.shape))
+        a = (q - (fmt.qmin + 128)).to(torch.int8)
+        s = self._act_scale.expand(x.shape[0], 1)
+        return a, s, 128.0 + fmt.qmin - self.act.zero_point
+
+    def int8_matmul(self, a: Tensor, s: Tensor, c_a: float) -> Tensor:
+        """(M, N) fp32 output of int8 a (M, K) with scales s (M, 1) and offset c_a (see the class docstring)."""
+        if a.is_cuda:
+            y = int8_gemm(a, s[:, 0], self.weight_int8, self.weight_scale, out_dtype=torch.float32)
+        else:
+            acc = torch._int_mm(a, self.weight_int8.T) if a.shape[0] else a.new_zeros(0, self.out_features, dtype=torch.int32)
+            y = acc.float() * s * self.weight_scale
+        if self._c_b is not None or c_a:
+            corr = torch.zeros_like(y)
+            if self._c_b is not None:
+                corr += a.float().sum(1, keepdim=True) * self._c_b
+            if c_a:
+                c_b = self._c_b if self._c_b is not None else torch.zeros_like(self._b_sum)
+                corr += c_a * (self._b_sum + self.in_features * c_b)
+            y = y + corr * s * self.weight_scale
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_device(self.device_type, x, "W8A8Linear")
+        if x.numel() == 0:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features)
+        a, s, c_a = self.quantize_input(x2)
+        y = self.int8_matmul(a, s, c_a)
+        if self.bias is not None:
+            y = y + self.bias
+        y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        if self.output_quantizer is not None:
+            y = self.output_quantizer(y)
+        return y
+
+
+# --- Hadamard -------------------------------------------------------------------------------------------------------
+
+
+class HadamardLinear(nn.Module):
+    """y = x @ W.T + b computed as inner(fwht(x)), the inner layer holding the quantized W @ H (H the core's
+    orthonormal Hadamard matrix, ``kernels.fwht(x) = x @ H``): rotating spreads outliers before quantization
+    (QuaRot / Quamba). With a dynamic W8A8 inner layer the rotation and the int8 quantization are one fused kernel
+    (``kernels.fwht_quantize``)."""
+
+    def __init__(self, inner: PackedLinear | W8A8Linear) -> None:
+        super().__init__()
+        if not isinstance(inner, (PackedLinear, W8A8Linear)):
+            raise TypeError(f"HadamardLinear wraps a PackedLinear or W8A8Linear, got {type(inner).__name__}")
+        from .transforms import is_hadamard_size
+
+        if not is_hadamard_size(inner.in_features):
+            raise ValueError(f"no Hadamard matrix of size {inner.in_features}")
+        self.inner = inner
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, *, fmt: str | Format = "int4", group_size: int | None = 128,
+        activations: str = "float", device: str | torch.device | None = None,
+    ) -> "HadamardLinear":
+        """Rotate and quantize a float linear layer. ``activations``: "float" (weight-only ``PackedLinear``) or
+        "int8" (``W8A8Linear`` with dynamic per-token int8 inputs; then ``fmt`` must be int8, per channel)."""
+        from .transforms import hadamard_matrix
+
+        k = linear.in_features
+        h = hadamard_matrix(k).to(linear.weight.device)  # (K, K) orthonormal
+        w_rot = linear.weight.detach().float() @ h  # (N, K): x W^T = (x H)(W H)^T
+        dev = device or linear.weight.device
+        if activations == "float":
+            return cls(PackedLinear(quantize_weight(w_rot, fmt, group_size), linear.bias, device=dev))
+        if activations == "int8":
+            entry = quantize_weight(w_rot, fmt, None)
+            return cls(W8A8Linear(entry, linear.bias, act=Int8Activation(dynamic=True), device=dev))
+        raise ValueError(f"activations must be 'float' or 'int8', got {activations!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        inner = self.inner
+        if isinstance(inner, W8A8Linear) and inner.act.dynamic:
+            _check_device(inner.device_type, x, "HadamardLinear")
+            x2 = x.reshape(-1, self.in_features)
+            a, s = fwht_quantize(x2)  # fused rotation + per-token int8
+            y = inner.int8_matmul(a, s.float(), 0.0)
+            if inner.bias is not None:
+                y = y + inner.bias
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return inner(fwht(x))
+
+
+# --- vector quantization ------------------------------------------------------------------------------------------
+
+
+class VQTensor(nn.Module):
+    """A tensor held as residual VQ codes of its sub-vectors: ``forward()`` decodes it (``kernels.rvq_decode``).
+
+    The tensor (..., D) is cut into vectors of length ``d`` along its last dim; vector i has R codes, one per
+    stage, stored at ceil(log2 C) bits in the row layout (one row per vector); codebooks (R, C, d).
+    """
+
+    def __init__(self, codes: Tensor, codebooks: Tensor, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        if codebooks.dim() != 3:
+            raise ValueError(f"codebooks must be (R, C, d), got {tuple(codebooks.shape)}")
+        r, c, d = codebooks.shape
+        numel = math.prod(shape)
+        if not shape or shape[-1] % d or codes.shape != (numel // d, r):
+            raise ValueError(f"codes must be (numel / d, R) = {(numel // max(d, 1), r)} for a {shape} tensor and "
+                             f"d = {d}, got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= c):
+            raise ValueError(f"codes must lie in [0, {c})")
+        from .pack import pack_rows
+
+        self.shape = tuple(shape)
+        self.bits = max(1, (c - 1).bit_length())
+        # (numel / d, ceil(R * bits / 8)) packed rows; more than 256 codewords: int32 codes
+        stored = pack_rows(codes.to(torch.uint8), self.bits) if self.bits <= 8 else codes.to(torch.int32)
+        self.register_buffer("codes_packed", stored)
+        self.register_buffer("codebooks", codebooks.detach().clone())
+
+    @classmethod
+    def from_float(cls, x: Tensor, *, dim: int, codebook_size: int = 256, stages: int = 1, iters: int = 20,
+                   seed: int = 0) -> "VQTensor":
+        """Residual k-means (the core's ``kmeans`` per stage, ``kernels.rvq_assign`` codes) of x's sub-vectors."""
+        from .vq import kmeans
+
+        if x.shape[-1] % dim:
+            raise ValueError(f"dim {dim} does not divide the last dim {x.shape[-1]}")
+        v = x.detach().float().reshape(-1, dim)
+        residual, books = v, []
+        for stage in range(stages):
+            centers, idx = kmeans(residual, codebook_size, iters=iters, seed=seed + stage)
+            books.append(centers)
+            residual = residual - centers[idx]
+        codebooks = torch.stack(books)  # (R, C, d)
+        return cls(rvq_assign(v, codebooks), codebooks, tuple(x.shape))
+
+    def codes(self) -> Tensor:
+        """(numel / d, R) int64."""
+        r = self.codebooks.shape[0]
+        n = math.prod(self.shape) // self.codebooks.shape[2]
+        if self.bits > 8:
+            return self.codes_packed.long()
+        return unpack_rows(self.codes_packed, self.bits, r).reshape(n, r).long()
+
+    def forward(self) -> Tensor:
+        return rvq_decode(self.codes(), self.codebooks).reshape(self.shape)
+
+
+class VQLinear(nn.Module):
+    """A linear layer whose weight is a ``VQTensor`` (sub-vectors along the input dim), decoded for each call."""
+
+    def __init__(self, weight: VQTensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise ValueError(f"VQLinear takes a (N, K) weight, got {weight.shape}")
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, *, dim: int = 4, codebook_size: int = 256, stages: int = 1,
+                   seed: int = 0) -> "VQLinear":
+        vq = VQTensor.from_float(linear.weight, dim=dim, codebook_size=codebook_size, stages=stages, seed=seed)
+        return cls(vq, linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+
+PACKED_MODULES: tuple[type[nn.Module], ...] = (PackedLinear, PackedConv, W8A8Linear, HadamardLinear, VQLinear)
+
+
+# --- whole models ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackReport:
+    """What ``pack_model`` did: packed layers (name -> module kind and path) and layers left as they were (why)."""
+
+    packed: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+
+
+def pack_model(
+    model: nn.Module, entries: dict[str, WeightEntry | str], *, device: str | torch.device = "cpu",
+    int8_activations: bool = True, cpu_dtype: torch.dtype = torch.bfloat16,
+) -> PackReport:
+    """Replace each module named in ``entries`` (a fake-quant ``QuantLinear`` / ``QuantConv*`` or a float
+    ``nn.Linear`` / ``nn.Conv*``) by its packed module built from the entry, in place (a string entry: the
+    reason the layer stays as it is, recorded in the report).
+
+    Linear layers whose weight is 8-bit per-channel and whose input quantizer is a core int8 quantizer that
+    ``W8A8Linear`` reproduces become ``W8A8Linear`` (``int8_activations``); other linears ``PackedLinear``
+    (the input quantizer kept; ``cpu_dtype``: see the module docstring), convolutions ``PackedConv``. The rest of
+    the model is not moved: place it on ``device`` first.
+    """
+    from .nn import set_submodule
+
+    report = PackReport()
+    for name, entry in entries.items():
+        if isinstance(entry, str):  # the plugin's reason for leaving this layer fake-quant
+            report.kept[name] = entry
+            continue
+        module = model.get_submodule(name)
+        iq = getattr(module, "input_quantizer", None)
+        oq = getattr(module, "output_quantizer", None)
+        bias = getattr(module, "bias", None)
+        weight = getattr(module, "weight", None)
+        if weight is None or tuple(weight.shape) != entry.shape:
+            raise ArtifactError(f"{name}: weight shape {entry.shape} in the artifact, "
+                                f"{None if weight is None else tuple(weight.shape)} in the model")
+        try:
+            if isinstance(module, nn.Linear) or len(entry.shape) == 2 and hasattr(module, "in_features"):
+                act = int8_activation(iq) if int8_activations else None
+                if act is not None and entry.bits == 8 and isinstance(entry.fmt, IntFormat) \
+                        and entry.group_size == entry.cols:
+                    new: nn.Module = W8A8Linear(entry, bias, act=act, device=device, output_quantizer=oq)
+                    report.packed[name] = "W8A8Linear"
+                else:
+                    new = PackedLinear(entry, bias, device=device, input_quantizer=iq, output_quantizer=oq,
+                                       cpu_dtype=cpu_dtype)
+                    report.packed[name] = f"PackedLinear({new.path})"
+            elif hasattr(module, "stride") and hasattr(module, "groups"):
+                new = PackedConv(entry, module, device=device, input_quantizer=iq, output_quantizer=oq)
+                report.packed[name] = "PackedConv"
+            else:
+                report.kept[name] = f"{type(module).__name__} is not a linear or convolution layer"
+                continue
+        except ValueError as e:
+            report.kept[name] = str(e)
+            continue
+        set_submodule(model, name, new)
+    return report
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model`` (persistent or not), each storage counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
