@@ -11,6 +11,6 @@ echo "== gpu tests"; timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider
     2>&1 | tail -15
 echo "== packed benchmark"; timeout 150 python3 benchmarks/packed.py --device cuda --out "$OUT/packed_h100.json" 2>&1 | tail -30
 echo "== vit on cuda"; timeout 60 polyquant quantize vit/adalog --device cuda --wbits 4 --abits 4 --calib 32 --quiet \
-    --out /tmp/adalog.safetensors 2>&1 | tail -3
+    --out /tmp/adalog.safetensors --force 2>&1 | tail -3
 echo "== kernels"; timeout "${KERNELS_S:-150}" python3 benchmarks/kernels.py --device cuda --no-sweep \
     --out "$OUT/kernels_h100.json" 2>&1 | tail -40

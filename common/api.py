@@ -333,11 +333,16 @@ def to_artifact(qm: QuantizedModel, meta: dict[str, Any] | None = None) -> Artif
 
 
 def save(qm: QuantizedModel, path: str | os.PathLike[str], meta: dict[str, Any] | None = None) -> Path:
-    """Write ``qm`` as an artifact (atomic; see ``polyquant.artifact``); ``meta`` is free-form JSON."""
+    """Write ``qm`` as an artifact (atomic; see ``polyquant.artifact``); ``meta`` is free-form JSON.
+
+    An existing regular file at ``path`` is replaced; a target that is not one (a directory, device, FIFO or
+    symbolic link) or cannot be written is refused with ``ArtifactError`` before the model is exported.
+    """
     from . import artifact
 
     if not isinstance(qm, QuantizedModel):
         raise TypeError(f"polyquant.save takes a QuantizedModel (from polyquant.quantize), got {type(qm).__name__}")
+    artifact.check_target(path, force=True)
     return artifact.save(to_artifact(qm, meta), path)
 
 
@@ -404,6 +409,7 @@ def load(
 ) -> QuantizedModel:
     """Load an artifact and rebuild its quantized model: the plugin's ``build_model`` makes the float skeleton
     from the recorded model config (or ``model`` is used, not modified), then the method's ``restore``.
+    ``path`` must be a regular file (see ``polyquant.artifact.load``: ``ArtifactError`` for anything else).
 
     ``mode="fake"``: fake-quant modules (float weights on the quantization grid). ``mode="packed"``: the
     quantized layers become packed modules (``polyquant.packed``: codes only, the kernels' GEMMs); the load

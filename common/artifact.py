@@ -22,6 +22,17 @@ The manifest (a JSON object stored as a string under ``__metadata__["polyquant"]
 shapes, offsets contiguous and in range), the manifest (format, version, its own checksum, tensor names, dtypes,
 shapes) and every tensor's sha256 before safetensors reads the bytes. Any problem raises ``ArtifactError``.
 The checksums detect corruption, not deliberate tampering (anyone can recompute them); they are not a signature.
+The header alone bounds what a file may ask for: at most ``MAX_RANK`` dimensions per tensor, element counts that
+match the bytes, and no empty tensor spanning more than ``MAX_EMPTY_EXTENT`` positions (a zero-size tensor of shape
+``(2**40, 0)`` has no bytes but a 2**40-entry ``.tolist()``). ``load`` and ``read_manifest`` read regular files
+only (never block on a FIFO, never read a device without end) and compare the file size with the header before
+reading any tensor data.
+
+``save`` refuses (``check_target``) a target that is not a regular file (directory, FIFO, device, socket, symbolic
+link: the rename would replace it, as root even ``/dev/null``), a missing or unwritable folder, an empty name and
+a name longer than the file system allows. Its temp file, ``.<name>.<digest>.<random>.tmp`` beside the target
+(the name shortened so that names up to the 255-byte limit still save), holds an advisory lock while it is
+written; the next save of the same target removes temp files that no live save holds (left by a killed one).
 
 Tensor keys are flat strings, by convention ``<fqn>.weight_packed``, ``<fqn>.weight_scale``,
 ``<fqn>.weight_zero_point``, ``<fqn>.weight_shape``.
@@ -34,7 +45,9 @@ import json
 import math
 import os
 import secrets
+import stat
 import sys
+from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +56,32 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
-__all__ = ["Artifact", "ArtifactError", "save", "load", "read_manifest", "FORMAT_NAME", "FORMAT_VERSION"]
+try:  # advisory locks on temp files (POSIX); without them stale temp files are left alone
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "save",
+    "load",
+    "read_manifest",
+    "check_target",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_RANK",
+    "MAX_EMPTY_EXTENT",
+]
 
 FORMAT_NAME = "polyquant-artifact"
 FORMAT_VERSION = 1
 MANIFEST_KEY = "polyquant"
+MAX_RANK = 32  # dimensions per tensor; deeper shapes crash torch's recursive helpers (.tolist() at 100,000)
+MAX_EMPTY_EXTENT = 2**24  # product of the non-zero dims of a tensor with no elements
 _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+_NAME_MAX = 255  # bytes in a file name, where the file system does not say (os.pathconf)
+_TEMP_SUFFIX_BYTES = 16 + len(".tmp")  # the random hex part and the suffix of a temp file name
 
 # safetensors dtype name -> torch dtype (the ones we write and accept)
 _DTYPES: dict[str, torch.dtype] = {
@@ -117,10 +150,13 @@ class Artifact:
 def save(artifact: Artifact, path: str | os.PathLike[str]) -> Path:
     """Write ``artifact`` to ``path`` atomically (temp file in the same folder, fsync, rename); returns the path.
 
+    An existing regular file at ``path`` is replaced; any other target is refused first (see ``check_target``).
     Raises ``ArtifactError`` for an artifact that cannot be represented (non-JSON config or meta, bad names,
-    unsupported dtypes); the previous file at ``path``, if any, is untouched on any failure.
+    unsupported dtypes, shapes beyond ``MAX_RANK`` / ``MAX_EMPTY_EXTENT``) or a target that cannot be written,
+    and ``OSError`` (naming ``path``) when writing fails; the previous file at ``path``, if any, is untouched on
+    any failure.
     """
-    path = Path(path)
+    path = check_target(path, force=True)
     where = str(path)
     if artifact.format_version != FORMAT_VERSION:
         raise ArtifactError(f"{where}: can only write format_version {FORMAT_VERSION}, got {artifact.format_version}")
@@ -171,23 +207,163 @@ def save(artifact: Artifact, path: str | os.PathLike[str]) -> Path:
     head = json.dumps(header, separators=(",", ":")).encode("ascii")
     head += b" " * (-(8 + len(head)) % 8)
 
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    prefix = _temp_prefix(path)
+    _remove_stale_temps(path.parent, prefix)
+    tmp = path.with_name(f"{prefix}{secrets.token_hex(8)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as f:
+            _lock(f.fileno())  # held until closed: a live save's temp file is never taken for a stale one
             _write_chunk(f, len(head).to_bytes(8, "little"))
             _write_chunk(f, head)
             for name in order:
                 _write_chunk(f, raw[name])
             f.flush()
             os.fsync(f.fileno())
+        _check_replaceable(path, where)  # again: the target may have changed while we wrote
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and e.filename in (None, os.fspath(tmp)):
+            raise OSError(e.errno, e.strerror, where) from e  # name the user's path, not the hidden temp file
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def check_target(
+    path: str | os.PathLike[str], *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> Path:
+    """Check, before any work starts, that an artifact can be saved at ``path``; returns it as a ``Path``.
+
+    Raises ``ArtifactError`` (one line naming ``path``) for: an empty path or one naming a folder; a missing
+    folder, or one that is not a folder or not writable; a name longer than the file system allows; an existing
+    target that is not a regular file (a directory, FIFO, device, socket or symbolic link: ``save`` renames a new
+    file over the target, which would replace it; give the real path of a link instead); an existing file unless
+    ``force``; and, even with ``force``, a target that is the same file as one of ``inputs`` (paths that do not
+    exist are skipped).
+    """
+    raw = os.fspath(path)
+    if isinstance(raw, bytes):
+        raw = os.fsdecode(raw)
+    if not raw:
+        raise ArtifactError("'': empty path; give a file name")
+    target = Path(raw)
+    if os.path.basename(raw) in ("", ".", ".."):  # 'out/', 'out/.': pathlib would drop the final part
+        raise ArtifactError(f"{raw}: names a folder; give a file name such as {raw.rstrip('/' + os.sep) or '.'}"
+                            "/model.safetensors")
+    folder = target.parent
+    try:
+        folder_mode = os.stat(folder).st_mode
+    except FileNotFoundError:
+        raise ArtifactError(f"{raw}: the folder {folder} does not exist") from None
+    except OSError as e:
+        raise ArtifactError(f"{raw}: cannot use the folder {folder} ({e.strerror or e})") from None
+    if not stat.S_ISDIR(folder_mode):
+        raise ArtifactError(f"{raw}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ArtifactError(f"{raw}: cannot write in the folder {folder} (permission denied or read-only)")
+    limit = _name_max(folder)
+    if len(os.fsencode(target.name)) > limit:
+        raise ArtifactError(f"{raw}: the file name is {len(os.fsencode(target.name))} bytes, longer than the "
+                            f"{limit} the file system allows")
+    exists = _check_replaceable(target, raw)
+    if exists:
+        same = _same_file_as(target, inputs)
+        if same is not None:
+            raise ArtifactError(f"{raw}: is the input {same}; saving would overwrite it (choose another path)")
+        if not force:
+            raise ArtifactError(f"{raw}: the file exists; pass --force to overwrite it")
+    return target
+
+
+def _check_replaceable(path: Path, where: str) -> bool:
+    """Whether ``path`` exists; ``ArtifactError`` if it is something a rename must not replace."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise ArtifactError(f"{where}: cannot check the target ({e.strerror or e})") from None
+    if stat.S_ISLNK(mode):
+        raise ArtifactError(f"{where}: is a symbolic link (to {os.readlink(path)}); artifacts are only written to "
+                            "regular files, give the real path")
+    if not stat.S_ISREG(mode):
+        raise ArtifactError(f"{where}: is a {_file_kind(mode)}; artifacts are only written to regular files")
+    return True
+
+
+def _same_file_as(path: Path, inputs: Iterable[str | os.PathLike[str]]) -> str | None:
+    """The first of ``inputs`` that is the same file as ``path`` (same device and inode), or None."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return None
+    for item in inputs:
+        with suppress(OSError, ValueError):  # inputs that do not exist or cannot be named are not the target
+            found = os.stat(item)
+            if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+                return os.fsdecode(os.fspath(item))
+    return None
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link"), (stat.S_ISFIFO, "FIFO"),
+             (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")]
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (in bytes) the file system of ``folder`` allows."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):  # not POSIX, or the file system does not say
+        return _NAME_MAX
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.<name>.<digest>.``: what every temp file of ``path`` starts with. The name is shortened so that the
+    whole temp name fits in the file system's limit; the digest of the full name keeps shortened names apart."""
+    digest = hashlib.sha256(os.fsencode(path.name)).hexdigest()[:8]
+    budget = _name_max(path.parent) - len(f"..{digest}.") - _TEMP_SUFFIX_BYTES
+    name = path.name
+    while len(os.fsencode(name)) > budget:
+        name = name[:-1]
+    return f".{name}.{digest}."
+
+
+def _lock(fd: int) -> None:
+    """Lock a new temp file for the duration of the save (where the file system has no locks: not locked)."""
+    if fcntl is not None:
+        with suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _remove_stale_temps(folder: Path, prefix: str) -> None:
+    """Remove the temp files of one target that no live save holds locked (left behind by a killed save)."""
+    if fcntl is None:
+        return
+    try:
+        with os.scandir(folder) as entries:
+            names = [e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(".tmp")
+                     and len(e.name) == len(prefix) + _TEMP_SUFFIX_BYTES]
+    except OSError:
+        return
+    for name in names:
+        stale = folder / name
+        with suppress(OSError):
+            fd = os.open(stale, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a save in progress
+                os.unlink(stale)
+            finally:
+                os.close(fd)
 
 
 def _write_chunk(f: BinaryIO, data: bytes | memoryview) -> None:
@@ -220,7 +396,21 @@ def _prepare_tensor(name: object, t: object, where: str) -> Tensor:
     if t.dtype not in _DTYPE_NAMES:
         supported = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_NAMES)
         raise ArtifactError(f"{where}: tensor {name!r} has unsupported dtype {t.dtype} (supported: {supported})")
+    problem = _shape_problem(list(t.shape))
+    if problem:
+        raise ArtifactError(f"{where}: tensor {name!r} cannot be saved: {problem}")
     return t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+
+
+def _shape_problem(shape: list[int]) -> str | None:
+    """Why a shape of non-negative ints is refused (see ``MAX_RANK``, ``MAX_EMPTY_EXTENT``), or None."""
+    if len(shape) > MAX_RANK:
+        return f"{len(shape)} dimensions, more than MAX_RANK = {MAX_RANK}"
+    if 0 in shape:
+        extent = math.prod(d for d in shape if d)
+        if extent > MAX_EMPTY_EXTENT:
+            return f"an empty tensor spanning {extent} positions, more than MAX_EMPTY_EXTENT = {MAX_EMPTY_EXTENT}"
+    return None
 
 
 def _raw_bytes(t: Tensor) -> memoryview:
@@ -286,10 +476,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The verified manifest of an artifact, reading only its header (tensor checksums are not verified)."""
     where = str(path)
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path, where) as f:
             size = os.fstat(f.fileno()).st_size
-            n = _header_length(f.read(8), size, where)
-            head = f.read(n)
+            n = _header_length(_read_exact(f, 8, where), size, where)
+            head = _read_exact(f, n, where)
         entries, metadata = _parse_header(head, size - 8 - n, where)
         return _parse_manifest(metadata, entries, where)
     except ArtifactError:
@@ -299,20 +489,25 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _load(path: Path, where: str) -> Artifact:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{where}: cannot read file ({e.strerror or e})") from e
-    n = _header_length(data[:8], len(data), where)
-    start = 8 + n
-    entries, metadata = _parse_header(data[8:start], len(data) - start, where)
-    manifest = _parse_manifest(metadata, entries, where)
+    with _open_regular(path, where) as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = _read_exact(f, 8, where)
+        n = _header_length(prefix, size, where)
+        head = _read_exact(f, n, where)
+        start = 8 + n
+        # Every tensor's dtype, shape and span is checked against the file size before any data is read.
+        entries, metadata = _parse_header(head, size - start, where)
+        manifest = _parse_manifest(metadata, entries, where)
+        f.seek(0)
+        data = _read_exact(f, size, where)
+    if data[:start] != prefix + head:
+        raise ArtifactError(f"{where}: the file changed while it was read")
 
     with memoryview(data) as view:
         for name, spec in manifest["tensors"].items():
             begin, end = entries[name]["data_offsets"]
             if hashlib.sha256(view[start + begin : start + end]).hexdigest() != spec["sha256"]:
-                raise ArtifactError(f"{where}: checksum mismatch for tensor {name!r} (the file is corrupted)")
+                raise ArtifactError(f"{where}: checksum mismatch for tensor {_short(name)} (the file is corrupted)")
 
     from safetensors.torch import load as safetensors_load
 
@@ -328,6 +523,33 @@ def _load(path: Path, where: str) -> Artifact:
         meta=manifest["meta"],
         format_version=manifest["format_version"],
     )
+
+
+def _open_regular(path: str | os.PathLike[str], where: str) -> BinaryIO:
+    """Open a regular file for reading; a FIFO, device, socket or directory is refused without blocking on it."""
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):
+            # O_NONBLOCK: should the path become a FIFO after the check, opening it still does not wait.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+            f = os.fdopen(fd, "rb")
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode):
+                return f
+            f.close()
+    except OSError as e:
+        raise ArtifactError(f"{where}: cannot read file ({e.strerror or e})") from e
+    raise ArtifactError(f"{where}: is a {_file_kind(mode)}, not a regular file")
+
+
+def _read_exact(f: BinaryIO, n: int, where: str) -> bytes:
+    try:
+        data = f.read(n)
+    except OSError as e:
+        raise ArtifactError(f"{where}: cannot read file ({e.strerror or e})") from e
+    if len(data) != n:
+        raise ArtifactError(f"{where}: the file ended after {len(data)} of {n} bytes (truncated while it was read)")
+    return data
 
 
 def _header_length(prefix: bytes, file_size: int, where: str) -> int:
@@ -387,27 +609,36 @@ def _parse_header(head: bytes, data_len: int, where: str) -> tuple[dict[str, dic
     spans = []
     for name, entry in header.items():
         if not isinstance(entry, dict) or set(entry) != _ENTRY_FIELDS:
-            raise ArtifactError(f"{where}: bad header entry for tensor {name!r}: expected {sorted(_ENTRY_FIELDS)}")
+            raise ArtifactError(
+                f"{where}: bad header entry for tensor {_short(name)}: expected {sorted(_ENTRY_FIELDS)}"
+            )
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise ArtifactError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}")
+            raise ArtifactError(f"{where}: tensor {_short(name)} has unknown dtype {_short(dtype)}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise ArtifactError(f"{where}: tensor {name!r} has a bad shape {shape!r}")
+            raise ArtifactError(f"{where}: tensor {_short(name)} has a bad shape {_short(shape)}")
+        problem = _shape_problem(shape)
+        if problem:
+            raise ArtifactError(f"{where}: tensor {_short(name)} has {problem}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-            raise ArtifactError(f"{where}: tensor {name!r} has bad data_offsets {offsets!r}")
+            raise ArtifactError(f"{where}: tensor {_short(name)} has bad data_offsets {_short(offsets)}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
-            raise ArtifactError(f"{where}: tensor {name!r} data_offsets {offsets} outside the {data_len} data bytes")
+            raise ArtifactError(
+                f"{where}: tensor {_short(name)} data_offsets {_short(offsets)} outside the {data_len} data bytes"
+            )
         nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
         if end - begin != nbytes:
-            raise ArtifactError(f"{where}: tensor {name!r} spans {end - begin} bytes, {dtype}{shape} needs {nbytes}")
+            raise ArtifactError(
+                f"{where}: tensor {_short(name)} spans {end - begin} bytes, {dtype}{_short(shape)} needs {nbytes}"
+            )
         spans.append((begin, end, name))
 
     expected = 0
     for begin, end, name in sorted(spans):
         if begin != expected:
             problem = "overlaps the previous tensor" if begin < expected else "leaves a gap before it"
-            raise ArtifactError(f"{where}: bad header: tensor {name!r} at offset {begin} {problem}")
+            raise ArtifactError(f"{where}: bad header: tensor {_short(name)} at offset {begin} {problem}")
         expected = end
     if expected != data_len:
         raise ArtifactError(
@@ -416,24 +647,31 @@ def _parse_header(head: bytes, data_len: int, where: str) -> tuple[dict[str, dic
     return header, metadata
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (header values can be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _parse_manifest(metadata: dict[str, str], entries: dict[str, dict[str, Any]], where: str) -> dict[str, Any]:
     """Validate the manifest and check it against the header entries; returns the manifest."""
     if MANIFEST_KEY not in metadata:
         raise ArtifactError(f"{where}: not a polyquant artifact: no '{MANIFEST_KEY}' manifest in the metadata")
     extra = set(metadata) - {MANIFEST_KEY}
     if extra:
-        raise ArtifactError(f"{where}: unexpected metadata keys {sorted(extra)} next to the manifest")
+        raise ArtifactError(f"{where}: unexpected metadata keys {_short(sorted(extra))} next to the manifest")
     manifest = _parse_json(metadata[MANIFEST_KEY], "manifest", where)
     if manifest.get("format") != FORMAT_NAME:
-        raise ArtifactError(f"{where}: not a polyquant artifact: manifest format is {manifest.get('format')!r}")
+        raise ArtifactError(f"{where}: not a polyquant artifact: manifest format is {_short(manifest.get('format'))}")
     version = manifest.get("format_version")
     if not _is_int(version) or not 1 <= version <= FORMAT_VERSION:
         raise ArtifactError(
-            f"{where}: unsupported format_version {version!r} (this polyquant reads 1..{FORMAT_VERSION}; "
+            f"{where}: unsupported format_version {_short(version)} (this polyquant reads 1..{FORMAT_VERSION}; "
             "a newer file needs a newer polyquant)"
         )
     if set(manifest) != _MANIFEST_FIELDS:
-        raise ArtifactError(f"{where}: bad manifest: fields {sorted(manifest)}, expected {sorted(_MANIFEST_FIELDS)}")
+        fields = _short(sorted(manifest))
+        raise ArtifactError(f"{where}: bad manifest: fields {fields}, expected {sorted(_MANIFEST_FIELDS)}")
     if manifest["manifest_sha256"] != _manifest_digest(manifest):
         raise ArtifactError(f"{where}: manifest checksum mismatch (the header is corrupted)")
     for key in ("plugin", "method"):
@@ -450,18 +688,18 @@ def _parse_manifest(metadata: dict[str, str], entries: dict[str, dict[str, Any]]
     missing, unexpected = set(tensors) - set(entries), set(entries) - set(tensors)
     if missing or unexpected:
         raise ArtifactError(
-            f"{where}: tensor names do not match the manifest: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
+            f"{where}: tensor names do not match the manifest: missing {_short(sorted(missing)[:5])}, "
+            f"unexpected {_short(sorted(unexpected)[:5])}"
         )
     for name, spec in tensors.items():
         if not isinstance(spec, dict) or set(spec) != _MANIFEST_TENSOR_FIELDS:
-            raise ArtifactError(f"{where}: bad manifest entry for tensor {name!r}")
+            raise ArtifactError(f"{where}: bad manifest entry for tensor {_short(name)}")
         entry = entries[name]
         if spec["dtype"] != entry["dtype"] or spec["shape"] != entry["shape"]:
             raise ArtifactError(
-                f"{where}: tensor {name!r} is {entry['dtype']}{entry['shape']} in the file but "
-                f"{spec['dtype']}{spec['shape']} in the manifest"
+                f"{where}: tensor {_short(name)} is {entry['dtype']}{_short(entry['shape'])} in the file but "
+                f"{_short(spec['dtype'])}{_short(spec['shape'])} in the manifest"
             )
         if not isinstance(spec["sha256"], str):
-            raise ArtifactError(f"{where}: bad manifest: sha256 of tensor {name!r} must be a string")
+            raise ArtifactError(f"{where}: bad manifest: sha256 of tensor {_short(name)} must be a string")
     return manifest

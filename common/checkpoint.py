@@ -10,9 +10,12 @@ safetensors file any reader opens; the metadata is ``str -> str`` (callers encod
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from torch import Tensor
+
+from .artifact import MAX_RANK
 
 __all__ = ["save_checkpoint", "read_checkpoint", "read_checkpoint_metadata"]
 
@@ -34,27 +37,48 @@ def save_checkpoint(tensors: dict[str, Tensor], path: str | os.PathLike[str], me
 
 
 def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    """``FileNotFoundError`` for a missing path; ``ValueError`` for one that is not a regular file (a directory,
+    FIFO or device: reading it would fail, block or never end)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the checkpoint ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file, so not a safetensors checkpoint")
 
 
 def read_checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The string metadata of a safetensors checkpoint (tensors are not read)."""
+    """The string metadata of a safetensors checkpoint (tensors are not read).
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (one line naming the file) for anything
+    that is not a readable safetensors file, or has a tensor of more than ``MAX_RANK`` dimensions.
+    """
     from safetensors import safe_open
 
     path = Path(path)
     _check_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            metadata = dict(f.metadata() or {})
+            ranks = {name: len(f.get_slice(name).get_shape()) for name in f.keys()}  # header only, no data
     except Exception as e:  # safetensors raises its own error types for foreign files
         raise ValueError(f"{path} is not a safetensors checkpoint: {e}") from None
+    deep = [name for name, rank in ranks.items() if rank > MAX_RANK]
+    if deep:
+        raise ValueError(f"{path}: tensor {deep[0]!r} has {ranks[deep[0]]} dimensions, more than "
+                         f"MAX_RANK = {MAX_RANK}")
+    return metadata
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """(tensors on CPU, string metadata) of a safetensors checkpoint."""
+    """(tensors on CPU, string metadata) of a safetensors checkpoint; errors as ``read_checkpoint_metadata``."""
     from safetensors.torch import load_file
 
     metadata = read_checkpoint_metadata(path)
-    tensors: dict[str, Tensor] = load_file(str(path), device="cpu")
+    try:
+        tensors: dict[str, Tensor] = load_file(str(path), device="cpu")
+    except Exception as e:  # the file changed since its header was read, or safetensors refuses its data
+        raise ValueError(f"{path} is not a safetensors checkpoint: {e}") from None
     return tensors, metadata

@@ -9,8 +9,11 @@
     polyquant load ARTIFACT [ARGS ...]              verify and summarize an artifact; its plugin rebuilds the model
                                                     and its run_load hook reports
 
-Exit codes: 0 success, 1 a command failed, 2 bad arguments or an unusable plugin. Errors are one line on stderr;
-``--debug`` adds the traceback.
+Exit codes: 0 success, 1 a command failed, 2 bad arguments or an unusable plugin, 141 standard output closed
+early (``polyquant list --json | head -1``; nothing is reported, like a command ended by SIGPIPE). Errors are one
+line on stderr; ``--debug`` (anywhere on the line) adds the traceback. Text that comes from files or plugins
+(manifest strings, tensor names, error messages) is printed with non-printable characters escaped, so an artifact
+cannot send escape sequences to the terminal.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
 import warnings
 from collections.abc import Sequence
+from contextlib import suppress
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -42,7 +48,7 @@ from .plugins import (
     load,
 )
 
-__all__ = ["main", "build_parser", "CliError", "add_config_options", "config_from_args"]
+__all__ = ["main", "build_parser", "CliError", "add_config_options", "config_from_args", "printable"]
 
 CORE_DEMO = "polyquant.demo:run_core_demo"
 
@@ -190,21 +196,32 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.plugins:
-        demos = [(name, get_demo(name)) for name in args.plugins]  # explicit: unusable -> PluginLoadError
-        missing = [name for name, demo in demos if demo is None]
+    if args.plugins:  # explicit: an unknown or unusable plugin, or one without a demo, is a usage error
+        infos = [get_info(name) for name in args.plugins]
+        for info in infos:
+            if not info.available:
+                raise PluginLoadError(f"plugin {info.name!r} is unavailable: {info.error}")
+        missing = [info.name for info in infos if info.spec is None or info.spec.demo is None]
         if missing:
             raise CliError(f"no demo in plugin(s): {', '.join(missing)}")
+        names = list(args.plugins)
     else:
-        demos = [(name, get_demo(name)) for name, info in discover().items() if info.available]
-        demos = [(name, demo) for name, demo in demos if demo is not None]
-    if not demos:
+        names = [name for name, info in discover().items() if info.available and info.spec and info.spec.demo]
+    if not names:
         return _run_core_demo(args)
     failed = 0
-    for name, demo in demos:
+    for name in names:  # each demo is isolated: one that fails to import, raises or exits does not stop the rest
         print(f"== {name} ==", flush=True)
-        failed += not _run_reported(f"demo of plugin {name!r}", demo, args)
+        failed += not _run_reported(f"demo of plugin {name!r}", partial(_plugin_demo, name), args)
     return 1 if failed else 0
+
+
+def _plugin_demo(name: str) -> object:
+    """Import and run the demo of plugin ``name`` (both inside ``_run_reported``)."""
+    demo = get_demo(name)
+    if demo is None:
+        raise PluginLoadError(f"plugin {name!r} declares no demo")
+    return demo()
 
 
 def _run_core_demo(args: argparse.Namespace) -> int:
@@ -218,11 +235,17 @@ def _run_core_demo(args: argparse.Namespace) -> int:
     return 0 if _run_reported("core demo", demo, args) else 1
 
 
-def _run_reported(what: str, demo: Any, args: argparse.Namespace) -> bool:
-    """Run one demo and print its report; a failure is reported in one line and does not stop the others."""
+def _run_reported(what: str, demo: Callable[[], object], args: argparse.Namespace) -> bool:
+    """Run one demo and print its report; a failure (any exception, ``sys.exit`` included, but not Ctrl-C) is
+    reported in one line and does not stop the others."""
     try:
         report = demo()
-    except Exception as e:
+    except KeyboardInterrupt:
+        raise
+    except SystemExit as e:
+        _print_error(f"{what} failed: it exited (code {e.code!r}) instead of returning a report", args.debug)
+        return False
+    except BaseException as e:  # noqa: BLE001 - a demo must not take the other demos down
         _print_error(f"{what} failed: {type(e).__name__}: {e}", args.debug)
         return False
     print(report, flush=True)
@@ -296,11 +319,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     impl.add_model_args(parser, method)
     add_config_options(parser, cls)
     run = parser.add_argument_group("run options (not saved)")
-    run.add_argument("--out", type=Path, default=None, help="artifact path (.safetensors)")
+    run.add_argument("--out", default=None, metavar="PATH",
+                     help="artifact path (.safetensors); checked before calibration starts")
+    run.add_argument("--force", action="store_true", help="overwrite an existing --out file (never an input file)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where the model is)")
     run.add_argument("--quiet", action="store_true", help="no progress bars (they show only in a terminal)")
     parsed = parser.parse_args(["--help"] if args.help else args.rest)
     config = config_from_args(cls, parsed, prog)
+    if parsed.out is not None:
+        _check_out(parsed, prog)
 
     from .api import progress_default, quantize, save
 
@@ -320,6 +347,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     path = save(qm, parsed.out, meta={"calib_seconds": round(seconds, 3)})
     print(f"saved {path} ({path.stat().st_size:,} bytes)")
     return 0
+
+
+def _check_out(parsed: argparse.Namespace, prog: str) -> None:
+    """Refuse an unusable ``--out`` before the model is loaded and calibrated. The value of every other option
+    that names an existing file (``--model ckpt.safetensors``) is an input that the output must not overwrite."""
+    from .artifact import ArtifactError, check_target
+
+    inputs = [value for key, value in vars(parsed).items() if key != "out" and isinstance(value, str) and value]
+    try:
+        check_target(parsed.out, force=parsed.force, inputs=inputs)
+    except ArtifactError as e:
+        raise CliError(f"--out {e}", prog=prog) from None
 
 
 def _method_summary(plugin: str, method: str) -> str | None:
@@ -342,19 +381,22 @@ def cmd_load(args: argparse.Namespace) -> int:
             return 0
         raise CliError("the following arguments are required: ARTIFACT (see 'polyquant load --help')")
     path = Path(args.artifact)
-    if not path.is_file():
-        raise CliError(f"no such file: {path}")
     try:
         from .artifact import ArtifactError
         from .artifact import load as load_artifact
     except ImportError as e:
         raise CliError(f"artifacts are not supported by this installation: {e}") from e
     try:
-        artifact = load_artifact(path)
+        artifact = load_artifact(path)  # a missing file, a FIFO or a device is refused here, without blocking
     except ArtifactError as e:
         raise CliError(str(e)) from e  # the message names the file
-    plugin = getattr(artifact, "plugin", None)
-    impl = load(plugin) if plugin else None  # the artifact's plugin must be usable to hand it over
+    plugin = artifact.plugin
+    impl, unavailable = None, None
+    if plugin:
+        try:
+            impl = load(plugin)
+        except PluginLoadError as e:  # the artifact can still be inspected; only the rebuild needs the plugin
+            unavailable = str(e)
     if impl is not None and hasattr(impl, "add_load_args") and hasattr(impl, "run_load"):
         parser = _Parser(prog=f"polyquant load {args.artifact}", description=f"Load hook of plugin {plugin!r}.")
         parser.add_argument("--mode", choices=("fake", "packed"), default="fake",
@@ -381,20 +423,37 @@ def cmd_load(args: argparse.Namespace) -> int:
             print(f"packed {len(qm.packing.packed)} layers ({', '.join(kinds)}), {len(qm.packing.kept)} kept as "
                   f"they were; model resident bytes: {resident_bytes(qm.model)}")
         return int(impl.run_load(qm, plugin_args))
-    if args.help:
+    if args.help or any(arg in ("-h", "--help") for arg in args.rest):
         args.parser.print_help()
         return 0
     if args.rest:
-        raise CliError(f"unrecognized arguments: {' '.join(args.rest)} (the artifact's plugin takes none)")
-    _print_artifact(path, artifact)
+        why = f"its plugin cannot be loaded: {unavailable}" if unavailable else "the artifact's plugin takes none"
+        raise CliError(f"unrecognized arguments: {' '.join(args.rest)} ({why})")
+    _print_artifact(path, artifact, tensors=True)
+    if unavailable:
+        print(f"polyquant: warning: the model is not rebuilt: {printable(unavailable)}", file=sys.stderr)
     return 0
 
 
-def _print_artifact(path: Path, artifact: Any) -> None:
-    tensors = getattr(artifact, "tensors", {})
-    print(f"{path}: {path.stat().st_size:,} bytes, {len(tensors)} tensors (checksums verified)")
-    for key in ("plugin", "method", "config"):
-        print(f"  {key + ':':<8} {json.dumps(getattr(artifact, key, None), sort_keys=True)}")
+def _print_artifact(path: Path, artifact: Any, *, tensors: bool = False) -> None:
+    """The artifact's manifest (and with ``tensors``, one line per tensor); file text is escaped."""
+    print(f"{printable(str(path))}: {path.stat().st_size:,} bytes, {len(artifact.tensors)} tensors "
+          "(checksums verified)")
+    for key in ("plugin", "method", "config", "meta"):
+        text = json.dumps(getattr(artifact, key), sort_keys=True)
+        print(f"  {key + ':':<8} {printable(text)}")
+    if tensors:
+        print("  tensors:")
+        for name, t in artifact.tensors.items():
+            print(f"    {printable(name)}  {str(t.dtype).removeprefix('torch.')}{list(t.shape)}")
+
+
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (controls, escape sequences, bidirectional overrides, line
+    breaks) written as its Python escape (``\\x1b``, ``\\u202e``, ``\\n``): safe to print to a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 # --- entry point ---------------------------------------------------------------------------------------------
@@ -403,31 +462,56 @@ def _print_artifact(path: Path, artifact: Any) -> None:
 def _print_error(message: str, debug: bool, prog: str = "polyquant") -> None:
     if debug:
         traceback.print_exc()
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    print(f"{prog}: error: {printable(message)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (never raises, except KeyboardInterrupt)."""
     parser = build_parser()
     args: argparse.Namespace | None = None
+    argv, debug = _take_debug(sys.argv[1:] if argv is None else list(argv))
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         try:
-            args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
-            return int(args.run(args))
+            args = parser.parse_args(argv)
+            args.debug = args.debug or debug
+            code = int(args.run(args))
+            sys.stdout.flush()  # here, not at exit: a closed pipe is then reported as one
+            return code
+        except BrokenPipeError:  # the reader went away ('| head -1'): stop quietly, like a command ended by SIGPIPE
+            _discard_stdout()
+            return 141
         except SystemExit as e:  # --help / --version, or a plugin hook calling sys.exit()
             if e.code is None or isinstance(e.code, int):
                 return e.code or 0
-            print(e.code, file=sys.stderr)
+            print(printable(str(e.code)), file=sys.stderr)
             return 1
         except (CliError, PluginLoadError) as e:
-            _print_error(str(e), bool(args and args.debug), getattr(e, "prog", "polyquant"))
+            _print_error(str(e), debug or bool(args and args.debug), getattr(e, "prog", "polyquant"))
             return 2
         except Exception as e:
-            debug = bool(args and args.debug)
+            debug = debug or bool(args and args.debug)
             _print_error(f"{type(e).__name__}: {e}" + ("" if debug else " (run with --debug for the traceback)"), debug)
             return 1
 
 
+def _take_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` is accepted anywhere before a ``--``, also among a method's or a load hook's arguments:
+    (the arguments without it, whether it was given)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [arg for arg in argv[:end] if arg != "--debug"]
+    return kept + argv[end:], len(kept) < end
+
+
+def _discard_stdout() -> None:
+    """Point standard output at the null device, so that flushing it at exit does not fail on the closed pipe."""
+    with suppress(OSError, ValueError, AttributeError):  # not a real file (tests capture it): nothing to do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
-    print(f"polyquant: warning: {message}", file=sys.stderr)
+    print(f"polyquant: warning: {printable(str(message))}", file=sys.stderr)

@@ -29,7 +29,21 @@ from .nn import Quantizer, QuantWeightModule
 from .pack import pack_bits, pad_rows, unpack_rows
 from .primitives import block_size_for, dequantize, quantize_tensor
 
-__all__ = ["export", "export_tensors", "quantizer_specs", "restore", "code_bits", "weight_entries"]
+__all__ = ["export", "export_tensors", "quantizer_specs", "restore", "code_bits", "weight_entries", "check_finite"]
+
+
+def check_finite(name: str, tensor: Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` when the floating-point ``tensor`` holds NaN or Inf.
+
+    Codes cannot represent them (a NaN weight would be stored as some code and restored as a finite value), so
+    every exporter calls this on the weights it quantizes and on their qparams before packing them.
+    """
+    if not tensor.dtype.is_floating_point:
+        return
+    bad = int((~torch.isfinite(tensor.detach())).sum())
+    if bad:
+        raise ValueError(f"{name}: {bad} of {tensor.numel()} values are NaN or Inf; cannot export non-finite "
+                         "weights (check the calibration data and any training after calibrate())")
 
 
 def code_bits(q: Quantizer) -> int:
@@ -66,6 +80,10 @@ def export_tensors(model: nn.Module) -> dict[str, Tensor]:
             wq = module.weight_quantizer
             if wq.state != "quantized" or wq.scale is None:
                 raise ValueError(f"{name}: weight quantizer is not frozen; run calibrate() before export")
+            check_finite(f"{name}.weight", module.weight)
+            check_finite(f"{name}.weight_quantizer.scale", wq.scale)
+            if wq.zero_point is not None:
+                check_finite(f"{name}.weight_quantizer.zero_point", wq.zero_point)
             codes, bits = _weight_codes(module)
             tensors[f"{name}.weight_packed"] = pack_bits(codes.flatten(), bits)
             tensors[f"{name}.weight_scale"] = wq.scale.float().contiguous()
@@ -75,6 +93,9 @@ def export_tensors(model: nn.Module) -> dict[str, Tensor]:
             weight_quantizers.add(f"{name}.weight_quantizer")
     for name, module in model.named_modules():
         if isinstance(module, Quantizer) and name not in weight_quantizers and module.scale is not None:
+            check_finite(f"{name}.scale", module.scale)
+            if module.zero_point is not None:
+                check_finite(f"{name}.zero_point", module.zero_point)
             tensors[f"{name}.scale"] = module.scale.float().contiguous()
             tensors[f"{name}.zero_point"] = module.zero_point.float().contiguous()
     for name, t in model.state_dict().items():

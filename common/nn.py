@@ -169,7 +169,13 @@ class Quantizer(nn.Module):
         return self.fake_quant(x)
 
     def fake_quant(self, x: Tensor) -> Tensor:
-        """Quantize-dequantize ``x`` with the frozen (or, for dynamic specs, per-input) parameters."""
+        """Quantize-dequantize ``x`` with the frozen (or, for dynamic specs, per-input) parameters.
+
+        Computed in float32 (see ``primitives.fake_quantize``): the output has the dtype of a floating-point ``x``,
+        float32 for an integer one. An empty ``x`` (a batch of 0) passes through, as in the float model.
+        """
+        if x.numel() == 0:
+            return x if x.dtype.is_floating_point else x.float()
         bs = self.block_size(x)
         if self.spec.dynamic:
             scale, zp = choose_qparams(x.detach(), self.fmt, bs, symmetric=self.spec.symmetric)

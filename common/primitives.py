@@ -246,11 +246,18 @@ def fake_quantize(
 ) -> Tensor:
     """Quantize then dequantize, differentiable: straight-through rounding, clipped gradient outside the range.
 
-    Gradients also reach ``scale`` (as in LSQ), so reconstruction can learn step sizes.
+    Gradients also reach ``scale`` (as in LSQ), so reconstruction can learn step sizes. Computed in float32 for
+    every input dtype, as ``quantize_tensor`` and ``dequantize`` are, so the result equals
+    ``dequantize(quantize_tensor(x, ...), ...)`` exactly; the output has the dtype of a floating-point ``x``
+    (float32 for integer inputs). An empty ``x`` is returned as it is (cast to that dtype).
     """
     fmt = get_format(fmt)
-    s = block_expand(scale.to(x.dtype), x.shape, block_size)
+    out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+    if x.numel() == 0:
+        return x.to(out_dtype)
+    xf = x.float()
+    s = block_expand(scale.float(), x.shape, block_size)
     if zero_point is None or not fmt.supports_zero_point:
-        return fmt.round_ste(x / s) * s
-    z = block_expand(zero_point.to(x.dtype), x.shape, block_size)
-    return (fmt.round_ste(x / s + z) - z) * s
+        return (fmt.round_ste(xf / s) * s).to(out_dtype)
+    z = block_expand(zero_point.float(), x.shape, block_size)
+    return ((fmt.round_ste(xf / s + z) - z) * s).to(out_dtype)

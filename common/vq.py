@@ -13,6 +13,7 @@ Every quantizer maps ``(..., dim)`` vectors to integer codes and back:
 | ProductVQ            | (..., num_subvectors)                | one per slice of dim / num_subvectors        |
 
 Codebooks are buffers updated by exponential moving averages of assigned counts and sums, never by gradients.
+k-means, ``fit``, ``set_codebook`` and training forwards refuse NaN / Inf vectors (one would poison a codebook row).
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ _DIST_BLOCK = 1 << 24
 
 def _work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_finite(x: Tensor, what: str) -> None:
+    """Refuse NaN / Inf: one such vector would make a centroid or an EMA codebook row NaN for good."""
+    bad = int((~torch.isfinite(x)).any(dim=-1).sum()) if x.numel() else 0
+    if bad:
+        raise ValueError(f"{what}: {bad} vectors contain NaN or Inf; clean the data before training the codebook")
 
 
 def _block_rows(b: int, k: int, batch_size: int | None) -> int:
@@ -155,6 +163,7 @@ def batched_kmeans(
         raise ValueError(f"iters must be >= 0, got {iters}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_finite(x, "kmeans")
     xw = x.to(_work_dtype(x))
     mean = xw.mean(dim=1, keepdim=True)  # (B, 1, D) centering keeps |x|^2 - 2 x.c + |c|^2 accurate far from 0
     xw = xw - mean
@@ -255,6 +264,7 @@ class VectorQuantizer(nn.Module):
         if codebook.shape != (self.codebook_size, self.dim):
             expected = (self.codebook_size, self.dim)
             raise ValueError(f"codebook must have shape {expected}, got {tuple(codebook.shape)}")
+        _check_finite(codebook, "codebook")
         self.embed.copy_(codebook)
         self.cluster_size.fill_(1.0)
         self.embed_sum.copy_(codebook)
@@ -283,6 +293,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize ``x`` (..., dim); in training mode also update the codebook. Returns (x_hat, codes, loss)."""
         flat = self._flatten(x)  # (N, D)
+        if self.training:
+            _check_finite(flat.detach(), "VQ training batch")
         if self.training and not bool(self.initted):
             self.fit(flat)
         codes = self.encode(flat)  # (N,)
@@ -478,6 +490,7 @@ class GroupedResidualVQ(nn.Module):
     @torch.no_grad()
     def fit(self, x: Tensor, *, iters: int | None = None) -> GroupedResidualVQ:
         """Fit each group's RVQ on its slice of ``x`` (..., dim); returns self."""
+        _check_finite(x, "kmeans")  # before any group's codebook moves
         for rvq, part in zip(self.rvqs, self._split(x)):
             rvq.fit(part, iters=iters)
         return self
@@ -493,6 +506,8 @@ class GroupedResidualVQ(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (x_hat, codes (..., groups, n_q), summed loss)."""
+        if self.training:
+            _check_finite(x.detach(), "VQ training batch")  # before any group's codebook moves
         outs = [rvq(p) for rvq, p in zip(self.rvqs, self._split(x))]
         x_hat = torch.cat([o[0] for o in outs], dim=-1)
         codes = torch.stack([o[1] for o in outs], dim=-2)
@@ -564,6 +579,8 @@ class ProductVQ(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (x_hat, codes (..., num_subvectors), summed loss)."""
+        if self.training:
+            _check_finite(x.detach(), "VQ training batch")  # before any sub-vector's codebook moves
         outs = [vq(p) for vq, p in zip(self.quantizers, self._split(x))]
         x_hat = torch.cat([o[0] for o in outs], dim=-1)
         codes = torch.stack([o[1] for o in outs], dim=-1)

@@ -40,17 +40,21 @@ The impl module contract (the method contract itself is ``polyquant.api``; docs/
 
 ``spec.demo`` ("module:function") names a function that runs a short offline demo and returns a printable report.
 
-Error policy: ``discover()`` never raises. A broken entry point, a wrong object, an API-version mismatch, an unmet
-requirement (checked from installed metadata, without importing it) or ``POLYQUANT_DISABLE_PLUGINS`` leaves the
-plugin listed with ``error`` set. Asking for an unusable plugin (``load``, ``get_method``, ``get_demo``) raises
-``PluginLoadError`` chained to the cause.
+Error policy: ``discover()`` never raises. A broken entry point (any exception at import, ``sys.exit`` included;
+only ``KeyboardInterrupt`` goes through), a wrong object, an API-version mismatch, an unmet requirement (checked
+from installed metadata, without importing it) or ``POLYQUANT_DISABLE_PLUGINS`` leaves the plugin listed with
+``error`` set. Asking for an unusable plugin (``load``, ``get_method``, ``get_demo``) raises ``PluginLoadError``
+chained to the cause. Plugin modules are imported with stdout sent to stderr, so what they print at import cannot
+corrupt machine-readable output (``polyquant list --json``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -232,8 +236,11 @@ def _inspect(ep: EntryPoint, disabled: set[str]) -> PluginInfo:
     if disabled & {ep.name, "all", "*"}:
         return fail(f"disabled by {DISABLE_ENV}")
     try:
-        spec = ep.load()
-    except Exception as e:  # a broken plugin must not break discovery
+        with contextlib.redirect_stdout(sys.stderr):  # prints at import must not corrupt `list --json`
+            spec = ep.load()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # a broken plugin (sys.exit included) must not break discovery
         return fail(f"cannot load entry point {ep.value!r}: {type(e).__name__}: {e}", cause=e)
     if not isinstance(spec, PluginSpec):
         return fail(f"entry point {ep.value!r} is of type {type(spec).__name__}, not PluginSpec")
@@ -302,8 +309,11 @@ def load(name: str) -> ModuleType:
     """Import and return the impl module of plugin ``name``; raises ``PluginLoadError`` if it cannot be used."""
     spec = _usable(name)
     try:
-        module = importlib.import_module(spec.impl)
-    except Exception as e:
+        with contextlib.redirect_stdout(sys.stderr):
+            module = importlib.import_module(spec.impl)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
         raise PluginLoadError(f"plugin {name!r}: cannot import {spec.impl!r}: {type(e).__name__}: {e}") from e
     if not isinstance(getattr(module, "METHODS", None), Mapping):
         raise PluginLoadError(f"plugin {name!r}: {spec.impl} defines no METHODS dict")
@@ -326,8 +336,11 @@ def get_demo(name: str) -> Callable[[], object] | None:
         return None
     module_name, _, func_name = spec.demo.partition(":")
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-    except Exception as e:
+        with contextlib.redirect_stdout(sys.stderr):
+            func = getattr(importlib.import_module(module_name), func_name)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
         raise PluginLoadError(f"plugin {name!r}: cannot load demo {spec.demo!r}: {type(e).__name__}: {e}") from e
     if not callable(func):
         raise PluginLoadError(f"plugin {name!r}: demo {spec.demo!r} is not callable")

@@ -8,6 +8,8 @@ machine to test the compiled kernels instead.
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterator
 
 if os.environ.get("POLYQUANT_TRITON_NATIVE") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,3 +30,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def deadline() -> Iterator[None]:
+    """Fail (rather than hang the suite) if the test blocks for more than 10 s."""
+    if not hasattr(signal, "SIGALRM"):
+        pytest.skip("needs SIGALRM")
+
+    def expire(*_: object) -> None:
+        raise TimeoutError("blocked for more than 10 s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(10)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

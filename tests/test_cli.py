@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -357,3 +358,222 @@ def test_console_script_and_module_entry() -> None:
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("polyquant: error: argument COMMAND: invalid choice: 'frobnicate'")
     assert done.stderr.count("\n") == 1
+
+
+# --- issue 10: careless and hostile input ---------------------------------------------------------------------
+
+
+def _never(*_: object) -> None:
+    raise AssertionError("ran although --out is unusable")
+
+
+@pytest.mark.parametrize(("out", "match"), [
+    ("", "--out '': empty path"),
+    ("{tmp}/sub/", "names a folder"),
+    ("{tmp}", "is a directory"),
+    ("{tmp}/missing/a.safetensors", "the folder .*missing does not exist"),
+    ("{tmp}/fifo", "is a FIFO"),
+    ("{tmp}/link.safetensors", "is a symbolic link"),
+    ("{tmp}/exists.safetensors", "the file exists; pass --force to overwrite it"),
+    ("{tmp}/" + "n" * 256, "longer than the 255"),
+])
+def test_quantize_checks_out_before_any_work(capsys: pytest.CaptureFixture[str], fake_plugins: None,
+                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path, out: str,
+                                             match: str) -> None:
+    import os
+
+    (tmp_path / "exists.safetensors").write_bytes(b"keep")
+    (tmp_path / "link.safetensors").symlink_to("exists.safetensors")
+    os.mkfifo(tmp_path / "fifo")
+    monkeypatch.setattr(sys.modules["pq_fake_cli_impl"], "load_inputs", _never)
+    code, out_text, err = run(capsys, "quantize", "good/alpha", "--out", out.format(tmp=tmp_path))
+    assert code == 2 and not out_text and err.count("\n") == 1
+    assert err.startswith("polyquant quantize good/alpha: error: --out ")
+    assert re.search(match, err) and ".tmp" not in err
+    assert (tmp_path / "exists.safetensors").read_bytes() == b"keep"
+
+
+def test_quantize_force_and_never_the_input(capsys: pytest.CaptureFixture[str], fake_plugins: None,
+                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    impl = sys.modules["pq_fake_cli_impl"]
+    monkeypatch.setattr(impl, "add_model_args", lambda parser, method: parser.add_argument("--model"))
+    ckpt = tmp_path / "ckpt.safetensors"
+    ckpt.write_bytes(b"float weights")
+    for out in (ckpt, tmp_path / "." / "ckpt.safetensors"):
+        for force in ((), ("--force",)):
+            code, _, err = run(capsys, "quantize", "good/alpha", "--quiet", "--model", str(ckpt), "--out", str(out),
+                               *force)
+            assert code == 2 and f"--out {out}: is the input {ckpt}" in err
+    assert ckpt.read_bytes() == b"float weights"
+    out = tmp_path / ("ü" + "o" * 240 + ".safetensors")  # 254 bytes: the temp file name must still fit
+    assert run(capsys, "quantize", "good/alpha", "--quiet", "--out", str(out))[0] == 0
+    code, _, err = run(capsys, "quantize", "good/alpha", "--quiet", "--out", str(out))
+    assert code == 2 and "pass --force" in err
+    assert run(capsys, "quantize", "good/alpha", "--quiet", "--out", str(out), "--force")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([ckpt.name, out.name])
+
+
+def _alpha_artifact(path: Path, model_config: object, plugin: str = "good") -> Path:
+    from polyquant.artifact import Artifact, save
+
+    config = {"schema": 1, "model": model_config, "method": {"version": 1, "bits": 8}, "state": {}}
+    return save(Artifact(tensors={"w\x1b[2J": _torch().ones(2)}, plugin=plugin, method="alpha", config=config,
+                         meta={"note": "\x9b31m"}), path)
+
+
+def _torch() -> types.ModuleType:
+    return pytest.importorskip("torch")
+
+
+def test_messages_from_files_are_escaped(capsys: pytest.CaptureFixture[str], fake_plugins: None,
+                                         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def build_model(model_config: dict) -> object:  # a plugin echoing a manifest string in its error, as many do
+        raise ValueError(f"unknown kind {model_config['kind']}")
+
+    monkeypatch.setattr(sys.modules["pq_fake_cli_impl"], "build_model", build_model)
+    path = _alpha_artifact(tmp_path / "a.safetensors", {"kind": "\x1b]0;pwned\x07\x1b[2J\u202e"})
+    code, out, err = run(capsys, "load", str(path))
+    assert code == 2 and err.count("\n") == 1
+    assert all(c.isprintable() for c in out.replace("\n", "") + err.replace("\n", ""))
+    assert "unknown kind \\x1b]0;pwned\\x07\\x1b[2J\\u202e" in err
+
+
+def test_artifact_of_a_missing_or_disabled_plugin_can_be_inspected(
+    capsys: pytest.CaptureFixture[str], fake_plugins: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = _alpha_artifact(tmp_path / "m.safetensors", {"kind": "identity"}, plugin="gone")
+    code, out, err = run(capsys, "load", str(missing))
+    assert code == 0 and '  plugin:  "gone"' in out and "  tensors:\n    w\\x1b[2J  float32[2]\n" in out
+    assert '  meta:    {"note": "\\u009b31m"}' in out
+    assert err == "polyquant: warning: the model is not rebuilt: unknown plugin 'gone' (known plugins: broken, " \
+                  "good, needy)\n"
+    code, out, err = run(capsys, "load", str(missing), "--shout")
+    assert code == 2 and not out and "unrecognized arguments: --shout (its plugin cannot be loaded" in err
+    disabled = _alpha_artifact(tmp_path / "d.safetensors", {"kind": "identity"})
+    monkeypatch.setenv(DISABLE_ENV, "good")
+    clear_cache()
+    code, out, err = run(capsys, "load", str(disabled))
+    assert code == 0 and "  tensors:" in out and "the model is not rebuilt: plugin 'good' is unavailable" in err
+
+
+def test_load_help_and_debug_after_the_artifact(capsys: pytest.CaptureFixture[str], fake_plugins: None,
+                                                tmp_path: Path) -> None:
+    core = _save_artifact(tmp_path / "core.safetensors", plugin=None)
+    for flag in ("--help", "-h"):
+        code, out, err = run(capsys, "load", str(core), flag)
+        assert code == 0 and out.startswith("usage: polyquant load") and not err
+    code, out, err = run(capsys, "load", str(core), "--debug")
+    assert code == 0 and out.startswith(f"{core}: ") and not err
+    code, _, err = run(capsys, "quantize", "good/crash", "--bits", "4", "--debug")
+    assert code == 1 and "Traceback" in err and err.endswith("polyquant: error: RuntimeError: kaboom\n")
+    code, out, err = run(capsys, "list", "--debug", "--", "--debug")  # after '--' it is an argument again
+    assert code == 2 and "unrecognized arguments: -- --debug" in err
+
+
+class _ClosedPipe:
+    """Standard output whose reader has gone away."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_closed_stdout_exits_quietly(capsys: pytest.CaptureFixture[str], fake_plugins: None,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdout", _ClosedPipe())
+    code = main(["list", "--json"])
+    monkeypatch.undo()
+    assert code == 141 and capsys.readouterr().err == ""
+
+
+def test_closed_stdout_console_script() -> None:
+    """'polyquant list --json | head -1': no message, no 'Exception ignored' at exit, the SIGPIPE status."""
+    import os
+
+    read_end, write_end = os.pipe()
+    script = Path(sys.executable).parent / "polyquant"
+    proc = subprocess.Popen([str(script), "list", "--json"], stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    os.close(read_end)  # before the command writes anything
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (141, b"")
+
+
+DEMOS = textwrap.dedent("""
+    import sys
+
+    from polyquant.plugins import PluginSpec
+
+    def _spec(name, demo):
+        return PluginSpec(name=name, api_version=2, summary=name, methods={"alpha": "a"}, requires=(),
+                          impl="pq_fake_cli_impl", demo=demo)
+
+    A_IMPORT_EXITS = _spec("a_import_exits", "pq_fake_cli_demo_exits:demo")
+    B_IMPORT_FAILS = _spec("b_import_fails", "pq_fake_cli_demo_missing:demo")
+    C_DEMO_EXITS = _spec("c_demo_exits", "pq_fake_cli_demos:exits")
+    D_DEMO_RAISES = _spec("d_demo_raises", "pq_fake_cli_demos:raises")
+
+    def exits():
+        sys.exit(3)
+
+    def raises():
+        raise KeyError("lost")
+""")
+
+
+def test_each_demo_runs_isolated(capsys: pytest.CaptureFixture[str], fake_plugins: None,
+                                 monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setitem(sys.modules, "pq_fake_cli_demos", _module("pq_fake_cli_demos", DEMOS))
+    (tmp_path / "pq_fake_cli_demo_exits.py").write_text("raise SystemExit(5)\n")  # exits while imported
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ("A_IMPORT_EXITS", "B_IMPORT_FAILS", "C_DEMO_EXITS", "D_DEMO_RAISES")
+    _use_entry_points(monkeypatch, {"good": "pq_fake_cli_specs:GOOD",
+                                    **{name.lower(): f"pq_fake_cli_demos:{name}" for name in names}})
+    clear_cache()
+    code, out, err = run(capsys, "demo")
+    assert code == 1
+    assert out.splitlines() == ["== a_import_exits ==", "== b_import_fails ==", "== c_demo_exits ==",
+                                "== d_demo_raises ==", "== good ==", "good demo report"]
+    errors = err.splitlines()
+    assert len(errors) == 4 and all(line.startswith("polyquant: error: demo of plugin '") for line in errors)
+    assert re.search(r"SystemExit: 5|exited \(code 5\)", errors[0]) and "pq_fake_cli_demo_missing" in errors[1]
+    assert "exited (code 3)" in errors[2] and "KeyError: 'lost'" in errors[3]
+    code, out, _ = run(capsys, "demo", "c_demo_exits", "good")  # named ones too
+    assert code == 1 and out.endswith("== good ==\ngood demo report\n")
+
+
+def _vit_available() -> bool:
+    try:
+        import polyquant.plugins.vit.spec  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _vit_available(), reason="needs the vit plugin")
+def test_vit_model_that_is_not_a_checkpoint_is_a_usage_error(capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    import os
+
+    from polyquant.plugins.vit.models import DIGITS_VIT_PATH
+
+    _use_entry_points(monkeypatch, {"vit": "polyquant.plugins.vit.spec:SPEC"})
+    clear_cache()
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    data = DIGITS_VIT_PATH.read_bytes()  # the shipped checkpoint's metadata, over a 100,000-dimension tensor
+    n = int.from_bytes(data[:8], "little")
+    header = {"__metadata__": json.loads(data[8 : 8 + n])["__metadata__"],
+              "w": {"dtype": "U8", "shape": [1] * 100_000, "data_offsets": [0, 1]}}
+    head = json.dumps(header).encode()
+    deep = tmp_path / "deep.safetensors"
+    deep.write_bytes(len(head).to_bytes(8, "little") + head + b"\0")
+    for model in (text, fifo, deep):
+        code, out, err = run(capsys, "quantize", "vit/minmax", "--quiet", "--model", str(model))
+        assert code == 2 and not out and err.count("\n") == 1
+        assert err.startswith(f"polyquant quantize vit/minmax: error: --model {model}: ")

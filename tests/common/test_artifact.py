@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +18,7 @@ from safetensors.torch import save_file
 
 import polyquant
 from polyquant import artifact as artifact_mod
-from polyquant.artifact import FORMAT_NAME, Artifact, ArtifactError, load, read_manifest, save
+from polyquant.artifact import FORMAT_NAME, Artifact, ArtifactError, check_target, load, read_manifest, save
 
 
 def _sample() -> Artifact:
@@ -245,7 +248,7 @@ def _write(path: Path, data: bytes) -> Path:
 def test_missing_file_and_directory(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="cannot read file"):
         load(tmp_path / "nope.safetensors")
-    with pytest.raises(ArtifactError, match="cannot read file"):
+    with pytest.raises(ArtifactError, match="is a directory, not a regular file"):
         load(tmp_path)
 
 
@@ -517,3 +520,166 @@ def test_config_roundtrip_property(tmp_path: Path, config: dict) -> None:
     art = Artifact(tensors={"x": torch.arange(3)}, config=config, meta={"copy": config})
     out = load(save(art, tmp_path / "c.safetensors"))
     assert out.config == config and out.meta == {"copy": config}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Targets that are not regular files, careless output paths, hostile inputs (issue 10)
+
+
+
+def _fake_mode(monkeypatch: pytest.MonkeyPatch, path: Path, mode: int) -> None:
+    """Make ``os.stat`` / ``os.lstat`` / ``os.fstat`` report ``path`` (a regular file in tmp_path) as ``mode``,
+    to stand for a device without touching one."""
+    real_stat, real_lstat, real_fstat = os.stat, os.lstat, os.fstat
+    ino = real_stat(path).st_ino
+
+    def fake(result: os.stat_result) -> os.stat_result:
+        if result.st_ino != ino:
+            return result
+        return os.stat_result((mode | 0o666, *tuple(result)[1:]))
+
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: fake(real_stat(p, *a, **k)))
+    monkeypatch.setattr(os, "lstat", lambda p, *a, **k: fake(real_lstat(p, *a, **k)))
+    monkeypatch.setattr(os, "fstat", lambda fd: fake(real_fstat(fd)))
+
+
+def test_save_refuses_targets_that_are_not_regular_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    original = save(_sample(), tmp_path / "real.safetensors").read_bytes()
+    link = tmp_path / "link.safetensors"
+    link.symlink_to("real.safetensors")
+    folder = tmp_path / "dir.safetensors"
+    folder.mkdir()
+    for target, kind in ((fifo, "FIFO"), (link, "symbolic link"), (folder, "directory")):
+        with pytest.raises(ArtifactError, match=f"{target}: is a {kind}"):
+            save(Artifact(tensors={"x": torch.ones(2)}), target)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink() and folder.is_dir()
+    assert (tmp_path / "real.safetensors").read_bytes() == original
+    assert sorted(os.listdir(tmp_path)) == sorted(["fifo.safetensors", "real.safetensors", "link.safetensors",
+                                                   "dir.safetensors"])  # no temp file either
+    device = tmp_path / "null"  # a regular file that stat reports as a character device, like /dev/null
+    device.write_bytes(b"")
+    _fake_mode(monkeypatch, device, stat.S_IFCHR)
+    with pytest.raises(ArtifactError, match="is a character device"):
+        save(Artifact(tensors={"x": torch.ones(2)}), device)
+
+
+def test_save_refuses_a_target_that_turns_special_while_writing(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.safetensors"
+
+    def write_then_swap(f: Any, data: Any) -> None:
+        f.write(data)
+        if not path.exists():
+            os.mkfifo(path)
+
+    monkeypatch.setattr(artifact_mod, "_write_chunk", write_then_swap)
+    with pytest.raises(ArtifactError, match="is a FIFO"):
+        save(_sample(), path)
+    assert stat.S_ISFIFO(os.lstat(path).st_mode) and os.listdir(tmp_path) == ["a.safetensors"]
+
+
+def test_check_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    existing = save(_sample(), tmp_path / "a.safetensors")
+    hardlink = tmp_path / "b.safetensors"
+    os.link(existing, hardlink)
+    new = tmp_path / "new.safetensors"
+    assert check_target(new, force=False) == new and check_target(existing, force=True) == existing
+    cases = [
+        ("", False, (), "'': empty path"),
+        (f"{tmp_path}/", False, (), "names a folder"),
+        (tmp_path / "..", False, (), "names a folder"),
+        (f"{tmp_path}/new/.", False, (), "names a folder"),
+        (tmp_path / "missing" / "a.safetensors", False, (), "the folder .*missing does not exist"),
+        (existing / "x.safetensors", False, (), "is not a folder"),
+        (tmp_path / ("n" * 256), False, (), "256 bytes, longer than the 255"),
+        (existing, False, (), "the file exists; pass --force"),
+        (existing, True, ["digits-vit", tmp_path / "nope", existing], "is the input"),
+        (existing, True, [str(hardlink)], "is the input"),  # same inode through another name
+    ]
+    for path, force, inputs, match in cases:
+        with pytest.raises(ArtifactError, match=match):
+            check_target(path, force=force, inputs=inputs)
+    monkeypatch.setattr(os, "access", lambda *_a, **_k: False)  # as root everything is writable: pretend
+    with pytest.raises(ArtifactError, match=f"{tmp_path}/new.safetensors: cannot write in the folder"):
+        check_target(new, force=False)
+
+
+def test_api_save_checks_the_target_first(tmp_path: Path) -> None:
+    qm = polyquant.QuantizedModel(torch.nn.Identity(), config=None)  # type: ignore[arg-type]
+    with pytest.raises(ArtifactError, match="is a directory"):
+        polyquant.save(qm, tmp_path)  # refused before the (here impossible) export
+
+
+@pytest.mark.parametrize("length", [234, 240, 250, 255])
+def test_long_names_save(tmp_path: Path, length: int) -> None:
+    path = tmp_path / ("ü" + "n" * (length - 2 - len(".safetensors")) + ".safetensors")
+    assert len(os.fsencode(path.name)) == length
+    art = _sample()
+    assert _same(load(save(art, path)), art)
+    save(art, path)  # and overwrite
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_write_errors_name_the_target_not_the_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.safetensors"
+    real_open = os.open
+
+    def refusing_open(name: Any, flags: int, *args: Any) -> int:
+        if str(name).endswith(".tmp") and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(PermissionError) as info:
+        save(_sample(), path)
+    assert info.value.filename == str(path) and ".tmp" not in str(info.value)
+
+
+def _killed_save(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save that dies mid-write without running any clean-up (as under SIGKILL)."""
+    with monkeypatch.context() as m:
+        def die(f: Any, data: Any) -> None:
+            raise SystemExit("killed")
+
+        m.setattr(artifact_mod, "_write_chunk", die)
+        m.setattr(os, "unlink", lambda *_a, **_k: None)  # the except clause never gets to run
+        with pytest.raises(SystemExit):
+            save(_sample(), path)
+
+
+def test_next_save_removes_temps_of_killed_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fcntl = pytest.importorskip("fcntl")  # without advisory locks (Windows) stale temp files are left alone
+    path = tmp_path / ("k" * 240 + ".safetensors")
+    other = tmp_path / "other.safetensors"
+    for _ in range(2):
+        _killed_save(path, monkeypatch)
+    _killed_save(other, monkeypatch)
+    temps = sorted(set(os.listdir(tmp_path)))
+    assert len(temps) == 3 and all(name.endswith(".tmp") for name in temps)
+    live = [tmp_path / n for n in temps if not n.startswith(".other")][0]  # pretend a live save still writes it
+    with open(live, "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        save(_sample(), path)
+        left = sorted(os.listdir(tmp_path))
+    assert left == sorted([path.name, live.name, *[n for n in temps if n.startswith(".other")]])
+    save(_sample(), path)  # the lock is gone: now it is stale too
+    assert sorted(os.listdir(tmp_path)) == sorted([path.name, *[n for n in temps if n.startswith(".other")]])
+
+
+@pytest.mark.usefixtures("deadline")
+def test_load_refuses_fifos_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    for read in (load, read_manifest, polyquant.load):
+        with pytest.raises(ArtifactError, match="is a FIFO, not a regular file"):
+            read(fifo)
+
+
+def test_load_refuses_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    device = save(_sample(), tmp_path / "zero")  # readable, but stat reports a character device (like /dev/zero)
+    _fake_mode(monkeypatch, device, stat.S_IFCHR)
+    for read in (load, read_manifest, polyquant.load):
+        with pytest.raises(ArtifactError, match="is a character device, not a regular file"):
+            read(device)

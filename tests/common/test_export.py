@@ -10,7 +10,7 @@ from torch import nn
 
 from polyquant.artifact import ArtifactError, load, save
 from polyquant.export import export, restore
-from polyquant.nn import QuantRule, QuantSpec, calibrate, prepare
+from polyquant.nn import QuantLinear, QuantRule, QuantSpec, calibrate, prepare
 from polyquant.primitives import PerChannel, PerGroup
 
 
@@ -73,3 +73,58 @@ def test_restore_into_mismatched_model_fails() -> None:
     other = [QuantRule("*", weight=QuantSpec("int8", PerChannel(0)))]
     with pytest.raises(ArtifactError, match="format"):
         restore(prepare(nn.Sequential(nn.Linear(4, 4)), other), art)
+
+
+def _calibrated(model: nn.Module, rules: list[QuantRule], dtype: torch.dtype = torch.float32) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    return calibrate(prepare(model, rules), [torch.randn(8, 64, generator=g).to(dtype) for _ in range(2)],
+                     progress=False)
+
+
+def test_export_refuses_non_finite_weights() -> None:
+    # Issue 10, case 7: a weight that became NaN after calibration was packed as some code and restored as 0.0.
+    from polyquant.export import export_tensors
+
+    torch.manual_seed(0)
+    rules = [QuantRule("*", weight=QuantSpec("int4", PerChannel(0)), input=QuantSpec("int8"))]
+    qmodel = _calibrated(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)), rules)
+    with torch.no_grad():
+        qmodel[2].weight[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"^2\.weight: 1 of 128 values are NaN or Inf"):
+        export(qmodel)
+    with torch.no_grad():
+        qmodel[2].weight[1, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"^2\.weight: .*NaN or Inf"):
+        export_tensors(qmodel)
+
+
+def test_check_finite() -> None:
+    from polyquant.export import check_finite
+
+    check_finite("w", torch.randn(3, 3))
+    check_finite("codes", torch.arange(4))  # integer tensors are always finite
+    with pytest.raises(ValueError, match=r"^blocks\.0\.fc1\.weight: 2 of 4 values"):
+        check_finite("blocks.0.fc1.weight", torch.tensor([1.0, float("nan"), float("-inf"), 0.0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "weight", [QuantSpec("int4", PerGroup(16)), QuantSpec("int4", PerChannel(0), symmetric=False),
+               QuantSpec("e2m1", PerGroup(16))], ids=["int4-group", "int4-asym-channel", "e2m1-group"],
+)
+def test_half_precision_roundtrip_is_exact(dtype: torch.dtype, weight: QuantSpec) -> None:
+    # Issue 10, case 8: fake-quant rounded the float32 scale to the model's dtype, the packed codes did not, so a
+    # restored fp16 / bf16 model differed from the exported one.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).to(dtype).eval()
+    rules = [QuantRule("*", weight=weight, input=QuantSpec("int8", symmetric=False))]
+    qmodel = _calibrated(model, rules, dtype)
+    restored = restore(prepare(model, rules), export(qmodel))
+    x = torch.randn(32, 64).to(dtype)
+    with torch.no_grad():
+        for a, b in zip(qmodel.children(), restored.children()):
+            if isinstance(a, QuantLinear):
+                assert torch.equal(a.quant_weight(), b.quant_weight())
+        y = qmodel(x)
+        assert y.dtype == dtype
+        assert torch.equal(y, restored(x))

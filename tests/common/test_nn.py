@@ -185,3 +185,41 @@ def test_gradients_flow_through_fake_quant() -> None:
     calibrate(q, [torch.randn(8, 4)], progress=False)
     q(torch.randn(8, 4)).sum().backward()
     assert q[0].weight.grad is not None and q[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_quantizer_promotes_integer_inputs(dynamic: bool) -> None:
+    # Issue 10, case 10: an integer tensor gave zeros (the scale was cast to int); it is quantized as float32.
+    from polyquant.nn import Quantizer
+
+    spec = QuantSpec("int8", PerToken(), dynamic=True) if dynamic else QuantSpec("int8")
+    q = Quantizer(spec)
+    x = torch.arange(-20, 20).reshape(4, 10)
+    q.calibrate_from(x)
+    out = q(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, q(x.float()))
+    assert out.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "input_spec",
+    [
+        QuantSpec("int8"),
+        QuantSpec("int8", PerChannel(-1), symmetric=False),
+        QuantSpec("int8", PerToken(), dynamic=True),
+    ],
+    ids=["per-tensor", "per-channel", "per-token-dynamic"],
+)
+def test_calibrated_model_accepts_an_empty_batch(input_spec: QuantSpec) -> None:
+    # Issue 10, case 11: the float model maps a (0, K) batch to (0, N); the calibrated one raised
+    # ZeroDivisionError (static) or ValueError (dynamic).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    rules = [QuantRule("*", weight=QuantSpec("int4", PerChannel(0)), input=input_spec, output=QuantSpec("int8"))]
+    qmodel = calibrate(prepare(model, rules), [torch.randn(6, 8)], progress=False)
+    empty = torch.empty(0, 8)
+    with torch.no_grad():
+        out = qmodel(empty)
+        assert out.shape == model(empty).shape == (0, 4)
+        assert qmodel(torch.randn(3, 8)).shape == (3, 4)  # still quantizes real batches

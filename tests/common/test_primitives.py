@@ -145,3 +145,46 @@ def test_sqnr_improves_with_bits() -> None:
         scale, zp = choose_qparams(x, f"int{bits}", bs)
         errs.append((fake_quantize(x, f"int{bits}", scale, zp, bs) - x).pow(2).mean().item())
     assert errs == sorted(errs, reverse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt, symmetric", [("int4", True), ("int8", False), ("e2m1", True), ("e4m3", True)])
+def test_fake_quantize_equals_quantize_dequantize_in_every_dtype(dtype: torch.dtype, fmt: str, symmetric: bool) -> None:
+    # Issue 10, case 8: qparams and rounding are float32 for every input dtype, so fake-quant and the packed path
+    # (quantize_tensor -> dequantize) agree exactly; the output keeps the input dtype.
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(64, 64, generator=g)).to(dtype)
+    bs = block_size_for(PerGroup(16), x.shape)
+    scale, zp = choose_qparams(x, fmt, bs, symmetric=symmetric)
+    zp_arg = None if symmetric else zp
+    fq = fake_quantize(x, fmt, scale, zp_arg, bs)
+    dq = dequantize(quantize_tensor(x, fmt, scale, zp_arg, bs), scale, zp_arg, bs, dtype=dtype)
+    assert fq.dtype == dtype
+    assert torch.equal(fq, dq)
+
+
+def test_fake_quantize_half_keeps_gradients() -> None:
+    x = torch.randn(4, 8, dtype=torch.float16, requires_grad=True)
+    scale = torch.full((4, 1), 0.05, requires_grad=True)
+    fake_quantize(x, "int8", scale, None, (1, 8)).float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float16 and scale.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int8, torch.uint8])
+def test_fake_quantize_promotes_integer_inputs(dtype: torch.dtype) -> None:
+    # Issue 10, case 10: an integer input was computed with an integer scale (all zeros); it is promoted to float32,
+    # as quantize_tensor does.
+    x = torch.arange(0, 10).to(dtype)
+    scale = torch.tensor([0.5])
+    out = fake_quantize(x, "int8", scale, None, (10,))
+    assert out.dtype == torch.float32
+    assert torch.equal(out, fake_quantize(x.float(), "int8", scale, None, (10,)))
+    assert torch.equal(out, dequantize(quantize_tensor(x, "int8", scale, None, (10,)), scale, None, (10,)))
+    assert torch.equal(out, x.float())  # multiples of the step come back unchanged
+
+
+def test_fake_quantize_empty_input() -> None:
+    # Issue 10, case 11: blocks of an empty batch have size 0 (ZeroDivisionError before); the result is empty too.
+    x = torch.empty(0, 8, dtype=torch.float16)
+    out = fake_quantize(x, "int8", torch.ones(1, 1), None, block_size_for(PerTensor(), x.shape))
+    assert out.shape == (0, 8) and out.dtype == torch.float16

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 import torch
+from torch import nn
 
 from polyquant.vq import GroupedResidualVQ, ProductVQ, ResidualVQ, VectorQuantizer, batched_kmeans, kmeans
 from polyquant import vq as vq_mod
@@ -321,3 +324,53 @@ def test_product_vq_roundtrip_and_forward() -> None:
     assert c.shape == (200, 3) and all(bool(q.initted) for q in fresh.quantizers)
     with pytest.raises(ValueError, match="divisible"):
         ProductVQ(dim=6, num_subvectors=4, codebook_size=8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# non-finite data (issue 10, case 9): one NaN vector used to poison a centroid / an EMA codebook row for good
+
+
+def _poisoned(n: int = 32, dim: int = 4, bad: float = float("nan")) -> torch.Tensor:
+    x = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    x[5, 3] = bad  # in the last group / sub-vector: the first ones must not be updated either
+    return x
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_kmeans_rejects_non_finite(bad: float) -> None:
+    with pytest.raises(ValueError, match="kmeans: 1 vectors contain NaN or Inf"):
+        kmeans(_poisoned(bad=bad), 4)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        batched_kmeans(torch.stack([torch.randn(32, 4), _poisoned(bad=bad)]), 4)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: VectorQuantizer(dim=4, codebook_size=4),
+        lambda: VectorQuantizer(dim=4, codebook_size=4, kmeans_init=False),
+        lambda: ResidualVQ(dim=4, num_quantizers=2, codebook_size=4),
+        lambda: GroupedResidualVQ(dim=4, groups=2, num_quantizers=2, codebook_size=4),
+        lambda: ProductVQ(dim=4, num_subvectors=2, codebook_size=4),
+    ],
+    ids=["vq", "vq-ema-only", "rvq", "grvq", "pq"],
+)
+def test_vq_training_rejects_non_finite_and_keeps_its_codebook(make: Callable[[], nn.Module]) -> None:
+    vq = make().train()
+    vq(torch.randn(32, 4))  # initialized (k-means) and one EMA step
+    before = {k: v.clone() for k, v in vq.state_dict().items()}
+    with pytest.raises(ValueError, match="VQ training batch: 1 vectors contain NaN or Inf"):
+        vq(_poisoned())
+    after = vq.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was updated
+    x_hat, _, _ = vq.eval()(torch.randn(8, 4))
+    assert torch.isfinite(x_hat).all()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        vq.fit(_poisoned())
+    assert all(torch.equal(before[k], v) for k, v in vq.state_dict().items())
+
+
+def test_set_codebook_rejects_non_finite() -> None:
+    vq = VectorQuantizer(dim=4, codebook_size=32)
+    with pytest.raises(ValueError, match="codebook: 1 vectors contain NaN or Inf"):
+        vq.set_codebook(_poisoned())

@@ -123,6 +123,51 @@ def test_broken_plugin_is_listed_with_its_error(fake: FakeDists) -> None:
     assert isinstance(excinfo.value.__cause__, RuntimeError)
 
 
+def test_spec_calling_sys_exit_does_not_end_discovery(fake: FakeDists) -> None:
+    fake.add("exitplug", {"pq_fake_exit": "pq_fake_exit:SPEC"}, {"pq_fake_exit": "import sys\nsys.exit(3)"})
+    fake.add_plugin("fakeplug", "pq_fake_good")
+    plugins = discover()  # SystemExit is a BaseException: it used to end the process here
+    broken = plugins["pq_fake_exit"]
+    assert not broken.available and "SystemExit: 3" in broken.error
+    assert plugins["pq_fake_good"].available
+    with pytest.raises(PluginLoadError, match="unavailable") as excinfo:
+        load("pq_fake_exit")
+    assert isinstance(excinfo.value.__cause__, SystemExit)
+
+
+def test_impl_or_demo_calling_sys_exit_raises_plugin_load_error(fake: FakeDists) -> None:
+    fake.add("exitimpl", {"pq_fake_exitimpl": "pq_fake_exitimpl:SPEC"}, {
+        "pq_fake_exitimpl": spec_source("pq_fake_exitimpl", "pq_fake_exitimpl.impl"),
+        "pq_fake_exitimpl.impl": "raise SystemExit('bye')",
+    })
+    with pytest.raises(PluginLoadError, match="SystemExit: bye") as excinfo:
+        load("pq_fake_exitimpl")
+    assert isinstance(excinfo.value.__cause__, SystemExit)
+    with pytest.raises(PluginLoadError, match="cannot load demo"):
+        get_demo("pq_fake_exitimpl")
+
+
+def test_keyboard_interrupt_in_a_spec_is_not_swallowed(fake: FakeDists) -> None:
+    fake.add("ctrlc", {"pq_fake_ctrlc": "pq_fake_ctrlc:SPEC"}, {"pq_fake_ctrlc": "raise KeyboardInterrupt"})
+    with pytest.raises(KeyboardInterrupt):
+        discover()
+
+
+def test_plugin_prints_at_import_do_not_reach_stdout(fake: FakeDists, capsys: pytest.CaptureFixture[str]) -> None:
+    from polyquant.cli import main
+
+    spec = "print('spec says hello')\n" + spec_source("pq_fake_chatty", "pq_fake_chatty.impl")
+    fake.add("chatty", {"pq_fake_chatty": "pq_fake_chatty:SPEC"},
+             {"pq_fake_chatty": spec, "pq_fake_chatty.impl": "print('impl says hello')\n" + IMPL_SOURCE})
+    assert main(["list", "--json"]) == 0
+    out, err = capsys.readouterr()
+    listed = {entry["name"]: entry for entry in json.loads(out)}  # stdout is exactly the JSON document
+    assert listed["pq_fake_chatty"]["available"] and "spec says hello" in err
+    assert get_method("pq_fake_chatty", "alpha")() == "alpha ran"
+    out, err = capsys.readouterr()
+    assert out == "" and "impl says hello" in err
+
+
 def test_missing_entry_point_attribute_and_wrong_object(fake: FakeDists) -> None:
     fake.add("oddplug", {"pq_fake_noattr": "pq_fake_odd:MISSING", "pq_fake_notspec": "pq_fake_odd:OTHER"},
              {"pq_fake_odd": "OTHER = {'name': 'pq_fake_notspec'}"})
