@@ -69,7 +69,9 @@ def _config(method: str, wbits: int, abits: int, calib: int, fast: bool, retrain
     if method == "adalog+retrain":
         return METHODS["adalog"](retrain=True, retrain_iters=retrain_iters, retrain_size=256, **fields)
     if method in ("log2+gelu", "logsqrt2+gelu"):  # the quantizer ablation: log quantizers after GELU too
-        return METHODS[method.split("+")[0]](log_gelu=True, **fields)
+        return METHODS[method.split("+")[0]](gelu="log", **fields)
+    if method in ("log2+uniform", "logsqrt2+uniform"):  # log softmax with a uniform post-GELU quantizer
+        return METHODS[method.split("+")[0]](gelu="uniform", **fields)
     if method == "qhyvit" and fast:
         fields["search_rounds"] = 1
     return METHODS[method](**fields)

@@ -119,14 +119,21 @@ def quantile_rows(rows: Tensor, ps: list[float]) -> Tensor:
 
 
 def uniform_grid(
-    rows: Tensor, bits: int, *, eq_n: int = 128, zp_levels: int | None = None, lo: float = 0.9, hi: float = 1.0
+    rows: Tensor, bits: int, *, eq_n: int = 128, zp_levels: int | None = None, lo: float = 0.9, hi: float = 1.0,
+    centre: str = "mid",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Asymmetric uniform candidates for data ``rows`` (G, M): scales (K, G), zero points (K, G), scale step (G,).
 
-    ``num_zp = min(16, zp_levels)`` integer zero points centred on 2^(bits-1) (``zp_levels`` default
-    2^(bits-1)), times ``eq_n // num_zp`` scales spaced linearly from (P_lo - P_(1-lo)) / (2^bits - 1) to
-    (P_hi - P_(1-hi)) / (2^bits - 1); the zero point is the slow index, K = num_zp * (eq_n // num_zp). The step is
-    the spacing of the scales (the first refinement width of ``progressive_search``).
+    ``num_zp = min(16, zp_levels)`` integer zero points (``zp_levels`` default 2^(bits-1)), times
+    ``eq_n // num_zp`` scales spaced linearly from (P_lo - P_(1-lo)) / (2^bits - 1) to (P_hi - P_(1-hi)) /
+    (2^bits - 1); the zero point is the slow index, K = num_zp * (eq_n // num_zp). The step is the spacing of the
+    scales (the first refinement width of ``progressive_search``).
+
+    ``centre``: where the zero points are centred. "mid": on 2^(bits-1) (the AdaLog / PTQ4ViT references), which
+    suits ranges centred on zero but clips a shifted one (a range [-1, 2] at 8 bits needs a zero point near 85,
+    outside 120..135). "range": per candidate on round(-P_(1-hi) / scale), the zero point that maps the data's
+    low end to code 0, so the candidates cover the observed range whatever its centre (on a range centred on
+    zero it is 2^(bits-1) again), clamped to the codes.
     """
     zp_levels = 2 ** (bits - 1) if zp_levels is None else zp_levels
     num_zp = max(1, min(16, zp_levels))
@@ -136,10 +143,15 @@ def uniform_grid(
     delta_max = q[1] - q[3]
     steps = torch.linspace(0, 1, num_scale)[:, None]
     scales = (delta_min + steps * (delta_max - delta_min)) / (2**bits - 1)  # (num_scale, G)
+    offsets = torch.arange(-(num_zp // 2), num_zp - num_zp // 2, dtype=torch.float32)  # (num_zp,)
+    if centre == "mid":
+        zps = (2 ** (bits - 1) + offsets).repeat_interleave(num_scale)[:, None].expand(-1, scales.shape[1]).clone()
+    elif centre == "range":
+        mid = torch.round(-q[3][None] / scales.clamp_min(1e-12))  # (num_scale, G): maps the low end to 0
+        zps = (mid[None] + offsets[:, None, None]).reshape(-1, scales.shape[1]).clamp(0, 2**bits - 1)
+    else:
+        raise ValueError(f"centre must be 'mid' or 'range', got {centre!r}")
     scales = scales.repeat(num_zp, 1)
-    centre = 2 ** (bits - 1)
-    zps = torch.arange(centre - num_zp // 2, centre - num_zp // 2 + num_zp, dtype=torch.float32)
-    zps = zps.repeat_interleave(num_scale)[:, None].expand_as(scales).clone()
     step = (delta_max - delta_min) / (num_scale - 1) / (2**bits - 1)
     return scales, zps, step
 

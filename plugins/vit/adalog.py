@@ -1,6 +1,6 @@
 """AdaLog: adaptive-base logarithmic quantizer (Wu et al., ECCV 2024, arXiv 2407.12951).
 
-The base is b = 2^(q/r) with r = 37 fixed and the integer q searched in 10 .. 138 (b from 1.21 to 13.3). With
+The base is b = 2^(q/r) with r = 37 fixed and the integer q searched in 10 .. 137 (b from 1.21 to 13.0). With
 n bits and scale s (reference code: GoatWu/AdaLog ``quantizers/logarithm.py``):
 
     u    = clamp((x + shift) / s, 1e-15, 1)
@@ -59,7 +59,11 @@ __all__ = [
 ]
 
 R = 37  # denominator of log2(base) = q / r (fixed in the paper and the code)
-Q_MIN, Q_MAX = 10, 138  # searched numerators: range(10, 11 + eq_n) with eq_n = 128
+# Searched numerators: the reference builds range(10, 11 + eq_n) (10..138 at eq_n = 128) but its loop scores only
+# the first eq_n of them (``for p_st in range(0, self.eq_n, ...)``), so q is searched in 10..137. A q of 138 still
+# loads (artifacts written before this change).
+Q_MIN, Q_MAX = 10, 137
+Q_LIMIT = 138
 
 
 _MAX_NEG_LOG2 = -math.log2(1e-15)  # u is clamped to [1e-15, 1]: -log2(u) in [0, 49.83]
@@ -215,10 +219,10 @@ class AdaLogQuantizer(VitQuantizer):
         return LogFormat(self.bits, base_ratio=(int(self.q), self.r), lut=self.lut)
 
     def set_params(self, scale: Tensor | float, q: Tensor | int) -> None:
-        """Freeze a searched scale and base numerator q (an integer in [Q_MIN, Q_MAX])."""
+        """Freeze a searched scale and base numerator q (an integer in [Q_MIN, Q_LIMIT])."""
         qv = int(round(float(q)))
-        if not Q_MIN <= qv <= Q_MAX:
-            raise ValueError(f"AdaLog q must be an integer in [{Q_MIN}, {Q_MAX}], got {q}")
+        if not Q_MIN <= qv <= Q_LIMIT:
+            raise ValueError(f"AdaLog q must be an integer in [{Q_MIN}, {Q_LIMIT}], got {q}")
         self.q = torch.full((1,), float(qv))
         self.freeze(torch.as_tensor(scale, dtype=torch.float32).reshape(1), spec=QuantSpec(self.fmt))
 
@@ -317,7 +321,8 @@ class AdaLogConfig(HarnessConfig):
 
     Args:
         fpcs: True: FPCS; False: one flat grid of eq_n candidates per search (ablation).
-        ln_reparam: per-channel search of post-LayerNorm inputs folded into the LayerNorm affine (RepQ-ViT).
+        ln_reparam: per-channel search of post-LayerNorm inputs folded into the LayerNorm affine (RepQ-ViT); applied
+            only when abits == wbits, as the reference (``wrap_net.py``: ``cur_a_bit == cfg.w_bit``).
         head_wise: per-head quantizers for the q, k, v matmul operands (reference matmul_head_channel_wise).
         lut: hardware (table) dequantization of AdaLog quantizers at inference; False: float path.
         retrain: BRECQ-style block reconstruction after calibration ("+retrain"), on the core engine.
@@ -339,7 +344,8 @@ class AdaLogConfig(HarnessConfig):
     def recipe(self) -> Recipe:
         return Recipe(
             name="adalog", wbits=self.wbits, abits=self.abits, softmax_bits=self.softmax_bits or self.abits,
-            conv_abits=self.conv_abits, calib="search", softmax="adalog", gelu="adalog", ln_reparam=self.ln_reparam,
+            conv_abits=self.conv_abits, calib="search", softmax="adalog", gelu="adalog",
+            ln_reparam=self.ln_reparam and self.abits == self.wbits,  # reference wrap_net.py: cur_a_bit == w_bit
             head_wise=self.head_wise, eq_n=self.eq_n, steps=self.steps, search_round=self.search_round,
             fpcs=self.fpcs, lut=self.lut, calib_size=self.calib_size, calib_batch_size=self.calib_batch_size,
         )

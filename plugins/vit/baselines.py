@@ -13,24 +13,27 @@ Each baseline has its own config class (a ``recipe.HarnessConfig``), run by ``po
 |---------------|-----------------------|------------------------|-----------------|----------------------|--------|
 | minmax        | min-max               | min-max, per tensor    | uniform min-max | uniform min-max      | no     |
 | percentile    | percentiles           | percentiles, per tensor| uniform         | uniform              | no     |
-| log2          | FPCS                  | as AdaLog (LN reparam, | uniform FPCS    | log2, scale 1        | yes    |
-|               |                       | per-head q/k/v)        |                 | (FQ-ViT / RepQ-ViT)  |        |
-| logsqrt2      | FPCS                  | as AdaLog              | uniform FPCS    | log-sqrt2, scale 1   | yes    |
-|               |                       |                        |                 | (RepQ-ViT)           |        |
+| log2          | FPCS                  | as AdaLog (LN reparam, | AdaLog (gelu=   | log2, scale 1        | yes    |
+|               |                       | per-head q/k/v)        | uniform / log)  | (FQ-ViT / RepQ-ViT)  |        |
+| logsqrt2      | FPCS                  | as AdaLog              | AdaLog (gelu=   | log-sqrt2, scale 1   | yes    |
+|               |                       |                        | uniform / log)  | (RepQ-ViT)           |        |
 | twin_uniform  | FPCS                  | as AdaLog              | twin uniform    | twin uniform         | yes    |
 |               |                       |                        | (PTQ4ViT)       | (PTQ4ViT)            |        |
 
-log2, logsqrt2 and twin_uniform share everything with AdaLog except the post-softmax and post-GELU quantizers,
-so their gap to AdaLog measures the quantizers alone (the "quantizer ablation" of the paper). With
-``log_gelu=True`` log2 / logsqrt2 also use their log quantizer (shifted by -min GELU) after GELU, the reference's
-ablation setting, where the post-GELU scale comes from AdaLog's search. minmax and
-percentile are plain statistics-based PTQ with per-tensor activation quantizers and no reparameterization.
+log2, logsqrt2 and twin_uniform share everything with AdaLog except the post-softmax and (twin_uniform, or
+log2 / logsqrt2 with ``gelu`` other than "adalog") post-GELU quantizers, so their gap to AdaLog measures the
+quantizers alone (the "quantizer ablation" of the paper). The reference sets the two separately
+(``post_softmax_quantizer``, ``post_gelu_quantizer``); by default log2 / logsqrt2 keep AdaLog's post-GELU
+quantizer, so "AdaLog vs log2" is one change. ``gelu="log"`` uses their log quantizer (shifted by -min GELU) after
+GELU, its scale from AdaLog's search as in the reference; ``gelu="uniform"`` the uniform one. LayerNorm
+reparameterization applies only when abits == wbits (reference ``wrap_net.py``). minmax and percentile are plain
+statistics-based PTQ with per-tensor activation quantizers and no reparameterization.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from polyquant.config import ConfigError, float_field
 
@@ -58,7 +61,7 @@ class BaselineConfig(HarnessConfig):
         return Recipe(
             name=name, wbits=self.wbits, abits=self.abits, softmax_bits=self.softmax_bits or self.abits,
             conv_abits=self.conv_abits, calib=calib, percentile=percentile, softmax=softmax, gelu=gelu,
-            ln_reparam=searched, head_wise=searched, eq_n=self.eq_n, steps=self.steps,
+            ln_reparam=searched and self.abits == self.wbits, head_wise=searched, eq_n=self.eq_n, steps=self.steps,
             search_round=self.search_round, calib_size=self.calib_size, calib_batch_size=self.calib_batch_size,
         )
 
@@ -91,31 +94,36 @@ class PercentileConfig(BaselineConfig):
 
 @dataclass
 class Log2Config(BaselineConfig):
-    """AdaLog's pipeline with a log2 post-softmax quantizer (FQ-ViT / RepQ-ViT) and a uniform post-GELU one.
+    """AdaLog's pipeline with a log2 post-softmax quantizer (FQ-ViT / RepQ-ViT), the reference's
+    ``post_softmax_quantizer='log2'``.
 
     Args:
-        log_gelu: also quantize post-GELU activations with the shifted log quantizer of the same base instead of
-            a uniform one (AdaLog's quantizer ablation; the scale comes from AdaLog's search, as in the reference).
+        gelu: the post-GELU quantizer (the reference's separate ``post_gelu_quantizer``): "adalog" (default:
+            only the post-softmax quantizer differs from AdaLog, one change), "uniform", or "log" (the shifted
+            log2 quantizer, its scale from AdaLog's search as the reference's ``tmp_quantizer``).
     """
 
-    log_gelu: bool = False
+    VERSION: ClassVar[int] = 2
+    gelu: Literal["adalog", "uniform", "log"] = "adalog"
 
     def recipe(self) -> Recipe:
-        return self._recipe("log2", "search", "log2", "log2" if self.log_gelu else "uniform")
+        return self._recipe("log2", "search", "log2", "log2" if self.gelu == "log" else self.gelu)
 
 
 @dataclass
 class LogSqrt2Config(BaselineConfig):
-    """RepQ-ViT style: LayerNorm reparameterization and a log-sqrt2 post-softmax quantizer.
+    """RepQ-ViT style log-sqrt2 post-softmax quantizer in AdaLog's pipeline (``post_softmax_quantizer='logsqrt2'``).
 
     Args:
-        log_gelu: also quantize post-GELU activations with the shifted log-sqrt2 quantizer (ablation).
+        gelu: the post-GELU quantizer: "adalog" (default, one change from AdaLog), "uniform" or "log" (the
+            shifted log-sqrt2 quantizer).
     """
 
-    log_gelu: bool = False
+    VERSION: ClassVar[int] = 2
+    gelu: Literal["adalog", "uniform", "log"] = "adalog"
 
     def recipe(self) -> Recipe:
-        return self._recipe("logsqrt2", "search", "logsqrt2", "logsqrt2" if self.log_gelu else "uniform")
+        return self._recipe("logsqrt2", "search", "logsqrt2", "logsqrt2" if self.gelu == "log" else self.gelu)
 
 
 @dataclass

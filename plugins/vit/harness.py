@@ -15,7 +15,8 @@ output, as in the reference):
 |             |                                                    | then layer-wise uniform                        |
 | post_gelu   | input of fc2                                       | AdaLog with shift (-shift folded into the bias)|
 | linear      | other Linear / Conv inputs (proj, head, ...)       | uniform layer-wise                             |
-| conv        | input of the first Conv (patch embedding / stem)   | uniform layer-wise at ``conv_abits`` (8)       |
+| conv        | input of the first Conv (patch embedding / stem)   | float at ``conv_abits`` >= 8 or None (the      |
+|             |                                                    | reference's quant_input), else uniform         |
 | qk          | both operands of q @ k^T                           | uniform per head                               |
 | v           | v in attn @ v                                      | uniform per head                               |
 | softmax     | attention probabilities in attn @ v                | AdaLog, scale 1, q searched                    |
@@ -141,6 +142,8 @@ def _act_quantizer(role: str, recipe: Recipe, heads: int, name: str) -> VitQuant
     if role in ("post_ln", "linear"):
         return UniformQuantizer(a, (1,), name=name)
     if role == "conv":
+        if recipe.conv_abits is None or recipe.conv_abits >= 8:
+            raise ValueError("a conv input at >= 8 bits stays in float (no quantizer)")
         return UniformQuantizer(recipe.conv_abits, (1,), name=name)
     if role == "post_gelu":
         if recipe.gelu == "adalog":
@@ -216,7 +219,9 @@ def wrap(model: nn.Module, recipe: Recipe, example: Tensor | None = None) -> tup
         w = module.weight
         new.weight_quantizer = UniformQuantizer(recipe.wbits, (w.shape[0],) + (1,) * (w.dim() - 1), weight=True,
                                                 name=f"{name}.weight")
-        new.input_quantizer = _act_quantizer(role, recipe, 1, f"{name}.input")
+        float_input = role == "conv" and (recipe.conv_abits is None or recipe.conv_abits >= 8)
+        # The reference's quant_input returns the image unquantized at >= 8 bits (qconv_a_bit = 8).
+        new.input_quantizer = None if float_input else _act_quantizer(role, recipe, 1, f"{name}.input")
         set_submodule(qmodel, name, new)
         plan.append(LayerInfo(name, kind, role, norm=norm if recipe.ln_reparam else None))
     for name, module in qmodel.named_modules():
@@ -251,10 +256,16 @@ def _set_all(model: nn.Module, state: str) -> None:
 # --- capture ----------------------------------------------------------------------------------------------------
 
 
-def capture(qmodel: nn.Module, plan: list[LayerInfo], images: Tensor, batch_size: int) -> dict[str, list[Tensor]]:
+def capture(qmodel: nn.Module, plan: list[LayerInfo], images: Tensor, batch_size: int, *,
+            progress: bool = False) -> dict[str, list[Tensor]]:
     """Float inputs and outputs of every planned layer: name -> [input(s)..., output] (CPU, float32, every call
     concatenated); the input is the layer's first positional argument, both operands for a QuantMatMul."""
-    caps = capture_modules(qmodel, [info.name for info in plan], images.split(batch_size))
+    batches: list[Tensor] | Iterator[Tensor] = list(images.split(batch_size))
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = iter(tqdm(batches, desc="capturing layer inputs"))
+    caps = capture_modules(qmodel, [info.name for info in plan], batches)
     data: dict[str, list[Tensor]] = {}
     for info in plan:
         cap = caps.pop(info.name)
@@ -406,8 +417,10 @@ def _bshape(x: Tensor, params: Tensor, groups: str) -> Tensor:
 
 
 def _uniform_search(rows: Tensor, bits: int, evaluate: Evaluate, recipe: Recipe, *, zp_levels: int,
-                    min_scale: float) -> SearchResult:
-    scales, zps, step = uniform_grid(rows, bits, eq_n=recipe.eq_n, zp_levels=zp_levels)
+                    min_scale: float, centre: str = "range") -> SearchResult:
+    """FPCS (or a flat grid) over ``uniform_grid`` candidates. Activations centre their zero points on the observed
+    range ("range": a shifted range is not clipped); weights on 2^(b-1) as the reference ("mid")."""
+    scales, zps, step = uniform_grid(rows, bits, eq_n=recipe.eq_n, zp_levels=zp_levels, centre=centre)
     if recipe.fpcs:
         return fp.fpcs(scales, zps, step, evaluate, steps=recipe.steps, eq_n=recipe.eq_n, min_scale=min_scale)
     return fp.flat_grid_search(scales.clamp_min(min_scale), zps, evaluate)
@@ -419,7 +432,7 @@ def _search_weight(layer: nn.Module, evaluate: Evaluate, recipe: Recipe) -> Sear
     wq: UniformQuantizer = layer.weight_quantizer
     w = layer.weight.detach()
     res = _uniform_search(w.reshape(w.shape[0], -1), wq.bits, evaluate, recipe, zp_levels=2 ** (wq.bits - 1),
-                          min_scale=1e-8)
+                          min_scale=1e-8, centre="mid")
     wq.set_params(res.scale.reshape(wq.scale.shape), res.zero_point.reshape(wq.scale.shape))
     return res
 
@@ -470,9 +483,16 @@ def _calibrate_weight_layer_stats(layer: nn.Module, x: Tensor, recipe: Recipe) -
     wq: UniformQuantizer = layer.weight_quantizer
     s, z = _stats_qparams(layer.weight.detach(), wq.bits, recipe, "weight")
     wq.set_params(s, z)
-    aq: UniformQuantizer = layer.input_quantizer
-    s, z = _stats_qparams(x, aq.bits, recipe)
-    aq.set_params(s, z)
+    aq: UniformQuantizer | None = layer.input_quantizer
+    if aq is not None:  # None: a float conv input
+        s, z = _stats_qparams(x, aq.bits, recipe)
+        aq.set_params(s, z)
+
+
+def _float_input_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe) -> None:
+    """A layer whose input stays in float (the patch embedding at conv_abits >= 8): one weight search on the
+    layer output from the float input, as the reference's conv (``search_round`` breaks after one round)."""
+    _search_weight(layer, prob.weight_eval(prob.x, layer.weight_quantizer.bits), recipe)
 
 
 def _uniform_layer_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, info: LayerInfo) -> None:
@@ -630,7 +650,7 @@ def _matmul_uniform_search(quant: UniformQuantizer, t: Tensor, other_q: Tensor, 
 
 
 def _init_from_grid(quant: UniformQuantizer, t: Tensor, recipe: Recipe, groups: str, heads: int) -> None:
-    scales, zps, _ = uniform_grid(_rows_for(t, groups, heads), quant.bits, eq_n=recipe.eq_n)
+    scales, zps, _ = uniform_grid(_rows_for(t, groups, heads), quant.bits, eq_n=recipe.eq_n, centre="range")
     quant.set_params(scales[-2].reshape(quant.scale.shape), zps[-2].reshape(quant.scale.shape))
 
 
@@ -704,6 +724,8 @@ def calibrate_layer(qmodel: nn.Module, info: LayerInfo, tensors: list[Tensor], r
         _adalog_gelu_flow(module, prob, recipe, info)
     elif info.role == "post_gelu" and recipe.gelu == "twin":
         _twin_gelu_flow(module, prob, recipe, info)
+    elif module.input_quantizer is None:
+        _float_input_flow(module, prob, recipe)
     else:
         _uniform_layer_flow(module, prob, recipe, info)
 
@@ -736,7 +758,7 @@ def quantize_with_recipe(model: nn.Module, calib: Tensor, recipe: Recipe, *, fol
         raise ValueError("the calibration set is empty")
     images = calib[: recipe.calib_size].float()
     qmodel, plan = wrap(model, recipe, images[:2])
-    data = capture(qmodel, plan, images, recipe.calib_batch_size)
+    data = capture(qmodel, plan, images, recipe.calib_batch_size, progress=progress)
     for info in _progress(plan, progress, f"calibrating ({recipe.name})"):
         calibrate_layer(qmodel, info, data.pop(info.name), recipe)
     set_lut(qmodel, recipe.lut)  # inference dequantization: tables (hardware) or float

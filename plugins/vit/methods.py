@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,11 +90,26 @@ def _quantize_harness(model: nn.Module, config: HarnessConfig, calib: Calibratio
         assert isinstance(config, AdaLogConfig)
         run_retrain(qmodel, model, images, iters=config.retrain_iters, size=config.retrain_size, seed=config.seed,
                     progress=run.progress, lut=config.lut)
-    return QuantizedModel(qmodel, config)
+    return QuantizedModel(qmodel, config, state={"input_size": list(images.shape[1:])})
+
+
+def _example_input(model: nn.Module, artifact: Artifact) -> Tensor:
+    """Zeros of the input size the artifact's model was calibrated at (recorded in its state; older artifacts:
+    the model's own input size), for the BatchNorm folding of a rebuilt skeleton."""
+    from .models import input_spec
+
+    size = artifact.config.get("state", {}).get("input_size")
+    if size is None:
+        side, chans = input_spec(model)
+        size = [chans, side, side]
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and 1 <= v <= 8192 for v in size)):
+        raise ArtifactError(f"the artifact's input_size must be [C, H, W] with sides in 1..8192, got {size!r}")
+    return torch.zeros(2, *size)
 
 
 @torch.no_grad()
 def _export_harness(qm: QuantizedModel) -> dict[str, Tensor]:
+    from polyquant.export import check_finite
     from polyquant.nn import QuantConv2d, QuantLinear
     from polyquant.pack import pack_rows
 
@@ -104,6 +120,8 @@ def _export_harness(qm: QuantizedModel) -> dict[str, Tensor]:
     for name, m in qm.model.named_modules():
         if isinstance(m, (QuantLinear, QuantConv2d)) and isinstance(m.weight_quantizer, UniformQuantizer):
             wq = m.weight_quantizer
+            for what, t in (("weight", m.weight), ("weight_scale", wq.scale), ("weight_zero_point", wq.zero_point)):
+                check_finite(f"{name}.{what}", t)  # a NaN weight would export as a valid code
             codes = wq.codes(m.weight)
             tensors[f"{name}.weight_packed"] = pack_rows(codes.reshape(len(codes), -1), wq.bits)  # the core layout
             tensors[f"{name}.weight_scale"] = wq.scale.float().contiguous()
@@ -124,7 +142,7 @@ def _restore_harness(model: nn.Module, config: HarnessConfig, artifact: Artifact
     from .harness import vit_quantizers, wrap
     from .quantizers import UniformQuantizer
 
-    qmodel, _ = wrap(model, config.recipe())
+    qmodel, _ = wrap(model, config.recipe(), _example_input(model, artifact))
     t = artifact.tensors
     state: dict[str, Tensor] = {k[len("float."):]: v for k, v in t.items() if k.startswith("float.")}
     for name, m in qmodel.named_modules():
@@ -148,7 +166,7 @@ def _restore_harness(model: nn.Module, config: HarnessConfig, artifact: Artifact
     for q in vit_quantizers(qmodel):
         q.searched = True
         q.set_state("quantized")
-    return QuantizedModel(qmodel.eval(), config)
+    return QuantizedModel(qmodel.eval(), config, state=dict(artifact.config.get("state", {})))
 
 
 def _packed_weights_harness(qm: QuantizedModel, artifact: Artifact) -> dict[str, Any]:
@@ -199,7 +217,8 @@ def _quantize_qhyvit(model: nn.Module, config: QHyViTConfig, calib: Calibration,
     raw = [n for n, q in quantizers.items() if q.state != "quantized"]
     if raw:
         raise ValueError(f"{len(raw)} quantizers are not frozen (units that never ran in forward?): {raw[:3]}")
-    return QuantizedModel(qmodel, config, state={"quantizers": _quantizer_choices(qmodel)}, report=report)
+    return QuantizedModel(qmodel, config, state={"quantizers": _quantizer_choices(qmodel),
+                                                 "input_size": list(images.shape[1:])}, report=report)
 
 
 def _restore_qhyvit(model: nn.Module, config: QHyViTConfig, artifact: Artifact) -> QuantizedModel:
@@ -214,8 +233,7 @@ def _restore_qhyvit(model: nn.Module, config: QHyViTConfig, artifact: Artifact) 
     from .qhyvit import prepare_hybrid
 
     model = model.eval()
-    size, chans = input_spec(model)
-    fold_batchnorm(model, torch.zeros(2, chans, size, size))
+    fold_batchnorm(model, _example_input(model, artifact))
     prepare_hybrid(model, wbits=config.wbits, abits=config.abits, ignore=config.ignore,
                    quantize_matmul=config.quantize_matmul)
     choices: dict[str, dict[str, Any]] = artifact.config.get("state", {}).get("quantizers", {})
@@ -229,7 +247,9 @@ def _restore_qhyvit(model: nn.Module, config: QHyViTConfig, artifact: Artifact) 
             gran = PerTensor() if c["axis"] is None else PerChannel(int(c["axis"]))
             q.spec = QuantSpec(IntFormat(int(c["bits"]), signed=bool(c["signed"])), gran,
                                symmetric=bool(c["symmetric"]))
-    return QuantizedModel(core_restore(model, artifact, specs=choices).eval(), config, state={"quantizers": choices})
+    state = {"quantizers": choices, **({"input_size": artifact.config["state"]["input_size"]}
+                                       if "input_size" in artifact.config.get("state", {}) else {})}
+    return QuantizedModel(core_restore(model, artifact, specs=choices).eval(), config, state=state)
 
 
 # Q-HyViT models are core fake-quant models: the default export (polyquant.export.export_tensors) writes them.
@@ -277,6 +297,7 @@ class CliInputs:
     model_config: dict[str, Any] | None
     calib: list[Tensor]
     label: str
+    evaluation: Any = None  # data.ImageFolderData of --eval-data, loaded (and checked) before calibration
 
 
 def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:
@@ -286,6 +307,48 @@ def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:
                              "name (random weights)")
     parser.add_argument("--img-size", type=int, default=None, help="input size of a timm model (e.g. 32 to stay fast)")
     parser.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration subset")
+    parser.add_argument("--calib-data", default=None, metavar="DIR",
+                        help="calibrate on the images in DIR (an ImageFolder or a flat folder); default: the digits "
+                             "set (right only for the shipped digits models)")
+    parser.add_argument("--eval-data", default=None, metavar="DIR",
+                        help="report float and quantized top-1 on the labelled ImageFolder DIR")
+    parser.add_argument("--mean", type=_floats, default=None, help="input normalization mean, e.g. 0.485,0.456,0.406 "
+                                                                  "(default: the model's timm data config)")
+    parser.add_argument("--std", type=_floats, default=None, help="input normalization std (default: the model's)")
+    parser.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"), default=None,
+                        help="resize interpolation of --calib-data / --eval-data images (default: the model's)")
+    parser.add_argument("--crop-pct", type=float, default=None,
+                        help="center-crop fraction of --calib-data / --eval-data images (default: the model's)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _preprocess(model: nn.Module, args: argparse.Namespace, prog: str) -> Any:
+    from polyquant.cli import CliError
+
+    from .data import preprocess_for
+
+    try:
+        return preprocess_for(model, mean=args.mean, std=args.std, interpolation=args.interpolation,
+                              crop_pct=args.crop_pct)
+    except ValueError as e:
+        raise CliError(str(e), prog=prog) from None
+
+
+def _folder(path: str, prep: Any, option: str, prog: str, *, limit: int | None = None, seed: int = 0) -> Any:
+    from polyquant.cli import CliError
+
+    from .data import load_image_folder
+
+    try:
+        return load_image_folder(path, prep, limit=limit, seed=seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise CliError(f"{option} {path}: {e}", prog=prog) from None
 
 
 def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> CliInputs:
@@ -293,8 +356,8 @@ def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> C
     from polyquant.cli import CliError
 
     from .data import calib_set, load_digits_data
+    from .models import DIGITS_MODELS, input_spec
     from .models import build_model as resolve_model
-    from .models import input_spec
 
     prog = f"polyquant quantize vit/{method}"
     if args.img_size is not None and not 8 <= args.img_size <= 4096:
@@ -307,11 +370,31 @@ def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> C
     except (ValueError, FileNotFoundError) as e:  # unknown name, missing or foreign checkpoint: a usage error
         raise CliError(f"--model {args.model}: {e}", prog=prog) from None
     n = config.images_needed() if isinstance(config, HarnessConfig) else getattr(config, "calib_size", 32)
+    evaluation = None
+    if args.calib_data is not None or args.eval_data is not None:
+        prep = _preprocess(model, args, prog)
+    if args.eval_data is not None:  # checked before any calibration work
+        evaluation = _folder(args.eval_data, prep, "--eval-data", prog)
+        if evaluation.labels is None:
+            raise CliError(f"--eval-data {args.eval_data}: needs class folders (an ImageFolder) for labels",
+                           prog=prog)
+    if args.calib_data is not None:
+        folder = _folder(args.calib_data, prep, "--calib-data", prog, limit=n, seed=args.calib_seed)
+        if folder.short:
+            print(f"--calib-data {args.calib_data}: found {folder.found} images, {n} requested; calibrating on "
+                  f"{len(folder)}", file=sys.stderr)
+        label = f"{args.model}, {len(folder)} calibration images from {args.calib_data}"
+        return CliInputs(model, model_config, [folder.images], label, evaluation)
     size, chans = input_spec(model)
     channels = 1 if chans == 1 else 3
     data = load_digits_data(size, channels)
     images = calib_set(min(n, len(data.x_train)), args.calib_seed, size, channels)
-    return CliInputs(model, model_config, [images], f"{args.model}, {len(images)} calibration images")
+    label = f"{args.model}, {len(images)} calibration images"
+    if args.model not in DIGITS_MODELS:
+        print(f"note: no --calib-data: calibrating {args.model} on digits images resized to {size}x{size}; pass "
+              "--calib-data DIR for the model's own data", file=sys.stderr)
+        label += " (digits)"
+    return CliInputs(model, model_config, [images], label, evaluation)
 
 
 def _digits_accuracy(model: nn.Module) -> float | None:
@@ -326,14 +409,21 @@ def _digits_accuracy(model: nn.Module) -> float | None:
 
 
 def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Namespace) -> None:
-    """Digits accuracy of the float and quantized models, for the digits models."""
+    """Top-1 of the float and quantized models: on ``--eval-data``, else on the digits test set for the shipped
+    digits models only (a user's checkpoint is not evaluated on digits: its accuracy there means nothing)."""
+    from .data import evaluate_folder
     from .models import DIGITS_MODELS
 
-    config = inputs.model_config or {}
-    if args.model in DIGITS_MODELS or config.get("source") in ("vit", "hybrid"):
+    folder = inputs.evaluation
+    if folder is not None:
+        fp_acc, q_acc = evaluate_folder(inputs.model, folder), evaluate_folder(qm.model, folder)
+        print(f"{args.eval_data} top-1 ({len(folder)} images): float {fp_acc:.2f}%, quantized {q_acc:.2f}%")
+    elif args.model in DIGITS_MODELS:
         fp_acc, q_acc = _digits_accuracy(inputs.model), _digits_accuracy(qm.model)
         if fp_acc is not None and q_acc is not None:
             print(f"digits test accuracy: float {fp_acc:.2f}%, quantized {q_acc:.2f}%")
+    else:
+        print(f"accuracy not evaluated: {args.model} is not a shipped digits model; pass --eval-data DIR")
 
 
 def add_load_args(parser: argparse.ArgumentParser) -> None:

@@ -103,9 +103,13 @@ class QHyViTConfig(QuantConfig):
         abits: activation bits (2..8): inputs of every Conv / Linear and both operands of attention products.
         calib_size: at most this many calibration images are used (the first ones given).
         batch_size: images per forward / backward pass while capturing inputs and gradients.
-        granularity: "search" (per operand: layer-wise vs channel-wise by the metric), "layer", "channel", or
-            "groups" (released-code heuristic: conv weights per channel, linear weights per tensor, conv inputs
-            channel-wise only for grouped / depthwise convs, attention operands head-wise).
+        granularity: "groups" (default, the released code's rule: conv weights per channel, linear weights per
+            tensor, conv inputs channel-wise only for grouped / depthwise convs, Linear and dense-conv inputs
+            layer-wise, attention operands head-wise: what integer GEMMs can run), "search" (per operand:
+            layer-wise vs channel-wise by the metric, which lets Linear and dense-conv inputs take per-channel
+            scales: fake-quant only, no integer GEMM runs them), "integer" (weights searched per layer / channel,
+            activations by the released rule: what integer kernels run, with the baselines' freedom on weights),
+            "layer" or "channel".
         scheme: "search" (symmetric vs asymmetric by the metric), "symmetric" or "asymmetric".
         metric: "hessian" (sum g^2 (O_q - O)^2, g = dKL/dO) or "mse" (sum (O_q - O)^2).
         calib_mode: which calibrated units stay quantized while later units are calibrated: "bridge" (only bridge
@@ -135,7 +139,7 @@ class QHyViTConfig(QuantConfig):
     abits: int = bits_field(8)
     calib_size: int = int_field(32, 1, 1 << 20, cli=("--calib",))
     batch_size: int = int_field(32, 1, 1 << 20)
-    granularity: Literal["search", "layer", "channel", "groups"] = "search"
+    granularity: Literal["search", "layer", "channel", "groups", "integer"] = "groups"
     scheme: Literal["search", "symmetric", "asymmetric"] = "search"
     metric: Literal["hessian", "mse"] = "hessian"
     calib_mode: Literal["bridge", "sequential", "parallel"] = "bridge"
@@ -399,8 +403,9 @@ class _Unit:
 
 def _make_unit(name: str, module: nn.Module, config: QHyViTConfig) -> _Unit:
     def choices(is_weight: bool, heuristic: str) -> list[tuple[str, bool]]:
-        grans = {"search": ["layer", "channel"], "layer": ["layer"], "channel": ["channel"],
-                 "groups": [heuristic]}[config.granularity]
+        searched = ["layer", "channel"]
+        grans = {"search": searched, "layer": ["layer"], "channel": ["channel"], "groups": [heuristic],
+                 "integer": searched if is_weight else [heuristic]}[config.granularity]
         schemes = {"search": [True, False], "symmetric": [True], "asymmetric": [False]}[config.scheme]
         return [(g, s) for g in grans for s in schemes]
 

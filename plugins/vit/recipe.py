@@ -24,7 +24,9 @@ class HarnessConfig(QuantConfig):
         wbits: weight bits (Linear and Conv, per output channel, asymmetric uniform).
         abits: activation bits (every quantized Linear / matmul input, and the head input).
         softmax_bits: bits of the post-softmax quantizer; None: abits (the reference s_bit).
-        conv_abits: input bits of Conv layers (the patch embedding; reference qconv_a_bit = 8).
+        conv_abits: input bits of the first Conv (the patch embedding / stem): 8 (the reference's qconv_a_bit) or
+            None keep the image in float, as the reference's ``quant_input`` does at >= 8 bits (the conv's weights
+            get one output-MSE search); below 8, a searched uniform quantizer.
         calib_size: number of calibration images used (the first calib_size of the given set).
         calib_batch_size: batch size of the float forward passes that capture layer inputs / outputs.
         eq_n: candidates per search round (at least 64: FPCS keeps 32 survivors and refines each with
@@ -37,7 +39,7 @@ class HarnessConfig(QuantConfig):
     wbits: int = bits_field(4)
     abits: int = bits_field(4)
     softmax_bits: int | None = bits_field(None)
-    conv_abits: int = bits_field(8)
+    conv_abits: int | None = bits_field(8)
     calib_size: int = int_field(32, 1, 1 << 20, cli=("--calib",))
     calib_batch_size: int = int_field(32, 1, 1 << 20)
     eq_n: int = int_field(128, 64, 4096)
@@ -58,12 +60,14 @@ class Recipe(QuantConfig):
 
     Args:
         name: method name recorded in artifacts.
-        wbits, abits: weight / activation bits; softmax_bits: post-softmax bits; conv_abits: Conv input bits.
+        wbits, abits: weight / activation bits; softmax_bits: post-softmax bits; conv_abits: first Conv input
+            bits (None or 8: float input).
         calib: "search" (FPCS / grid search on the layer output), "minmax" or "percentile" (statistics).
         percentile: upper percentile for calib="percentile" (the lower one is 100 - percentile).
         softmax: post-softmax quantizer: "adalog", "log2", "logsqrt2", "uniform" or "twin".
         gelu: post-GELU quantizer: "adalog" (shifted, bias-folded), "uniform", "twin", "log2" or "logsqrt2".
-        ln_reparam: per-channel post-LayerNorm search folded into the LayerNorm (calib="search" only).
+        ln_reparam: per-channel post-LayerNorm search folded into the LayerNorm (calib="search" only; the configs
+            set it only when abits == wbits, as the reference's ``wrap_net.py``).
         head_wise: per-head quantizers for the q, k, v operands.
         eq_n, steps, search_round, fpcs: search settings (FPCS when fpcs, else a flat grid of eq_n).
         lut: AdaLog hardware dequantization at inference.
@@ -75,7 +79,7 @@ class Recipe(QuantConfig):
     wbits: int = bits_field(4)
     abits: int = bits_field(4)
     softmax_bits: int = bits_field(4)
-    conv_abits: int = bits_field(8)
+    conv_abits: int | None = bits_field(8)
     calib: Literal["search", "minmax", "percentile"] = "search"
     percentile: float = 99.99
     softmax: Literal["adalog", "log2", "logsqrt2", "uniform", "twin"] = "adalog"

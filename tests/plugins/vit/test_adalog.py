@@ -249,7 +249,7 @@ def test_log_base_search_and_adalog_fpcs() -> None:
 
     start = float(x.max() + GELU_SHIFT)
     scale, q, loss, n = adalog_activation_fpcs(x, eval_sq, start, shift=GELU_SHIFT)
-    assert n == 129 + 6 * 128
+    assert n == 128 + 6 * 128  # the reference scores q = 10..137, then 6 rounds of 128
     assert Q_MIN <= q <= Q_MAX
     assert loss <= float(eval_sq(torch.tensor([start]), torch.tensor([float(R)]))[0]) + 1e-12
     assert loss == pytest.approx(float(eval_sq(torch.tensor([scale]), torch.tensor([float(q)]))[0]))

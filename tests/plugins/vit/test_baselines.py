@@ -129,10 +129,28 @@ def test_recipes_follow_the_table(method: str) -> None:
     r = BASELINES[method](wbits=3, abits=5).recipe()
     assert (r.name, r.wbits, r.abits, r.softmax_bits) == (method, 3, 5, 5)
     expected = {"minmax": ("uniform", "uniform", False), "percentile": ("uniform", "uniform", False),
-                "log2": ("log2", "uniform", True), "logsqrt2": ("logsqrt2", "uniform", True),
+                "log2": ("log2", "adalog", True), "logsqrt2": ("logsqrt2", "adalog", True),
                 "twin_uniform": ("twin", "twin", True)}[method]
-    assert (r.softmax, r.gelu, r.ln_reparam) == expected
+    assert (r.softmax, r.gelu) == expected[:2]
+    assert not r.ln_reparam  # abits != wbits: no LayerNorm reparameterization (reference wrap_net.py)
+    assert BASELINES[method](wbits=4, abits=4).recipe().ln_reparam == expected[2]
     assert r.calib == (method if method in ("minmax", "percentile") else "search")
+
+
+def test_log_baselines_gelu_setting() -> None:
+    # one change from AdaLog by default; the reference's other post-GELU settings on request
+    assert Log2Config().recipe().gelu == "adalog"
+    assert Log2Config(gelu="uniform").recipe().gelu == "uniform"
+    assert Log2Config(gelu="log").recipe().gelu == "log2"
+    assert LogSqrt2Config(gelu="log").recipe().gelu == "logsqrt2"
+
+
+def test_adalog_reparameterizes_layernorm_only_at_equal_bits() -> None:
+    from polyquant.plugins.vit.adalog import AdaLogConfig
+
+    assert AdaLogConfig(wbits=4, abits=4).recipe().ln_reparam
+    assert not AdaLogConfig(wbits=4, abits=8).recipe().ln_reparam
+    assert not AdaLogConfig(wbits=4, abits=4, ln_reparam=False).recipe().ln_reparam
 
 
 def test_bad_baseline_configs() -> None:
@@ -141,7 +159,7 @@ def test_bad_baseline_configs() -> None:
         with pytest.raises(ConfigError):
             cls(**bad)
     with pytest.raises(TypeError):
-        MinMaxConfig(log_gelu=True)  # type: ignore[call-arg]  # only the log baselines have the ablation switch
+        MinMaxConfig(gelu="log")  # type: ignore[call-arg]  # only the log baselines have the post-GELU setting
     with pytest.raises(TypeError):
         MinMaxConfig(percentile=99.0)  # type: ignore[call-arg]
 
@@ -162,10 +180,10 @@ def test_percentile_clips_activations_tighter_than_minmax() -> None:
 
 
 def test_log_gelu_ablation_recipe_and_quantizers() -> None:
-    r = LogSqrt2Config(log_gelu=True).recipe()
+    r = LogSqrt2Config(gelu="log").recipe()
     assert (r.softmax, r.gelu) == ("logsqrt2", "logsqrt2")
     model = load_digits_vit()
-    cfg = Log2Config(wbits=6, abits=6, calib_size=8, search_round=1, eq_n=64, log_gelu=True)
+    cfg = Log2Config(wbits=6, abits=6, calib_size=8, search_round=1, eq_n=64, gelu="log")
     q = pq.quantize(model, cfg, calib=[calib_set(8, seed=0)]).model
     gelu_qs = [blk.mlp.fc2.input_quantizer for blk in q.blocks]
     assert all(isinstance(g, LogQuantizer) and g.base_log2 == 1.0 and g.shift > 0.16 and g.searched
@@ -174,3 +192,32 @@ def test_log_gelu_ablation_recipe_and_quantizers() -> None:
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert float((out - ref).norm() / ref.norm()) < 0.2  # W6A6 with log2 after GELU stays close to float
+
+
+def test_patch_embedding_input_stays_float_at_8_bits() -> None:
+    # the reference's quant_input returns the image unquantized at >= 8 bits (qconv_a_bit = 8)
+    from polyquant.plugins.vit.harness import wrap
+
+    model = load_digits_vit()
+    qmodel, plan = wrap(model, MinMaxConfig().recipe())
+    assert qmodel.patch_embed.proj.input_quantizer is None
+    assert next(info for info in plan if info.name == "patch_embed.proj").role == "conv"
+    qmodel, _ = wrap(model, MinMaxConfig(conv_abits=6).recipe())
+    assert qmodel.patch_embed.proj.input_quantizer.bits == 6
+    assert MinMaxConfig(conv_abits=None).recipe().conv_abits is None
+
+
+def test_quantized_image_is_not_clipped_when_not_centred() -> None:
+    # A searched input quantizer must cover a range that is not centred on zero: [-0.96, 1.84] at 7 bits. Zero
+    # points centred on 2^(b-1) (64 +- 8) could not reach the needed ~44 and clipped the bright pixels.
+    from polyquant.plugins.vit.models import affine_input_model
+
+    model = affine_input_model(load_digits_vit(), 1.4, 0.44)
+    calib = calib_set(8, seed=0) * 1.4 + 0.44
+    cfg = Log2Config(wbits=6, abits=6, conv_abits=7, calib_size=8, search_round=1, eq_n=64)
+    q = pq.quantize(model, cfg, calib=[calib], progress=False).model
+    iq = q.patch_embed.proj.input_quantizer
+    lo = float(-iq.zero_point.reshape(-1)[0] * iq.scale.reshape(-1)[0])
+    hi = float((2**7 - 1 - iq.zero_point.reshape(-1)[0]) * iq.scale.reshape(-1)[0])
+    clipped = ((calib < lo - 1e-6) | (calib > hi + 1e-6)).float().mean()
+    assert float(clipped) < 0.01, (lo, hi, float(clipped))

