@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -50,6 +52,18 @@ PRODUCT_NAMES = ("matmul_qk", "matmul_av")  # first and second product of an att
 
 
 # --- BatchNorm folding ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _exact_fp32() -> Iterator[None]:
+    """Full-precision fp32 convolutions and matmuls on CUDA (no TF32) while fold_batchnorm compares outputs:
+    TF32 alone moves a conv stack's output by ~1e-3, more than the check allows."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
 
 
 @torch.no_grad()
@@ -88,7 +102,8 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> list[str]:
         elif isinstance(m, nn.BatchNorm2d):
             hooks.append(m.register_forward_pre_hook(bn_hook))
     try:
-        reference = model(example)
+        with _exact_fp32():
+            reference = model(example)
     finally:
         for h in hooks:
             h.remove()
@@ -116,7 +131,8 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> list[str]:
         set_submodule(model, bn_name, replacement)
         folded.append(conv_name)
     if folded and isinstance(reference, Tensor):
-        got = model(example)
+        with _exact_fp32():
+            got = model(example)
         tol = 1e-4 * max(1.0, float(reference.abs().max()))
         if not torch.allclose(got, reference, rtol=1e-4, atol=tol):
             change = float((got - reference).abs().max())

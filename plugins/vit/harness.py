@@ -761,6 +761,7 @@ def quantize_with_recipe(model: nn.Module, calib: Tensor, recipe: Recipe, *, fol
     data = capture(qmodel, plan, images, recipe.calib_batch_size, progress=progress)
     for info in _progress(plan, progress, f"calibrating ({recipe.name})"):
         calibrate_layer(qmodel, info, data.pop(info.name), recipe)
+    qmodel.to(images.device)  # searches run on the captured (CPU) tensors: their parameters join the model
     set_lut(qmodel, recipe.lut)  # inference dequantization: tables (hardware) or float
     if fold:
         return finalize(qmodel)

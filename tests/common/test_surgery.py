@@ -227,3 +227,19 @@ def test_register_product_patch_validates_and_warns(tiny_registered) -> None:
         register_product_patch(TinyAttention, _tiny_attention_forward)
     with pytest.raises(TypeError, match="must return a QuantMatMul"):
         patch_products(TinyAttention(), lambda site: nn.Identity())  # type: ignore[arg-type,return-value]
+
+
+def test_fold_batchnorm_checks_in_full_fp32_and_restores_tf32_flags() -> None:
+    # TF32 convolutions on a GPU move outputs by ~1e-3, beyond the fold check: the check runs without TF32
+    # and leaves the user's settings as they were.
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        seen = []
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+        model[0].register_forward_hook(lambda *a: seen.append(torch.backends.cudnn.allow_tf32))
+        assert fold_batchnorm(model, torch.randn(2, 3, 8, 8)) == ["0"]
+        assert seen and not any(seen)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
