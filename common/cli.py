@@ -322,7 +322,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     run.add_argument("--out", default=None, metavar="PATH",
                      help="artifact path (.safetensors); checked before calibration starts")
     run.add_argument("--force", action="store_true", help="overwrite an existing --out file (never an input file)")
-    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where the model is)")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     run.add_argument("--quiet", action="store_true", help="no progress bars (they show only in a terminal)")
     parsed = parser.parse_args(["--help"] if args.help else args.rest)
     config = config_from_args(cls, parsed, prog)
@@ -331,9 +331,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from .api import progress_default, quantize, save
 
+    device = default_device() if parsed.device is None else torch_device(parsed.device, prog)
     inputs = impl.load_inputs(method, config, parsed)
     t0 = time.perf_counter()
-    device = None if parsed.device is None else torch_device(parsed.device, prog)
     qm = quantize(inputs.model, config, inputs.calib, progress=progress_default() and not parsed.quiet,
                   device=device)
     if qm.model_config is None:
@@ -364,6 +364,11 @@ def _check_out(parsed: argparse.Namespace, prog: str) -> None:
 def _method_summary(plugin: str, method: str) -> str | None:
     spec = get_info(plugin).spec
     return spec.methods.get(method) if spec else None
+
+
+def default_device() -> torch.device:
+    """The command line's default device: CUDA when available, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def torch_device(name: str, prog: str) -> torch.device:
@@ -401,7 +406,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         parser = _Parser(prog=f"polyquant load {args.artifact}", description=f"Load hook of plugin {plugin!r}.")
         parser.add_argument("--mode", choices=("fake", "packed"), default="fake",
                             help="fake: fake-quant modules; packed: packed codes on the kernels (polyquant.packed)")
-        parser.add_argument("--device", default=None, help="where the model runs (default: cpu)")
+        parser.add_argument("--device", default=None, help="where the model runs (default: cuda when available, "
+                                                           "else cpu)")
         parser.add_argument("--cpu-dtype", choices=("bf16", "fp32"), default="bf16",
                             help="compute dtype of the packed CPU int4 / int8 GEMMs: bf16 is fast, fp32 matches "
                                  "fake-quant to fp32 rounding but is slow")
@@ -411,7 +417,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         from .api import from_artifact
 
         try:
-            device = None if plugin_args.device is None else torch_device(plugin_args.device, str(parser.prog))
+            device = (default_device() if plugin_args.device is None
+                      else torch_device(plugin_args.device, str(parser.prog)))
             cpu_dtype = torch.bfloat16 if plugin_args.cpu_dtype == "bf16" else torch.float32
             qm = from_artifact(artifact, mode=plugin_args.mode, device=device, cpu_dtype=cpu_dtype)
         except ArtifactError as e:

@@ -577,3 +577,4 @@ def test_vit_model_that_is_not_a_checkpoint_is_a_usage_error(capsys: pytest.Capt
         code, out, err = run(capsys, "quantize", "vit/minmax", "--quiet", "--model", str(model))
         assert code == 2 and not out and err.count("\n") == 1
         assert err.startswith(f"polyquant quantize vit/minmax: error: --model {model}: ")
+

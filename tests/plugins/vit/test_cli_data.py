@@ -80,3 +80,25 @@ def test_bad_data_folders_are_one_line_errors(user_files, tmp_path: Path, capsys
     assert main([*base, "--calib", "2", "--eval-data", str(flat)]) == 2
     assert "needs class folders" in capsys.readouterr().err
     assert not (tmp_path / "q.safetensors").exists()  # refused before calibration, nothing written
+
+
+def test_quantize_device_defaults_to_cuda_when_available(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # issue 12: `--device` defaults to CUDA when there is one, else the CPU
+    import polyquant.api
+
+    seen: list[object] = []
+
+    def fake_quantize(model, config, calib, forward_fn=None, *, progress=None, device=None):  # noqa: ANN001
+        seen.append(device)
+        raise KeyboardInterrupt  # stop before any work; main lets it through
+
+    monkeypatch.setattr(polyquant.api, "quantize", fake_quantize)
+    argv = ["quantize", "vit/minmax", "--calib", "2", "--quiet"]
+    for available, expected in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+        assert str(seen[-1]) == expected
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--device", "cpu"])
+    assert str(seen[-1]) == "cpu"
