@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import input_spec
 
 __all__ = [
+    "input_spec",
     "SPLIT_SEED",
     "TEST_FRACTION",
     "NUM_CLASSES",
@@ -249,7 +249,7 @@ def preprocess_for(
 ) -> Preprocess:
     """The preprocessing ``model`` expects, with the given arguments (the CLI's flags) taking precedence.
 
-    Size and channels are the model's own (``models.input_spec``: its patch embedding, else its config), so a timm
+    Size and channels are the model's own (``input_spec``: its patch embedding, else its config), so a timm
     model built with an ``img_size`` override gets that size. Mean, std, interpolation and crop_pct come from
     timm's data config (``timm.data.resolve_data_config``) when the model has a ``pretrained_cfg``; its RGB mean and
     std are averaged for a 1-channel model. A model without one (the shipped digits models) gets the digits
@@ -420,3 +420,30 @@ def evaluate_folder(model: nn.Module, data: ImageFolderData, batch_size: int = 2
         raise ValueError("accuracy needs labels: these images come from a flat folder (use one folder per class)")
     pred = predict(model, data.images, batch_size)
     return float((pred == data.labels).float().mean() * 100.0)
+
+
+def _first_conv_channels(model: nn.Module) -> int | None:
+    """Input channels of the first convolution (float ``nn.Conv2d`` or a quantized ``QuantConv2d``)."""
+    for m in model.modules():
+        chans = getattr(m, "in_channels", None)
+        if isinstance(chans, int) and (isinstance(m, nn.Conv2d) or hasattr(m, "weight_quantizer")):
+            return chans
+    return None
+
+
+def input_spec(model: nn.Module) -> tuple[int, int]:
+    """(image size, channels) a model expects: from its patch embedding, its config, or timm's pretrained cfg.
+
+    Works on float models and on their quantized copies (``QuantConv2d`` keeps the conv's hyper-parameters).
+    """
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None) is not None:
+        size = pe.img_size[0] if isinstance(pe.img_size, (tuple, list)) else int(pe.img_size)
+        chans = getattr(getattr(pe, "proj", None), "in_channels", None)
+        return int(size), int(chans) if isinstance(chans, int) else 3
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    first = _first_conv_channels(model)
+    if "input_size" in cfg:
+        c, h, _ = cfg["input_size"]
+        return int(h), first if first is not None else int(c)
+    return 32, first if first is not None else 3

@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import input_spec
+
 __all__ = [
     "ASSET_DIR",
     "DIGITS_VIT_PATH",
@@ -427,31 +429,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _first_conv_channels(model: nn.Module) -> int | None:
-    """Input channels of the first convolution (float ``nn.Conv2d`` or a quantized ``QuantConv2d``)."""
-    for m in model.modules():
-        chans = getattr(m, "in_channels", None)
-        if isinstance(chans, int) and (isinstance(m, nn.Conv2d) or hasattr(m, "weight_quantizer")):
-            return chans
-    return None
-
-
-def input_spec(model: nn.Module) -> tuple[int, int]:
-    """(image size, channels) a model expects: from its patch embedding, its config, or timm's pretrained cfg.
-
-    Works on float models and on their quantized copies (``QuantConv2d`` keeps the conv's hyper-parameters).
-    """
-    pe = getattr(model, "patch_embed", None)
-    if pe is not None and getattr(pe, "img_size", None) is not None:
-        size = pe.img_size[0] if isinstance(pe.img_size, (tuple, list)) else int(pe.img_size)
-        chans = getattr(getattr(pe, "proj", None), "in_channels", None)
-        return int(size), int(chans) if isinstance(chans, int) else 3
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    first = _first_conv_channels(model)
-    if "input_size" in cfg:
-        c, h, _ = cfg["input_size"]
-        return int(h), first if first is not None else int(c)
-    return 32, first if first is not None else 3
 
 
 @torch.no_grad()
