@@ -522,8 +522,12 @@ class W8A8Linear(nn.Module):
         _check_device(self.device_type, x, "W8A8Linear")
         if x.numel() == 0:
             return x.new_zeros(*x.shape[:-1], self.out_features)
-        x2 = x.reshape(-1, self.in_features)
-        a, s, c_a = self.quantize_input(x2)
+        a, s, c_a = self.quantize_input(x.reshape(-1, self.in_features))
+        return self.output_from_codes(x, a, s, c_a)
+
+    def output_from_codes(self, x: Tensor, a: Tensor, s: Tensor, c_a: float) -> Tensor:
+        """The layer's output for input ``x`` (..., K) already quantized to int8 ``a`` (M, K) with scales ``s``
+        (M, 1) and offset ``c_a``: the integer matmul, bias, shape and dtype of ``x``, output quantizer."""
         y = self.int8_matmul(a, s, c_a)
         if self.bias is not None:
             y = y + self.bias
@@ -575,14 +579,10 @@ class HadamardLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         inner = self.inner
-        if isinstance(inner, W8A8Linear) and inner.act.dynamic:
+        if isinstance(inner, W8A8Linear) and inner.act.dynamic and x.numel():
             _check_device(inner.device_type, x, "HadamardLinear")
-            x2 = x.reshape(-1, self.in_features)
-            a, s = fwht_quantize(x2)  # fused rotation + per-token int8
-            y = inner.int8_matmul(a, s.float(), 0.0)
-            if inner.bias is not None:
-                y = y + inner.bias
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            a, s = fwht_quantize(x.reshape(-1, self.in_features))  # fused rotation + per-token int8
+            return inner.output_from_codes(x, a, s.float(), 0.0)
         return inner(fwht(x))
 
 
