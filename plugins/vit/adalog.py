@@ -71,7 +71,7 @@ _MAX_NEG_LOG2 = -math.log2(1e-15)  # u is clamped to [1e-15, 1]: -log2(u) in [0,
 
 def _neg_log2_u(log2_x: Tensor, scale: Tensor) -> Tensor:
     """-log2(clamp(x / s, 1e-15, 1)) from log2(x) (x already shifted; log2 of non-positive x is very negative)."""
-    return (torch.log2(scale) - log2_x).clamp(0.0, _MAX_NEG_LOG2)
+    return (torch.log2(scale) - log2_x).clamp_(0.0, _MAX_NEG_LOG2)
 
 
 def _log2_shifted(x: Tensor, shift: float) -> Tensor:
@@ -148,18 +148,19 @@ def adalog_fq_from_log2(log2_x: Tensor, scale: Tensor, q: Tensor | float, bits: 
     ``scale`` / ``q`` are scalars / (1,) or carry a leading candidate dimension K (shape (K, 1, ..., 1)).
     """
     if lut and not (torch.is_grad_enabled() and (log2_x.requires_grad or torch.is_tensor(scale) and scale.requires_grad)):
-        # Fused inference path (searches): codes -> index into the level table; 2^n and above -> the 0 level.
-        idx = (_neg_log2_u(log2_x, scale) * (r / torch.as_tensor(q))).round_().clamp_(0, 2**bits).long()
+        # Fused inference path (searches): codes -> index into the table of dequantized values (the 2^n + 1
+        # levels times the scale, minus the shift: the float operations of the element-wise path, on the table).
         q_t = torch.as_tensor(q)
-        if q_t.numel() == 1:
-            out = torch.take(adalog_levels(float(q_t.reshape(-1)[0]), bits, r=r).to(idx.device, log2_x.dtype), idx)
-        else:
-            levels = adalog_levels(q_t.reshape(-1), bits, r=r).to(idx.device, log2_x.dtype)  # (K, 2^n + 1)
-            kk = levels.shape[0]
-            idx = idx.expand(kk, *idx.shape[1:]) if idx.shape[0] != kk else idx
-            out = levels.gather(1, idx.reshape(kk, -1)).reshape(idx.shape)
-        out = out.mul_(scale)
-        return out.sub_(shift) if subtract_shift and shift else out
+        codes = (_neg_log2_u(log2_x, scale) * (r / q_t)).round_().clamp_(0, 2**bits)
+        table = adalog_levels(q_t.reshape(-1), bits, r=r).to(codes.device, log2_x.dtype)  # (1 or K, 2^n + 1)
+        table = table * scale.reshape(-1, 1)  # rows: 1 or K (candidates of q or of the scale)
+        if subtract_shift and shift:
+            table = table.sub_(shift)
+        if table.shape[0] == 1:  # one table: index_select with int32 indices is the fastest gather on CPU
+            return table[0].index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
+        kk = table.shape[0]
+        codes = codes.expand(kk, *codes.shape[1:]) if codes.shape[0] != kk else codes
+        return table.gather(1, codes.reshape(kk, -1).long()).reshape(codes.shape)
     e = _neg_log2_u(log2_x, scale) * r / q
     k = round_ste(e)
     if lut:

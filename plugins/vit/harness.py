@@ -388,8 +388,14 @@ class _LinearProblem:
 
     def act_eval(self, fq: Callable[[Tensor, slice], Tensor], k_total: int) -> Tensor:
         """Layer-output MSE of every activation candidate; ``fq(x, sl)`` fake-quantizes x for candidates ``sl``
-        and returns (k, *x.shape). Returns (K, 1)."""
+        and returns (k, *x.shape). Returns (K, 1).
+
+        A Linear whose input is narrower than its output (qkv, fc1: D < out) is evaluated in Gram form on the
+        input error e = xq - x: |e W^T + r|^2 = e (W^T W) e + 2 e (r W) + |r|^2, r = x W^T + b - y, which costs
+        M D^2 instead of M D out per candidate (the same loss, other rounding)."""
         wq = self.layer.quant_weight().detach()
+        if not self.conv and wq.shape[1] < wq.shape[0]:
+            return self._act_eval_gram(fq, k_total, wq)
         per = self.x.numel() + self.y.numel()
 
         def part(sl: slice) -> Tensor:
@@ -402,6 +408,21 @@ class _LinearProblem:
             return (out - self.y[None]).pow(2).reshape(k, -1).mean(1, keepdim=True)
 
         return chunked(part, k_total, per)
+
+    def _act_eval_gram(self, fq: Callable[[Tensor, slice], Tensor], k_total: int, wq: Tensor) -> Tensor:
+        d = wq.shape[1]
+        x = self.x.reshape(-1, d)  # (M, D)
+        r = self.forward(x, wq) - self.y.reshape(-1, wq.shape[0])  # (M, out)
+        gram = wq.t() @ wq  # (D, D)
+        lin = 2 * (r @ wq)  # (M, D)
+        base = r.pow(2).sum()
+        count = self.y.numel()
+
+        def part(sl: slice) -> Tensor:
+            e = fq(self.x, sl).reshape(-1, *x.shape) - x  # (k, M, D)
+            return ((e * (e @ gram).add_(lin)).reshape(e.shape[0], -1).sum(1, keepdim=True) + base) / count
+
+        return chunked(part, k_total, 3 * self.x.numel())
 
 
 def _bshape(x: Tensor, params: Tensor, groups: str) -> Tensor:
@@ -622,27 +643,56 @@ def _twin_gelu_flow(layer: nn.Module, prob: _LinearProblem, recipe: Recipe, info
         _search_weight(layer, prob.weight_eval(xq, wq.bits), recipe)
 
 
-def _matmul_eval(other: Tensor, y: Tensor, operand: str, groups: str) -> Callable[[Tensor], Tensor]:
-    """Loss of candidate operands (k, *shape) against the float product y; per head or per tensor -> (k, G)."""
+def _matmul_eval(other: Tensor, y: Tensor, operand: str, groups: str, t: Tensor | None = None
+                 ) -> Callable[[Tensor], Tensor]:
+    """Loss of candidate operands (k, *shape) against the float product y; per head or per tensor -> (k, G).
+
+    With the float operand ``t`` given and a contracted dimension D smaller than the other operand's free
+    dimension F (q @ k^T: D = head_dim < N), the loss is evaluated in Gram form on the operand error e = cand - t:
+    |e O + r|^2 = e (O O^T) e + 2 e (O r^T) + |r|^2 with r = t O - y (for operand "a"; mirrored for "b"), which
+    costs D^2 instead of D F per row and reads (.., D) instead of (.., F) errors. Same loss, other rounding.
+    """
+
+    def reduce(err: Tensor) -> Tensor:  # (k, B, H, ...) -> (k, G)
+        if groups == "head":
+            return err.transpose(1, 2).reshape(err.shape[0], err.shape[2], -1).sum(-1)
+        return err.reshape(err.shape[0], -1).sum(1, keepdim=True)
+
+    count = y.numel() // (y.shape[1] if groups == "head" else 1)  # output elements per group
+    inner = other.shape[-2] if operand == "a" else other.shape[-1]
+    free = other.shape[-1] if operand == "a" else other.shape[-2]
+    if t is not None and inner < free:
+        r = (t @ other if operand == "a" else other @ t) - y  # residual of the float operand
+        if operand == "a":
+            gram = other @ other.transpose(-1, -2)  # (B, H, D, D)
+            lin = 2 * (r @ other.transpose(-1, -2))  # (B, H, N, D)
+        else:
+            gram = other.transpose(-1, -2) @ other  # (B, H, D, D)
+            lin = 2 * (other.transpose(-1, -2) @ r)  # (B, H, D, F)
+        base = reduce(r.pow(2)[None])  # (1, G)
+
+        def gram_loss(cand: Tensor) -> Tensor:
+            e = cand - t[None]
+            quad = e @ gram[None] if operand == "a" else gram[None] @ e
+            return (reduce(e * quad.add_(lin[None])) + base) / count
+
+        return gram_loss
 
     def loss(cand: Tensor) -> Tensor:
         out = cand @ other[None] if operand == "a" else other[None] @ cand
-        err = (out - y[None]).pow(2)
-        if groups == "head":
-            return err.transpose(1, 2).reshape(err.shape[0], err.shape[2], -1).mean(-1)
-        return err.reshape(err.shape[0], -1).mean(1, keepdim=True)
+        return reduce((out - y[None]).pow(2)) / count
 
     return loss
 
 
 def _matmul_uniform_search(quant: UniformQuantizer, t: Tensor, other_q: Tensor, y: Tensor, operand: str,
                            recipe: Recipe, groups: str, heads: int) -> None:
-    loss = _matmul_eval(other_q, y, operand, groups)
+    loss = _matmul_eval(other_q, y, operand, groups, t)
 
     def evaluate(s: Tensor, z: Tensor) -> Tensor:
         return chunked(
             lambda sl: loss(uniform_fq(t[None], _bshape(t, s[sl], groups), _bshape(t, z[sl], groups), quant.bits)),
-            s.shape[0], t.numel() + y.numel())
+            s.shape[0], 2 * t.numel() + y.numel())
 
     res = _uniform_search(_rows_for(t, groups, heads), quant.bits, evaluate, recipe,
                           zp_levels=2 ** (quant.bits - 1), min_scale=1e-8)
@@ -739,12 +789,36 @@ def finalize(qmodel: nn.Module) -> nn.Module:
     return qmodel.eval()
 
 
-def _progress(items: list[LayerInfo], enabled: bool, desc: str) -> Iterator[LayerInfo]:
-    if not enabled:
-        return iter(items)
-    from tqdm.auto import tqdm
+def _work(tensors: list[Tensor]) -> int:
+    """Rough cost of calibrating a layer from its captures (multiply-adds of one output evaluation): the ETA
+    weight of the progress bar, so a wide fc2 counts more than a small projection."""
+    if len(tensors) == 3:  # a product a @ b
+        a, b, _ = tensors
+        return a.numel() * b.shape[-1]
+    x, y = tensors
+    return x.numel() * min(x.shape[-1] if x.dim() != 4 else x.shape[1], y.shape[-1] if y.dim() != 4 else y.shape[1])
 
-    return iter(tqdm(items, desc=desc))
+
+def _calibrate_all(qmodel: nn.Module, plan: list[LayerInfo], data: dict[str, list[Tensor]], recipe: Recipe,
+                   device: torch.device, progress: bool) -> None:
+    """Calibrate every planned layer on ``device``; the bar advances by each layer's estimated work (ETA)."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(_work(data[info.name]) for info in plan), desc=f"calibrating ({recipe.name})",
+                   bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]")  # work units: no count or rate
+    try:
+        for info in plan:
+            tensors = data.pop(info.name)
+            if bar is not None:
+                bar.set_postfix_str(info.name, refresh=True)
+            calibrate_layer(qmodel, info, [t.to(device) for t in tensors], recipe)
+            if bar is not None:
+                bar.update(_work(tensors))
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def quantize_with_recipe(model: nn.Module, calib: Tensor, recipe: Recipe, *, fold: bool = True,
@@ -759,9 +833,11 @@ def quantize_with_recipe(model: nn.Module, calib: Tensor, recipe: Recipe, *, fol
     images = calib[: recipe.calib_size].float()
     qmodel, plan = wrap(model, recipe, images[:2])
     data = capture(qmodel, plan, images, recipe.calib_batch_size, progress=progress)
-    for info in _progress(plan, progress, f"calibrating ({recipe.name})"):
-        calibrate_layer(qmodel, info, data.pop(info.name), recipe)
-    qmodel.to(images.device)  # searches run on the captured (CPU) tensors: their parameters join the model
+    # Captures wait on the host; each layer's searches run on the calibration device (candidate grids and
+    # parameters are created there too: the default-device context).
+    with torch.device(images.device):
+        _calibrate_all(qmodel, plan, data, recipe, images.device, progress)
+    qmodel.to(images.device)  # parameters set by the searches join the model's device
     set_lut(qmodel, recipe.lut)  # inference dequantization: tables (hardware) or float
     if fold:
         return finalize(qmodel)

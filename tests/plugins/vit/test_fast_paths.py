@@ -153,3 +153,53 @@ def test_twin_uniform_quantizer_declares_its_real_format(mode: str, d1: float, d
     s = q.scale[0]
     assert torch.equal(twin_fq(x, q.scale[0], q.scale[1], 4, mode), fmt.round(x / s) * s)
     assert set((fmt.round(x / s)).tolist()) <= set(fmt.grid().tolist())
+
+
+@pytest.mark.parametrize("operand", ["a", "b"])
+@pytest.mark.parametrize("groups", ["head", "tensor"])
+def test_matmul_gram_loss_equals_the_direct_product_loss(operand: str, groups: str) -> None:
+    from polyquant.plugins.vit.harness import _matmul_eval
+
+    torch.manual_seed(0)
+    B, H, N, D = 2, 3, 20, 8  # D < N: the Gram form applies
+    if operand == "a":
+        t, other = torch.randn(B, H, N, D), torch.randn(B, H, D, N)
+        y = t @ other + 0.1 * torch.randn(B, H, N, N)
+    else:
+        t, other = torch.randn(B, H, D, N), torch.randn(B, H, N, D)
+        y = other @ t + 0.1 * torch.randn(B, H, N, N)
+    cand = t[None] + 0.05 * torch.randn(4, *t.shape)
+    out = cand @ other[None] if operand == "a" else other[None] @ cand
+    err = (out - y[None]).pow(2)
+    direct = (err.transpose(1, 2).reshape(4, H, -1).mean(-1) if groups == "head"
+              else err.reshape(4, -1).mean(1, keepdim=True))
+    gram = _matmul_eval(other, y, operand, groups, t)(cand)
+    torch.testing.assert_close(gram, direct, rtol=1e-5, atol=0)
+    torch.testing.assert_close(_matmul_eval(other, y, operand, groups)(cand), direct, rtol=1e-6, atol=0)
+
+
+def test_linear_activation_gram_loss_equals_the_layer_output_loss() -> None:
+    import torch.nn.functional as F
+
+    from polyquant.plugins.vit.adalog import AdaLogConfig
+    from polyquant.plugins.vit.harness import _LinearProblem, capture, wrap
+    from polyquant.plugins.vit.models import build_model
+
+    torch.manual_seed(0)
+    model, _ = build_model("digits-vit")
+    images = torch.randn(4, 1, 32, 32)
+    qmodel, plan = wrap(model, AdaLogConfig(wbits=4, abits=4).recipe(), images[:2])
+    info = next(i for i in plan if i.name.endswith("qkv"))
+    x, y = capture(qmodel, [info], images, 4)[info.name]
+    layer = qmodel.get_submodule(info.name)
+    wq = layer.quant_weight().detach()
+    assert wq.shape[1] < wq.shape[0]  # qkv: D < out, the Gram form
+    s = torch.tensor([0.02, 0.05, 0.1])
+    z = torch.tensor([8.0, 7.0, 9.0])
+
+    def fq(t: torch.Tensor, sl: slice) -> torch.Tensor:
+        return uniform_fq(t[None], s[sl].reshape(-1, 1, 1, 1), z[sl].reshape(-1, 1, 1, 1), 4)
+
+    gram = _LinearProblem(layer, x, y).act_eval(fq, 3)
+    direct = torch.stack([(F.linear(fq(x, slice(i, i + 1))[0], wq, layer.bias) - y).pow(2).mean() for i in range(3)])
+    torch.testing.assert_close(gram[:, 0], direct, rtol=1e-5, atol=0)
