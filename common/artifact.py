@@ -21,6 +21,13 @@ The manifest (a JSON object stored as a string under ``__metadata__["polyquant"]
 ``load`` never unpickles and never runs code from the file: it checks the header itself (length, JSON, dtypes,
 shapes, offsets contiguous and in range), the manifest (format, version, its own checksum, tensor names, dtypes,
 shapes) and every tensor's sha256 before safetensors reads the bytes. Any problem raises ``ArtifactError``.
+
+``load(path, mmap=True)`` maps the file instead of reading it, for artifacts larger than RAM (embedding stores):
+the same header and manifest checks run, then every tensor is a view of the mapping at its offset, read on first
+touch. The mapping is copy-on-write: writing to a tensor changes memory, never the file. The tensors' sha256 are
+not verified by default (that would read the whole file); ``verify=True`` hashes them through the mapping. Bool
+tensors are checked to hold only 0 and 1 bytes either way. Saves replace files by rename, so a mapped artifact
+stays valid while the path is saved again; a file truncated in place under a live mapping is not supported.
 The checksums detect corruption, not deliberate tampering (anyone can recompute them); they are not a signature.
 The header alone bounds what a file may ask for: at most ``MAX_RANK`` dimensions per tensor, element counts that
 match the bytes, and no empty tensor spanning more than ``MAX_EMPTY_EXTENT`` positions (a zero-size tensor of shape
@@ -458,13 +465,24 @@ def _polyquant_version() -> str:
 # Load
 
 
-def load(path: str | os.PathLike[str]) -> Artifact:
+def load(path: str | os.PathLike[str], *, mmap: bool = False, verify: bool | None = None) -> Artifact:
     """Read and verify an artifact written by ``save``; tensors come back on CPU, in the order they were saved.
+
+    Args:
+        path: a regular file.
+        mmap: map the file instead of reading it: tensors are copy-on-write views of the mapping (module
+            docstring), read from disk when touched.
+        verify: check every tensor's sha256; default True when reading, False with ``mmap`` (hashing reads the
+            whole file). Reading without ``mmap`` always verifies.
 
     Raises ``ArtifactError`` (and nothing else) for a missing, unreadable, truncated, corrupted or foreign file.
     """
     where = str(path)
     try:
+        if mmap:
+            return _load_mmap(Path(path), where, verify=bool(verify))
+        if verify is False:
+            raise ArtifactError(f"{where}: verify=False needs mmap=True (a read load always verifies checksums)")
         return _load(Path(path), where)
     except ArtifactError:
         raise
@@ -477,30 +495,31 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     where = str(path)
     try:
         with _open_regular(path, where) as f:
-            size = os.fstat(f.fileno()).st_size
-            n = _header_length(_read_exact(f, 8, where), size, where)
-            head = _read_exact(f, n, where)
-        entries, metadata = _parse_header(head, size - 8 - n, where)
-        return _parse_manifest(metadata, entries, where)
+            return _read_header(f, where)[3]
     except ArtifactError:
         raise
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"{where}: cannot read artifact header ({type(e).__name__}: {e})") from e
 
 
+def _read_header(f: BinaryIO, where: str) -> tuple[int, bytes, dict[str, dict[str, Any]], dict[str, Any]]:
+    """(file size, the header bytes with their 8-byte length prefix, header entries, manifest) of an open file.
+    Every tensor's dtype, shape and span is checked against the file size before any data is read."""
+    size = os.fstat(f.fileno()).st_size
+    prefix = _read_exact(f, 8, where)
+    n = _header_length(prefix, size, where)
+    head = _read_exact(f, n, where)
+    entries, metadata = _parse_header(head, size - 8 - n, where)
+    return size, prefix + head, entries, _parse_manifest(metadata, entries, where)
+
+
 def _load(path: Path, where: str) -> Artifact:
     with _open_regular(path, where) as f:
-        size = os.fstat(f.fileno()).st_size
-        prefix = _read_exact(f, 8, where)
-        n = _header_length(prefix, size, where)
-        head = _read_exact(f, n, where)
-        start = 8 + n
-        # Every tensor's dtype, shape and span is checked against the file size before any data is read.
-        entries, metadata = _parse_header(head, size - start, where)
-        manifest = _parse_manifest(metadata, entries, where)
+        size, head, entries, manifest = _read_header(f, where)
+        start = len(head)
         f.seek(0)
         data = _read_exact(f, size, where)
-    if data[:start] != prefix + head:
+    if data[:start] != head:
         raise ArtifactError(f"{where}: the file changed while it was read")
 
     with memoryview(data) as view:
@@ -517,6 +536,44 @@ def _load(path: Path, where: str) -> Artifact:
         raise ArtifactError(f"{where}: safetensors rejected the file ({e})") from e
     return Artifact(
         tensors={name: loaded[name] for name in manifest["tensors"]},
+        plugin=manifest["plugin"],
+        method=manifest["method"],
+        config=manifest["config"],
+        meta=manifest["meta"],
+        format_version=manifest["format_version"],
+    )
+
+
+def _load_mmap(path: Path, where: str, *, verify: bool) -> Artifact:
+    import numpy as np
+
+    if sys.byteorder != "little":
+        raise ArtifactError(f"{where}: memory-mapped loading needs a little-endian machine")
+    with _open_regular(path, where) as f:
+        size, head, entries, manifest = _read_header(f, where)
+        start = len(head)
+        try:
+            mapped = np.memmap(f, dtype=np.uint8, mode="c", shape=(size,))  # copy-on-write: the file stays as is
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{where}: cannot map the file ({e})") from e
+    if bytes(mapped[:start]) != head:
+        raise ArtifactError(f"{where}: the file changed while it was read")
+
+    tensors: dict[str, Tensor] = {}
+    for name, spec in manifest["tensors"].items():
+        begin, end = entries[name]["data_offsets"]
+        dtype = _DTYPES[spec["dtype"]]
+        raw = mapped[start + begin : start + end]
+        if verify and hashlib.sha256(memoryview(raw)).hexdigest() != spec["sha256"]:
+            raise ArtifactError(f"{where}: checksum mismatch for tensor {_short(name)} (the file is corrupted)")
+        if (start + begin) % dtype.itemsize:
+            raw = np.array(raw)  # a misaligned tensor (not written by ``save``): copied to aligned memory
+        if dtype == torch.bool and raw.size and int(raw.max()) > 1:
+            raise ArtifactError(f"{where}: bool tensor {_short(name)} holds bytes other than 0 and 1")
+        t = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
+        tensors[name] = t.view(dtype).reshape(spec["shape"])
+    return Artifact(
+        tensors=tensors,
         plugin=manifest["plugin"],
         method=manifest["method"],
         config=manifest["config"],

@@ -8,6 +8,17 @@
                                                     polyquant.quantize and polyquant.save
     polyquant load ARTIFACT [ARGS ...]              verify and summarize an artifact; its plugin rebuilds the model
                                                     and its run_load hook reports
+    polyquant search ARTIFACT [ARGS ...]            search an artifact (an embedding store) with the search hook of
+                                                    the plugin its manifest names
+
+Plugin hooks of ``search`` (optional, in the plugin's impl module; see ``polyquant.plugins._registry``):
+
+    add_search_args(parser: argparse.ArgumentParser) -> None     the plugin's options (queries, -k, ...)
+    run_search(artifact_path: pathlib.Path, args: argparse.Namespace) -> int    loads the artifact itself (it may
+                                                    memory-map it), prints the results, returns the exit code
+
+``search`` reads only the artifact's header (``polyquant.artifact.read_manifest``) to find the plugin; a file that
+is not an artifact, names no plugin, or whose plugin has no search hook is a usage error (exit 2).
 
 Exit codes: 0 success, 1 a command failed, 2 bad arguments or an unusable plugin, 141 standard output closed
 early (``polyquant list --json | head -1``; nothing is reported, like a command ended by SIGPIPE). Errors are one
@@ -117,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", nargs="?", metavar="ARTIFACT", help="path to a .safetensors artifact")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments of the plugin's load hook")
     p.set_defaults(run=cmd_load, parser=p)
+
+    p = commands.add_parser(
+        "search",
+        help="search an artifact with its plugin",
+        description="Search ARTIFACT (e.g. an embedding store) with the search hook of the plugin its manifest "
+        "names; the remaining arguments (queries, -k, ...) go to the plugin: see 'polyquant search ARTIFACT --help'.",
+        add_help=False,
+    )
+    p.add_argument("-h", "--help", action="store_true", help="show this help (or the plugin's, after ARTIFACT)")
+    p.add_argument("artifact", nargs="?", metavar="ARTIFACT", help="path to an artifact")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments of the plugin's search hook")
+    p.set_defaults(run=cmd_search, parser=p)
     return parser
 
 
@@ -440,6 +463,32 @@ def cmd_load(args: argparse.Namespace) -> int:
     if unavailable:
         print(f"polyquant: warning: the model is not rebuilt: {printable(unavailable)}", file=sys.stderr)
     return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    if args.artifact is None:
+        if args.help:
+            args.parser.print_help()
+            return 0
+        raise CliError("the following arguments are required: ARTIFACT (see 'polyquant search --help')")
+    path = Path(args.artifact)
+    from .artifact import ArtifactError, read_manifest
+
+    try:
+        manifest = read_manifest(path)  # the header only: the plugin may memory-map the rest
+    except ArtifactError as e:
+        raise CliError(str(e)) from e
+    plugin = manifest["plugin"]
+    if not plugin:
+        raise CliError(f"{path}: the artifact names no plugin, so nothing can search it")
+    impl = load(plugin)  # an unusable plugin: PluginLoadError, exit 2
+    if not hasattr(impl, "add_search_args") or not hasattr(impl, "run_search"):
+        raise CliError(f"{path}: plugin {plugin!r} ({manifest['method']}) cannot search its artifacts (no "
+                       "add_search_args / run_search hooks)")
+    parser = _Parser(prog=f"polyquant search {args.artifact}", description=f"Search hook of plugin {plugin!r}.")
+    impl.add_search_args(parser)
+    plugin_args = parser.parse_args(["--help"] if args.help else args.rest)
+    return int(impl.run_search(path, plugin_args))
 
 
 def _print_artifact(path: Path, artifact: Any, *, tensors: bool = False) -> None:

@@ -38,6 +38,11 @@ The impl module contract (the method contract itself is ``polyquant.api``; docs/
     add_load_args(parser: argparse.ArgumentParser) -> None
     run_load(qm: polyquant.api.QuantizedModel, args: argparse.Namespace) -> int
 
+    Optional hooks used by ``polyquant search <artifact> [args...]`` (the CLI reads only the manifest to find the
+    plugin; the hook loads the artifact itself, e.g. memory-mapped; both or neither):
+    add_search_args(parser: argparse.ArgumentParser) -> None                   queries, -k, ... options
+    run_search(artifact_path: pathlib.Path, args: argparse.Namespace) -> int   search and print; the exit code
+
 ``spec.demo`` ("module:function") names a function that runs a short offline demo and returns a printable report.
 
 Error policy: ``discover()`` never raises. A broken entry point (any exception at import, ``sys.exit`` included;

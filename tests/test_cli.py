@@ -117,6 +117,16 @@ IMPL = textwrap.dedent('''
     def run_load(qm, args):
         print(("LOADED " if args.shout else "loaded ") + qm.method)
         return 0
+
+
+    def add_search_args(parser):
+        parser.add_argument("query")
+        parser.add_argument("-k", type=int, default=3)
+
+
+    def run_search(artifact_path, args):
+        print(f"searched {artifact_path.name} for {args.query!r}, k={args.k}")
+        return 0 if args.k > 0 else 1
 ''')
 
 
@@ -165,11 +175,11 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--help")
     assert code == 0 and out.startswith("usage: polyquant") and not err
-    for command in ("list", "info", "demo", "quantize", "load"):
+    for command in ("list", "info", "demo", "quantize", "load", "search"):
         assert command in out
 
 
-@pytest.mark.parametrize("command", ["list", "info", "demo", "quantize", "load"])
+@pytest.mark.parametrize("command", ["list", "info", "demo", "quantize", "load", "search"])
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
     code, out, _ = run(capsys, command, "--help")
     assert code == 0 and out.startswith(f"usage: polyquant {command}")
@@ -335,6 +345,41 @@ def test_load_hands_the_rebuilt_model_to_its_plugin(
     assert code == 2 and not out and err.count("\n") == 1 and "unrecognized arguments: --whisper" in err
     code, out, err = run(capsys, "load", str(_save_artifact(tmp_path / "b.safetensors", plugin="good")))
     assert code == 2 and err.count("\n") == 1 and "schema" in err  # not written by polyquant.save
+
+
+def test_search_hands_the_arguments_to_the_plugin_hook(
+    capsys: pytest.CaptureFixture[str], fake_plugins: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = _alpha_artifact(tmp_path / "a.safetensors", {"kind": "identity"})
+    assert run(capsys, "search", str(path), "the query", "-k", "5") == (
+        0, "searched a.safetensors for 'the query', k=5\n", "")
+    assert run(capsys, "search", str(path), "q", "-k", "0")[0] == 1  # the hook's exit code
+    code, out, err = run(capsys, "search", str(path), "--help")
+    assert code == 0 and out.startswith(f"usage: polyquant search {path}") and "query" in out
+    code, out, err = run(capsys, "search", str(path), "q", "--bogus")
+    assert code == 2 and not out and err.count("\n") == 1 and "unrecognized arguments: --bogus" in err
+    # the header is enough: a damaged tensor does not stop the plugin (which may memory-map the file itself)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert run(capsys, "search", str(path), "q")[0] == 0
+    monkeypatch.delattr(sys.modules["pq_fake_cli_impl"], "run_search")
+    code, _, err = run(capsys, "search", str(path), "q")
+    assert code == 2 and err.count("\n") == 1 and "plugin 'good' (alpha) cannot search its artifacts" in err
+
+
+def test_search_errors_are_one_line(capsys: pytest.CaptureFixture[str], fake_plugins: None, tmp_path: Path) -> None:
+    code, _, err = run(capsys, "search")
+    assert code == 2 and "the following arguments are required: ARTIFACT" in err
+    code, _, err = run(capsys, "search", str(_save_artifact(tmp_path / "core.safetensors", plugin=None)), "q")
+    assert code == 2 and err.count("\n") == 1 and "the artifact names no plugin, so nothing can search it" in err
+    code, _, err = run(capsys, "search", str(_alpha_artifact(tmp_path / "n.safetensors", None, plugin="needy")))
+    assert code == 2 and err.count("\n") == 1 and "plugin 'needy' is unavailable" in err
+    (tmp_path / "junk.pqs").write_bytes(b"not an artifact")
+    code, _, err = run(capsys, "search", str(tmp_path / "junk.pqs"), "q")
+    assert code == 2 and err.count("\n") == 1 and str(tmp_path / "junk.pqs") in err and "Traceback" not in err
+    code, _, err = run(capsys, "search", str(tmp_path / "missing.pqs"), "q")
+    assert code == 2 and "cannot read file" in err
 
 
 def test_load_rejects_a_damaged_artifact(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

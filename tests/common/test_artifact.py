@@ -683,3 +683,81 @@ def test_load_refuses_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     for read in (load, read_manifest, polyquant.load):
         with pytest.raises(ArtifactError, match="is a character device, not a regular file"):
             read(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory-mapped load
+
+
+def test_mmap_roundtrip_many_dtypes(tmp_path: Path) -> None:
+    tensors = {
+        "f32": torch.randn(3, 4),
+        "bf16": torch.randn(2, 3).bfloat16(),
+        "f8e4m3": torch.randn(7).to(torch.float8_e4m3fn),
+        "i64": torch.tensor([-(2**62), 2**62, 0]),
+        "u8": torch.arange(256, dtype=torch.int32).to(torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty_2d": torch.empty(0, 5, dtype=torch.int32),
+        "nan": torch.tensor([float("nan"), float("inf"), -0.0]),
+    }
+    art = Artifact(tensors=tensors, plugin="core", method="rtn", config={"a": [1]}, meta={"b": 2})
+    path = save(art, tmp_path / "a.safetensors")
+    for verify in (False, True):
+        out = load(path, mmap=True, verify=verify)
+        assert _same(out, art)
+    maps = Path("/proc/self/maps")
+    if maps.exists():  # Linux: the file is mapped, not read into memory
+        assert str(path.resolve()) in maps.read_text()
+
+
+def test_mmap_is_copy_on_write(tmp_path: Path) -> None:
+    path = save(_sample(), tmp_path / "a.safetensors")
+    data = path.read_bytes()
+    out = load(path, mmap=True)
+    out.tensors["0.weight_scale"] += 1  # changes memory only
+    out.tensors["0.weight_packed"][:] = 0
+    assert path.read_bytes() == data
+    assert _same(load(path), _sample())
+
+
+def test_mmap_checks_the_header_and_optionally_the_checksums(saved: tuple[Path, bytes]) -> None:
+    path, data = saved
+    damaged = bytearray(data)
+    damaged[-1] ^= 0xFF  # the last data byte: only the checksums can tell
+    _write(path, bytes(damaged))
+    assert load(path, mmap=True).plugin == "core"  # documented: mmap skips the per-tensor sha256 by default
+    with pytest.raises(ArtifactError, match=r"checksum mismatch for tensor '.+'"):
+        load(path, mmap=True, verify=True)
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        load(path)
+    for bad in (data[:-1], data[:20], data + b"\0", b""):
+        _write(path, bad)
+        with pytest.raises(ArtifactError, match=str(path)):
+            load(path, mmap=True)
+    damaged = bytearray(data)
+    damaged[20] ^= 1  # inside the JSON header
+    _write(path, bytes(damaged))
+    with pytest.raises(ArtifactError):
+        load(path, mmap=True)
+    with pytest.raises(ArtifactError, match="verify=False needs mmap=True"):
+        load(path, verify=False)
+
+
+def test_mmap_rejects_bool_tensors_that_are_not_0_or_1(tmp_path: Path) -> None:
+    path = save(Artifact(tensors={"live": torch.tensor([True, False])}), tmp_path / "a.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-1] = 2  # the second bool (its checksum is not verified: mmap without verify)
+    _write(path, bytes(data))
+    with pytest.raises(ArtifactError, match="bool tensor 'live' holds bytes other than 0 and 1"):
+        load(path, mmap=True)
+
+
+@pytest.mark.usefixtures("deadline")
+def test_mmap_refuses_fifos_and_folders(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ArtifactError, match="FIFO, not a regular file"):
+        load(fifo, mmap=True)
+    with pytest.raises(ArtifactError, match="is a directory"):
+        load(tmp_path, mmap=True)

@@ -89,6 +89,32 @@ def test_int8_reference_is_exact_for_long_k() -> None:
     assert y.item() == float(torch.tensor(127 * (-128 * k + 1), dtype=torch.float32))
 
 
+@pytest.mark.parametrize("k", [1, 7, 16, 384, 1023, 1024, 3000])
+@pytest.mark.parametrize("path", ["int_mm", "float32", "float64"])
+def test_int8_reference_matches_integer_matmul_bit_for_bit(k: int, path: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every accumulation path (torch._int_mm on the CPU; without it float32 below K = 1024, exact since partial
+    sums stay below 2^24; float64 otherwise) gives the int64 sums rounded once to float32."""
+    calls = []
+    if path == "int_mm":
+        int_mm = torch._int_mm
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or int_mm(a, b))
+    else:
+        monkeypatch.delattr(torch, "_int_mm", raising=False)
+    if path == "float64":  # a float32 matmul that may round (bf16 / tf32 shortcuts) is not trusted
+        monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    g = torch.Generator().manual_seed(k)
+    xq = torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=g)
+    wq = torch.randint(-128, 128, (9, k), dtype=torch.int8, generator=g)
+    xq[0], wq[0] = -128, -128  # the largest sum: k * 2^14 (16,760,832 at k = 1023, still exact in float32)
+    xq[1], wq[1] = 127, -128  # the most negative
+    want = (xq.long() @ wq.long().T).float()  # exact integers, rounded once to float32
+    y = gemm.int8_gemm_reference(xq, 1.0, wq, 1.0, out_dtype=torch.float32)
+    assert torch.equal(y, want)
+    assert len(calls) == (path == "int_mm" and k >= 16)  # torch._int_mm from K = 16 (wrong at K = 1, torch 2.14)
+    assert y[0, 0].item() == float(torch.tensor(k * 16384, dtype=torch.float32))
+
+
 def test_w8a8_linear_close_to_float(torch_path: None) -> None:
     x = torch.randn(6, 64)
     w = torch.randn(32, 64)

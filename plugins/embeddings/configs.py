@@ -1,0 +1,202 @@
+"""Method configs of the embeddings plugin: one ``QuantConfig`` per storage format, all with the same reduction
+fields (any reduction combines with any format).
+
+| method   | config         | codes per vector (D' reduced dims)    | scored on the codes by                   |
+|----------|----------------|---------------------------------------|------------------------------------------|
+| float16  | Float16Config  | D' float16                            | float matmul, one chunk upcast at a time |
+| bfloat16 | BFloat16Config | D' bfloat16                           | float matmul, one chunk upcast at a time |
+| fp8_e4m3 | FP8E4M3Config  | D' fp8 E4M3 (+ 4 bytes: vector scale) | float matmul, one chunk upcast at a time |
+| fp8_e5m2 | FP8E5M2Config  | D' fp8 E5M2 (+ 4 bytes: vector scale) | float matmul, one chunk upcast at a time |
+| int8     | Int8Config     | D' int8, per-dimension absmax steps   | int8 GEMM (``kernels.int8_gemm``)        |
+| uint8    | UInt8Config    | D' uint8, per-dimension min/max cells | int8 GEMM + exact offset terms           |
+| int4     | Int4Config     | ceil(D'/2) bytes, per-dimension cells | int8 GEMM + exact offset terms           |
+| binary   | BinaryConfig   | ceil(D'/8) bytes of sign bits         | Hamming top-k (``kernels.hamming_topk``) |
+
+This module imports nothing heavy: the handlers live in ``methods``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from polyquant.config import ConfigError, QuantConfig, float_field, int_field
+
+__all__ = [
+    "EmbeddingConfig",
+    "Float16Config",
+    "BFloat16Config",
+    "FP8Config",
+    "FP8E4M3Config",
+    "FP8E5M2Config",
+    "Int8Config",
+    "UInt8Config",
+    "Int4Config",
+    "BinaryConfig",
+    "METHODS",
+    "method_name",
+]
+
+Reduction = Literal["none", "pca", "random", "truncate"]
+
+
+@dataclass
+class EmbeddingConfig(QuantConfig):
+    """An embedding store: reduce the dimensionality (optional), then store the vectors in ``FORMAT``.
+
+    Args:
+        reduce: dimensionality reduction fitted on the calibration vectors: none, pca (centred, top components),
+            random (seeded Gaussian projection) or truncate (Matryoshka: the first dims, re-normalised).
+        keep: fraction of the dimensions the reduction keeps (ignored when dims is given).
+        dims: number of dimensions the reduction keeps (overrides keep).
+        calib_size: calibration vectors used to fit the reduction and the format's ranges.
+        seed: seed of the random projection.
+        keep_originals: also store the original float32 vectors, so that rescoring uses them (4 D bytes more per
+            vector).
+        rescore: default oversampling of search: k * rescore candidates are found on the codes, then rescored with
+            the float query (1: no rescoring).
+    """
+
+    VERSION: ClassVar[int] = 1
+    FORMAT: ClassVar[str] = ""
+
+    reduce: Reduction = "none"
+    keep: float = float_field(1.0, 0.0, 1.0)
+    dims: int | None = int_field(None, 1, None)
+    calib_size: int = int_field(10_000, 1, None)
+    seed: int = int_field(0, 0, 2**31 - 1)
+    keep_originals: bool = False
+    rescore: int = int_field(1, 1, 1000)
+
+    def validate(self) -> None:
+        if self.keep <= 0.0:
+            raise ConfigError(f"{type(self).__name__}.keep must be in (0, 1], got {self.keep!r}")
+        if self.reduce == "none" and (self.keep != 1.0 or self.dims is not None):
+            raise ConfigError(f"{type(self).__name__}: keep / dims need a reduction (reduce=pca, random or truncate)")
+
+    def reduced_dim(self, dim: int) -> int:
+        """The dimension vectors of ``dim`` dimensions are reduced to (``ValueError`` if dims exceeds dim)."""
+        if self.reduce == "none":
+            return dim
+        if self.dims is not None:
+            if self.dims > dim:
+                raise ValueError(f"dims={self.dims} exceeds the {dim} dimensions of the vectors")
+            return self.dims
+        return max(1, round(self.keep * dim))
+
+
+@dataclass
+class Float16Config(EmbeddingConfig):
+    """IEEE float16 codes (saturating at +-65504 instead of overflowing to inf).
+
+    Args:
+        reduce: see EmbeddingConfig.
+    """
+
+    FORMAT: ClassVar[str] = "float16"
+
+
+@dataclass
+class BFloat16Config(EmbeddingConfig):
+    """bfloat16 codes (8 exponent bits: no overflow, 8 significant bits).
+
+    Args:
+        reduce: see EmbeddingConfig.
+    """
+
+    FORMAT: ClassVar[str] = "bfloat16"
+
+
+@dataclass
+class FP8Config(EmbeddingConfig):
+    """fp8 codes; a raw cast of unit vectors underflows E4M3 (|x| ~ 0.05 at 384 dims is near its smallest normal),
+    so by default each vector is scaled so that its absmax maps to the format's max.
+
+    Args:
+        scale: none (raw cast), vector (one float32 scale per vector: absmax / format max) or dimension (one scale
+            per dimension, from the calibration absmax).
+    """
+
+    scale: Literal["none", "vector", "dimension"] = "vector"
+
+
+@dataclass
+class FP8E4M3Config(FP8Config):
+    """fp8 E4M3 (OCP, max 448, 3 mantissa bits) codes with an optional scale."""
+
+    FORMAT: ClassVar[str] = "fp8_e4m3"
+
+
+@dataclass
+class FP8E5M2Config(FP8Config):
+    """fp8 E5M2 (IEEE-like, max 57344, 2 mantissa bits) codes with an optional scale."""
+
+    FORMAT: ClassVar[str] = "fp8_e5m2"
+
+
+@dataclass
+class Int8Config(EmbeddingConfig):
+    """Symmetric int8 codes: per-dimension step = calibration absmax / 127, x = code * step.
+
+    Args:
+        reduce: see EmbeddingConfig.
+    """
+
+    FORMAT: ClassVar[str] = "int8"
+
+
+@dataclass
+class UInt8Config(EmbeddingConfig):
+    """uint8 codes over per-dimension calibrated [min, max] cut into 256 equal cells, dequantized at the cell
+    midpoint: x = min + (code + 0.5) * step (FAISS QT_8bit / sentence-transformers uint8 ranges, dequantized).
+
+    Args:
+        reduce: see EmbeddingConfig.
+    """
+
+    FORMAT: ClassVar[str] = "uint8"
+
+
+@dataclass
+class Int4Config(EmbeddingConfig):
+    """4-bit codes over per-dimension calibrated [min, max] cut into 16 cells (midpoints), two codes per byte.
+
+    Args:
+        reduce: see EmbeddingConfig.
+    """
+
+    FORMAT: ClassVar[str] = "int4"
+
+
+@dataclass
+class BinaryConfig(EmbeddingConfig):
+    """One sign bit per dimension, searched by Hamming distance; rescoring (default 4x) uses the float query
+    against the signs times per-dimension calibrated magnitudes (or the original vectors).
+
+    Args:
+        rescore: default oversampling of search (4: 4 k Hamming candidates rescored with the float query).
+    """
+
+    FORMAT: ClassVar[str] = "binary"
+
+    rescore: int = int_field(4, 1, 1000)
+
+
+METHODS: dict[str, type[EmbeddingConfig]] = {
+    "float16": Float16Config,
+    "bfloat16": BFloat16Config,
+    "fp8_e4m3": FP8E4M3Config,
+    "fp8_e5m2": FP8E5M2Config,
+    "int8": Int8Config,
+    "uint8": UInt8Config,
+    "int4": Int4Config,
+    "binary": BinaryConfig,
+}
+
+
+def method_name(config: EmbeddingConfig) -> str:
+    """The method name of a config (``Int8Config()`` -> ``"int8"``)."""
+    for name, cls in METHODS.items():
+        if type(config) is cls:
+            return name
+    raise TypeError(f"{type(config).__name__} is not an embeddings method config (methods: {', '.join(METHODS)})")

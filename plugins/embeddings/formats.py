@@ -1,0 +1,312 @@
+"""Storage formats of embedding vectors: a ``Codec`` fitted on calibration vectors encodes (N, D) float vectors into
+codes, decodes them, and scores float queries against the codes without dequantizing the store.
+
+Every format decodes as x = offset + value(code) * step * row_scale, each factor per dimension (offset, step) or
+per vector (row_scale), absent (0 or 1) where the table has no entry. Casts and rounding are the core's
+(``polyquant.formats`` / ``polyquant.primitives``); bit packing is ``polyquant.pack`` / ``polyquant.kernels``.
+
+| format    | codes (N, W)              | value(code)       | step (D,)                 | offset (D,)      | row_scale |
+|-----------|---------------------------|-------------------|---------------------------|------------------|-----------|
+| float16   | float16 (N, D)            | the float         | -                         | -                | -         |
+| bfloat16  | bfloat16 (N, D)           | the float         | -                         | -                | -         |
+| fp8_e4m3, | float8 (N, D)             | the float         | scale=dimension: calib    | -                | scale=    |
+| fp8_e5m2  |                           |                   | absmax / format max       |                  | vector    |
+| int8      | int8 (N, D)               | c in -128..127    | calib absmax / 127        | -                | -         |
+| uint8     | uint8 (N, D)              | c in 0..255       | (max - min) / 256         | min + step / 2   | -         |
+| int4      | uint8 (N, ceil(D / 2))    | c in 0..15        | (max - min) / 16          | min + step / 2   | -         |
+| binary    | uint8 (N, ceil(D / 8))    | +1 / -1 (sign)    | calib mean |x_d|          | -                | -         |
+
+fp8 with ``scale="vector"`` keeps one float32 row scale per vector (absmax / format max: the vector's largest
+entry lands on the format's max instead of unit-vector entries underflowing E4M3). uint8 and int4 cut the
+calibrated [min, max] of each dimension into 2^b equal cells and decode at the cell midpoint (code =
+clamp(round((x - offset) / step)), which is floor((x - min) / step)): sentence-transformers' uint8 ranges, but
+dequantized (its rescoring reads raw codes, sentence-transformers PR #4058). int4 codes are packed two per byte
+with ``polyquant.pack.pack_rows`` (low nibble = even dimension); binary codes with ``polyquant.kernels.pack_binary``
+(bit 1 = x >= 0, the core ``BinaryFormat`` code of +1). Float codes saturate at the format's max (no inf).
+
+Scoring a query q (already reduced, with its reducer offset b) against codes, never decoding the store:
+
+    q . x_hat = b + q . offset + row_scale * sum_d u_d value(c_d),        u = q * step (q where there is no step)
+
+- float formats: the chunk's codes are upcast to float32 and multiplied, one chunk at a time (exact to fp32).
+- int8 / uint8 / int4: u is quantized per query to int8 (``polyquant.kernels.quantize_dynamic``: u ~ s_u * u_q,
+  s_u = max|u| / 127) and multiplied with the int8 codes by ``polyquant.kernels.int8_gemm`` (exact int32 sums).
+  uint8 codes enter the GEMM as c - 128 (int8), with + 128 * sum(u) added to the offset term; int4 codes are
+  unpacked to 0..15. The only approximation is the query's rounding: the score differs from the dequantized dot
+  product by at most s_u / 2 * sum_d |c_d| (c_d as fed to the GEMM) plus fp32 rounding.
+- binary: sign bits of q against the codes, Hamming distance h; the score is the cosine of the sign vectors,
+  (D - 2 h) / D (``polyquant.kernels.hamming_topk`` finds the top k; ``scores`` gives the same values through a
+  +-1 matmul). Rescoring with the float query against the decoded codes uses the step (least-squares magnitude of
+  each dimension given its sign).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from polyquant.formats import FloatFormat, IntFormat, get_format
+from polyquant.primitives import choose_qparams, quantize_tensor
+
+__all__ = ["FORMATS", "SCALES", "Codec", "PreparedQueries", "fit_codec"]
+
+FORMATS = ("float16", "bfloat16", "fp8_e4m3", "fp8_e5m2", "int8", "uint8", "int4", "binary")
+SCALES = ("none", "vector", "dimension")  # fp8 only
+
+# format -> (core float format, torch dtype of the codes)
+_FLOATS: dict[str, tuple[FloatFormat, torch.dtype]] = {
+    "float16": (FloatFormat(5, 10, specials="ieee"), torch.float16),
+    "bfloat16": (FloatFormat(8, 7, specials="ieee"), torch.bfloat16),
+    "fp8_e4m3": (FloatFormat(4, 3, specials="fn"), torch.float8_e4m3fn),
+    "fp8_e5m2": (FloatFormat(5, 2, specials="ieee"), torch.float8_e5m2),
+}
+_AFFINE_BITS = {"uint8": 8, "int4": 4}  # unsigned codes over calibrated [min, max] cells
+_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class PreparedQueries:
+    """Queries made ready for scoring against one codec's codes (``Codec.prepare``).
+
+    Args:
+        reduced: (Q, D) float32 reduced queries (for rescoring against decoded codes).
+        offset: (Q,) float32 reducer offset (``Reducer.queries``).
+        weights: (Q, D) float32 u = q * step (or q).
+        bias: (Q,) float32 constant term of every score: offset + q . codec offset (+ 128 sum(u) for uint8).
+        qcodes, qscale: u quantized per query, (Q, D) int8 and (Q, 1) float32 (integer formats), else None.
+        bits: (Q, ceil(D / 8)) uint8 packed sign bits (binary), else None.
+    """
+
+    reduced: Tensor
+    offset: Tensor
+    weights: Tensor
+    bias: Tensor
+    qcodes: Tensor | None = None
+    qscale: Tensor | None = None
+    bits: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A fitted format (see the module docstring's table).
+
+    Args:
+        format: one of ``FORMATS``.
+        dim: dimensions of the vectors it encodes.
+        scale: fp8 scaling, one of ``SCALES`` ("none" for the other formats).
+        step: (dim,) float32 per-dimension step, or None.
+        offset: (dim,) float32 per-dimension offset, or None.
+    """
+
+    format: str
+    dim: int
+    scale: str = "none"
+    step: Tensor | None = None
+    offset: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"unknown format {self.format!r} (choose one of {', '.join(FORMATS)})")
+        if self.scale not in SCALES or (self.scale != "none" and not self.format.startswith("fp8")):
+            raise ValueError(f"{self.format}: bad scale {self.scale!r} (fp8 formats take {', '.join(SCALES)})")
+        needs_step = self.format in ("int8", "binary", *_AFFINE_BITS) or self.scale == "dimension"
+        if needs_step != (self.step is not None) or (self.format in _AFFINE_BITS) != (self.offset is not None):
+            raise ValueError(f"{self.format}: step / offset do not match the format")
+        for name, t in (("step", self.step), ("offset", self.offset)):
+            if t is not None and (tuple(t.shape) != (self.dim,) or t.dtype != torch.float32):
+                raise ValueError(f"{self.format}: {name} must be float32 ({self.dim},), got {t.dtype} "
+                                 f"{tuple(t.shape)}")
+
+    # --- layout -------------------------------------------------------------------------------------------------
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """The dtype of the codes tensor."""
+        if self.format in _FLOATS:
+            return _FLOATS[self.format][1]
+        return torch.int8 if self.format == "int8" else torch.uint8
+
+    @property
+    def code_width(self) -> int:
+        """Columns of the codes tensor per vector."""
+        if self.format == "int4":
+            return (self.dim + 1) // 2
+        if self.format == "binary":
+            return (self.dim + 7) // 8
+        return self.dim
+
+    @property
+    def row_scaled(self) -> bool:
+        """Whether each vector has a float32 row scale (fp8 with ``scale="vector"``)."""
+        return self.scale == "vector"
+
+    def code_bytes(self) -> int:
+        """Bytes of one vector's codes (and row scale)."""
+        return self.code_width * self.code_dtype.itemsize + (4 if self.row_scaled else 0)
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The fitted tensors by name (``step``, ``offset``), for an artifact."""
+        return {name: t for name, t in (("step", self.step), ("offset", self.offset)) if t is not None}
+
+    def nbytes(self) -> int:
+        """Bytes of the fitted tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    # --- encode / decode ----------------------------------------------------------------------------------------
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(N, dim) finite float vectors -> (codes (N, code_width) of ``code_dtype``, row scales (N,) or None)."""
+        x = x.float()
+        n = x.shape[0]
+        if n == 0:
+            return (torch.empty(0, self.code_width, dtype=self.code_dtype),
+                    torch.empty(0) if self.row_scaled else None)
+        if self.format in _FLOATS:
+            fmt, dtype = _FLOATS[self.format]
+            row_scale = None
+            if self.scale == "vector":  # per-vector absmax -> the format's max (a zero vector keeps scale eps)
+                scale, _ = choose_qparams(x, fmt, (1, self.dim))  # (N, 1)
+                row_scale = scale.reshape(n)
+                grid = quantize_tensor(x, fmt, scale, None, (1, self.dim))
+            elif self.scale == "dimension":
+                assert self.step is not None
+                grid = quantize_tensor(x, fmt, self.step.reshape(1, -1), None, (n, 1))
+            else:
+                grid = fmt.round(x)
+            return grid.to(dtype), row_scale  # grid values: the cast is exact
+        if self.format == "binary":
+            from polyquant.kernels import pack_binary
+
+            return pack_binary(x >= 0), None
+        assert self.step is not None
+        step = self.step.reshape(1, -1)
+        if self.format == "int8":
+            q = quantize_tensor(x, IntFormat(8), step, None, (n, 1))
+            return q.to(torch.int8), None
+        assert self.offset is not None
+        bits = _AFFINE_BITS[self.format]
+        q = quantize_tensor(x, IntFormat(bits, signed=False), step, -self.offset.reshape(1, -1) / step, (n, 1))
+        codes = q.to(torch.uint8)
+        if bits == 4:
+            from polyquant.pack import pack_rows
+
+            codes = pack_rows(codes, 4)
+        return codes, None
+
+    def values(self, codes: Tensor) -> Tensor:
+        """value(code) of the table, (N, dim) float32 (no step, offset or row scale)."""
+        if self.format in _FLOATS:
+            return codes.float()
+        if self.format == "binary":
+            from polyquant.kernels import unpack_binary
+
+            return unpack_binary(codes, self.dim).float() * 2 - 1
+        if self.format == "int4":
+            from polyquant.pack import unpack_rows
+
+            return unpack_rows(codes, 4, self.dim).float()
+        return codes.float()
+
+    def decode(self, codes: Tensor, row_scale: Tensor | None = None) -> Tensor:
+        """Codes (N, code_width) (+ row scales) -> vectors (N, dim) float32."""
+        x = self.values(codes)
+        if self.step is not None:
+            x = x * self.step.to(x.device)
+        if self.offset is not None:
+            x = x + self.offset.to(x.device)
+        if row_scale is not None:
+            x = x * row_scale.float().reshape(-1, 1)
+        return x
+
+    # --- scoring ------------------------------------------------------------------------------------------------
+
+    def prepare(self, reduced: Tensor, offset: Tensor) -> PreparedQueries:
+        """Precompute the query side of ``scores`` for reduced queries (Q, dim) and their reducer offsets (Q,)."""
+        q = reduced.float()
+        u = q if self.step is None or self.format == "binary" else q * self.step.to(q.device)
+        bias = offset.float().clone()
+        if self.offset is not None:
+            bias = bias + q @ self.offset.to(q.device)
+        if self.format == "uint8":
+            bias = bias + 128.0 * u.sum(dim=1)  # codes enter the int8 GEMM as c - 128
+        qcodes = qscale = bits = None
+        if self.format in ("int8", *_AFFINE_BITS):
+            from polyquant.kernels import quantize_dynamic
+
+            qcodes, qscale = quantize_dynamic(u, fmt="int8")  # (Q, D) int8, (Q, 1) float32
+        if self.format == "binary":
+            from polyquant.kernels import pack_binary
+
+            bits = pack_binary(q >= 0)
+        return PreparedQueries(q, offset.float(), u, bias, qcodes, qscale, bits)
+
+    def gemm_codes(self, codes: Tensor) -> Tensor:
+        """The int8 matrix the integer formats feed ``int8_gemm``: int8 codes, uint8 codes - 128, int4 0..15."""
+        if self.format == "int8":
+            return codes
+        if self.format == "uint8":
+            return (codes ^ 0x80).view(torch.int8)  # c - 128 in two's complement
+        if self.format == "int4":
+            from polyquant.pack import unpack_rows
+
+            return unpack_rows(codes, 4, self.dim).view(torch.int8)
+        raise ValueError(f"{self.format} is not scored by the int8 GEMM")
+
+    def scores(self, prepared: PreparedQueries, codes: Tensor, row_scale: Tensor | None = None) -> Tensor:
+        """Scores (Q, N) float32 of prepared queries against codes (N, code_width), on the codes (module docstring)."""
+        p = prepared
+        if self.format == "binary":
+            signs = (p.reduced >= 0).float() * 2 - 1  # (Q, D)
+            return (signs @ self.values(codes.to(signs.device)).T) / self.dim  # (D - 2 h) / D, exact integers
+        if p.qcodes is not None:
+            from polyquant.kernels import int8_gemm
+
+            assert p.qscale is not None
+            dots = int8_gemm(p.qcodes, p.qscale, self.gemm_codes(codes.to(p.qcodes.device)), 1.0,
+                             out_dtype=torch.float32)  # (Q, N), a fresh tensor
+            return dots.add_(p.bias[:, None])
+        dots = p.weights @ codes.to(p.weights.device).float().T  # (Q, N)
+        if row_scale is not None:
+            dots = dots * row_scale.to(dots.device).float()[None, :]
+        return p.bias[:, None] + dots
+
+    def dequantized_scores(self, prepared: PreparedQueries, codes: Tensor, row_scale: Tensor | None = None) -> Tensor:
+        """offset + reduced query . decoded codes, (Q, N): the float query against the dequantized vectors."""
+        x = self.decode(codes.to(prepared.reduced.device), row_scale)
+        return prepared.offset[:, None] + prepared.reduced @ x.T
+
+
+def fit_codec(calibration: Tensor, format: str, *, scale: str = "none") -> Codec:
+    """Fit ``format`` on calibration vectors (N, D) (already reduced): the per-dimension ranges of the table.
+
+    Args:
+        calibration: (N, D) finite float vectors, N >= 1.
+        format: one of ``FORMATS``.
+        scale: fp8 scaling, one of ``SCALES``.
+    """
+    if calibration.dim() != 2 or calibration.shape[0] < 1:
+        raise ValueError(f"calibration vectors must be (N, D) with N >= 1, got {tuple(calibration.shape)}")
+    x = calibration.float()
+    n, d = x.shape
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("calibration vectors contain NaN or Inf")
+    if format in _FLOATS:
+        if scale == "dimension":
+            fmt = _FLOATS[format][0]
+            step, _ = choose_qparams(x, fmt, (n, 1), eps=_EPS)  # (1, D): calibration absmax / format max
+            return Codec(format=format, dim=d, scale=scale, step=step.reshape(d).contiguous())
+        return Codec(format=format, dim=d, scale=scale)
+    if scale != "none":
+        raise ValueError(f"{format}: scale applies to fp8 formats only, got {scale!r}")
+    if format == "binary":
+        return Codec(format=format, dim=d, step=x.abs().mean(dim=0).clamp_min(_EPS).contiguous())
+    if format == "int8":
+        step, _ = choose_qparams(x, get_format("int8"), (n, 1), eps=_EPS)  # (1, D): absmax / 127
+        return Codec(format=format, dim=d, step=step.reshape(d).contiguous())
+    if format not in _AFFINE_BITS:
+        raise ValueError(f"unknown format {format!r} (choose one of {', '.join(FORMATS)})")
+    lo, hi = x.amin(dim=0), x.amax(dim=0)
+    step = ((hi - lo) / 2 ** _AFFINE_BITS[format]).clamp_min(_EPS)
+    return Codec(format=format, dim=d, step=step.contiguous(), offset=(lo + step / 2).contiguous())

