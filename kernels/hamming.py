@@ -57,10 +57,24 @@ def _check(queries: Tensor, database: Tensor) -> None:
 
 
 def hamming_distance_reference(queries: Tensor, database: Tensor) -> Tensor:
-    """All distances popcount(q XOR x): (Q, B), (N, B) uint8 -> (Q, N) int32 (materialized: small inputs)."""
+    """All distances popcount(q XOR x): (Q, B), (N, B) uint8 -> (Q, N) int32 (materialized).
+
+    Computed as a matmul of +-1 signs: with D = 8 B bits (padding bits are 0 on both sides), q . x = D - 2 h, and
+    every partial sum is an integer below 2^24, so float32 (or TF32: +-1 is exact) gives h exactly.
+    """
     _check(queries, database)
-    x = queries[:, None, :] ^ database[None, :, :]  # (Q, N, B)
-    return _POPCOUNT8.to(x.device)[x.long()].sum(dim=-1, dtype=torch.int32)
+    d = 8 * queries.shape[1]
+    if d >= 1 << 24:  # float32 sums would round: the byte-wise popcount
+        x = queries[:, None, :] ^ database[None, :, :]  # (Q, N, B)
+        return _POPCOUNT8.to(x.device)[x.long()].sum(dim=-1, dtype=torch.int32)
+    q = _signs(queries, d)  # (Q, D)
+    x = _signs(database, d)  # (N, D)
+    return (d - q @ x.t()).div_(2).to(torch.int32)
+
+
+def _signs(packed: Tensor, d: int) -> Tensor:
+    """(..., B) packed bits -> (..., d) float32 +-1 (bit 1 -> +1)."""
+    return unpack_rows(packed, 1, d).float().mul_(2).sub_(1)
 
 
 def _topk_keys(keys: Tensor, k: int) -> Tensor:
@@ -80,7 +94,7 @@ def hamming_topk_reference(queries: Tensor, database: Tensor, k: int) -> tuple[T
     n = database.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, N = {n}], got {k}")
-    step = max(1, (1 << 22) // max(1, queries.shape[0] * queries.shape[1]))
+    step = max(1, (1 << 22) // max(1, queries.shape[0], 8 * queries.shape[1]))  # (Q, step) keys, (step, D) signs
     best = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device)
     for i in range(0, n, step):
         dist = hamming_distance_reference(queries, database[i : i + step]).long()  # (Q, n)
