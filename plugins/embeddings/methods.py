@@ -44,7 +44,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from polyquant.api import Calibration, MethodExample, QuantizedModel, RunOptions, describe_model, register_handler
+from polyquant.api import (
+    Calibration,
+    MethodExample,
+    QuantizedModel,
+    RunOptions,
+    describe_model,
+    progress_default,
+    register_handler,
+)
 from polyquant.artifact import Artifact, ArtifactError
 from polyquant.config import QuantConfig
 
@@ -178,7 +186,7 @@ def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> C
             label = f"{len(vectors)} vectors of {vectors.shape[1]} dims from {path}"
         elif path.endswith(".txt"):
             texts, ids = read_texts(path)
-            vectors = _embed(texts, progress=not args.quiet)
+            vectors = _embed(texts, progress=not args.quiet and progress_default())
             embedder, label = MODEL_NAME, f"{len(texts)} texts from {path} embedded with {MODEL_NAME}"
         else:
             raise ValueError("--input must be a .npy file of vectors or a .txt file of texts")
