@@ -9,9 +9,9 @@ norm); a seeded calibration split (documents only) fits ranges, and never takes 
 
 Rows: float32 exact search, then every reference of ``references.default_references`` (FAISS scalar quantizers,
 usearch dtypes, sentence-transformers int8 / ubinary with and without rescoring, FAISS IndexBinaryFlat), then the
-rows of ``store_methods``: our ``EmbeddingStore`` in every format (fp8 with each scale, binary with each rescoring
-multiplier) and reductions x formats (``store_configs``). Every row is a ``references.SearchMethod`` and is
-searched the same way, on the same vectors, in the same process.
+rows of ``store_methods``: our ``EmbeddingStore`` in every format (fp8 with each scale, binary, plain and centred,
+with each rescoring multiplier) and reductions x formats (``store_configs``). Every row is a
+``references.SearchMethod`` and is searched the same way, on the same vectors, in the same process.
 
 Columns: nDCG@10, Recall@10 (from a k=10 search), Recall@100 (from a k=100 search, so rescoring methods rescore
 100 * m candidates there), each with its retention vs float32; overlap@10 with the float32 neighbours; stored
@@ -69,6 +69,7 @@ class StoreRow:
     config: EmbeddingConfig
     rescore: int = 1
     fit: str = "calibration"
+    paired_with: str = ""  # label of the row its paired per-query nDCG@10 difference is measured against
 
 
 def store_configs() -> list[StoreRow]:
@@ -82,6 +83,9 @@ def store_configs() -> list[StoreRow]:
     rows += [StoreRow("int8", Int8Config()), StoreRow("uint8", UInt8Config()), StoreRow("int4", Int4Config())]
     rows += [StoreRow(f"binary + rescore x{m}" if m > 1 else "binary (Hamming)", BinaryConfig(rescore=m), m)
              for m in (1, 2, 4, 10)]
+    rows += [StoreRow(f"binary centred + rescore x{m}" if m > 1 else "binary centred (Hamming)",
+                      BinaryConfig(rescore=m, center=True), m,
+                      paired_with=f"binary + rescore x{m}" if m > 1 else "binary (Hamming)") for m in (1, 2, 4, 10)]
     rows.append(StoreRow("binary + rescore x4 against the originals", BinaryConfig(keep_originals=True), 4))
     for reduce, keep in (("pca", 0.5), ("pca", 0.25), ("random", 0.5), ("truncate", 0.5)):
         tag = f"{reduce} {keep:.0%}"
@@ -126,6 +130,11 @@ def store_methods(data: EmbeddedSet, *, threads: int) -> list[SearchMethod]:
     return methods
 
 
+def paired_rows() -> dict[str, str]:
+    """Method name -> the method name its paired per-query nDCG@10 difference is measured against."""
+    return {f"ours {row.label}": f"ours {row.paired_with}" for row in store_configs() if row.paired_with}
+
+
 def _store_search(store: EmbeddingStore, multiplier: int) -> references.SearchFn:
     def search(queries: np.ndarray, k: int) -> np.ndarray:
         return store.search(torch.from_numpy(queries), k, rescore=multiplier)[1].numpy()
@@ -136,6 +145,8 @@ def _store_search(store: EmbeddingStore, multiplier: int) -> references.SearchFn
 def _store_note(store: EmbeddingStore, multiplier: int) -> str:
     how = {"int8": "int8 GEMM", "uint8": "int8 GEMM", "int4": "int8 GEMM", "binary": "Hamming top-k"}
     note = how.get(store.codec.format, "float matmul on the codes")
+    if store.codec.centred:
+        note += " of sign(q) vs the bits of x - mu (centred codes)"
     if store.reducer.kind != "none":
         note += f", {store.reducer.kind} {store.reducer.in_dim}->{store.reducer.out_dim}"
     if multiplier > 1:
@@ -160,9 +171,14 @@ def timed_search(method: SearchMethod, queries: np.ndarray, k: int, repeats: int
     return np.asarray(ids), statistics.median(seconds)
 
 
-def evaluate(methods: list[SearchMethod], data: EmbeddedSet, *, repeats: int) -> list[dict[str, Any]]:
-    """One row per method; ``methods[0]`` is the float32 baseline (retention and overlap are relative to it)."""
+def evaluate(methods: list[SearchMethod], data: EmbeddedSet, *, repeats: int,
+             pairs: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per method; ``methods[0]`` is the float32 baseline (retention and overlap are relative to it).
+    ``pairs``: method name -> an earlier method's name; such rows also get the paired per-query nDCG@10
+    difference to it, as retention points, and its standard error (``paired_with``, ``ndcg@10_paired_delta``,
+    ``ndcg@10_paired_delta_se``)."""
     rows: list[dict[str, Any]] = []
+    per_query: dict[str, np.ndarray] = {}
     dim = data.documents.shape[1]
     reference10: np.ndarray | None = None
     base_ndcg: np.ndarray | None = None
@@ -183,6 +199,13 @@ def evaluate(methods: list[SearchMethod], data: EmbeddedSet, *, repeats: int) ->
             row[f"{key}_retention"] = round(metrics.retention(scores[key], base[key]), 5)
         # paired standard error of the per-query nDCG@10 difference to float32: the noise of the retention column
         row["ndcg@10_delta_se"] = round(float(np.std(ndcg - base_ndcg, ddof=1) / np.sqrt(len(ndcg))), 5)
+        per_query[method.name] = ndcg
+        other = (pairs or {}).get(method.name)
+        if other is not None:  # paired difference to another row, in retention points (% of float32 nDCG@10)
+            diff = (ndcg - per_query[other]) / base["ndcg@10"]
+            row["paired_with"] = other
+            row["ndcg@10_paired_delta"] = round(float(diff.mean()), 5)
+            row["ndcg@10_paired_delta_se"] = round(float(np.std(diff, ddof=1) / np.sqrt(len(diff))), 5)
         row["overlap@10"] = round(scores["overlap@10"], 5)
         row["bytes_per_vector"] = method.bytes_per_vector
         row["compression"] = round(4 * dim / method.bytes_per_vector, 2)
@@ -278,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     build_seconds = time.perf_counter() - t0
 
     print(HEADER, flush=True)
-    rows = evaluate(methods, data, repeats=args.repeats)
+    rows = evaluate(methods, data, repeats=args.repeats, pairs=paired_rows())
     result = {
         "environment": environment("cpu"),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -304,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             "float32 originals where the label says so",
             "ndcg@10_delta_se: paired standard error of the per-query nDCG@10 difference to float32 (noise scale "
             "of the retention column: retention +- delta_se / float32 nDCG@10)",
+            "ours binary centred: bits of x - mu (mu = calibration mean), decoded mu + sign x mean |x - mu|, query "
+            "bits sign(q); ndcg@10_paired_delta(_se): the mean per-query nDCG@10 difference to the row in "
+            "paired_with (uncentred binary, same rescoring) as a fraction of float32 nDCG@10, and its standard error",
         ],
         "rows": rows,
     }
@@ -315,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows)
     if args.table:
         args.table.write_text(text + "\n")
+    for r in rows:
+        if "paired_with" in r:
+            print(f"{r['method']} - {r['paired_with']}: nDCG@10 retention {r['ndcg@10_paired_delta']:+.2%} "
+                  f"+- {r['ndcg@10_paired_delta_se']:.2%} (paired s.e.)")
     print(f"\n{text}\n\nwrote {args.out} ({result['seconds']['total']:.0f} s in all)")
     return 0
 

@@ -40,11 +40,13 @@ arrays as they are (no normalisation: that is its float -> i8 cast, used for ``c
 dot product, which is the store's int8 GEMM score up to the per-query scale: the same ranking. usearch's f16 /
 bf16 cast the float query to 16 bits; its fp8 kinds would cast the query to fp8 (a unit query underflows E4M3)
 and cannot hold the store's scales, hence no fp8. Binary codes keep their bit layout (``kernels.pack_binary``);
-queries are packed the same way, so Hamming distances are the store's.
+queries are packed the same way (``Codec.prepare``: the bits of q, also for centred codes), so Hamming distances
+are the store's.
 
 Qdrant holds float vectors and quantizes them itself: its int8 is one range for all dimensions (``quantile``),
 its binary is the sign bits (x > 0). So the collection stores the store's decoded vectors (for binary, sign times
-the per-dimension magnitude: its bits are exactly the store's codes), ``on_disk``, with Qdrant's int8 or binary
+the per-dimension magnitude, without the centre mu of centred codes: its bits are exactly the store's codes, and
+q . mu, the same for every vector, is added back to the scores), ``on_disk``, with Qdrant's int8 or binary
 quantization kept in RAM, and searches with ``oversampling`` = the store's ``rescore`` and ``rescore=True``
 (rescoring against the stored decoded vectors: the store's own rescoring). float16 stores go to a float16
 collection as they are, without quantization. **Qdrant's embedded local mode (``QdrantClient(":memory:")`` or
@@ -53,7 +55,8 @@ collection as they are, without quantization. **Qdrant's embedded local mode (``
 a collection searches the uploaded vectors exactly. The same code against a server (``QdrantClient(url=...)``)
 creates the quantized collection.
 
-``ExportedIndex.search`` returns scores on the store's scale (the reducer's query offset added back; usearch's
+``ExportedIndex.search`` returns scores on the store's scale (the reducer's query offset added back, and q . mu
+for a centred binary store in Qdrant; usearch's
 i8 distances mapped back through the query's int8 scale; binary as (D' - 2 h) / D') and ids, -1 where the engine
 found fewer than k. It searches exactly where the engine offers it (FAISS flat indexes, usearch ``exact=True``,
 Qdrant local mode; a Qdrant server uses its HNSW index).
@@ -97,6 +100,8 @@ class ExportedIndex:
         collection: the Qdrant collection name (None for the other engines).
         search_params: the Qdrant ``SearchParams`` (oversampling, rescoring), or None.
         threads: usearch search threads (0: all cores).
+        centred: the engine holds the decoded vectors less the codec's offset (Qdrant binary of a centred store),
+            so q . offset is added back to its scores.
     """
 
     engine: str
@@ -109,6 +114,7 @@ class ExportedIndex:
     collection: str | None = None
     search_params: Any = None
     threads: int = 0
+    centred: bool = False
 
     def _prepared(self, queries: Tensor | np.ndarray) -> PreparedQueries:
         return prepare_queries(queries, self.reducer, self.codec)[1]
@@ -150,7 +156,8 @@ class ExportedIndex:
             return prep.bias.double().numpy()[:, None] + prep.qscale.double().numpy() * (1 - raw)
         if self.engine == "usearch":  # ip distance = 1 - dot
             raw = 1 - raw
-        return prep.offset.double().numpy()[:, None] + raw
+        base = prep.bias if self.centred else prep.offset  # bias = offset + q . codec offset (binary formats)
+        return base.double().numpy()[:, None] + raw
 
 
 def _engine_queries(prep: PreparedQueries, kind: QueryKind) -> np.ndarray:
@@ -371,8 +378,15 @@ def to_qdrant(store: EmbeddingStore, client: Any, collection: str, *, quantile: 
                                            on_disk=quantization is not None),
         quantization_config=quantization,
     )
+    centred = codec.centred and not dequantize  # upload sign * magnitude: Qdrant's bits are the store's codes
     for codes, row_scale, ids in _live_chunks(store, _QDRANT_BATCH):
-        vectors = codes.float() if datatype == models.Datatype.FLOAT16 else codec.decode(codes, row_scale)
+        if datatype == models.Datatype.FLOAT16:
+            vectors = codes.float()
+        elif centred:
+            assert codec.step is not None
+            vectors = codec.values(codes) * codec.step  # decode without the centre mu
+        else:
+            vectors = codec.decode(codes, row_scale)
         client.upsert(collection_name=collection, wait=True,
                       points=models.Batch(ids=ids.tolist(), vectors=vectors.tolist()))
     params = None
@@ -380,7 +394,7 @@ def to_qdrant(store: EmbeddingStore, client: Any, collection: str, *, quantile: 
         params = models.SearchParams(quantization=models.QuantizationSearchParams(
             rescore=True, oversampling=float(store.config.rescore)))
     return ExportedIndex("qdrant", client, "float", store.reducer, codec, len(store), note, collection=collection,
-                         search_params=params)
+                         search_params=params, centred=centred)
 
 
 def _qdrant_search(client: Any, collection: str | None, queries: np.ndarray, k: int,

@@ -14,7 +14,8 @@ per vector (row_scale), absent (0 or 1) where the table has no entry. Casts and 
 | int8      | int8 (N, D)               | c in -128..127    | calib absmax / 127        | -                | -         |
 | uint8     | uint8 (N, D)              | c in 0..255       | (max - min) / 256         | min + step / 2   | -         |
 | int4      | uint8 (N, ceil(D / 2))    | c in 0..15        | (max - min) / 16          | min + step / 2   | -         |
-| binary    | uint8 (N, ceil(D / 8))    | +1 / -1 (sign)    | calib mean |x_d|          | -                | -         |
+| binary    | uint8 (N, ceil(D / 8))    | +1 / -1 (sign of  | calib mean |x_d - mu_d|   | mu (centred) or  | -         |
+|           |                           | x - mu, or of x)  |                           | - (not centred)  |           |
 
 fp8 with ``scale="vector"`` keeps one float32 row scale per vector (absmax / format max: the vector's largest
 entry lands on the format's max instead of unit-vector entries underflowing E4M3). uint8 and int4 cut the
@@ -23,6 +24,19 @@ clamp(round((x - offset) / step)), which is floor((x - min) / step)): sentence-t
 dequantized (its rescoring reads raw codes, sentence-transformers PR #4058). int4 codes are packed two per byte
 with ``polyquant.pack.pack_rows`` (low nibble = even dimension); binary codes with ``polyquant.kernels.pack_binary``
 (bit 1 = x >= 0, the core ``BinaryFormat`` code of +1). Float codes saturate at the format's max (no inf).
+
+Centred binary codes (``fit_codec(..., center=True)``, ``BinaryConfig(center=True)``): embedding models are
+anisotropic (a common mean direction mu, |mu| ~ 0.35 for all-MiniLM-L6-v2), so the bits of sign(x) are unbalanced
+(a dimension's bit is the same for most vectors) and sign x mean |x| reconstructs x poorly. Centred codes are the
+bits of x - mu (mu = the calibration mean, the codec's ``offset``) and decode as mu + sign * mean |x_d - mu_d|
+(the table's offset + value * step). For a fixed query q, q . x = q . mu + q . (x - mu), so ranking by the
+centred part loses nothing; the per-vector storage stays ceil(D / 8) bytes (mu and the steps are per-dimension
+codec tensors). The query's bits stay sign(q): the Hamming stage estimates q . (x - mu) = sum_d q_d (x_d - mu_d),
+whose weights have the signs of q (not of q - mu, which would estimate (q - mu) . (x - mu), a different ranking;
+measured: sign(q) is as good or better at every oversampling, ``benchmarks/embeddings.py``). Centring is an
+option, not the default: on the docstring benchmark it lifts binary + 4x rescoring from 94.46% / 94.86% to
+95.56% / 95.64% nDCG@10 retention (1,000 / 2,463 queries), but the paired standard error of that gain (1.26 /
+0.80 points) is as large as the gain.
 
 Scoring a query q (already reduced, with its reducer offset b) against codes, never decoding the store:
 
@@ -34,10 +48,10 @@ Scoring a query q (already reduced, with its reducer offset b) against codes, ne
   uint8 codes enter the GEMM as c - 128 (int8), with + 128 * sum(u) added to the offset term; int4 codes are
   unpacked to 0..15. The only approximation is the query's rounding: the score differs from the dequantized dot
   product by at most s_u / 2 * sum_d |c_d| (c_d as fed to the GEMM) plus fp32 rounding.
-- binary: sign bits of q against the codes, Hamming distance h; the score is the cosine of the sign vectors,
-  (D - 2 h) / D (``polyquant.kernels.hamming_topk`` finds the top k; ``scores`` gives the same values through a
-  +-1 matmul). Rescoring with the float query against the decoded codes uses the step (least-squares magnitude of
-  each dimension given its sign).
+- binary: sign bits of q (also for centred codes) against the codes, Hamming distance h; the score is the cosine
+  of the sign vectors, (D - 2 h) / D (``polyquant.kernels.hamming_topk`` finds the top k; ``scores`` gives the
+  same values through a +-1 matmul). Rescoring with the float query against the decoded codes uses the step
+  (least-squares magnitude of each dimension given its sign) and, for centred codes, the offset mu.
 """
 
 from __future__ import annotations
@@ -97,7 +111,7 @@ class Codec:
         dim: dimensions of the vectors it encodes.
         scale: fp8 scaling, one of ``SCALES`` ("none" for the other formats).
         step: (dim,) float32 per-dimension step, or None.
-        offset: (dim,) float32 per-dimension offset, or None.
+        offset: (dim,) float32 per-dimension offset, or None; for binary codes the centre mu (centred codes).
     """
 
     format: str
@@ -112,7 +126,8 @@ class Codec:
         if self.scale not in SCALES or (self.scale != "none" and not self.format.startswith("fp8")):
             raise ValueError(f"{self.format}: bad scale {self.scale!r} (fp8 formats take {', '.join(SCALES)})")
         needs_step = self.format in ("int8", "binary", *_AFFINE_BITS) or self.scale == "dimension"
-        if needs_step != (self.step is not None) or (self.format in _AFFINE_BITS) != (self.offset is not None):
+        needs_offset = self.format in _AFFINE_BITS or (self.format == "binary" and self.offset is not None)
+        if needs_step != (self.step is not None) or needs_offset != (self.offset is not None):
             raise ValueError(f"{self.format}: step / offset do not match the format")
         for name, t in (("step", self.step), ("offset", self.offset)):
             if t is not None and (tuple(t.shape) != (self.dim,) or t.dtype != torch.float32):
@@ -136,6 +151,11 @@ class Codec:
         if self.format == "binary":
             return (self.dim + 7) // 8
         return self.dim
+
+    @property
+    def centred(self) -> bool:
+        """Whether binary codes are the bits of x - offset (module docstring) rather than of x."""
+        return self.format == "binary" and self.offset is not None
 
     @property
     def row_scaled(self) -> bool:
@@ -179,7 +199,7 @@ class Codec:
         if self.format == "binary":
             from polyquant.kernels import pack_binary
 
-            return pack_binary(x >= 0), None
+            return pack_binary(x >= self.offset if self.offset is not None else x >= 0), None  # bits of x - mu
         assert self.step is not None
         step = self.step.reshape(1, -1)
         if self.format == "int8":
@@ -278,13 +298,14 @@ class Codec:
         return prepared.offset[:, None] + prepared.reduced @ x.T
 
 
-def fit_codec(calibration: Tensor, format: str, *, scale: str = "none") -> Codec:
+def fit_codec(calibration: Tensor, format: str, *, scale: str = "none", center: bool = False) -> Codec:
     """Fit ``format`` on calibration vectors (N, D) (already reduced): the per-dimension ranges of the table.
 
     Args:
         calibration: (N, D) finite float vectors, N >= 1.
         format: one of ``FORMATS``.
         scale: fp8 scaling, one of ``SCALES``.
+        center: binary only: centred codes, the bits of x - mu with mu the calibration mean (module docstring).
     """
     if calibration.dim() != 2 or calibration.shape[0] < 1:
         raise ValueError(f"calibration vectors must be (N, D) with N >= 1, got {tuple(calibration.shape)}")
@@ -292,6 +313,8 @@ def fit_codec(calibration: Tensor, format: str, *, scale: str = "none") -> Codec
     n, d = x.shape
     if not bool(torch.isfinite(x).all()):
         raise ValueError("calibration vectors contain NaN or Inf")
+    if center and format != "binary":
+        raise ValueError(f"{format}: center applies to binary codes only")
     if format in _FLOATS:
         if scale == "dimension":
             fmt = _FLOATS[format][0]
@@ -301,7 +324,9 @@ def fit_codec(calibration: Tensor, format: str, *, scale: str = "none") -> Codec
     if scale != "none":
         raise ValueError(f"{format}: scale applies to fp8 formats only, got {scale!r}")
     if format == "binary":
-        return Codec(format=format, dim=d, step=x.abs().mean(dim=0).clamp_min(_EPS).contiguous())
+        mu = x.mean(dim=0) if center else None  # (D,)
+        step = (x if mu is None else x - mu).abs().mean(dim=0).clamp_min(_EPS)  # least-squares magnitude per sign
+        return Codec(format=format, dim=d, step=step.contiguous(), offset=None if mu is None else mu.contiguous())
     if format == "int8":
         step, _ = choose_qparams(x, get_format("int8"), (n, 1), eps=_EPS)  # (1, D): absmax / 127
         return Codec(format=format, dim=d, step=step.reshape(d).contiguous())

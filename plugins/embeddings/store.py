@@ -214,7 +214,7 @@ class EmbeddingStore(nn.Module):
             raise ValueError("the calibration set is empty")
         reducer = fit_reducer(x, config.reduce, config.reduced_dim(x.shape[1]), seed=config.seed)
         scale = getattr(config, "scale", "none")
-        codec = fit_codec(reducer.documents(x), config.FORMAT, scale=scale)
+        codec = fit_codec(reducer.documents(x), config.FORMAT, scale=scale, center=getattr(config, "center", False))
         return cls(config=config, reducer=reducer, codec=codec, embedder=embedder, workdir=workdir,
                    chunk_size=chunk_size)
 

@@ -56,6 +56,23 @@ def _store(config: EmbeddingConfig) -> EmbeddingStore:
     return store
 
 
+def _centred_store(config: BinaryConfig) -> EmbeddingStore:
+    """``_store`` for centred binary codes, built from its parts (``EmbeddingStore.fit`` does not pass ``center``
+    on to ``fit_codec`` yet)."""
+    from polyquant.plugins.embeddings.formats import fit_codec
+    from polyquant.plugins.embeddings.reduce import fit_reducer
+    from polyquant.plugins.embeddings.store import unit_rows
+
+    calibration = unit_rows(X[:300], "calibration", D)
+    reducer = fit_reducer(calibration, config.reduce, config.reduced_dim(D), seed=config.seed)
+    codec = fit_codec(reducer.documents(calibration), "binary", center=config.center)
+    store = EmbeddingStore(config=config, reducer=reducer, codec=codec, chunk_size=128)
+    store.add(X, ids=torch.arange(N) * 3 + 1000)
+    store.delete(DELETED)
+    assert store.codec.centred
+    return store
+
+
 def _code_scores(store: EmbeddingStore) -> tuple[torch.Tensor, torch.Tensor]:
     """The store's scores on its codes (Q, live) (what ``search(rescore=1)`` ranks by) and the live ids."""
     return store(Q), store.ids()
@@ -133,6 +150,18 @@ def test_faiss_binary_is_the_stores_hamming_search() -> None:
     np.testing.assert_array_equal(scores, ((40 - 2 * dist) / 40).astype(np.float32))
     want_scores, _ = store.search(Q, K, rescore=1)
     np.testing.assert_array_equal(scores, want_scores.numpy())
+
+
+def test_centred_binary_exports_are_the_stores_hamming_search() -> None:
+    store = _centred_store(BinaryConfig(center=True))
+    want_scores, want_ids = store.search(Q, K, rescore=1)
+    for exported in (to_faiss(store), to_usearch(store, threads=1)):
+        assert exported.query == "bits"
+        np.testing.assert_array_equal(exported.queries(Q), store.codec.prepare(Q, torch.zeros(len(Q))).bits)
+        scores, ids = exported.search(Q, K)
+        _assert_top_k(scores, ids, _code_scores(store), atol=0)  # Hamming: exact integers, (D' - 2 h) / D'
+        np.testing.assert_array_equal(scores, want_scores.numpy())
+    assert to_faiss(store).search(Q, K)[1].tolist() == want_ids.tolist()  # FAISS breaks ties like the store
 
 
 def test_faiss_dequantized_fp8_is_an_exact_flat_index() -> None:
@@ -271,10 +300,13 @@ def test_qdrant_float16_collection_is_the_stores_search(tmp_path: Path) -> None:
     client.close()
 
 
-def test_qdrant_binary_collection_rescored_like_the_store() -> None:
+@pytest.mark.parametrize("centred", [False, True], ids=["sign", "centred"])
+def test_qdrant_binary_collection_rescored_like_the_store(centred: bool) -> None:
     from qdrant_client import models
 
-    store = _store(BinaryConfig(rescore=4))
+    from polyquant.kernels import pack_binary
+
+    store = _centred_store(BinaryConfig(rescore=4, center=True)) if centred else _store(BinaryConfig(rescore=4))
     client, calls = _recording_client()
     exported = to_qdrant(store, client, "bits")
     assert calls[0]["quantization_config"].binary.always_ram is True
@@ -282,7 +314,8 @@ def test_qdrant_binary_collection_rescored_like_the_store() -> None:
     points = client.retrieve("bits", ids=[1000, 1006], with_vectors=True)
     t = store.tensors()
     stored = torch.tensor([p.vector for p in points])
-    assert torch.equal(store.codec.encode(stored)[0], t["codes"][[0, 2]])  # its sign bits are the store's codes
+    assert torch.equal(pack_binary(stored > 0), t["codes"][[0, 2]])  # Qdrant's bits (x > 0) are the store's codes
+    torch.testing.assert_close(stored.abs(), store.codec.step.expand(2, -1), rtol=0, atol=0)  # sign * magnitude
     # locally every point is "rescored": the store's rescoring against the decoded codes with every candidate
     scores, ids = _qdrant_search(exported)
     want_scores, want_ids = store.search(Q, K, rescore=N)

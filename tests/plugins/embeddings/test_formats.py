@@ -57,6 +57,40 @@ def test_binary_sign_bits_and_calibrated_magnitudes_by_hand() -> None:
     assert x.tolist() == [[2.0, -3.0], [-2.0, 3.0]]
 
 
+def test_centred_binary_codes_and_decode_by_hand() -> None:
+    codec = fit_codec(T([[1.0, -2.0], [-3.0, 4.0]]), "binary", center=True)  # mu = (-1, 1), mean |x - mu| = (2, 3)
+    assert codec.centred and torch.equal(codec.offset, T([-1.0, 1.0])) and torch.equal(codec.step, T([2.0, 3.0]))
+    assert set(codec.tensors()) == {"step", "offset"} and codec.nbytes() == 16 and codec.code_bytes() == 1
+    codes, _, x = _roundtrip(codec, T([[0.5, -0.1], [-1.0, 1.0], [-2.0, 2.0]]))
+    # x - mu = (1.5, -1.1), (0, 0), (-1, 1): bit j = dim j >= mu_j (the uncentred bits would be 01, 10, 10)
+    assert codes.tolist() == [[0b01], [0b11], [0b10]]
+    assert x.tolist() == [[1.0, -2.0], [1.0, 4.0], [-3.0, 4.0]]  # mu + sign * step
+    # the query's bits are those of q itself (q - mu = (0.5, -0.5) would give 0b01); bias = offset + q . mu
+    prep = codec.prepare(T([[-0.5, 0.5]]), T([0.25]))
+    assert prep.bits.tolist() == [[0b10]] and prep.bias.tolist() == [1.25]
+    assert codec.scores(prep, codes).tolist() == [[-1.0, 0.0, 1.0]]  # (D - 2 h) / D with h = 2, 1, 0
+    # rescoring: offset + q . (mu + sign * step) = 0.25 + (-0.5, 0.5) . decoded
+    assert codec.dequantized_scores(prep, codes).tolist() == [[-1.25, 1.75, 3.75]]
+
+
+def test_centred_hamming_top_k_is_the_brute_force_on_centred_signs() -> None:
+    from polyquant.kernels import hamming_topk
+
+    x, q = _data()
+    codec = fit_codec(x[:200], "binary", center=True)
+    assert float(codec.offset.norm()) > 0.05  # the data are not centred: the bits really change
+    codes, _ = codec.encode(x)
+    prep = codec.prepare(q, torch.zeros(len(q)))
+    sx = torch.where(x - x[:200].mean(dim=0) >= 0, 1.0, -1.0)  # (N, D) centred signs from the floats
+    sq = torch.where(q >= 0, 1.0, -1.0)  # (Q, D)
+    h = ((codec.dim - sq @ sx.T) / 2).long()  # (Q, N) Hamming distances
+    want = torch.sort(h, dim=1, stable=True)  # ties to the smaller index
+    dist, idx = hamming_topk(prep.bits, codes, 25)
+    assert torch.equal(dist.long(), want.values[:, :25]) and torch.equal(idx, want.indices[:, :25])
+    assert torch.equal(codec.scores(prep, codes), (codec.dim - 2 * h).float() / codec.dim)
+    assert not torch.equal(codes, fit_codec(x[:200], "binary").encode(x)[0])
+
+
 def test_float16_and_bfloat16_round_to_nearest_and_saturate() -> None:
     x = T([[1 / 3, 70000.0, -1e-8]])
     codes, _, y = _roundtrip(fit_codec(x, "float16"), x)
@@ -162,3 +196,7 @@ def test_fit_codec_rejects_bad_input() -> None:
         fit_codec(T([[1.0, 2.0]]), "int8", scale="vector")
     with pytest.raises(ValueError, match="step / offset"):
         Codec(format="int8", dim=2)
+    with pytest.raises(ValueError, match="int8: center applies to binary codes only"):
+        fit_codec(T([[1.0, 2.0]]), "int8", center=True)
+    with pytest.raises(ValueError, match="binary: offset must be float32 \\(2,\\)"):
+        Codec(format="binary", dim=2, step=T([1.0, 1.0]), offset=T([0.0, 0.0, 0.0]))

@@ -249,3 +249,49 @@ def test_quantize_builds_a_store_from_a_table() -> None:
     torch.testing.assert_close(store(Q), table(Q), rtol=0, atol=2e-3)  # fp16: ~2^-11 relative per entry
     with pytest.raises(TypeError, match="quantize an EmbeddingTable"):
         pq.quantize(torch.nn.Linear(2, 2), Float16Config(), calib=[X], progress=False)
+
+
+# --- centred binary codes -----------------------------------------------------------------------------------------
+
+
+def _centred_store(config: BinaryConfig, n: int = 600) -> EmbeddingStore:
+    """A store of centred binary codes fitted on the first 400 vectors, holding the first ``n``."""
+    store = EmbeddingStore.fit(X[:400], config=config, chunk_size=97)
+    store.add(X[:n])
+    return store
+
+
+def test_centred_binary_search_and_rescoring_on_the_codes(tmp_path: Path) -> None:
+    store = _centred_store(BinaryConfig(center=True))
+    mu = X[:400].mean(dim=0)
+    assert store.codec.centred and torch.allclose(store.codec.offset, mu, rtol=0, atol=1e-6)
+    # Hamming stage: sign(q) against sign(x - mu), brute force from the floats, ties to the smaller id
+    h = ((D - torch.where(Q >= 0, 1.0, -1.0) @ torch.where(X - mu >= 0, 1.0, -1.0).T) / 2).long()  # (Q, N)
+    want = torch.sort(h, dim=1, stable=True)
+    scores, ids = store.search(Q, 10, rescore=1)
+    assert torch.equal(ids, want.indices[:, :10])
+    assert torch.equal(scores, (D - 2 * want.values[:, :10]).float() / D)
+    # rescoring: the 40 Hamming candidates, ranked by the float query . (mu + sign * mean |x - mu|)
+    decoded = mu + torch.where(X - mu >= 0, 1.0, -1.0) * (X[:400] - mu).abs().mean(dim=0)  # (N, D)
+    cand = want.indices[:, :40]
+    exact = (Q @ decoded.T).gather(1, cand)
+    top = torch.sort(exact, dim=1, descending=True, stable=True)
+    scores, ids = store.search(Q, 10, rescore=4)
+    assert torch.equal(ids, cand.gather(1, top.indices[:, :10]))
+    torch.testing.assert_close(scores, top.values[:, :10], rtol=0, atol=1e-5)
+    # same bytes per vector as uncentred codes, plus the amortised centre; save / load keep the centring
+    assert store.bytes_per_vector() == D / 8 + 2 * D * 4 / 600
+    path = store.save(tmp_path / "c.pqs")
+    for loaded in (EmbeddingStore.load(path), EmbeddingStore.load(path, mmap=True)):
+        assert loaded.codec.centred and loaded.config.center is True
+        assert all(torch.equal(a, b) for a, b in zip(loaded.search(Q, 10), store.search(Q, 10)))
+
+
+def test_old_binary_configs_load_uncentred() -> None:
+    old = BinaryConfig().to_dict()
+    del old["center"]  # an artifact written before the field existed
+    assert BinaryConfig.from_dict(old) == BinaryConfig() and BinaryConfig.VERSION == 1
+
+
+def test_fit_honours_center() -> None:
+    assert _store(BinaryConfig(center=True)).codec.centred
