@@ -167,3 +167,12 @@ def test_wheel_installs_the_source_layout(tmp_path: Path) -> None:
     modules = {f.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for f in files if f.endswith(".py")}
     assert set(PACKAGES) <= modules
     assert {tuple(ep) for ep in installed["entry_points"]} == _pyproject_entry_points()
+
+
+def test_test_file_names_are_unique() -> None:
+    # tests/ folders have no __init__.py: pytest imports test files by basename, so two files with the same name in
+    # different folders stop the whole collection ("import file mismatch") when the suite runs together.
+    from collections import Counter
+
+    names = Counter(p.name for p in (Path(__file__).resolve().parent).rglob("test_*.py"))
+    assert [n for n, c in names.items() if c > 1] == []
