@@ -30,6 +30,7 @@ the tensor's own MSE (as in the reference code).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -835,7 +836,8 @@ def quantize_with_recipe(model: nn.Module, calib: Tensor, recipe: Recipe, *, fol
     data = capture(qmodel, plan, images, recipe.calib_batch_size, progress=progress)
     # Captures wait on the host; each layer's searches run on the calibration device (candidate grids and
     # parameters are created there too: the default-device context).
-    with torch.device(images.device):
+    # (the context is a torch-function mode that sees every op: only where it is needed)
+    with torch.device(images.device) if images.device.type != "cpu" else contextlib.nullcontext():
         _calibrate_all(qmodel, plan, data, recipe, images.device, progress)
     qmodel.to(images.device)  # parameters set by the searches join the model's device
     set_lut(qmodel, recipe.lut)  # inference dequantization: tables (hardware) or float
