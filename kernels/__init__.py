@@ -21,8 +21,7 @@ core's row layout (``polyquant.pack.pack_rows``, the layout of artifacts), and t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from polyquant.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     # dispatch
@@ -69,14 +68,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'polyquant.kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -20,8 +20,7 @@ Importing this package is cheap (the entry point's ``spec`` lives here): the nam
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from polyquant.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "EmbeddingStore": "store",
@@ -48,14 +47,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
