@@ -158,9 +158,8 @@ def adalog_fq_from_log2(log2_x: Tensor, scale: Tensor, q: Tensor | float, bits: 
             table = table.sub_(shift)
         if table.shape[0] == 1:  # one table: index_select with int32 indices is the fastest gather on CPU
             return table[0].index_select(0, codes.reshape(-1).to(torch.int32)).reshape(codes.shape)
-        kk = table.shape[0]
-        codes = codes.expand(kk, *codes.shape[1:]) if codes.shape[0] != kk else codes
-        return table.gather(1, codes.reshape(kk, -1).long()).reshape(codes.shape)
+        # K tables: the codes carry the same K rows (they broadcast the same scale and q candidates)
+        return table.gather(1, codes.reshape(table.shape[0], -1).long()).reshape(codes.shape)
     e = _neg_log2_u(log2_x, scale) * r / q
     k = round_ste(e)
     if lut:
