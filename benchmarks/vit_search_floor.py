@@ -13,7 +13,7 @@ cannot get there on such a machine, whatever the implementation, by calibrating 
    the evaluations outside FPCS (AdaLog's ranking of the 128 log bases, the post-softmax base search);
    searches with more than 16 groups are weight searches (one group per output channel; their evaluations
    run in float64), the others activation searches;
-3. this machine's GEMM rate on the block's shapes (the best of float32 and float64 separately);
+3. this machine's GEMM rate on the block's shapes (the fastest of 5 calls, float32 and float64 separately);
 4. for the two tensor-wise activation searches on a plain layer input (``attn.proj``: uniform; ``mlp.fc2``:
    AdaLog), the fraction of input elements whose code differs from the parent survivor's in every refinement
    round: the work an incremental evaluation (child output = parent output rescaled + a sparse update) would
@@ -138,16 +138,23 @@ def count_flops(calib: int) -> tuple[dict[str, dict[str, float]], list[dict[str,
     return per_layer, rec.searches, inputs
 
 
+def best_seconds(fn: Callable[[], object], reps: int = 5) -> float:
+    """The fastest of ``reps`` timed calls of ``fn``, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def gemm_rates(calib: int) -> dict[str, float]:
     """Best measured GFLOP/s of this machine on the block's GEMM shapes, float32 and float64."""
     m = calib * 197
 
-    def rate(a: Tensor, b: Tensor, reps: int = 5) -> float:
-        a @ b
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        return 2 * a.shape[0] * a.shape[1] * b.shape[1] * reps / (time.perf_counter() - start) / 1e9
+    def rate(a: Tensor, b: Tensor) -> float:
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best_seconds(lambda: a @ b) / 1e9
 
     shapes = [(m, 768, 192), (m, 192, 192), (m, 192, 768)]
     f32 = max(rate(torch.randn(i, k), torch.randn(k, n)) for i, k, n in shapes)
@@ -204,16 +211,7 @@ def sparse_vs_dense(density: dict[str, list[float]], calib: int) -> dict[str, li
         w = torch.randn(d, f, generator=gen)
         x = torch.randn(rows, d, generator=gen)
 
-        def best(fn: Callable[[], Tensor], reps: int = 5) -> float:
-            fn()
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        dense = best(lambda: x @ w)
+        dense = best_seconds(lambda: x @ w)
         ratios = []
         for fraction in fractions:
             nnz = max(1, int(fraction * rows * d))
@@ -223,7 +221,7 @@ def sparse_vs_dense(density: dict[str, list[float]], calib: int) -> dict[str, li
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
                 warnings.simplefilter("ignore")
                 csr = torch.sparse_csr_tensor(crow, flat % d, torch.randn(nnz, generator=gen), (rows, d))
-            ratios.append(best(lambda: torch.sparse.mm(csr, w)) / dense)
+            ratios.append(best_seconds(lambda: torch.sparse.mm(csr, w)) / dense)
         out[layer] = ratios
     return out
 
