@@ -1,19 +1,21 @@
 """Turn a calibrated fake-quant model into a real quantized artifact, and back.
 
-``export(model)`` packs every frozen weight quantizer's codes into bytes and keeps the float
-tensors that were not quantized; ``restore(model, artifact)`` loads such an artifact into a model prepared with
-the same rules and returns it quantized, with outputs identical to the exported model.
+``export_model(model)`` gives every frozen weight quantizer's weight as a typed entry (``polyquant.entries``: int,
+float, table, vq, rotated) and keeps the float tensors that were not quantized; ``export(model)`` packs that into an
+``Artifact`` whose manifest describes it (``manifest_sections``: the entries, every quantizer's spec and the core
+quant layers), and ``restore(model, artifact)`` loads such an artifact into a model prepared with the same rules
+(or, with ``prepare_from_specs``, into a float copy) and returns it quantized, outputs identical to the exported
+model. ``polyquant.save`` / ``load`` do the same through a plugin's handler.
 
 Keys (flat, per module ``<fqn>``):
 
-    <fqn>.weight_packed      uint8   codes of the weight, ``bits`` per code, in ``polyquant.pack``'s row layout
-                                     (one zero-padded row of bytes per output channel): the layout the GEMM
-                                     kernels read, so these bytes feed ``polyquant.kernels.w4_gemm`` unchanged
-    <fqn>.weight_scale       float32 per-block scales
-    <fqn>.weight_zero_point  float32 per-block zero points (INT formats)
-    <fqn>.weight_shape       int64   the weight's shape
+    <fqn>.weight_*           the weight's entry (``polyquant.entries``: weight_packed / weight_scale /
+                             weight_zero_point / weight_table / weight_codes / weight_codebooks / weight_shape)
     <quantizer>.scale / .zero_point       activation quantizers' frozen qparams
     float.<name>             every other parameter / buffer of the model, unchanged
+
+Manifest (``config``): ``entries`` {fqn: entry JSON}, ``quantizers`` {name: spec JSON}, ``layers`` {fqn: layer JSON,
+``polyquant.nn.layer_specs``}.
 """
 
 from __future__ import annotations
@@ -24,12 +26,26 @@ import torch
 from torch import Tensor, nn
 
 from .artifact import Artifact, ArtifactError
-from .formats import BinaryFormat, FloatFormat, IntFormat, LogFormat
-from .nn import Quantizer, QuantWeightModule
-from .pack import pack_bits, pad_rows, unpack_rows
-from .primitives import block_size_for, dequantize, quantize_tensor
+from .entries import Entry, RotatedEntry, VQEntry, WeightEntry, entry_tensors, entry_to_dict, read_entries, read_entry
+from .entries import read_weight
+from .formats import FloatFormat, IntFormat, LogFormat, TableFormat
+from .nn import Quantizer, QuantWeightModule, RotatedLinear, VQWeightQuantizer, layer_specs
+from .pack import pack_rows
+from .primitives import block_size_for
 
-__all__ = ["export", "export_tensors", "quantizer_specs", "restore", "code_bits", "weight_entries", "check_finite"]
+__all__ = [
+    "export",
+    "export_model",
+    "export_tensors",
+    "split_export",
+    "manifest_sections",
+    "quantizer_specs",
+    "weight_entry",
+    "restore",
+    "code_bits",
+    "weight_entries",
+    "check_finite",
+]
 
 
 def check_finite(name: str, tensor: Tensor) -> None:
@@ -54,60 +70,110 @@ def code_bits(q: Quantizer) -> int:
     return fmt.bits
 
 
-def _weight_codes(module: QuantWeightModule) -> tuple[Tensor, int]:
+def _has_codes(wq: Quantizer) -> bool:
+    """Whether the quantizer's stored codes are known: the core rounding, or a subclass that gives its ``codes``."""
+    own_rounding = type(wq).fake_quant is not Quantizer.fake_quant
+    return not own_rounding or type(wq).codes is not Quantizer.codes
+
+
+def weight_entry(name: str, module: QuantWeightModule) -> Entry | None:
+    """The entry of a quant layer's frozen weight quantizer (None: the weight stays float: no quantizer, or one
+    with its own rounding and no ``codes``, or a format without codes such as twin-uniform). ``ValueError`` for a
+    quantizer that is not frozen or non-finite weights / qparams."""
     wq = module.weight_quantizer
-    assert wq is not None and wq.scale is not None
-    w = module.weight.detach().float()
-    bs = block_size_for(wq.spec.granularity, w.shape)
-    zp = wq.zero_point if wq.fmt.supports_zero_point else None
-    q = quantize_tensor(w, wq.fmt, wq.scale, zp, bs)
-    fmt = wq.fmt
-    if isinstance(fmt, (IntFormat, FloatFormat, BinaryFormat)):
-        codes = fmt.encode(q)
+    if wq is None:
+        return None
+    if wq.state != "quantized":
+        raise ValueError(f"{name}: weight quantizer is not frozen; run calibrate() before export")
+    check_finite(f"{name}.weight", module.weight)
+    shape = tuple(module.weight.shape)
+    inner: WeightEntry | VQEntry | None
+    if isinstance(wq, VQWeightQuantizer):
+        assert wq.codes_ is not None and wq.codebooks is not None
+        check_finite(f"{name}.weight_quantizer.codebooks", wq.codebooks)
+        inner = VQEntry(wq.codes_, wq.codebooks, shape)
+    elif not _has_codes(wq) or not isinstance(wq.fmt, (IntFormat, FloatFormat, TableFormat, LogFormat)) \
+            and wq.fmt.name != "binary":
+        return None
     else:
-        codes = fmt.encode(q).to(torch.uint8)
-    bits = code_bits(wq)
-    return pad_rows(codes.reshape(codes.shape[0], -1), bits), bits  # pack_bits of these rows: the row layout of pack
+        if wq.scale is None:
+            raise ValueError(f"{name}: weight quantizer is not frozen; run calibrate() before export")
+        check_finite(f"{name}.weight_quantizer.scale", wq.scale)
+        fmt = wq.fmt if isinstance(wq.fmt, (IntFormat, FloatFormat, TableFormat)) else TableFormat.of(wq.fmt)
+        zp = wq.zero_point if isinstance(fmt, IntFormat) else None
+        if zp is not None:
+            check_finite(f"{name}.weight_quantizer.zero_point", zp)
+        codes = wq.codes(module.weight.detach())
+        inner = WeightEntry(pack_rows(codes.reshape(shape[0], -1), fmt.bits), wq.scale.detach().float(),
+                            None if zp is None else zp.detach().float(), shape, fmt, fmt.bits, wq.block_size(module.weight))
+    if isinstance(module, RotatedLinear):
+        return RotatedEntry(inner, rotation=module.rotation)
+    return inner
 
 
-def export_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The artifact tensors of a calibrated model (keys in the module docstring)."""
-    tensors: dict[str, Tensor] = {}
-    quantized_weights: set[str] = set()
+_ENTRY_STATE = ("scale", "zero_point", "codes_", "codebooks")  # weight-quantizer buffers an entry carries
+
+
+def export_model(model: nn.Module) -> dict[str, Tensor | Entry]:
+    """What an artifact holds of a calibrated model: ``{fqn: Entry}`` for each quantized weight, activation
+    qparams as ``<quantizer>.scale`` / ``.zero_point`` and every other state tensor as ``float.<key>``."""
+    out: dict[str, Tensor | Entry] = {}
+    skip: set[str] = set()
     weight_quantizers: set[str] = set()
     for name, module in model.named_modules():
         if isinstance(module, QuantWeightModule) and module.weight_quantizer is not None:
-            wq = module.weight_quantizer
-            if wq.state != "quantized" or wq.scale is None:
-                raise ValueError(f"{name}: weight quantizer is not frozen; run calibrate() before export")
-            check_finite(f"{name}.weight", module.weight)
-            check_finite(f"{name}.weight_quantizer.scale", wq.scale)
-            if wq.zero_point is not None:
-                check_finite(f"{name}.weight_quantizer.zero_point", wq.zero_point)
-            codes, bits = _weight_codes(module)
-            tensors[f"{name}.weight_packed"] = pack_bits(codes.flatten(), bits)
-            tensors[f"{name}.weight_scale"] = wq.scale.float().contiguous()
-            tensors[f"{name}.weight_zero_point"] = wq.zero_point.float().contiguous()
-            tensors[f"{name}.weight_shape"] = torch.tensor(list(module.weight.shape), dtype=torch.int64)
-            quantized_weights.add(f"{name}.weight")
             weight_quantizers.add(f"{name}.weight_quantizer")
+            entry = weight_entry(name, module)
+            if entry is not None:
+                out[name] = entry
+                skip |= {f"{name}.weight", *(f"{name}.weight_quantizer.{b}" for b in _ENTRY_STATE)}
     for name, module in model.named_modules():
         if isinstance(module, Quantizer) and name not in weight_quantizers and module.scale is not None:
             check_finite(f"{name}.scale", module.scale)
+            out[f"{name}.scale"] = module.scale.detach().float().contiguous()
+            skip.add(f"{name}.scale")
             if module.zero_point is not None:
                 check_finite(f"{name}.zero_point", module.zero_point)
-            tensors[f"{name}.scale"] = module.scale.float().contiguous()
-            tensors[f"{name}.zero_point"] = module.zero_point.float().contiguous()
-    for name, t in model.state_dict().items():
-        if name in quantized_weights or name.endswith((".scale", ".zero_point")) and _is_quantizer_buffer(model, name):
-            continue
-        tensors[f"float.{name}"] = t.detach().contiguous()
-    return tensors
+                out[f"{name}.zero_point"] = module.zero_point.detach().float().contiguous()
+                skip.add(f"{name}.zero_point")
+    for key, t in model.state_dict().items():
+        if key not in skip:
+            out[f"float.{key}"] = t.detach().contiguous()
+    return out
+
+
+def split_export(exported: dict[str, Tensor | Entry]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An export's artifact tensors (entries written out) and its entries' manifest JSON."""
+    tensors: dict[str, Tensor] = {}
+    entries: dict[str, Any] = {}
+    for key, value in exported.items():
+        if isinstance(value, Tensor):
+            written = {key: value}
+        elif isinstance(value, (WeightEntry, VQEntry, RotatedEntry)):
+            written = entry_tensors(key, value)
+            entries[key] = entry_to_dict(value)
+        else:
+            raise TypeError(f"export value {key!r} is a {type(value).__name__}, not a Tensor or a weight entry")
+        if written.keys() & tensors.keys():
+            raise ValueError(f"two exported values write the artifact key {sorted(written.keys() & tensors.keys())[0]}")
+        tensors.update(written)
+    return tensors, entries
+
+
+def export_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The artifact tensors of a calibrated model (``export_model`` with its entries written out)."""
+    return split_export(export_model(model))[0]
 
 
 def quantizer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Every quantizer's spec as JSON (format, granularity, symmetric, dynamic, stored bits), by module name."""
-    return {name: _spec_dict(m, code_bits(m)) for name, m in model.named_modules() if isinstance(m, Quantizer)}
+    """Every quantizer's spec as JSON, by module name: ``spec`` (``QuantSpec.to_dict`` or ``VQSpec.to_dict``), the
+    quantizer's class name, and for reading at a glance its format name, granularity, scheme and stored bits."""
+    return {name: _spec_dict(m) for name, m in model.named_modules() if isinstance(m, Quantizer)}
+
+
+def manifest_sections(model: nn.Module, entries: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's self-description of a quantized model: ``entries``, ``quantizers`` and ``layers``."""
+    return {"entries": entries, "quantizers": quantizer_specs(model), "layers": layer_specs(model)}
 
 
 def export(
@@ -118,13 +184,15 @@ def export(
     config: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Artifact:
-    """Pack a calibrated model into an ``Artifact`` (see the module docstring for the keys)."""
+    """Pack a calibrated model into an ``Artifact`` (see the module docstring for the keys and manifest)."""
+    tensors, entries = split_export(export_model(model))
+    sections = manifest_sections(model, entries)
     return Artifact(
-        tensors=export_tensors(model),
+        tensors=tensors,
         plugin=plugin,
         method=method,
-        config=dict(config or {}),
-        meta={**(meta or {}), "quantizers": quantizer_specs(model)},
+        config={**(config or {}), **sections},
+        meta=dict(meta or {}),
     )
 
 
@@ -136,64 +204,133 @@ def _is_quantizer_buffer(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _spec_dict(q: Quantizer, bits: int) -> dict[str, Any]:
+def _spec_dict(q: Quantizer) -> dict[str, Any]:
     s = q.spec
     return {
+        "class": type(q).__name__,
+        "spec": q.vq.to_dict() if isinstance(q, VQWeightQuantizer) else s.to_dict(),
         "format": q.fmt.name,
         "granularity": type(s.granularity).__name__,
         "symmetric": s.symmetric,
         "dynamic": s.dynamic,
-        "bits": bits,
+        "bits": code_bits(q),
     }
+
+
+def _artifact_specs(artifact: Artifact, specs: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """The quantizer specs a restore reads: given, else the manifest's (``config``), else an older artifact's
+    ``meta["quantizers"]``."""
+    if specs is not None:
+        return specs
+    found = artifact.config.get("quantizers", artifact.meta.get("quantizers", {}))
+    if not isinstance(found, dict):
+        raise ArtifactError("the manifest's quantizers must be a JSON object")
+    return found
+
+
+def _legacy_entry(artifact: Artifact, name: str, wq: Quantizer, specs: dict[str, Any]) -> WeightEntry:
+    """The int / float entry of an artifact whose manifest records no entries (written before they existed)."""
+    key = f"{name}.weight_quantizer"
+    if key not in specs or not isinstance(specs[key], dict) or specs[key].get("format") != wq.fmt.name:
+        raise ArtifactError(f"artifact does not match the model: {key} missing or of another format")
+    entry = read_weight(artifact.tensors, name, wq.fmt, specs[key].get("bits", wq.fmt.bits))
+    shape = tuple(int(v) for v in entry.shape)
+    block = wq.spec and block_size_for(wq.spec.granularity, shape)
+    if tuple(block) != tuple(entry.block or ()):
+        raise ArtifactError(f"{name}: blocks {tuple(block)} of a {shape} weight are not rows of the flattened weight")
+    return entry
+
+
+def _load_entry(name: str, module: QuantWeightModule, entry: Entry) -> None:
+    """Set a quant layer's weight and weight quantizer from its entry (the fake-quant twin of the entry)."""
+    wq = module.weight_quantizer
+    assert wq is not None
+    if isinstance(entry, RotatedEntry) != isinstance(module, RotatedLinear):
+        raise ArtifactError(f"{name}: a {entry.kind} entry for a {type(module).__name__}")
+    if isinstance(entry, RotatedEntry):
+        entry = entry.inner
+    if tuple(entry.shape) != tuple(module.weight.shape):
+        raise ArtifactError(f"{name}: weight shape {entry.shape} in the artifact, {tuple(module.weight.shape)} in the model")
+    if isinstance(entry, VQEntry):
+        if not isinstance(wq, VQWeightQuantizer):
+            raise ArtifactError(f"{name}: a vq entry for a {wq.fmt.name} weight quantizer")
+        wq.set_codes(entry.codes, entry.codebooks)
+    else:
+        fmt = wq.fmt if isinstance(wq.fmt, (IntFormat, FloatFormat, TableFormat)) else TableFormat.of(wq.fmt)
+        same = fmt.values == entry.fmt.values if isinstance(fmt, TableFormat) and isinstance(entry.fmt, TableFormat) \
+            else fmt == entry.fmt
+        if isinstance(wq, VQWeightQuantizer) or not same:
+            raise ArtifactError(f"{name}: weights of format {entry.fmt.name} in the artifact, {wq.fmt.name} in the model")
+        want = tuple(wq.block_size(module.weight))
+        if tuple(entry.block or ()) != want:
+            raise ArtifactError(f"{name}: blocks {entry.block} in the artifact, {want} in the model")
+        scale = entry.scale.reshape(wq.scale.shape) if wq.scale is not None and wq.scale.numel() == entry.scale.numel() \
+            else entry.scale
+        zp = None if entry.zero_point is None else entry.zero_point.reshape(scale.shape)
+        wq.freeze(scale, zp)
+    with torch.no_grad():
+        module.weight.copy_(entry.dequantize().to(module.weight.dtype))
+    wq.set_state("quantized")
 
 
 def restore(model: nn.Module, artifact: Artifact, *, specs: dict[str, dict[str, Any]] | None = None,
             strict: bool = True) -> nn.Module:
     """Load ``artifact`` into ``model`` (prepared with the same rules, not calibrated); returns it quantized.
 
-    ``specs``: the quantizers' specs (``quantizer_specs`` of the exported model); default: the artifact's
-    ``meta["quantizers"]``, where ``export`` records them.
+    Weights come from the manifest's ``entries`` (each tensor checked by ``polyquant.entries.read_entry``);
+    artifacts written before entries existed are read as int / float entries with the quantizer specs (``specs``,
+    default: the manifest's, where ``export`` and ``polyquant.save`` record them).
     """
     t = artifact.tensors
-    specs = artifact.meta.get("quantizers", {}) if specs is None else specs
+    entries = artifact.config.get("entries")
+    legacy = entries is None
+    if not legacy and not isinstance(entries, dict):
+        raise ArtifactError("the manifest's entries must be a JSON object")
+    spec_map = _artifact_specs(artifact, specs) if legacy else {}
     for name, module in model.named_modules():
         if isinstance(module, QuantWeightModule) and module.weight_quantizer is not None:
             wq = module.weight_quantizer
-            key = f"{name}.weight_quantizer"
-            if key not in specs or specs[key]["format"] != wq.fmt.name:
-                raise ArtifactError(f"artifact does not match the model: {key} missing or of another format")
-            shape = tuple(int(v) for v in t[f"{name}.weight_shape"].tolist())
-            if shape != tuple(module.weight.shape):
-                raise ArtifactError(f"{name}: weight shape {shape} in the artifact, {tuple(module.weight.shape)} in the model")
-            numel = 1
-            for d in shape:
-                numel *= d
-            packed = t[f"{name}.weight_packed"].reshape(shape[0], -1)  # one row of bytes per output channel
-            codes = unpack_rows(packed, specs[key]["bits"], numel // shape[0]).reshape(shape)
-            q = wq.fmt.decode(codes)
-            scale, zp = t[f"{name}.weight_scale"], t[f"{name}.weight_zero_point"]
-            bs = block_size_for(wq.spec.granularity, shape)
-            w = dequantize(q, scale, zp if wq.fmt.supports_zero_point else None, bs)
-            with torch.no_grad():
-                module.weight.copy_(w.to(module.weight.dtype))
-            wq.scale, wq.zero_point = scale.clone(), zp.clone()
-            wq.observer = None
-            wq.state = "quantized"
+            if legacy:
+                entry: Entry = _legacy_entry(artifact, name, wq, spec_map)
+            elif name in entries:
+                entry = read_entry(t, name, entries[name])
+            elif _has_codes(wq):
+                raise ArtifactError(f"artifact does not match the model: no weight entry for {name}")
+            else:
+                continue  # the weight and the quantizer's state are float.* tensors
+            _load_entry(name, module, entry)
+    if not legacy and set(entries) - {n for n, m in model.named_modules() if isinstance(m, QuantWeightModule)}:
+        extra = sorted(set(entries) - {n for n, m in model.named_modules() if isinstance(m, QuantWeightModule)})
+        raise ArtifactError(f"artifact does not match the model: entries for {extra[:5]}, which are not quant layers")
     weight_quantizers = {id(m.weight_quantizer) for m in model.modules() if isinstance(m, QuantWeightModule)}
     for name, module in model.named_modules():
         if isinstance(module, Quantizer) and id(module) not in weight_quantizers:
             if f"{name}.scale" in t:
-                module.scale, module.zero_point = t[f"{name}.scale"].clone(), t[f"{name}.zero_point"].clone()
+                scale = _qparam(t, f"{name}.scale", positive=True)
+                zp = _qparam(t, f"{name}.zero_point") if f"{name}.zero_point" in t else None
+                module.freeze(scale, zp)
             elif not module.spec.dynamic:
                 raise ArtifactError(f"artifact has no qparams for quantizer {name}")
             module.observer = None
-            module.state = "quantized"
     floats = {k[len("float."):]: v for k, v in t.items() if k.startswith("float.")}
     missing, unexpected = model.load_state_dict(floats, strict=False)
     missing = [k for k in missing if not _is_quantized_key(model, k)]
     if strict and (missing or unexpected):
         raise ArtifactError(f"artifact does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer) and id(module) not in weight_quantizers:
+            module.set_state("quantized")
     return model
+
+
+def _qparam(tensors: dict[str, Tensor], key: str, *, positive: bool = False) -> Tensor:
+    t = tensors[key]
+    if t.dtype != torch.float32 or t.numel() == 0:
+        raise ArtifactError(f"{key} must be float32 values, got {t.dtype} {list(t.shape)}")
+    bad = ~torch.isfinite(t) if not positive else ~(torch.isfinite(t) & (t > 0))
+    if bool(bad.any()):
+        raise ArtifactError(f"{key}: {int(bad.sum())} values are {'not finite and > 0' if positive else 'NaN or Inf'}")
+    return t
 
 
 def _is_quantized_key(model: nn.Module, key: str) -> bool:
@@ -207,28 +344,29 @@ def _is_quantized_key(model: nn.Module, key: str) -> bool:
     return leaf == "weight" and isinstance(m, QuantWeightModule) and m.weight_quantizer is not None
 
 
-def weight_entries(model: nn.Module, artifact: Artifact, *, specs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The packed-weight entries (``polyquant.packed.WeightEntry``) of a restored core fake-quant model, by module
-    name, for ``polyquant.load(mode="packed")``; a layer whose weight cannot be packed maps to the reason.
-
-    Packed modules read blocks (1, g) of the weight flattened to (N, K): per-tensor, per-channel along axis 0 and
-    per-group along the last axis of a 2-d weight. Log and binary formats stay fake-quant.
-    """
-    from .packed import read_weight
-
-    specs = artifact.meta.get("quantizers", {}) if specs is None else specs
-    out: dict[str, Any] = {}
+def weight_entries(model: nn.Module, artifact: Artifact, *, specs: dict[str, dict[str, Any]] | None = None
+                   ) -> dict[str, Entry | str]:
+    """The weight entries of a restored model, by module name, for ``polyquant.load(mode="packed")``: the
+    manifest's ``entries`` (any plugin's; each tensor checked), or for an older artifact the int / float entries
+    of its core quant layers. A quant layer whose weight has no entry maps to the reason it stays fake-quant."""
+    entries = artifact.config.get("entries")
+    out: dict[str, Entry | str] = {}
+    if entries is not None:
+        out.update(read_entries(artifact.tensors, entries))
+        for name, module in model.named_modules():
+            if isinstance(module, QuantWeightModule) and module.weight_quantizer is not None and name not in out:
+                out[name] = f"{type(module.weight_quantizer).__name__} weights are not stored as codes"
+        return out
+    spec_map = _artifact_specs(artifact, specs)
     for name, module in model.named_modules():
         if not isinstance(module, QuantWeightModule) or module.weight_quantizer is None:
             continue
         wq = module.weight_quantizer
-        shape = tuple(module.weight.shape)
-        bs = block_size_for(wq.spec.granularity, shape)
         if not isinstance(wq.fmt, (IntFormat, FloatFormat)):
             out[name] = f"{wq.fmt.name} weights have no packed module"
-        elif tuple(bs) != shape and (bs[0] != 1 or (len(shape) > 2 and tuple(bs[1:]) != shape[1:])):
-            out[name] = f"blocks {bs} of a {shape} weight are not rows of the flattened weight"
-        else:
-            bits = specs.get(f"{name}.weight_quantizer", {}).get("bits", wq.fmt.bits)
-            out[name] = read_weight(artifact.tensors, name, wq.fmt, int(bits))
+            continue
+        try:
+            out[name] = _legacy_entry(artifact, name, wq, spec_map)
+        except ArtifactError as e:
+            out[name] = str(e)
     return out

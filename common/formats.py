@@ -12,9 +12,11 @@ as ``torch.round`` and differentiable through ``round_ste``.
 | TwinUniform-  | two (bits-1)-bit uniform ranges, steps 1 and 2^r         | no         |
 | Format        | (PTQ4ViT), one bit picks the range                       |            |
 | BinaryFormat  | -1, +1                                                   | no         |
+| TableFormat   | any 2^b values: code c is values[c] (NF4, FP4DiT grids)  | no         |
 
 Formats are frozen dataclasses and are looked up by name with ``get_format("int4")``, ``get_format("e2m1")``,
-``get_format("log2_4")``, ``get_format("binary")``. ``list_formats()`` names them all.
+``get_format("log2_4")``, ``get_format("binary")``, ``get_format("nf4")``. ``list_formats()`` names them all.
+``format_to_dict`` / ``format_from_dict`` write and read any format as JSON (artifacts record their formats so).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ import difflib
 import functools
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Literal, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor
@@ -35,7 +37,11 @@ __all__ = [
     "LogFormat",
     "TwinUniformFormat",
     "BinaryFormat",
+    "TableFormat",
+    "NF4_VALUES",
     "Format",
+    "format_to_dict",
+    "format_from_dict",
     "get_format",
     "list_formats",
     "round_ste",
@@ -488,7 +494,106 @@ class BinaryFormat:
         return codes.float() * 2 - 1
 
 
-Format = Union[IntFormat, FloatFormat, LogFormat, TwinUniformFormat, BinaryFormat]
+# QLoRA's NormalFloat4 (NF4): the 16 quantiles of N(0, 1) scaled to [-1, 1] (Dettmers et al. 2023, arXiv:2305.14314).
+NF4_VALUES: tuple[float, ...] = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
+@dataclass(frozen=True)
+class TableFormat:
+    """A lookup-table format: code c stands for ``values[c]`` (2 to 256 values, stored at ceil(log2 n) bits).
+
+    Any grid times a scale: NF4, FP4DiT's E3M0 / E1M2 / real-bias grids, log grids (``TableFormat.of(fmt)`` is
+    the table of another format's codes). ``round`` goes to the nearest value (ties to the lower one); ``encode``
+    gives the first code holding a value. Values are float32 numbers (given as Python floats: JSON round trips
+    them exactly).
+
+    Args:
+        values: the value of each code, finite.
+        label: the format's name (``"nf4"``); default ``"table<bits>"``.
+    """
+
+    values: tuple[float, ...]
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        values = tuple(float(v) for v in self.values)
+        if not 2 <= len(values) <= 256:
+            raise ValueError(f"TableFormat: needs 2 to 256 values, got {len(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("TableFormat: values must be finite")
+        f32 = torch.tensor(values, dtype=torch.float32).tolist()  # the values a float32 tensor holds
+        object.__setattr__(self, "values", tuple(f32))
+        if not isinstance(self.label, str) or not re.fullmatch(r"[a-z0-9_]*", self.label):
+            raise ValueError(f"TableFormat: label must be lowercase letters, digits and '_', got {self.label!r}")
+
+    @classmethod
+    def of(cls, fmt: "Format") -> "TableFormat":
+        """The table of ``fmt``'s codes: values[c] = fmt.decode(c) for every stored code c (log formats: bits + 1)."""
+        bits = fmt.bits + 1 if isinstance(fmt, LogFormat) else fmt.bits
+        codes = torch.arange(2**bits)
+        return cls(tuple(fmt.decode(codes).tolist()), label=f"table_{fmt.name}".lower().replace(".", "_")
+                   .replace("/", "_").replace("-", "_"))
+
+    @property
+    def name(self) -> str:
+        return self.label or f"table{self.bits}"
+
+    @property
+    def bits(self) -> int:
+        return max(1, (len(self.values) - 1).bit_length())
+
+    @property
+    def max_value(self) -> float:
+        return max(abs(v) for v in self.values)
+
+    @property
+    def supports_zero_point(self) -> bool:
+        return False
+
+    def grid(self) -> Tensor:
+        return torch.unique(torch.tensor(self.values, dtype=torch.float32))  # sorted
+
+    def table(self, device: torch.device | str | None = None) -> Tensor:
+        """The value of each code, (n,) float32."""
+        return torch.tensor(self.values, dtype=torch.float32, device=device)
+
+    def round(self, x: Tensor) -> Tensor:
+        grid = self.grid().to(x.device)
+        if grid.numel() == 1:
+            return torch.full_like(x, float(grid[0]))
+        mids = (grid[1:] + grid[:-1]) / 2
+        idx = torch.searchsorted(mids, x.float().contiguous(), right=False)  # x == mid goes to the lower value
+        return grid[idx].to(x.dtype)
+
+    def round_ste(self, x: Tensor) -> Tensor:
+        lo, hi = min(self.values), max(self.values)
+        clipped = x.clamp(lo, hi)
+        return clipped + (self.round(x) - clipped).detach()
+
+    def encode(self, q: Tensor) -> Tensor:
+        """Values -> the first code holding each (uint8); values not in the table are an error."""
+        table = self.table(q.device)
+        order = torch.sort(table, stable=True)
+        idx = torch.searchsorted(order.values, q.float().contiguous()).clamp(max=table.numel() - 1)
+        if not torch.equal(order.values[idx], q.float()):
+            raise ValueError(f"{self.name}: encode got values that are not in the table; call round() first")
+        return order.indices[idx].to(torch.uint8)
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Codes -> values (float32); a code past the table is an error."""
+        c = codes.long()
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= len(self.values)):
+            raise ValueError(f"{self.name}: codes must lie in [0, {len(self.values)})")
+        return self.table(codes.device)[c]
+
+
+Format = Union[IntFormat, FloatFormat, LogFormat, TwinUniformFormat, BinaryFormat, TableFormat]
+_FORMAT_TYPES: dict[str, type] = {t.__name__: t for t in (IntFormat, FloatFormat, LogFormat, TwinUniformFormat,
+                                                           BinaryFormat, TableFormat)}
 
 # Named minifloats: OCP MX / FP8 conventions; the FP4/FP6 family has no special values.
 _FLOATS: dict[str, FloatFormat] = {
@@ -510,15 +615,15 @@ def list_formats() -> list[str]:
     names = [f"int{b}" for b in range(1, 9)] + [f"uint{b}" for b in range(1, 9)]
     names += list(_FLOATS) + list(_ALIASES)
     names += [f"{kind}_{b}" for kind in ("log2", "logsqrt2") for b in range(1, 9)]
-    names += ["binary"]
+    names += ["binary", "nf4"]
     return names
 
 
 def get_format(name: str | Format) -> Format:
     """Look a format up by name: int1..int8, uint1..uint8, e2m1 (fp4), e4m3, e5m2, ..., log2_4, logsqrt2_4,
     binary. A Format instance is returned unchanged."""
-    if isinstance(name, (IntFormat, FloatFormat, LogFormat, TwinUniformFormat, BinaryFormat)):
-        return name
+    if isinstance(name, tuple(_FORMAT_TYPES.values())):
+        return name  # type: ignore[return-value]
     if not isinstance(name, str):
         raise TypeError(f"format must be a name or a Format, got {type(name).__name__}")
     key = name.strip().lower()
@@ -527,6 +632,8 @@ def get_format(name: str | Format) -> Format:
         return _FLOATS[key]
     if key == "binary":
         return BinaryFormat()
+    if key == "nf4":
+        return TableFormat(NF4_VALUES, label="nf4")
     if m := re.fullmatch(r"(u?)int(\d+)", key):
         bits = int(m.group(2))
         if not 1 <= bits <= 8:
@@ -540,3 +647,32 @@ def get_format(name: str | Format) -> Format:
     close = difflib.get_close_matches(key, list_formats(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown format {name!r}{hint} (see polyquant.formats.list_formats())")
+
+
+def format_to_dict(fmt: Format) -> dict[str, Any]:
+    """JSON of a format: its type and constructor fields (``format_from_dict`` reads it back, equal)."""
+    fmt = get_format(fmt)
+    out: dict[str, Any] = {"type": type(fmt).__name__}
+    for f in fields(fmt):  # type: ignore[arg-type]
+        if f.init:
+            v = getattr(fmt, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def format_from_dict(data: Any) -> Format:
+    """The format a ``format_to_dict`` JSON describes (``ValueError`` for anything else: no other type is built)."""
+    if not isinstance(data, dict) or data.get("type") not in _FORMAT_TYPES:
+        raise ValueError(f"not a format description: {data!r:.200}")
+    cls = _FORMAT_TYPES[data["type"]]
+    names = {f.name for f in fields(cls) if f.init}
+    kwargs = {k: v for k, v in data.items() if k != "type"}
+    if set(kwargs) - names:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(set(kwargs) - names)}")
+    for key in ("values", "base_ratio"):
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{cls.__name__}: {e}") from None

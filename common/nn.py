@@ -7,6 +7,17 @@ A ``Quantizer`` module quantizes one tensor. It moves through three states:
     quantized    -> fake-quant with frozen scale / zero point (or dynamic per-token qparams)
 
 ``QuantLinear``, ``QuantConv1d/2d/3d`` and ``QuantMatMul`` hold a weight quantizer and input quantizers.
+The weight entries of an artifact each have their fake-quant twin here (``polyquant.packed`` the packed one):
+
+| entry kind    | fake-quant                                                  | packed (``polyquant.packed``)     |
+|---------------|-------------------------------------------------------------|-----------------------------------|
+| int, float    | ``Quantizer`` with an ``IntFormat`` / ``FloatFormat``       | PackedLinear / W8A8Linear / -Conv |
+| table         | ``Quantizer`` with a ``TableFormat`` (NF4, FP4DiT grids) or | PackedLinear (table decode)       |
+|               | a log format (stored as its table)                          |                                   |
+| vq            | ``VQWeightQuantizer`` (``VQSpec``: RVQ codes + codebooks)   | VQLinear                          |
+| rotated       | ``RotatedLinear`` (x H and W H around an inner weight)      | HadamardLinear                    |
+
+``Calibration`` (batches and how to feed them) is what ``calibrate`` and ``polyquant.capture.capture`` read.
 ``prepare(model, rules)`` swaps matching modules for their quant versions; ``calibrate(model, batches)`` runs the
 calibration set through the model and freezes every quantizer.
 
@@ -21,18 +32,38 @@ import copy
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .formats import Format, get_format
+from . import kernels
+from .formats import Format, IntFormat, format_from_dict, format_to_dict, get_format
 from .observers import Observer, make_observer
-from .primitives import Granularity, PerTensor, block_size_for, choose_qparams, fake_quantize
+from .primitives import (
+    Granularity,
+    PerTensor,
+    block_size_for,
+    choose_qparams,
+    fake_quantize,
+    granularity_from_dict,
+    granularity_to_dict,
+    quantize_tensor,
+)
+from .vq import residual_kmeans
 
 __all__ = [
+    "Calibration",
+    "calibration",
+    "to_device",
     "QuantSpec",
+    "VQSpec",
+    "VQWeightQuantizer",
+    "RotatedLinear",
+    "ROTATIONS",
+    "layer_specs",
+    "prepare_from_specs",
     "QuantRule",
     "Quantizer",
     "ActQuantizer",
@@ -85,6 +116,21 @@ class QuantSpec:
             raise ValueError(f"asymmetric quantization needs an integer format, got {self.fmt.name}")
         if self.dynamic and self.observer != "minmax":
             raise ValueError("dynamic quantization computes min-max qparams at run time; use observer='minmax'")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON of what the quantized tensor is (format, granularity, scheme); the observer is not recorded."""
+        return {"format": format_to_dict(self.fmt), "granularity": granularity_to_dict(self.granularity),
+                "symmetric": self.symmetric, "dynamic": self.dynamic}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "QuantSpec":
+        """The spec a ``to_dict`` JSON describes (``ValueError`` for anything else)."""
+        if not isinstance(data, dict) or set(data) != {"format", "granularity", "symmetric", "dynamic"}:
+            raise ValueError(f"not a quantizer spec: {data!r:.200}")
+        if not isinstance(data["symmetric"], bool) or not isinstance(data["dynamic"], bool):
+            raise ValueError("a quantizer spec's symmetric and dynamic are booleans")
+        return cls(format_from_dict(data["format"]), granularity_from_dict(data["granularity"]),
+                   symmetric=data["symmetric"], dynamic=data["dynamic"])
 
 
 class Quantizer(nn.Module):
@@ -159,6 +205,17 @@ class Quantizer(nn.Module):
     def block_size(self, x: Tensor) -> tuple[int, ...]:
         return block_size_for(self.spec.granularity, x.shape)
 
+    def codes(self, x: Tensor) -> Tensor:
+        """The stored codes of ``x`` (uint8, ``fmt.encode`` of its grid values) with the frozen parameters: what
+        an artifact holds for a weight. A subclass with its own rounding overrides this (and ``fake_quant``) so
+        that ``fmt.decode(codes)`` on the blocks' scales and zero points gives its ``fake_quant(x)``."""
+        if self.scale is None:
+            raise ValueError(f"quantizer {self.name} is not frozen: calibrate it before taking its codes")
+        zp = self.zero_point if self.fmt.supports_zero_point else None
+        q = quantize_tensor(x.detach().float(), self.fmt, self.scale.to(x.device),
+                            None if zp is None else zp.to(x.device), self.block_size(x))
+        return self.fmt.encode(q).to(torch.uint8)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.state == "raw":
             return x
@@ -221,8 +278,134 @@ class SearchedQuantizer(Quantizer):
         return self.fake_quant(x)
 
 
-def _make(spec: QuantSpec | None, name: str) -> Quantizer | None:
-    return None if spec is None else Quantizer(spec, name=name)
+def _make(spec: "QuantSpec | VQSpec | None", name: str) -> Quantizer | None:
+    if spec is None:
+        return None
+    if isinstance(spec, VQSpec):
+        return VQWeightQuantizer(spec, name=name)
+    return Quantizer(spec, name=name)
+
+
+@dataclass(frozen=True)
+class VQSpec:
+    """Vector quantization of a weight (AQLM / VQ codecs' residual VQ, HiFi-Codec's groups).
+
+    The weight (N, K, ...) is flattened to (N, K'), its K' columns split into ``groups`` channel groups; each
+    group's rows are cut into sub-vectors of ``dim`` along K' and coded by ``levels`` residual stages of
+    ``codebook_size`` codewords, its own codebooks per group. Codes are stored at ceil(log2 codebook_size) bits.
+
+    Args:
+        dim: sub-vector length d (divides K' / groups).
+        codebook_size: codewords per stage (2..65536).
+        levels: residual stages R.
+        groups: channel groups G (divides K').
+        iters: k-means iterations per stage.
+        seed: k-means seed (stage r of group g uses seed + g * levels + r).
+    """
+
+    dim: int = 4
+    codebook_size: int = 256
+    levels: int = 1
+    groups: int = 1
+    iters: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key, lo, hi in (("dim", 1, 1024), ("codebook_size", 2, 65536), ("levels", 1, 16), ("groups", 1, 65536),
+                            ("iters", 0, 10_000), ("seed", 0, 2**31 - 1)):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"VQSpec: {key} must be an integer in [{lo}, {hi}], got {v!r}")
+
+    @property
+    def bits(self) -> int:
+        """Stored bits per code: ceil(log2 codebook_size)."""
+        return (self.codebook_size - 1).bit_length()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "VQSpec", "dim": self.dim, "codebook_size": self.codebook_size, "levels": self.levels,
+                "groups": self.groups, "iters": self.iters, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "VQSpec":
+        if not isinstance(data, dict) or data.get("type") != "VQSpec":
+            raise ValueError(f"not a VQ spec: {data!r:.200}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k != "type"})
+        except TypeError as e:
+            raise ValueError(f"VQSpec: {e}") from None
+
+
+def vq_decode_weight(codes: Tensor, codebooks: Tensor, shape: Sequence[int]) -> Tensor:
+    """The weight of ``shape`` from grouped residual codes (G, M, R) and codebooks (G, R, C, d), float32:
+    group g's sub-vectors are the sum over stages of their codewords (``kernels.rvq_decode``), laid out as the
+    rows (N, K' / G) of its columns (the layout of ``VQSpec``). The packed ``VQTensor`` decodes with it too."""
+    g, _, r = codes.shape
+    n = int(shape[0])
+    parts = [kernels.rvq_decode(codes[i], codebooks[i].float()).reshape(n, -1) for i in range(g)]  # (N, K'/G) each
+    return torch.cat(parts, dim=1).reshape(tuple(shape))
+
+
+def vq_encode_weight(w: Tensor, spec: VQSpec) -> tuple[Tensor, Tensor]:
+    """Fit ``spec`` to a weight: grouped residual k-means (``polyquant.vq.residual_kmeans``); returns codes
+    (G, M, R) int64 and codebooks (G, R, C, d) float32 (M = N * K' / (G d) sub-vectors per group)."""
+    w2 = w.detach().float().reshape(w.shape[0], -1)  # (N, K')
+    n, k = w2.shape
+    if k % spec.groups or (k // spec.groups) % spec.dim:
+        raise ValueError(f"VQSpec(dim={spec.dim}, groups={spec.groups}) does not divide a weight of {k} columns")
+    codes, books = [], []
+    kg = k // spec.groups
+    for g in range(spec.groups):
+        vectors = w2[:, g * kg:(g + 1) * kg].reshape(-1, spec.dim)  # (M, d), row-major sub-vectors
+        c, b = residual_kmeans(vectors, spec.codebook_size, levels=spec.levels, iters=spec.iters,
+                               seed=spec.seed + g * spec.levels)
+        codes.append(c)
+        books.append(b)
+    return torch.stack(codes), torch.stack(books)
+
+
+class VQWeightQuantizer(Quantizer):
+    """Fake-quant VQ of a weight: calibration fits codebooks and codes (``vq_encode_weight``), the quantized
+    forward returns the decoded weight (``vq_decode_weight``) whatever weight it is given (the codes are frozen).
+
+    Its ``spec`` describes the stored codes (``uint<bits>``); ``vq`` is the ``VQSpec``. ``codes_`` (G, M, R) and
+    ``codebooks`` (G, R, C, d) are buffers (None until calibrated)."""
+
+    def __init__(self, vq: VQSpec, *, name: str = "") -> None:
+        super().__init__(QuantSpec(IntFormat(max(1, min(8, vq.bits)), signed=False)), name=name)
+        self.vq = vq
+        self.register_buffer("codes_", None)
+        self.register_buffer("codebooks", None)
+
+    def extra_repr(self) -> str:
+        v = self.vq
+        return f"dim={v.dim}, codebook_size={v.codebook_size}, levels={v.levels}, groups={v.groups}, state={self.state}"
+
+    def set_state(self, state: State) -> None:
+        if state not in _STATES:
+            raise ValueError(f"unknown state {state!r}")
+        if state == "quantized" and self.codebooks is None:
+            raise ValueError(f"VQ weight quantizer {self.name} was never calibrated")
+        self.state = state
+
+    def calibrate_from(self, x: Tensor) -> None:
+        self.codes_, self.codebooks = vq_encode_weight(x, self.vq)
+        self.state = "quantized"
+
+    def set_codes(self, codes: Tensor, codebooks: Tensor) -> None:
+        """Freeze given codes (G, M, R) and codebooks (G, R, C, d) (a restore)."""
+        self.codes_, self.codebooks = codes.long().clone(), codebooks.float().clone()
+        self.state = "quantized"
+
+    def codes(self, x: Tensor) -> Tensor:
+        if self.codes_ is None:
+            raise ValueError(f"VQ weight quantizer {self.name} is not calibrated")
+        return self.codes_
+
+    def fake_quant(self, x: Tensor) -> Tensor:
+        assert self.codes_ is not None and self.codebooks is not None
+        return vq_decode_weight(self.codes_, self.codebooks, x.shape).to(x.dtype if x.dtype.is_floating_point
+                                                                            else torch.float32)
 
 
 class QuantWeightModule(nn.Module):
@@ -283,6 +466,48 @@ class QuantLinear(QuantWeightModule):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+ROTATIONS = ("hadamard",)
+
+
+class RotatedLinear(QuantLinear):
+    """y = x @ W.T + b computed as Q_in(x H) @ Q_w(W H).T + b with H the core's orthonormal Hadamard matrix
+    (``kernels.fwht(x) = x @ H``): the rotation spreads outliers before quantization (QuaRot; Quamba's online
+    Hadamard before the output projection). The layer holds the rotated weight W H as its ``weight``; its input
+    quantizer sees x H. The packed twin is ``polyquant.packed.HadamardLinear`` (fused ``fwht_quantize`` for
+    int8 inputs)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        rotation: str = "hadamard",
+        weight: "QuantSpec | VQSpec | None" = None,
+        input: QuantSpec | None = None,
+        output: QuantSpec | None = None,
+        name: str = "",
+    ) -> None:
+        from .transforms import hadamard_matrix, is_hadamard_size
+
+        if rotation not in ROTATIONS:
+            raise ValueError(f"unknown rotation {rotation!r}; choose one of {', '.join(ROTATIONS)}")
+        if not is_hadamard_size(linear.in_features):
+            raise ValueError(f"no Hadamard matrix of size {linear.in_features} (in_features of {name or 'the layer'})")
+        w = linear.weight.detach()
+        rotated = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            rotated.weight.copy_((w.float() @ hadamard_matrix(linear.in_features).to(w.device)).to(w.dtype))
+        rotated.bias = linear.bias
+        super().__init__(rotated, weight=weight, input=input, output=output, name=name)
+        self.rotation = rotation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._io(kernels.fwht(x), lambda a, w: F.linear(a, w, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rotation={self.rotation}"
 
 
 class _QuantConvNd(QuantWeightModule):
@@ -364,15 +589,22 @@ class QuantRule:
     Args:
         pattern: module name pattern (fnmatch, e.g. "blocks.*.attn.qkv"; or "re:<regex>" matched in full), or a
             module type / tuple of types. "*" matches every supported module.
-        weight: spec of the weight quantizer (None: float weight).
+        weight: spec of the weight quantizer (None: float weight): a ``QuantSpec`` (int, float, table and log
+            formats) or a ``VQSpec``.
         input: spec of the input quantizer (None: float input).
         output: spec of the output quantizer (usually None).
+        rotation: "hadamard" makes a Linear a ``RotatedLinear`` (x H, W H); None: no rotation.
     """
 
     pattern: str | type | tuple[type, ...] = "*"
-    weight: QuantSpec | None = None
+    weight: QuantSpec | VQSpec | None = None
     input: QuantSpec | None = None
     output: QuantSpec | None = None
+    rotation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rotation is not None and self.rotation not in ROTATIONS:
+            raise ValueError(f"unknown rotation {self.rotation!r}; choose one of {', '.join(ROTATIONS)} or None")
 
     def matches(self, name: str, module: nn.Module) -> bool:
         return _matches(self.pattern, name, module)
@@ -411,12 +643,76 @@ def prepare(
         rule = next((r for r in rules if r.matches(name, module)), None)
         if rule is None:
             continue
-        new = wrapper(module, weight=rule.weight, input=rule.input, output=rule.output, name=name)  # type: ignore[arg-type]
-        set_submodule(model, name, new)
+        set_submodule(model, name, _wrap(module, name, rule))
         replaced += 1
     if replaced == 0:
         raise ValueError("no module matched the quantization rules; check the patterns (names look like "
                          f"{[n for n, _ in list(model.named_modules())[1:4]]})")
+    return model
+
+
+def _wrap(module: nn.Module, name: str, rule: QuantRule) -> QuantWeightModule:
+    """The quant layer ``rule`` makes of the float ``module`` (a Linear / Conv of ``_WRAPPERS``)."""
+    if rule.rotation is not None:
+        if type(module) is not nn.Linear:
+            raise ValueError(f"{name}: rotation {rule.rotation!r} applies to Linear layers, not {type(module).__name__}")
+        return RotatedLinear(module, rotation=rule.rotation, weight=rule.weight, input=rule.input,  # type: ignore[arg-type]
+                             output=rule.output, name=name)
+    wrapper = _WRAPPERS[type(module)]
+    return wrapper(module, weight=rule.weight, input=rule.input, output=rule.output, name=name)  # type: ignore[arg-type]
+
+
+def _spec_json(q: Quantizer | None) -> dict[str, Any] | None:
+    if q is None:
+        return None
+    if isinstance(q, VQWeightQuantizer):
+        return q.vq.to_dict()
+    return q.spec.to_dict()
+
+
+def _spec_from_json(data: Any) -> "QuantSpec | VQSpec | None":
+    if data is None:
+        return None
+    if isinstance(data, dict) and data.get("type") == "VQSpec":
+        return VQSpec.from_dict(data)
+    return QuantSpec.from_dict(data)
+
+
+def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """JSON of every core quant layer of ``model`` (its type, rotation and quantizer specs), by module name:
+    what ``prepare_from_specs`` needs to rebuild the same layers on a float copy of the model. Layers whose
+    quantizers are not core ``Quantizer`` / ``VQWeightQuantizer`` instances (a plugin's own) are left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, QuantWeightModule):
+            continue
+        qs = (m.weight_quantizer, m.input_quantizer, m.output_quantizer)
+        if any(q is not None and type(q) not in (Quantizer, VQWeightQuantizer) for q in qs):
+            continue
+        out[name] = {"type": type(m).__name__, "rotation": getattr(m, "rotation", None),
+                     "weight": _spec_json(qs[0]), "input": _spec_json(qs[1]), "output": _spec_json(qs[2])}
+    return out
+
+
+def prepare_from_specs(model: nn.Module, specs: dict[str, Any]) -> nn.Module:
+    """Rebuild, in place, the quant layers ``layer_specs`` recorded (a float model of the same architecture);
+    returns the model. ``ValueError`` names a layer that is missing or does not fit its record."""
+    if not isinstance(specs, dict):
+        raise ValueError("layer specs must be a JSON object")
+    for name, rec in specs.items():
+        if not isinstance(rec, dict) or set(rec) != {"type", "rotation", "weight", "input", "output"}:
+            raise ValueError(f"{name}: not a layer record")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the model has no layer {name!r}") from None
+        wrapper = _WRAPPERS.get(type(module))
+        expected = "RotatedLinear" if rec["rotation"] is not None else getattr(wrapper, "__name__", None)
+        if wrapper is None or rec["type"] != expected:
+            raise ValueError(f"{name}: recorded as {rec['type']}, the model has a {type(module).__name__}")
+        rule = QuantRule(name, weight=_spec_from_json(rec["weight"]), input=_spec_from_json(rec["input"]),  # type: ignore[arg-type]
+                         output=_spec_from_json(rec["output"]), rotation=rec["rotation"])
+        set_submodule(model, name, _wrap(module, name, rule))
     return model
 
 
@@ -462,9 +758,95 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     raise TypeError(f"cannot feed a batch of type {type(batch).__name__}; pass forward_fn")
 
 
+def to_device(batch: Any, device: torch.device | str | None) -> Any:
+    """``batch`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device`` (None: as is)."""
+    if device is None:
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+class _Placed:
+    """Batches read from ``source`` with their tensors moved to ``device`` as they are read (re-iterable)."""
+
+    def __init__(self, source: Iterable[Any], device: torch.device) -> None:
+        self.source, self.device = source, device
+
+    def __iter__(self) -> Iterator[Any]:
+        return (to_device(b, self.device) for b in self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration input: batches (any re-iterable, e.g. a list or a DataLoader) and how to feed them.
+
+    ``forward_fn(model, batch)`` runs one batch (None: ``default_forward``: a tensor is ``model(batch)``, a dict
+    ``model(**batch)``, a tuple or list ``model(batch[0])``). ``calibrate``, ``capture`` and the handlers of
+    ``polyquant.quantize`` take a ``Calibration`` whole, so a user's ``forward_fn`` always applies.
+    """
+
+    batches: Iterable[Any]
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def forward(self, model: nn.Module, batch: Any) -> Any:
+        return (self.forward_fn or default_forward)(model, batch)
+
+    def to(self, device: torch.device | str | None) -> "Calibration":
+        """The same calibration with every batch's tensors moved to ``device`` as they are read (None: itself)."""
+        if device is None:
+            return self
+        return Calibration(_Placed(self.batches, torch.device(device)), self.forward_fn)
+
+    def inputs(self, limit: int | None = None) -> Tensor:
+        """The model inputs of the batches concatenated along dim 0 (first ``limit`` rows), for methods that
+        work on one input tensor. Batches are tensors or (input, label) pairs; such methods call the model on
+        the tensor themselves, so a ``forward_fn`` is refused rather than silently ignored."""
+        if self.forward_fn is not None:
+            raise TypeError("this method feeds the model one input tensor and cannot use forward_fn; pass batches "
+                            "of model inputs (or (input, label) pairs) instead")
+        parts: list[Tensor] = []
+        n = 0
+        for batch in self.batches:
+            x = batch if isinstance(batch, Tensor) else batch[0] if isinstance(batch, (list, tuple)) and batch else None
+            if not isinstance(x, Tensor):
+                raise TypeError(f"this method needs tensor batches or (tensor, label) pairs, got {type(batch).__name__}")
+            parts.append(x)
+            n += len(x)
+            if limit is not None and n >= limit:
+                break
+        if not parts:
+            raise ValueError("the calibration set is empty")
+        out = torch.cat(parts)
+        return out if limit is None else out[:limit]
+
+
+def calibration(batches: "Iterable[Any] | Calibration", forward_fn: Callable[[nn.Module, Any], Any] | None) -> Calibration:
+    """``batches`` as a ``Calibration`` (a ``Calibration`` given with a separate ``forward_fn`` is a TypeError)."""
+    if isinstance(batches, Calibration):
+        if forward_fn is not None:
+            raise TypeError("pass forward_fn inside the Calibration or as an argument, not both")
+        return batches
+    return Calibration(batches, forward_fn)
+
+
 def calibrate(
     model: nn.Module,
-    batches: Iterable[Any],
+    batches: Iterable[Any] | Calibration,
     *,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
@@ -472,12 +854,14 @@ def calibrate(
 ) -> nn.Module:
     """Run the calibration batches through the model with every quantizer observing, then freeze them.
 
-    All quantizers observe at once (every module sees float inputs, as in parallel calibration). Raises
+    ``batches``: an iterable of batches fed by ``forward_fn``, or a ``Calibration`` (whose ``forward_fn`` is
+    used). All quantizers observe at once (every module sees float inputs, as in parallel calibration). Raises
     ValueError for an empty calibration set and for NaN / Inf in the data (naming the quantizer).
     """
     from tqdm.auto import tqdm
 
-    forward_fn = forward_fn or default_forward
+    calib = calibration(batches, forward_fn)
+    batches, forward_fn = calib.batches, calib.forward
     if not quantizers(model):
         raise ValueError("the model has no quantizers; call prepare() first")
     weight_modules = [m for m in model.modules() if isinstance(m, QuantWeightModule)]

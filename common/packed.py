@@ -47,13 +47,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .artifact import ArtifactError
-from .kernels import fwht, fwht_quantize, int8_gemm, quantize_dynamic, rvq_assign, rvq_decode, w4_gemm
+from .entries import Entry, RotatedEntry, VQEntry, WeightEntry, read_weight
+from .kernels import fwht, fwht_quantize, int8_gemm, quantize_dynamic, rvq_assign, w4_gemm
 from .formats import FloatFormat, Format, IntFormat, get_format
-from .pack import row_length, unpack_rows
+from .nn import vq_decode_weight
+from .pack import unpack_rows
 from .primitives import PerChannel, PerTensor, PerToken, quantize_tensor
 
 __all__ = [
     "WeightEntry",
+    "VQEntry",
+    "RotatedEntry",
     "read_weight",
     "decode_weight",
     "PackedLinear",
@@ -72,94 +76,7 @@ _E2M1 = FloatFormat(2, 1)
 _CPU_INT4_GROUPS = (256, 128, 64, 32)  # the group sizes torch's CPU int4 GEMM takes
 
 
-# --- weight entries ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class WeightEntry:
-    """One quantized weight as an artifact stores it.
-
-    Args:
-        packed: uint8 codes in the row layout, (N, row bytes) or flat.
-        scale: block scales, N * K / g elements (per tensor: 1 element).
-        zero_point: block zero points (same size as ``scale``) or None; integer formats only.
-        shape: the weight's shape (N, ...); K is the product of the other dims.
-        fmt: the codes' format (``fmt.encode`` codes): an ``IntFormat`` or a ``FloatFormat``.
-        bits: stored bits per code (``fmt.bits``).
-    """
-
-    packed: Tensor
-    scale: Tensor
-    zero_point: Tensor | None
-    shape: tuple[int, ...]
-    fmt: Format
-    bits: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.fmt, (IntFormat, FloatFormat)):
-            raise ValueError(f"packed weights take int or float formats, got {self.fmt.name}")
-        if self.bits != self.fmt.bits:
-            raise ValueError(f"{self.fmt.name} codes take {self.fmt.bits} bits, got bits={self.bits}")
-        if len(self.shape) < 2 or min(self.shape) < 1:
-            raise ValueError(f"weight shape must be (N, K, ...) with positive dims, got {self.shape}")
-        n, k = self.rows, self.cols
-        expected = n * row_length(k, self.bits) * self.bits // 8
-        if self.packed.dtype != torch.uint8 or self.packed.numel() != expected:
-            raise ValueError(f"packed codes of a {self.shape} weight at {self.bits} bits take {expected} uint8 bytes, "
-                             f"got {self.packed.numel()} {self.packed.dtype}")
-        if self.scale.numel() == 0 or n * k % self.scale.numel() or (self.scale.numel() != 1 and self.scale.numel() % n):
-            raise ValueError(f"{self.scale.numel()} scales do not make blocks of a {self.shape} weight")
-        if self.zero_point is not None:
-            if isinstance(self.fmt, FloatFormat):
-                if bool((self.zero_point != 0).any()):
-                    raise ValueError(f"{self.fmt.name} has no zero point")
-                self.zero_point = None
-            elif self.zero_point.numel() != self.scale.numel():
-                raise ValueError(f"zero_point has {self.zero_point.numel()} elements, scale {self.scale.numel()}")
-        if self.scale.numel() != 1 and k % (self.scale.numel() // n):
-            raise ValueError(f"{self.scale.numel() // n} groups per row do not divide K = {k}")
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0]
-
-    @property
-    def cols(self) -> int:
-        return math.prod(self.shape[1:])
-
-    @property
-    def group_size(self) -> int:
-        """g: the block length along the flattened K (K for per-channel and per-tensor scales)."""
-        groups = 1 if self.scale.numel() == 1 else self.scale.numel() // self.rows
-        return self.cols // groups
-
-    def block_params(self) -> tuple[Tensor, Tensor | None]:
-        """Scales and zero points as fp32 (N, K / g) (a per-tensor value repeated over the rows)."""
-        groups = self.cols // self.group_size
-        scale = self.scale.float().reshape(-1).expand(self.rows * groups).reshape(self.rows, groups)
-        if self.zero_point is None:
-            return scale.contiguous(), None
-        zp = self.zero_point.float().reshape(-1).expand(self.rows * groups).reshape(self.rows, groups)
-        return scale.contiguous(), zp.contiguous()
-
-    def codes(self) -> Tensor:
-        """The codes (N, K) uint8."""
-        return unpack_rows(self.packed.reshape(self.rows, -1), self.bits, self.cols)
-
-
-def read_weight(tensors: dict[str, Tensor], name: str, fmt: Format | str, bits: int | None = None) -> WeightEntry:
-    """The ``WeightEntry`` of module ``name`` in an artifact's tensors (``ArtifactError`` if missing or bad)."""
-    f = get_format(fmt)
-    try:
-        packed, scale = tensors[f"{name}.weight_packed"], tensors[f"{name}.weight_scale"]
-        shape = tuple(int(v) for v in tensors[f"{name}.weight_shape"].tolist())
-    except KeyError as e:
-        raise ArtifactError(f"artifact has no quantized weight for {name}: missing {e}") from None
-    try:
-        return WeightEntry(packed, scale, tensors.get(f"{name}.weight_zero_point"), shape, f,
-                           f.bits if bits is None else bits)
-    except ValueError as e:
-        raise ArtifactError(f"{name}: {e}") from None
+# --- weight entries (polyquant.entries) ----------------------------------------------------------------------
 
 
 def decode_weight(
@@ -260,6 +177,8 @@ class PackedLinear(nn.Module):
 
     def _choose_path(self, entry: WeightEntry, dev: torch.device) -> str:
         groups = entry.cols // entry.group_size
+        if dev.type == "cpu" and self.cpu_dtype == torch.float32:
+            return "decode"  # torch's fp32 int4 / int8 CPU GEMMs are slower than decoding and F.linear
         if entry.bits == 4 and (isinstance(entry.fmt, IntFormat) or entry.fmt == _E2M1):
             if dev.type == "cuda" and (entry.group_size % 2 == 0 or groups == 1):
                 return "w4"
@@ -543,13 +462,14 @@ class W8A8Linear(nn.Module):
 class HadamardLinear(nn.Module):
     """y = x @ W.T + b computed as inner(fwht(x)), the inner layer holding the quantized W @ H (H the core's
     orthonormal Hadamard matrix, ``kernels.fwht(x) = x @ H``): rotating spreads outliers before quantization
-    (QuaRot / Quamba). With a dynamic W8A8 inner layer the rotation and the int8 quantization are one fused kernel
-    (``kernels.fwht_quantize``)."""
+    (QuaRot / Quamba). With a W8A8 inner layer whose int8 input is dynamic per token, or static per tensor and
+    symmetric, the rotation and the int8 quantization are one fused kernel (``kernels.fwht_quantize``). The
+    fake-quant twin is ``polyquant.nn.RotatedLinear``."""
 
-    def __init__(self, inner: PackedLinear | W8A8Linear) -> None:
+    def __init__(self, inner: "PackedLinear | W8A8Linear | VQLinear") -> None:
         super().__init__()
-        if not isinstance(inner, (PackedLinear, W8A8Linear)):
-            raise TypeError(f"HadamardLinear wraps a PackedLinear or W8A8Linear, got {type(inner).__name__}")
+        if not isinstance(inner, (PackedLinear, W8A8Linear, VQLinear)):
+            raise TypeError(f"HadamardLinear wraps a PackedLinear, W8A8Linear or VQLinear, got {type(inner).__name__}")
         from .transforms import is_hadamard_size
 
         if not is_hadamard_size(inner.in_features):
@@ -579,10 +499,16 @@ class HadamardLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         inner = self.inner
-        if isinstance(inner, W8A8Linear) and inner.act.dynamic and x.numel():
-            _check_device(inner.device_type, x, "HadamardLinear")
-            a, s = fwht_quantize(x.reshape(-1, self.in_features))  # fused rotation + per-token int8
-            return inner.output_from_codes(x, a, s.float(), 0.0)
+        if isinstance(inner, W8A8Linear) and x.numel():
+            act = inner.act
+            if act.dynamic:  # fused rotation + per-token int8
+                _check_device(inner.device_type, x, "HadamardLinear")
+                a, s = fwht_quantize(x.reshape(-1, self.in_features))
+                return inner.output_from_codes(x, a, s.float(), 0.0)
+            if act.zero_point == 0 and act.fmt.signed:  # fused rotation + static symmetric int8
+                _check_device(inner.device_type, x, "HadamardLinear")
+                a, s = fwht_quantize(x.reshape(-1, self.in_features), out_scale=act.scale)
+                return inner.output_from_codes(x, a, s.float(), 0.0)
         return inner(fwht(x))
 
 
@@ -590,81 +516,97 @@ class HadamardLinear(nn.Module):
 
 
 class VQTensor(nn.Module):
-    """A tensor held as residual VQ codes of its sub-vectors: ``forward()`` decodes it (``kernels.rvq_decode``).
+    """A tensor held as grouped residual VQ codes of its sub-vectors: ``forward()`` decodes it
+    (``polyquant.nn.vq_decode_weight`` on ``kernels.rvq_decode``), as its fake-quant twin
+    ``polyquant.nn.VQWeightQuantizer`` does.
 
-    The tensor (..., D) is cut into vectors of length ``d`` along its last dim; vector i has R codes, one per
-    stage, stored at ceil(log2 C) bits in the row layout (one row per vector); codebooks (R, C, d).
+    The tensor, flattened to (N, K), has its K columns split into G groups; each group's rows are cut into vectors
+    of length ``d``; vector i of group g has R codes, one per stage, stored at ceil(log2 C) bits in the row layout
+    (one row per vector); codebooks (G, R, C, d). Codes (M, R) with codebooks (R, C, d) are one group.
     """
 
     def __init__(self, codes: Tensor, codebooks: Tensor, shape: tuple[int, ...]) -> None:
         super().__init__()
-        if codebooks.dim() != 3:
-            raise ValueError(f"codebooks must be (R, C, d), got {tuple(codebooks.shape)}")
-        r, c, d = codebooks.shape
-        numel = math.prod(shape)
-        if not shape or shape[-1] % d or codes.shape != (numel // d, r):
-            raise ValueError(f"codes must be (numel / d, R) = {(numel // max(d, 1), r)} for a {shape} tensor and "
-                             f"d = {d}, got {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= c):
-            raise ValueError(f"codes must lie in [0, {c})")
+        if codebooks.dim() == 3:
+            codebooks, codes = codebooks[None], codes[None]
+        if len(shape) == 1:  # a vector: one row
+            shape = tuple(shape)
+            self.shape = shape
+            entry = VQEntry(codes, codebooks, (1, shape[0]))
+        else:
+            self.shape = tuple(shape)
+            entry = VQEntry(codes, codebooks, self.shape)
         from .pack import pack_rows
 
-        self.shape = tuple(shape)
-        self.bits = max(1, (c - 1).bit_length())
-        # (numel / d, ceil(R * bits / 8)) packed rows; more than 256 codewords: int32 codes
-        stored = pack_rows(codes.to(torch.uint8), self.bits) if self.bits <= 8 else codes.to(torch.int32)
+        g, m, r = entry.codes.shape
+        self.bits = entry.bits
+        self.groups, self.vectors, self.levels = g, m, r
+        self.matrix_shape = entry.shape
+        rows = entry.codes.reshape(g * m, r)
+        # (G * M, ceil(R * bits / 8)) packed rows; more than 256 codewords: int32 codes
+        stored = pack_rows(rows.to(torch.uint8), self.bits) if self.bits <= 8 else rows.to(torch.int32)
         self.register_buffer("codes_packed", stored)
-        self.register_buffer("codebooks", codebooks.detach().clone())
+        self.register_buffer("codebooks", entry.codebooks.detach().float().clone())
+
+    @classmethod
+    def from_entry(cls, entry: VQEntry) -> "VQTensor":
+        return cls(entry.codes, entry.codebooks, entry.shape)
 
     @classmethod
     def from_float(cls, x: Tensor, *, dim: int, codebook_size: int = 256, stages: int = 1, iters: int = 20,
-                   seed: int = 0) -> "VQTensor":
-        """Residual k-means (the core's ``kmeans`` per stage, ``kernels.rvq_assign`` codes) of x's sub-vectors."""
-        from .vq import kmeans
+                   seed: int = 0, groups: int = 1) -> "VQTensor":
+        """Grouped residual k-means of x's sub-vectors (``polyquant.nn.vq_encode_weight``)."""
+        from .nn import VQSpec, vq_encode_weight
 
         if x.shape[-1] % dim:
             raise ValueError(f"dim {dim} does not divide the last dim {x.shape[-1]}")
-        v = x.detach().float().reshape(-1, dim)
-        residual, books = v, []
-        for stage in range(stages):
-            centers, idx = kmeans(residual, codebook_size, iters=iters, seed=seed + stage)
-            books.append(centers)
-            residual = residual - centers[idx]
-        codebooks = torch.stack(books)  # (R, C, d)
-        return cls(rvq_assign(v, codebooks), codebooks, tuple(x.shape))
+        w = x.detach().reshape(1, -1) if x.dim() == 1 else x.detach()
+        spec = VQSpec(dim=dim, codebook_size=codebook_size, levels=stages, groups=groups, iters=iters, seed=seed)
+        codes, books = vq_encode_weight(w, spec)
+        return cls(codes, books, tuple(x.shape))
 
     def codes(self) -> Tensor:
-        """(numel / d, R) int64."""
-        r = self.codebooks.shape[0]
-        n = math.prod(self.shape) // self.codebooks.shape[2]
+        """(G, M, R) int64 (for one group: (M, R) as the constructor took them)."""
         if self.bits > 8:
-            return self.codes_packed.long()
-        return unpack_rows(self.codes_packed, self.bits, r).reshape(n, r).long()
+            flat = self.codes_packed.long()
+        else:
+            flat = unpack_rows(self.codes_packed, self.bits, self.levels).long()
+        out = flat.reshape(self.groups, self.vectors, self.levels)
+        return out[0] if self.groups == 1 else out
 
     def forward(self) -> Tensor:
-        return rvq_decode(self.codes(), self.codebooks).reshape(self.shape)
+        codes = self.codes()
+        codes = codes[None] if codes.dim() == 2 else codes
+        return vq_decode_weight(codes, self.codebooks, self.matrix_shape).reshape(self.shape)
 
 
 class VQLinear(nn.Module):
     """A linear layer whose weight is a ``VQTensor`` (sub-vectors along the input dim), decoded for each call."""
 
-    def __init__(self, weight: VQTensor, bias: Tensor | None = None) -> None:
+    def __init__(self, weight: VQTensor, bias: Tensor | None = None, *, input_quantizer: nn.Module | None = None,
+                 output_quantizer: nn.Module | None = None) -> None:
         super().__init__()
         if len(weight.shape) != 2:
             raise ValueError(f"VQLinear takes a (N, K) weight, got {weight.shape}")
         self.weight = weight
         self.out_features, self.in_features = weight.shape
+        self.input_quantizer = input_quantizer
+        self.output_quantizer = output_quantizer
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
     def from_float(cls, linear: nn.Linear, *, dim: int = 4, codebook_size: int = 256, stages: int = 1,
-                   seed: int = 0) -> "VQLinear":
-        vq = VQTensor.from_float(linear.weight, dim=dim, codebook_size=codebook_size, stages=stages, seed=seed)
+                   seed: int = 0, groups: int = 1) -> "VQLinear":
+        vq = VQTensor.from_float(linear.weight, dim=dim, codebook_size=codebook_size, stages=stages, seed=seed,
+                                 groups=groups)
         return cls(vq, linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         w = self.weight().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
 
 PACKED_MODULES: tuple[type[nn.Module], ...] = (PackedLinear, PackedConv, W8A8Linear, HadamardLinear, VQLinear)
@@ -681,18 +623,45 @@ class PackReport:
     kept: dict[str, str] = field(default_factory=dict)
 
 
+def _linear_module(
+    name: str, entry: WeightEntry | VQEntry, module: nn.Module, *, device: str | torch.device,
+    int8_activations: bool, cpu_dtype: torch.dtype,
+) -> tuple[nn.Module, str]:
+    """The packed linear of an int / float / table / vq entry, with the layer's bias and quantizers."""
+    iq = getattr(module, "input_quantizer", None)
+    oq = getattr(module, "output_quantizer", None)
+    bias = getattr(module, "bias", None)
+    if isinstance(entry, VQEntry):
+        if len(entry.shape) != 2:
+            raise ValueError(f"vq weights of shape {entry.shape} have no packed module (linear layers only)")
+        vq = VQTensor.from_entry(entry).to(device)
+        return VQLinear(vq, bias, input_quantizer=iq, output_quantizer=oq).to(device), "VQLinear"
+    act = int8_activation(iq) if int8_activations else None
+    if act is not None and entry.bits == 8 and isinstance(entry.fmt, IntFormat) and entry.row_blocks \
+            and entry.group_size == entry.cols:
+        return W8A8Linear(entry, bias, act=act, device=device, output_quantizer=oq), "W8A8Linear"
+    new = PackedLinear(entry, bias, device=device, input_quantizer=iq, output_quantizer=oq, cpu_dtype=cpu_dtype)
+    return new, f"PackedLinear({new.path})"
+
+
 def pack_model(
-    model: nn.Module, entries: dict[str, WeightEntry | str], *, device: str | torch.device = "cpu",
+    model: nn.Module, entries: dict[str, Entry | str], *, device: str | torch.device = "cpu",
     int8_activations: bool = True, cpu_dtype: torch.dtype = torch.bfloat16,
 ) -> PackReport:
-    """Replace each module named in ``entries`` (a fake-quant ``QuantLinear`` / ``QuantConv*`` or a float
-    ``nn.Linear`` / ``nn.Conv*``) by its packed module built from the entry, in place (a string entry: the
-    reason the layer stays as it is, recorded in the report).
+    """Replace each module named in ``entries`` (a fake-quant ``QuantLinear`` / ``RotatedLinear`` /
+    ``QuantConv*`` or a float ``nn.Linear`` / ``nn.Conv*``) by the packed module of its entry's kind, in place (a
+    string entry: the reason the layer stays as it is, recorded in the report):
 
-    Linear layers whose weight is 8-bit per-channel and whose input quantizer is a core int8 quantizer that
-    ``W8A8Linear`` reproduces become ``W8A8Linear`` (``int8_activations``); other linears ``PackedLinear``
-    (the input quantizer kept; ``cpu_dtype``: see the module docstring), convolutions ``PackedConv``. The rest of
-    the model is not moved: place it on ``device`` first.
+    | entry            | linear                                                      | convolution |
+    |------------------|-------------------------------------------------------------|-------------|
+    | int, float, table| W8A8Linear (8-bit per-channel weight and a core int8 input  | PackedConv  |
+    |                  | quantizer W8A8 reproduces, ``int8_activations``), else      |             |
+    |                  | PackedLinear (input quantizer kept; ``cpu_dtype``)          |             |
+    | vq               | VQLinear                                                    | kept        |
+    | rotated          | HadamardLinear around the inner entry's linear              | -           |
+
+    A layer an entry cannot be packed for (blocks that are not rows, a format with no packed path) is kept with
+    the reason. The rest of the model is not moved: place it on ``device`` first.
     """
     from .nn import set_submodule
 
@@ -701,35 +670,39 @@ def pack_model(
         if isinstance(entry, str):  # the plugin's reason for leaving this layer fake-quant
             report.kept[name] = entry
             continue
-        module = model.get_submodule(name)
-        iq = getattr(module, "input_quantizer", None)
-        oq = getattr(module, "output_quantizer", None)
-        bias = getattr(module, "bias", None)
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"the artifact has a weight entry for {name!r}, which the model does not have") from None
         weight = getattr(module, "weight", None)
-        if weight is None or tuple(weight.shape) != entry.shape:
+        if weight is None or tuple(weight.shape) != tuple(entry.shape):
             raise ArtifactError(f"{name}: weight shape {entry.shape} in the artifact, "
                                 f"{None if weight is None else tuple(weight.shape)} in the model")
+        is_linear = isinstance(module, nn.Linear) or len(entry.shape) == 2 and hasattr(module, "in_features")
         try:
-            if isinstance(module, nn.Linear) or len(entry.shape) == 2 and hasattr(module, "in_features"):
-                act = int8_activation(iq) if int8_activations else None
-                if act is not None and entry.bits == 8 and isinstance(entry.fmt, IntFormat) \
-                        and entry.group_size == entry.cols:
-                    new: nn.Module = W8A8Linear(entry, bias, act=act, device=device, output_quantizer=oq)
-                    report.packed[name] = "W8A8Linear"
-                else:
-                    new = PackedLinear(entry, bias, device=device, input_quantizer=iq, output_quantizer=oq,
-                                       cpu_dtype=cpu_dtype)
-                    report.packed[name] = f"PackedLinear({new.path})"
-            elif hasattr(module, "stride") and hasattr(module, "groups"):
-                new = PackedConv(entry, module, device=device, input_quantizer=iq, output_quantizer=oq)
-                report.packed[name] = "PackedConv"
+            if isinstance(entry, RotatedEntry):
+                if not is_linear or getattr(module, "rotation", None) != entry.rotation:
+                    raise ValueError(f"a {entry.rotation} rotated entry needs a RotatedLinear, got "
+                                     f"{type(module).__name__}")
+                inner, kind = _linear_module(name, entry.inner, module, device=device,
+                                             int8_activations=int8_activations, cpu_dtype=cpu_dtype)
+                new: nn.Module = HadamardLinear(inner)  # type: ignore[arg-type]
+                kind = f"HadamardLinear({kind})"
+            elif is_linear:
+                new, kind = _linear_module(name, entry, module, device=device, int8_activations=int8_activations,
+                                           cpu_dtype=cpu_dtype)
+            elif hasattr(module, "stride") and hasattr(module, "groups") and isinstance(entry, WeightEntry):
+                new = PackedConv(entry, module, device=device, input_quantizer=getattr(module, "input_quantizer", None),
+                                 output_quantizer=getattr(module, "output_quantizer", None))
+                kind = "PackedConv"
             else:
-                report.kept[name] = f"{type(module).__name__} is not a linear or convolution layer"
+                report.kept[name] = f"{type(module).__name__} with a {entry.kind} entry has no packed module"
                 continue
         except ValueError as e:
             report.kept[name] = str(e)
             continue
         set_submodule(model, name, new)
+        report.packed[name] = kind
     return report
 
 

@@ -18,8 +18,9 @@ so ``x.view(blocked) * scale.view(blocked)`` broadcasts. Use the ``Granularity``
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -27,6 +28,8 @@ from torch import Tensor
 from .formats import Format, IntFormat, get_format
 
 __all__ = [
+    "granularity_to_dict",
+    "granularity_from_dict",
     "PerTensor",
     "PerChannel",
     "PerGroup",
@@ -74,6 +77,29 @@ class PerToken:
 
 
 Granularity = Union[PerTensor, PerChannel, PerGroup, PerToken]
+
+
+_GRANULARITIES: dict[str, type] = {t.__name__: t for t in (PerTensor, PerChannel, PerGroup, PerToken)}
+
+
+def granularity_to_dict(granularity: Granularity) -> dict[str, Any]:
+    """JSON of a granularity: ``{"type": "PerGroup", "group_size": 128, "axis": -1}``."""
+    if type(granularity).__name__ not in _GRANULARITIES:
+        raise TypeError(f"unknown granularity {granularity!r}")
+    return {"type": type(granularity).__name__, **dataclasses.asdict(granularity)}
+
+
+def granularity_from_dict(data: Any) -> Granularity:
+    """The granularity a ``granularity_to_dict`` JSON describes (``ValueError`` for anything else)."""
+    if not isinstance(data, dict) or data.get("type") not in _GRANULARITIES:
+        raise ValueError(f"not a granularity description: {data!r:.200}")
+    kwargs = {k: v for k, v in data.items() if k != "type"}
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in kwargs.values()):
+        raise ValueError(f"granularity fields are integers, got {kwargs!r:.200}")
+    try:
+        return _GRANULARITIES[data["type"]](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"{data['type']}: {e}") from None
 
 
 def block_size_for(granularity: Granularity, shape: Sequence[int]) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "kmeans",
+    "residual_kmeans",
     "nearest_codes",
     "batched_kmeans",
     "VectorQuantizer",
@@ -188,6 +189,33 @@ def kmeans(
         raise ValueError(f"kmeans expects x of shape (N, D), got {tuple(x.shape)}")
     centers, codes = batched_kmeans(x[None], k, iters=iters, seed=seed, batch_size=batch_size)
     return centers[0], codes[0]
+
+
+def residual_kmeans(
+    x: Tensor, codebook_size: int, *, levels: int = 1, iters: int = 20, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Residual k-means of (M, d) vectors (offline RVQ, as RVQ codecs and VQ weight compression fit it): level r
+    runs ``kmeans`` (seed + r) on the residual the levels before it leave, then the codes are the greedy nearest
+    codeword of each level on that residual (what ``polyquant.kernels.rvq_assign`` computes).
+
+    Returns codes (M, levels) int64 and codebooks (levels, codebook_size, d) float32.
+    """
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"residual_kmeans expects (M, d) vectors with M >= 1, got {tuple(x.shape)}")
+    if not 1 <= codebook_size <= x.shape[0]:
+        raise ValueError(f"codebook_size must be in [1, {x.shape[0]}] (the number of vectors), got {codebook_size}")
+    if levels < 1:
+        raise ValueError(f"levels must be >= 1, got {levels}")
+    _check_finite(x, "residual_kmeans input")
+    residual = x.detach().float()
+    codes, books = [], []
+    for level in range(levels):
+        centers, _ = kmeans(residual, codebook_size, iters=iters, seed=seed + level)
+        idx, _ = nearest_codes(residual[None], centers[None])
+        codes.append(idx[0])
+        books.append(centers)
+        residual = residual - centers[idx[0]]
+    return torch.stack(codes, dim=1), torch.stack(books)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 import polyquant as pq
 from polyquant.artifact import ArtifactError
-from polyquant.export import export_tensors, quantizer_specs, weight_entries
+from polyquant.export import export, export_tensors, quantizer_specs, weight_entries
 from polyquant.formats import FloatFormat, IntFormat
 from polyquant.nn import QuantConv2d, QuantLinear, QuantSpec, Quantizer
 from polyquant.pack import pack_rows
@@ -73,12 +73,13 @@ def test_cpu_paths_match_the_decoded_weight(fmt: str, bits: int, group: int | No
     entry = _entry(codes, scale, zp, f)
     bias = torch.randn(n, generator=g)
     m = PackedLinear(entry, bias, cpu_dtype=torch.float32)
-    assert m.path == path
+    assert m.path == "decode"  # fp32: torch's int4 / int8 CPU GEMMs are slower than decode + F.linear
     x = torch.randn(3, 5, k, generator=g)
     ref = _reference(entry, x, bias)
     assert_close(m(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     # the default, bfloat16 (torch's fast int4 / int8 CPU kernels): within bf16 rounding
     fast = PackedLinear(entry, bias)
+    assert fast.path == path
     assert fast(x).dtype == x.dtype
     assert_close(fast(x), ref, rtol=2e-2, atol=1e-2 * float(ref.abs().max()))
     w = decode_weight(entry.codes(), f, *entry.block_params())
@@ -260,17 +261,19 @@ def test_pack_model_mixed_layers() -> None:
         pq.QuantRule("0", weight=QuantSpec("int8", PerChannel(0))),
         pq.QuantRule("2", weight=QuantSpec("int4", PerGroup(64)), input=QuantSpec("uint8", PerTensor(), symmetric=False)),
         pq.QuantRule("4", weight=QuantSpec("int4", PerChannel(1))),  # columns: not rows of the weight
-        pq.QuantRule("5", weight=QuantSpec("log2_4", PerTensor())),  # log weights: no packed module
+        pq.QuantRule("5", weight=QuantSpec("log2_4", PerTensor())),  # log weights: a table entry
     ]
     qmodel = pq.prepare(model, rules)
     x = torch.randn(5, 3, 8, 8)
     pq.calibrate(qmodel, [x], progress=False)
     qmodel.eval()
     ref = qmodel(x)
-    art = pq.Artifact(export_tensors(qmodel), meta={"quantizers": quantizer_specs(qmodel)})
+    art = export(qmodel)  # self-describing: the manifest records each weight's entry
+    legacy = pq.Artifact(art.tensors, meta={"quantizers": quantizer_specs(qmodel)})  # no entries: int / float only
+    assert {k for k, v in weight_entries(qmodel, legacy).items() if isinstance(v, str)} == {"4", "5"}
     report = pack_model(qmodel, weight_entries(qmodel, art), cpu_dtype=torch.float32)
-    assert report.packed == {"0": "PackedConv", "2": "PackedLinear(cpu_int4)"}
-    assert set(report.kept) == {"4", "5"}
+    assert report.packed == {"0": "PackedConv", "2": "PackedLinear(decode)", "5": "PackedLinear(decode)"}
+    assert set(report.kept) == {"4"}
     assert isinstance(qmodel[0], PackedConv) and isinstance(qmodel[4], QuantLinear)
     assert_close(qmodel(x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
