@@ -15,24 +15,29 @@ A plugin registers one handler per config class (torchao's ``quantize_`` does th
         ...
 
 ``calib`` means one thing everywhere: an iterable of batches, each fed to the model by ``forward_fn(model,
-batch)`` (default: a tensor is ``model(batch)``, a dict ``model(**batch)``, a tuple or list ``model(batch[0])``).
-Progress bars and the device are arguments of the call (``RunOptions``), never config fields, never saved.
+batch)`` (default: a tensor is ``model(batch)``, a dict ``model(**batch)``, a tuple or list ``model(batch[0])``),
+held together as a ``Calibration`` (``polyquant.nn``) that ``calibrate`` and ``capture`` take whole. Progress bars
+and the device are arguments of the call (``RunOptions``), never config fields, never saved. ``quantize`` copies
+the model and places it and the batches on the device once, before the handler runs. A handler reports a user's
+mistake by raising ``UsageError`` (the command line: one line, exit code 2).
 
 Artifacts (``polyquant.artifact``) written by ``save`` carry in their manifest ``config``:
 
     schema       ARTIFACT_SCHEMA (1)
     model        the plugin's model config (its ``build_model`` rebuilds the float skeleton from it), or null
     method       the method config, ``config.to_dict()`` (version + fields)
-    state        JSON the handler's ``restore`` needs beyond the config (searched choices, per-quantizer specs)
+    state        JSON the method needs beyond the config (searched choices)
+    entries      each quantized weight's typed entry (``polyquant.entries``: int, float, table, vq, rotated)
+    quantizers   every quantizer's spec; layers: every core quant layer (``polyquant.nn.layer_specs``)
 
-and tensors named by the handler's ``export`` (packed weight codes, qparams, VQ codes and codebooks:
-``polyquant.export``). ``load`` reads the plugin and method from the manifest, resolves them through the plugin's
-``METHODS`` (never by importing a name read from the file), checks the method config against its class, asks the
-plugin's ``build_model`` for the skeleton (or uses the ``model`` given) and hands both to the handler's ``restore``.
+and tensors named by the handler's ``export`` (``polyquant.export``). ``load`` reads the plugin and method from the
+manifest, resolves them through the plugin's ``METHODS`` (never by importing a name read from the file), checks the
+method config against its class, asks the plugin's ``build_model`` for the skeleton (or uses the ``model`` given)
+and hands both to the handler's ``restore`` (default: the plugin's ``prepare`` hook or the recorded layers, then
+the entries and qparams).
 
 ``load(path, mode="packed")`` then replaces the quantized layers by packed modules (``polyquant.packed``) built
-from the artifact's weight entries, which the handler's ``packed_weights(qm, artifact)`` names with their formats
-(default: ``polyquant.export.weight_entries``, for models of the core's fake-quant modules).
+from the manifest's weight entries (or the handler's ``packed_weights(qm, artifact)``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import sys
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -50,12 +56,13 @@ import torch
 from torch import Tensor, nn
 
 from .artifact import Artifact, ArtifactError
-from .config import ConfigError, QuantConfig
-from .nn import default_forward
+from .config import ConfigError, QuantConfig, UsageError
+from .nn import Calibration, calibration, default_forward
 
 __all__ = [
     "ARTIFACT_SCHEMA",
     "Calibration",
+    "UsageError",
     "RunOptions",
     "QuantizedModel",
     "MethodExample",
@@ -83,42 +90,6 @@ ForwardFn = Callable[[nn.Module, Any], Any]
 def progress_default() -> bool:
     """Progress bars are on when standard error is a terminal."""
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Calibration input: batches (any re-iterable, e.g. a list or a DataLoader) and how to feed them."""
-
-    batches: Iterable[Any]
-    forward_fn: ForwardFn | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.batches)
-
-    def forward(self, model: nn.Module, batch: Any) -> Any:
-        return (self.forward_fn or default_forward)(model, batch)
-
-    def inputs(self, limit: int | None = None) -> Tensor:
-        """The model inputs of the batches concatenated along dim 0 (first ``limit`` rows), for methods that
-        work on one input tensor. Batches are tensors or (input, label) pairs; such methods call the model on
-        the tensor themselves, so a ``forward_fn`` is refused rather than silently ignored."""
-        if self.forward_fn is not None:
-            raise TypeError("this method feeds the model one input tensor and cannot use forward_fn; pass batches "
-                            "of model inputs (or (input, label) pairs) instead")
-        parts: list[Tensor] = []
-        n = 0
-        for batch in self.batches:
-            x = batch if isinstance(batch, Tensor) else batch[0] if isinstance(batch, (list, tuple)) and batch else None
-            if not isinstance(x, Tensor):
-                raise TypeError(f"this method needs tensor batches or (tensor, label) pairs, got {type(batch).__name__}")
-            parts.append(x)
-            n += len(x)
-            if limit is not None and n >= limit:
-                break
-        if not parts:
-            raise ValueError("the calibration set is empty")
-        out = torch.cat(parts)
-        return out if limit is None else out[:limit]
 
 
 @dataclass(frozen=True)
@@ -187,16 +158,17 @@ class MethodExample:
     inputs: Any  # what the model is called on to compare outputs
 
 
-ExportFn = Callable[[QuantizedModel], dict[str, Tensor]]
+ExportFn = Callable[[QuantizedModel], dict[str, Any]]  # key -> Tensor, or module name -> polyquant.entries.Entry
 RestoreFn = Callable[[nn.Module, Any, Artifact], QuantizedModel]
-PackedWeightsFn = Callable[[QuantizedModel, Artifact], dict[str, Any]]  # name -> WeightEntry, or why not packed
+PrepareFn = Callable[[nn.Module, Any, dict[str, Any]], nn.Module]  # (float skeleton, config, state) -> quant layers
+PackedWeightsFn = Callable[[QuantizedModel, Artifact], dict[str, Any]]  # name -> Entry, or why not packed
 QuantizeFn = Callable[[nn.Module, Any, Calibration, RunOptions], QuantizedModel]
 
 
-def _core_export(qm: QuantizedModel) -> dict[str, Tensor]:
-    from .export import export_tensors
+def _core_export(qm: QuantizedModel) -> dict[str, Any]:
+    from .export import export_model
 
-    return export_tensors(qm.model)
+    return export_model(qm.model)
 
 
 def _core_packed_weights(qm: QuantizedModel, art: Artifact) -> dict[str, Any]:
@@ -207,15 +179,17 @@ def _core_packed_weights(qm: QuantizedModel, art: Artifact) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Handler(Generic[C]):
-    """What a plugin registers for one config class."""
+    """What a plugin registers for one config class (see ``register_handler``)."""
 
     config_cls: type[C]
     plugin: str | None
     method: str
     quantize: QuantizeFn
     export: ExportFn
-    restore: RestoreFn | None
+    restore: RestoreFn
     packed_weights: PackedWeightsFn
+    prepare: PrepareFn | None = None
+    copy_model: bool = True
 
 
 _HANDLERS: dict[type[QuantConfig], Handler[Any]] = {}
@@ -228,15 +202,27 @@ def register_handler(
     method: str,
     export: ExportFn | None = None,
     restore: RestoreFn | None = None,
+    prepare: PrepareFn | None = None,
     packed_weights: PackedWeightsFn | None = None,
+    copy_model: bool = True,
 ) -> Callable[[QuantizeFn], QuantizeFn]:
     """Decorator: register ``fn(model, config, calib, run) -> QuantizedModel`` as the handler of ``config_cls``.
 
-    ``export(qm) -> tensors`` names the artifact's tensors (default: ``polyquant.export.export_tensors``);
-    ``restore(skeleton, config, artifact) -> QuantizedModel`` rebuilds the quantized model from them;
-    ``packed_weights(qm, artifact)`` names the weight entries a packed load builds its modules from
-    (``{module name: polyquant.packed.WeightEntry, or a string saying why the layer stays fake-quant}``; default
-    ``polyquant.export.weight_entries``).
+    ``quantize`` calls ``fn`` with a copy of the user's model (``copy_model=False``: the model itself, for methods
+    that only read it) already on ``run.device``, and a ``Calibration`` whose batches arrive on that device with
+    the user's ``forward_fn``; ``fn`` may change the model it gets in place.
+
+    The artifact side has defaults, so a method of core quant layers (``polyquant.nn``) writes none of it:
+
+    ``export(qm) -> {key: Tensor, or module name: Entry}``: the artifact's tensors and typed weight entries
+        (``polyquant.entries``); default ``polyquant.export.export_model``.
+    ``prepare(skeleton, config, state) -> model``: puts the method's quant layers on the float skeleton (the
+        plugin's prepare rules); the default restore then loads the artifact into it. Without ``prepare`` the
+        default restore rebuilds the core quant layers the manifest records (``polyquant.nn.prepare_from_specs``).
+    ``restore(skeleton, config, artifact) -> QuantizedModel``: the whole rebuild, for methods whose model is not
+        made of quant layers (default: prepare, then ``polyquant.export.restore``).
+    ``packed_weights(qm, artifact) -> {module name: Entry, or the reason it stays fake-quant}``: what
+        ``load(mode="packed")`` packs; default: the manifest's entries (``polyquant.export.weight_entries``).
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, QuantConfig)):
         raise TypeError(f"handlers are registered for QuantConfig subclasses, got {config_cls!r}")
@@ -245,11 +231,34 @@ def register_handler(
         old = _HANDLERS.get(config_cls)
         if old is not None and old.quantize is not fn:
             raise ValueError(f"{config_cls.__name__} already has a handler ({old.plugin}/{old.method})")
-        _HANDLERS[config_cls] = Handler(config_cls, plugin, method, fn, export or _core_export, restore,
-                                        packed_weights or _core_packed_weights)
+        _HANDLERS[config_cls] = Handler(config_cls, plugin, method, fn, export or _core_export,
+                                        restore or partial(_default_restore, prepare),
+                                        packed_weights or _core_packed_weights, prepare, copy_model)
         return fn
 
     return decorate
+
+
+def _default_restore(prepare: PrepareFn | None, model: nn.Module, config: QuantConfig, art: Artifact) -> QuantizedModel:
+    """The restore of a method of quant layers: the plugin's ``prepare`` (or the recorded core layers), then the
+    artifact's entries, qparams and float tensors (``polyquant.export.restore``)."""
+    from .export import restore
+    from .nn import prepare_from_specs
+
+    state = art.config.get("state")
+    state = state if isinstance(state, dict) else {}
+    if prepare is not None:
+        model = prepare(model, config, state)
+    else:
+        layers = art.config.get("layers")
+        if not isinstance(layers, dict) or not layers:
+            raise ArtifactError(f"{art.plugin}/{art.method}: the artifact records no quant layers and the method has "
+                                "no prepare hook to rebuild them")
+        try:
+            model = prepare_from_specs(model, layers)
+        except ValueError as e:
+            raise ArtifactError(f"the artifact's layers do not fit the model: {e}") from None
+    return QuantizedModel(restore(model, art).eval(), config, state=dict(state))
 
 
 def _load_owner_plugin(config_cls: type[QuantConfig]) -> None:
@@ -259,10 +268,19 @@ def _load_owner_plugin(config_cls: type[QuantConfig]) -> None:
 
     module = config_cls.__module__
     for name, info in discover().items():
-        package = info.value.partition(":")[0].rpartition(".")[0]  # the package holding the plugin's spec
-        if info.available and package and (module == package or module.startswith(package + ".")):
+        if not info.available or info.spec is None:
+            continue
+        # the packages of the plugin's spec and impl modules: "pkg.spec:SPEC" -> "pkg"; "pkg:SPEC" -> "pkg"
+        roots = {_package(info.value.partition(":")[0]), _package(info.spec.impl)}
+        if any(module == root or module.startswith(root + ".") for root in roots if root):
             load_plugin(name)
             return
+
+
+def _package(dotted: str) -> str:
+    """The package a module belongs to: itself for a top-level module, else its parent."""
+    head, dot, _ = dotted.rpartition(".")
+    return head if dot else dotted
 
 
 def get_handler(config_cls: type[QuantConfig]) -> Handler[Any]:
@@ -292,22 +310,25 @@ def quantize(
     progress: bool | None = None,
     device: str | torch.device | None = None,
 ) -> QuantizedModel:
-    """Quantize a copy of ``model`` with the method ``config`` configures; ``calib`` is an iterable of batches.
+    """Quantize a copy of ``model`` with the method ``config`` configures; ``calib`` is an iterable of batches
+    (or a ``Calibration``), fed by ``forward_fn``.
 
     ``progress``: None shows bars when standard error is a terminal. ``device``: where to run (None: where the
-    model is). The input model is not modified.
+    model is); the model copy and every batch are moved there before the method runs. The input model is not
+    modified.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig instance (e.g. AdaLogConfig()), got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     handler = get_handler(type(config))
-    calibration = calib if isinstance(calib, Calibration) else Calibration(calib, forward_fn)
-    if isinstance(calib, Calibration) and forward_fn is not None:
-        raise TypeError("pass forward_fn inside the Calibration or as an argument, not both")
     run = RunOptions(progress=progress_default() if progress is None else bool(progress),
                      device=None if device is None else torch.device(device))
-    qm = handler.quantize(model, config, calibration, run)
+    calibration_ = calibration(calib, forward_fn).to(run.device)
+    work = copy.deepcopy(model) if handler.copy_model else model
+    if run.device is not None:
+        work = work.to(run.device)
+    qm = handler.quantize(work, config, calibration_, run)
     if not isinstance(qm, QuantizedModel):
         raise TypeError(f"the handler of {type(config).__name__} returned {type(qm).__name__}, not a QuantizedModel")
     qm.plugin, qm.method = handler.plugin, handler.method
@@ -321,13 +342,16 @@ def quantize(
 
 def to_artifact(qm: QuantizedModel, meta: dict[str, Any] | None = None) -> Artifact:
     """The artifact of a quantized model (tensors from its handler's ``export``; manifest as the module says)."""
+    from .export import manifest_sections, split_export
+
     handler = get_handler(type(qm.config))
+    tensors, entries = split_export(handler.export(qm))
     return Artifact(
-        tensors=handler.export(qm),
+        tensors=tensors,
         plugin=qm.plugin,
         method=qm.method,
         config={"schema": ARTIFACT_SCHEMA, "model": qm.model_config, "method": qm.config.to_dict(),
-                "state": qm.state},
+                "state": qm.state, **manifest_sections(qm.model, entries)},
         meta=dict(meta or {}),
     )
 
@@ -373,8 +397,6 @@ def from_artifact(
         raise ArtifactError(f"artifact schema {cfg.get('schema')!r} is not readable by this build "
                             f"(it reads schema {ARTIFACT_SCHEMA})")
     handler, impl = _handler_for(art)
-    if handler.restore is None:
-        raise ArtifactError(f"{art.plugin}/{art.method} artifacts cannot be restored (the method has no restore)")
     try:
         config = handler.config_cls.from_dict(cfg.get("method"))
     except ConfigError as e:

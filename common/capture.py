@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from .nn import default_forward
+from .nn import Calibration, calibration
 
 __all__ = ["Call", "Captured", "CaptureLimitError", "capture"]
 
@@ -223,7 +223,7 @@ def _resolve(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
 def capture(
     model: nn.Module,
     names: Sequence[str],
-    batches: Iterable[Any],
+    batches: "Iterable[Any] | Calibration",
     *,
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     inputs: bool = True,
@@ -240,7 +240,7 @@ def capture(
     Args:
         model: the model; the names are ``model.get_submodule`` paths ("" is the model itself).
         names: modules to capture, each at most once.
-        batches: calibration batches, read once.
+        batches: calibration batches, read once, or a ``polyquant.nn.Calibration`` (its ``forward_fn`` is used).
         forward_fn: runs one batch; None uses ``polyquant.nn.default_forward`` (``model(batch)``; a tuple /
             list batch feeds its first element, a dict its items as keyword arguments).
         inputs / outputs: capture the modules' inputs / outputs.
@@ -273,7 +273,8 @@ def capture(
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be >= 1 or None, got {max_samples!r}")
     modules = _resolve(model, names)
-    forward_fn = forward_fn or default_forward
+    calib = calibration(batches, forward_fn)
+    batches, forward_fn = calib.batches, calib.forward
     store = _Store(None if offload is None else torch.device(offload), max_bytes)
     result = {name: Captured(name) for name in modules}
     batch_index = -1

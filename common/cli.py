@@ -39,6 +39,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from contextlib import suppress
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -46,7 +47,7 @@ from typing import Any, Callable, NoReturn
 import torch
 
 from . import __version__
-from .config import CliOption, ConfigError, QuantConfig, cli_options
+from .config import CliOption, ConfigError, QuantConfig, UsageError, cli_options
 from .plugins import (
     API_VERSION,
     PluginInfo,
@@ -59,17 +60,37 @@ from .plugins import (
     load,
 )
 
-__all__ = ["main", "build_parser", "CliError", "add_config_options", "config_from_args", "printable"]
+__all__ = ["main", "build_parser", "CliError", "CliInputs", "add_config_options", "config_from_args", "printable"]
 
 CORE_DEMO = "polyquant.demo:run_core_demo"
 
 
-class CliError(Exception):
+class CliError(UsageError):
     """A user error: printed as one line ``<prog>: error: <message>``, exit code 2."""
 
     def __init__(self, message: str, prog: str = "polyquant") -> None:
         super().__init__(message)
         self.prog = prog
+
+
+@dataclass
+class CliInputs:
+    """What a plugin's ``load_inputs(method, config, args)`` hook gives ``polyquant quantize``.
+
+    Args:
+        model: the float model to quantize.
+        model_config: its description for the plugin's ``build_model`` (None: the user's own model; then
+            ``polyquant load`` needs the float model passed in Python).
+        calib: the calibration batches (an iterable, or a ``polyquant.nn.Calibration`` with its ``forward_fn``).
+        label: one line naming the model and data (printed with the run time).
+        evaluation: anything the plugin's ``report_quantized`` hook reads (held-out data), or None.
+    """
+
+    model: Any
+    model_config: dict[str, Any] | None
+    calib: Any
+    label: str
+    evaluation: Any = None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -425,16 +446,19 @@ def cmd_load(args: argparse.Namespace) -> int:
             impl = load(plugin)
         except PluginLoadError as e:  # the artifact can still be inspected; only the rebuild needs the plugin
             unavailable = str(e)
-    if impl is not None and hasattr(impl, "add_load_args") and hasattr(impl, "run_load"):
-        parser = _Parser(prog=f"polyquant load {args.artifact}", description=f"Load hook of plugin {plugin!r}.")
+    if impl is not None:
+        parser = _Parser(prog=f"polyquant load {args.artifact}", description=f"Rebuild the artifact with plugin "
+                                                                                f"{plugin!r} (and its load hook).")
         parser.add_argument("--mode", choices=("fake", "packed"), default="fake",
                             help="fake: fake-quant modules; packed: packed codes on the kernels (polyquant.packed)")
         parser.add_argument("--device", default=None, help="where the model runs (default: cuda when available, "
                                                            "else cpu)")
         parser.add_argument("--cpu-dtype", choices=("bf16", "fp32"), default="bf16",
                             help="compute dtype of the packed CPU int4 / int8 GEMMs: bf16 is fast, fp32 matches "
-                                 "fake-quant to fp32 rounding but is slow")
-        impl.add_load_args(parser)
+                                 "fake-quant to fp32 rounding")
+        hooks = hasattr(impl, "add_load_args") and hasattr(impl, "run_load")
+        if hooks:
+            impl.add_load_args(parser)
         plugin_args = parser.parse_args(["--help"] if args.help else args.rest)
         _print_artifact(path, artifact)
         from .api import from_artifact
@@ -452,7 +476,11 @@ def cmd_load(args: argparse.Namespace) -> int:
             kinds = sorted(set(qm.packing.packed.values()))
             print(f"packed {len(qm.packing.packed)} layers ({', '.join(kinds)}), {len(qm.packing.kept)} kept as "
                   f"they were; model resident bytes: {resident_bytes(qm.model)}")
-        return int(impl.run_load(qm, plugin_args))
+        if hooks:
+            return int(impl.run_load(qm, plugin_args))
+        print(f"restored {printable(f'{qm.plugin}/{qm.method}')}: {_quant_layers(qm.model)} quantized layers "
+              f"({'packed' if qm.packing is not None else 'fake-quant'})")
+        return 0
     if args.help or any(arg in ("-h", "--help") for arg in args.rest):
         args.parser.print_help()
         return 0
@@ -463,6 +491,18 @@ def cmd_load(args: argparse.Namespace) -> int:
     if unavailable:
         print(f"polyquant: warning: the model is not rebuilt: {printable(unavailable)}", file=sys.stderr)
     return 0
+
+
+def _quant_layers(model: Any) -> int:
+    """Layers of ``model`` that hold a quantized weight (fake-quant or packed)."""
+    from .nn import QuantWeightModule
+    from .packed import PACKED_MODULES, HadamardLinear
+
+    if not hasattr(model, "modules"):
+        return 0
+    inner = {id(m.inner) for m in model.modules() if isinstance(m, HadamardLinear)}  # one layer, not two
+    return sum(1 for m in model.modules() if id(m) not in inner and (isinstance(m, PACKED_MODULES)
+               or isinstance(m, QuantWeightModule) and m.weight_quantizer is not None))
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -542,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return e.code or 0
             print(printable(str(e.code)), file=sys.stderr)
             return 1
-        except (CliError, PluginLoadError) as e:
+        except (CliError, PluginLoadError, UsageError) as e:
             _print_error(str(e), debug or bool(args and args.debug), getattr(e, "prog", "polyquant"))
             return 2
         except Exception as e:

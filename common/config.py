@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin
 __all__ = [
     "QuantConfig",
     "ConfigError",
+    "UsageError",
     "CliOption",
     "int_field",
     "float_field",
@@ -52,6 +53,12 @@ _CLI = "polyquant.cli"  # dataclass field metadata key: extra option strings, e.
 
 class ConfigError(ValueError):
     """A config value or a config dict is invalid: the message names the config class and the field."""
+
+
+class UsageError(ValueError):
+    """A user's mistake found while running a method (a model the method cannot quantize, calibration data of the
+    wrong kind): raised by handlers and plugin hooks with a one-line message; the command line prints it and
+    exits with code 2, without a traceback."""
 
 
 def int_field(default: int | None, lo: int | None = None, hi: int | None = None, *, cli: tuple[str, ...] = ()) -> Any:

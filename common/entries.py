@@ -320,7 +320,7 @@ def _get(tensors: dict[str, Tensor], key: str) -> Tensor:
     try:
         return tensors[key]
     except KeyError:
-        raise ArtifactError(f"the artifact has no tensor {key} (missing)") from None
+        raise ArtifactError(f"the artifact has no quantized weight tensor {key} (missing)") from None
 
 
 def _shape(tensors: dict[str, Tensor], name: str) -> tuple[int, ...]:

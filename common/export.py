@@ -29,7 +29,7 @@ from .artifact import Artifact, ArtifactError
 from .entries import Entry, RotatedEntry, VQEntry, WeightEntry, entry_tensors, entry_to_dict, read_entries, read_entry
 from .entries import read_weight
 from .formats import FloatFormat, IntFormat, LogFormat, TableFormat
-from .nn import Quantizer, QuantWeightModule, RotatedLinear, VQWeightQuantizer, layer_specs
+from .nn import ActQuantizer, Quantizer, QuantSpec, QuantWeightModule, RotatedLinear, VQWeightQuantizer, layer_specs
 from .pack import pack_rows
 from .primitives import block_size_for
 
@@ -287,6 +287,8 @@ def restore(model: nn.Module, artifact: Artifact, *, specs: dict[str, dict[str, 
     if not legacy and not isinstance(entries, dict):
         raise ArtifactError("the manifest's entries must be a JSON object")
     spec_map = _artifact_specs(artifact, specs) if legacy else {}
+    if not legacy:
+        _apply_recorded_specs(model, artifact.config.get("quantizers"))
     for name, module in model.named_modules():
         if isinstance(module, QuantWeightModule) and module.weight_quantizer is not None:
             wq = module.weight_quantizer
@@ -321,6 +323,21 @@ def restore(model: nn.Module, artifact: Artifact, *, specs: dict[str, dict[str, 
         if isinstance(module, Quantizer) and id(module) not in weight_quantizers:
             module.set_state("quantized")
     return model
+
+
+def _apply_recorded_specs(model: nn.Module, recorded: Any) -> None:
+    """Give each core ``Quantizer`` / ``ActQuantizer`` of ``model`` the spec the manifest records for it: a method
+    that searched a quantizer's format, granularity or scheme needs no state of its own to restore it."""
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict):
+        raise ArtifactError("the manifest's quantizers must be a JSON object")
+    for name, q in model.named_modules():
+        if type(q) in (Quantizer, ActQuantizer) and isinstance(recorded.get(name), dict) and "spec" in recorded[name]:
+            try:
+                q.spec = QuantSpec.from_dict(recorded[name]["spec"])
+            except ValueError as e:
+                raise ArtifactError(f"{name}: the manifest's quantizer spec is invalid: {e}") from None
 
 
 def _qparam(tensors: dict[str, Tensor], key: str, *, positive: bool = False) -> Tensor:

@@ -480,10 +480,11 @@ class HadamardLinear(nn.Module):
     @classmethod
     def from_float(
         cls, linear: nn.Linear, *, fmt: str | Format = "int4", group_size: int | None = 128,
-        activations: str = "float", device: str | torch.device | None = None,
+        activations: str = "float", act_scale: float | None = None, device: str | torch.device | None = None,
     ) -> "HadamardLinear":
         """Rotate and quantize a float linear layer. ``activations``: "float" (weight-only ``PackedLinear``) or
-        "int8" (``W8A8Linear`` with dynamic per-token int8 inputs; then ``fmt`` must be int8, per channel)."""
+        "int8" (``W8A8Linear``; then ``fmt`` must be int8, per channel) with dynamic per-token int8 inputs, or a
+        static symmetric per-tensor scale ``act_scale`` of the rotated input."""
         from .transforms import hadamard_matrix
 
         k = linear.in_features
@@ -494,7 +495,8 @@ class HadamardLinear(nn.Module):
             return cls(PackedLinear(quantize_weight(w_rot, fmt, group_size), linear.bias, device=dev))
         if activations == "int8":
             entry = quantize_weight(w_rot, fmt, None)
-            return cls(W8A8Linear(entry, linear.bias, act=Int8Activation(dynamic=True), device=dev))
+            act = Int8Activation(dynamic=True) if act_scale is None else Int8Activation(dynamic=False, scale=act_scale)
+            return cls(W8A8Linear(entry, linear.bias, act=act, device=dev))
         raise ValueError(f"activations must be 'float' or 'int8', got {activations!r}")
 
     def forward(self, x: Tensor) -> Tensor:
@@ -596,9 +598,9 @@ class VQLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, *, dim: int = 4, codebook_size: int = 256, stages: int = 1,
-                   seed: int = 0, groups: int = 1) -> "VQLinear":
+                   seed: int = 0, groups: int = 1, iters: int = 20) -> "VQLinear":
         vq = VQTensor.from_float(linear.weight, dim=dim, codebook_size=codebook_size, stages=stages, seed=seed,
-                                 groups=groups)
+                                 groups=groups, iters=iters)
         return cls(vq, linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:

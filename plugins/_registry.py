@@ -6,7 +6,7 @@ imported only when the plugin is used. Built-in plugins are declared the same wa
 
     [project.entry-points."polyquant.plugins"]
     vit = "polyquant.plugins.vit.spec:SPEC"           # built-in
-    pointcloud = "polyquant_pointcloud.spec:SPEC"     # in a third-party package's pyproject.toml
+    pointcloud = "polyquant_pointcloud.spec:SPEC"     # in a third-party package's pyproject.toml: "<package>.spec:SPEC"
 
     # polyquant_pointcloud/spec.py (light: no torch import)
     SPEC = PluginSpec(
@@ -31,10 +31,11 @@ The impl module contract (the method contract itself is ``polyquant.api``; docs/
     Optional command-line hooks, used by ``polyquant quantize <plugin>/<method> [args...]`` (the method's own options
     are generated from its config fields):
     add_model_args(parser: argparse.ArgumentParser, method: str) -> None       model and data options
-    load_inputs(method: str, config, args) -> object with .model, .model_config, .calib, .label
-    report_quantized(qm, inputs, args) -> None                                  print quality numbers
+    load_inputs(method: str, config, args) -> polyquant.cli.CliInputs           model, model_config, calib, label
+    report_quantized(qm, inputs: CliInputs, args) -> None                       print quality numbers
 
-    Optional hooks used by ``polyquant load <artifact> [args...]`` for artifacts whose manifest names the plugin:
+    Optional hooks used by ``polyquant load <artifact> [--mode packed] [args...]`` (which rebuilds any plugin's
+    artifact without them, and then hands the model to them):
     add_load_args(parser: argparse.ArgumentParser) -> None
     run_load(qm: polyquant.api.QuantizedModel, args: argparse.Namespace) -> int
 

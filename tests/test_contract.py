@@ -4,7 +4,12 @@ Each plugin's impl module gives a small offline case per method (``example(metho
 Every method must: configure itself with a ``QuantConfig`` whose dict and command-line round trips are exact,
 quantize through ``polyquant.quantize`` into a ``QuantizedModel`` that names its plugin and method, save, and load
 back (the plugin rebuilds the model from the artifact alone) with bit-identical outputs, also from the command
-line (``polyquant quantize PLUGIN/METHOD ... --out`` then ``polyquant load``).
+line (``polyquant quantize PLUGIN/METHOD ... --out`` then ``polyquant load``, in both modes), and load packed
+(``mode="packed"``, ``cpu_dtype=torch.float32``) with outputs within ``PACKED_RTOL`` of the fake-quant ones.
+
+``PACKED_RTOL``: packed layers compute the fake-quant layer's values in another order (integer GEMMs with exact
+corrections, decoded weights), so they agree to float32 rounding per layer; a rounding difference can move an
+activation across a quantization step in a later layer, so the bound is on the whole output's relative L2 error.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import polyquant as pq
 from polyquant.cli import add_config_options, config_from_args, main
 from polyquant.config import QuantConfig, cli_options
 from polyquant.plugins import discover, load
+
+
+PACKED_RTOL = 1e-3  # ||packed - fake|| / ||fake|| over the example's outputs (see the module docstring)
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -95,6 +103,13 @@ def test_quantize_save_load_same_outputs(plugin: str, method: str, tmp_path: Pat
     # with the float model given instead of the recorded description
     with torch.no_grad():
         assert torch.equal(pq.load(path, model=ex.model).model(ex.inputs), out)
+    # packed: the weights as codes on the packed modules, within PACKED_RTOL of fake-quant
+    packed = pq.load(path, mode="packed", cpu_dtype=torch.float32)
+    assert packed.packing is not None and not (set(packed.packing.packed) & set(packed.packing.kept))
+    with torch.no_grad():
+        got = packed.model(ex.inputs)
+    err = float((got.float() - out.float()).norm() / out.float().norm().clamp_min(1e-12))
+    assert err <= PACKED_RTOL, f"packed vs fake-quant relative error {err:.2e}; packing {packed.packing}"
 
 
 @pytest.mark.parametrize("plugin,method", CASES, ids=IDS)
@@ -107,6 +122,7 @@ def test_command_line_round_trip(plugin: str, method: str, tmp_path: Path,
     assert code == 0, captured.err
     assert pq.load(out).config == config
     assert main(["load", str(out)]) == 0, capsys.readouterr().err
+    assert main(["load", str(out), "--mode", "packed", "--device", "cpu"]) == 0, capsys.readouterr().err
 
 
 def test_quantize_after_importing_only_the_config_module() -> None:

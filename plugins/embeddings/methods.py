@@ -37,7 +37,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,8 @@ from polyquant.api import (
     register_handler,
 )
 from polyquant.artifact import Artifact, ArtifactError
-from polyquant.config import QuantConfig
+from polyquant.cli import CliInputs
+from polyquant.config import QuantConfig, UsageError
 
 from .configs import METHODS, EmbeddingConfig
 from .models import EmbeddingTable
@@ -83,7 +83,7 @@ _CHECK_ROWS = 1 << 16  # rows of an --input file checked per step
 
 def _quantize(model: Any, config: EmbeddingConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
     if not isinstance(model, EmbeddingTable):
-        raise TypeError(f"embeddings methods quantize an EmbeddingTable (polyquant.plugins.embeddings), got "
+        raise UsageError(f"embeddings methods quantize an EmbeddingTable (polyquant.plugins.embeddings), got "
                         f"{type(model).__name__}")
     store = EmbeddingStore.fit(calib.inputs(config.calib_size), config=config, embedder=model.embedder)
     store.add(model.vectors, ids=model.ids, progress=run.progress)
@@ -107,7 +107,7 @@ def _restore(model: Any, config: EmbeddingConfig, artifact: Artifact) -> Quantiz
 
 
 for _name, _cls in METHODS.items():
-    register_handler(_cls, plugin=PLUGIN, method=_name, export=_export, restore=_restore)(_quantize)
+    register_handler(_cls, plugin=PLUGIN, method=_name, export=_export, restore=_restore, copy_model=False)(_quantize)
 
 
 def build_model(model_config: dict[str, Any]) -> EmbeddingTable:
@@ -134,16 +134,6 @@ def example(method: str) -> MethodExample:
 
 
 # --- command line: quantize ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class CliInputs:
-    """What ``load_inputs`` gives ``polyquant quantize``: the float table, its description and calibration."""
-
-    model: EmbeddingTable
-    model_config: dict[str, Any]
-    calib: list[Tensor]
-    label: str
 
 
 def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:

@@ -20,26 +20,25 @@ data options of ``add_model_args``):
     polyquant quantize vit/qhyvit --model digits-hybrid --wbits 4 --abits 4 --out qhyvit_w4a4.safetensors
     polyquant load adalog_w4a4.safetensors --eval
 
-Artifacts of the harness methods (AdaLog, baselines): weights as packed integer codes (``<fqn>.weight_packed`` +
-``weight_scale`` / ``weight_zero_point`` / ``weight_shape``), every other tensor of the quantized model's state
-(activation quantizer scales, AdaLog q, folded biases, LayerNorms) as ``float.<key>``; the method config rebuilds
-the recipe and so the skeleton. Q-HyViT models are core fake-quant models (``polyquant.export``); their state also
-records every quantizer's searched granularity and scheme, applied to a freshly prepared skeleton on restore.
+Artifacts are the core's (``polyquant.export``): weights as int entries (the harness's unsigned codes with
+per-channel zero points; Q-HyViT's searched formats), activation qparams, every other state tensor (AdaLog q,
+folded biases, LayerNorms) as ``float.<key>``, and a manifest recording each quantizer's spec. The plugin writes
+only the ``prepare`` hooks that rebuild its quant layers on a float skeleton (the recipe's, or Q-HyViT's
+``prepare_hybrid`` after BatchNorm folding); ``polyquant.load(path, mode="packed")`` packs the entries.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from polyquant.api import Calibration, MethodExample, QuantizedModel, RunOptions, register_handler
-from polyquant.artifact import Artifact, ArtifactError
+from polyquant.artifact import ArtifactError
+from polyquant.cli import CliInputs
 from polyquant.config import QuantConfig
 
 from .adalog import AdaLogConfig
@@ -67,19 +66,13 @@ METHODS: dict[str, type[QuantConfig]] = {
 }
 
 
-def _placed(model: nn.Module, images: Tensor, run: RunOptions) -> tuple[nn.Module, Tensor]:
-    if run.device is None:
-        return model, images
-    return copy.deepcopy(model).to(run.device), images.to(run.device)
-
-
 # --- harness methods: AdaLog and the baselines ---------------------------------------------------------------------
 
 
 def _quantize_harness(model: nn.Module, config: HarnessConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
     from .harness import quantize_with_recipe
 
-    model, images = _placed(model, calib.inputs(config.images_needed()), run)
+    images = calib.inputs(config.images_needed())
     retrain = isinstance(config, AdaLogConfig) and config.retrain
     # With "+retrain" the post-GELU shifts are folded into fc2's bias only after AdaRound has set fc2's weights
     # (the fold uses the quantized weights), as the reference folds after reconstruction.
@@ -93,12 +86,12 @@ def _quantize_harness(model: nn.Module, config: HarnessConfig, calib: Calibratio
     return QuantizedModel(qmodel, config, state={"input_size": list(images.shape[1:])})
 
 
-def _example_input(model: nn.Module, artifact: Artifact) -> Tensor:
+def _example_input(model: nn.Module, state: dict[str, Any]) -> Tensor:
     """Zeros of the input size the artifact's model was calibrated at (recorded in its state; older artifacts:
     the model's own input size), for the BatchNorm folding of a rebuilt skeleton."""
     from .models import input_spec
 
-    size = artifact.config.get("state", {}).get("input_size")
+    size = state.get("input_size")
     if size is None:
         side, chans = input_spec(model)
         size = [chans, side, side]
@@ -107,103 +100,24 @@ def _example_input(model: nn.Module, artifact: Artifact) -> Tensor:
     return torch.zeros(2, *size)
 
 
-@torch.no_grad()
-def _export_harness(qm: QuantizedModel) -> dict[str, Tensor]:
-    from polyquant.export import check_finite
-    from polyquant.nn import QuantConv2d, QuantLinear
-    from polyquant.pack import pack_rows
+def _prepare_harness(model: nn.Module, config: HarnessConfig, state: dict[str, Any]) -> nn.Module:
+    """The harness's quant layers on a float skeleton (the recipe's quantizers, unset); the core restore loads the
+    artifact's weight entries, qparams and float tensors into it."""
+    from .harness import wrap
 
-    from .quantizers import UniformQuantizer
-
-    tensors: dict[str, Tensor] = {}
-    skip: set[str] = set()
-    for name, m in qm.model.named_modules():
-        if isinstance(m, (QuantLinear, QuantConv2d)) and isinstance(m.weight_quantizer, UniformQuantizer):
-            wq = m.weight_quantizer
-            for what, t in (("weight", m.weight), ("weight_scale", wq.scale), ("weight_zero_point", wq.zero_point)):
-                check_finite(f"{name}.{what}", t)  # a NaN weight would export as a valid code
-            codes = wq.codes(m.weight)
-            tensors[f"{name}.weight_packed"] = pack_rows(codes.reshape(len(codes), -1), wq.bits)  # the core layout
-            tensors[f"{name}.weight_scale"] = wq.scale.float().contiguous()
-            tensors[f"{name}.weight_zero_point"] = wq.zero_point.float().contiguous()
-            tensors[f"{name}.weight_shape"] = torch.tensor(list(m.weight.shape), dtype=torch.int64)
-            skip |= {f"{name}.weight", f"{name}.weight_quantizer.scale", f"{name}.weight_quantizer.zero_point"}
-    for key, t in qm.model.state_dict().items():
-        if key not in skip:
-            tensors[f"float.{key}"] = t.detach().contiguous().cpu()
-    return tensors
+    return wrap(model, config.recipe(), _example_input(model, state))[0]
 
 
-@torch.no_grad()
-def _restore_harness(model: nn.Module, config: HarnessConfig, artifact: Artifact) -> QuantizedModel:
-    from polyquant.nn import QuantConv2d, QuantLinear
-    from polyquant.pack import unpack_rows
-
-    from .harness import vit_quantizers, wrap
-    from .quantizers import UniformQuantizer
-
-    qmodel, _ = wrap(model, config.recipe(), _example_input(model, artifact))
-    t = artifact.tensors
-    state: dict[str, Tensor] = {k[len("float."):]: v for k, v in t.items() if k.startswith("float.")}
-    for name, m in qmodel.named_modules():
-        if isinstance(m, (QuantLinear, QuantConv2d)) and isinstance(m.weight_quantizer, UniformQuantizer):
-            try:
-                shape = tuple(int(v) for v in t[f"{name}.weight_shape"].tolist())
-                packed, scale, zp = (t[f"{name}.weight_packed"], t[f"{name}.weight_scale"],
-                                     t[f"{name}.weight_zero_point"])
-            except KeyError as e:
-                raise ArtifactError(f"artifact has no quantized weight for {name}: {e}") from None
-            if shape != tuple(m.weight.shape):
-                raise ArtifactError(f"{name}: weight shape {shape} in the artifact, {tuple(m.weight.shape)} in the model")
-            row = int(torch.tensor(shape[1:]).prod())
-            codes = unpack_rows(packed, m.weight_quantizer.bits, row).reshape(shape)
-            state[f"{name}.weight"] = (codes.float() - zp) * scale  # the dequantized weight, on the grid
-            state[f"{name}.weight_quantizer.scale"] = scale
-            state[f"{name}.weight_quantizer.zero_point"] = zp
-    missing, unexpected = qmodel.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ArtifactError(f"artifact does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for q in vit_quantizers(qmodel):
-        q.searched = True
-        q.set_state("quantized")
-    return QuantizedModel(qmodel.eval(), config, state=dict(artifact.config.get("state", {})))
-
-
-def _packed_weights_harness(qm: QuantizedModel, artifact: Artifact) -> dict[str, Any]:
-    """The harness's weight codes are unsigned ``bits``-bit codes with per-channel zero points: uint formats."""
-    from polyquant.formats import IntFormat
-    from polyquant.nn import QuantConv2d, QuantLinear
-    from polyquant.packed import read_weight
-
-    from .quantizers import UniformQuantizer
-
-    return {name: read_weight(artifact.tensors, name, IntFormat(m.weight_quantizer.bits, signed=False))
-            for name, m in qm.model.named_modules()
-            if isinstance(m, (QuantLinear, QuantConv2d)) and isinstance(m.weight_quantizer, UniformQuantizer)}
-
-
+# The harness's weight quantizers give their codes (UniformQuantizer.codes: unsigned codes with per-channel zero
+# points), so the core export writes them as int entries and the core restore and packed load read them back.
 for _name, _cls in {"adalog": AdaLogConfig, **BASELINES}.items():
-    register_handler(_cls, plugin=PLUGIN, method=_name, export=_export_harness, restore=_restore_harness,
-                     packed_weights=_packed_weights_harness)(_quantize_harness)
+    register_handler(_cls, plugin=PLUGIN, method=_name, prepare=_prepare_harness)(_quantize_harness)
 
 
 # --- Q-HyViT ----------------------------------------------------------------------------------------------------
-# Q-HyViT models are core fake-quant models (QuantConv2d / QuantLinear / QuantMatMul with per-operand specs), so
-# they go through ``polyquant.export``; the state also records each quantizer's searched spec, which rebuilds
-# the same skeleton: model -> BatchNorms folded -> ``prepare_hybrid`` -> specs -> qparams.
-
-
-def _quantizer_choices(qmodel: nn.Module) -> dict[str, dict[str, Any]]:
-    """Every quantizer's spec (``polyquant.export.quantizer_specs``) with the searched sign and channel axis."""
-    from polyquant.export import quantizer_specs
-    from polyquant.primitives import PerChannel
-
-    out = quantizer_specs(qmodel)
-    for name, spec in out.items():
-        q = qmodel.get_submodule(name)
-        gran = q.spec.granularity
-        spec.update(signed=bool(getattr(q.fmt, "signed", True)), axis=gran.axis if isinstance(gran, PerChannel) else None)
-    return out
+# Q-HyViT models are core fake-quant models (QuantConv2d / QuantLinear / QuantMatMul with per-operand specs): the
+# core export writes them, and its manifest records each quantizer's searched spec (format, granularity, scheme),
+# which the core restore applies to the skeleton this prepare hook rebuilds: BatchNorms folded -> prepare_hybrid.
 
 
 def _quantize_qhyvit(model: nn.Module, config: QHyViTConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
@@ -211,50 +125,28 @@ def _quantize_qhyvit(model: nn.Module, config: QHyViTConfig, calib: Calibration,
 
     from .qhyvit import run_qhyvit
 
-    model, images = _placed(model, calib.inputs(config.calib_size), run)
+    images = calib.inputs(config.calib_size)
     qmodel, report = run_qhyvit(model, images, config, progress=run.progress)
     quantizers = {n: q for n, q in qmodel.named_modules() if isinstance(q, Quantizer)}
     raw = [n for n, q in quantizers.items() if q.state != "quantized"]
     if raw:
         raise ValueError(f"{len(raw)} quantizers are not frozen (units that never ran in forward?): {raw[:3]}")
-    return QuantizedModel(qmodel, config, state={"quantizers": _quantizer_choices(qmodel),
-                                                 "input_size": list(images.shape[1:])}, report=report)
+    return QuantizedModel(qmodel, config, state={"input_size": list(images.shape[1:])}, report=report)
 
 
-def _restore_qhyvit(model: nn.Module, config: QHyViTConfig, artifact: Artifact) -> QuantizedModel:
-    from polyquant.export import restore as core_restore
-    from polyquant.formats import IntFormat
-    from polyquant.nn import Quantizer, QuantSpec
-    from polyquant.primitives import PerChannel, PerTensor
-
-    from .models import input_spec
+def _prepare_qhyvit(model: nn.Module, config: QHyViTConfig, state: dict[str, Any]) -> nn.Module:
     from polyquant.surgery import fold_batchnorm
 
     from .qhyvit import prepare_hybrid
 
     model = model.eval()
-    fold_batchnorm(model, _example_input(model, artifact))
+    fold_batchnorm(model, _example_input(model, state))
     prepare_hybrid(model, wbits=config.wbits, abits=config.abits, ignore=config.ignore,
                    quantize_matmul=config.quantize_matmul)
-    choices: dict[str, dict[str, Any]] = artifact.config.get("state", {}).get("quantizers", {})
-    names = {n for n, q in model.named_modules() if isinstance(q, Quantizer)}
-    if names != set(choices):
-        raise ArtifactError(f"artifact does not match the model: quantizers {sorted(names ^ set(choices))[:5]} "
-                            "differ")
-    for name, q in model.named_modules():
-        if isinstance(q, Quantizer):
-            c = choices[name]
-            gran = PerTensor() if c["axis"] is None else PerChannel(int(c["axis"]))
-            q.spec = QuantSpec(IntFormat(int(c["bits"]), signed=bool(c["signed"])), gran,
-                               symmetric=bool(c["symmetric"]))
-    state = {"quantizers": choices, **({"input_size": artifact.config["state"]["input_size"]}
-                                       if "input_size" in artifact.config.get("state", {}) else {})}
-    return QuantizedModel(core_restore(model, artifact, specs=choices).eval(), config, state=state)
+    return model
 
 
-# Q-HyViT models are core fake-quant models: the default export (polyquant.export.export_tensors) writes them.
-register_handler(QHyViTConfig, plugin=PLUGIN, method="qhyvit", restore=_restore_qhyvit)(
-    _quantize_qhyvit)
+register_handler(QHyViTConfig, plugin=PLUGIN, method="qhyvit", prepare=_prepare_qhyvit)(_quantize_qhyvit)
 
 
 # --- models ------------------------------------------------------------------------------------------------------
@@ -287,17 +179,6 @@ def example(method: str) -> MethodExample:
 
 
 # --- command line -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CliInputs:
-    """What ``load_inputs`` gives the core command: the float model, its description and calibration batches."""
-
-    model: nn.Module
-    model_config: dict[str, Any] | None
-    calib: list[Tensor]
-    label: str
-    evaluation: Any = None  # data.ImageFolderData of --eval-data, loaded (and checked) before calibration
 
 
 def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:

@@ -187,8 +187,6 @@ def test_cli_quantize_and_load_without_hooks(plugin: str, method: str, tmp_path:
     assert "packed 6 layers" in text and "0 kept as they were" in text and f"restored {plugin}/{method}: " in text
 
 
-@pytest.mark.xfail(strict=True, reason="core: polyquant.cli counts a HadamardLinear and its inner W8A8Linear as two "
-                                       "quantized layers ('8 quantized layers (packed)' for 6)")
 def test_cli_packed_summary_counts_each_layer_once(plugin: str, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "a.safetensors"

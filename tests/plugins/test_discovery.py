@@ -325,3 +325,82 @@ def test_builtin_plugin_contract(name: str, monkeypatch: pytest.MonkeyPatch) -> 
     assert has_hooks[0] == has_hooks[1], "define both add_quantize_args and run_quantize, or neither"
     if spec.demo is not None:
         assert callable(get_demo(name))
+
+
+QUANT_IMPL = textwrap.dedent("""
+    from dataclasses import dataclass
+
+    import torch
+    from polyquant.api import QuantizedModel, register_handler
+    from polyquant.cli import CliInputs
+    from polyquant.config import QuantConfig, UsageError
+    from polyquant.nn import QuantRule, QuantSpec, calibrate, prepare
+
+    from pq_fake_qc.configs import GammaConfig
+
+    @register_handler(GammaConfig, plugin="pq_fake_qc", method="gamma")
+    def _quantize(model, config, calib, run):
+        if config.refuse:
+            raise UsageError("pq_fake_qc/gamma: the model has no widgets")
+        qmodel = prepare(model, [QuantRule("*", weight=QuantSpec("int8"))], inplace=True)
+        calibrate(qmodel, calib, progress=False)
+        return QuantizedModel(qmodel, config)
+
+    METHODS = {"gamma": GammaConfig}
+
+    def add_model_args(parser, method):
+        pass
+
+    def load_inputs(method, config, args):
+        return CliInputs(torch.nn.Sequential(torch.nn.Linear(4, 4)), None, [torch.randn(2, 4)], "a linear layer")
+""")
+
+CONFIGS_SOURCE = textwrap.dedent("""
+    from dataclasses import dataclass
+
+    from polyquant.config import QuantConfig
+
+    @dataclass
+    class GammaConfig(QuantConfig):
+        \"\"\"A fake method.
+
+        Args:
+            refuse: raise a usage error.
+        \"\"\"
+
+        refuse: bool = False
+""")
+
+
+def _add_quant_plugin(fake: FakeDists) -> None:
+    """A top-level entry point ``pq_fake_qc:SPEC`` (the package itself holds the spec) with a real handler."""
+    spec = spec_source("pq_fake_qc", "pq_fake_qc.impl").replace('{"alpha": "The first method.", "beta": "The second '
+                                                                 'method."}', '{"gamma": "A fake method."}')
+    spec = spec.replace('demo="pq_fake_qc.impl:demo",', "")
+    fake.add("fakeqc", {"pq_fake_qc": "pq_fake_qc:SPEC"},
+             {"pq_fake_qc": spec, "pq_fake_qc.impl": QUANT_IMPL, "pq_fake_qc.configs": CONFIGS_SOURCE})
+
+
+def test_quantize_finds_the_handler_of_a_top_level_entry_point(fake: FakeDists) -> None:
+    # "pkg:SPEC": the spec's module is the package itself; quantize must still load the plugin defining the config
+    import torch
+
+    import polyquant as pq
+
+    _add_quant_plugin(fake)
+    from pq_fake_qc.configs import GammaConfig  # type: ignore[import-not-found]
+
+    assert "pq_fake_qc.impl" not in sys.modules
+    qm = pq.quantize(torch.nn.Sequential(torch.nn.Linear(4, 4)), GammaConfig(), calib=[torch.randn(2, 4)],
+                     progress=False)
+    assert (qm.plugin, qm.method) == ("pq_fake_qc", "gamma")
+
+
+def test_a_usage_error_in_a_handler_exits_2_with_one_line(fake: FakeDists, capsys: pytest.CaptureFixture[str]) -> None:
+    from polyquant.cli import main
+
+    _add_quant_plugin(fake)
+    assert main(["quantize", "pq_fake_qc/gamma", "--refuse", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["polyquant: error: pq_fake_qc/gamma: the model has no widgets"]
+    assert main(["quantize", "pq_fake_qc/gamma", "--quiet"]) == 0

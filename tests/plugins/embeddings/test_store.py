@@ -13,6 +13,7 @@ import polyquant as pq
 from polyquant.artifact import Artifact, ArtifactError
 from polyquant.artifact import load as load_artifact
 from polyquant.artifact import save as save_artifact
+from polyquant.config import UsageError
 from polyquant.plugins.embeddings.configs import (
     METHODS,
     BinaryConfig,
@@ -247,7 +248,7 @@ def test_quantize_builds_a_store_from_a_table() -> None:
     store = qm.model
     assert store.ids().tolist() == (torch.arange(600) * 2).tolist()
     torch.testing.assert_close(store(Q), table(Q), rtol=0, atol=2e-3)  # fp16: ~2^-11 relative per entry
-    with pytest.raises(TypeError, match="quantize an EmbeddingTable"):
+    with pytest.raises(UsageError, match="quantize an EmbeddingTable"):  # the CLI: one line, exit 2
         pq.quantize(torch.nn.Linear(2, 2), Float16Config(), calib=[X], progress=False)
 
 
