@@ -11,7 +11,10 @@ Rows:
   - a stack of four 4096 x 4096 linear layers (ReLU between), float (fp32 on CPU, fp16 on CUDA) vs
     ``PackedLinear`` int4 (group 128), ``PackedLinear`` int8 (weight-only, per channel) and ``W8A8Linear``
     (dynamic per-token int8), batch 1 and 16. On the CPU the packed weight-only rows run with both compute dtypes
-    (``cpu_dtype`` fp32: outputs of fake-quant; bf16: torch's fast kernels), beside a float bf16 row.
+    (``cpu_dtype`` fp32: decode + ``F.linear``, the outputs of fake-quant; bf16: torch's fast kernels), beside a
+    float bf16 row. The other weight entry kinds on the same layers: table (NF4, group 128: ``PackedLinear``'s table
+    decode), vq (``VQLinear``, 8-dim sub-vectors, 256 codewords), rotated (``HadamardLinear`` around W8A8 with
+    dynamic and static int8 inputs: the fused ``fwht_quantize``).
 
 Resident bytes are every parameter and buffer (``polyquant.packed.resident_bytes``). Latency: median of timed
 calls after warm-up (CPU: ``time.perf_counter``, with the thread count in the report; CUDA: CUDA events via
@@ -37,7 +40,16 @@ from _timing import graph_ms
 from torch import nn
 
 import polyquant as pq
-from polyquant.packed import Int8Activation, PackedLinear, W8A8Linear, quantize_weight, resident_bytes
+from polyquant.kernels import fwht
+from polyquant.packed import (
+    HadamardLinear,
+    Int8Activation,
+    PackedLinear,
+    VQLinear,
+    W8A8Linear,
+    quantize_weight,
+    resident_bytes,
+)
 
 ROWS: list[dict[str, object]] = []
 CPU_DTYPES = (torch.float32, torch.bfloat16)  # the packed CPU GEMMs' compute dtype (polyquant.packed)
@@ -133,6 +145,21 @@ def bench_stack(device: str, reps: int, dim: int, layers: int) -> None:
     variants["W8A8Linear dynamic"] = stack([W8A8Linear(quantize_weight(m.weight, "int8", None), m.bias,
                                                        act=Int8Activation(dynamic=True), device=device)
                                             for m in linears])
+    # the other entry kinds (polyquant.entries): table (NF4, group 128), vq (8-dim sub-vectors, 256 codewords: 1 bit
+    # per weight), rotated (Hadamard around W8A8, dynamic per-token and static per-tensor int8 inputs)
+    for cpu_dtype in CPU_DTYPES if device == "cpu" else (torch.float32,):
+        tag = f" {DTYPE_NAMES[cpu_dtype]}" if device == "cpu" else ""
+        variants[f"table nf4 g128{tag}"] = stack([PackedLinear(quantize_weight(m.weight, "nf4", 128), m.bias,
+                                                               device=device, cpu_dtype=cpu_dtype) for m in linears])
+    variants["vq d8 c256"] = stack([VQLinear.from_float(m, dim=8, codebook_size=256, iters=10).to(device)
+                                    for m in linears])
+    variants["rotated W8A8 dynamic"] = stack([HadamardLinear.from_float(m, fmt="int8", group_size=None,
+                                                                        activations="int8", device=device)
+                                              for m in linears])
+    calib = torch.randn(64, dim)
+    variants["rotated W8A8 static"] = stack([HadamardLinear.from_float(
+        m, fmt="int8", group_size=None, activations="int8", act_scale=float(fwht(calib).abs().max()) / 127,
+        device=device) for m in linears])
     for name, m in variants.items():
         paths = {getattr(mod, "path", None) for mod in m.modules()} - {None}
         if paths:
