@@ -49,15 +49,28 @@ def measure():
 
 
 def test_adalog_beats_log2_logsqrt2_and_uniform_at_w3a3(measure) -> None:
+    """KL to the float model: AdaLog below log2, far below log-sqrt2 and uniform; accuracy: far above log-sqrt2
+    and uniform. AdaLog's accuracy lead over log2 at W3A3 is within noise, so only a bound is asserted.
+
+    Measured on this 2-core Xeon (AVX-512, torch 2.14.1), default settings (3 search rounds), top-1 % / KL for
+    calibration seeds 0 (the one this test runs), 1 and 2:
+      adalog    96.48 / 0.0370   95.93 / 0.0556   97.22 / 0.0403
+      log2      97.41 / 0.0388   96.11 / 0.0569   96.30 / 0.0486   AdaLog's KL / this: 0.95, 0.98, 0.83
+      logsqrt2  78.52 / 0.4320   (seed 0 only)                     0.09
+      minmax    85.19 / 0.3662   84.63 / 0.3597   88.15 / 0.2775   0.10, 0.15, 0.15
+    An AVX-512 BF16 / AMX Xeon gave the same seed-0 AdaLog and log2 numbers. AdaLog's KL is below log2's on all
+    three seeds, but log2 has the better accuracy on two of them; on a held-out ViT AdaLog leads log2 by 0.14
+    points over 3 seeds, log2 winning 2 of 3.
+    """
     run, _ = measure
     acc, kl = run("adalog", 3)
-    for method in BASELINES:
+    log2_acc, log2_kl = run("log2", 3)
+    assert kl < log2_kl  # a thin lead: 2 to 17% on seeds 0..2 (with one search round 0.3% above on seed 0)
+    assert acc > log2_acc - 1.5  # within noise of log2 (8 images): -0.93, -0.19, +0.93 on seeds 0..2
+    for method, points in (("logsqrt2", 10.0), ("minmax", 5.0)):
         b_acc, b_kl = run(method, 3)
-        assert kl < b_kl, method
-        # Accuracy: log2 with a uniform post-GELU quantizer is within one image of AdaLog on seed 0 (97.04 vs
-        # 97.22 since issue 11's range-centred zero points; KL 0.0372 vs 0.0426). Over three seeds AdaLog leads
-        # (96.91 vs 96.42 with one search round, benchmarks/vit.md), so one seed only bounds the gap.
-        assert acc > b_acc - 0.2 if method == "log2" else acc > b_acc, method
+        assert kl < 0.25 * b_kl, method  # measured <= 0.15x
+        assert acc > b_acc + points, method  # measured +17.96 (log-sqrt2), +9.07 to +11.30 (uniform)
 
 
 def test_adalog_beats_log2_logsqrt2_and_uniform_at_w4a4(measure) -> None:
