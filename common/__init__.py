@@ -18,47 +18,88 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .api import Calibration, QuantizedModel, RunOptions, load, quantize, register_handler, save  # noqa: E402
-from .artifact import Artifact, ArtifactError  # noqa: E402
-from .config import ConfigError, QuantConfig  # noqa: E402
-from .formats import BinaryFormat, FloatFormat, IntFormat, LogFormat, get_format, list_formats  # noqa: E402
-from .nn import (  # noqa: E402
-    ActQuantizer,
-    QuantConv1d,
-    QuantConv2d,
-    QuantConv3d,
-    QuantLinear,
-    QuantMatMul,
-    QuantRule,
-    QuantSpec,
-    Quantizer,
-    calibrate,
-    prepare,
-    set_state,
-)
-from .pack import pack_bits, pack_signed, unpack_bits, unpack_signed  # noqa: E402
-from .transforms import (  # noqa: E402
-    HadamardRotation,
-    fold_hadamard_into_linear,
-    fold_layernorm_into_linears,
-    fold_scale_into_linear,
-    fwht,
-    hadamard_matrix,
-    hadamard_transform,
-    random_hadamard,
-)
-from .vq import GroupedResidualVQ, ProductVQ, ResidualVQ, VectorQuantizer, batched_kmeans, kmeans  # noqa: E402
-from .primitives import (  # noqa: E402
-    PerChannel,
-    PerGroup,
-    PerTensor,
-    PerToken,
-    choose_qparams,
-    dequantize,
-    fake_quantize,
-    quantize_tensor,
+import pkgutil as _pkgutil  # noqa: E402
+
+from .lazy import lazy_exports  # noqa: E402  (stdlib only)
+
+# Every public name is imported from its module on first access (PEP 562), so ``import polyquant`` (and with it
+# ``from polyquant.plugins import PluginSpec``, which a plugin's light spec module runs) does not import torch.
+_EXPORTS: dict[str, str] = {
+    # api
+    "Calibration": "api",
+    "QuantizedModel": "api",
+    "RunOptions": "api",
+    "load": "api",
+    "quantize": "api",
+    "register_handler": "api",
+    "save": "api",
+    # artifact
+    "Artifact": "artifact",
+    "ArtifactError": "artifact",
+    # config
+    "ConfigError": "config",
+    "QuantConfig": "config",
+    # formats
+    "BinaryFormat": "formats",
+    "FloatFormat": "formats",
+    "IntFormat": "formats",
+    "LogFormat": "formats",
+    "get_format": "formats",
+    "list_formats": "formats",
+    # nn
+    "ActQuantizer": "nn",
+    "QuantConv1d": "nn",
+    "QuantConv2d": "nn",
+    "QuantConv3d": "nn",
+    "QuantLinear": "nn",
+    "QuantMatMul": "nn",
+    "QuantRule": "nn",
+    "QuantSpec": "nn",
+    "Quantizer": "nn",
+    "calibrate": "nn",
+    "prepare": "nn",
+    "set_state": "nn",
+    # pack
+    "pack_bits": "pack",
+    "pack_signed": "pack",
+    "unpack_bits": "pack",
+    "unpack_signed": "pack",
+    # transforms
+    "HadamardRotation": "transforms",
+    "fold_hadamard_into_linear": "transforms",
+    "fold_layernorm_into_linears": "transforms",
+    "fold_scale_into_linear": "transforms",
+    "fwht": "transforms",
+    "hadamard_matrix": "transforms",
+    "hadamard_transform": "transforms",
+    "random_hadamard": "transforms",
+    # vq
+    "GroupedResidualVQ": "vq",
+    "ProductVQ": "vq",
+    "ResidualVQ": "vq",
+    "VectorQuantizer": "vq",
+    "batched_kmeans": "vq",
+    "kmeans": "vq",
+    # primitives
+    "PerChannel": "primitives",
+    "PerGroup": "primitives",
+    "PerTensor": "primitives",
+    "PerToken": "primitives",
+    "choose_qparams": "primitives",
+    "dequantize": "primitives",
+    "fake_quantize": "primitives",
+    "quantize_tensor": "primitives",
+}
+
+# Submodules reachable as attributes without an explicit import (``pq.api.MethodExample``, ``pq.artifact``), as
+# when this file imported them eagerly: every public module of this folder (listed, not imported), and the two
+# subpackages (in a source checkout they live in their own folders, see [tool.setuptools.package-dir]).
+_SUBMODULES: tuple[str, ...] = tuple(
+    sorted({m.name for m in _pkgutil.iter_modules(__path__) if not m.name.startswith("_")} | {"kernels", "plugins"})
 )
 
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, submodules=_SUBMODULES)
+del lazy_exports, _pkgutil
 
 __all__ = [
     "__version__",
