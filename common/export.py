@@ -327,22 +327,17 @@ def restore(model: nn.Module, artifact: Artifact, *, specs: dict[str, dict[str, 
 
 def _apply_recorded_specs(model: nn.Module, recorded: Any) -> None:
     """Give each core ``Quantizer`` / ``ActQuantizer`` of ``model`` the spec the manifest records for it: a method
-    that searched a quantizer's format, granularity or scheme needs no state of its own to restore it. A weight
-    quantizer keeps its own format (a model prepared for another weight format does not match the artifact)."""
+    that searched a quantizer's format, granularity or scheme needs no state of its own to restore it."""
     if recorded is None:
         return
     if not isinstance(recorded, dict):
         raise ArtifactError("the manifest's quantizers must be a JSON object")
-    weight_quantizers = {id(m.weight_quantizer) for m in model.modules() if isinstance(m, QuantWeightModule)}
     for name, q in model.named_modules():
         if type(q) in (Quantizer, ActQuantizer) and isinstance(recorded.get(name), dict) and "spec" in recorded[name]:
             try:
-                spec = QuantSpec.from_dict(recorded[name]["spec"])
+                q.spec = QuantSpec.from_dict(recorded[name]["spec"])
             except ValueError as e:
                 raise ArtifactError(f"{name}: the manifest's quantizer spec is invalid: {e}") from None
-            if id(q) in weight_quantizers and spec.fmt != q.fmt:
-                continue  # a weight of another format: the model does not match (its entry says so below)
-            q.spec = spec
 
 
 def _qparam(tensors: dict[str, Tensor], key: str, *, positive: bool = False) -> Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from polyquant.artifact import ArtifactError, load, save
+from polyquant.artifact import Artifact, ArtifactError, load, save
 from polyquant.export import export, restore
 from polyquant.nn import QuantLinear, QuantRule, QuantSpec, calibrate, prepare
 from polyquant.primitives import PerChannel, PerGroup
@@ -70,9 +70,16 @@ def test_restore_into_mismatched_model_fails() -> None:
     art = export(q)
     with pytest.raises(ArtifactError, match="shape"):
         restore(prepare(nn.Sequential(nn.Linear(4, 8)), rules), art)
+    # the manifest records every quantizer's spec, and restore applies it: a skeleton prepared for int8 weights
+    # gets the artifact's int4 (a method's searched formats and granularities need no state of their own)
     other = [QuantRule("*", weight=QuantSpec("int8", PerChannel(0)))]
-    with pytest.raises(ArtifactError, match="format"):
-        restore(prepare(nn.Sequential(nn.Linear(4, 4)), other), art)
+    restored = restore(prepare(nn.Sequential(nn.Linear(4, 4)), other), art)
+    assert restored[0].weight_quantizer.fmt.name == "int4"
+    x = torch.randn(3, 4)
+    assert torch.equal(restored(x), q(x))
+    legacy = Artifact(art.tensors, meta={"quantizers": {"0.weight_quantizer": {"format": "int4", "bits": 4}}})
+    with pytest.raises(ArtifactError, match="format"):  # an artifact without a manifest description: checked
+        restore(prepare(nn.Sequential(nn.Linear(4, 4)), other), legacy)
 
 
 def _calibrated(model: nn.Module, rules: list[QuantRule], dtype: torch.dtype = torch.float32) -> nn.Module:
