@@ -25,15 +25,16 @@ shapes) and every tensor's sha256 before safetensors reads the bytes. Any proble
 ``load(path, mmap=True)`` maps the file instead of reading it, for artifacts larger than RAM (embedding stores):
 the same header and manifest checks run, then every tensor is a view of the mapping at its offset, read on first
 touch. The mapping is copy-on-write: writing to a tensor changes memory, never the file. The tensors' sha256 are
-not verified by default (that would read the whole file); ``verify=True`` hashes them through the mapping. Bool
-tensors are checked to hold only 0 and 1 bytes either way. Saves replace files by rename, so a mapped artifact
-stays valid while the path is saved again; a file truncated in place under a live mapping is not supported.
+not verified by default (that would read the whole file); ``verify=True`` hashes them through the mapping. Every
+load (read or mapped, verified or not) checks that bool tensors hold only 0 and 1 bytes. Saves replace files by
+rename, so a mapped artifact stays valid while the path is saved again; a file truncated in place under a live
+mapping is not supported.
 The checksums detect corruption, not deliberate tampering (anyone can recompute them); they are not a signature.
 The header alone bounds what a file may ask for: at most ``MAX_RANK`` dimensions per tensor, element counts that
 match the bytes, and no empty tensor spanning more than ``MAX_EMPTY_EXTENT`` positions (a zero-size tensor of shape
 ``(2**40, 0)`` has no bytes but a 2**40-entry ``.tolist()``). ``load`` and ``read_manifest`` read regular files
 only (never block on a FIFO, never read a device without end) and compare the file size with the header before
-reading any tensor data.
+reading any tensor data; ``open_regular`` is that check, public for every other file the command line reads.
 
 ``save`` refuses (``check_target``) a target that is not a regular file (directory, FIFO, device, socket, symbolic
 link: the rename would replace it, as root even ``/dev/null``), a missing or unwritable folder, an empty name and
@@ -75,6 +76,7 @@ __all__ = [
     "load",
     "read_manifest",
     "check_target",
+    "open_regular",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MAX_RANK",
@@ -181,6 +183,7 @@ def save(artifact: Artifact, path: str | os.PathLike[str]) -> Path:
     tensors: dict[str, Tensor] = {}
     for name, t in artifact.tensors.items():
         tensors[name] = _prepare_tensor(name, t, where)
+        _check_bool(name, tensors[name], where)
     raw = {name: _raw_bytes(t) for name, t in tensors.items()}
 
     manifest: dict[str, Any] = {
@@ -494,7 +497,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The verified manifest of an artifact, reading only its header (tensor checksums are not verified)."""
     where = str(path)
     try:
-        with _open_regular(path, where) as f:
+        with open_regular(path) as f:
             return _read_header(f, where)[3]
     except ArtifactError:
         raise
@@ -514,7 +517,7 @@ def _read_header(f: BinaryIO, where: str) -> tuple[int, bytes, dict[str, dict[st
 
 
 def _load(path: Path, where: str) -> Artifact:
-    with _open_regular(path, where) as f:
+    with open_regular(path) as f:
         size, head, entries, manifest = _read_header(f, where)
         start = len(head)
         f.seek(0)
@@ -534,6 +537,8 @@ def _load(path: Path, where: str) -> Artifact:
         loaded = safetensors_load(data)
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"{where}: safetensors rejected the file ({e})") from e
+    for name, t in loaded.items():
+        _check_bool(name, t, where)
     return Artifact(
         tensors={name: loaded[name] for name in manifest["tensors"]},
         plugin=manifest["plugin"],
@@ -549,7 +554,7 @@ def _load_mmap(path: Path, where: str, *, verify: bool) -> Artifact:
 
     if sys.byteorder != "little":
         raise ArtifactError(f"{where}: memory-mapped loading needs a little-endian machine")
-    with _open_regular(path, where) as f:
+    with open_regular(path) as f:
         size, head, entries, manifest = _read_header(f, where)
         start = len(head)
         try:
@@ -568,10 +573,9 @@ def _load_mmap(path: Path, where: str, *, verify: bool) -> Artifact:
             raise ArtifactError(f"{where}: checksum mismatch for tensor {_short(name)} (the file is corrupted)")
         if (start + begin) % dtype.itemsize:
             raw = np.array(raw)  # a misaligned tensor (not written by ``save``): copied to aligned memory
-        if dtype == torch.bool and raw.size and int(raw.max()) > 1:
-            raise ArtifactError(f"{where}: bool tensor {_short(name)} holds bytes other than 0 and 1")
         t = torch.from_numpy(raw) if raw.size else torch.empty(0, dtype=torch.uint8)
         tensors[name] = t.view(dtype).reshape(spec["shape"])
+        _check_bool(name, tensors[name], where)
     return Artifact(
         tensors=tensors,
         plugin=manifest["plugin"],
@@ -582,16 +586,34 @@ def _load_mmap(path: Path, where: str, *, verify: bool) -> Artifact:
     )
 
 
-def _open_regular(path: str | os.PathLike[str], where: str) -> BinaryIO:
-    """Open a regular file for reading; a FIFO, device, socket or directory is refused without blocking on it."""
+def _check_bool(name: str, t: Tensor, where: str) -> None:
+    """A bool tensor must hold only the bytes 0 and 1 (any other byte is undefined behaviour in torch)."""
+    if t.dtype == torch.bool and t.numel() and int(t.reshape(-1).view(torch.uint8).max()) > 1:
+        raise ArtifactError(f"{where}: bool tensor {_short(name)} holds bytes other than 0 and 1")
+
+
+def open_regular(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> BinaryIO:
+    """Open ``path`` for reading in binary mode, only if it is a regular file of at most ``max_bytes`` bytes.
+
+    The check every file the command line reads goes through (artifacts, ``--input``, ``--queries``): a FIFO,
+    device, socket or directory is refused without blocking on it or reading it (a FIFO would wait for a writer
+    forever, ``/dev/zero`` never ends), and so is a file larger than ``max_bytes`` (None: no bound). The file is
+    opened non-blocking and checked again through its descriptor, so a path swapped for a FIFO after the first
+    check does not block either. Raises ``ArtifactError`` (a ``ValueError``; one line starting with the path).
+    """
+    where = os.fsdecode(os.fspath(path))
     try:
         mode = os.stat(path).st_mode
         if stat.S_ISREG(mode):
-            # O_NONBLOCK: should the path become a FIFO after the check, opening it still does not wait.
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
             f = os.fdopen(fd, "rb")
-            mode = os.fstat(fd).st_mode
+            found = os.fstat(fd)
+            mode = found.st_mode
             if stat.S_ISREG(mode):
+                if max_bytes is not None and found.st_size > max_bytes:
+                    f.close()
+                    raise ArtifactError(f"{where}: the file is {found.st_size:,} bytes, more than the {max_bytes:,} "
+                                        "allowed here")
                 return f
             f.close()
     except OSError as e:
