@@ -23,8 +23,10 @@ is not an artifact, names no plugin, or whose plugin has no search hook is a usa
 Exit codes: 0 success, 1 a command failed, 2 bad arguments or an unusable plugin, 141 standard output closed
 early (``polyquant list --json | head -1``; nothing is reported, like a command ended by SIGPIPE). Errors are one
 line on stderr; ``--debug`` (anywhere on the line) adds the traceback. Text that comes from files or plugins
-(manifest strings, tensor names, error messages) is printed with non-printable characters escaped, so an artifact
-cannot send escape sequences to the terminal.
+(manifest strings, tensor names, error messages, plugin and method summaries, demo reports: their line breaks
+kept) is printed with non-printable characters escaped, so an artifact or a plugin cannot send escape sequences
+to the terminal. ``demo`` runs each demo isolated: one that fails, exits, or returns a report whose ``str()``
+fails is reported in one line and the others still run (exit 1 at the end).
 """
 
 from __future__ import annotations
@@ -182,7 +184,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = [("name", "available", "distribution", "methods")]
     for info in plugins.values():
         methods = ", ".join(info.spec.methods) if info.spec else "-"
-        rows.append((info.name, "yes" if info.available else "no", _dist(info), methods))
+        rows.append((printable(info.name), "yes" if info.available else "no", printable(_dist(info)),
+                     printable(methods)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
@@ -190,7 +193,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if unavailable:
         print()
         for info in unavailable:
-            print(f"{info.name}: {info.error}")
+            print(f"{printable(info.name)}: {printable(str(info.error))}")
     return 0
 
 
@@ -215,27 +218,28 @@ def _info_dict(info: PluginInfo) -> dict[str, Any]:
 def cmd_info(args: argparse.Namespace) -> int:
     info = get_info(args.plugin)
     spec = info.spec
-    print(f"{info.name}: {spec.summary if spec else '(spec could not be loaded)'}")
+    p = printable  # every string here comes from the plugin's distribution
+    print(f"{p(info.name)}: {p(spec.summary) if spec else '(spec could not be loaded)'}")
     print(f"  available:      {'yes' if info.available else 'no'}")
     if info.error:
-        print(f"  error:          {info.error}")
-    print(f"  distribution:   {_dist(info)}")
-    print(f"  entry point:    {info.value}")
+        print(f"  error:          {p(info.error)}")
+    print(f"  distribution:   {p(_dist(info))}")
+    print(f"  entry point:    {p(info.value)}")
     if spec is None:
         return 0
     print(f"  api version:    {spec.api_version}")
-    print(f"  implementation: {spec.impl}")
-    print(f"  demo:           {spec.demo or '-'}")
+    print(f"  implementation: {p(spec.impl)}")
+    print(f"  demo:           {p(spec.demo or '-')}")
     print("  requires:" + ("" if spec.requires else "       -"))
-    width = max((len(r) for r in spec.requires), default=0)
+    width = max((len(p(r)) for r in spec.requires), default=0)
     for status in check_requirements(spec.requires):
         state = "ok" if status.satisfied else "MISSING" if status.installed is None else "WRONG VERSION"
         installed = status.installed or "not installed"
-        print(f"    {status.requirement.ljust(width)}  {installed}  {state}")
+        print(f"    {p(status.requirement).ljust(width)}  {p(installed)}  {state}")
     print("  methods:")
-    width = max(len(m) for m in spec.methods)
+    width = max(len(p(m)) for m in spec.methods)
     for method, summary in spec.methods.items():
-        print(f"    {method.ljust(width)}  {summary}")
+        print(f"    {p(method).ljust(width)}  {p(summary)}")
     return 0
 
 
@@ -255,7 +259,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _run_core_demo(args)
     failed = 0
     for name in names:  # each demo is isolated: one that fails to import, raises or exits does not stop the rest
-        print(f"== {name} ==", flush=True)
+        print(f"== {printable(name)} ==", flush=True)
         failed += not _run_reported(f"demo of plugin {name!r}", partial(_plugin_demo, name), args)
     return 1 if failed else 0
 
@@ -283,17 +287,25 @@ def _run_reported(what: str, demo: Callable[[], object], args: argparse.Namespac
     """Run one demo and print its report; a failure (any exception, ``sys.exit`` included, but not Ctrl-C) is
     reported in one line and does not stop the others."""
     try:
-        report = demo()
+        text = str(demo())  # inside: a report whose str() raises or exits fails this demo only
     except KeyboardInterrupt:
         raise
     except SystemExit as e:
         _print_error(f"{what} failed: it exited (code {e.code!r}) instead of returning a report", args.debug)
         return False
     except BaseException as e:  # noqa: BLE001 - a demo must not take the other demos down
-        _print_error(f"{what} failed: {type(e).__name__}: {e}", args.debug)
+        _print_error(f"{what} failed: {type(e).__name__}: {_safe_str(e)}", args.debug)
         return False
-    print(report, flush=True)
+    print("\n".join(printable(line) for line in text.split("\n")), flush=True)  # line breaks kept, the rest escaped
     return True
+
+
+def _safe_str(e: BaseException) -> str:
+    """``str(e)``, or a note when that raises too (an exception type from a plugin can do anything)."""
+    try:
+        return str(e)
+    except Exception:  # noqa: BLE001
+        return "(its message cannot be printed)"
 
 
 def _config_class(plugin: str, method: str) -> type[QuantConfig]:

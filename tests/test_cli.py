@@ -623,3 +623,55 @@ def test_vit_model_that_is_not_a_checkpoint_is_a_usage_error(capsys: pytest.Capt
         assert code == 2 and not out and err.count("\n") == 1
         assert err.startswith(f"polyquant quantize vit/minmax: error: --model {model}: ")
 
+
+
+def test_info_escapes_what_the_plugin_says(capsys: pytest.CaptureFixture[str], fake_plugins: None,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin's summary, method summaries and requirement strings reach the terminal escaped, as in ``list``."""
+    from polyquant.plugins import PluginSpec
+
+    specs = sys.modules["pq_fake_cli_specs"]
+    monkeypatch.setattr(specs, "GOOD", PluginSpec(
+        name="good", api_version=2, summary="Clears the screen\x1b[2J\x1b]0;pwned\x07 and flips\u202e text.",
+        methods={"alpha": "Line one\rline two\x9b31m"}, requires=(), impl="pq_fake_cli_impl"))
+    clear_cache()
+    code, out, _ = run(capsys, "info", "good")
+    assert code == 0 and all(line.isprintable() for line in out.split("\n"))
+    assert out.startswith("good: Clears the screen\\x1b[2J\\x1b]0;pwned\\x07 and flips\\u202e text.\n")
+    assert "    alpha  Line one\\rline two\\x9b31m\n" in out
+
+
+REPORTS = textwrap.dedent("""
+    from polyquant.plugins import PluginSpec
+
+    def _spec(name, demo):
+        return PluginSpec(name=name, api_version=2, summary=name, methods={"alpha": "a"}, requires=(),
+                          impl="pq_fake_cli_impl", demo=demo)
+
+    A_UNPRINTABLE = _spec("a_unprintable", "pq_fake_cli_reports:unprintable")
+    B_ESCAPES = _spec("b_escapes", "pq_fake_cli_reports:escapes")
+
+    class Report:
+        def __str__(self):
+            raise RuntimeError("no text")
+
+    def unprintable():
+        return Report()
+
+    def escapes():
+        return "table\\x1b[2J\\nrow\\ttwo\\r\\u202e"
+""")
+
+
+def test_demo_reports_are_escaped_and_one_that_cannot_print_stops_no_other(
+    capsys: pytest.CaptureFixture[str], fake_plugins: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "pq_fake_cli_reports", _module("pq_fake_cli_reports", REPORTS))
+    _use_entry_points(monkeypatch, {"a_unprintable": "pq_fake_cli_reports:A_UNPRINTABLE",
+                                    "b_escapes": "pq_fake_cli_reports:B_ESCAPES", "good": "pq_fake_cli_specs:GOOD"})
+    clear_cache()
+    code, out, err = run(capsys, "demo")
+    assert code == 1
+    assert out.split("\n") == ["== a_unprintable ==", "== b_escapes ==", "table\\x1b[2J", "row\\ttwo\\r\\u202e",
+                               "== good ==", "good demo report", ""]
+    assert err == "polyquant: error: demo of plugin 'a_unprintable' failed: RuntimeError: no text\n"
