@@ -23,6 +23,7 @@ Command line (options generated from the config fields, plus ``--input``):
     polyquant quantize embeddings/binary --quiet --out demo.pqs                   # seeded example vectors
     polyquant search store.pqs "how do I parse a date" -k 10                      # text: the store's embedder
     polyquant search store.pqs --queries queries.npy -k 10 --rescore 4 --json
+    polyquant search big.pqs --queries queries.npy --no-verify                    # skip the checksums (one pass)
     polyquant load store.pqs                                                      # summary
 
 Artifact tensors: ``codes`` (N, W) in the format's dtype, ``ids`` int64 (N,), ``live`` bool (N,) (tombstones),
@@ -59,7 +60,7 @@ from polyquant.config import QuantConfig, UsageError
 from .configs import METHODS, EmbeddingConfig
 from .models import EmbeddingTable
 from .models import build_model as _build_model
-from .store import PLUGIN, EmbeddingStore, unit_rows
+from .store import PLUGIN, EmbeddingStore, normalize_rows, unit_rows
 
 __all__ = [
     "METHODS",
@@ -190,20 +191,20 @@ def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> C
     g = torch.Generator().manual_seed(args.calib_seed)
     sample = torch.randperm(len(vectors), generator=g)[: config.calib_size].sort().values
     calib = vectors[sample]  # a copy of the sampled rows only (the vectors may be memory-mapped)
+    calib = calib if calib.dtype == torch.float64 else calib.float()  # float64 1e300 rows would be inf in float32
     describe_model(table, table.model_config())
-    return CliInputs(table, table.model_config(), [calib.float()], f"{label}, {len(calib)} calibration vectors")
+    return CliInputs(table, table.model_config(), [calib], f"{label}, {len(calib)} calibration vectors")
 
 
 def _float_topk(vectors: Tensor, queries: Tensor, k: int, chunk: int = 65536) -> Tensor:
     """Slots of the k best float cosines per query (brute force, chunked)."""
-    q = queries / queries.norm(dim=1, keepdim=True)
+    q = normalize_rows(queries)
     best = torch.empty(len(q), 0)
     best_idx = torch.empty(len(q), 0, dtype=torch.int64)
     for start in range(0, len(vectors), chunk):
-        v = vectors[start : start + chunk].float()
-        s = q @ (v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
+        s = q @ normalize_rows(vectors[start : start + chunk]).T  # (Q, m)
         merged = torch.cat([best, s], dim=1)
-        idx = torch.cat([best_idx, torch.arange(start, start + len(v)).expand(len(q), -1)], dim=1)
+        idx = torch.cat([best_idx, torch.arange(start, start + s.shape[1]).expand(len(q), -1)], dim=1)
         best, top = torch.topk(merged, min(k, merged.shape[1]), dim=1)
         best_idx = idx.gather(1, top)
     return best_idx
@@ -221,7 +222,7 @@ def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Names
     n = len(vectors)
     g = torch.Generator().manual_seed(1)
     sample = torch.randperm(n, generator=g)[:100].sort().values
-    queries = torch.as_tensor(vectors[sample]).float()
+    queries = torch.as_tensor(vectors[sample])  # float32 or float64: normalised without overflow
     k = min(10, n)
     truth = inputs.model.ids[_float_topk(vectors, queries, k)]
     t0 = time.perf_counter()
@@ -266,17 +267,23 @@ def add_search_args(parser: argparse.ArgumentParser) -> None:
                         help="oversampling factor: k * rescore candidates rescored with the float query "
                              "(default: the store's; 1: no rescoring)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per query")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the store's sha256 checksums (verified by default: reads the whole file once; "
+                             "a corrupted store then gives wrong scores silently)")
 
 
 def run_search(artifact_path: Path, args: argparse.Namespace) -> int:
-    """``polyquant search``: load the store memory-mapped, embed or read the queries, print the top k."""
-    from .data import load_vectors, read_texts
+    """``polyquant search``: load the store memory-mapped (checksums verified unless ``--no-verify``), embed or
+    read the queries, print the top k."""
+    from .data import MAX_READ_BYTES, load_vectors, read_texts
 
     prog = f"polyquant search {artifact_path}"
     if (args.query is None) == (args.queries is None):
         raise _cli_error("give either a query text or --queries FILE", prog)
+    if args.queries is not None and not args.queries.endswith((".txt", ".npy")):
+        raise _cli_error(f"--queries {args.queries}: expected a .npy or .txt file", prog)
     try:
-        store = EmbeddingStore.load(artifact_path, mmap=True)
+        store = EmbeddingStore.load(artifact_path, mmap=True, verify=args.verify)
     except ArtifactError as e:
         raise _cli_error(str(e), prog) from None
     try:
@@ -285,10 +292,8 @@ def run_search(artifact_path: Path, args: argparse.Namespace) -> int:
             texts = [args.query]
         elif args.queries.endswith(".txt"):
             texts = read_texts(args.queries)[0]
-        elif args.queries.endswith(".npy"):
-            queries = load_vectors(args.queries)
-        else:
-            raise ValueError(f"--queries {args.queries}: expected a .npy or .txt file")
+        else:  # regular files of at most MAX_READ_BYTES only: a FIFO named q.npy is refused, not waited on
+            queries = load_vectors(args.queries, max_bytes=MAX_READ_BYTES)
         if texts is not None:
             if store.embedder is None:
                 raise ValueError("this store was built from vectors, not texts: pass the query vectors as "

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .corpus import MODEL_NAME
+from .store import normalize_rows  # norms that cannot overflow (3e38 entries)
 
 __all__ = ["EmbeddingTable", "build_model", "EMBEDDERS"]
 
@@ -53,10 +54,8 @@ class EmbeddingTable(nn.Module):
         return int(self.vectors.shape[1])
 
     def forward(self, queries: Tensor) -> Tensor:
-        q = queries.float()
-        q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        v = self.vectors.float()
-        return q @ (v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)).T  # (Q, N)
+        q = normalize_rows(queries.reshape(-1, queries.shape[-1])).reshape(queries.shape)
+        return q @ normalize_rows(self.vectors).T  # (Q, N)
 
     def model_config(self) -> dict[str, Any]:
         """How ``build_model`` rebuilds this table's shape."""

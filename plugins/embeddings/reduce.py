@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .formats import MAX_MAGNITUDE, check_values
+
 __all__ = ["REDUCTIONS", "Reducer", "fit_reducer"]
 
 REDUCTIONS = ("none", "pca", "random", "truncate")
@@ -66,6 +68,8 @@ class Reducer:
         for name, (t, shape) in expected.items():
             if t is not None and (tuple(t.shape) != shape or t.dtype != torch.float32):
                 raise ValueError(f"reduction {name} must be float32 {shape}, got {t.dtype} {tuple(t.shape)}")
+            if t is not None:  # a fit gives entries of order 1 (unit vectors): NaN / Inf / 3e38 are damage
+                check_values(t, f"reduce.{name}", -MAX_MAGNITUDE, MAX_MAGNITUDE)
 
     def documents(self, x: Tensor) -> Tensor:
         """Reduce stored vectors: (N, in_dim) -> (N, out_dim) float32."""

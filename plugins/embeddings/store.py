@@ -17,9 +17,16 @@ Storage: every per-vector array (codes, fp8 row scales, ids, live flags, optiona
 row buffer, in RAM or, with ``workdir``, in a memory-mapped file there (grown in place), so a store larger than RAM
 builds chunk by chunk. ``save`` writes a polyquant artifact (``polyquant.save``: codes, codec and reduction tensors
 as first-class entries, ``ids`` int64 and ``live`` bool tensors, the config in the manifest); ``load(mmap=True)``
-maps the file instead of reading it (``polyquant.artifact.load(mmap=True)``), so searching a large store reads only
-the pages a scan touches. A memory-mapped store is copy-on-write: deleting or updating changes pages in memory,
-never the file, until it is saved; adding to it copies the mapped rows into a growable buffer first.
+maps the file instead of reading it (``polyquant.artifact.load(mmap=True)``), so a store larger than RAM can be
+searched. A memory-mapped store is copy-on-write: deleting or updating changes pages in memory, never the file,
+until it is saved; adding to it copies the mapped rows into a growable buffer first.
+
+Damage: ``load`` verifies every tensor's sha256 by default, also memory-mapped (one pass over the file, about the
+cost of one search: ``benchmarks/store_verify.py``; ``verify=False`` / ``polyquant search --no-verify`` skip it).
+Whether verified or not, the codec and reduction tensors must be finite and bounded (``formats.check_values``) and
+no live id may appear twice, at load; a live vector whose codes score NaN / Inf, an original vector that is not a
+unit vector and decoded codes that are not finite are refused where a search reads them. Each is a ``ValueError``
+naming the tensor (``ArtifactError`` naming the file from ``load``), never a NaN score.
 
 Search scans the codes chunk by chunk with a running top-k (``Codec.scores``: int8 GEMM, float matmul, or Hamming
 top-k for binary codes), skipping deleted vectors (tombstones). With ``rescore`` r > 1 it keeps k * r candidates
@@ -46,7 +53,7 @@ from .configs import EmbeddingConfig, method_name
 from .formats import Codec, PreparedQueries, fit_codec
 from .reduce import Reducer, fit_reducer
 
-__all__ = ["EmbeddingStore", "PLUGIN", "prepare_queries", "unit_rows"]
+__all__ = ["EmbeddingStore", "PLUGIN", "normalize_rows", "prepare_queries", "unit_rows"]
 
 PLUGIN = "embeddings"
 _MIN_CAPACITY = 1024  # rows of a new buffer
@@ -54,24 +61,40 @@ _ID_CHUNK = 1 << 20  # ids scanned per step (delete, update, duplicate checks)
 _BIG = torch.iinfo(torch.int64).max
 
 
+def normalize_rows(x: Tensor) -> Tensor:
+    """Rows of ``x`` (N, D) float scaled to unit L2 norm, as float32; zero rows stay zero, NaN / Inf rows are not
+    checked (``unit_rows`` refuses them). A row whose norm overflows (entries near 3e38: the squares are infinite)
+    or underflows is divided by its largest entry first, so any finite row keeps its direction; float64 rows are
+    normalised before the cast, so 1e300 rows do too. Other rows are x / ||x|| as computed directly."""
+    x = x if x.dtype == torch.float64 else x.float()
+    norms = x.norm(dim=1, keepdim=True)  # (N, 1)
+    extreme = ~torch.isfinite(norms) | (norms < torch.finfo(x.dtype).tiny ** 0.5)
+    if bool(extreme.any()):
+        peak = x.abs().amax(dim=1, keepdim=True)
+        scaled = x / torch.where(peak > 0, peak, 1)  # entries in [-1, 1], the largest +-1
+        x = torch.where(extreme, scaled, x)
+        norms = torch.where(extreme, scaled.norm(dim=1, keepdim=True), norms)
+    return (x / torch.where(norms > 0, norms, 1)).float()
+
+
 def unit_rows(x: Tensor, what: str, dim: int, *, first_row: int = 0) -> Tensor:
-    """``x`` (N, dim) as float32 unit rows; ``ValueError`` (one line) for a wrong shape, NaN / Inf or a zero row
-    (rows are numbered from ``first_row`` in the message)."""
+    """``x`` (N, dim) as float32 unit rows (``normalize_rows``); ``ValueError`` (one line) for a wrong shape,
+    NaN / Inf or a zero row (rows are numbered from ``first_row`` in the message). Any finite non-zero row is
+    accepted, 3e38 entries included."""
     if not isinstance(x, Tensor):
         x = torch.as_tensor(np.asarray(x))
     if x.dim() != 2 or x.shape[1] != dim or not (x.dtype.is_floating_point or x.shape[0] == 0):
         raise ValueError(f"{what} must be float vectors (N, {dim}), got {x.dtype} {tuple(x.shape)}")
-    x = x.float()
+    x = x if x.dtype == torch.float64 else x.float()
     bad = ~torch.isfinite(x).all(dim=1)
     if bool(bad.any()):
         first = first_row + int(bad.nonzero()[0])
         raise ValueError(f"{what}: {int(bad.sum())} vectors contain NaN or Inf (first: row {first})")
-    norms = x.norm(dim=1, keepdim=True)
-    zero = norms[:, 0] == 0
+    zero = ~x.bool().any(dim=1)
     if bool(zero.any()):
         raise ValueError(f"{what}: {int(zero.sum())} vectors are zero and have no direction (first: row "
-                         f"{int(zero.nonzero()[0])})")
-    return x / norms
+                         f"{first_row + int(zero.nonzero()[0])})")
+    return normalize_rows(x)
 
 
 def prepare_queries(queries: Tensor | np.ndarray, reducer: Reducer, codec: Codec) -> tuple[Tensor, PreparedQueries]:
@@ -362,13 +385,23 @@ class EmbeddingStore(nn.Module):
         return (self._rows["codes"].view(start, stop), None if rs is None else rs.view(start, stop),
                 self._rows["live"].view(start, stop))
 
+    def _checked(self, scores: Tensor, live: Tensor, start: int) -> Tensor:
+        """``scores`` (Q, m) of slots ``start``.., or ``ValueError`` if a live vector scores NaN / Inf: its codes
+        (or row scale) are damaged (the codec and reducer are checked at load, so nothing else can cause it)."""
+        bad = ~torch.isfinite(scores).all(dim=0) & live.to(scores.device)
+        if bool(bad.any()):
+            names = "'codes' / 'row_scale'" if self.codec.row_scaled else "'codes'"
+            raise ValueError(f"the store is damaged: the vector in slot {start + int(bad.nonzero()[0])} (tensor "
+                             f"{names}) scores NaN or Inf")
+        return scores
+
     def forward(self, queries: Tensor) -> Tensor:
         """Scores (Q, len(self)) of queries against every live vector in storage order, computed on the codes."""
         _, prep = self._prepare(queries)
         parts = []
         for start in range(0, self.slots, self.chunk_size):
             codes, row_scale, live = self._chunk(start, min(start + self.chunk_size, self.slots))
-            parts.append(self.codec.scores(prep, codes, row_scale)[:, live])
+            parts.append(self._checked(self.codec.scores(prep, codes, row_scale), live, start)[:, live])
         return torch.cat(parts, dim=1) if parts else torch.empty(len(prep.bias), 0)
 
     def search(self, queries: Tensor, k: int = 10, *, rescore: int | None = None) -> tuple[Tensor, Tensor]:
@@ -406,7 +439,7 @@ class EmbeddingStore(nn.Module):
         for start in range(0, self.slots, self.chunk_size):
             stop = min(start + self.chunk_size, self.slots)
             codes, row_scale, live = self._chunk(start, stop)
-            s = self.codec.scores(prep, codes, row_scale).cpu()  # (Q, m)
+            s = self._checked(self.codec.scores(prep, codes, row_scale), live, start).cpu()  # (Q, m)
             if not bool(live.all()):
                 s[:, ~live] = -math.inf
             top = torch.topk(s, min(k, stop - start), dim=1)
@@ -442,10 +475,16 @@ class EmbeddingStore(nn.Module):
         unique, inverse = torch.unique(slots, return_inverse=True)
         if "originals" in self._rows:
             x, query, offset = self._rows["originals"].gather(unique), q, torch.zeros(len(q))  # (U, D)
+            bad = ~((x.norm(dim=1) - 1).abs() <= 1e-3)  # stored unit rows; NaN, Inf or 3e38 is damage
+            what = "tensor 'originals': not a unit vector"
         else:
             codes = self._rows["codes"].gather(unique)
             row_scale = self._rows["row_scale"].gather(unique) if "row_scale" in self._rows else None
             x, query, offset = self.codec.decode(codes, row_scale), prep.reduced.cpu(), prep.offset.cpu()  # (U, D')
+            bad = ~torch.isfinite(x).all(dim=1)
+            what = "tensor 'codes': decodes to NaN or Inf"
+        if bool(bad.any()):
+            raise ValueError(f"the store is damaged: the vector in slot {int(unique[bad][0])} ({what})")
         block = max(1, (1 << 24) // (slots.shape[1] * x.shape[1]))  # queries per step: <= 2^24 gathered values
         return torch.cat([offset[i : i + block, None] + torch.einsum("qd,qcd->qc", query[i : i + block],
                                                                       x[inverse[i : i + block]])
@@ -483,7 +522,10 @@ class EmbeddingStore(nn.Module):
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], *, config: EmbeddingConfig, dim: int,
                      embedder: str | None = None, state: dict[str, Any] | None = None) -> EmbeddingStore:
-        """Rebuild a store from ``tensors()`` output (``ValueError`` naming the problem if they do not fit)."""
+        """Rebuild a store from ``tensors()`` output; ``ValueError`` naming the tensor if they do not fit: names,
+        dtypes and shapes, the codec and reduction values (``Codec``, ``Reducer``: finite and bounded), a live id
+        held twice, the manifest's counts. The per-vector data (codes, row scales, originals) is checked where a
+        search reads it (``search``), not here: a memory-mapped store is not read whole at load."""
         scale = getattr(config, "scale", "none")
         out_dim = config.reduced_dim(dim)
         reducer = Reducer(kind=config.reduce, in_dim=dim, out_dim=out_dim, matrix=tensors.get("reduce.matrix"),
@@ -501,6 +543,10 @@ class EmbeddingStore(nn.Module):
             if t.dtype != dtype or tuple(t.shape) != (n, *shape):
                 raise ValueError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {(n, *shape)}")
         store._init_rows({name: tensors[name] for name in layout})
+        live_ids, counts = torch.unique(store.ids(), return_counts=True)  # deleted slots may repeat an id
+        if bool((counts > 1).any()):
+            twice = live_ids[counts > 1]
+            raise ValueError(f"tensor 'ids' holds {len(twice)} live ids more than once (first: {int(twice[0])})")
         store._dead = n - sum(int(live.sum()) for _, live in store._id_chunks())
         store._next_id = max((int(c.max()) + 1 for c, _ in store._id_chunks()), default=0)
         if state is not None and (state.get("slots"), state.get("live")) != (n, len(store)):
@@ -523,17 +569,30 @@ class EmbeddingStore(nn.Module):
                               model_config=self.model_config())
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, mmap: bool = False) -> EmbeddingStore:
-        """Load a saved store; ``mmap=True`` maps the file (no checksums, see ``polyquant.artifact.load``) instead
-        of reading it. ``polyquant.artifact.ArtifactError`` for a damaged file or one that is not a store."""
+    def load(cls, path: str | os.PathLike[str], *, mmap: bool = False, verify: bool = True) -> EmbeddingStore:
+        """Load a saved store (``polyquant.artifact.load``).
+
+        Args:
+            path: the store's file.
+            mmap: map the file instead of reading it (searches read the pages they touch).
+            verify: check every tensor's sha256. A read load always does; with ``mmap`` it reads the whole file
+                once through the mapping (``benchmarks/store_verify.py`` measures the cost), and ``verify=False``
+                skips it: a corrupted store then gives wrong scores silently.
+
+        The codec and reduction tensors and the ids are checked either way (``from_tensors``). Raises
+        ``polyquant.artifact.ArtifactError`` naming the file for a damaged file or one that is not a store.
+        """
         from polyquant.api import from_artifact
         from polyquant.artifact import ArtifactError
         from polyquant.artifact import load as load_artifact
 
-        art = load_artifact(path, mmap=mmap)
+        art = load_artifact(path, mmap=mmap, verify=verify if mmap else None)
         if art.plugin != PLUGIN:
             raise ArtifactError(f"{path}: not an embedding store (plugin {art.plugin!r}, method {art.method!r})")
-        store = from_artifact(art).model
+        try:
+            store = from_artifact(art).model
+        except ArtifactError as e:
+            raise ArtifactError(f"{path}: {e}") from None
         assert isinstance(store, cls)
         return store
 

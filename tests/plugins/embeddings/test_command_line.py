@@ -58,7 +58,7 @@ def test_search_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         ([], "either a query text or --queries FILE"),
         (["--queries", str(tmp_path / "q3.npy")], "queries must be float vectors \\(N, 8\\)"),
         (["--queries", str(tmp_path / "v.npy"), "-k", "0"], "k must be a positive integer"),
-        (["--queries", str(tmp_path / "missing.npy")], "missing.npy: cannot read a .npy array"),
+        (["--queries", str(tmp_path / "missing.npy")], "missing.npy: cannot read file \\(No such file"),
     ]
     for argv, message in cases:
         code, _, err = run(capsys, "search", str(store), *argv)
@@ -163,3 +163,76 @@ def test_bad_inputs_are_one_line_errors_that_leave_files_intact(tmp_path: Path,
         assert code == 2 and len(err.strip().splitlines()) == 1, (argv, err)
         assert re.search(message, err), err
     assert digests() == before
+
+
+@pytest.mark.usefixtures("deadline")
+def test_fifos_named_like_inputs_are_refused_without_blocking(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Every file the commands read is opened as artifacts are (``polyquant.artifact.open_regular``): a FIFO named
+    ``*.npy`` / ``*.txt`` is a one-line usage error at once (before, ``--input`` / ``--queries`` waited forever for
+    a writer). The deadline fixture fails the test instead of hanging on a regression."""
+    import os
+
+    np.save(tmp_path / "v.npy", example_vectors(50, 8).numpy())
+    store = tmp_path / "s.pqs"
+    assert run(capsys, "quantize", "embeddings/int8", "--input", str(tmp_path / "v.npy"), "--quiet",
+               "--out", str(store))[0] == 0
+    for name in ("x.npy", "x.txt"):
+        fifo = tmp_path / name
+        os.mkfifo(fifo)
+        for argv in (["quantize", "embeddings/int8", "--input", str(fifo), "--quiet"],
+                     ["search", str(store), "--queries", str(fifo)]):
+            code, out, err = run(capsys, *argv)
+            assert code == 2 and not out and err.count("\n") == 1, err
+            assert err.endswith(f": error: {fifo}: is a FIFO, not a regular file\n"), err
+
+
+def test_huge_finite_vectors_quantize_and_search(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Vectors with 3e38 entries (float32) or 1e300 (float64) keep their direction: before, the float32 norm
+    overflowed (all codes 0, all scores 0.0000, exit 0) or the float64 rows became inf (a NaN / Inf error)."""
+    x = example_vectors(200, 16, seed=4).numpy()
+    for name, array in [("huge32", x * np.float32(3e38)), ("huge64", x.astype(np.float64) * 1e300)]:
+        np.save(tmp_path / f"{name}.npy", array)
+        np.save(tmp_path / f"{name}_q.npy", array[[3, 150]])
+        store = tmp_path / f"{name}.pqs"
+        code, out, err = run(capsys, "quantize", "embeddings/int8", "--input", str(tmp_path / f"{name}.npy"),
+                             "--calib-size", "100", "--quiet", "--out", str(store))
+        assert code == 0, err
+        overlap = float(re.search(r"overlap@10 with the float neighbours of 100 stored vectors: ([\d.]+)", out)[1])
+        assert overlap > 0.8
+        code, out, err = run(capsys, "search", str(store), "--queries", str(tmp_path / f"{name}_q.npy"), "-k", "2",
+                             "--json")
+        assert code == 0, err
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert [r["ids"][0] for r in rows] == [3, 150] and all(r["scores"][0] > 0.95 for r in rows)
+
+
+def test_search_verifies_the_store_unless_told_not_to(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A byte flipped in the codes: ``polyquant search`` (memory-mapped) refuses the store by default, as
+    ``polyquant load`` does; ``--no-verify`` is the opt-out. A forged store with valid checksums but a NaN step is
+    refused either way, naming the file and the tensor."""
+    from polyquant.artifact import load as load_artifact
+    from polyquant.artifact import save as save_artifact
+
+    x = example_vectors(100, 8, seed=5).numpy()
+    np.save(tmp_path / "v.npy", x)
+    np.save(tmp_path / "q.npy", x[:2])
+    store = tmp_path / "s.pqs"
+    assert run(capsys, "quantize", "embeddings/int8", "--input", str(tmp_path / "v.npy"), "--quiet",
+               "--out", str(store))[0] == 0
+    art = load_artifact(store)
+    art.tensors["codec.step"][2] = float("nan")
+    forged = save_artifact(art, tmp_path / "forged.pqs")
+    data = bytearray(store.read_bytes())
+    data[-150] ^= 0x10  # a code byte (data order: ids, codec.step, codes, live (100 bytes))
+    flipped = tmp_path / "flipped.pqs"
+    flipped.write_bytes(bytes(data))
+    search = ["--queries", str(tmp_path / "q.npy"), "-k", "2"]
+    for argv, message in [([str(flipped), *search], f"{flipped}: checksum mismatch for tensor 'codes'"),
+                          ([str(forged), *search], f"{forged}: not a valid int8 embedding store: codec.step must be "
+                                                   "finite"),
+                          ([str(forged), *search, "--no-verify"], "codec.step must be finite")]:
+        code, out, err = run(capsys, "search", *argv)
+        assert code == 2 and not out and err.count("\n") == 1 and message in err, err
+    assert run(capsys, "search", str(flipped), *search, "--no-verify")[0] == 0  # the documented opt-out
+    assert run(capsys, "search", str(store), *search)[0] == 0

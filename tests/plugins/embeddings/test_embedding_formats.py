@@ -200,3 +200,19 @@ def test_fit_codec_rejects_bad_input() -> None:
         fit_codec(T([[1.0, 2.0]]), "int8", center=True)
     with pytest.raises(ValueError, match="binary: offset must be float32 \\(2,\\)"):
         Codec(format="binary", dim=2, step=T([1.0, 1.0]), offset=T([0.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("step", [float("nan"), 0.0, -1.0, float("inf"), 3e38, 1e-13])
+def test_codec_refuses_steps_that_cannot_come_from_a_fit(step: float) -> None:
+    """A step outside [1e-12, 1e6] (NaN, 0, negative, Inf, 3e38, below the fit's eps) would decode or score to
+    NaN / Inf or collapse every code: ``ValueError`` naming the tensor, as it is named in a store artifact."""
+    good = torch.full((4,), 0.01)
+    for fmt, offset in (("int8", None), ("uint8", torch.zeros(4)), ("binary", None)):
+        Codec(format=fmt, dim=4, step=good, offset=offset)
+        bad = good.clone()
+        bad[1] = step
+        with pytest.raises(ValueError, match="^codec.step must be finite and in \\[1e-12, 1e\\+06\\]: 1 entries are "
+                                             "not \\(first: entry 1 = "):
+            Codec(format=fmt, dim=4, step=bad, offset=offset)
+    with pytest.raises(ValueError, match="^codec.offset must be finite"):
+        Codec(format="uint8", dim=4, step=good, offset=torch.tensor([0.0, 0.0, 3e38, 0.0]))

@@ -86,3 +86,14 @@ def test_bad_reductions_are_refused() -> None:
         Reducer(kind="random", in_dim=4, out_dim=2, matrix=torch.zeros(4, 2))
     with pytest.raises(ValueError, match="keeps 1..4 dims"):
         Reducer(kind="truncate", in_dim=4, out_dim=5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 3e38])
+def test_reducer_refuses_non_finite_or_huge_tensors(value: float) -> None:
+    matrix, mean = torch.eye(3)[:2].contiguous(), torch.zeros(3)
+    Reducer(kind="pca", in_dim=3, out_dim=2, matrix=matrix, mean=mean)
+    for name in ("matrix", "mean"):
+        bad_matrix, bad_mean = matrix.clone(), mean.clone()
+        (bad_matrix if name == "matrix" else bad_mean).view(-1)[1] = value
+        with pytest.raises(ValueError, match=f"^reduce.{name} must be finite and in \\[-1e\\+06, 1e\\+06\\]"):
+            Reducer(kind="pca", in_dim=3, out_dim=2, matrix=bad_matrix, mean=bad_mean)

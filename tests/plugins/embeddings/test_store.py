@@ -296,3 +296,119 @@ def test_old_binary_configs_load_uncentred() -> None:
 
 def test_fit_honours_center() -> None:
     assert _store(BinaryConfig(center=True)).codec.centred
+
+
+# --- damaged and forged stores (issue 21) -----------------------------------------------------------------------
+
+
+def _forged(path: Path, out: Path, name: str, index: tuple[int, ...], value: float | int) -> Path:
+    """A copy of the store at ``path`` with one entry of tensor ``name`` changed and fresh, valid checksums (only
+    the value checks can refuse it)."""
+    art = load_artifact(path)
+    t = art.tensors[name].clone()
+    t[index] = value
+    art.tensors[name] = t
+    return save_artifact(art, out)
+
+
+FORGED_CODEC = [("codec.step", v) for v in (float("nan"), 0.0, -0.5, float("inf"), 3e38)] + [
+    ("codec.offset", float("nan")), ("codec.offset", 3e38), ("reduce.matrix", float("nan")),
+    ("reduce.matrix", float("-inf")), ("reduce.matrix", 3e38), ("reduce.mean", float("nan")),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), FORGED_CODEC, ids=[f"{n}={v}" for n, v in FORGED_CODEC])
+def test_forged_codec_and_reduction_tensors_are_refused_at_load(tmp_path: Path, name: str, value: float) -> None:
+    path = _store(UInt8Config(reduce="pca", keep=0.5), n=50).save(tmp_path / "s.pqs")
+    forged = _forged(path, tmp_path / "f.pqs", name, (3,) if name != "reduce.matrix" else (3, 7), value)
+    for load in (lambda: EmbeddingStore.load(forged), lambda: EmbeddingStore.load(forged, mmap=True),
+                 lambda: EmbeddingStore.load(forged, mmap=True, verify=False)):
+        with pytest.raises(ArtifactError, match=f"^{forged}: not a valid uint8 embedding store: {name} must be "
+                                                "finite and in .*: 1 entries are not \\(first: entry "):
+            load()
+
+
+def test_codec_step_bounds_are_what_a_fit_gives() -> None:
+    """The bounds refuse no fitted codec: the smallest fitted step (a constant calibration dimension) is the fit's
+    eps, in float32."""
+    x = X[:50].clone()
+    x[:, 5] = 0.25  # a dimension with no range: step clamped to eps
+    for config in (UInt8Config(), Int4Config(reduce="random", keep=0.5), Int8Config(), BinaryConfig(center=True),
+                   FP8E4M3Config(scale="dimension")):
+        store = EmbeddingStore.fit(x, config=config)
+        assert store.codec.step is not None and bool((store.codec.step > 0).all())
+
+
+def test_duplicate_live_ids_are_refused_at_load_but_a_deleted_id_may_return(tmp_path: Path) -> None:
+    path = _store(Int8Config(), n=20).save(tmp_path / "s.pqs")
+    forged = _forged(path, tmp_path / "f.pqs", "ids", (3,), 4)
+    for mmap in (False, True):
+        with pytest.raises(ArtifactError, match=f"^{forged}: .*tensor 'ids' holds 1 live ids more than once "
+                                                "\\(first: 4\\)"):
+            EmbeddingStore.load(forged, mmap=mmap)
+    store = EmbeddingStore.load(path)
+    store.delete(torch.tensor([4]))
+    store.add(X[30:31], ids=torch.tensor([4]))  # slot 4 (deleted) and slot 20 both hold id 4
+    again = EmbeddingStore.load(store.save(tmp_path / "again.pqs"), mmap=True)
+    assert sorted(again.ids().tolist()) == list(range(20)) and again.search(X[30:31], 1)[1].item() == 4
+
+
+@pytest.mark.parametrize("value", [float("nan"), 3e38], ids=["nan", "3e38"])
+def test_forged_originals_are_refused_where_rescoring_reads_them(tmp_path: Path, value: float) -> None:
+    path = _store(Int8Config(keep_originals=True, rescore=2), n=50).save(tmp_path / "s.pqs")
+    forged = _forged(path, tmp_path / "f.pqs", "originals", (7, 2), value)
+    store = EmbeddingStore.load(forged, mmap=True)
+    with pytest.raises(ValueError, match="the store is damaged: the vector in slot 7 \\(tensor 'originals': not a "
+                                         "unit vector\\)"):
+        store.search(X[7:8], 3)
+    assert store.search(X[7:8], 3, rescore=1)[1][0, 0].item() == 7  # the codes themselves are fine
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_codes_are_refused_where_a_scan_reads_them(tmp_path: Path, value: float) -> None:
+    path = _store(Float16Config(rescore=2), n=50).save(tmp_path / "s.pqs")
+    forged = _forged(path, tmp_path / "f.pqs", "codes", (9, 0), value)
+    store = EmbeddingStore.load(forged, mmap=True)
+    for call in (lambda: store.search(X[:2], 3), lambda: store.search(X[:2], 3, rescore=1), lambda: store(X[:2])):
+        with pytest.raises(ValueError, match="the store is damaged: the vector in slot 9 \\(tensor 'codes'\\) "
+                                             "scores NaN or Inf"):
+            call()
+    store.delete(torch.tensor([9]))  # a deleted vector is never scored, so it is no longer an error
+    assert 9 not in store.search(X[:2], 3)[1].flatten().tolist()
+
+
+def test_corrupted_bytes_are_found_by_the_default_verification(tmp_path: Path) -> None:
+    """A byte flip in the codes: the memory-mapped load verifies the checksums by default; ``verify=False`` is the
+    documented opt-out (the flip is then silent)."""
+    path = _store(Int8Config(), n=50).save(tmp_path / "s.pqs")
+    data = bytearray(path.read_bytes())
+    data[-300] ^= 0x40  # inside the codes (data order: ids, codec.step, codes (3,200 bytes), live (50 bytes))
+    path.write_bytes(bytes(data))
+    for mmap in (False, True):
+        with pytest.raises(ArtifactError, match=f"^{path}: checksum mismatch for tensor"):
+            EmbeddingStore.load(path, mmap=mmap)
+    assert len(EmbeddingStore.load(path, mmap=True, verify=False)) == 50
+
+
+def test_huge_and_tiny_finite_vectors_keep_their_direction() -> None:
+    """3e38 entries overflow a direct norm (x / inf = 0: all codes 0, all scores 0); 1e-30 entries underflow it
+    (taken for zero vectors); float64 1e300 does not fit float32 at all. Each is normalised to the same unit rows
+    as the plain vectors, in the store (add, search), the float table and ``unit_rows``."""
+    from polyquant.plugins.embeddings.models import EmbeddingTable
+    from polyquant.plugins.embeddings.store import unit_rows
+
+    x = X[:50]
+    for scaled in (x * 3e38, x * 1e-30, x.double() * 1e300, x.double() * 1e-300):
+        torch.testing.assert_close(unit_rows(scaled, "v", D), x, rtol=0, atol=1e-6)
+        torch.testing.assert_close(EmbeddingTable(vectors=scaled)(scaled), EmbeddingTable(vectors=x)(x),
+                                   rtol=0, atol=1e-5)
+    plain = EmbeddingStore.fit(x, config=Int8Config())
+    plain.add(x)
+    huge = EmbeddingStore.fit(x * 3e38, config=Int8Config())
+    huge.add(x * 3e38)
+    torch.testing.assert_close(huge.codec.step, plain.codec.step)
+    scores, ids = huge.search(x[:5] * 3e38, 3, rescore=1)
+    plain_scores, plain_ids = plain.search(x[:5], 3, rescore=1)
+    assert ids[:, 0].tolist() == list(range(5)) and torch.equal(ids, plain_ids)
+    torch.testing.assert_close(scores, plain_scores, rtol=0, atol=1e-3)
+    assert bool((scores[:, 0] > 0.9).all())
