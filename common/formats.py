@@ -14,6 +14,9 @@ as ``torch.round`` and differentiable through ``round_ste``.
 | BinaryFormat  | -1, +1                                                   | no         |
 | TableFormat   | any 2^b values: code c is values[c] (NF4, FP4DiT grids)  | no         |
 
+``round`` keeps NaN (NaN in, NaN out) and saturates +-Inf; ``encode`` refuses NaN and values off the grid, and
+``decode`` refuses codes the format does not have, with a ``ValueError`` (one reduction each).
+
 Formats are frozen dataclasses and are looked up by name with ``get_format("int4")``, ``get_format("e2m1")``,
 ``get_format("log2_4")``, ``get_format("binary")``, ``get_format("nf4")``. ``list_formats()`` names them all.
 ``format_to_dict`` / ``format_from_dict`` write and read any format as JSON (artifacts record their formats so).
@@ -51,6 +54,16 @@ __all__ = [
 def round_ste(x: Tensor) -> Tensor:
     """Round half to even in the forward pass; identity gradient (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
+
+
+def _check_range(t: Tensor, lo: float, hi: float, what: str) -> None:
+    """``ValueError`` unless every element of ``t`` lies in [lo, hi] (NaN does not): one reduction, one read-back.
+    Meta tensors (shapes without data) pass."""
+    if t.numel() == 0 or t.is_meta:
+        return
+    mn, mx = torch.aminmax(t.detach().reshape(-1))
+    if not bool((mn >= lo) & (mx <= hi)):
+        raise ValueError(f"{what} must lie in [{lo:g}, {hi:g}], got values in [{float(mn):g}, {float(mx):g}]")
 
 
 def _check_bits(bits: int, lo: int, hi: int, what: str) -> None:
@@ -99,10 +112,14 @@ class IntFormat:
         return round_ste(torch.clamp(x, self.qmin, self.qmax))
 
     def encode(self, q: Tensor) -> Tensor:
-        """Grid values -> unsigned codes 0 .. 2^bits - 1 (offset binary for signed formats)."""
+        """Grid values -> unsigned codes 0 .. 2^bits - 1 (offset binary for signed formats); NaN or values outside
+        [qmin, qmax] are a ``ValueError`` (``round`` first)."""
+        _check_range(q, self.qmin, self.qmax, f"{self.name}: encode takes grid values (call round() first), which")
         return (q.round().to(torch.int32) - self.qmin).to(torch.uint8)
 
     def decode(self, codes: Tensor) -> Tensor:
+        """Codes 0 .. 2^bits - 1 -> grid values (float32); other codes are a ``ValueError``."""
+        _check_range(codes, 0, 2**self.bits - 1, f"{self.name}: codes")
         return codes.to(torch.float32) + self.qmin
 
 
@@ -201,9 +218,9 @@ class FloatFormat:
         return torch.exp2(e - self.man_bits)
 
     def round(self, x: Tensor) -> Tensor:
+        x = torch.clamp(x, -self.max_value, self.max_value)  # saturate first: the step of +-Inf would be Inf
         step = self._step(x)
-        q = torch.round(x / step) * step  # round half to even on the mantissa
-        return torch.clamp(q, -self.max_value, self.max_value).to(x.dtype)
+        return (torch.round(x / step) * step).to(x.dtype)  # round half to even on the mantissa
 
     def round_ste(self, x: Tensor) -> Tensor:
         x = torch.clamp(x, -self.max_value, self.max_value)
@@ -225,7 +242,9 @@ class FloatFormat:
         return grid_codes[idx]
 
     def decode(self, codes: Tensor) -> Tensor:
-        """Bit patterns -> values (float32, NaN for the special patterns), on ``codes``' device."""
+        """Bit patterns -> values (float32, NaN for the special patterns), on ``codes``' device; codes outside
+        0 .. 2^bits - 1 are a ``ValueError``."""
+        _check_range(codes, 0, 2**self.bits - 1, f"{self.name}: codes")
         return _fp_tables(self, codes.device)[2][codes.long()]
 
     def _pattern_value(self, code: int) -> float:
@@ -361,24 +380,37 @@ class LogFormat:
         k = k.clamp(0, self.levels - 1)
         mag = self.magnitude(k) if self.base_ratio is not None else torch.exp2(-k * self.base_log2)
         mag = torch.where(flush | (x == 0), torch.zeros_like(mag), mag)
-        out = mag * torch.sign(x) if self.signed else torch.where(x > 0, mag, torch.zeros_like(mag))
+        out = mag * torch.sign(x) if self.signed else torch.where(x < 0, torch.zeros_like(mag), mag)  # NaN stays
         return out.to(x.dtype)
 
     def round_ste(self, x: Tensor) -> Tensor:
         return x + (self.round(x) - x).detach()
 
     def encode(self, q: Tensor) -> Tensor:
-        """Grid values -> codes: k for base^-k; zero gets code ``levels`` (one more than n bits can hold)."""
+        """Grid values -> codes: k for base^-k; zero gets code ``levels`` (one more than n bits can hold).
+
+        NaN, negative values and values off the levels are a ``ValueError`` (``round`` first).
+        """
         if self.signed:
             raise ValueError("encode of signed log formats is not supported")
+        what = f"{self.name}: encode takes grid values (call round() first), which"
+        _check_range(q, 0.0, 1.0, what)
         if self.lut:
-            grid = self.magnitude(torch.arange(self.levels, dtype=torch.float32))  # decreasing in k
-            idx = (grid[None, :] == q.float().reshape(-1, 1)).float().argmax(dim=1).reshape(q.shape)
+            grid = self.magnitude(torch.arange(self.levels, dtype=torch.float32, device=q.device))  # decreasing in k
+            hits = grid[None, :] == q.float().reshape(-1, 1)  # (N, levels)
+            if bool(((q.reshape(-1) != 0) & ~hits.any(dim=1)).any()):
+                raise ValueError(f"{what} must be levels of {self.name}; got values that are not")
+            idx = hits.float().argmax(dim=1).reshape(q.shape)
             return torch.where(q == 0, torch.full_like(idx, self.levels), idx).to(torch.int32)
         k = self.exponent(q)
-        return torch.where(q == 0, torch.full_like(k, self.levels), k).to(torch.int32)
+        codes = torch.where(q == 0, torch.full_like(k, self.levels), k)
+        _check_range(codes, 0, self.levels, f"{what} (as exponents k of base^-k)")
+        return codes.to(torch.int32)
 
     def decode(self, codes: Tensor) -> Tensor:
+        """Codes -> values (float32): base^-k for k < levels, 0 for k >= levels; negative codes are a
+        ``ValueError``."""
+        _check_range(codes, 0, math.inf, f"{self.name}: codes")
         if self.base_ratio is not None:
             mag = self.magnitude(codes.clamp(0, self.levels - 1))
         else:
@@ -480,7 +512,7 @@ class BinaryFormat:
         return torch.tensor([-1.0, 1.0])
 
     def round(self, x: Tensor) -> Tensor:
-        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+        return torch.where(x >= 0, torch.ones_like(x), x.clamp(-1.0, -1.0))  # NaN stays NaN (clamp keeps it)
 
     def round_ste(self, x: Tensor) -> Tensor:
         # Clipped STE (BinaryConnect): gradient 1 where |x| <= 1.
@@ -488,9 +520,14 @@ class BinaryFormat:
         return clipped + (self.round(x) - clipped).detach()
 
     def encode(self, q: Tensor) -> Tensor:
+        """+1 -> 1, -1 -> 0; anything else (NaN, 0, ...) is a ``ValueError`` (``round`` first)."""
+        if q.numel() and not bool(((q == 1) | (q == -1)).all()):
+            raise ValueError("binary: encode takes -1 / +1 (call round() first); got other values")
         return (q > 0).to(torch.uint8)
 
     def decode(self, codes: Tensor) -> Tensor:
+        """Codes 0 / 1 -> -1 / +1; other codes are a ``ValueError``."""
+        _check_range(codes, 0, 1, "binary: codes")
         return codes.float() * 2 - 1
 
 
@@ -564,9 +601,12 @@ class TableFormat:
     def round(self, x: Tensor) -> Tensor:
         grid = self.grid().to(x.device)
         if grid.numel() == 1:
-            return torch.full_like(x, float(grid[0]))
-        mids = (grid[1:] + grid[:-1]) / 2
-        idx = torch.searchsorted(mids, x.float().contiguous(), right=False)  # x == mid goes to the lower value
+            return torch.where(torch.isnan(x), x, torch.full_like(x, float(grid[0])))
+        # x == mid goes to the lower value; NaN sorts after the +inf sentinel (searchsorted tests !(mid >= x)), onto
+        # the NaN appended to the grid: NaN stays NaN at no cost
+        mids = torch.cat([(grid[1:] + grid[:-1]) / 2, grid.new_full((1,), math.inf)])
+        grid = torch.cat([grid, grid.new_full((1,), math.nan)])
+        idx = torch.searchsorted(mids, x.float().contiguous(), right=False)
         return grid[idx].to(x.dtype)
 
     def round_ste(self, x: Tensor) -> Tensor:
@@ -585,10 +625,8 @@ class TableFormat:
 
     def decode(self, codes: Tensor) -> Tensor:
         """Codes -> values (float32); a code past the table is an error."""
-        c = codes.long()
-        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= len(self.values)):
-            raise ValueError(f"{self.name}: codes must lie in [0, {len(self.values)})")
-        return self.table(codes.device)[c]
+        _check_range(codes, 0, len(self.values) - 1, f"{self.name}: codes")
+        return self.table(codes.device)[codes.long()]
 
 
 Format = Union[IntFormat, FloatFormat, LogFormat, TwinUniformFormat, BinaryFormat, TableFormat]

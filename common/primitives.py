@@ -14,11 +14,28 @@ One ``block_size`` argument covers every granularity. A block is the set of elem
 Scales and zero points are stored with the *scale shape* above (one entry per block, same rank as the input),
 so ``x.view(blocked) * scale.view(blocked)`` broadcasts. Use the ``Granularity`` dataclasses and
 ``block_size_for`` to get a ``block_size`` without counting dimensions by hand.
+
+What is checked (``ValueError`` each, naming the problem):
+
+| function            | refuses                                                                       |
+|---------------------|-------------------------------------------------------------------------------|
+| every one           | a ``block_size`` of the wrong rank or not dividing the shape; scales / zero    |
+|                     | points without one entry per block (e.g. per-token scales of another batch)    |
+| choose_qparams      | an empty tensor, NaN / Inf inputs                                             |
+| qparams_from_minmax | NaN / Inf statistics, ``eps <= 0``, a range whose scale overflows float32       |
+| quantize_tensor     | NaN inputs (+-Inf saturate), scales that are not positive and finite, NaN /    |
+|                     | Inf zero points (one reduction; on an accelerator one device sync per call)   |
+| fake_quantize       | the same scale / zero-point values, for CPU tensors only: on an accelerator it |
+|                     | is the per-forward path and a check would sync; there a zero scale gives NaN   |
+
+NaN inputs of ``fake_quantize`` and ``dequantize`` propagate to NaN outputs. An empty input gives an empty
+result (its scale is not used).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
@@ -133,9 +150,13 @@ def _axis(axis: int, ndim: int) -> int:
 
 def _check_block(shape: Sequence[int], block_size: Sequence[int]) -> None:
     if len(block_size) != len(shape):
-        raise ValueError(f"block_size {tuple(block_size)} must have one entry per dimension of shape {tuple(shape)}")
+        raise ValueError(f"block_size {tuple(block_size)} must have one entry per dimension of shape {tuple(shape)}"
+                         f" ({len(block_size)} entries for {len(shape)} dimensions)")
     for s, b in zip(shape, block_size):
-        if b < 1 or s % b:
+        if b < 1:
+            empty = " (an empty tensor has no blocks)" if s == 0 else ""
+            raise ValueError(f"block_size {tuple(block_size)} must be positive{empty}, for shape {tuple(shape)}")
+        if s % b:
             raise ValueError(f"block_size {tuple(block_size)} does not divide shape {tuple(shape)}")
 
 
@@ -171,8 +192,19 @@ def block_reduce(x: Tensor, block_size: Sequence[int], op: str) -> Tensor:
     return out.reshape(scale_shape(x.shape, block_size))
 
 
-def block_expand(p: Tensor, shape: Sequence[int], block_size: Sequence[int]) -> Tensor:
-    """Broadcast per-block parameters ``p`` (scale shape) back to the full ``shape``."""
+def block_expand(p: Tensor, shape: Sequence[int], block_size: Sequence[int], *, what: str = "parameters") -> Tensor:
+    """Broadcast per-block parameters ``p`` (scale shape) back to the full ``shape``.
+
+    ``p`` may have any shape with one entry per block (read in the order of the scale shape); anything else is a
+    ``ValueError`` that names ``what`` (e.g. "scale") and the expected scale shape.
+    """
+    blocks = scale_shape(shape, block_size)
+    if p.numel() != math.prod(blocks):
+        raise ValueError(
+            f"{what} of shape {tuple(p.shape)} has {p.numel()} entries, but block_size {tuple(block_size)} on a "
+            f"tensor of shape {tuple(shape)} has {math.prod(blocks)} blocks: expected the scale shape {blocks} "
+            "(parameters computed for another input shape, e.g. per-token scales of another batch, do not fit)"
+        )
     view, _ = _blocked_view(shape, block_size)
     pv = p.reshape([v if i % 2 == 0 else 1 for i, v in enumerate(view)])
     return pv.expand(view).reshape(tuple(shape))
@@ -191,9 +223,16 @@ def qparams_from_minmax(
     Symmetric: scale = max(|min|, |max|) / fmt.max_value (for unsigned INT: max / qmax), zero point 0.
     Asymmetric (INT only): the range is widened to include 0, scale = (max - min) / (qmax - qmin),
     zero_point = qmin - round(min / scale), clamped to [qmin, qmax].
-    Zero-range blocks (all zeros) get scale ``eps``: they dequantize to exactly 0.
+    Zero-range blocks (all zeros) get scale ``eps`` (> 0): they dequantize to exactly 0. Ranges up to the float32
+    limit (+-3.4e38) give finite scales; a scale that would still overflow (1-bit formats, formats whose largest
+    value is below 1) is a ``ValueError``, as are NaN / Inf statistics.
     """
     fmt = get_format(fmt)
+    if not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
+        raise ValueError(f"eps must be a positive finite number (the scale of an all-zero block), got {eps!r}")
+    if min_val.shape != max_val.shape:
+        raise ValueError(f"min_val and max_val must have the same shape, got {tuple(min_val.shape)} and "
+                         f"{tuple(max_val.shape)}")
     min_val = min_val.float()
     max_val = max_val.float()
     if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
@@ -208,15 +247,25 @@ def qparams_from_minmax(
             amax = torch.maximum(min_val.abs(), max_val.abs())
             denom = fmt.qmax if isinstance(fmt, IntFormat) else fmt.max_value
             scale = amax / denom
-        scale = scale.clamp_min(eps)
+        scale = _finite_scale(scale.clamp_min(eps), fmt)
         return scale, torch.zeros_like(scale)
     if not isinstance(fmt, IntFormat):
         raise ValueError(f"asymmetric quantization needs an integer format, got {fmt.name}")
     lo = torch.minimum(min_val, torch.zeros_like(min_val))
     hi = torch.maximum(max_val, torch.zeros_like(max_val))
-    scale = ((hi - lo) / (fmt.qmax - fmt.qmin)).clamp_min(eps)
+    levels = fmt.qmax - fmt.qmin
+    scale = (hi - lo) / levels
+    # hi - lo overflows float32 beyond 3.4e38 (e.g. [-3e38, 3e38]); hi / n - lo / n does not (same bits elsewhere).
+    scale = torch.where(torch.isfinite(scale), scale, hi / levels - lo / levels)
+    scale = _finite_scale(scale.clamp_min(eps), fmt)
     zero_point = torch.clamp(fmt.qmin - torch.round(lo / scale), fmt.qmin, fmt.qmax)
     return scale, zero_point
+
+
+def _finite_scale(scale: Tensor, fmt: Format) -> Tensor:
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"the quantization range is too large for {fmt.name}: its scale overflows float32")
+    return scale
 
 
 def choose_qparams(
@@ -237,15 +286,48 @@ def choose_qparams(
     )
 
 
+def _check_params(scale: Tensor, zero_point: Tensor | None, q: Tensor | None = None) -> None:
+    """Scales positive and finite, zero points finite, grid values ``q`` free of NaN: a ``ValueError`` naming
+    what is wrong. Cheap: the scales' min / max and the sums of the (small) zero points and of ``q``, read back
+    together (one device sync). With valid parameters ``q`` is NaN exactly where the input is (``round`` keeps
+    NaN and saturates +-Inf); a NaN sum is confirmed element-wise (grid values of +-3e38 may sum to Inf - Inf)."""
+    if zero_point is None and q is None and scale.numel() == 1:  # the common per-tensor case: one read-back
+        lo = hi = float(scale.detach())
+        if not (lo > 0 and hi < math.inf):
+            raise ValueError(f"scales must be positive and finite, got {lo:.3g}")
+        return
+    stats = [*torch.aminmax(scale.detach().float().reshape(-1))]
+    if zero_point is not None:
+        stats.append(zero_point.detach().float().sum())
+    if q is not None:
+        stats.append(q.detach().sum(dtype=torch.float32))
+    lo, hi, *sums = torch.stack(stats).tolist()
+    if not (lo > 0 and hi < math.inf):
+        raise ValueError(f"scales must be positive and finite, got values in [{lo:.3g}, {hi:.3g}] "
+                         "(a zero scale divides by zero; qparams_from_minmax gives all-zero blocks eps)")
+    if zero_point is not None and not math.isfinite(sums[0]) and not bool(torch.isfinite(zero_point).all()):
+        raise ValueError("zero points must be finite, got NaN or Inf")
+    if q is not None and math.isnan(sums[-1]) and bool(torch.isnan(q).any()):
+        raise ValueError("input contains NaN: it has no quantized value (+-Inf saturate)")
+
+
 def quantize_tensor(x: Tensor, fmt: Format | str, scale: Tensor, zero_point: Tensor | None, block_size: Sequence[int]) -> Tensor:
     """Map ``x`` onto the format's grid: q = round(x / scale + zero_point), clamped / saturated (the zero point is
     added before rounding; the kernels follow the same order).
 
     Returns grid values as float32 (integers for INT formats); ``fmt.encode`` turns them into codes.
+    ``ValueError`` for NaN in ``x`` (it has no code), for scales that are not positive and finite and for NaN /
+    Inf zero points; +-Inf and values beyond the range saturate. An empty ``x`` gives an empty result.
     """
     fmt = get_format(fmt)
-    s = block_expand(scale.float(), x.shape, block_size)
-    q = fmt.round(x.float() / s + (0 if zero_point is None else block_expand(zero_point.float(), x.shape, block_size)))
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    s = block_expand(scale.float(), x.shape, block_size, what="scale")
+    v = x.float() / s
+    if zero_point is not None:
+        v = v + block_expand(zero_point.float(), x.shape, block_size, what="zero point")
+    q = fmt.round(v)
+    _check_params(scale, zero_point, q)
     if isinstance(fmt, IntFormat):
         return q
     if zero_point is not None and bool((zero_point != 0).any()):
@@ -261,9 +343,12 @@ def dequantize(
     *,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """x_hat = (q - zero_point) * scale."""
-    s = block_expand(scale.float(), q.shape, block_size)
-    out = q.float() if zero_point is None else q.float() - block_expand(zero_point.float(), q.shape, block_size)
+    """x_hat = (q - zero_point) * scale. An empty ``q`` gives an empty result; NaN parameters give NaN."""
+    if q.numel() == 0:
+        return torch.empty(q.shape, dtype=dtype, device=q.device)
+    s = block_expand(scale.float(), q.shape, block_size, what="scale")
+    out = q.float() if zero_point is None else q.float() - block_expand(
+        zero_point.float(), q.shape, block_size, what="zero point")
     return (out * s).to(dtype)
 
 
@@ -275,15 +360,20 @@ def fake_quantize(
     Gradients also reach ``scale`` (as in LSQ), so reconstruction can learn step sizes. Computed in float32 for
     every input dtype, as ``quantize_tensor`` and ``dequantize`` are, so the result equals
     ``dequantize(quantize_tensor(x, ...), ...)`` exactly; the output has the dtype of a floating-point ``x``
-    (float32 for integer inputs). An empty ``x`` is returned as it is (cast to that dtype).
+    (float32 for integer inputs). An empty ``x`` is returned as it is (cast to that dtype). NaN in ``x`` gives
+    NaN. Scales on the CPU must be positive and finite (``ValueError``); on an accelerator they are not checked
+    (the check would sync the device on every forward) and a zero scale gives NaN.
     """
     fmt = get_format(fmt)
     out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
     if x.numel() == 0:
         return x.to(out_dtype)
     xf = x.float()
-    s = block_expand(scale.float(), x.shape, block_size)
-    if zero_point is None or not fmt.supports_zero_point:
+    s = block_expand(scale.float(), x.shape, block_size, what="scale")
+    zp = zero_point if fmt.supports_zero_point else None
+    if scale.device.type == "cpu":
+        _check_params(scale, zp)
+    if zp is None:
         return (fmt.round_ste(xf / s) * s).to(out_dtype)
-    z = block_expand(zero_point.float(), x.shape, block_size)
+    z = block_expand(zp.float(), x.shape, block_size, what="zero point")
     return ((fmt.round_ste(xf / s + z) - z) * s).to(out_dtype)

@@ -232,3 +232,64 @@ def test_twin_uniform_format_by_hand() -> None:
     assert get_format(f) is f and not f.supports_zero_point and f.name == "twin2_3"
     with pytest.raises(ValueError, match="bits"):
         TwinUniformFormat(1)
+
+
+# --- issue 21, class 5: NaN / Inf and codes off the format -----------------------------------------------------
+
+_EVERY_KIND = ["int4", "uint4", "e2m1", "e4m3", "e5m2", "log2_4", "logsqrt2_3", "binary", "nf4"]
+
+
+def _every_format() -> list:  # type: ignore[type-arg]
+    from polyquant.formats import TableFormat, TwinUniformFormat
+
+    return [get_format(n) for n in _EVERY_KIND] + [
+        LogFormat(3, signed=True), LogFormat(4, base_ratio=(27, 37), lut=True), TwinUniformFormat(4, 2),
+        TwinUniformFormat(4, 1, signed=True), TableFormat((0.5,) * 2),
+    ]
+
+
+@pytest.mark.parametrize("fmt", _every_format(), ids=lambda f: f.name)
+def test_round_keeps_nan_and_saturates_inf(fmt) -> None:  # type: ignore[no-untyped-def]
+    # NaN used to become 0 (log), 1.0 (nf4) or -1 (binary); e2m1 / e4m3 gave NaN for +-Inf.
+    out = fmt.round(torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38]))
+    assert torch.isnan(out[0])
+    assert torch.isfinite(out[1:]).all()
+    grid = fmt.grid()
+    assert out[1] == grid.max() and out[3] == grid.max()
+
+
+@pytest.mark.parametrize("name", ["int4", "uint4", "log2_4", "binary", "e2m1", "nf4"])
+def test_encode_refuses_nan(name: str) -> None:
+    # int4 gave code 8 for NaN, log2_4 gave -2147483648, binary gave code 0.
+    with pytest.raises(ValueError, match="NaN|nan|not on the grid|not in the table|other values"):
+        get_format(name).encode(torch.tensor([0.0, float("nan")]))
+
+
+def test_encode_refuses_values_off_the_grid() -> None:
+    with pytest.raises(ValueError, match=r"int4: encode .* \[-8, 7\], got values in \[-9, 20\]"):
+        IntFormat(4).encode(torch.tensor([20.0, -9.0]))  # codes 28 and 255 before
+    with pytest.raises(ValueError, match="log2_4: encode"):
+        get_format("log2_4").encode(torch.tensor([0.5, 3.0]))  # code -2 before
+    with pytest.raises(ValueError, match="log2_4: encode"):
+        get_format("log2_4").encode(torch.tensor([-0.5]))  # the code of +0.5 before
+    with pytest.raises(ValueError, match="log2_4: encode"):
+        get_format("log2_4").encode(torch.tensor([2.0**-20]))  # code 20, not a level of 4 bits
+    lut = LogFormat(4, base_ratio=(27, 37), lut=True)
+    with pytest.raises(ValueError, match="levels"):
+        lut.encode(torch.tensor([0.3]))  # code 0 (the level 1.0) before
+    with pytest.raises(ValueError, match="binary"):
+        BinaryFormat().encode(torch.tensor([0.0]))
+    for fmt in (IntFormat(4), IntFormat(2, signed=False), get_format("log2_4"), lut, BinaryFormat()):
+        grid = fmt.grid()
+        assert torch.equal(fmt.decode(fmt.encode(grid)), grid)
+
+
+@pytest.mark.parametrize("name, bad", [("int4", 16), ("uint2", 4), ("e2m1", 16), ("e4m3", -1), ("log2_4", -1),
+                                       ("binary", 2), ("nf4", 16)])
+def test_decode_refuses_codes_the_format_lacks(name: str, bad: int) -> None:
+    # int4 code 16 gave 8 (> qmax), e2m1 code 16 an IndexError, e4m3 code -1 wrapped to the last pattern (NaN),
+    # log code -1 gave 2.0 (> 1), binary code 2 gave 3.
+    fmt = get_format(name)
+    with pytest.raises(ValueError, match="codes must lie in"):
+        fmt.decode(torch.tensor([0, bad]))
+    assert fmt.decode(torch.empty(0, dtype=torch.uint8)).numel() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from polyquant.formats import FloatFormat, get_format
 from polyquant.primitives import (
     PerChannel,
     PerGroup,
@@ -188,3 +189,116 @@ def test_fake_quantize_empty_input() -> None:
     x = torch.empty(0, 8, dtype=torch.float16)
     out = fake_quantize(x, "int8", torch.ones(1, 1), None, block_size_for(PerTensor(), x.shape))
     assert out.shape == (0, 8) and out.dtype == torch.float16
+
+
+# --- issue 21, class 5: silently wrong numbers ------------------------------------------------------------------
+
+
+def test_huge_range_gives_a_finite_scale() -> None:
+    # max - min overflowed float32 for a [-3e38, 3e38] range: an infinite scale, so every value quantized to 0.
+    x = torch.tensor([[-3e38, 0.0, 3e38]])
+    scale, zp = choose_qparams(x, "int8", (1, 3), symmetric=False)
+    assert torch.isfinite(scale).all() and scale.item() == pytest.approx(6e38 / 255, rel=1e-6)
+    y = fake_quantize(x, "int8", scale, zp, (1, 3))
+    torch.testing.assert_close(y, x, rtol=1e-2, atol=scale.item())
+    s2, _ = qparams_from_minmax(torch.tensor(-1.0), torch.tensor(2.0), "int8", symmetric=False)
+    assert torch.equal(s2, (torch.tensor(2.0) - torch.tensor(-1.0)) / 255)  # bits unchanged where max - min is finite
+
+
+def test_scale_that_overflows_is_refused() -> None:
+    tiny_max = FloatFormat(2, 1, bias=10)  # largest value 2^-7 * 1.5: a 3e38 range needs a scale of 2.6e40
+    with pytest.raises(ValueError, match="too large for e2m1_b10: its scale overflows"):
+        qparams_from_minmax(torch.tensor(-3e38), torch.tensor(3e38), tiny_max)
+    with pytest.raises(ValueError, match="too large for int1"):
+        qparams_from_minmax(torch.tensor(-3e38), torch.tensor(3e38), "int1", symmetric=False)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-8, float("nan"), float("inf")])
+def test_eps_must_be_positive(eps: float) -> None:
+    # eps=0 gave an all-zero block scale 0, and fake-quant NaN.
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        choose_qparams(torch.zeros(2, 2), "int8", (1, 2), eps=eps)
+
+
+def test_min_max_of_different_shapes_refused() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        qparams_from_minmax(torch.zeros(3, 1), torch.ones(1, 3), "int8")  # broadcast to (3, 3) before
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+def test_scale_must_be_positive_and_finite(bad: float) -> None:
+    # scale 0 gave NaN (quantize_tensor, fake_quantize); -0.5 mirrored the grid; Inf gave 0 everywhere.
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    scale = torch.tensor([[0.1], [bad]])
+    with pytest.raises(ValueError, match="scales must be positive and finite"):
+        quantize_tensor(x, "int4", scale, None, (1, 2))
+    with pytest.raises(ValueError, match="scales must be positive and finite"):
+        fake_quantize(x, "int4", scale, None, (1, 2))
+    with pytest.raises(ValueError, match="scales must be positive and finite"):
+        fake_quantize(x, "int4", torch.tensor(bad), None, (2, 2))  # the one-element fast path
+
+
+def test_zero_point_must_be_finite() -> None:
+    x = torch.tensor([[0.0, 1.0]])
+    with pytest.raises(ValueError, match="zero points must be finite"):
+        quantize_tensor(x, "uint4", torch.ones(1, 1), torch.tensor([[float("nan")]]), (1, 2))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "uint8", "e2m1", "e4m3", "log2_4", "nf4", "binary"])
+def test_quantize_refuses_nan_and_saturates_inf(fmt: str) -> None:
+    # NaN was returned as NaN (int: then code 8 after encode) or as a grid value (log: 0, nf4: 1.0, binary: -1);
+    # Inf gave NaN for FP formats.
+    one = torch.ones(1, 1)
+    with pytest.raises(ValueError, match="input contains NaN"):
+        quantize_tensor(torch.tensor([[1.0, float("nan")]]), fmt, one, None, (1, 2))
+    q = quantize_tensor(torch.tensor([[float("inf"), 3e38]]), fmt, torch.full((1, 1), 1e-3), None, (1, 2))
+    grid = get_format(fmt).grid()
+    assert q.tolist() == [[grid.max().item()] * 2]
+
+
+def test_fake_quantize_nan_propagates() -> None:
+    out = fake_quantize(torch.tensor([1.0, float("nan")]), "int8", torch.tensor([0.1]), None, (2,))
+    assert out[0] == pytest.approx(1.0) and torch.isnan(out[1])
+
+
+def test_empty_tensor_per_tensor() -> None:
+    # quantize_tensor and dequantize of an empty tensor raised ZeroDivisionError (block size 0).
+    x = torch.empty(0, 4)
+    bs = block_size_for(PerTensor(), x.shape)
+    q = quantize_tensor(x, "int8", torch.ones(1, 1), None, bs)
+    assert q.shape == (0, 4) and q.dtype == torch.float32
+    y = dequantize(q, torch.ones(1, 1), torch.zeros(1, 1), bs, dtype=torch.float16)
+    assert y.shape == (0, 4) and y.dtype == torch.float16
+    with pytest.raises(ValueError, match="an empty tensor has no blocks"):
+        scale_shape(x.shape, bs)
+
+
+def test_per_token_scales_of_another_batch_refused() -> None:
+    # PerToken scales are (B, T, 1): a batch of another size raised a raw RuntimeError from reshape.
+    x2, x3 = torch.randn(2, 5, 8), torch.randn(3, 5, 8)
+    scale, zp = choose_qparams(x2, "int8", block_size_for(PerToken(), x2.shape))
+    bs3 = block_size_for(PerToken(), x3.shape)
+    match = r"scale of shape \(2, 5, 1\) has 10 entries, .* has 15 blocks: expected the scale shape \(3, 5, 1\)"
+    for call in (lambda: fake_quantize(x3, "int8", scale, None, bs3),
+                 lambda: quantize_tensor(x3, "int8", scale, None, bs3),
+                 lambda: dequantize(x3, scale, None, bs3)):
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(ValueError, match="zero point of shape"):
+        quantize_tensor(x3, "int8", torch.ones(3, 5, 1), zp, bs3)
+
+
+def test_wrong_rank_block_size_and_wrong_size_scale_refused() -> None:
+    x = torch.randn(3, 4)
+    for call in (lambda: quantize_tensor(x, "int4", torch.ones(1, 1), None, (3,)),
+                 lambda: fake_quantize(x, "int4", torch.ones(1, 1), None, (3,)),
+                 lambda: dequantize(x, torch.ones(1, 1), None, (3,))):
+        with pytest.raises(ValueError, match=r"one entry per dimension .* \(1 entries for 2 dimensions\)"):
+            call()
+    with pytest.raises(ValueError, match=r"scale of shape \(5, 1\) .* expected the scale shape \(3, 1\)"):
+        quantize_tensor(x, "int4", torch.ones(5, 1), None, (1, 4))
+    with pytest.raises(ValueError, match="does not divide"):
+        fake_quantize(x, "int4", torch.ones(3, 1), None, (1, 3))
+    # Any shape with one entry per block is still read in the scale shape's order.
+    assert torch.equal(fake_quantize(x, "int4", torch.full((3,), 0.1), None, (1, 4)),
+                       fake_quantize(x, "int4", torch.full((3, 1), 0.1), None, (1, 4)))
