@@ -6,8 +6,9 @@
 | percentile  | lower / upper percentile of each batch (EMA'd)    | min-max of the clipped range               |
 | mse         | min / max plus a bounded sample of the data       | clipping ratio by grid search on the MSE   |
 
-Every observer rejects NaN / Inf in its input with a ``ValueError`` and refuses to produce qparams before it
-has seen data.
+Every observer rejects NaN / Inf in its input with a ``ValueError``, refuses a batch whose blocks differ from the
+earlier batches' (per-token statistics of another batch size), and refuses to produce qparams before it has seen
+data. Values up to the float32 limit (3e38) give finite statistics and scales.
 """
 
 from __future__ import annotations
@@ -75,9 +76,21 @@ class Observer:
         bs = self.block_size(x)
         return block_reduce(x, bs, "amin"), block_reduce(x, bs, "amax")
 
+    def _batch_stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Checked input -> this batch's per-block statistics, refused unless they match the earlier batches'."""
+        lo, hi = self._stats(x)
+        if self.min_val is not None and lo.shape != self.min_val.shape:
+            where = f" {self.name}" if self.name else ""
+            raise ValueError(
+                f"observer{where}: a batch of shape {tuple(x.shape)} has blocks {tuple(lo.shape)}, the earlier "
+                f"batches {tuple(self.min_val.shape)}; statistics per block need the same blocks in every batch "
+                "(per-token statistics need the same batch and token counts: quantize such inputs dynamically)"
+            )
+        return lo, hi
+
     def update(self, x: Tensor) -> None:
         x = self._check(x)
-        lo, hi = self._stats(x)
+        lo, hi = self._batch_stats(x)
         if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = lo, hi
         elif self.averaging is None:
@@ -135,13 +148,12 @@ class PercentileObserver(Observer):
             return
         # Plain running mean of per-batch percentiles (what most PTQ code does).
         x = self._check(x)
-        lo, hi = self._stats(x)
+        lo, hi = self._batch_stats(x)
         if self.min_val is None or self.max_val is None:
             self.min_val, self.max_val = lo, hi
         else:
-            n = self.batches
-            self.min_val = (self.min_val * n + lo) / (n + 1)
-            self.max_val = (self.max_val * n + hi) / (n + 1)
+            self.min_val = _running_mean(self.min_val, lo, self.batches)
+            self.max_val = _running_mean(self.max_val, hi, self.batches)
         self.batches += 1
 
 
@@ -207,6 +219,13 @@ class MSEObserver(Observer):
             best_scale = torch.where(better, s.flatten(), best_scale)
             best_zp = torch.where(better, z.flatten(), best_zp)
         return best_scale.reshape(scale.shape), best_zp.reshape(zp.shape)
+
+
+def _running_mean(mean: Tensor, new: Tensor, n: int) -> Tensor:
+    """(mean * n + new) / (n + 1); where mean * n overflows float32 (3e38 statistics), mean * n / (n + 1) +
+    new / (n + 1) instead (the same bits everywhere else)."""
+    out = (mean * n + new) / (n + 1)
+    return torch.where(torch.isfinite(out), out, mean * (n / (n + 1)) + new / (n + 1))
 
 
 def _blocks_as_rows(x: Tensor, block_size: Sequence[int]) -> Tensor:

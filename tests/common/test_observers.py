@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polyquant.observers import MinMaxObserver, MSEObserver, PercentileObserver, make_observer
-from polyquant.primitives import PerChannel, PerTensor, block_size_for, fake_quantize
+from polyquant.primitives import PerChannel, PerTensor, PerToken, block_size_for, fake_quantize
 
 
 def test_minmax_running_across_batches() -> None:
@@ -77,3 +77,31 @@ def test_observer_errors() -> None:
         make_observer("kl", "int8", PerTensor())
     with pytest.raises(ValueError, match="percentile"):
         PercentileObserver("int8", PerTensor(), percentile=10.0)
+
+
+@pytest.mark.parametrize("kind", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("averaging", [None, 0.5])
+def test_per_token_batches_of_another_size_refused(kind: str, averaging: float | None) -> None:
+    # Issue 21, class 5: per-token statistics of batches of 2 then 3 raised a raw RuntimeError (broadcast), and a
+    # batch of 1 after 2 was broadcast silently into statistics of the wrong tokens.
+    for second in (3, 1):
+        obs = make_observer(kind, "int8", PerToken(), averaging=averaging, name="blocks.0.attn.input")
+        obs.update(torch.randn(2, 5, 8))
+        with pytest.raises(ValueError, match=r"blocks.0.attn.input: a batch of shape \(%d, 5, 8\) has blocks "
+                                              r"\(%d, 5, 1\), the earlier batches \(2, 5, 1\)" % (second, second)):
+            obs.update(torch.randn(second, 5, 8))
+        obs.update(torch.randn(2, 5, 8))  # the same blocks still merge
+        assert obs.calculate_qparams()[0].shape == (2, 5, 1)
+
+
+@pytest.mark.parametrize("kind", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_huge_values_give_finite_scales(kind: str, symmetric: bool) -> None:
+    # Issue 21, class 5: a [-3e38, 3e38] range gave an infinite asymmetric scale (max - min overflowed), and the
+    # percentile mean over batches (mean * n) overflowed too.
+    obs = make_observer(kind, "int8", PerTensor(), symmetric=symmetric, percentile=100.0)
+    for _ in range(3):
+        obs.update(torch.tensor([[-3e38, 1.0, 3e38]]))
+    scale, zp = obs.calculate_qparams()
+    assert torch.isfinite(scale).all() and (scale > 0).all() and torch.isfinite(zp).all()
+    assert obs.min_val.item() == pytest.approx(-3e38) and obs.max_val.item() == pytest.approx(3e38)
