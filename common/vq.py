@@ -14,6 +14,8 @@ Every quantizer maps ``(..., dim)`` vectors to integer codes and back:
 
 Codebooks are buffers updated by exponential moving averages of assigned counts and sums, never by gradients.
 k-means, ``fit``, ``set_codebook`` and training forwards refuse NaN / Inf vectors (one would poison a codebook row).
+``decode`` refuses codes outside [0, K) (ResidualVQ: [-1, K), -1 = a skipped stage), non-integer codes and codes of
+the wrong shape with a ``ValueError`` (one reduction over the codes).
 """
 
 from __future__ import annotations
@@ -50,6 +52,17 @@ def _check_finite(x: Tensor, what: str) -> None:
     bad = int((~torch.isfinite(x)).any(dim=-1).sum()) if x.numel() else 0
     if bad:
         raise ValueError(f"{what}: {bad} vectors contain NaN or Inf; clean the data before training the codebook")
+
+
+def _check_codes(codes: Tensor, lo: int, k: int, what: str) -> None:
+    """``ValueError`` unless ``codes`` are integers in [lo, k): one reduction. (-2 wrapped or was read as a skipped
+    stage, and K an IndexError, before.)"""
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"{what}: codes must be integers, got {codes.dtype}")
+    if codes.numel():
+        mn, mx = torch.aminmax(codes)
+        if not bool((mn >= lo) & (mx < k)):
+            raise ValueError(f"{what}: codes must lie in [{lo}, {k}), got values in [{int(mn)}, {int(mx)}]")
 
 
 def _block_rows(b: int, k: int, batch_size: int | None) -> int:
@@ -315,8 +328,13 @@ class VectorQuantizer(nn.Module):
         return codes[0].view(x.shape[:-1])
 
     def decode(self, codes: Tensor) -> Tensor:
-        """Codebook vectors of ``codes``: (...,) -> (..., dim)."""
-        return F.embedding(codes, self.embed)
+        """Codebook vectors of ``codes``: (...,) integers in [0, codebook_size) -> (..., dim)."""
+        _check_codes(codes, 0, self.codebook_size, "VectorQuantizer.decode")
+        return self._lookup(codes)
+
+    def _lookup(self, codes: Tensor) -> Tensor:
+        """``decode`` without the check, for codes this quantizer made."""
+        return F.embedding(codes.long(), self.embed)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Quantize ``x`` (..., dim); in training mode also update the codebook. Returns (x_hat, codes, loss)."""
@@ -326,7 +344,7 @@ class VectorQuantizer(nn.Module):
         if self.training and not bool(self.initted):
             self.fit(flat)
         codes = self.encode(flat)  # (N,)
-        q = self.decode(codes).to(x.dtype)  # (N, D)
+        q = self._lookup(codes).to(x.dtype)  # (N, D)
         if self.training:
             self._ema_update(flat.detach(), codes)
         loss = self.commitment_weight * F.mse_loss(flat, q.detach()) if flat.numel() else flat.sum()
@@ -418,7 +436,7 @@ class ResidualVQ(nn.Module):
         residual = x.reshape(-1, self.dim)
         for layer in self.layers:
             layer.fit(residual, iters=iters)
-            residual = residual - layer.decode(layer.encode(residual)).to(residual.dtype)
+            residual = residual - layer._lookup(layer.encode(residual)).to(residual.dtype)
         return self
 
     @torch.no_grad()
@@ -429,18 +447,23 @@ class ResidualVQ(nn.Module):
         codes = []
         for layer in self.layers[:n]:
             c = layer.encode(residual)
-            residual = residual - layer.decode(c).to(residual.dtype)
+            residual = residual - layer._lookup(c).to(residual.dtype)
             codes.append(c)
         return torch.stack(codes, dim=-1)
 
     def decode(self, codes: Tensor) -> Tensor:
-        """Sum of the stage codewords: (..., n) -> (..., dim) with n <= num_quantizers; code -1 means skipped."""
-        if codes.shape[-1] > self.num_quantizers:
-            raise ValueError(f"codes have {codes.shape[-1]} stages, this RVQ has {self.num_quantizers}")
+        """Sum of the stage codewords: (..., n) -> (..., dim) with n <= num_quantizers; code -1 means skipped.
+
+        Codes must lie in [-1, codebook_size) (``ValueError`` otherwise).
+        """
+        if codes.dim() == 0 or codes.shape[-1] > self.num_quantizers:
+            raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (..., n) with n <= {self.num_quantizers} "
+                             "stages")
+        _check_codes(codes, -1, self.layers[0].codebook_size, "ResidualVQ.decode")
         out = torch.zeros(*codes.shape[:-1], self.dim, dtype=self.layers[0].embed.dtype, device=codes.device)
         for i in range(codes.shape[-1]):
             c = codes[..., i]
-            out = out + self.layers[i].decode(c.clamp_min(0)) * (c >= 0)[..., None]
+            out = out + self.layers[i]._lookup(c.clamp_min(0)) * (c >= 0)[..., None]
         return out
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -530,6 +553,8 @@ class GroupedResidualVQ(nn.Module):
 
     def decode(self, codes: Tensor) -> Tensor:
         """(..., groups, n) -> (..., dim)."""
+        if codes.dim() < 2 or codes.shape[-2] != self.groups:
+            raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (..., groups={self.groups}, n)")
         return torch.cat([rvq.decode(codes[..., g, :]) for g, rvq in enumerate(self.rvqs)], dim=-1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -603,7 +628,10 @@ class ProductVQ(nn.Module):
 
     def decode(self, codes: Tensor) -> Tensor:
         """(..., num_subvectors) -> (..., dim)."""
-        return torch.cat([vq.decode(codes[..., m]) for m, vq in enumerate(self.quantizers)], dim=-1)
+        if codes.dim() == 0 or codes.shape[-1] != self.num_subvectors:
+            raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (..., num_subvectors={self.num_subvectors})")
+        _check_codes(codes, 0, self.quantizers[0].codebook_size, "ProductVQ.decode")
+        return torch.cat([vq._lookup(codes[..., m]) for m, vq in enumerate(self.quantizers)], dim=-1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Returns (x_hat, codes (..., num_subvectors), summed loss)."""

@@ -374,3 +374,42 @@ def test_set_codebook_rejects_non_finite() -> None:
     vq = VectorQuantizer(dim=4, codebook_size=32)
     with pytest.raises(ValueError, match="codebook: 1 vectors contain NaN or Inf"):
         vq.set_codebook(_poisoned())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# decode of codes the codebooks lack (issue 21, class 5)
+
+
+def test_vq_decode_refuses_codes_out_of_range() -> None:
+    vq = VectorQuantizer(dim=4, codebook_size=8, kmeans_init=False)
+    for bad in (-2, -1, 8):  # negative codes wrapped or raised IndexError, 8 raised IndexError
+        with pytest.raises(ValueError, match=r"VectorQuantizer.decode: codes must lie in \[0, 8\)"):
+            vq.decode(torch.tensor([0, bad]))
+    with pytest.raises(ValueError, match="codes must be integers"):
+        vq.decode(torch.tensor([0.0, 1.0]))
+    assert torch.equal(vq.decode(torch.tensor([3], dtype=torch.uint8)), vq.codebook[3:4])
+
+
+def test_rvq_decode_refuses_codes_out_of_range() -> None:
+    rvq = ResidualVQ(dim=4, num_quantizers=2, codebook_size=8, kmeans_init=False)
+    for bad in (-2, 8):  # -2 was read as a skipped stage, 8 raised IndexError
+        with pytest.raises(ValueError, match=r"ResidualVQ.decode: codes must lie in \[-1, 8\)"):
+            rvq.decode(torch.tensor([[1, bad]]))
+    assert torch.equal(rvq.decode(torch.tensor([[1, -1]])), rvq.decode(torch.tensor([[1]])))  # -1: skipped
+    with pytest.raises(ValueError, match="expected"):
+        rvq.decode(torch.tensor(1))
+
+
+def test_grouped_and_product_decode_refuse_codes_of_the_wrong_shape_or_range() -> None:
+    grvq = GroupedResidualVQ(dim=4, groups=2, num_quantizers=2, codebook_size=8, kmeans_init=False)
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., groups=2, n\)"):
+        grvq.decode(torch.zeros(5, 3, 2, dtype=torch.long))  # the third group was ignored
+    with pytest.raises(ValueError, match="codes must lie in"):
+        grvq.decode(torch.full((5, 2, 2), -2))
+    pvq = ProductVQ(dim=4, num_subvectors=2, codebook_size=8, kmeans_init=False)
+    with pytest.raises(ValueError, match=r"expected \(\.\.\., num_subvectors=2\)"):
+        pvq.decode(torch.zeros(5, 3, dtype=torch.long))  # the third sub-vector was ignored
+    with pytest.raises(ValueError, match=r"ProductVQ.decode: codes must lie in \[0, 8\)"):
+        pvq.decode(torch.tensor([[0, -1]]))
+    x = torch.randn(6, 4)
+    assert pvq.decode(pvq.encode(x)).shape == (6, 4) and grvq.decode(grvq.encode(x)).shape == (6, 4)
