@@ -31,6 +31,12 @@ Codes (what ``quantize`` returns, same shape as ``x``):
   - FloatFormat: ``fmt.encode(quantize_tensor(...))``, the bit pattern sign | exponent | mantissa as uint8 (the
     bits of torch.float8_e4m3fn / float8_e5m2 for the 8-bit formats); x / scale saturates at +-max, negative
     zero is stored as +0. x_hat = value(code) * scale. No zero point.
+
+Checks (``ValueError``): shapes and block sizes everywhere. Values: the references (the CPU path) refuse NaN inputs,
+scales that are not positive and finite and NaN / Inf zero points (the core's ``quantize_tensor``; dynamic
+quantization: NaN / Inf inputs); +-Inf inputs saturate. The Triton kernels check values only where that costs no
+device sync (a per-tensor scale given as a number): NaN / Inf inputs and bad tensor scales give unspecified codes
+there.
 """
 
 from __future__ import annotations
@@ -97,6 +103,12 @@ def _row_block_size(shape: Sequence[int], block_size: Sequence[int] | None) -> t
     if any(b != 1 for b in bs[:-1]):
         raise ValueError(f"dynamic quantization takes blocks along the last dim, (1, ..., 1, g); got {bs}")
     return bs
+
+
+def _check_number_scale(scale: Tensor | float) -> None:
+    """A scale given as a number must be positive and finite (checked on the host: no device sync)."""
+    if not isinstance(scale, Tensor) and not 0 < float(scale) < math.inf:
+        raise ValueError(f"scales must be positive and finite, got {scale!r}")
 
 
 def _as_blocks(p: Tensor | float, shape: Sequence[int], block_size: tuple[int, ...], device: torch.device) -> Tensor:
@@ -180,6 +192,8 @@ def quantize_dynamic_reference(
         return _empty_dynamic(x, fmt, block_size)
     bs = _row_block_size(x.shape, block_size)
     amax = block_reduce(x.float(), bs, "absmax")  # (..., K / g)
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("dynamic quantization: the input contains NaN or Inf (no absmax scale fits it)")
     # tensor / tensor: torch divides by a Python scalar on CUDA through its reciprocal, which is not exact
     scale = torch.where(amax > 0, amax / torch.full_like(amax, _symmetric_max(fmt)), torch.ones_like(amax))
     return quantize_reference(x, scale, fmt=fmt, block_size=bs), scale
@@ -395,6 +409,7 @@ def quantize_triton(
     fmt = _kernel_format(fmt)
     if zero_point is not None and isinstance(fmt, FloatFormat):
         raise ValueError(f"{fmt.name} takes no zero point")
+    _check_number_scale(scale)
     out = torch.empty(x.shape, dtype=_code_dtype(fmt), device=x.device)
     if x.numel() == 0:
         return out
@@ -498,6 +513,10 @@ def quantize(
 
     Returns:
         Codes, same shape as ``x``: int8 for signed integer formats, uint8 otherwise.
+
+    Raises:
+        ValueError: bad shapes; NaN inputs or scales that are not positive and finite (the Triton path checks only
+            a scale given as a number: module docstring).
     """
     if use_triton(x):
         return quantize_triton(x, scale, zero_point, fmt=fmt, block_size=block_size)

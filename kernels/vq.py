@@ -9,7 +9,9 @@ in chunks, so the N x K distance matrix is never materialized (torch's cdist + a
 Ties go to the smallest index. Distances are computed in fp32 with the expansion above (as cdist does for large
 inputs), so two codewords within rounding of each other may be ranked differently by the two paths.
 Decode: ``vq_decode(idx, C) = C[idx]``; ``rvq_decode(idx, Cs) = sum_q Cs[q][idx[..., q]]``.
-Indices must lie in [0, K); the Triton decode clamps them (no out-of-bounds reads) where torch raises.
+Indices must lie in [0, K): the torch reference (the CPU path) raises a ``ValueError`` for others (one reduction
+over the indices); the Triton decode checks nothing on the host (that would sync the device on every call) and
+gives a row of NaN for such an index, never an out-of-bounds read or another codeword.
 """
 
 from __future__ import annotations
@@ -60,16 +62,31 @@ def vq_assign_reference(x: Tensor, codebook: Tensor, *, chunk_rows: int | None =
     return idx[0].reshape(x.shape[:-1]), dist[0].reshape(x.shape[:-1])
 
 
+def _check_indices(indices: Tensor, k: int) -> None:
+    """``ValueError`` unless ``indices`` are integers in [0, k) (-2 wrapped to K - 2 and K raised an IndexError)."""
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise ValueError(f"VQ indices must be integers, got {indices.dtype}")
+    if indices.numel():
+        lo, hi = torch.aminmax(indices)
+        if not bool((lo >= 0) & (hi < k)):
+            raise ValueError(f"VQ indices must lie in [0, {k}) (the codebook size), got values in [{int(lo)}, {int(hi)}]")
+
+
 def vq_decode_reference(indices: Tensor, codebook: Tensor) -> Tensor:
-    """codebook[indices]: (...) -> (..., D)."""
+    """codebook[indices]: (...) -> (..., D); indices outside [0, K) are a ``ValueError``."""
+    if codebook.dim() != 2:
+        raise ValueError(f"need a codebook (K, D), got {tuple(codebook.shape)}")
+    _check_indices(indices, codebook.shape[0])
     return codebook[indices.long()]
 
 
 def rvq_decode_reference(indices: Tensor, codebooks: Tensor) -> Tensor:
-    """Residual VQ decode: sum_q codebooks[q][indices[..., q]], fp32 sum; (..., Q), (Q, K, D) -> (..., D)."""
-    if codebooks.dim() != 3 or indices.shape[-1] != codebooks.shape[0]:
+    """Residual VQ decode: sum_q codebooks[q][indices[..., q]], fp32 sum; (..., Q), (Q, K, D) -> (..., D).
+    Indices outside [0, K) are a ``ValueError``."""
+    if codebooks.dim() != 3 or indices.dim() == 0 or indices.shape[-1] != codebooks.shape[0]:
         raise ValueError(f"need indices (..., Q) and codebooks (Q, K, D), got {tuple(indices.shape)} and "
                          f"{tuple(codebooks.shape)}")
+    _check_indices(indices, codebooks.shape[1])
     out = torch.zeros(*indices.shape[:-1], codebooks.shape[2], dtype=torch.float32, device=codebooks.device)
     for q in range(codebooks.shape[0]):
         out += codebooks[q].float()[indices[..., q].long()]
@@ -123,7 +140,8 @@ if HAS_TRITON:
         idx_ptr, c_ptr, y_ptr, N, Q, K, D, stride_in, stride_iq, stride_cq, stride_ck,
         D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """y[n] = sum_q C[q, idx[n, q]] (Q = 1: a plain gather), fp32 accumulation."""
+        """y[n] = sum_q C[q, idx[n, q]] (Q = 1: a plain gather), fp32 accumulation; NaN where an index is not in
+        [0, K)."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         offs_d = tl.arange(0, D_PAD)
@@ -131,9 +149,10 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
         for q in range(Q):
             i = tl.load(idx_ptr + offs_n.to(tl.int64) * stride_in + q * stride_iq, mask=n_mask, other=0)
-            i = tl.minimum(tl.maximum(i, 0), K - 1).to(tl.int64)
-            rows = c_ptr + q * stride_cq + i * stride_ck
-            acc += tl.load(rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            valid = (i >= 0) & (i < K)
+            rows = c_ptr + q * stride_cq + tl.where(valid, i, 0).to(tl.int64) * stride_ck  # never out of bounds
+            row = tl.load(rows[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(valid[:, None], row, float("nan"))
         y_ptrs = y_ptr + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -170,7 +189,7 @@ def vq_assign_triton(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
 def rvq_decode_triton(indices: Tensor, codebooks: Tensor) -> Tensor:
     """Triton launcher of ``rvq_decode_reference`` (and of ``vq_decode_reference`` with Q = 1)."""
     require_triton()
-    if codebooks.dim() != 3 or indices.shape[-1] != codebooks.shape[0]:
+    if codebooks.dim() != 3 or indices.dim() == 0 or indices.shape[-1] != codebooks.shape[0]:
         raise ValueError(f"need indices (..., Q) and codebooks (Q, K, D), got {tuple(indices.shape)} and "
                          f"{tuple(codebooks.shape)}")
     qn, k, d = codebooks.shape
@@ -207,14 +226,15 @@ def vq_assign(x: Tensor, codebook: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def vq_decode(indices: Tensor, codebook: Tensor) -> Tensor:
-    """Gather codewords: (...) indices, (K, D) codebook -> (..., D)."""
+    """Gather codewords: (...) indices in [0, K), (K, D) codebook -> (..., D) (others: module docstring)."""
     if use_triton(indices, codebook):
         return rvq_decode_triton(indices.unsqueeze(-1), codebook.unsqueeze(0))
     return vq_decode_reference(indices, codebook)
 
 
 def rvq_decode(indices: Tensor, codebooks: Tensor) -> Tensor:
-    """Residual VQ decode: (..., Q) indices, (Q, K, D) codebooks -> (..., D) = sum of the Q codewords."""
+    """Residual VQ decode: (..., Q) indices in [0, K), (Q, K, D) codebooks -> (..., D) = sum of the Q codewords
+    (others: module docstring)."""
     if use_triton(indices, codebooks):
         return rvq_decode_triton(indices, codebooks)
     return rvq_decode_reference(indices, codebooks)

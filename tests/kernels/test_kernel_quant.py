@@ -155,6 +155,22 @@ def test_fp_reference_stays_on_the_device(monkeypatch: pytest.MonkeyPatch, fmt: 
     assert meta.device.type == "meta" and meta.shape == codes.shape  # decoded where the codes are
 
 
+def test_reference_refuses_nan_inputs_and_bad_scales(torch_path: None) -> None:
+    # Issue 21, class 5: NaN became code 0 (the int8 cast of NaN) and scale 0 gave codes of x / 0 (0 or qmax).
+    with pytest.raises(ValueError, match="input contains NaN"):
+        quant.quantize(torch.tensor([1.0, float("nan")]), 0.5, fmt="int4")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scales must be positive and finite"):
+            quant.quantize(torch.tensor([1.0, 2.0]), bad, fmt="int8")
+        with pytest.raises(ValueError, match="scales must be positive and finite"):
+            quant.quantize(torch.tensor([[1.0, 2.0]]), torch.tensor([[bad]]), fmt="e2m1", block_size=(1, 2))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quant.quantize_dynamic(torch.tensor([[1.0, float("inf")]]), fmt="int8")
+    inf = torch.tensor([float("inf"), -float("inf")])
+    assert quant.quantize(inf, 1.0, fmt="int4").tolist() == [7, -8]  # +-Inf saturate
+    assert quant.quantize(inf, 1.0, fmt="e2m1").tolist() == [0b0111, 0b1111]  # +-6 (a ValueError before)
+
+
 # ------------------------------------------------------------------------------------------------ Triton
 
 
@@ -251,3 +267,9 @@ def test_quantize_fp_gpu_matches_reference() -> None:
         assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
         back = quant.dequantize(codes, scale, fmt=fmt, block_size=(1, 32))
         assert torch.equal(back, quant.dequantize_reference(codes, scale, fmt=fmt, block_size=(1, 32)))
+
+
+def test_triton_checks_a_number_scale(triton_path: str) -> None:
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scales must be positive and finite"):
+            quant.quantize(torch.ones(2, 4, device=triton_path), bad, fmt="int8")

@@ -107,3 +107,27 @@ def test_assign_gpu_large() -> None:
     ref = torch.cdist(x, c).argmin(dim=1)
     assert (idx == ref).float().mean() > 0.999
     _check_assignment(x[:2000], c, idx[:2000], dist[:2000])
+
+
+# ------------------------------------------------------------------------------------------------ indices out of range
+
+
+def test_decode_reference_refuses_indices_out_of_range(torch_path: None) -> None:
+    # Issue 21, class 5: -2 wrapped to codeword K - 2 and K raised an IndexError.
+    c = torch.arange(12.0).reshape(4, 3)
+    for bad in (-2, -1, 4):
+        with pytest.raises(ValueError, match=r"VQ indices must lie in \[0, 4\)"):
+            vq.vq_decode(torch.tensor([0, bad]), c)
+        with pytest.raises(ValueError, match=r"VQ indices must lie in \[0, 4\)"):
+            vq.rvq_decode(torch.tensor([[0, bad]]), torch.stack([c, c]))
+    with pytest.raises(ValueError, match="integers"):
+        vq.vq_decode_reference(torch.tensor([0.0, 1.0]), c)
+
+
+def test_decode_triton_gives_nan_rows_for_indices_out_of_range(triton_path: str) -> None:
+    # The Triton decode checks nothing on the host (no device sync): such rows are NaN, not a clamped codeword.
+    c = torch.arange(24.0, device=triton_path).reshape(2, 4, 3)
+    out = vq.rvq_decode(torch.tensor([[0, -2], [1, 1], [4, 0]], device=triton_path), c)
+    assert torch.isnan(out[0]).all() and torch.isnan(out[2]).all()
+    assert torch.equal(out[1], c[0, 1] + c[1, 1])
+    assert torch.isnan(vq.vq_decode(torch.tensor([-1], device=triton_path), c[0])).all()
