@@ -99,10 +99,15 @@ def quantize_weight_4bit(
 
     Returns:
         packed (N, ceil(K / 2)) uint8 and fp32 scales (N, K / g).
+
+    Raises:
+        ValueError: NaN / Inf in ``w`` (checked on every path: packing is done once, a device sync is cheap here).
     """
     f = _w4_format(fmt)
     if w.dim() != 2:
         raise ValueError(f"expected a weight (N, K), got shape {tuple(w.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("the weight contains NaN or Inf: it has no 4-bit codes")
     _w4_group(w.shape[1], w.shape[0], block_size)
     codes, scale = quantize_dynamic(w, fmt=f, block_size=block_size)  # (N, K) kernel codes, (N, K / g)
     if isinstance(f, IntFormat):

@@ -37,6 +37,16 @@ def test_pack_round_trip_random() -> None:
         gemm.unpack_4bit(gemm.pack_4bit(codes), 15)
 
 
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_quantize_weight_4bit_refuses_non_finite(request: pytest.FixtureRequest, path: str) -> None:
+    # Issue 21, class 5: on the Triton path a NaN weight was packed to some code silently (no check there).
+    device = request.getfixturevalue(f"{path}_path") or "cpu"
+    w = torch.ones(2, 32, device=device)
+    w[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gemm.quantize_weight_4bit(w, fmt="int4", block_size=(1, 32))
+
+
 def test_quantize_weight_4bit_hand() -> None:
     w = torch.tensor([[7.0, -3.5, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     packed, scale = gemm.quantize_weight_4bit(w, fmt="int4", block_size=(1, 4))
