@@ -236,7 +236,8 @@ def qparams_from_minmax(
     min_val = min_val.float()
     max_val = max_val.float()
     if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
-        raise ValueError("quantization range contains NaN or Inf; check the calibration data")
+        raise ValueError("quantization range contains NaN or Inf (or float64 values beyond the float32 range, "
+                         "3.4e38); check the calibration data")
     if symmetric:
         if isinstance(fmt, IntFormat) and not fmt.signed:
             amax = max_val.clamp_min(0)
@@ -247,7 +248,9 @@ def qparams_from_minmax(
             amax = torch.maximum(min_val.abs(), max_val.abs())
             denom = fmt.qmax if isinstance(fmt, IntFormat) else fmt.max_value
             scale = amax / denom
-        scale = _finite_scale(scale.clamp_min(eps), fmt)
+            if denom < 1:  # only a format whose largest value is below 1 can overflow a finite range
+                _check_finite_scale(scale, fmt)
+        scale = scale.clamp_min(eps)
         return scale, torch.zeros_like(scale)
     if not isinstance(fmt, IntFormat):
         raise ValueError(f"asymmetric quantization needs an integer format, got {fmt.name}")
@@ -257,15 +260,16 @@ def qparams_from_minmax(
     scale = (hi - lo) / levels
     # hi - lo overflows float32 beyond 3.4e38 (e.g. [-3e38, 3e38]); hi / n - lo / n does not (same bits elsewhere).
     scale = torch.where(torch.isfinite(scale), scale, hi / levels - lo / levels)
-    scale = _finite_scale(scale.clamp_min(eps), fmt)
+    if levels < 2:  # 1-bit formats: hi - lo itself is the scale
+        _check_finite_scale(scale, fmt)
+    scale = scale.clamp_min(eps)
     zero_point = torch.clamp(fmt.qmin - torch.round(lo / scale), fmt.qmin, fmt.qmax)
     return scale, zero_point
 
 
-def _finite_scale(scale: Tensor, fmt: Format) -> Tensor:
+def _check_finite_scale(scale: Tensor, fmt: Format) -> None:
     if not bool(torch.isfinite(scale).all()):
         raise ValueError(f"the quantization range is too large for {fmt.name}: its scale overflows float32")
-    return scale
 
 
 def choose_qparams(
