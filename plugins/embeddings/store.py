@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .configs import EmbeddingConfig, method_name
-from .formats import Codec, PreparedQueries, fit_codec
+from .formats import MAX_MAGNITUDE, Codec, PreparedQueries, fit_codec
 from .reduce import Reducer, fit_reducer
 
 __all__ = ["EmbeddingStore", "PLUGIN", "normalize_rows", "prepare_queries", "unit_rows"]
@@ -385,14 +385,17 @@ class EmbeddingStore(nn.Module):
         return (self._rows["codes"].view(start, stop), None if rs is None else rs.view(start, stop),
                 self._rows["live"].view(start, stop))
 
-    def _checked(self, scores: Tensor, live: Tensor, start: int) -> Tensor:
-        """``scores`` (Q, m) of slots ``start``.., or ``ValueError`` if a live vector scores NaN / Inf: its codes
-        (or row scale) are damaged (the codec and reducer are checked at load, so nothing else can cause it)."""
-        bad = ~torch.isfinite(scores).all(dim=0) & live.to(scores.device)
-        if bool(bad.any()):
-            names = "'codes' / 'row_scale'" if self.codec.row_scaled else "'codes'"
-            raise ValueError(f"the store is damaged: the vector in slot {start + int(bad.nonzero()[0])} (tensor "
-                             f"{names}) scores NaN or Inf")
+    def _checked(self, scores: Tensor, row_scale: Tensor | None, live: Tensor, start: int) -> Tensor:
+        """``scores`` (Q, m) of slots ``start``.., or ``ValueError`` if a live vector has a row scale outside
+        (0, ``MAX_MAGNITUDE``] or scores NaN / Inf: its codes are damaged (the codec and reducer are checked at
+        load, so nothing else can cause it)."""
+        checks = [(~torch.isfinite(scores).all(dim=0), "tensor 'codes': scores NaN or Inf")]
+        if row_scale is not None:
+            checks.insert(0, (~((row_scale > 0) & (row_scale <= MAX_MAGNITUDE)), "tensor 'row_scale': not in (0, 1e6]"))
+        for bad, why in checks:
+            bad = bad.cpu() & live
+            if bool(bad.any()):
+                raise ValueError(f"the store is damaged: the vector in slot {start + int(bad.nonzero()[0])} ({why})")
         return scores
 
     def forward(self, queries: Tensor) -> Tensor:
@@ -401,7 +404,7 @@ class EmbeddingStore(nn.Module):
         parts = []
         for start in range(0, self.slots, self.chunk_size):
             codes, row_scale, live = self._chunk(start, min(start + self.chunk_size, self.slots))
-            parts.append(self._checked(self.codec.scores(prep, codes, row_scale), live, start)[:, live])
+            parts.append(self._checked(self.codec.scores(prep, codes, row_scale), row_scale, live, start)[:, live])
         return torch.cat(parts, dim=1) if parts else torch.empty(len(prep.bias), 0)
 
     def search(self, queries: Tensor, k: int = 10, *, rescore: int | None = None) -> tuple[Tensor, Tensor]:
@@ -439,7 +442,7 @@ class EmbeddingStore(nn.Module):
         for start in range(0, self.slots, self.chunk_size):
             stop = min(start + self.chunk_size, self.slots)
             codes, row_scale, live = self._chunk(start, stop)
-            s = self._checked(self.codec.scores(prep, codes, row_scale), live, start).cpu()  # (Q, m)
+            s = self._checked(self.codec.scores(prep, codes, row_scale), row_scale, live, start).cpu()  # (Q, m)
             if not bool(live.all()):
                 s[:, ~live] = -math.inf
             top = torch.topk(s, min(k, stop - start), dim=1)
@@ -543,10 +546,13 @@ class EmbeddingStore(nn.Module):
             if t.dtype != dtype or tuple(t.shape) != (n, *shape):
                 raise ValueError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {(n, *shape)}")
         store._init_rows({name: tensors[name] for name in layout})
-        live_ids, counts = torch.unique(store.ids(), return_counts=True)  # deleted slots may repeat an id
-        if bool((counts > 1).any()):
-            twice = live_ids[counts > 1]
-            raise ValueError(f"tensor 'ids' holds {len(twice)} live ids more than once (first: {int(twice[0])})")
+        live_ids = store.ids()  # deleted slots may repeat an id, live ones may not
+        if not bool((live_ids[1:] > live_ids[:-1]).all()):  # increasing ids (the default) need no sort
+            live_ids = torch.sort(live_ids).values
+            repeated = live_ids[1:][live_ids[1:] == live_ids[:-1]].unique()
+            if len(repeated):
+                raise ValueError(f"tensor 'ids' holds {len(repeated)} live ids more than once (first: "
+                                 f"{int(repeated[0])})")
         store._dead = n - sum(int(live.sum()) for _, live in store._id_chunks())
         store._next_id = max((int(c.max()) + 1 for c, _ in store._id_chunks()), default=0)
         if state is not None and (state.get("slots"), state.get("live")) != (n, len(store)):

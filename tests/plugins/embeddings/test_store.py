@@ -370,11 +370,22 @@ def test_non_finite_codes_are_refused_where_a_scan_reads_them(tmp_path: Path, va
     forged = _forged(path, tmp_path / "f.pqs", "codes", (9, 0), value)
     store = EmbeddingStore.load(forged, mmap=True)
     for call in (lambda: store.search(X[:2], 3), lambda: store.search(X[:2], 3, rescore=1), lambda: store(X[:2])):
-        with pytest.raises(ValueError, match="the store is damaged: the vector in slot 9 \\(tensor 'codes'\\) "
-                                             "scores NaN or Inf"):
+        with pytest.raises(ValueError, match="the store is damaged: the vector in slot 9 \\(tensor 'codes': "
+                                             "scores NaN or Inf\\)"):
             call()
     store.delete(torch.tensor([9]))  # a deleted vector is never scored, so it is no longer an error
     assert 9 not in store.search(X[:2], 3)[1].flatten().tolist()
+
+
+@pytest.mark.parametrize("value", [float("nan"), 0.0, -1.0, 3e38], ids=["nan", "zero", "negative", "3e38"])
+def test_forged_row_scales_are_refused_where_a_scan_reads_them(tmp_path: Path, value: float) -> None:
+    path = _store(FP8E4M3Config(scale="vector"), n=50).save(tmp_path / "s.pqs")
+    forged = _forged(path, tmp_path / "f.pqs", "row_scale", (11,), value)
+    store = EmbeddingStore.load(forged, mmap=True)
+    for call in (lambda: store.search(X[:2], 3), lambda: store(X[:2])):
+        with pytest.raises(ValueError, match="the store is damaged: the vector in slot 11 \\(tensor 'row_scale': "
+                                             "not in \\(0, 1e6\\]\\)"):
+            call()
 
 
 def test_corrupted_bytes_are_found_by_the_default_verification(tmp_path: Path) -> None:
