@@ -480,8 +480,9 @@ def cmd_load(args: argparse.Namespace) -> int:
                       else torch_device(plugin_args.device, str(parser.prog)))
             cpu_dtype = torch.bfloat16 if plugin_args.cpu_dtype == "bf16" else torch.float32
             qm = from_artifact(artifact, mode=plugin_args.mode, device=device, cpu_dtype=cpu_dtype)
-        except ArtifactError as e:
-            raise CliError(str(e)) from e
+        except ArtifactError as e:  # a restore names the tensor; the line names the file too
+            message = str(e)
+            raise CliError(message if message.startswith(str(path)) else f"{path}: {message}") from e
         if qm.packing is not None:
             from .packed import resident_bytes
 

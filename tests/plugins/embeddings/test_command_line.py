@@ -228,11 +228,13 @@ def test_search_verifies_the_store_unless_told_not_to(tmp_path: Path, capsys: py
     flipped = tmp_path / "flipped.pqs"
     flipped.write_bytes(bytes(data))
     search = ["--queries", str(tmp_path / "q.npy"), "-k", "2"]
-    for argv, message in [([str(flipped), *search], f"{flipped}: checksum mismatch for tensor 'codes'"),
-                          ([str(forged), *search], f"{forged}: not a valid int8 embedding store: codec.step must be "
-                                                   "finite"),
-                          ([str(forged), *search, "--no-verify"], "codec.step must be finite")]:
-        code, out, err = run(capsys, "search", *argv)
-        assert code == 2 and not out and err.count("\n") == 1 and message in err, err
+    step = f"{forged}: not a valid int8 embedding store: codec.step must be finite"
+    for argv, message in [(["search", str(flipped), *search], f"{flipped}: checksum mismatch for tensor 'codes'"),
+                          (["search", str(forged), *search], step),
+                          (["search", str(forged), *search, "--no-verify"], step),
+                          (["load", str(flipped)], f"{flipped}: checksum mismatch for tensor 'codes'"),
+                          (["load", str(forged)], step)]:
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
     assert run(capsys, "search", str(flipped), *search, "--no-verify")[0] == 0  # the documented opt-out
     assert run(capsys, "search", str(store), *search)[0] == 0
