@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from .artifact import Artifact, ArtifactError
 from .config import ConfigError, QuantConfig, UsageError
-from .nn import Calibration, calibration, default_forward
+from .nn import HALF_DTYPES, Calibration, calibration, cast_floats, default_forward, half_dtype, to_device
 
 __all__ = [
     "ARTIFACT_SCHEMA",
@@ -77,6 +77,7 @@ __all__ = [
     "load",
     "to_artifact",
     "from_artifact",
+    "check_restored",
     "default_forward",
     "progress_default",
 ]
@@ -163,6 +164,7 @@ RestoreFn = Callable[[nn.Module, Any, Artifact], QuantizedModel]
 PrepareFn = Callable[[nn.Module, Any, dict[str, Any]], nn.Module]  # (float skeleton, config, state) -> quant layers
 PackedWeightsFn = Callable[[QuantizedModel, Artifact], dict[str, Any]]  # name -> Entry, or why not packed
 QuantizeFn = Callable[[nn.Module, Any, Calibration, RunOptions], QuantizedModel]
+ExampleFn = Callable[[nn.Module, dict[str, Any]], Any]  # (restored model, state) -> one input batch for it
 
 
 def _core_export(qm: QuantizedModel) -> dict[str, Any]:
@@ -190,6 +192,7 @@ class Handler(Generic[C]):
     packed_weights: PackedWeightsFn
     prepare: PrepareFn | None = None
     copy_model: bool = True
+    example_input: ExampleFn | None = None
 
 
 _HANDLERS: dict[type[QuantConfig], Handler[Any]] = {}
@@ -205,6 +208,7 @@ def register_handler(
     prepare: PrepareFn | None = None,
     packed_weights: PackedWeightsFn | None = None,
     copy_model: bool = True,
+    example_input: ExampleFn | None = None,
 ) -> Callable[[QuantizeFn], QuantizeFn]:
     """Decorator: register ``fn(model, config, calib, run) -> QuantizedModel`` as the handler of ``config_cls``.
 
@@ -223,6 +227,9 @@ def register_handler(
         made of quant layers (default: prepare, then ``polyquant.export.restore``).
     ``packed_weights(qm, artifact) -> {module name: Entry, or the reason it stays fake-quant}``: what
         ``load(mode="packed")`` packs; default: the manifest's entries (``polyquant.export.weight_entries``).
+    ``example_input(model, state) -> batch``: one small input of the restored model (e.g. zeros of the recorded
+        input size); ``load`` runs the model on it once (``check_restored``), so that an artifact whose tensors do
+        not fit together fails at load with an ``ArtifactError`` naming the module, not at the user's first call.
     """
     if not (isinstance(config_cls, type) and issubclass(config_cls, QuantConfig)):
         raise TypeError(f"handlers are registered for QuantConfig subclasses, got {config_cls!r}")
@@ -233,7 +240,8 @@ def register_handler(
             raise ValueError(f"{config_cls.__name__} already has a handler ({old.plugin}/{old.method})")
         _HANDLERS[config_cls] = Handler(config_cls, plugin, method, fn, export or _core_export,
                                         restore or partial(_default_restore, prepare),
-                                        packed_weights or _core_packed_weights, prepare, copy_model)
+                                        packed_weights or _core_packed_weights, prepare, copy_model,
+                                        example_input)
         return fn
 
     return decorate
@@ -324,13 +332,19 @@ def quantize(
     handler = get_handler(type(config))
     run = RunOptions(progress=progress_default() if progress is None else bool(progress),
                      device=None if device is None else torch.device(device))
-    calibration_ = calibration(calib, forward_fn).to(run.device)
-    work = copy.deepcopy(model) if handler.copy_model else model
+    half = half_dtype(model)  # a float16 / bfloat16 model is quantized in float32 and given back in its dtype
+    calibration_ = calibration(calib, forward_fn).to(run.device, dtype=None if half is None else torch.float32)
+    work = copy.deepcopy(model) if handler.copy_model or half is not None else model
     if run.device is not None:
         work = work.to(run.device)
+    if half is not None:
+        work = work.float()
     qm = handler.quantize(work, config, calibration_, run)
     if not isinstance(qm, QuantizedModel):
         raise TypeError(f"the handler of {type(config).__name__} returned {type(qm).__name__}, not a QuantizedModel")
+    if half is not None:
+        cast_floats(qm.model, half)
+        qm.state = {**qm.state, "dtype": str(half).removeprefix("torch.")}
     qm.plugin, qm.method = handler.plugin, handler.method
     if qm.model_config is None:
         qm.model_config = model_description(model)
@@ -350,8 +364,8 @@ def to_artifact(qm: QuantizedModel, meta: dict[str, Any] | None = None) -> Artif
         tensors=tensors,
         plugin=qm.plugin,
         method=qm.method,
-        config={"schema": ARTIFACT_SCHEMA, "model": qm.model_config, "method": qm.config.to_dict(),
-                "state": qm.state, **manifest_sections(qm.model, entries)},
+        config={"schema": ARTIFACT_SCHEMA, "model": copy.deepcopy(qm.model_config), "method": qm.config.to_dict(),
+                "state": copy.deepcopy(qm.state), **manifest_sections(qm.model, entries)},  # the artifact's own
         meta=dict(meta or {}),
     )
 
@@ -408,12 +422,18 @@ def from_artifact(
             raise ArtifactError(f"{art.plugin}/{art.method}: the artifact does not describe its model; pass the "
                                 "float model as load(path, model=...)")
         try:
+            _check_model_fits(build, model_config, art)
             model = build(model_config)
         except (ValueError, TypeError, KeyError) as e:
             raise ArtifactError(f"the artifact's model config is invalid: {e}") from None
     else:
         model = copy.deepcopy(model)
+        if half_dtype(model) is not None:
+            model = model.float()  # restored in float32, then cast to the recorded dtype (as quantize does)
     qm = handler.restore(model, config, art)
+    half = _recorded_dtype(qm.state)
+    if half is not None:
+        cast_floats(qm.model, half)
     qm.plugin, qm.method = handler.plugin, handler.method
     qm.model_config = cfg.get("model")
     dev = torch.device("cpu") if device is None else torch.device(device)
@@ -422,7 +442,85 @@ def from_artifact(
         from .packed import pack_model
 
         qm.packing = pack_model(qm.model, handler.packed_weights(qm, art), device=dev, cpu_dtype=cpu_dtype)
+    if handler.example_input is not None:
+        check_restored(qm.model, to_device(handler.example_input(qm.model, qm.state), dev, dtype=half))
     return qm
+
+
+def _recorded_dtype(state: dict[str, Any]) -> torch.dtype | None:
+    """The half-precision dtype ``quantize`` recorded for a float16 / bfloat16 model (None: float32)."""
+    name = state.get("dtype")
+    if name is None:
+        return None
+    found = [d for d in HALF_DTYPES if str(d) == f"torch.{name}"]
+    if not found:
+        raise ArtifactError(f"the artifact's state.dtype must be float16 or bfloat16, got {name!r:.40}")
+    return found[0]
+
+
+MAX_PARAMETERS_PER_BYTE = 64  # a model may hold at most this many parameters per byte its artifact stores
+
+
+def _check_model_fits(build: Callable[[Any], nn.Module], model_config: Any, art: Artifact) -> None:
+    """Refuse, before building it, a model config whose model has far more parameters than the artifact stores
+    (a forged config would otherwise allocate gigabytes before the first shape check): the skeleton is built on
+    the meta device (no memory) and may hold ``MAX_PARAMETERS_PER_BYTE`` parameters per stored byte (1/8 bit per
+    weight, below any codebook's rate). A builder that cannot run on the meta device skips the check."""
+    try:
+        with torch.device("meta"):
+            skeleton = build(model_config)
+    except (RuntimeError, NotImplementedError, OSError, AttributeError):
+        return  # not buildable on the meta device: the plugin's own bounds apply
+    n = sum(p.numel() for p in skeleton.parameters())
+    stored = sum(t.numel() * t.element_size() for t in art.tensors.values())
+    if n > MAX_PARAMETERS_PER_BYTE * stored + 1_000_000:
+        raise ArtifactError(f"a model of {n:,} parameters, more than the artifact's {stored:,} stored bytes can hold")
+
+
+def check_restored(model: nn.Module, example: Any) -> None:
+    """Run a restored ``model`` once on ``example`` (``default_forward``, no grad): ``ArtifactError`` naming the
+    innermost module that raised, or the outputs that are not finite. A forged artifact whose tensors each pass
+    their own checks but not together (a per-channel scale of another width) fails here, at load."""
+    running: list[str] = []  # the modules entered and not yet left: the last one raised
+
+    def enter(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            running.append(name)
+        return hook
+
+    def leave(*_: Any) -> None:
+        running.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name or type(module).__name__)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with torch.no_grad():
+            out = default_forward(model, example)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        where = running[-1] if running else type(model).__name__
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ArtifactError(f"the restored model does not run: {where}: {type(e).__name__}: {first}") from None
+    finally:
+        for h in handles:
+            h.remove()
+    bad = [t for t in _tensors(out) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ArtifactError("the restored model's outputs on a zero input are NaN or Inf: a stored value is out of "
+                            "range")
+
+
+def _tensors(out: Any) -> Iterator[Tensor]:
+    """The tensors in a model output (a tensor, or nested tuples / lists / dicts / ModelOutputs of them)."""
+    if isinstance(out, Tensor):
+        yield out
+    elif isinstance(out, dict):
+        for v in out.values():
+            yield from _tensors(v)
+    elif isinstance(out, (list, tuple)):
+        for v in out:
+            yield from _tensors(v)
 
 
 def load(

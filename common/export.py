@@ -31,7 +31,7 @@ from .entries import read_weight
 from .formats import FloatFormat, IntFormat, LogFormat, TableFormat
 from .nn import ActQuantizer, Quantizer, QuantSpec, QuantWeightModule, RotatedLinear, VQWeightQuantizer, layer_specs
 from .pack import pack_rows
-from .primitives import block_size_for
+from .primitives import PerChannel, PerTensor, block_size_for
 
 __all__ = [
     "export",
@@ -310,11 +310,13 @@ def restore(model: nn.Module, artifact: Artifact, *, specs: dict[str, dict[str, 
             if f"{name}.scale" in t:
                 scale = _qparam(t, f"{name}.scale", positive=True)
                 zp = _qparam(t, f"{name}.zero_point") if f"{name}.zero_point" in t else None
+                _check_qparam_shapes(name, module, scale, zp)
                 module.freeze(scale, zp)
             elif not module.spec.dynamic:
                 raise ArtifactError(f"artifact has no qparams for quantizer {name}")
             module.observer = None
     floats = {k[len("float."):]: v for k, v in t.items() if k.startswith("float.")}
+    _check_floats(model, floats)
     missing, unexpected = model.load_state_dict(floats, strict=False)
     missing = [k for k in missing if not _is_quantized_key(model, k)]
     if strict and (missing or unexpected):
@@ -348,6 +350,46 @@ def _qparam(tensors: dict[str, Tensor], key: str, *, positive: bool = False) -> 
     if bool(bad.any()):
         raise ArtifactError(f"{key}: {int(bad.sum())} values are {'not finite and > 0' if positive else 'NaN or Inf'}")
     return t
+
+
+def _check_qparam_shapes(name: str, q: Quantizer, scale: Tensor, zero_point: Tensor | None) -> None:
+    """An activation quantizer's restored scale / zero point fit it: the shape of the parameters a quantizer
+    subclass registers at construction, else (the core quantizers) its granularity's: one value per tensor, or one
+    axis of values per channel (the channel count itself is checked by the load's probe forward)."""
+    g = q.spec.granularity
+    if q.scale is not None and tuple(q.scale.shape) != tuple(scale.shape):
+        raise ArtifactError(f"{name}.scale: shape {list(scale.shape)} in the artifact, the model's quantizer has "
+                            f"{list(q.scale.shape)}")
+    if q.scale is None and type(q) in (Quantizer, ActQuantizer):
+        if isinstance(g, PerTensor) and scale.numel() != 1:
+            raise ArtifactError(f"{name}.scale: a per-tensor quantizer has one scale, got shape {list(scale.shape)}")
+        if isinstance(g, PerChannel) and sum(s != 1 for s in scale.shape) > 1:
+            raise ArtifactError(f"{name}.scale: a per-channel quantizer's scales lie along one axis, got shape "
+                                f"{list(scale.shape)}")
+    if zero_point is not None and tuple(zero_point.shape) != tuple(scale.shape):
+        raise ArtifactError(f"{name}.zero_point: shape {list(zero_point.shape)}, its scale has {list(scale.shape)}")
+
+
+def _check_floats(model: nn.Module, floats: dict[str, Tensor]) -> None:
+    """Each ``float.*`` tensor against the skeleton's own: same shape, a dtype it can take (the same, or another
+    of float32 / float16 / bfloat16 for a floating-point tensor: cast to the skeleton's), finite values where the
+    skeleton's are (a mask buffer of -inf stays allowed). ``ArtifactError`` naming the tensor otherwise."""
+    expected = model.state_dict()
+    for key, got in floats.items():
+        want = expected.get(key)
+        if want is None:
+            continue  # not in the model: reported with the missing / unexpected keys
+        same_kind = got.dtype == want.dtype or {got.dtype, want.dtype} <= _CASTABLE
+        if not same_kind or tuple(got.shape) != tuple(want.shape):
+            raise ArtifactError(f"float.{key}: {str(got.dtype).removeprefix('torch.')} {list(got.shape)} in the "
+                                f"artifact, the model has {str(want.dtype).removeprefix('torch.')} {list(want.shape)}")
+        if got.is_floating_point() and got.numel() and not bool(torch.isfinite(got).all()) \
+                and bool(torch.isfinite(want).all()):
+            bad = int((~torch.isfinite(got)).sum())
+            raise ArtifactError(f"float.{key}: {bad} of {got.numel()} values are NaN or Inf")
+
+
+_CASTABLE = {torch.float32, torch.float16, torch.bfloat16}
 
 
 def _is_quantized_key(model: nn.Module, key: str) -> bool:

@@ -57,6 +57,9 @@ __all__ = [
     "Calibration",
     "calibration",
     "to_device",
+    "HALF_DTYPES",
+    "half_dtype",
+    "cast_floats",
     "QuantSpec",
     "VQSpec",
     "VQWeightQuantizer",
@@ -190,6 +193,12 @@ class Quantizer(nn.Module):
             self.spec = spec
         if not isinstance(scale, Tensor):
             raise TypeError(f"scale must be a Tensor, got {type(scale).__name__}")
+        if scale.device.type == "cpu":  # not on an accelerator: the check would sync it
+            where = f" of {self.name}" if self.name else ""
+            if scale.numel() and not bool((torch.isfinite(scale) & (scale > 0)).all()):
+                raise ValueError(f"the scale{where} must be positive and finite: a zero or NaN scale gives NaN outputs")
+            if zero_point is not None and zero_point.numel() and not bool(torch.isfinite(zero_point).all()):
+                raise ValueError(f"the zero point{where} must be finite")
         self.scale = scale.detach().clone()
         self.zero_point = None if zero_point is None else zero_point.detach().clone()
         self.observer = None
@@ -223,7 +232,7 @@ class Quantizer(nn.Module):
             if self.observer is not None:
                 self.observer.update(x)
             return x
-        return self.fake_quant(x)
+        return _in_float32(self.fake_quant, x)
 
     def fake_quant(self, x: Tensor) -> Tensor:
         """Quantize-dequantize ``x`` with the frozen (or, for dynamic specs, per-input) parameters.
@@ -275,7 +284,15 @@ class SearchedQuantizer(Quantizer):
     def forward(self, x: Tensor) -> Tensor:
         if self.state != "quantized":
             return x
-        return self.fake_quant(x)
+        return _in_float32(self.fake_quant, x)
+
+
+def _in_float32(fake_quant: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fake_quant(x)`` computed in float32 for a float16 / bfloat16 ``x`` and returned in ``x``'s dtype (a
+    quantizer's float32 parameters would otherwise promote the output, or a subclass compute its grid in half)."""
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return fake_quant(x)
+    return fake_quant(x.float()).to(x.dtype)
 
 
 def _make(spec: "QuantSpec | VQSpec | None", name: str) -> Quantizer | None:
@@ -758,28 +775,57 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     raise TypeError(f"cannot feed a batch of type {type(batch).__name__}; pass forward_fn")
 
 
-def to_device(batch: Any, device: torch.device | str | None) -> Any:
-    """``batch`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device`` (None: as is)."""
-    if device is None:
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def to_device(batch: Any, device: torch.device | str | None, *, dtype: torch.dtype | None = None) -> Any:
+    """``batch`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device`` (None: as is);
+    ``dtype``: floating-point tensors are also cast to it (integer ones, e.g. token ids, are not)."""
+    if device is None and dtype is None:
         return batch
     if isinstance(batch, Tensor):
-        return batch.to(device)
+        if dtype is not None and batch.is_floating_point():
+            batch = batch.to(dtype)
+        return batch if device is None else batch.to(device)
     if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, dtype=dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        moved = [to_device(v, device) for v in batch]
+        moved = [to_device(v, device, dtype=dtype) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
 
 
-class _Placed:
-    """Batches read from ``source`` with their tensors moved to ``device`` as they are read (re-iterable)."""
+def half_dtype(model: nn.Module) -> torch.dtype | None:
+    """float16 or bfloat16 when every floating-point parameter of ``model`` has that dtype, else None."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 and next(iter(dtypes)) in HALF_DTYPES else None
 
-    def __init__(self, source: Iterable[Any], device: torch.device) -> None:
-        self.source, self.device = source, device
+
+def cast_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast ``model``'s floating-point parameters and buffers to ``dtype`` in place, except the quantizers' (their
+    scales, zero points and searched parameters stay float32: fake quantization computes in float32 and returns
+    the input's dtype). How a half-precision model is quantized in float32 and given back in its own dtype."""
+    for module in model.modules():
+        if isinstance(module, Quantizer):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point():
+                setattr(module, name, b.to(dtype))
+    return model
+
+
+class _Placed:
+    """Batches read from ``source`` with their tensors moved to ``device`` (and floating-point ones cast to
+    ``dtype``) as they are read (re-iterable)."""
+
+    def __init__(self, source: Iterable[Any], device: torch.device | None, dtype: torch.dtype | None = None) -> None:
+        self.source, self.device, self.dtype = source, device, dtype
 
     def __iter__(self) -> Iterator[Any]:
-        return (to_device(b, self.device) for b in self.source)
+        return (to_device(b, self.device, dtype=self.dtype) for b in self.source)
 
     def __len__(self) -> int:
         return len(self.source)  # type: ignore[arg-type]
@@ -806,11 +852,13 @@ class Calibration:
     def forward(self, model: nn.Module, batch: Any) -> Any:
         return (self.forward_fn or default_forward)(model, batch)
 
-    def to(self, device: torch.device | str | None) -> "Calibration":
-        """The same calibration with every batch's tensors moved to ``device`` as they are read (None: itself)."""
-        if device is None:
+    def to(self, device: torch.device | str | None, *, dtype: torch.dtype | None = None) -> "Calibration":
+        """The same calibration with every batch's tensors moved to ``device`` as they are read (None: where they
+        are); ``dtype``: floating-point tensors are also cast to it."""
+        if device is None and dtype is None:
             return self
-        return Calibration(_Placed(self.batches, torch.device(device)), self.forward_fn)
+        return Calibration(_Placed(self.batches, None if device is None else torch.device(device), dtype),
+                           self.forward_fn)
 
     def inputs(self, limit: int | None = None) -> Tensor:
         """The model inputs of the batches concatenated along dim 0 (first ``limit`` rows), for methods that

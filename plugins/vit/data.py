@@ -37,7 +37,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -343,15 +343,26 @@ def _list_images(root: Path) -> tuple[list[Path], list[int] | None, list[str]]:
 
 
 def _load_image(path: Path, prep: Preprocess) -> Tensor:
-    """One file as a preprocessed (C, size, size) float32 tensor; ``ValueError`` naming it if it cannot be read."""
+    """One file as a preprocessed (C, size, size) float32 tensor; ``ValueError`` naming it if it cannot be read
+    (``polyquant.artifact.ArtifactError`` for a path that is not a regular file of at most ``MAX_IMAGE_BYTES``)."""
+    from polyquant.artifact import open_regular
+
+    # a FIFO or device named *.png would block or never end: opened only as a regular file (also if swapped later)
+    with open_regular(path, max_bytes=MAX_IMAGE_BYTES) as f:
+        return _decode_image(f, path, prep)
+
+
+MAX_IMAGE_BYTES = 256 * 1024 * 1024  # one calibration / evaluation image file
+
+
+def _decode_image(f: BinaryIO, path: Path, prep: Preprocess) -> Tensor:
+    """The image read from the open file ``f`` (of ``path``), preprocessed as ``_load_image`` says."""
     import numpy as np
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
 
-    if not path.is_file():  # a FIFO or device named *.png would block or never end
-        raise ValueError(f"{path} is not a regular file")
     try:
-        with Image.open(path) as img:
+        with Image.open(f) as img:
             if img.mode.startswith("I;16"):  # 16-bit grayscale: PIL's 'L' / 'RGB' conversions would clip at 255
                 x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 65535.0)[None]  # (1, H, W) in [0, 1]
                 x = x.expand(prep.channels, -1, -1)

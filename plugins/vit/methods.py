@@ -86,9 +86,13 @@ def _quantize_harness(model: nn.Module, config: HarnessConfig, calib: Calibratio
     return QuantizedModel(qmodel, config, state={"input_size": list(images.shape[1:])})
 
 
-def _example_input(model: nn.Module, state: dict[str, Any]) -> Tensor:
+MAX_INPUT_ELEMENTS = 3 * 1024 * 1024  # C * H * W of a recorded input size (12 MB of float32 per image)
+
+
+def _example_input(model: nn.Module, state: dict[str, Any], batch: int = 2) -> Tensor:
     """Zeros of the input size the artifact's model was calibrated at (recorded in its state; older artifacts:
-    the model's own input size), for the BatchNorm folding of a rebuilt skeleton."""
+    the model's own input size), for the BatchNorm folding of a rebuilt skeleton and the load's probe forward.
+    The size is bounded (``MAX_INPUT_ELEMENTS``) before anything is allocated."""
     from .models import input_spec
 
     size = state.get("input_size")
@@ -96,8 +100,16 @@ def _example_input(model: nn.Module, state: dict[str, Any]) -> Tensor:
         side, chans = input_spec(model)
         size = [chans, side, side]
     if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and 1 <= v <= 8192 for v in size)):
-        raise ArtifactError(f"the artifact's input_size must be [C, H, W] with sides in 1..8192, got {size!r}")
-    return torch.zeros(2, *size)
+        raise ArtifactError(f"the artifact's input_size must be [C, H, W] with sides in 1..8192, got {size!r:.80}")
+    if size[0] * size[1] * size[2] > MAX_INPUT_ELEMENTS:
+        raise ArtifactError(f"the artifact's input_size {size} has more than MAX_INPUT_ELEMENTS = "
+                            f"{MAX_INPUT_ELEMENTS:,} values")
+    return torch.zeros(batch, *size)
+
+
+def _probe_input(model: nn.Module, state: dict[str, Any]) -> Tensor:
+    """One zero image for the load's probe forward (``polyquant.api.check_restored``)."""
+    return _example_input(model, state, batch=1)
 
 
 def _prepare_harness(model: nn.Module, config: HarnessConfig, state: dict[str, Any]) -> nn.Module:
@@ -111,7 +123,8 @@ def _prepare_harness(model: nn.Module, config: HarnessConfig, state: dict[str, A
 # The harness's weight quantizers give their codes (UniformQuantizer.codes: unsigned codes with per-channel zero
 # points), so the core export writes them as int entries and the core restore and packed load read them back.
 for _name, _cls in {"adalog": AdaLogConfig, **BASELINES}.items():
-    register_handler(_cls, plugin=PLUGIN, method=_name, prepare=_prepare_harness)(_quantize_harness)
+    register_handler(_cls, plugin=PLUGIN, method=_name, prepare=_prepare_harness,
+                     example_input=_probe_input)(_quantize_harness)
 
 
 # --- Q-HyViT ----------------------------------------------------------------------------------------------------
@@ -146,7 +159,8 @@ def _prepare_qhyvit(model: nn.Module, config: QHyViTConfig, state: dict[str, Any
     return model
 
 
-register_handler(QHyViTConfig, plugin=PLUGIN, method="qhyvit", prepare=_prepare_qhyvit)(_quantize_qhyvit)
+register_handler(QHyViTConfig, plugin=PLUGIN, method="qhyvit", prepare=_prepare_qhyvit,
+                 example_input=_probe_input)(_quantize_qhyvit)
 
 
 # --- models ------------------------------------------------------------------------------------------------------

@@ -135,3 +135,46 @@ def test_half_precision_roundtrip_is_exact(dtype: torch.dtype, weight: QuantSpec
         y = qmodel(x)
         assert y.dtype == dtype
         assert torch.equal(y, restored(x))
+
+
+def _exported(rules: list[QuantRule]) -> tuple[nn.Module, Artifact]:
+    q = prepare(_model(), rules)
+    calibrate(q, [torch.randn(4, 3, 6, 6) for _ in range(2)], progress=False)
+    return q, export(q, plugin="core", method="test")
+
+
+def _forged(art: Artifact, key: str, value: torch.Tensor) -> Artifact:
+    return Artifact({**art.tensors, key: value}, art.plugin, art.method, art.config, art.meta)
+
+
+def test_restore_checks_float_tensors_against_the_model() -> None:
+    # Issue 21, class 1: a checksum-valid float tensor of another shape or dtype raised a raw torch RuntimeError
+    # in load_state_dict; a NaN one loaded silently and gave NaN outputs.
+    rules = [QuantRule("*", weight=QuantSpec("int8", PerChannel(0)), input=QuantSpec("int8"))]
+    q, art = _exported(rules)
+    bias = art.tensors["float.3.bias"]
+    nan = bias.clone()
+    nan[3] = float("nan")
+    for value, match in [(bias[:8], r"float\.3\.bias: float32 \[8\] in the artifact, the model has float32 \[16\]"),
+                         (bias.to(torch.int32), r"float\.3\.bias: int32 \[16\]"),
+                         (nan, r"float\.3\.bias: 1 of 16 values are NaN or Inf")]:
+        with pytest.raises(ArtifactError, match=match):
+            restore(prepare(_model(), rules), _forged(art, "float.3.bias", value))
+    # another floating-point dtype of the same shape is cast to the model's (a half-precision artifact)
+    restored = restore(prepare(_model(), rules), _forged(art, "float.3.bias", bias.to(torch.bfloat16)))
+    assert restored[3].bias.dtype == torch.float32
+    assert torch.equal(restored[3].bias, bias.to(torch.bfloat16).float())
+
+
+def test_restore_checks_activation_qparam_shapes() -> None:
+    # Issue 21, class 1: an activation scale of shape [5] loaded and raised a RuntimeError at the first forward.
+    rules = [QuantRule("*", weight=QuantSpec("int8", PerChannel(0)), input=QuantSpec("int8", symmetric=False))]
+    _, art = _exported(rules)
+    key = "3.input_quantizer.scale"
+    with pytest.raises(ArtifactError, match=r"3\.input_quantizer\.scale: a per-tensor quantizer has one scale"):
+        restore(prepare(_model(), rules), _forged(art, key, art.tensors[key].reshape(-1).expand(5).clone()))
+    zp = "3.input_quantizer.zero_point"
+    with pytest.raises(ArtifactError, match=r"3\.input_quantizer\.zero_point: shape \[1, 2\]"):
+        restore(prepare(_model(), rules), _forged(art, zp, torch.zeros(1, 2)))
+    with pytest.raises(ArtifactError, match=r"3\.input_quantizer\.scale: 1 values are not finite and > 0"):
+        restore(prepare(_model(), rules), _forged(art, key, torch.zeros_like(art.tensors[key])))

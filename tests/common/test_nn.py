@@ -15,10 +15,14 @@ from polyquant.nn import (
     QuantMatMul,
     QuantRule,
     QuantSpec,
+    Quantizer,
     calibrate,
+    cast_floats,
+    half_dtype,
     prepare,
     quantizers,
     set_state,
+    to_device,
 )
 from polyquant.primitives import PerChannel, PerGroup, PerToken, block_size_for, choose_qparams, fake_quantize
 
@@ -223,3 +227,35 @@ def test_calibrated_model_accepts_an_empty_batch(input_spec: QuantSpec) -> None:
         out = qmodel(empty)
         assert out.shape == model(empty).shape == (0, 4)
         assert qmodel(torch.randn(3, 8)).shape == (3, 4)  # still quantizes real batches
+
+
+def test_freeze_refuses_scales_that_give_nan() -> None:
+    # Issue 21, class 5: a zero or NaN scale was accepted and every output became NaN.
+    q = Quantizer(QuantSpec("int8"), name="fc.input_quantizer")
+    for bad in (torch.zeros(1), torch.tensor([float("nan")]), torch.tensor([-1.0]), torch.tensor([float("inf")])):
+        with pytest.raises(ValueError, match=r"scale of fc\.input_quantizer must be positive and finite"):
+            q.freeze(bad)
+    with pytest.raises(ValueError, match="zero point of fc.input_quantizer must be finite"):
+        q.freeze(torch.ones(1), torch.tensor([float("nan")]))
+    q.freeze(torch.full((1,), 0.5))
+    q.set_state("quantized")
+    assert torch.equal(q(torch.tensor([1.0, -0.7])), torch.tensor([1.0, -0.5]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_models_cast_around_float32_quantizers(dtype: torch.dtype) -> None:
+    # Issue 21, class 6: half-precision models are quantized in float32 and cast back; the quantizers keep
+    # float32 parameters and return their input's dtype.
+    model = prepare(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+                    [QuantRule("*", weight=QuantSpec("int8"), input=QuantSpec("int8"))])
+    assert half_dtype(model) is None and half_dtype(model.to(dtype)) is dtype
+    model.float()
+    calibrate(model, [torch.randn(4, 8)], progress=False)
+    cast_floats(model, dtype)
+    assert half_dtype(model) is dtype
+    assert all(q.scale.dtype == torch.float32 for q in model.modules() if isinstance(q, Quantizer))
+    assert model(torch.randn(3, 8, dtype=dtype)).dtype == dtype
+    batch = {"x": torch.ones(2, dtype=dtype), "ids": torch.arange(2), "pair": (torch.ones(1, dtype=torch.float64),)}
+    moved = to_device(batch, None, dtype=torch.float32)
+    assert moved["x"].dtype == torch.float32 and moved["ids"].dtype == torch.int64
+    assert moved["pair"][0].dtype == torch.float32

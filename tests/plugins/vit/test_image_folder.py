@@ -170,7 +170,7 @@ def test_special_file_named_like_an_image_is_refused_without_opening(tmp_path: P
     if not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs on this platform")
     os.mkfifo(tmp_path / "pipe.png")  # opening it would block forever
-    with pytest.raises(ValueError, match=r"pipe\.png is not a regular file"):
+    with pytest.raises(ValueError, match=r"pipe\.png: is a FIFO, not a regular file"):
         load_image_folder(tmp_path, RGB)
 
 

@@ -205,3 +205,55 @@ def test_qhyvit_artifact_restores_identical_outputs(tmp_path: Path, capsys: pyte
     assert main(["load", str(out), "--eval"]) == 0
     text = capsys.readouterr().out
     assert "restored qhyvit W8A8" in text and "digits test accuracy" in text
+
+
+def test_forged_sizes_are_refused_before_anything_is_built(adalog_w4a4: pq.QuantizedModel) -> None:
+    # Issue 21, class 2: a model config within each bound (embed_dim 1024, depth 64, 100,000 classes: 0.9 G
+    # parameters) was built (48 s, 7.9 GB) before a shape error; input_size [4, 8192, 8192] allocated 2 GB.
+    import tracemalloc
+
+    art = to_artifact(adalog_w4a4)
+    art.config["model"] = {"source": "vit", "kwargs": {**art.config["model"]["kwargs"], "embed_dim": 1024,
+                                                       "depth": 64, "num_heads": 4, "num_classes": 100000}}
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArtifactError, match=r"parameters, more than the artifact's [\d,]+ stored bytes"):
+            from_artifact(art)
+        assert tracemalloc.get_traced_memory()[1] < 200 * 2**20
+    finally:
+        tracemalloc.stop()
+    art = to_artifact(adalog_w4a4)
+    art.config["state"]["input_size"] = [4, 8192, 8192]
+    with pytest.raises(ArtifactError, match=r"input_size \[4, 8192, 8192\] has more than MAX_INPUT_ELEMENTS"):
+        from_artifact(art)
+    art = to_artifact(adalog_w4a4)  # a model of another image size: pos_embed no longer fits
+    art.config["model"]["kwargs"]["img_size"] = 64
+    with pytest.raises(ArtifactError, match=r"float\.pos_embed: float32 \[1, 65, 64\] in the artifact"):
+        from_artifact(art)
+
+
+def test_bfloat16_timm_vit_quantizes_and_keeps_its_dtype(tmp_path: Path) -> None:
+    # Issue 21, class 6: "Input type (float) and bias type (c10::BFloat16)" on a bfloat16 timm ViT.
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    model = model.eval().to(torch.bfloat16)
+    x = torch.randn(4, 3, 32, 32).to(torch.bfloat16)
+    qm = pq.quantize(model, MinMaxConfig(wbits=8, abits=8, calib_size=4, calib_batch_size=4), calib=[x])
+    assert all(p.dtype == torch.bfloat16 for p in qm.model.parameters())
+    assert next(model.parameters()).dtype == torch.bfloat16  # the user's model is left as it was
+    with torch.no_grad():
+        y, want = qm(x), model(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert (y.float() - want.float()).norm() < 0.2 * want.float().norm()  # W8A8 of the same model
+    path = pq.save(qm, tmp_path / "bf16.safetensors")
+    for mode in ("fake", "packed"):
+        loaded = pq.load(path, model, mode=mode)
+        with torch.no_grad():
+            got = loaded(x)
+        assert got.dtype == torch.bfloat16
+        if mode == "fake":
+            assert torch.equal(got, y)
+        else:  # bf16 GEMMs of the same codes
+            assert (got.float() - y.float()).norm() < 0.05 * y.float().norm()
