@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from . import kernels
 from .formats import Format, IntFormat, format_from_dict, format_to_dict, get_format
-from .observers import Observer, make_observer
+from .observers import OBSERVERS, Observer, make_observer
 from .primitives import (
     Granularity,
     PerTensor,
@@ -96,9 +96,9 @@ class QuantSpec:
         fmt: format name or instance ("int8", "uint4", "e2m1", "log2_4", ...).
         granularity: PerTensor(), PerChannel(axis), PerGroup(size, axis) or PerToken().
         symmetric: symmetric range (zero point 0) or asymmetric (INT only).
-        observer: "minmax", "percentile" or "mse".
-        percentile: upper percentile for the percentile observer.
-        averaging: EMA constant for running statistics; None keeps the running min / max.
+        observer: "minmax", "percentile", "abs_percentile" (Quamba's running percentile of |x|) or "mse".
+        percentile: upper percentile for the percentile observers.
+        averaging: EMA constant for running statistics; None keeps the running min / max (abs_percentile: 0.01).
         dynamic: compute qparams from every input at run time (per-token activations); no calibration.
     """
 
@@ -113,8 +113,8 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         self.fmt = get_format(self.fmt)
-        if self.observer not in ("minmax", "percentile", "mse"):
-            raise ValueError(f"unknown observer {self.observer!r}; choose minmax, percentile or mse")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"unknown observer {self.observer!r}; choose one of {', '.join(OBSERVERS)}")
         if not self.symmetric and not self.fmt.supports_zero_point:
             raise ValueError(f"asymmetric quantization needs an integer format, got {self.fmt.name}")
         if self.dynamic and self.observer != "minmax":

@@ -5,6 +5,7 @@
 | minmax      | running min / max (or EMA with ``averaging``)     | min-max (``qparams_from_minmax``)           |
 | percentile  | lower / upper percentile of each batch (EMA'd)    | min-max of the clipped range               |
 | mse         | min / max plus a bounded sample of the data       | clipping ratio by grid search on the MSE   |
+| abs_percentile | w <- w + m (quantile(abs(x), p) - w) per batch | symmetric range [-w, w] (Quamba)           |
 
 Every observer rejects NaN / Inf in its input with a ``ValueError``, refuses a batch whose blocks differ from the
 earlier batches' (per-token statistics of another batch size), and refuses to produce qparams before it has seen
@@ -32,7 +33,8 @@ from .primitives import (
     scale_shape,
 )
 
-__all__ = ["Observer", "MinMaxObserver", "PercentileObserver", "MSEObserver", "make_observer", "OBSERVERS"]
+__all__ = ["Observer", "MinMaxObserver", "PercentileObserver", "AbsPercentileObserver", "MSEObserver", "make_observer",
+           "OBSERVERS", "quantile"]
 
 
 class Observer:
@@ -157,6 +159,52 @@ class PercentileObserver(Observer):
         self.batches += 1
 
 
+def quantile(x: Tensor, q: float, dim: int = -1) -> Tensor:
+    """``torch.quantile(x, q, dim)`` (linear interpolation between the two nearest order statistics) without
+    its input-size limit: two ``kthvalue`` calls."""
+    n = x.shape[dim]
+    pos = q * (n - 1)
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    v_lo = x.kthvalue(lo + 1, dim=dim).values
+    v_hi = v_lo if hi == lo else x.kthvalue(hi + 1, dim=dim).values
+    return v_lo + (pos - lo) * (v_hi - v_lo)
+
+
+class AbsPercentileObserver(Observer):
+    """Quamba's ``PerTensorPercentileObserver``: per batch ``cur = quantile(|x|, percentile / 100)`` of each
+    block, merged by the running update ``w <- w + m (cur - w)`` (``m = averaging``, 0.01 when None; the first
+    batch sets ``w = cur``); qparams of the symmetric range ``[-w, w]``. Symmetric only.
+
+    Chiang et al., "Quamba: A Post-Training Quantization Recipe for Selective State Space Models", ICLR 2025,
+    arXiv 2410.13229 (alpha = 0.99999 for Mamba, i.e. ``percentile=99.999``).
+    """
+
+    def __init__(
+        self,
+        fmt: Format | str,
+        granularity: Granularity | Sequence[int],
+        *,
+        percentile: float = 99.999,
+        symmetric: bool = True,
+        averaging: float | None = None,
+        name: str = "",
+    ) -> None:
+        if not symmetric:
+            raise ValueError("abs_percentile clips |x|: it is a symmetric observer (use 'percentile' for ranges)")
+        super().__init__(fmt, granularity, symmetric=True, averaging=0.01 if averaging is None else averaging,
+                         name=name)
+        if not 50.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        self.percentile = percentile
+
+    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        bs = self.block_size(x)
+        cur = quantile(_blocks_as_rows(x, bs).abs(), self.percentile / 100.0, dim=1)  # (num_blocks,)
+        cur = cur.reshape(scale_shape(x.shape, bs))
+        return -cur, cur
+
+
 class MSEObserver(Observer):
     """Grid search over clipping ratios: pick, per block, the ratio whose fake-quant MSE is lowest.
 
@@ -245,6 +293,7 @@ def _blocks_as_rows(x: Tensor, block_size: Sequence[int]) -> Tensor:
 OBSERVERS: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "percentile": PercentileObserver,
+    "abs_percentile": AbsPercentileObserver,
     "mse": MSEObserver,
 }
 
@@ -259,13 +308,16 @@ def make_observer(
     percentile: float = 99.99,
     name: str = "",
 ) -> Observer:
-    """Build an observer by name ('minmax', 'percentile' or 'mse')."""
+    """Build an observer by name ('minmax', 'percentile', 'abs_percentile' or 'mse')."""
     if kind == "minmax":
         return MinMaxObserver(fmt, granularity, symmetric=symmetric, averaging=averaging, name=name)
     if kind == "percentile":
         return PercentileObserver(
             fmt, granularity, percentile=percentile, symmetric=symmetric, averaging=averaging, name=name
         )
+    if kind == "abs_percentile":
+        return AbsPercentileObserver(fmt, granularity, percentile=percentile, symmetric=symmetric,
+                                     averaging=averaging, name=name)
     if kind == "mse":
         return MSEObserver(fmt, granularity, symmetric=symmetric, averaging=averaging, name=name)
     raise ValueError(f"unknown observer {kind!r}; choose from {sorted(OBSERVERS)}")

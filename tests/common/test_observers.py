@@ -105,3 +105,44 @@ def test_huge_values_give_finite_scales(kind: str, symmetric: bool) -> None:
     scale, zp = obs.calculate_qparams()
     assert torch.isfinite(scale).all() and (scale > 0).all() and torch.isfinite(zp).all()
     assert obs.min_val.item() == pytest.approx(-3e38) and obs.max_val.item() == pytest.approx(3e38)
+
+
+# --- abs_percentile (Quamba's running percentile of |x|) ---------------------------------------------------------
+
+
+def test_quantile_matches_torch_quantile() -> None:
+    from polyquant.observers import quantile
+
+    x = torch.randn(3, 1001, generator=torch.Generator().manual_seed(0))
+    for q in (0.0, 0.5, 0.9, 0.99999, 1.0):
+        torch.testing.assert_close(quantile(x, q, dim=1), torch.quantile(x, q, dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_abs_percentile_running_update_by_hand() -> None:
+    from polyquant.observers import AbsPercentileObserver
+
+    obs = AbsPercentileObserver("int8", PerTensor(), percentile=75.0)  # quantile 0.75 of |x|
+    # |x| = 0..4: quantile(0.75) = 3.0 (position 3 of 0..4); then |x| = 0..8 step 2: position 3 -> 6.0
+    obs.update(torch.tensor([0.0, -1.0, 2.0, -3.0, 4.0]))
+    assert float(obs.max_val) == pytest.approx(3.0) and float(obs.min_val) == pytest.approx(-3.0)  # w = cur
+    obs.update(torch.tensor([0.0, 2.0, -4.0, 6.0, -8.0]))
+    assert float(obs.max_val) == pytest.approx(3.0 + 0.01 * (6.0 - 3.0))  # w <- w + 0.01 (cur - w) = 3.03
+    obs.update(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0]))
+    assert float(obs.max_val) == pytest.approx(3.03 + 0.01 * (1.0 - 3.03))  # 3.0097
+    scale, zp = obs.calculate_qparams()
+    assert float(scale) == pytest.approx((3.03 + 0.01 * (1.0 - 3.03)) / 127) and float(zp) == 0.0
+
+
+def test_abs_percentile_interpolates_and_is_symmetric_only() -> None:
+    from polyquant.nn import QuantSpec
+    from polyquant.observers import AbsPercentileObserver, make_observer
+
+    obs = make_observer("abs_percentile", "int8", PerTensor(), percentile=90.0, averaging=0.5)
+    assert isinstance(obs, AbsPercentileObserver) and obs.averaging == 0.5
+    obs.update(torch.tensor([1.0, -2.0]))  # |x| = 1, 2: position 0.9 -> 1.9
+    assert float(obs.max_val) == pytest.approx(1.9)
+    with pytest.raises(ValueError, match="symmetric"):
+        AbsPercentileObserver("int8", PerTensor(), symmetric=False)
+    assert QuantSpec("int8", observer="abs_percentile", percentile=99.999).observer == "abs_percentile"
+    with pytest.raises(ValueError, match="abs_percentile"):
+        QuantSpec("int8", observer="nope")
