@@ -185,7 +185,8 @@ class PackedLinear(nn.Module):
             if dev.type == "cpu" and isinstance(entry.fmt, IntFormat) \
                     and _cpu_int4_group(entry.rows, entry.group_size) is not None:
                 return "cpu_int4"
-        if entry.bits == 8 and isinstance(entry.fmt, IntFormat) and groups == 1 and dev.type == "cpu":
+        if entry.bits == 8 and isinstance(entry.fmt, IntFormat) and groups == 1 and dev.type == "cpu" \
+                and entry.cols % 16 == 0:  # torch's _weight_int8pack_mm crashes (SIGSEGV) on K = 4, 8, 12, 24, ...
             return "w8"
         return "decode"
 
@@ -231,7 +232,7 @@ class PackedLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.weight_packed, self.cpu_group, self._cpu_params)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         elif self.path == "w8":
-            xc = x.reshape(-1, self.in_features).to(self.cpu_dtype)
+            xc = x.reshape(-1, self.in_features).to(self.cpu_dtype).contiguous()  # the kernel needs unit strides
             y = torch.ops.aten._weight_int8pack_mm(xc, self.weight_packed, self._w8_scale).float()
             y = y + xc.float().sum(-1, keepdim=True) * self._w8_offset  # asymmetric correction (0 when symmetric)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

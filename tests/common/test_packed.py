@@ -86,6 +86,20 @@ def test_cpu_paths_match_the_decoded_weight(fmt: str, bits: int, group: int | No
     assert_close(m.dequantized_weight(), w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
 
 
+@pytest.mark.parametrize("k,path", [(4, "decode"), (24, "decode"), (32, "w8")])
+def test_cpu_int8_path_only_for_k_it_takes_and_strided_inputs(k: int, path: str) -> None:
+    # torch's _weight_int8pack_mm crashes on K = 4, 8, 12, 24 (a Mamba dt_proj has K = time_step_rank) and refuses
+    # inputs without unit strides (a transposed activation): such layers decode, such inputs are made contiguous
+    g = torch.Generator().manual_seed(k)
+    codes = torch.randint(0, 256, (16, k), generator=g, dtype=torch.uint8)
+    entry = _entry(codes, torch.rand(16, 1, generator=g) + 0.05, None, pq.get_format("int8"))
+    fast = PackedLinear(entry)
+    assert fast.path == path
+    x = torch.randn(2, k, 7, generator=g).transpose(1, 2)  # (2, 7, k), not contiguous
+    ref = _reference(entry, x.contiguous(), None)
+    assert_close(fast(x), ref, rtol=2e-2, atol=1e-2 * float(ref.abs().max()))
+
+
 def test_one_wrong_code_is_caught_element_wise() -> None:
     # The check above is element-wise: a single corrupted code changes one column of outputs beyond tolerance.
     codes = torch.randint(0, 16, (32, 128), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
