@@ -1,0 +1,19 @@
+"""Entry point of the SSM plugin (light: no torch): ``polyquant.plugins.ssm.spec:SPEC``."""
+
+from __future__ import annotations
+
+from polyquant.plugins import API_VERSION, PluginSpec
+
+SPEC = PluginSpec(
+    name="ssm",
+    api_version=API_VERSION,
+    summary="State-space models (transformers Mamba-1): Quamba W8A8 with a running percentile on the SSM input and "
+    "an online Hadamard on its output, beside naive W8A8.",
+    methods={
+        "quamba": "Quamba W8A8: static per-tensor int8, percentile of |u| on the SSM input, Hadamard before out_proj.",
+        "naive": "Naive W8A8: Quamba's quantization points, min-max ranges, no percentile, no Hadamard.",
+    },
+    requires=("torch>=2.4", "transformers>=4.45"),
+    impl="polyquant.plugins.ssm.methods",
+    demo=None,
+)

@@ -1,0 +1,162 @@
+"""The SSM plugin: Quamba's quantizer placement, the mixer's float math, the Hadamard fold, the percentile update,
+and bits per byte of the shipped byte-level Mamba (float vs quamba vs naive, normal and outlier-injected)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+import polyquant as pq  # noqa: E402
+from polyquant import kernels  # noqa: E402
+from polyquant.config import UsageError  # noqa: E402
+from polyquant.nn import ActQuantizer, QuantConv1d, QuantLinear, Quantizer, RotatedLinear  # noqa: E402
+from polyquant.observers import quantile  # noqa: E402
+from polyquant.primitives import PerTensor  # noqa: E402
+from polyquant.transforms import hadamard_matrix  # noqa: E402
+from polyquant.plugins.ssm.mixer import QuantMambaMixer, replace_mixers  # noqa: E402
+from polyquant.plugins.ssm.models import (  # noqa: E402
+    SHIPPED, bits_per_byte, build_model, byte_batches, inject_outliers, text_bytes)
+from polyquant.plugins.ssm.quamba import NaiveConfig, QuambaConfig, quamba_hadamard_size  # noqa: E402
+
+# Every quantizer of one mixer, as the Quamba table lists them (relative name -> observer); nothing else is quantized.
+MIXER_QUANTIZERS = {
+    "in_proj.input_quantizer": "minmax", "in_proj.weight_quantizer": "minmax", "in_proj.output_quantizer": "minmax",
+    "conv1d.weight_quantizer": "minmax",
+    "u_quantizer": "abs_percentile",
+    "x_proj.weight_quantizer": "minmax", "x_proj.output_quantizer": "minmax",
+    "dt_proj.weight_quantizer": "minmax", "dt_proj.output_quantizer": "minmax",
+    "A_log_quantizer": "minmax", "D_quantizer": "minmax", "dt_bias_quantizer": "minmax",
+    "out_proj.input_quantizer": "minmax", "out_proj.weight_quantizer": "minmax",
+}
+
+
+@pytest.fixture(scope="module")
+def shipped() -> nn.Module:
+    return build_model({"name": SHIPPED})
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    calib = byte_batches(text_bytes("train"), batches=8, batch_size=4, seq_len=128, seed=1)
+    held_out = byte_batches(text_bytes("test"), batches=4, batch_size=8, seq_len=128, seed=2)
+    return calib, held_out
+
+
+@pytest.mark.parametrize("config", [QuambaConfig(), NaiveConfig()], ids=["quamba", "naive"])
+def test_every_quantizer_is_placed_exactly(shipped: nn.Module, config) -> None:
+    calib = byte_batches(text_bytes("train", limit=50_000), batches=1, batch_size=2, seq_len=32, seed=1)
+    model = pq.quantize(shipped, config, calib=calib, progress=False).model
+    found = {name: q for name, q in model.named_modules() if isinstance(q, Quantizer)}
+    prefix = "lm.backbone.layers.{}.mixer."
+    expected = {prefix.format(i) + rel for i in range(2) for rel in MIXER_QUANTIZERS}
+    assert set(found) == expected
+    for name, q in found.items():
+        rel = name.split(".mixer.")[1]
+        observer = MIXER_QUANTIZERS[rel] if isinstance(config, QuambaConfig) else "minmax"
+        assert (q.spec.fmt.name, type(q.spec.granularity), q.spec.symmetric, q.spec.dynamic) == \
+            ("int8", PerTensor, True, False), name
+        assert q.spec.observer == observer, name
+        assert q.state == "quantized" and q.scale.numel() == 1 and float(q.zero_point) == 0.0, name
+    for i in range(2):
+        m = model.get_submodule(f"lm.backbone.layers.{i}.mixer")
+        assert isinstance(m, QuantMambaMixer) and m.dt_proj.bias is None  # the bias moved into the scan
+        assert type(m.in_proj) is QuantLinear and type(m.x_proj) is QuantLinear and type(m.dt_proj) is QuantLinear
+        assert type(m.conv1d) is QuantConv1d
+        assert type(m.out_proj) is (RotatedLinear if isinstance(config, QuambaConfig) else QuantLinear)
+        assert m.x_proj.input_quantizer is None and m.dt_proj.input_quantizer is None  # int8 from the previous point
+        assert all(type(getattr(m, f"{p}_quantizer")) is ActQuantizer for p in ("u", "A_log", "D", "dt_bias"))
+    # embedding, norms, lm_head (and the residual stream) stay float
+    lm = model.lm
+    assert type(lm.backbone.embeddings) is nn.Embedding and type(lm.lm_head) is nn.Linear
+    assert not any(isinstance(q, Quantizer) for q in lm.backbone.norm_f.modules())
+    assert all(not any(isinstance(q, Quantizer) for q in layer.norm.modules()) for layer in lm.backbone.layers)
+
+
+def test_quant_mixer_float_path_equals_transformers(shipped: nn.Module) -> None:
+    x = byte_batches(text_bytes("test", limit=50_000), batches=1, batch_size=2, seq_len=48, seed=3)[0]
+    model = copy.deepcopy(shipped)
+    with torch.no_grad():
+        ref = model(x)
+        replace_mixers(model)
+        got = model(x)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [128, 12 * 8, 40 * 4])
+def test_hadamard_is_orthogonal_and_folds_into_out_proj(n: int) -> None:
+    h = hadamard_matrix(n, torch.float64)
+    torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
+    y = torch.randn(3, 5, n, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(kernels.fwht(y), y @ h.float(), rtol=1e-5, atol=1e-5)  # the online transform
+    out_proj = nn.Linear(n, 64, bias=False)
+    rotated = RotatedLinear(out_proj, name="out_proj")  # weight W H, input y H: (y H)(W H)^T = y W^T
+    torch.testing.assert_close(rotated.weight, out_proj.weight @ h.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rotated(y), out_proj(y), rtol=1e-5, atol=1e-5)
+
+
+def test_quamba_hadamard_sizes_and_errors() -> None:
+    assert [n for n in range(1, 200) if quamba_hadamard_size(n)] == \
+        [1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192]
+    model = build_model({"hidden_size": 10, "num_hidden_layers": 1})  # d_inner 20: no Quamba size
+    calib = [torch.zeros(1, 8, dtype=torch.long)]
+    with pytest.raises(UsageError, match=r"d_inner 20 .*2\^k, 12 \* 2\^k or 40 \* 2\^k"):
+        pq.quantize(model, QuambaConfig(), calib=calib, progress=False)
+    pq.quantize(model, QuambaConfig(hadamard=False), calib=calib, progress=False)  # no rotation: any d_inner
+    with pytest.raises(UsageError, match="not a Mamba-1 model"):
+        pq.quantize(nn.Sequential(nn.Linear(4, 4)), NaiveConfig(), calib=[torch.zeros(1, 4)], progress=False)
+
+
+def test_percentile_running_update_on_u(shipped: nn.Module) -> None:
+    calib = byte_batches(text_bytes("train", limit=50_000), batches=3, batch_size=2, seq_len=32, seed=5)
+    alpha = 0.999
+    # the float u of layer 0 per batch (the float model's conv1d + SiLU output)
+    mixer = copy.deepcopy(shipped)
+    replace_mixers(mixer)
+    seen: list[torch.Tensor] = []
+    m0 = mixer.lm.backbone.layers[0].mixer
+    m0.u_quantizer = _Record(seen)
+    with torch.no_grad():
+        for batch in calib:
+            mixer(batch)
+    w = float(quantile(seen[0].abs().reshape(1, -1), alpha, dim=1))  # first batch: w = cur
+    for u in seen[1:]:
+        w = w + 0.01 * (float(quantile(u.abs().reshape(1, -1), alpha, dim=1)) - w)
+    qm = pq.quantize(shipped, QuambaConfig(alpha=alpha), calib=calib, progress=False)
+    scale = qm.model.lm.backbone.layers[0].mixer.u_quantizer.scale
+    assert float(scale) == pytest.approx(w / 127, rel=1e-5)
+
+
+class _Record(nn.Module):
+    def __init__(self, out: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.out.append(x.detach().clone())
+        return x
+
+
+def _bpb(shipped: nn.Module, data, *, outliers: bool) -> dict[str, float]:
+    calib, held_out = data
+    model = copy.deepcopy(shipped)
+    if outliers:
+        inject_outliers(model)
+    out = {"float": bits_per_byte(model, held_out)}
+    for name, config in (("quamba", QuambaConfig()), ("naive", NaiveConfig())):
+        out[name] = bits_per_byte(pq.quantize(model, config, calib=calib, progress=False).model, held_out)
+    return out
+
+
+def test_quamba_within_one_percent_of_float(shipped: nn.Module, data) -> None:
+    bpb = _bpb(shipped, data, outliers=False)
+    assert bpb["quamba"] <= bpb["float"] * 1.01, bpb
+
+
+def test_naive_no_better_than_quamba_with_outliers(shipped: nn.Module, data) -> None:
+    bpb = _bpb(shipped, data, outliers=True)
+    assert bpb["naive"] >= bpb["quamba"], bpb
