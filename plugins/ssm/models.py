@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["ByteMamba", "build_model", "check_config", "text_bytes", "byte_batches", "bits_per_byte",
-           "SHIPPED", "SHIPPED_PATH", "ARCH_DEFAULTS"]
+           "SHIPPED", "SHIPPED_PATH", "ARCH_DEFAULTS", "inject_outliers"]
 
 SHIPPED = "byte-mamba"  # the shipped checkpoint's name (plugins/ssm/assets/byte_mamba.safetensors)
 SHIPPED_PATH = Path(__file__).with_name("assets") / "byte_mamba.safetensors"
