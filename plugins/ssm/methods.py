@@ -1,10 +1,13 @@
-"""The impl module of plugin ``ssm`` (``SPEC.impl``): Quamba W8A8 and its naive W8A8 baseline on ``transformers``'
-Mamba-1 (``quamba.py`` holds the configs and the placement; ``mixer.py`` the quantizable mixer).
+"""The impl module of plugin ``ssm`` (``SPEC.impl``): Quamba W8A8 and its naive and SmoothQuant W8A8 baselines on
+``transformers``' Mamba-1 (``quamba.py`` holds the configs and the placement; ``smoothquant.py`` the migration fold;
+``mixer.py`` the quantizable mixer).
 
-Both methods are core quant layers and core activation quantizers on a ``QuantMambaMixer``; the ``prepare`` hook
+Every method is core quant layers and core activation quantizers on a ``QuantMambaMixer``; the ``prepare`` hook
 rebuilds them on a float skeleton, so the core's default restore and packing do the rest (``in_proj`` ->
 ``W8A8Linear``, ``out_proj`` -> ``HadamardLinear(W8A8Linear)`` for quamba, ``conv1d`` -> ``PackedConv``, ``x_proj``
 / ``dt_proj`` -> ``PackedLinear`` on int8 codes: their inputs are already int8 values of the preceding quantizer).
+smoothquant folds its migration into float weights before quantizing: the norms' weights travel as float tensors,
+in_proj's smoothed weight as its int8 entry.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from polyquant.nn import calibrate
 
 from .models import SHIPPED, bits_per_byte, build_model, byte_batches, text_bytes
 from .quamba import NaiveConfig, QuambaConfig, quantize_mixers
+from .smoothquant import SmoothQuantConfig, smooth_mixers
 
 __all__ = ["METHODS", "build_model", "example", "add_model_args", "load_inputs", "report_quantized"]
 
@@ -44,10 +48,19 @@ def _quantize(model: nn.Module, config: QuantConfig, calib: Calibration, run: Ru
     return QuantizedModel(qmodel.eval(), config)
 
 
-for _cls, _name in ((QuambaConfig, "quamba"), (NaiveConfig, "naive")):
-    register_handler(_cls, plugin=PLUGIN, method=_name, prepare=_prepare, example_input=_example_input)(_quantize)
+def _quantize_smoothquant(model: nn.Module, config: QuantConfig, calib: Calibration,
+                          run: RunOptions) -> QuantizedModel:
+    assert isinstance(config, SmoothQuantConfig)
+    smooth_mixers(model, calib, config.alpha)  # float-exact fold into the norms and in_proj (the artifact's weights)
+    return _quantize(model, config, calib, run)
 
-METHODS: dict[str, type[QuantConfig]] = {"quamba": QuambaConfig, "naive": NaiveConfig}
+
+for _cls, _name, _fn in ((QuambaConfig, "quamba", _quantize), (NaiveConfig, "naive", _quantize),
+                         (SmoothQuantConfig, "smoothquant", _quantize_smoothquant)):
+    register_handler(_cls, plugin=PLUGIN, method=_name, prepare=_prepare, example_input=_example_input)(_fn)
+
+METHODS: dict[str, type[QuantConfig]] = {"quamba": QuambaConfig, "naive": NaiveConfig,
+                                         "smoothquant": SmoothQuantConfig}
 
 
 # --- the contract test's case -------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ SPEC = PluginSpec(
     methods={
         "quamba": "Quamba W8A8: static per-tensor int8, percentile of |u| on the SSM input, Hadamard before out_proj.",
         "naive": "Naive W8A8: Quamba's quantization points, min-max ranges, no percentile, no Hadamard.",
+        "smoothquant": "SmoothQuant W8A8: per-channel migration of in_proj's input range into its weight (folded "
+        "into the RMSNorm), then naive W8A8.",
     },
     requires=("torch>=2.4", "transformers>=4.45"),
     impl="polyquant.plugins.ssm.methods",

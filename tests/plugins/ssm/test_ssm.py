@@ -1,5 +1,5 @@
 """The SSM plugin: Quamba's quantizer placement, the mixer's float math, the Hadamard fold, the percentile update,
-and bits per byte of the shipped byte-level Mamba (float vs quamba vs naive, normal and outlier-injected)."""
+the SmoothQuant factors and fold, and bits per byte of the shipped byte-level Mamba (float vs quamba vs naive, normal and outlier-injected)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from polyquant.plugins.ssm.mixer import QuantMambaMixer, replace_mixers  # noqa:
 from polyquant.plugins.ssm.models import (  # noqa: E402
     SHIPPED, bits_per_byte, build_model, byte_batches, inject_outliers, text_bytes)
 from polyquant.plugins.ssm.quamba import NaiveConfig, QuambaConfig, quamba_hadamard_size  # noqa: E402
+from polyquant.plugins.ssm.smoothquant import SmoothQuantConfig, smooth_mixers, smoothing_factors  # noqa: E402
 
 # Every quantizer of one mixer, as the Quamba table lists them (relative name -> observer); nothing else is quantized.
 MIXER_QUANTIZERS = {
@@ -160,3 +161,50 @@ def test_quamba_within_one_percent_of_float(shipped: nn.Module, data) -> None:
 def test_naive_no_better_than_quamba_with_outliers(shipped: nn.Module, data) -> None:
     bpb = _bpb(shipped, data, outliers=True)
     assert bpb["naive"] >= bpb["quamba"], bpb
+
+
+# --- smoothquant ---------------------------------------------------------------------------------------------------
+
+
+def test_smoothing_factors_hand_values() -> None:
+    act_max = torch.tensor([4.0, 1.0, 0.0])
+    weight = torch.tensor([[1.0, -2.0, 0.5], [0.5, 1.0, -3.0]])  # per input channel max |W_j|: 1, 2, 3
+    torch.testing.assert_close(smoothing_factors(act_max, weight, 0.5),
+                               torch.tensor([2.0, 0.5 ** 0.5, (1e-5 / 3.0) ** 0.5]))
+    torch.testing.assert_close(smoothing_factors(act_max, weight, 1.0), torch.tensor([4.0, 1.0, 1e-5]))
+    torch.testing.assert_close(smoothing_factors(act_max, weight, 0.0), torch.tensor([1.0, 0.5, 1.0 / 3.0]))
+
+
+def test_smoothing_fold_preserves_float_outputs(shipped: nn.Module) -> None:
+    calib = byte_batches(text_bytes("train", limit=50_000), batches=2, batch_size=2, seq_len=32, seed=4)
+    x = byte_batches(text_bytes("test", limit=50_000), batches=1, batch_size=2, seq_len=48, seed=3)[0]
+    model = copy.deepcopy(shipped)
+    norm0 = model.lm.backbone.layers[0].norm.weight.detach().clone()
+    w0 = model.lm.backbone.layers[0].mixer.in_proj.weight.detach().clone()
+    factors = smooth_mixers(model, calib, 0.5)
+    assert sorted(factors) == [f"lm.backbone.layers.{i}.mixer" for i in range(2)]
+    s = factors["lm.backbone.layers.0.mixer"]
+    assert not torch.allclose(s, torch.ones_like(s))  # a real migration, not the identity
+    torch.testing.assert_close(model.lm.backbone.layers[0].norm.weight, norm0 / s)
+    torch.testing.assert_close(model.lm.backbone.layers[0].mixer.in_proj.weight, w0 * s)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), shipped(x), rtol=1e-4, atol=1e-4)
+    # with alpha 0.5 the smoothed input's and weight's per-channel maxima meet: max|X'_j| = max|W'_j| (calib set)
+    seen: list[torch.Tensor] = []
+    hook = model.lm.backbone.layers[0].mixer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        for batch in calib:
+            model(batch)
+    hook.remove()
+    x_max = torch.cat(seen).abs().reshape(-1, s.numel()).amax(0)
+    torch.testing.assert_close(x_max, model.lm.backbone.layers[0].mixer.in_proj.weight.abs().amax(0),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_smoothquant_is_naive_w8a8_after_the_fold(shipped: nn.Module) -> None:
+    calib = byte_batches(text_bytes("train", limit=50_000), batches=2, batch_size=2, seq_len=32, seed=4)
+    model = pq.quantize(shipped, SmoothQuantConfig(), calib=calib, progress=False).model
+    found = {name.split(".mixer.")[1]: q for name, q in model.named_modules() if isinstance(q, Quantizer)}
+    assert set(found) == set(MIXER_QUANTIZERS)
+    assert all(q.spec.observer == "minmax" for q in found.values())
+    assert type(model.lm.backbone.layers[0].mixer.out_proj) is QuantLinear  # no rotation
