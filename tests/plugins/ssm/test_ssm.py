@@ -1,5 +1,6 @@
 """The SSM plugin: Quamba's quantizer placement, the mixer's float math, the Hadamard fold, the percentile update,
-the SmoothQuant factors and fold, and bits per byte of the shipped byte-level Mamba (float vs quamba vs naive, normal and outlier-injected)."""
+the SmoothQuant factors and fold, and bits per byte of the shipped byte-level Mamba (float vs quamba vs naive,
+normal and outlier-injected)."""
 
 from __future__ import annotations
 
