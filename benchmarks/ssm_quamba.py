@@ -53,8 +53,11 @@ SEQ_LEN = 128
 
 
 def rows() -> list[tuple[str, QuantConfig]]:
-    """(label, config) of every quantized row: quamba, its two ablations, naive, then the other METHODS."""
-    out = [("quamba", QuambaConfig()), ("percentile only (hadamard=False)", QuambaConfig(hadamard=False)),
+    """(label, config) of every quantized row: quamba (the paper's alpha, then two lower ones), its two ablations,
+    naive, then the other METHODS."""
+    out = [("quamba", QuambaConfig()), ("quamba alpha=0.999", QuambaConfig(alpha=0.999)),
+           ("quamba alpha=0.99", QuambaConfig(alpha=0.99)),
+           ("percentile only (hadamard=False)", QuambaConfig(hadamard=False)),
            ("Hadamard only (alpha=1.0)", QuambaConfig(alpha=1.0)), ("naive", NaiveConfig())]
     out += [(name, cls()) for name, cls in METHODS.items() if name not in ("quamba", "naive")]
     return out
