@@ -143,7 +143,12 @@ def _reading(results: dict[str, Any]) -> list[str]:
             "2%. The injection scales 4 of 128 u channels per mixer, about 3% of u's elements, far more than the "
             "0.001% that alpha = 0.99999 clips, so the percentile clip stays in the outlier range (percentile only "
             "is no better than naive here) and the u quantizer's step stays ~30x coarser for the normal channels; "
-            "the Hadamard on out_proj's input is what recovers most of the loss.", ""]
+            "the Hadamard on out_proj's input is what recovers most of the loss.",
+            f"- Lower alpha (same Hadamard): quamba alpha=0.999 {pct(res0, 'quamba alpha=0.999'):+.2f}% / "
+            f"{pct(res1, 'quamba alpha=0.999'):+.2f}%, alpha=0.99 {pct(res0, 'quamba alpha=0.99'):+.2f}% / "
+            f"{pct(res1, 'quamba alpha=0.99'):+.2f}% (shipped / outliers): a quantile below the injected channels' "
+            "share clips them; which alpha the method should default to for Mamba checkpoints with such outliers is "
+            "open (the paper's 0.99999 is for real Mamba's sparser outliers).", ""]
 
 
 def markdown(report: dict[str, Any]) -> str:
