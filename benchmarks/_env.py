@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import platform
 import re
+import resource
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -34,6 +36,12 @@ _HBM_SPEC_GBPS: list[tuple[str, float]] = [
     (r"\bH100\b.*\bPCIe\b", 2000.0),  # H100 PCIe, HBM2e
     (r"\bH100\b.*\b(SXM|HBM3)\b", 3350.0),  # H100 SXM, HBM3 (torch names it "NVIDIA H100 80GB HBM3")
 ]
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory in GiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb * 1024 / 1024**3 if sys.platform != "darwin" else kb / 1024**3, 3)
 
 
 def hbm_spec_gbps(device_name: str) -> float | None:

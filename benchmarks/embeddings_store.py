@@ -17,14 +17,13 @@ import argparse
 import json
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from _env import environment
+from _env import environment, peak_rss_gib
 
 from polyquant.plugins.embeddings.configs import Int8Config
 from polyquant.plugins.embeddings.store import EmbeddingStore
@@ -32,7 +31,8 @@ from polyquant.plugins.embeddings.store import EmbeddingStore
 GiB = 1024**3
 
 
-def _chunk(index: int, size: int, dim: int, seed: int) -> torch.Tensor:
+def unit_chunk(index: int, size: int, dim: int, seed: int) -> torch.Tensor:
+    """Chunk ``index`` of the seeded unit vectors (size, dim) both store benchmarks build their stores from."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     x = torch.randn(size, dim, generator=g)
     return x / x.norm(dim=1, keepdim=True)
@@ -51,21 +51,16 @@ def _rss() -> dict[str, float]:
     return out
 
 
-def _peak_gib() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return round(kb * 1024 / GiB if sys.platform != "darwin" else kb / GiB, 3)
-
-
 def run(n: int, dim: int, chunk: int, queries: int, k: int, seed: int, workdir: Path) -> dict:
     chunks = [(i, min(chunk, n - i * chunk)) for i in range((n + chunk - 1) // chunk)]
     report: dict = {"n": n, "dim": dim, "chunk": chunk, "queries": queries, "k": k, "format": "int8"}
     memory: dict[str, dict[str, float]] = {"start": _rss()}
 
     t0 = time.perf_counter()
-    store = EmbeddingStore.fit(_chunk(0, min(chunk, 10_000), dim, seed), config=Int8Config(), workdir=workdir)
+    store = EmbeddingStore.fit(unit_chunk(0, min(chunk, 10_000), dim, seed), config=Int8Config(), workdir=workdir)
     store.reserve(n)
     for i, size in chunks:
-        store.add(_chunk(i, size, dim, seed))
+        store.add(unit_chunk(i, size, dim, seed))
     report["build_s"] = round(time.perf_counter() - t0, 2)
     memory["built"] = _rss()
 
@@ -87,7 +82,7 @@ def run(n: int, dim: int, chunk: int, queries: int, k: int, seed: int, workdir: 
 
     g = torch.Generator().manual_seed(seed + 1)
     sources = torch.randint(0, n, (queries,), generator=g)
-    q = torch.stack([_chunk(int(s) // chunk, min(chunk, n - int(s) // chunk * chunk), dim, seed)[int(s) % chunk]
+    q = torch.stack([unit_chunk(int(s) // chunk, min(chunk, n - int(s) // chunk * chunk), dim, seed)[int(s) % chunk]
                      .clone() for s in sources])  # clone: a row view would keep its whole chunk alive
     q = q + 0.5 / dim**0.5 * torch.randn(queries, dim, generator=g)
     q = q / q.norm(dim=1, keepdim=True)
@@ -104,7 +99,7 @@ def run(n: int, dim: int, chunk: int, queries: int, k: int, seed: int, workdir: 
     best = torch.empty(queries, 0)
     best_ids = torch.empty(queries, 0, dtype=torch.int64)
     for i, size in chunks:  # the exact float top-k, regenerating the vectors
-        s = q @ _chunk(i, size, dim, seed).T
+        s = q @ unit_chunk(i, size, dim, seed).T
         merged, merged_ids = torch.cat([best, s], 1), torch.cat([best_ids, torch.arange(i * chunk, i * chunk + size)
                                                                  .expand(queries, -1)], 1)
         best, top = torch.topk(merged, k, dim=1)
@@ -112,7 +107,7 @@ def run(n: int, dim: int, chunk: int, queries: int, k: int, seed: int, workdir: 
     report["recall_at_k"] = round(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, best_ids))
                                   / best_ids.numel(), 4)
     report["source_at_rank_1"] = round(float((ids[:, 0] == sources).float().mean()), 4)
-    report["peak_rss_GiB"] = _peak_gib()
+    report["peak_rss_GiB"] = peak_rss_gib()
     report["rss_GiB"] = memory
     return report
 

@@ -23,37 +23,29 @@ import gc
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from _env import environment
+from _env import environment, peak_rss_gib
+from embeddings_store import unit_chunk
 
 from polyquant.plugins.embeddings.configs import BinaryConfig, EmbeddingConfig, Float16Config, Int8Config
 from polyquant.plugins.embeddings.store import EmbeddingStore
 
-GiB = 1024**3
 CONFIGS: dict[str, EmbeddingConfig] = {"int8": Int8Config(), "float16": Float16Config(), "binary": BinaryConfig()}
-
-
-def _chunk(index: int, size: int, dim: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    x = torch.randn(size, dim, generator=g)
-    return x / x.norm(dim=1, keepdim=True)
 
 
 def build(config: EmbeddingConfig, n: int, dim: int, chunk: int, seed: int, folder: Path) -> Path:
     """Build and save a store of ``n`` vectors in ``folder``; only the saved file is kept."""
-    store = EmbeddingStore.fit(_chunk(0, min(chunk, 10_000), dim, seed), config=config, workdir=folder)
+    store = EmbeddingStore.fit(unit_chunk(0, min(chunk, 10_000), dim, seed), config=config, workdir=folder)
     store.reserve(n)
     for i, start in enumerate(range(0, n, chunk)):
-        store.add(_chunk(i, min(chunk, n - start), dim, seed))
+        store.add(unit_chunk(i, min(chunk, n - start), dim, seed))
     path = store.save(folder / f"{config.FORMAT}.pqs")
     store.close()
     return path
@@ -90,11 +82,6 @@ def sha256_gbps(path: Path) -> float:
     return len(data) / (time.perf_counter() - t0) / 1e9
 
 
-def _peak_gib() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return round(kb * 1024 / GiB if sys.platform != "darwin" else kb / GiB, 3)
-
-
 def run(formats: list[str], n: int, dim: int, chunk: int, queries: int, k: int, reps: int, seed: int,
         folder: Path) -> dict:
     g = torch.Generator().manual_seed(seed + 1)
@@ -123,7 +110,7 @@ def run(formats: list[str], n: int, dim: int, chunk: int, queries: int, k: int, 
             }
         report["formats"][fmt] = entry
         path.unlink()
-    report["peak_rss_GiB"] = _peak_gib()
+    report["peak_rss_GiB"] = peak_rss_gib()
     return report
 
 
