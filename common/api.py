@@ -46,7 +46,7 @@ import copy
 import os
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from .artifact import Artifact, ArtifactError
 from .config import ConfigError, QuantConfig, UsageError
-from .nn import HALF_DTYPES, Calibration, calibration, cast_floats, default_forward, half_dtype, to_device
+from .nn import HALF_DTYPES, Calibration, calibration, cast_floats, default_forward, half_dtype, tensors_in, to_device
 
 __all__ = [
     "ARTIFACT_SCHEMA",
@@ -505,22 +505,11 @@ def check_restored(model: nn.Module, example: Any) -> None:
     finally:
         for h in handles:
             h.remove()
-    bad = [t for t in _tensors(out) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [t for t in tensors_in(out) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise ArtifactError("the restored model's outputs on a zero input are NaN or Inf: a stored value is out of "
                             "range")
 
-
-def _tensors(out: Any) -> Iterator[Tensor]:
-    """The tensors in a model output (a tensor, or nested tuples / lists / dicts / ModelOutputs of them)."""
-    if isinstance(out, Tensor):
-        yield out
-    elif isinstance(out, dict):
-        for v in out.values():
-            yield from _tensors(v)
-    elif isinstance(out, (list, tuple)):
-        for v in out:
-            yield from _tensors(v)
 
 
 def load(

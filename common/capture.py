@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from .nn import Calibration, calibration
+from .nn import Calibration, calibration, tensors_in
 
 __all__ = ["Call", "Captured", "CaptureLimitError", "capture"]
 
@@ -82,7 +82,7 @@ class Captured:
     def nbytes(self) -> int:
         """Bytes held by the captured tensors."""
         return sum(t.numel() * t.element_size() for c in self.calls
-                   for t in _tensors((c.args, c.kwargs, c.output, c.grad)))
+                   for t in tensors_in((c.args, c.kwargs, c.output, c.grad)))
 
     @property
     def num_samples(self) -> int:
@@ -122,17 +122,6 @@ class _StopForward(Exception):
     """Raised by a hook to end the forward pass once everything of the batch is captured."""
 
 
-def _tensors(x: Any) -> list[Tensor]:
-    """The tensors inside nested tuples / lists / dicts, in order."""
-    if isinstance(x, Tensor):
-        return [x]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _tensors(v)]
-    if isinstance(x, dict):
-        return [t for v in x.values() for t in _tensors(v)]
-    return []
-
-
 def _map(fn: Callable[[Tensor], Any], x: Any) -> Any:
     """``x`` with every tensor inside (nested tuples / lists / dicts) replaced by ``fn(tensor)``."""
     if isinstance(x, Tensor):
@@ -152,7 +141,7 @@ def _needs_grad(t: Tensor) -> bool:
 
 
 def _rows(call: Call) -> int:
-    for t in _tensors((call.args, call.kwargs, call.output, call.grad)):
+    for t in tensors_in((call.args, call.kwargs, call.output, call.grad)):
         return int(t.shape[0]) if t.dim() > 0 else 1
     return 0
 
@@ -311,7 +300,7 @@ def capture(
                 if outputs:
                     call.output = store.copy(out, name, batch_index)
                 if loss_fn is not None:
-                    if any(_needs_grad(t) for t in _tensors(out)):
+                    if any(_needs_grad(t) for t in tensors_in(out)):
                         out = _map(lambda t: t.detach().requires_grad_().clone() if _needs_grad(t) else t, out)
                     live.append((name, call, out))
             if early_stop and all_in(returned):
@@ -359,7 +348,7 @@ def _gradients(loss: Tensor, live: list[tuple[str, Call, Any]], store: _Store) -
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         raise ValueError(f"loss_fn must return a scalar Tensor, got {type(loss).__name__}"
                          f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}")
-    targets = [t for _, _, out in live for t in _tensors(out) if t.requires_grad]
+    targets = [t for _, _, out in live for t in tensors_in(out) if t.requires_grad]
     grads: list[Tensor | None] = [None] * len(targets)
     if targets and loss.requires_grad:
         grads = list(torch.autograd.grad(loss, targets, allow_unused=True))

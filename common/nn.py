@@ -57,6 +57,7 @@ __all__ = [
     "Calibration",
     "calibration",
     "to_device",
+    "tensors_in",
     "HALF_DTYPES",
     "half_dtype",
     "cast_floats",
@@ -134,6 +135,9 @@ class QuantSpec:
             raise ValueError("a quantizer spec's symmetric and dynamic are booleans")
         return cls(format_from_dict(data["format"]), granularity_from_dict(data["granularity"]),
                    symmetric=data["symmetric"], dynamic=data["dynamic"])
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32 by the quantizers, cast back (see cast_floats)
 
 
 class Quantizer(nn.Module):
@@ -290,7 +294,7 @@ class SearchedQuantizer(Quantizer):
 def _in_float32(fake_quant: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """``fake_quant(x)`` computed in float32 for a float16 / bfloat16 ``x`` and returned in ``x``'s dtype (a
     quantizer's float32 parameters would otherwise promote the output, or a subclass compute its grid in half)."""
-    if x.dtype not in (torch.float16, torch.bfloat16):
+    if x.dtype not in HALF_DTYPES:
         return fake_quant(x)
     return fake_quant(x.float()).to(x.dtype)
 
@@ -775,9 +779,6 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     raise TypeError(f"cannot feed a batch of type {type(batch).__name__}; pass forward_fn")
 
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
 def to_device(batch: Any, device: torch.device | str | None, *, dtype: torch.dtype | None = None) -> Any:
     """``batch`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device`` (None: as is);
     ``dtype``: floating-point tensors are also cast to it (integer ones, e.g. token ids, are not)."""
@@ -793,6 +794,17 @@ def to_device(batch: Any, device: torch.device | str | None, *, dtype: torch.dty
         moved = [to_device(v, device, dtype=dtype) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
+
+
+def tensors_in(x: Any) -> list[Tensor]:
+    """The tensors inside nested tuples / lists / dicts (model outputs, hook arguments), in order."""
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in tensors_in(v)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in tensors_in(v)]
+    return []
 
 
 def half_dtype(model: nn.Module) -> torch.dtype | None:

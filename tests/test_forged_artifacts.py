@@ -19,6 +19,7 @@ from torch import Tensor
 
 import polyquant as pq
 from polyquant import artifact
+from polyquant.nn import tensors_in
 from polyquant.plugins import discover, load
 
 FORGED_SAMPLE = 8  # mutations per method and mode (seeded)
@@ -53,13 +54,7 @@ def mutations(t: Tensor) -> list[tuple[str, Tensor]]:
 
 
 def _outputs_finite(out: Any) -> bool:
-    if isinstance(out, Tensor):
-        return not out.is_floating_point() or bool(torch.isfinite(out).all())
-    if isinstance(out, dict):
-        return all(_outputs_finite(v) for v in out.values())
-    if isinstance(out, (list, tuple)):
-        return all(_outputs_finite(v) for v in out)
-    return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors_in(out) if t.is_floating_point())
 
 
 @pytest.mark.parametrize("plugin,method", _methods(), ids=[f"{p}/{m}" for p, m in _methods()])
