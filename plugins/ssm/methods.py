@@ -1,6 +1,6 @@
-"""The impl module of plugin ``ssm`` (``SPEC.impl``): Quamba W8A8 and its naive and SmoothQuant W8A8 baselines on
-``transformers``' Mamba-1 (``quamba.py`` holds the configs and the placement; ``smoothquant.py`` the migration fold;
-``mixer.py`` the quantizable mixer).
+"""The impl module of plugin ``ssm`` (``SPEC.impl``): Quamba W8A8 and its naive, SmoothQuant and QuaRot W8A8
+baselines on ``transformers``' Mamba (``quamba.py`` holds the configs and the placement; ``smoothquant.py`` the
+migration fold; ``quarot.py`` the rotation baseline; ``mixer.py`` the quantizable mixer).
 
 Every method is core quant layers and core activation quantizers on a ``QuantMambaMixer``; the ``prepare`` hook
 rebuilds them on a float skeleton, so the core's default restore and packing do the rest (``in_proj`` ->
@@ -24,11 +24,14 @@ from polyquant.cli import CliInputs
 from polyquant.config import QuantConfig, UsageError
 from polyquant.nn import calibrate
 
-from .models import SHIPPED, bits_per_byte, build_model, byte_batches, text_bytes
+from .models import (SHIPPED, MambaLM, bits_per_byte, build_model, byte_batches, encode, load_pretrained,
+                     load_tokenizer, text_bytes, token_batches)
 from .quamba import NaiveConfig, QuambaConfig, quantize_mixers
+from .quarot import QuaRotConfig
 from .smoothquant import SmoothQuantConfig, smooth_mixers
 
-__all__ = ["METHODS", "build_model", "example", "add_model_args", "load_inputs", "report_quantized"]
+__all__ = ["METHODS", "build_model", "example", "add_model_args", "load_inputs", "report_quantized", "add_load_args",
+           "run_load"]
 
 PLUGIN = "ssm"
 SEQ_LEN = 128  # calibration / evaluation sequence length (bytes)
@@ -56,11 +59,12 @@ def _quantize_smoothquant(model: nn.Module, config: QuantConfig, calib: Calibrat
 
 
 for _cls, _name, _fn in ((QuambaConfig, "quamba", _quantize), (NaiveConfig, "naive", _quantize),
-                         (SmoothQuantConfig, "smoothquant", _quantize_smoothquant)):
+                         (SmoothQuantConfig, "smoothquant", _quantize_smoothquant),
+                         (QuaRotConfig, "quarot", _quantize)):
     register_handler(_cls, plugin=PLUGIN, method=_name, prepare=_prepare, example_input=_example_input)(_fn)
 
 METHODS: dict[str, type[QuantConfig]] = {"quamba": QuambaConfig, "naive": NaiveConfig,
-                                         "smoothquant": SmoothQuantConfig}
+                                         "smoothquant": SmoothQuantConfig, "quarot": QuaRotConfig}
 
 
 # --- the contract test's case -------------------------------------------------------------------------------------
@@ -76,45 +80,156 @@ def example(method: str) -> MethodExample:
     return MethodExample(model=model, config=METHODS[method](), calib=calib, inputs=inputs)
 
 
-# --- command line (polyquant quantize ssm/METHOD) -----------------------------------------------------------------
+# --- command line (polyquant quantize ssm/METHOD, polyquant load ART) -------------------------------------------
+
+MAX_TEXT_BYTES = 256 * 2**20  # --calib-text / --eval-text files larger than this are refused
+
+
+def _read_text(path: str, option: str) -> bytes:
+    """The bytes of a text file the user named (a regular file, at most ``MAX_TEXT_BYTES``); ``UsageError``."""
+    from polyquant.artifact import ArtifactError, open_regular
+
+    try:
+        with open_regular(path, max_bytes=MAX_TEXT_BYTES) as f:
+            return f.read()
+    except (ArtifactError, OSError) as e:
+        raise UsageError(f"{option} {e}") from None
+
+
+def _tokens(data: bytes, tokenizer: Any, model: MambaLM, option: str) -> tuple[torch.Tensor, float]:
+    try:
+        return encode(data, tokenizer, model.vocab_size)
+    except ValueError as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
+def _windows(ids: torch.Tensor, batches: int, seq_len: int, seed: int, option: str) -> list[torch.Tensor]:
+    try:
+        return token_batches(ids, batches=batches, batch_size=4, seq_len=seq_len, seed=seed)
+    except ValueError as e:
+        raise UsageError(f"{option}: {e}") from None
+
+
+def _folder_tokenizer(folder: str | None) -> Any:
+    try:
+        return None if folder is None else load_tokenizer(folder)
+    except ValueError as e:
+        raise UsageError(f"--tokenizer: {e}") from None
+
+
+def _user_model(path: str) -> tuple[MambaLM, dict[str, Any]]:
+    try:
+        return load_pretrained(path)
+    except ValueError as e:
+        raise UsageError(f"--model {e}") from None
 
 
 def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:
     """Model and data options of ``polyquant quantize ssm/<method>``."""
     group = parser.add_argument_group("model and data (ssm)")
-    group.add_argument("--model", default="tiny", help="'tiny' (the shipped byte-level Mamba) (default: %(default)s)")
-    group.add_argument("--calib-text", default=None,
+    group.add_argument("--model", default="tiny",
+                       help="'tiny' (the shipped byte-level Mamba) or a folder a transformers MambaForCausalLM / "
+                            "Mamba2ForCausalLM was saved to with save_pretrained (default: %(default)s)")
+    group.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                       help="a transformers tokenizer folder (default: the --model folder's, if it has one; "
+                            "byte-level models need none)")
+    group.add_argument("--calib-text", default=None, metavar="FILE",
                        help="a text file to calibrate on (default: the Python standard-library sources)")
     group.add_argument("--calib-batches", type=int, default=8,
-                       help=f"calibration batches of (4, {SEQ_LEN}) bytes (default: %(default)s)")
+                       help="calibration batches of 4 sequences (default: %(default)s)")
+    group.add_argument("--seq-len", type=int, default=SEQ_LEN,
+                       help="tokens per calibration / evaluation sequence (default: %(default)s)")
+    group.add_argument("--eval-text", default=None, metavar="FILE",
+                       help="held-out text for the bits-per-byte report (default: the held-out stdlib sources)")
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    if args.calib_batches < 1:
+        raise UsageError(f"--calib-batches must be at least 1, got {args.calib_batches}")
+    if not 2 <= args.seq_len <= 65536:
+        raise UsageError(f"--seq-len must be in [2, 65536], got {args.seq_len}")
 
 
 def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> CliInputs:
-    """The shipped model and byte windows of the calibration text."""
-    if args.model != "tiny":
-        raise UsageError(f"--model {args.model!r}: only 'tiny' (the shipped byte-level Mamba) is supported yet")
-    if args.calib_batches < 1:
-        raise UsageError(f"--calib-batches must be at least 1, got {args.calib_batches}")
-    if args.calib_text is None:
-        data, source = text_bytes("train"), "stdlib sources"
+    """The float model (shipped or the user's folder) and windows of the calibration text."""
+    _check_counts(args)
+    if args.model == "tiny":
+        model, model_config, name = build_model({"name": SHIPPED}), {"name": SHIPPED}, f"byte-level Mamba ({SHIPPED})"
+        tokenizer = _folder_tokenizer(args.tokenizer)
     else:
-        path = Path(args.calib_text)
-        if not path.is_file():
-            raise UsageError(f"--calib-text {path}: no such file")
-        data, source = path.read_bytes(), str(path)
-    try:
-        calib = byte_batches(data, batches=args.calib_batches, batch_size=4, seq_len=SEQ_LEN, seed=1)
-    except ValueError as e:
-        raise UsageError(f"--calib-text: {e}") from None
-    held_out = byte_batches(text_bytes("test"), batches=4, batch_size=4, seq_len=SEQ_LEN, seed=2)
-    model_config = {"name": SHIPPED}
-    return CliInputs(model=build_model(model_config), model_config=model_config, calib=calib,
-                     label=f"byte-level Mamba ({SHIPPED}), {args.calib_batches} x (4, {SEQ_LEN}) bytes of {source}",
-                     evaluation=held_out)
+        model, model_config = _user_model(args.model)
+        name = f"{type(model.lm).__name__} from {args.model}"
+        tokenizer = _folder_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
+    calib_data, source = ((text_bytes("train"), "stdlib sources") if args.calib_text is None
+                          else (_read_text(args.calib_text, "--calib-text"), str(args.calib_text)))
+    ids, _ = _tokens(calib_data, tokenizer, model, "--calib-text")
+    calib = _windows(ids, args.calib_batches, args.seq_len, 1, "--calib-text")
+    eval_data = text_bytes("test") if args.eval_text is None else _read_text(args.eval_text, "--eval-text")
+    eval_ids, bytes_per_token = _tokens(eval_data, tokenizer, model, "--eval-text")
+    held_out = _windows(eval_ids, 4, args.seq_len, 2, "--eval-text")
+    return CliInputs(model=model, model_config=model_config, calib=calib,
+                     label=f"{name}, {args.calib_batches} x (4, {args.seq_len}) tokens of {source}",
+                     evaluation=(held_out, bytes_per_token))
 
 
 def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Namespace) -> None:
     """Held-out bits per byte of the float and the quantized model."""
-    held_out = inputs.evaluation
-    print(f"held-out bits per byte: float {bits_per_byte(inputs.model, held_out):.4f}, "
-          f"{qm.method} {bits_per_byte(qm.model, held_out):.4f}")
+    held_out, bytes_per_token = inputs.evaluation
+    fp = bits_per_byte(inputs.model, held_out, bytes_per_token)
+    q = bits_per_byte(qm.model, held_out, bytes_per_token)
+    print(f"held-out bits per byte: float {fp:.4f}, {qm.method} {q:.4f} ({100 * (q / fp - 1):+.2f}%)")
+
+
+def add_load_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``polyquant load`` for ssm artifacts."""
+    parser.add_argument("--eval-text", default=None, metavar="FILE",
+                        help="print the bits per byte of the rebuilt model on this text, beside the float model's")
+    parser.add_argument("--model", default=None, metavar="FOLDER",
+                        help="the float model's save_pretrained folder (the float reference and its tokenizer) for "
+                             "an artifact of a user's model; the shipped model needs none")
+    parser.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                        help="a transformers tokenizer folder (default: --model's, if any; byte-level models need "
+                             "none)")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--eval-batches", type=int, default=8,
+                        help="evaluation batches of 4 sequences (default: %(default)s)")
+
+
+def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
+    """``polyquant load``: the rebuilt model's quantized layers, and with --eval-text its bits per byte beside the
+    float model's (the shipped model is rebuilt from the package; a user's model from --model FOLDER)."""
+    from polyquant.nn import QuantWeightModule
+
+    if qm.packing is not None:
+        n_q, kind = len(qm.packing.packed), "packed"
+    else:
+        n_q, kind = sum(isinstance(m, QuantWeightModule) for m in qm.model.modules()), "fake-quant"
+    print(f"restored ssm/{qm.method}: {n_q} quantized layers ({kind}); embedding, norms and lm_head float")
+    if args.eval_text is None:
+        return 0
+    if args.eval_batches < 1 or not 2 <= args.seq_len <= 65536:
+        raise UsageError("--eval-batches must be at least 1 and --seq-len in [2, 65536]")
+    model_config = qm.model_config or {}
+    float_model: MambaLM | None = None
+    if args.model is not None:
+        float_model, _ = _user_model(args.model)
+    elif "hf_config" not in model_config:
+        float_model = build_model(model_config)  # the shipped checkpoint or a seeded architecture
+    tokenizer = _folder_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
+    lm = qm.model
+    vocab = int(lm.lm.config.vocab_size)
+    data = _read_text(args.eval_text, "--eval-text")
+    try:
+        ids, bytes_per_token = encode(data, tokenizer, vocab)
+    except ValueError as e:
+        raise UsageError(f"--eval-text: {e}") from None
+    batches = _windows(ids, args.eval_batches, args.seq_len, 2, "--eval-text")
+    device = next(lm.parameters()).device
+    q = bits_per_byte(lm, [b.to(device) for b in batches], bytes_per_token)
+    line = f"bits per byte on {args.eval_text} ({args.eval_batches} x (4, {args.seq_len}) tokens): {qm.method} {q:.4f}"
+    if float_model is None:
+        print(f"{line}; float: pass --model FOLDER (the float model) for the reference")
+    else:
+        fp = bits_per_byte(float_model, batches, bytes_per_token)
+        print(f"{line}, float {fp:.4f} ({100 * (q / fp - 1):+.2f}%)")
+    return 0

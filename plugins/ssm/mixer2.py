@@ -44,10 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polyquant.config import UsageError
 from polyquant.nn import ActQuantizer, QuantConv1d, QuantLinear, QuantSpec, RotatedLinear, set_submodule
 
-from .quamba import HADAMARD_SIZES, quamba_hadamard_size
+from .sizes import check_hadamard_size
 
 __all__ = ["QuantMamba2Mixer", "ssd_scan", "mamba2_mixers", "replace_mamba2_mixers", "mamba2_placements",
            "quantize_mamba2_mixer", "MAMBA2_POINTS"]
@@ -205,11 +204,10 @@ def quantize_mamba2_mixer(name: str, m: QuantMamba2Mixer, spec: dict[str, QuantS
         close = difflib.get_close_matches(unknown[0], MAMBA2_POINTS, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; the points are {', '.join(MAMBA2_POINTS)}"
         raise ValueError(f"no Mamba-2 quantization point {', '.join(unknown)}{hint}")
-    for layer, rotate in (("in_proj", rotate_in), ("out_proj", rotate_out)):
-        size = getattr(m, layer).in_features
-        if rotate and not quamba_hadamard_size(size):
-            raise UsageError(f"ssm/quamba: {layer} of {name} has in_features {size}, which has no Hadamard rotation "
-                             f"here; supported sizes are {HADAMARD_SIZES}")
+    if rotate_out:
+        check_hadamard_size(m.out_proj.in_features, f"d_inner of {name}")
+    if rotate_in:
+        check_hadamard_size(m.in_proj.in_features, f"the hidden size of {name}")
     in_cls = RotatedLinear if rotate_in else QuantLinear
     set_submodule(m, "in_proj", in_cls(m.in_proj, weight=spec.get("in_proj.weight_quantizer"),
                                        input=spec.get("in_proj.input_quantizer"),

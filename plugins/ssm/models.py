@@ -1,13 +1,18 @@
-"""Models of the SSM plugin: a byte-level ``transformers`` Mamba-1 (``MambaForCausalLM``) and its shipped checkpoint.
+"""Models of the SSM plugin: ``transformers`` Mamba causal LMs (``MambaForCausalLM``, ``Mamba2ForCausalLM``): the
+shipped byte-level Mamba-1 checkpoint, seeded tiny architectures, and a user's ``save_pretrained`` folder.
 
-    build_model(model_config) -> ByteMamba          {"name": "byte-mamba"} (the shipped checkpoint) or an
-                                                    architecture {"hidden_size": ..., ...} with seeded random weights
-    ByteMamba(config)(ids (B, L) int64) -> logits (B, L, 256)
+    build_model(model_config) -> MambaLM            {"name": "byte-mamba"} (the shipped checkpoint), an architecture
+                                                    {"hidden_size": ..., ...} with seeded random weights, or
+                                                    {"hf_config": {...}} (a transformers Mamba / Mamba-2 config;
+                                                    the weights come from the artifact)
+    load_pretrained(path) -> (MambaLM, model_config) a user's folder (config.json + weights), local files only
+    MambaLM(lm)(ids (B, L) int64) -> logits (B, L, vocab)
     text_bytes(split) -> bytes                      the local corpus: Python standard-library sources
-    bits_per_byte(model, ids) -> float
+    encode(data, tokenizer) -> ids (T,)             bytes as ids (byte-level models) or a tokenizer's ids
+    bits_per_byte(model, ids, bytes_per_token) -> float
 
-``ByteMamba`` wraps ``MambaForCausalLM`` so that the model returns the logits tensor (what the core's contract
-compares) and keeps the cache off (``use_cache=False``): the quantized mixer runs whole sequences (phase 1).
+``MambaLM`` wraps the transformers model so that it returns the logits tensor (what the core's contract compares)
+and keeps the cache off (``use_cache=False``) for whole sequences.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ByteMamba", "build_model", "check_config", "text_bytes", "byte_batches", "bits_per_byte",
-           "SHIPPED", "SHIPPED_PATH", "ARCH_DEFAULTS", "inject_outliers"]
+__all__ = ["MambaLM", "ByteMamba", "build_model", "check_config", "load_pretrained", "load_tokenizer", "encode",
+           "text_bytes", "byte_batches", "token_batches", "bits_per_byte", "SHIPPED", "SHIPPED_PATH", "ARCH_DEFAULTS",
+           "MODEL_TYPES", "inject_outliers"]
 
 SHIPPED = "byte-mamba"  # the shipped checkpoint's name (plugins/ssm/assets/byte_mamba.safetensors)
 SHIPPED_PATH = Path(__file__).with_name("assets") / "byte_mamba.safetensors"
@@ -36,26 +42,86 @@ _BOUNDS = {"hidden_size": (4, 1024), "num_hidden_layers": (1, 8), "state_size": 
            "conv_kernel": (2, 8), "seed": (0, 2**31 - 1)}
 
 
-class ByteMamba(nn.Module):
-    """``MambaForCausalLM`` over bytes (vocab 256): ids (B, L) -> logits (B, L, 256), float32, no cache."""
+MODEL_TYPES = ("mamba", "mamba2")  # transformers model_type values this plugin quantizes
+
+
+class MambaLM(nn.Module):
+    """A transformers Mamba causal LM (``MambaForCausalLM`` / ``Mamba2ForCausalLM``) as ids (B, L) int64 ->
+    logits (B, L, vocab), no cache. ``lm`` is the transformers model."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm.config.vocab_size)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits  # (B, L, vocab)
+
+
+class ByteMamba(MambaLM):
+    """``MambaForCausalLM`` over bytes (vocab 256) of an architecture dict (``ARCH_DEFAULTS``'s keys)."""
 
     def __init__(self, arch: dict[str, int]) -> None:
-        super().__init__()
         from transformers import MambaConfig, MambaForCausalLM
 
         config = MambaConfig(vocab_size=256, hidden_size=arch["hidden_size"], num_hidden_layers=arch["num_hidden_layers"],
                              state_size=arch["state_size"], expand=arch["expand"], conv_kernel=arch["conv_kernel"],
                              use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-        self.lm = MambaForCausalLM(config)
+        super().__init__(MambaForCausalLM(config))
 
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.lm(input_ids=ids, use_cache=False).logits  # (B, L, 256)
+
+def _lm_class(model_type: str) -> type[nn.Module]:
+    from transformers import Mamba2ForCausalLM, MambaForCausalLM
+
+    return {"mamba": MambaForCausalLM, "mamba2": Mamba2ForCausalLM}[model_type]
+
+
+_FLOAT_TAGS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _decode_floats(value: Any) -> Any:
+    """transformers' JSON form of non-finite floats, ``{"__float__": "Infinity"}``, back to floats (Mamba-2's
+    ``time_step_limit`` is ``(0.0, inf)``)."""
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in _FLOAT_TAGS:
+            return _FLOAT_TAGS[value["__float__"]]
+        return {k: _decode_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_floats(v) for v in value]
+    return value
+
+
+def _hf_config(config: dict[str, Any]) -> Any:
+    """The transformers config of a ``{"hf_config": ...}`` model config (``ValueError`` for another model type)."""
+    from transformers import Mamba2Config, MambaConfig
+
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not a Mamba model; the ssm plugin quantizes "
+                         f"{', '.join(MODEL_TYPES)} (transformers MambaForCausalLM, Mamba2ForCausalLM)")
+    cls = MambaConfig if model_type == "mamba" else Mamba2Config
+    fields = {k: _decode_floats(v) for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    try:
+        out = cls.from_dict(fields)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"invalid {model_type} config: {e}") from None
+    out.use_cache = False
+    return out
 
 
 def check_config(model_config: Any) -> dict[str, Any]:
-    """``{"name": "byte-mamba"}`` or an architecture with its defaults filled in; ``ValueError`` otherwise."""
+    """``{"name": "byte-mamba"}``, ``{"hf_config": {...}}`` or an architecture with its defaults filled in;
+    ``ValueError`` otherwise."""
     if not isinstance(model_config, dict):
         raise ValueError(f"an ssm model config is a JSON object, got {type(model_config).__name__}")
+    if "hf_config" in model_config:
+        if set(model_config) != {"hf_config"} or not isinstance(model_config["hf_config"], dict):
+            raise ValueError("an hf_config model config is {'hf_config': {...a transformers config...}} alone")
+        _hf_config(model_config["hf_config"])
+        return dict(model_config)
     if "name" in model_config:
         if model_config != {"name": SHIPPED}:
             raise ValueError(f"unknown ssm model {model_config!r}; the shipped model is {{'name': {SHIPPED!r}}}")
@@ -71,14 +137,20 @@ def check_config(model_config: Any) -> dict[str, Any]:
     return cfg
 
 
-def build_model(model_config: dict[str, Any] | None = None) -> ByteMamba:
-    """The float model a config describes (the shipped checkpoint, or seeded random weights), in eval mode and
-    recorded with ``describe_model``. The global RNG is untouched."""
+def build_model(model_config: dict[str, Any] | None = None) -> MambaLM:
+    """The float model a config describes (the shipped checkpoint, seeded random weights, or a transformers
+    config's skeleton with seeded random weights that an artifact then fills), in eval mode and recorded with
+    ``describe_model``. The global RNG is untouched."""
     from polyquant.api import describe_model
     from polyquant.checkpoint import read_checkpoint
 
     cfg = check_config({"name": SHIPPED} if model_config is None else model_config)
-    if "name" in cfg:
+    if "hf_config" in cfg:
+        hf = _hf_config(cfg["hf_config"])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model: MambaLM = MambaLM(_lm_class(hf.model_type)(hf))
+    elif "name" in cfg:
         tensors, meta = read_checkpoint(SHIPPED_PATH)
         arch = check_config(json.loads(meta[_META_MODEL]))
         with torch.random.fork_rng(devices=[]):
@@ -93,6 +165,64 @@ def build_model(model_config: dict[str, Any] | None = None) -> ByteMamba:
             torch.manual_seed(cfg["seed"])
             model = ByteMamba(cfg)
     return describe_model(model.eval(), cfg)
+
+
+def load_pretrained(path: str | Path) -> tuple[MambaLM, dict[str, Any]]:
+    """A user's transformers Mamba / Mamba-2 folder (``save_pretrained``: config.json and weights), local files only,
+    float32, and its model config ``{"hf_config": ...}`` (the artifact then needs no folder to rebuild).
+    ``ValueError`` with one line for a missing folder, no config.json, or another model type."""
+    from polyquant.api import describe_model
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder (pass 'tiny' or a transformers save_pretrained folder)")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder}: no config.json (not a transformers save_pretrained folder)")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_file}: unreadable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    hf = _hf_config(raw)
+    try:
+        lm = _lm_class(hf.model_type).from_pretrained(folder, config=hf, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{folder}: the weights do not load: {first}") from None
+    model_config = {"hf_config": json.loads(lm.config.to_json_string(use_diff=False))}
+    return describe_model(MambaLM(lm).eval(), model_config), model_config
+
+
+def load_tokenizer(path: str | Path) -> Any | None:
+    """The tokenizer saved in a folder (transformers ``AutoTokenizer``, local files only), or None when the folder
+    has none (then the model must be byte-level: vocab 256)."""
+    folder = Path(path)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: the tokenizer does not load: {e}") from None
+
+
+def encode(data: bytes, tokenizer: Any | None, vocab_size: int) -> tuple[Tensor, float]:
+    """Token ids (T,) int64 of ``data`` and its bytes per token: the bytes themselves for a byte-level model
+    (no tokenizer, vocab 256), else the tokenizer's ids of the UTF-8 text. ``ValueError`` for a model that needs a
+    tokenizer and has none, or ids beyond the vocabulary."""
+    if tokenizer is None:
+        if vocab_size != 256:
+            raise ValueError(f"the model has a {vocab_size}-token vocabulary and no tokenizer: save the tokenizer in "
+                             "its folder (tokenizer.save_pretrained) or pass --tokenizer FOLDER")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), 1.0
+    ids = tokenizer(data.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+    out = torch.tensor(ids, dtype=torch.long)
+    if out.numel() and int(out.max()) >= vocab_size:
+        raise ValueError(f"the tokenizer gives id {int(out.max())}, beyond the model's vocabulary of {vocab_size}")
+    return out, len(data) / max(out.numel(), 1)
 
 
 def save_shipped(model: ByteMamba, arch: dict[str, int], meta: dict[str, Any]) -> Path:
@@ -127,30 +257,37 @@ def text_bytes(split: str, *, limit: int | None = None) -> bytes:
     return bytes(out)
 
 
-def byte_batches(data: bytes, *, batches: int, batch_size: int, seq_len: int, seed: int) -> list[Tensor]:
-    """``batches`` seeded random windows of ``data``: int64 (batch_size, seq_len) each. ``ValueError`` when
-    ``data`` is shorter than one sequence."""
-    if len(data) < seq_len:
-        raise ValueError(f"the text has {len(data)} bytes, shorter than one sequence of {seq_len}")
-    t = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+def token_batches(ids: Tensor, *, batches: int, batch_size: int, seq_len: int, seed: int,
+                  unit: str = "tokens") -> list[Tensor]:
+    """``batches`` seeded random windows of the token ids (T,): int64 (batch_size, seq_len) each. ``ValueError``
+    when the text is shorter than one sequence."""
+    if ids.numel() < seq_len:
+        raise ValueError(f"the text has {ids.numel()} {unit}, shorter than one sequence of {seq_len}")
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(batches):
-        start = torch.randint(0, len(data) - seq_len + 1, (batch_size,), generator=g)
-        out.append(torch.stack([t[s: s + seq_len] for s in start.tolist()]))
+        start = torch.randint(0, ids.numel() - seq_len + 1, (batch_size,), generator=g)
+        out.append(torch.stack([ids[s: s + seq_len] for s in start.tolist()]))
     return out
 
 
-def bits_per_byte(model: nn.Module, batches: list[Tensor]) -> float:
-    """Mean next-byte cross-entropy over ``batches`` in bits (each position predicts the next byte)."""
+def byte_batches(data: bytes, *, batches: int, batch_size: int, seq_len: int, seed: int) -> list[Tensor]:
+    """``token_batches`` of the bytes themselves (byte-level models)."""
+    ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long() if data else torch.zeros(0, dtype=torch.long)
+    return token_batches(ids, batches=batches, batch_size=batch_size, seq_len=seq_len, seed=seed, unit="bytes")
+
+
+def bits_per_byte(model: nn.Module, batches: list[Tensor], bytes_per_token: float = 1.0) -> float:
+    """Mean next-token cross-entropy over ``batches`` in bits, per byte of text (each position predicts the next
+    token; ``bytes_per_token`` is 1 for byte-level models, the text's bytes / tokens for a tokenizer's ids)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in batches:
-            logits = model(ids)[:, :-1].float()  # (B, L-1, 256)
-            loss = F.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1), reduction="sum")
+            logits = model(ids)[:, :-1].float()  # (B, L-1, vocab)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
             total += float(loss)
             count += ids[:, 1:].numel()
-    return total / count / math.log(2)
+    return total / count / math.log(2) / bytes_per_token
 
 
 def inject_outliers(model: nn.Module, *, channels: int = 4, factor: float = 30.0) -> nn.Module:

@@ -1,5 +1,6 @@
 """Quamba (Chiang et al., "Quamba: A Post-Training Quantization Recipe for Selective State Space Models", ICLR 2025,
-arXiv 2410.13229; code enyac-group/Quamba) on ``transformers``' Mamba-1, as fake quantization on core quant layers.
+arXiv 2410.13229; code enyac-group/Quamba) on ``transformers``' Mamba-1 and Mamba-2 (its table: ``mixer2.py``), as
+fake quantization on core quant layers.
 
 Every activation inside a Mamba block is static, symmetric, per-tensor int8; every weight per-tensor symmetric
 int8 (abs-max). The placement, per mixer ``<m>`` (``QuantMambaMixer``, see ``mixer.py``); ``placements(config)``
@@ -22,7 +23,7 @@ returns exactly this table and ``tests/plugins/ssm`` checks the model against it
 
 quamba: the percentile observer on u (``alpha``) and the Hadamard rotation of out_proj (online ``fwht`` of y, H
 folded offline into the weight: ``polyquant.nn.RotatedLinear``). naive: the same points, min-max everywhere, no
-rotation. Embedding, norms, lm_head, the residual stream and the scan state stay float.
+rotation. quarot (``quarot.py``): naive's ranges with both in_proj and out_proj rotated. Embedding, norms, lm_head, the residual stream and the scan state stay float.
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ from torch import nn
 
 from polyquant.config import QuantConfig, UsageError, float_field
 from polyquant.nn import ActQuantizer, QuantConv1d, QuantLinear, QuantSpec, RotatedLinear, set_submodule
-from polyquant.transforms import is_hadamard_size
 
-from .mixer import QuantMambaMixer, replace_mixers
+from .mixer import QuantMambaMixer, mixers, replace_mixers
+from .mixer2 import mamba2_mixers, mamba2_placements, quantize_mamba2_mixer, replace_mamba2_mixers
+from .quarot import QuaRotConfig
+from .sizes import check_hadamard_size
 
-__all__ = ["QuambaConfig", "NaiveConfig", "placements", "quantize_mixers", "quamba_hadamard_size",
-           "HADAMARD_SIZES"]
-
-HADAMARD_SIZES = "2^k, 12 * 2^k or 40 * 2^k"  # Quamba's supported d_inner (e.g. 128, 1536 = 12 * 128, 5120 = 40 * 128)
+__all__ = ["QuambaConfig", "NaiveConfig", "specs", "placements", "rotations", "quantize_mixers"]
 
 
 @dataclass
@@ -66,19 +66,20 @@ class NaiveConfig(QuantConfig):
     """
 
 
-def quamba_hadamard_size(n: int) -> bool:
-    """Whether ``n`` is one of Quamba's Hadamard sizes: 2^k, 12 * 2^k, 40 * 2^k (and the core builds it)."""
-    a = (n & -n).bit_length() - 1
-    m = n >> a
-    return n >= 1 and (m == 1 or (m == 3 and a >= 2) or (m == 5 and a >= 3)) and is_hadamard_size(n)
-
-
-def placements(config: QuantConfig) -> dict[str, QuantSpec]:
-    """The quantizer of each point of a mixer (relative name -> spec; the module docstring's table)."""
-    a, w = QuantSpec("int8"), QuantSpec("int8")  # static symmetric per-tensor, min-max / abs-max
+def specs(config: QuantConfig) -> tuple[QuantSpec, QuantSpec, QuantSpec]:
+    """(activations, weights, the SSM input u) of a method: static symmetric per-tensor int8, min-max / abs-max;
+    quamba's u by the running percentile of |u|."""
+    a, w = QuantSpec("int8"), QuantSpec("int8")
     u = a
     if isinstance(config, QuambaConfig):
         u = QuantSpec("int8", observer="abs_percentile", percentile=config.alpha * 100.0)
+    return a, w, u
+
+
+def placements(config: QuantConfig) -> dict[str, QuantSpec]:
+    """The quantizer of each point of a Mamba-1 mixer (relative name -> spec; the module docstring's table; the
+    Mamba-2 table is ``mixer2.mamba2_placements(*specs(config))``)."""
+    a, w, u = specs(config)
     return {
         "in_proj.input_quantizer": a, "in_proj.weight_quantizer": w, "in_proj.output_quantizer": a,
         "conv1d.weight_quantizer": w,
@@ -90,37 +91,47 @@ def placements(config: QuantConfig) -> dict[str, QuantSpec]:
     }
 
 
-def _rotated(config: QuantConfig) -> bool:
-    return isinstance(config, QuambaConfig) and config.hadamard
+def rotations(config: QuantConfig) -> tuple[bool, bool]:
+    """Whether the method rotates (in_proj's input, out_proj's input)."""
+    if isinstance(config, QuaRotConfig):
+        return True, True
+    return False, isinstance(config, QuambaConfig) and config.hadamard
 
 
 def quantize_mixers(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """Replace every Mamba-1 mixer of ``model`` (in place) by a ``QuantMambaMixer`` with the method's quantizers
-    (not calibrated). ``UsageError`` for a model without Mamba-1 mixers or a d_inner with no Hadamard size."""
-    try:
-        mixers = replace_mixers(model)
-    except ValueError as e:
-        raise UsageError(f"ssm: {e}") from None
+    """Replace every Mamba-1 / Mamba-2 mixer of ``model`` (in place) by a ``QuantMambaMixer`` /
+    ``QuantMamba2Mixer`` with the method's quantizers (not calibrated). ``UsageError`` for a model without
+    transformers Mamba mixers or a rotated size with no Hadamard matrix."""
+    if not mixers(model) and not mamba2_mixers(model):
+        raise UsageError(f"ssm: {type(model).__name__} has no transformers MambaMixer or Mamba2Mixer: not a Mamba "
+                         "model")
+    rotate_in, rotate_out = rotations(config)
+    mamba1 = replace_mixers(model) if mixers(model) else {}
+    mamba2 = replace_mamba2_mixers(model) if mamba2_mixers(model) else {}
     spec = placements(config)
-    for name, m in mixers.items():
-        _quantize_mixer(name, m, spec, rotate=_rotated(config))
+    for name, m in mamba1.items():
+        _quantize_mixer(name, m, spec, rotate_in=rotate_in, rotate_out=rotate_out)
+    spec2 = mamba2_placements(*specs(config))
+    for name, m2 in mamba2.items():
+        quantize_mamba2_mixer(name, m2, spec2, rotate_in=rotate_in, rotate_out=rotate_out)
     return model
 
 
-def _quantize_mixer(name: str, m: QuantMambaMixer, spec: dict[str, QuantSpec], *, rotate: bool) -> None:
-    d = m.intermediate_size
-    if rotate and not quamba_hadamard_size(d):
-        raise UsageError(f"ssm/quamba: d_inner {d} of {name} has no Hadamard rotation here; supported sizes are "
-                         f"{HADAMARD_SIZES} (or --no-hadamard)")
-    set_submodule(m, "in_proj", QuantLinear(m.in_proj, weight=spec["in_proj.weight_quantizer"],
-                                            input=spec["in_proj.input_quantizer"],
-                                            output=spec["in_proj.output_quantizer"], name=f"{name}.in_proj"))
+def _quantize_mixer(name: str, m: QuantMambaMixer, spec: dict[str, QuantSpec], *, rotate_in: bool,
+                    rotate_out: bool) -> None:
+    if rotate_out:
+        check_hadamard_size(m.intermediate_size, f"d_inner of {name}")
+    if rotate_in:
+        check_hadamard_size(m.in_proj.in_features, f"the hidden size of {name}")
+    set_submodule(m, "in_proj", (RotatedLinear if rotate_in else QuantLinear)(
+        m.in_proj, weight=spec["in_proj.weight_quantizer"], input=spec["in_proj.input_quantizer"],
+        output=spec["in_proj.output_quantizer"], name=f"{name}.in_proj"))
     set_submodule(m, "conv1d", QuantConv1d(m.conv1d, weight=spec["conv1d.weight_quantizer"], name=f"{name}.conv1d"))
     set_submodule(m, "x_proj", QuantLinear(m.x_proj, weight=spec["x_proj.weight_quantizer"],
                                            output=spec["x_proj.output_quantizer"], name=f"{name}.x_proj"))
     set_submodule(m, "dt_proj", QuantLinear(m.dt_proj, weight=spec["dt_proj.weight_quantizer"],
                                             output=spec["dt_proj.output_quantizer"], name=f"{name}.dt_proj"))
-    out = RotatedLinear if rotate else QuantLinear
+    out = RotatedLinear if rotate_out else QuantLinear
     set_submodule(m, "out_proj", out(m.out_proj, weight=spec["out_proj.weight_quantizer"],
                                      input=spec["out_proj.input_quantizer"], name=f"{name}.out_proj"))
     for point in ("u", "A_log", "D", "dt_bias"):

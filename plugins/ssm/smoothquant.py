@@ -1,4 +1,4 @@
-"""SmoothQuant-style W8A8 baseline for Mamba-1 (Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training
+"""SmoothQuant-style W8A8 baseline for Mamba-1 and Mamba-2 (Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training
 Quantization for Large Language Models", ICML 2023, arXiv 2211.10438), as Quamba compares against it.
 
 Per mixer, the per-channel difficulty of the in_proj input (the block's RMSNorm output) is migrated into in_proj's
@@ -24,6 +24,7 @@ from polyquant.nn import Calibration
 from polyquant.transforms import fold_scale_into_linear
 
 from .mixer import mixers
+from .mixer2 import mamba2_mixers
 
 __all__ = ["SmoothQuantConfig", "smoothing_factors", "fold_smoothing", "smooth_mixers"]
 
@@ -63,10 +64,10 @@ def fold_smoothing(norm: nn.Module, linear: nn.Linear, s: Tensor) -> None:
 
 
 def smooth_mixers(model: nn.Module, calib: Calibration, alpha: float) -> dict[str, Tensor]:
-    """Smooth every Mamba-1 mixer of ``model`` (in place): per-channel max |x| of each mixer's input (its block's
-    norm output) over ``calib`` in one float pass, then ``fold_smoothing`` into the block's norm and the mixer's
+    """Smooth every Mamba-1 / Mamba-2 mixer of ``model`` (in place): per-channel max |x| of each mixer's input (its
+    block's norm output) over ``calib`` in one float pass, then ``fold_smoothing`` into the block's norm and the mixer's
     in_proj. Returns the factors by mixer name."""
-    found = mixers(model)
+    found = {**mixers(model), **mamba2_mixers(model)}
     caps = capture(model, list(found), calib, inputs=True, outputs=False)
     out = {}
     for name, m in found.items():

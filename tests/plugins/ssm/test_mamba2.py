@@ -196,9 +196,9 @@ def test_unsupported_hadamard_size_names_the_sizes() -> None:
     model = tiny_mamba2(1, hidden_size=72)
     name, m = next(iter(replace_mamba2_mixers(model).items()))
     spec = mamba2_placements(ACT, WEIGHT, U)
-    with pytest.raises(UsageError, match=rf"out_proj of {name} has in_features 144,.*{SIZES}"):
+    with pytest.raises(UsageError, match=rf"d_inner of {name} is 144,.*{SIZES}"):
         quantize_mamba2_mixer(name, m, spec, rotate_out=True, rotate_in=False)
-    with pytest.raises(UsageError, match=rf"in_proj of {name} has in_features 72,.*{SIZES}"):
+    with pytest.raises(UsageError, match=rf"hidden size of {name} is 72,.*{SIZES}"):
         quantize_mamba2_mixer(name, m, spec, rotate_out=False, rotate_in=True)
     assert type(m.in_proj) is nn.Linear and type(m.out_proj) is nn.Linear and m.u_quantizer is None  # untouched
     quantize_mamba2_mixer(name, m, spec, rotate_out=False, rotate_in=False)  # no rotation: any size

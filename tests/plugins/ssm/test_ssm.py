@@ -22,7 +22,8 @@ from polyquant.transforms import hadamard_matrix  # noqa: E402
 from polyquant.plugins.ssm.mixer import QuantMambaMixer, replace_mixers  # noqa: E402
 from polyquant.plugins.ssm.models import (  # noqa: E402
     SHIPPED, bits_per_byte, build_model, byte_batches, inject_outliers, text_bytes)
-from polyquant.plugins.ssm.quamba import NaiveConfig, QuambaConfig, quamba_hadamard_size  # noqa: E402
+from polyquant.plugins.ssm.quamba import NaiveConfig, QuambaConfig  # noqa: E402
+from polyquant.plugins.ssm.sizes import quamba_hadamard_size  # noqa: E402
 from polyquant.plugins.ssm.smoothquant import SmoothQuantConfig, smooth_mixers, smoothing_factors  # noqa: E402
 
 # Every quantizer of one mixer, as the Quamba table lists them (relative name -> observer); nothing else is quantized.
@@ -106,10 +107,10 @@ def test_quamba_hadamard_sizes_and_errors() -> None:
         [1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192]
     model = build_model({"hidden_size": 10, "num_hidden_layers": 1})  # d_inner 20: no Quamba size
     calib = [torch.zeros(1, 8, dtype=torch.long)]
-    with pytest.raises(UsageError, match=r"d_inner 20 .*2\^k, 12 \* 2\^k or 40 \* 2\^k"):
+    with pytest.raises(UsageError, match=r"d_inner of .* is 20, .*2\^k, 12 \* 2\^k or 40 \* 2\^k"):
         pq.quantize(model, QuambaConfig(), calib=calib, progress=False)
     pq.quantize(model, QuambaConfig(hadamard=False), calib=calib, progress=False)  # no rotation: any d_inner
-    with pytest.raises(UsageError, match="not a Mamba-1 model"):
+    with pytest.raises(UsageError, match="not a Mamba model"):
         pq.quantize(nn.Sequential(nn.Linear(4, 4)), NaiveConfig(), calib=[torch.zeros(1, 4)], progress=False)
 
 
