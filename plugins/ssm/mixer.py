@@ -1,6 +1,6 @@
-"""The quantizable Mamba-1 mixer: the pure-torch math of ``transformers``' ``MambaMixer`` (whole sequences, no
-cache), written out so that Quamba's quantization points inside it can be placed (Chiang et al., "Quamba: A
-Post-Training Quantization Recipe for Selective State Space Models", ICLR 2025, arXiv 2410.13229).
+"""The quantizable Mamba-1 mixer: the pure-torch math of ``transformers``' ``MambaMixer`` (whole sequences, and
+step by step with HF's cache), written out so that Quamba's quantization points inside it can be placed (Chiang et
+al., "Quamba: A Post-Training Quantization Recipe for Selective State Space Models", ICLR 2025, arXiv 2410.13229).
 
 The HF mixer calls ``conv1d.weight`` / ``dt_proj.weight`` directly and runs the scan in one function, so module
 surgery alone cannot reach the conv output, dt, B, C or the scan parameters; ``QuantMambaMixer`` replaces each
@@ -14,6 +14,13 @@ it computes what ``MambaMixer`` computes (tested).
     dt     = softplus(dt_proj(dt) + dt_bias)           bias moved out         [dt_proj: weight, output q; dt_bias q]
     y      = scan(u, dt, A = -exp(A_log), B, C) + D u                         [A_log q, D q]
     out    = out_proj(y * silu(z))                                            [out_proj: (H y), weight W H^T]
+
+Cached decoding (``cache_params``: the ``transformers`` cache ``MambaForCausalLM`` builds, a ``DynamicCache`` of
+linear-attention layers) runs the same points on each chunk: the conv state holds the last ``conv_kernel`` conv
+inputs (in_proj's quantized x, what the conv sees), the SSM state the float h after the chunk. A prefill (no state
+yet) is the whole-sequence path plus the two state writes; a later chunk (a decode step: length 1) convolves the
+cached inputs followed by the new ones and continues the scan from the cached h (``selective_scan``'s ``h0``; one
+``scan_step`` formula for both).
 """
 
 from __future__ import annotations
@@ -24,24 +31,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["QuantMambaMixer", "selective_scan", "replace_mixers", "mixers"]
+__all__ = ["QuantMambaMixer", "selective_scan", "scan_step", "replace_mixers", "mixers"]
 
 
-def selective_scan(u: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
-    """y_t = C_t . h_t + D u_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, h_0 = 0, in float32.
+def scan_step(h: Tensor, decay: Tensor, drive: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of the recurrence: h_t = decay_t * h_{t-1} + drive_t, y_t = C_t . h_t (without D u_t).
 
-    u, dt: (B, L, D); a: (D, N) (negative); b, c: (B, L, N); d: (D,) -> y (B, L, D). The state stays float.
+    h, decay, drive: (B, D, N) float32; c: (B, N) -> (h_t (B, D, N), y_t (B, D)).
+    """
+    h = decay * h + drive
+    return h, (h * c[:, None, :]).sum(-1)
+
+
+def selective_scan(u: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor,
+                   h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """y_t = C_t . h_t + D u_t with h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t from h_0 = ``h0`` (zeros when None),
+    in float32.
+
+    u, dt: (B, L, D); a: (D, N) (negative); b, c: (B, L, N); d: (D,); h0: (B, D, N) -> y (B, L, D) and the last
+    state h_L (B, D, N). The state stays float.
     """
     u, dt, b, c = u.float(), dt.float(), b.float(), c.float()
     decay = torch.exp(dt[..., None] * a.float())  # (B, L, D, N)
     drive = (dt * u)[..., None] * b[:, :, None, :]  # (B, L, D, N)
-    h = u.new_zeros(u.shape[0], u.shape[2], a.shape[1])  # (B, D, N)
+    h = u.new_zeros(u.shape[0], u.shape[2], a.shape[1]) if h0 is None else h0.float()  # (B, D, N)
     ys = []
     # unbind, not decay[:, t]: the backward of L index ops would write L full-size gradients
     for decay_t, drive_t, c_t in zip(decay.unbind(1), drive.unbind(1), c.unbind(1)):
-        h = decay_t * h + drive_t
-        ys.append((h * c_t[:, None, :]).sum(-1))  # (B, D)
-    return torch.stack(ys, dim=1) + u * d.float()  # (B, L, D)
+        h, y_t = scan_step(h, decay_t, drive_t, c_t)
+        ys.append(y_t)  # (B, D)
+    return torch.stack(ys, dim=1) + u * d.float(), h  # (B, L, D), (B, D, N)
 
 
 class QuantMambaMixer(nn.Module):
@@ -78,14 +97,17 @@ class QuantMambaMixer(nn.Module):
 
     def forward(self, hidden_states: Tensor, cache_params: Any = None, attention_mask: Tensor | None = None,
                 **kwargs: Any) -> Tensor:
-        if cache_params is not None:
-            raise NotImplementedError("the quantized Mamba mixer runs whole sequences: call the model with "
-                                      "use_cache=False (cached decoding is not implemented yet)")
+        """hidden_states (B, L, d_model) -> (B, L, d_model). With ``cache_params`` (HF's cache), the chunk continues
+        the sequence the cache holds (none yet: a prefill) and the cache's conv and SSM states of this layer are
+        updated in place."""
         if attention_mask is not None:
             hidden_states = hidden_states * attention_mask[:, :, None].to(hidden_states.dtype)
-        length = hidden_states.shape[1]
+        conv_state = h0 = None
+        if cache_params is not None:  # both None before the prefill (read before the conv state is written)
+            conv_state = cache_params.get_conv_state(self.layer_idx)  # (B, D, K): the last K conv inputs
+            h0 = cache_params.get_recurrent_state(self.layer_idx)  # (B, D, N)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, D) each
-        x = self.conv1d(x.transpose(1, 2))[..., :length]  # (B, D, L), causal: the right padding dropped
+        x = self._conv(x.transpose(1, 2), cache_params, conv_state)  # (B, D, L)
         u = self._q(self.u_quantizer, self.act(x).transpose(1, 2).contiguous())  # (B, L, D): the SSM input
         if attention_mask is not None:
             u = u * attention_mask[:, :, None].to(u.dtype)
@@ -93,9 +115,29 @@ class QuantMambaMixer(nn.Module):
         dt, b, c = self.x_proj(u).split([self.time_step_rank, n, n], dim=-1)
         dt = F.softplus(self.dt_proj(dt.contiguous()).float() + self._q(self.dt_bias_quantizer, self.dt_bias).float())
         a = -torch.exp(self._q(self.A_log_quantizer, self.A_log).float())  # (D, N)
-        y = selective_scan(u, dt, a, b, c, self._q(self.D_quantizer, self.D))  # (B, L, D)
+        y, h = selective_scan(u, dt, a, b, c, self._q(self.D_quantizer, self.D), h0)  # (B, L, D), (B, D, N)
+        if cache_params is not None:
+            cache_params.update_recurrent_state(h, self.layer_idx)
         y = y * F.silu(z.float())
         return self.out_proj(y.to(hidden_states.dtype))  # (B, L, d_model)
+
+    def _conv(self, x: Tensor, cache_params: Any, conv_state: Tensor | None) -> Tensor:
+        """The causal depthwise conv of x (B, D, L) -> (B, D, L), continuing the cached inputs when there are some.
+
+        ``conv1d`` pads K - 1 zeros on both sides (HF's layout; ``QuantConv1d`` and ``PackedConv`` keep it), so
+        output o covers inputs o - K + 1 .. o: the first L outputs are causal. With a conv state, the window is
+        the K cached inputs followed by the L new ones (W = K + L, what the cache's ``update_conv_state`` returns),
+        and the outputs of the new inputs are W - L .. W - 1, each covering a full window of real inputs.
+        """
+        length = x.shape[-1]
+        if cache_params is None:
+            return self.conv1d(x)[..., :length]  # the right padding dropped
+        k = self.conv1d.kernel_size[0]
+        window = cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=k)  # stores the last K inputs
+        if conv_state is None:  # prefill: the whole-sequence conv (the cache zero-pads a prompt shorter than K)
+            return self.conv1d(x)[..., :length]
+        w = window.shape[-1]  # K + L
+        return self.conv1d(window)[..., w - length:w]
 
 
 def mixers(model: nn.Module) -> dict[str, nn.Module]:
