@@ -27,19 +27,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MambaLM", "ByteMamba", "build_model", "check_config", "load_pretrained", "load_tokenizer", "encode",
+__all__ = ["SHIPPED2", "SHIPPED_PATHS", "MambaLM", "ByteMamba", "build_model", "check_config", "load_pretrained", "load_tokenizer", "encode",
            "text_bytes", "byte_batches", "token_batches", "bits_per_byte", "SHIPPED", "SHIPPED_PATH", "ARCH_DEFAULTS",
            "MODEL_TYPES", "inject_outliers"]
 
-SHIPPED = "byte-mamba"  # the shipped checkpoint's name (plugins/ssm/assets/byte_mamba.safetensors)
-SHIPPED_PATH = Path(__file__).with_name("assets") / "byte_mamba.safetensors"
+SHIPPED = "byte-mamba"  # the shipped Mamba-1 checkpoint's name (plugins/ssm/assets/byte_mamba.safetensors)
+SHIPPED2 = "byte-mamba2"  # the shipped Mamba-2 checkpoint's name (plugins/ssm/assets/byte_mamba2.safetensors)
+SHIPPED_PATHS = {SHIPPED: Path(__file__).with_name("assets") / "byte_mamba.safetensors",
+                 SHIPPED2: Path(__file__).with_name("assets") / "byte_mamba2.safetensors"}
+SHIPPED_PATH = SHIPPED_PATHS[SHIPPED]
 _META_MODEL = "polyquant_model"
 
 # The architecture of the shipped model; an architecture config may change these (bounded, see check_config).
-ARCH_DEFAULTS: dict[str, int] = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "expand": 2,
-                                 "conv_kernel": 4, "seed": 0}
-_BOUNDS = {"hidden_size": (4, 1024), "num_hidden_layers": (1, 8), "state_size": (1, 64), "expand": (1, 4),
-           "conv_kernel": (2, 8), "seed": (0, 2**31 - 1)}
+# version 1: MambaForCausalLM; 2: Mamba2ForCausalLM with heads of head_dim channels (one group of B / C).
+ARCH_DEFAULTS: dict[str, int] = {"version": 1, "hidden_size": 64, "num_hidden_layers": 2, "state_size": 16,
+                                 "expand": 2, "conv_kernel": 4, "head_dim": 16, "seed": 0}
+_BOUNDS = {"version": (1, 2), "hidden_size": (4, 1024), "num_hidden_layers": (1, 8), "state_size": (1, 64),
+           "expand": (1, 4), "conv_kernel": (2, 8), "head_dim": (1, 256), "seed": (0, 2**31 - 1)}
 
 
 MODEL_TYPES = ("mamba", "mamba2")  # transformers model_type values this plugin quantizes
@@ -62,15 +66,21 @@ class MambaLM(nn.Module):
 
 
 class ByteMamba(MambaLM):
-    """``MambaForCausalLM`` over bytes (vocab 256) of an architecture dict (``ARCH_DEFAULTS``'s keys)."""
+    """``MambaForCausalLM`` (version 1) or ``Mamba2ForCausalLM`` (version 2) over bytes (vocab 256) of an
+    architecture dict (``ARCH_DEFAULTS``'s keys)."""
 
     def __init__(self, arch: dict[str, int]) -> None:
-        from transformers import MambaConfig, MambaForCausalLM
+        from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
-        config = MambaConfig(vocab_size=256, hidden_size=arch["hidden_size"], num_hidden_layers=arch["num_hidden_layers"],
-                             state_size=arch["state_size"], expand=arch["expand"], conv_kernel=arch["conv_kernel"],
-                             use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-        super().__init__(MambaForCausalLM(config))
+        common = dict(vocab_size=256, hidden_size=arch["hidden_size"], num_hidden_layers=arch["num_hidden_layers"],
+                      state_size=arch["state_size"], expand=arch["expand"], conv_kernel=arch["conv_kernel"],
+                      use_cache=False, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+        if arch.get("version", 1) == 1:
+            super().__init__(MambaForCausalLM(MambaConfig(**common)))
+        else:
+            heads = arch["expand"] * arch["hidden_size"] // arch["head_dim"]
+            super().__init__(Mamba2ForCausalLM(Mamba2Config(**common, head_dim=arch["head_dim"], num_heads=heads,
+                                                            n_groups=1, chunk_size=64)))
 
 
 def _lm_class(model_type: str) -> type[nn.Module]:
@@ -123,8 +133,9 @@ def check_config(model_config: Any) -> dict[str, Any]:
         _hf_config(model_config["hf_config"])
         return dict(model_config)
     if "name" in model_config:
-        if model_config != {"name": SHIPPED}:
-            raise ValueError(f"unknown ssm model {model_config!r}; the shipped model is {{'name': {SHIPPED!r}}}")
+        if set(model_config) != {"name"} or model_config["name"] not in SHIPPED_PATHS:
+            raise ValueError(f"unknown ssm model {model_config!r}; the shipped models are "
+                             f"{', '.join(repr({'name': n}) for n in SHIPPED_PATHS)}")
         return dict(model_config)
     unknown = sorted(set(model_config) - set(ARCH_DEFAULTS))
     if unknown:
@@ -134,6 +145,9 @@ def check_config(model_config: Any) -> dict[str, Any]:
         v = cfg[key]
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
             raise ValueError(f"ssm model config: {key} must be an integer in [{lo}, {hi}], got {v!r}")
+    if cfg["version"] == 2 and (cfg["expand"] * cfg["hidden_size"]) % cfg["head_dim"]:
+        raise ValueError(f"ssm model config: d_inner {cfg['expand'] * cfg['hidden_size']} is not a multiple of "
+                         f"head_dim {cfg['head_dim']}")
     return cfg
 
 
@@ -151,15 +165,16 @@ def build_model(model_config: dict[str, Any] | None = None) -> MambaLM:
             torch.manual_seed(0)
             model: MambaLM = MambaLM(_lm_class(hf.model_type)(hf))
     elif "name" in cfg:
-        tensors, meta = read_checkpoint(SHIPPED_PATH)
+        path = SHIPPED_PATHS[cfg["name"]]
+        tensors, meta = read_checkpoint(path)
         arch = check_config(json.loads(meta[_META_MODEL]))
         with torch.random.fork_rng(devices=[]):
             model = ByteMamba(arch)
         if model.lm.lm_head.weight.device.type != "meta":  # the core sizes a config on the meta device first
-            model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to the embedding
-        missing = set(model.state_dict()) - set(tensors) - {"lm.lm_head.weight"}
+            model.load_state_dict(tensors, strict=False)  # a tied lm_head.weight is the embedding
+        missing = set(model.state_dict()) - set(tensors) - _tied(model)
         if missing:
-            raise ValueError(f"{SHIPPED_PATH}: missing tensors {sorted(missing)[:3]}")
+            raise ValueError(f"{path}: missing tensors {sorted(missing)[:3]}")
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg["seed"])
@@ -225,13 +240,19 @@ def encode(data: bytes, tokenizer: Any | None, vocab_size: int) -> tuple[Tensor,
     return out, len(data) / max(out.numel(), 1)
 
 
+def _tied(model: MambaLM) -> set[str]:
+    """The state-dict key of lm_head's weight when it is the embedding's (not stored), else nothing."""
+    return {"lm.lm_head.weight"} if getattr(model.lm.config, "tie_word_embeddings", False) else set()
+
+
 def save_shipped(model: ByteMamba, arch: dict[str, int], meta: dict[str, Any]) -> Path:
-    """Write the shipped checkpoint (train.py): the state dict without the tied lm_head, the architecture and
-    the training record in its metadata."""
+    """Write the shipped checkpoint of the architecture's version (train.py): the state dict without the tied
+    lm_head, the architecture and the training record in its metadata."""
     from polyquant.checkpoint import save_checkpoint
 
-    state = {k: v for k, v in model.state_dict().items() if k != "lm.lm_head.weight"}
-    return save_checkpoint(state, SHIPPED_PATH, {_META_MODEL: json.dumps(arch), "train": json.dumps(meta)})
+    state = {k: v for k, v in model.state_dict().items() if k not in _tied(model)}
+    path = SHIPPED_PATHS[SHIPPED if arch.get("version", 1) == 1 else SHIPPED2]
+    return save_checkpoint(state, path, {_META_MODEL: json.dumps(arch), "train": json.dumps(meta)})
 
 
 # --- data: the Python standard-library sources ------------------------------------------------------------------

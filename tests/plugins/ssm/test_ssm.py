@@ -21,7 +21,7 @@ from polyquant.primitives import PerTensor  # noqa: E402
 from polyquant.transforms import hadamard_matrix  # noqa: E402
 from polyquant.plugins.ssm.mixer import QuantMambaMixer, replace_mixers  # noqa: E402
 from polyquant.plugins.ssm.models import (  # noqa: E402
-    SHIPPED, bits_per_byte, build_model, byte_batches, inject_outliers, text_bytes)
+    SHIPPED, SHIPPED2, bits_per_byte, build_model, byte_batches, inject_outliers, text_bytes)
 from polyquant.plugins.ssm.quamba import NaiveConfig, QuambaConfig  # noqa: E402
 from polyquant.plugins.ssm.sizes import quamba_hadamard_size  # noqa: E402
 from polyquant.plugins.ssm.smoothquant import SmoothQuantConfig, smooth_mixers, smoothing_factors  # noqa: E402
@@ -150,19 +150,27 @@ def _bpb(shipped: nn.Module, data, *, outliers: bool) -> dict[str, float]:
     if outliers:
         inject_outliers(model)
     out = {"float": bits_per_byte(model, held_out)}
-    for name, config in (("quamba", QuambaConfig()), ("naive", NaiveConfig())):
+    configs = [("quamba", QuambaConfig()), ("naive", NaiveConfig())]
+    if outliers:
+        configs.append(("quamba alpha=0.99", QuambaConfig(alpha=0.99)))
+    for name, config in configs:
         out[name] = bits_per_byte(pq.quantize(model, config, calib=calib, progress=False).model, held_out)
     return out
 
 
-def test_quamba_within_one_percent_of_float(shipped: nn.Module, data) -> None:
-    bpb = _bpb(shipped, data, outliers=False)
+@pytest.mark.parametrize("name", [SHIPPED, SHIPPED2])
+def test_quamba_within_one_percent_of_float(name: str, shipped: nn.Module, data) -> None:
+    bpb = _bpb(shipped if name == SHIPPED else build_model({"name": name}), data, outliers=False)
+    assert bpb["float"] < 3.0, bpb  # the checkpoint is the trained one (a random byte model is ~8 bits per byte)
     assert bpb["quamba"] <= bpb["float"] * 1.01, bpb
 
 
-def test_naive_no_better_than_quamba_with_outliers(shipped: nn.Module, data) -> None:
+def test_outliers_break_naive_not_quamba(shipped: nn.Module, data) -> None:
+    # benchmarks/ssm.md, 3 seeds: naive +12.4%, quamba (alpha 0.99999) +5.6%, alpha 0.99 +0.9%
     bpb = _bpb(shipped, data, outliers=True)
-    assert bpb["naive"] >= bpb["quamba"], bpb
+    assert bpb["naive"] >= bpb["float"] * 1.05, bpb
+    assert bpb["quamba"] < bpb["naive"] - 0.5 * (bpb["naive"] - bpb["float"]), bpb  # at least half the loss back
+    assert bpb["quamba alpha=0.99"] <= bpb["float"] * 1.02, bpb
 
 
 # --- smoothquant ---------------------------------------------------------------------------------------------------
