@@ -117,9 +117,9 @@ def _folder_tokenizer(folder: str | None) -> Any:
         raise UsageError(f"--tokenizer: {e}") from None
 
 
-def _user_model(path: str) -> tuple[MambaLM, dict[str, Any]]:
+def _user_model(path: str, progress: bool) -> tuple[MambaLM, dict[str, Any]]:
     try:
-        return load_pretrained(path)
+        return load_pretrained(path, progress=progress)
     except ValueError as e:
         raise UsageError(f"--model {e}") from None
 
@@ -157,7 +157,9 @@ def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> C
         model, model_config, name = build_model({"name": SHIPPED}), {"name": SHIPPED}, f"byte-level Mamba ({SHIPPED})"
         tokenizer = _folder_tokenizer(args.tokenizer)
     else:
-        model, model_config = _user_model(args.model)
+        from polyquant.api import progress_default
+
+        model, model_config = _user_model(args.model, progress_default() and not args.quiet)
         name = f"{type(model.lm).__name__} from {args.model}"
         tokenizer = _folder_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
     calib_data, source = ((text_bytes("train"), "stdlib sources") if args.calib_text is None
@@ -212,7 +214,7 @@ def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
     model_config = qm.model_config or {}
     float_model: MambaLM | None = None
     if args.model is not None:
-        float_model, _ = _user_model(args.model)
+        float_model, _ = _user_model(args.model, False)
     elif "hf_config" not in model_config:
         float_model = build_model(model_config)  # the shipped checkpoint or a seeded architecture
     tokenizer = _folder_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)

@@ -12,7 +12,8 @@ shipped byte-level Mamba-1 checkpoint, seeded tiny architectures, and a user's `
     bits_per_byte(model, ids, bytes_per_token) -> float
 
 ``MambaLM`` wraps the transformers model so that it returns the logits tensor (what the core's contract compares)
-and keeps the cache off (``use_cache=False``) for whole sequences.
+and keeps the cache off (``use_cache=False``) for whole sequences; token-by-token generation with the cache runs on
+``model.lm`` (``decode.py``; Mamba-1).
 """
 
 from __future__ import annotations
@@ -182,10 +183,13 @@ def build_model(model_config: dict[str, Any] | None = None) -> MambaLM:
     return describe_model(model.eval(), cfg)
 
 
-def load_pretrained(path: str | Path) -> tuple[MambaLM, dict[str, Any]]:
+def load_pretrained(path: str | Path, *, progress: bool = False) -> tuple[MambaLM, dict[str, Any]]:
     """A user's transformers Mamba / Mamba-2 folder (``save_pretrained``: config.json and weights), local files only,
     float32, and its model config ``{"hf_config": ...}`` (the artifact then needs no folder to rebuild).
-    ``ValueError`` with one line for a missing folder, no config.json, or another model type."""
+    ``progress``: transformers' loading bar. ``ValueError`` with one line for a missing folder, no config.json,
+    another model type or weights that do not load."""
+    from transformers.utils import logging as hf_logging
+
     from polyquant.api import describe_model
 
     folder = Path(path)
@@ -201,11 +205,17 @@ def load_pretrained(path: str | Path) -> tuple[MambaLM, dict[str, Any]]:
     if not isinstance(raw, dict):
         raise ValueError(f"{config_file}: not a JSON object")
     hf = _hf_config(raw)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         lm = _lm_class(hf.model_type).from_pretrained(folder, config=hf, local_files_only=True, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{folder}: the weights do not load: {first}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     model_config = {"hf_config": json.loads(lm.config.to_json_string(use_diff=False))}
     return describe_model(MambaLM(lm).eval(), model_config), model_config
 

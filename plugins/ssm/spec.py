@@ -19,5 +19,5 @@ SPEC = PluginSpec(
     },
     requires=("torch>=2.4", "transformers>=4.45"),
     impl="polyquant.plugins.ssm.methods",
-    demo=None,
+    demo="polyquant.plugins.ssm.demo:run_demo",
 )
