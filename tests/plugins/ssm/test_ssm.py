@@ -24,6 +24,7 @@ from polyquant.plugins.ssm.models import (  # noqa: E402
     SHIPPED, SHIPPED2, bits_per_byte, build_model, byte_batches, inject_outliers, text_bytes)
 from polyquant.plugins.ssm.quamba import NaiveConfig, QuambaConfig  # noqa: E402
 from polyquant.plugins.ssm.sizes import quamba_hadamard_size  # noqa: E402
+from polyquant.plugins.ssm.quarot import QuaRotConfig  # noqa: E402
 from polyquant.plugins.ssm.smoothquant import SmoothQuantConfig, smooth_mixers, smoothing_factors  # noqa: E402
 
 # Every quantizer of one mixer, as the Quamba table lists them (relative name -> observer); nothing else is quantized.
@@ -50,7 +51,8 @@ def data() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return calib, held_out
 
 
-@pytest.mark.parametrize("config", [QuambaConfig(), NaiveConfig()], ids=["quamba", "naive"])
+@pytest.mark.parametrize("config", [QuambaConfig(), NaiveConfig(), SmoothQuantConfig(), QuaRotConfig()],
+                         ids=["quamba", "naive", "smoothquant", "quarot"])
 def test_every_quantizer_is_placed_exactly(shipped: nn.Module, config) -> None:
     calib = byte_batches(text_bytes("train", limit=50_000), batches=1, batch_size=2, seq_len=32, seed=1)
     model = pq.quantize(shipped, config, calib=calib, progress=False).model
@@ -68,9 +70,11 @@ def test_every_quantizer_is_placed_exactly(shipped: nn.Module, config) -> None:
     for i in range(2):
         m = model.get_submodule(f"lm.backbone.layers.{i}.mixer")
         assert isinstance(m, QuantMambaMixer) and m.dt_proj.bias is None  # the bias moved into the scan
-        assert type(m.in_proj) is QuantLinear and type(m.x_proj) is QuantLinear and type(m.dt_proj) is QuantLinear
-        assert type(m.conv1d) is QuantConv1d
-        assert type(m.out_proj) is (RotatedLinear if isinstance(config, QuambaConfig) else QuantLinear)
+        assert type(m.x_proj) is QuantLinear and type(m.dt_proj) is QuantLinear and type(m.conv1d) is QuantConv1d
+        # quarot rotates both projections' inputs, quamba out_proj's only
+        assert type(m.in_proj) is (RotatedLinear if isinstance(config, QuaRotConfig) else QuantLinear)
+        rotated_out = isinstance(config, (QuambaConfig, QuaRotConfig))
+        assert type(m.out_proj) is (RotatedLinear if rotated_out else QuantLinear)
         assert m.x_proj.input_quantizer is None and m.dt_proj.input_quantizer is None  # int8 from the previous point
         assert all(type(getattr(m, f"{p}_quantizer")) is ActQuantizer for p in ("u", "A_log", "D", "dt_bias"))
     # embedding, norms, lm_head (and the residual stream) stay float
