@@ -1,15 +1,15 @@
-"""Greedy token-by-token decoding of a ``transformers`` Mamba causal LM (float, fake-quantized or packed), with the
-cache (``QuantMambaMixer``'s / ``MambaMixer``'s step path) or without it (the whole sequence again each step: the
-reference), and its latency at batch 1.
+"""Greedy token-by-token decoding of a ``transformers`` Mamba or Mamba-2 causal LM (float, fake-quantized or packed),
+with the cache (the step path of ``QuantMambaMixer`` / ``QuantMamba2Mixer`` or HF's mixers) or without it (the whole
+sequence again each step: the reference), and its latency at batch 1.
 
     greedy_decode(lm, prompt (B, P), steps) -> ids (B, P + steps)
     greedy_steps(lm, prompt, steps) -> (ids (B, P + steps), logits (B, steps, V))   the logits each token came from
     decode_latency(lm, prompt (1, P), steps, warmup=...) -> {"prefill_s": ..., "decode_s_per_token": ..., ...}
 
-``lm`` is the ``MambaForCausalLM`` (``build_model(...).lm``, ``quantize(...).model.lm``), in eval mode. The cache
-is the one ``MambaForCausalLM`` builds itself: the prefill call (``use_cache=True``, no ``cache_params``) returns
-it as ``cache_params`` (a ``DynamicCache`` of linear-attention layers in transformers 5), and each step hands it
-back with the one new token. The loop is written out rather than ``lm.generate``: the byte model's eos (and pad) id
+``lm`` is the ``MambaForCausalLM`` or ``Mamba2ForCausalLM`` (``build_model(...).lm``, ``quantize(...).model.lm``), in
+eval mode. The cache is the one the model builds itself: the prefill call (``use_cache=True``, no ``cache_params``)
+returns it as ``cache_params`` (a ``DynamicCache`` of linear-attention layers in transformers 5), and each step hands
+it back with the one new token. The loop is written out rather than ``lm.generate``: the byte model's eos (and pad) id
 is 0, a real byte, on which ``generate`` would stop and pad; and the same loop with ``use_cache=False`` is the
 reference, so that the two differ only in the cache. ``lm.generate(..., do_sample=False, use_cache=True)`` also
 runs on the replaced mixers (tested).

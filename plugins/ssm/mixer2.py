@@ -6,7 +6,8 @@ Post-Training Quantization Recipe for Selective State Space Models", ICLR 2025, 
 (``mixer.py``), the HF ``Mamba2Mixer`` calls ``conv1d.weight`` directly and scans in one function, so surgery alone
 cannot reach x, B, C or the scan parameters: ``QuantMamba2Mixer`` replaces it (same parameters, same submodule
 names) and calls its submodules. In the float state it computes what ``Mamba2Mixer``'s torch path computes
-(whole sequences, no cache; tested against the HF model's logits, with and without a padding mask).
+(whole sequences, tested against the HF model's logits with and without a padding mask; cached decoding, tested
+against HF's own cached generation).
 
     z, xBC, dt = in_proj(h).split(D, D + 2 G N, H)                  [in_proj: input, weight, output q]
     xBC        = silu(conv1d(xBC))        causal depthwise conv     [conv1d: weight q]
@@ -33,6 +34,15 @@ D = d_inner = H * P (H heads of P channels), G = n_groups, N = state_size. The p
 There is no dt quantizer of its own: dt leaves in_proj (Mamba-2 has no x_proj / dt_proj), already int8 at the
 in_proj output scale, as Quamba shares one scale for x and z. The conv1d input is that same int8 tensor (no input
 quantizer). The gated RMSNorm, embedding, final norm, lm_head, the residual stream and the scan state stay float.
+
+Cached decoding (``cache_params``: the cache ``Mamba2ForCausalLM`` builds, a ``DynamicCache`` of linear-attention
+layers) runs the same points on each chunk, as ``mixer.py`` does for Mamba-1: the conv state holds the last
+``conv_kernel`` conv inputs (in_proj's quantized xBC, (B, conv_dim, K): HF's layout, zero-padded on the left for a
+prompt shorter than K), the SSM state the float per-head state after the chunk ((B, H, P, N): HF's layout). A
+prefill (no state for the layer yet) is the whole-sequence path plus the two state writes; a later chunk (a decode
+step: length 1; longer chunks too) convolves the cached inputs followed by the new ones with ``conv1d`` itself (fake
+quant ``QuantConv1d`` or packed ``PackedConv`` alike) and continues the scan from the cached state (``ssd_scan``'s
+``h0``; one ``ssd_step`` formula for both).
 """
 
 from __future__ import annotations
@@ -48,8 +58,8 @@ from polyquant.nn import ActQuantizer, QuantConv1d, QuantLinear, QuantSpec, Rota
 
 from .sizes import check_hadamard_size
 
-__all__ = ["QuantMamba2Mixer", "ssd_scan", "mamba2_mixers", "replace_mamba2_mixers", "mamba2_placements",
-           "quantize_mamba2_mixer", "MAMBA2_POINTS"]
+__all__ = ["QuantMamba2Mixer", "ssd_scan", "ssd_scan_state", "ssd_step", "mamba2_mixers", "replace_mamba2_mixers",
+           "mamba2_placements", "quantize_mamba2_mixer", "MAMBA2_POINTS"]
 
 # Every quantization point of a Mamba-2 mixer (relative quantizer name), in data-flow order (the docstring table).
 MAMBA2_POINTS: tuple[str, ...] = (
@@ -62,12 +72,25 @@ MAMBA2_POINTS: tuple[str, ...] = (
 _OWN_POINTS = ("u", "bc", "A_log", "D", "dt_bias")  # the quantizers the mixer itself owns (``<point>_quantizer``)
 
 
-def ssd_scan(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
-    """Mamba-2's scan, sequentially in float32: y_t = C_t . h_t + D x_t with h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t.
+def ssd_step(h: Tensor, decay: Tensor, dx: Tensor, b: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of Mamba-2's recurrence: h_t = decay_t h_{t-1} + dx_t B_t^T, y_t = h_t C_t (without D x_t).
+
+    h: (B, H, P, N) float32; decay: (B, H) (exp(dt A)); dx: (B, H, P) (dt x); b, c: (B, H, N) (per head) ->
+    (h_t (B, H, P, N), y_t (B, H, P)).
+    """
+    h = decay[..., None, None] * h + dx[..., None] * b[:, :, None, :]  # (B, H, P, N)
+    return h, (h @ c[..., None]).squeeze(-1)  # (B, H, P)
+
+
+def ssd_scan_state(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor,
+                   h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Mamba-2's scan, sequentially in float32, from the state ``h0`` (zeros when None): y_t = C_t . h_t + D x_t
+    with h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t.
 
     x: (B, L, H, P); dt: (B, L, H) (after softplus); a: (H,) (negative, one scalar per head); b, c: (B, L, G, N),
-    head h reading group h // (H / G); d: (H,) -> y (B, L, H, P), float32, h_0 = 0. HF's chunked algorithm
-    (``mamba2_chunk_scan``) computes the same in exact arithmetic; this one keeps one (B, H, P, N) state.
+    head h reading group h // (H / G); d: (H,); h0: (B, H, P, N) -> y (B, L, H, P) float32 and the last state
+    h_L (B, H, P, N) float32 (h0 itself for L = 0). HF's chunked algorithm (``mamba2_chunk_scan``, its
+    ``initial_states`` / final state) computes the same in exact arithmetic; this one keeps one state.
     """
     heads, groups = x.shape[2], b.shape[2]
     if heads % groups:
@@ -77,12 +100,20 @@ def ssd_scan(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor) 
     c = c.float().repeat_interleave(heads // groups, dim=2)  # (B, L, H, N)
     decay = torch.exp(dt * a.float())  # (B, L, H)
     dx = x * dt[..., None]  # (B, L, H, P)
-    h = x.new_zeros(x.shape[0], heads, x.shape[3], b.shape[3])  # (B, H, P, N)
+    h = x.new_zeros(x.shape[0], heads, x.shape[3], b.shape[3]) if h0 is None else h0.float()  # (B, H, P, N)
     ys = []
     for decay_t, dx_t, b_t, c_t in zip(decay.unbind(1), dx.unbind(1), b.unbind(1), c.unbind(1)):
-        h = decay_t[..., None, None] * h + dx_t[..., None] * b_t[:, :, None, :]  # (B, H, P, N)
-        ys.append((h @ c_t[..., None]).squeeze(-1))  # (B, H, P)
-    return torch.stack(ys, dim=1) + x * d.float()[:, None]  # (B, L, H, P)
+        h, y_t = ssd_step(h, decay_t, dx_t, b_t, c_t)
+        ys.append(y_t)  # (B, H, P)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(x.shape)  # (B, L, H, P)
+    return y + x * d.float()[:, None], h
+
+
+def ssd_scan(x: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor,
+             h0: Tensor | None = None) -> Tensor:
+    """``ssd_scan_state``'s y alone: x (B, L, H, P), dt (B, L, H), a (H,), b / c (B, L, G, N), d (H,), h0
+    (B, H, P, N) or None (zeros) -> y (B, L, H, P) float32."""
+    return ssd_scan_state(x, dt, a, b, c, d, h0)[0]
 
 
 class QuantMamba2Mixer(nn.Module):
@@ -121,13 +152,16 @@ class QuantMamba2Mixer(nn.Module):
                 **kwargs: Any) -> Tensor:
         """hidden_states (B, L, d_model); attention_mask (B, L) of 0 / 1 (padding) or None -> (B, L, d_model).
 
-        ``kwargs``: what ``Mamba2Block`` passes on to its mixer (ignored, as the HF torch path ignores them here).
+        With ``cache_params`` (HF's cache), the chunk continues the sequence the cache holds (none yet for this
+        layer: a prefill) and the layer's conv and SSM states are updated in place. ``kwargs``: what
+        ``Mamba2Block`` passes on to its mixer (ignored, as the HF torch path ignores them here).
         """
-        if cache_params is not None:
-            raise NotImplementedError("the quantized Mamba-2 mixer runs whole sequences: call the model with "
-                                      "use_cache=False (cached decoding is not implemented yet)")
         bsz, length, _ = hidden_states.shape
         dtype = hidden_states.dtype
+        conv_state = h0 = None
+        if cache_params is not None:  # both None before the prefill (read before the conv state is written)
+            conv_state = cache_params.get_conv_state(self.layer_idx)  # (B, conv_dim, K): the last K conv inputs
+            h0 = cache_params.get_recurrent_state(self.layer_idx)  # (B, H, P, N)
         mask = None if attention_mask is None else attention_mask[:, :, None]  # (B, L, 1)
         if mask is not None:  # as HF: padding zeroed before in_proj and after the conv
             hidden_states = (hidden_states * mask).to(dtype)
@@ -135,7 +169,7 @@ class QuantMamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(hidden_states)  # (B, L, 2 d_mlp + D + conv_dim + H)
         d_mlp = (zxbcdt.shape[-1] - 2 * d - 2 * g * n - h) // 2  # 0 for every HF config; dropped as HF drops it
         _, _, z, xbc, dt = zxbcdt.split([d_mlp, d_mlp, d, self.conv_dim, h], dim=-1)
-        xbc = self.conv1d(xbc.transpose(1, 2))[..., :length]  # (B, conv_dim, L), causal: the right padding dropped
+        xbc = self._conv(xbc.transpose(1, 2), cache_params, conv_state)  # (B, conv_dim, L)
         xbc = self.act(xbc).transpose(1, 2)  # (B, L, conv_dim)
         if mask is not None:
             xbc = (xbc * mask).to(xbc.dtype)
@@ -145,10 +179,31 @@ class QuantMamba2Mixer(nn.Module):
         dt = F.softplus(dt.float() + self._q(self.dt_bias_quantizer, self.dt_bias).float())  # (B, L, H)
         dt = dt.clamp(min=self.time_step_limit[0], max=self.time_step_limit[1])
         a = -torch.exp(self._q(self.A_log_quantizer, self.A_log).float())  # (H,)
-        y = ssd_scan(x.reshape(bsz, length, h, p), dt, a, b.reshape(bsz, length, g, n), c.reshape(bsz, length, g, n),
-                     self._q(self.D_quantizer, self.D))  # (B, L, H, P)
+        y, state = ssd_scan_state(x.reshape(bsz, length, h, p), dt, a, b.reshape(bsz, length, g, n),
+                                  c.reshape(bsz, length, g, n), self._q(self.D_quantizer, self.D), h0)
+        if cache_params is not None:  # y (B, L, H, P); state (B, H, P, N), float
+            cache_params.update_recurrent_state(state, self.layer_idx)
         y = self.norm(y.reshape(bsz, length, d), z)  # (B, L, D): y * silu(z), RMS-normalized per group
         return self.out_proj(y.to(dtype))  # (B, L, d_model)
+
+    def _conv(self, xbc: Tensor, cache_params: Any, conv_state: Tensor | None) -> Tensor:
+        """The causal depthwise conv of xbc (B, conv_dim, L) -> (B, conv_dim, L), continuing the cached inputs when
+        there are some (``mixer.QuantMambaMixer._conv``'s scheme).
+
+        ``conv1d`` pads K - 1 zeros on both sides (HF's layout; ``QuantConv1d`` and ``PackedConv`` keep it), so
+        output o covers inputs o - K + 1 .. o: the first L outputs are causal. With a conv state, the window is the
+        cached inputs followed by the L new ones (W >= K + L, what the cache's ``update_conv_state`` returns) and
+        the outputs of the new inputs are W - L .. W - 1, each covering a full window of real inputs.
+        """
+        length = xbc.shape[-1]
+        if cache_params is None:
+            return self.conv1d(xbc)[..., :length]  # the right padding dropped
+        k = self.conv1d.kernel_size[0]
+        window = cache_params.update_conv_state(xbc, self.layer_idx, conv_kernel_size=k)  # stores the last K
+        if conv_state is None:  # prefill: the whole-sequence conv (the cache zero-pads a prompt shorter than K)
+            return self.conv1d(xbc)[..., :length]
+        w = window.shape[-1]
+        return self.conv1d(window)[..., w - length:w]
 
 
 def mamba2_mixers(model: nn.Module) -> dict[str, nn.Module]:
