@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .export import export
 from .nn import QuantRule, QuantSpec, calibrate, prepare
 from .primitives import PerChannel
 
-__all__ = ["DemoRow", "digits_split", "train_digits_mlp", "run_core_demo"]
+__all__ = ["DemoRow", "digits_split", "train_digits_mlp", "run_core_demo", "text_table"]
 
 
 @dataclass
@@ -69,6 +70,14 @@ def _artifact_bytes(model: nn.Module, directory: Path, name: str) -> int:
 
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3)}
+
+
+def text_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], note: str) -> str:
+    """A plugin demo's printable report: the title line, a plain-text table (each column left-justified to its
+    widest cell, columns two spaces apart, the header first) and a closing note line."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    return "\n".join([title, *table, note])
 
 
 def run_core_demo(*, seed: int = 0, calib_samples: int = 256) -> str:

@@ -3,6 +3,7 @@
 | function                                   | what it does                                                        |
 |--------------------------------------------|---------------------------------------------------------------------|
 | ``set_submodule(model, name, module)``     | replace the submodule at a dotted name (``"blocks.0.attn.qkv"``)    |
+| ``replace_modules(model, cls, make)``      | replace every submodule of a class by ``make(name, module)``        |
 | ``fold_batchnorm(model, example)``         | fold every eval-mode BatchNorm2d into the Conv2d that feeds it      |
 | ``patch_class(module, forward)``           | give one module a subclass with another ``forward``; weights, names |
 |                                            | and ``isinstance`` checks stay                                      |
@@ -41,6 +42,7 @@ __all__ = [
     "ProductSite",
     "PRODUCT_PATCHES",
     "set_submodule",
+    "replace_modules",
     "fold_batchnorm",
     "patch_class",
     "register_product_patch",
@@ -144,6 +146,23 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> list[str]:
 # --- class patching ---------------------------------------------------------------------------------------------
 
 _PATCHED: dict[tuple[type, Callable[..., Any]], type] = {}  # (class, forward) -> subclass, one per pair
+
+
+def replace_modules(model: nn.Module, cls: type[nn.Module] | tuple[type[nn.Module], ...],
+                    make: Callable[[str, nn.Module], nn.Module]) -> dict[str, nn.Module]:
+    """Replace every submodule of ``model`` that is an instance of ``cls`` by ``make(name, module)`` (in place) and
+    return the replacements by dotted name. Matches are collected before any replacement, so a replacement's own
+    children are not visited; the root itself is never replaced (``ValueError`` when it matches)."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, cls)]
+    if any(name == "" for name, _ in found):
+        raise ValueError(f"the root module is a {type(model).__name__}: wrap it in a container to replace it")
+    out = {}
+    for name, m in found:
+        if any(name.startswith(f"{done}.") for done in out):  # inside a module already replaced
+            continue
+        out[name] = make(name, m)
+        set_submodule(model, name, out[name])
+    return out
 
 
 def patch_class(module: nn.Module, forward: Callable[..., Any]) -> nn.Module:

@@ -13,6 +13,8 @@ def run_demo(n: int = 20_000, dim: int = 128, queries: int = 100, k: int = 10) -
     clustered unit vectors of ``dim`` dims; report recall@k against exact float search."""
     import torch
 
+    from polyquant.demo import text_table
+
     from .configs import BinaryConfig, EmbeddingConfig, FP8E4M3Config, Float16Config, Int4Config, Int8Config
     from .configs import UInt8Config
     from .data import example_vectors
@@ -50,14 +52,11 @@ def run_demo(n: int = 20_000, dim: int = 128, queries: int = 100, k: int = 10) -
     finally:
         torch.set_num_threads(threads)
     header = ("format", f"recall@{k}", "bytes/vec", "compression", "queries/s")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [f"embedding stores: {n} seeded clustered unit vectors of {dim} dims, {queries} queries, exact float "
-             f"top-{k} as truth (CPU)"]
-    for r in [header, *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    lines.append("Scores are computed on the stored codes (int8 GEMM, upcast chunks, Hamming top-k); sizes are the "
-                 "codes plus amortised codec tensors.")
-    return "\n".join(lines)
+    title = (f"embedding stores: {n} seeded clustered unit vectors of {dim} dims, {queries} queries, exact float "
+             f"top-{k} as truth (CPU)")
+    note = ("Scores are computed on the stored codes (int8 GEMM, upcast chunks, Hamming top-k); sizes are the "
+            "codes plus amortised codec tensors.")
+    return text_table(title, header, rows, note)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ def run_demo(calib_batches: int = 4, eval_batches: int = 4, seq_len: int = 128) 
     import torch
 
     import polyquant as pq
+    from polyquant.demo import text_table
 
     from .methods import METHODS
     from .models import SHIPPED, SHIPPED2, bits_per_byte, build_model, byte_batches, inject_outliers, text_bytes
@@ -40,14 +41,11 @@ def run_demo(calib_batches: int = 4, eval_batches: int = 4, seq_len: int = 128) 
     finally:
         torch.set_num_threads(threads)
     header = ("model", "method", "bits/byte", "vs float", "calib s")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [f"byte-level Mamba on Python stdlib sources ({calib_batches} x (4, {seq_len}) calibration bytes, "
-             f"{eval_batches} x (4, {seq_len}) held-out bytes), W8A8 static per-tensor int8"]
-    for r in [header, *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    lines.append("Outliers: 4 of 128 SSM-input channels x30 per mixer; benchmarks/ssm.md has 3 seeds and the "
-                 "alpha sweep. Fake-quant simulation on the CPU.")
-    return "\n".join(lines)
+    title = (f"byte-level Mamba on Python stdlib sources ({calib_batches} x (4, {seq_len}) calibration bytes, "
+             f"{eval_batches} x (4, {seq_len}) held-out bytes), W8A8 static per-tensor int8")
+    note = ("Outliers: 4 of 128 SSM-input channels x30 per mixer; benchmarks/ssm.md has 3 seeds and the "
+            "alpha sweep. Fake-quant simulation on the CPU.")
+    return text_table(title, header, rows, note)
 
 
 if __name__ == "__main__":

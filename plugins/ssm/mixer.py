@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["QuantMambaMixer", "selective_scan", "scan_step", "replace_mixers", "mixers"]
+__all__ = ["QuantMambaMixer", "maybe_quantize", "selective_scan", "scan_step", "replace_mixers", "mixers"]
 
 
 def scan_step(h: Tensor, decay: Tensor, drive: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -63,6 +63,11 @@ def selective_scan(u: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Te
     return torch.stack(ys, dim=1) + u * d.float(), h  # (B, L, D), (B, D, N)
 
 
+def maybe_quantize(quantizer: nn.Module | None, x: Tensor) -> Tensor:
+    """``quantizer(x)``, or ``x`` at a point the method leaves float (quantizer None)."""
+    return x if quantizer is None else quantizer(x)
+
+
 class QuantMambaMixer(nn.Module):
     """A ``MambaMixer``'s parameters and submodules with Quamba's quantization points (module docstring).
 
@@ -79,7 +84,8 @@ class QuantMambaMixer(nn.Module):
         self.ssm_state_size = mixer.ssm_state_size
         self.time_step_rank = mixer.time_step_rank
         self.act = mixer.act
-        self.in_proj, self.conv1d, self.x_proj, self.out_proj = mixer.in_proj, mixer.conv1d, mixer.x_proj, mixer.out_proj
+        self.in_proj, self.conv1d = mixer.in_proj, mixer.conv1d
+        self.x_proj, self.out_proj = mixer.x_proj, mixer.out_proj
         dt = mixer.dt_proj
         self.dt_proj = nn.Linear(dt.in_features, dt.out_features, bias=False, device=dt.weight.device,
                                  dtype=dt.weight.dtype)
@@ -90,10 +96,6 @@ class QuantMambaMixer(nn.Module):
         self.A_log_quantizer: nn.Module | None = None
         self.D_quantizer: nn.Module | None = None
         self.dt_bias_quantizer: nn.Module | None = None
-
-    @staticmethod
-    def _q(quantizer: nn.Module | None, x: Tensor) -> Tensor:
-        return x if quantizer is None else quantizer(x)
 
     def forward(self, hidden_states: Tensor, cache_params: Any = None, attention_mask: Tensor | None = None,
                 **kwargs: Any) -> Tensor:
@@ -108,14 +110,15 @@ class QuantMambaMixer(nn.Module):
             h0 = cache_params.get_recurrent_state(self.layer_idx)  # (B, D, N)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, D) each
         x = self._conv(x.transpose(1, 2), cache_params, conv_state)  # (B, D, L)
-        u = self._q(self.u_quantizer, self.act(x).transpose(1, 2).contiguous())  # (B, L, D): the SSM input
+        u = maybe_quantize(self.u_quantizer, self.act(x).transpose(1, 2).contiguous())  # (B, L, D): the SSM input
         if attention_mask is not None:
             u = u * attention_mask[:, :, None].to(u.dtype)
         n = self.ssm_state_size
         dt, b, c = self.x_proj(u).split([self.time_step_rank, n, n], dim=-1)
-        dt = F.softplus(self.dt_proj(dt.contiguous()).float() + self._q(self.dt_bias_quantizer, self.dt_bias).float())
-        a = -torch.exp(self._q(self.A_log_quantizer, self.A_log).float())  # (D, N)
-        y, h = selective_scan(u, dt, a, b, c, self._q(self.D_quantizer, self.D), h0)  # (B, L, D), (B, D, N)
+        dt_bias = maybe_quantize(self.dt_bias_quantizer, self.dt_bias).float()
+        dt = F.softplus(self.dt_proj(dt.contiguous()).float() + dt_bias)
+        a = -torch.exp(maybe_quantize(self.A_log_quantizer, self.A_log).float())  # (D, N)
+        y, h = selective_scan(u, dt, a, b, c, maybe_quantize(self.D_quantizer, self.D), h0)  # (B, L, D), (B, D, N)
         if cache_params is not None:
             cache_params.update_recurrent_state(h, self.layer_idx)
         y = y * F.silu(z.float())
@@ -150,14 +153,9 @@ def mixers(model: nn.Module) -> dict[str, nn.Module]:
 def replace_mixers(model: nn.Module) -> dict[str, QuantMambaMixer]:
     """Replace every HF ``MambaMixer`` of ``model`` by a ``QuantMambaMixer`` (in place); ``ValueError`` when
     the model has none (not a Mamba-1 model)."""
-    from polyquant.nn import set_submodule
+    from polyquant.surgery import replace_modules
     from transformers.models.mamba.modeling_mamba import MambaMixer
 
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, MambaMixer)]
-    if not found and not any(isinstance(m, QuantMambaMixer) for m in model.modules()):
+    if not any(isinstance(m, (MambaMixer, QuantMambaMixer)) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no transformers MambaMixer: not a Mamba-1 model")
-    out = {}
-    for name, m in found:
-        out[name] = QuantMambaMixer(m)
-        set_submodule(model, name, out[name])
-    return out
+    return replace_modules(model, MambaMixer, lambda name, m: QuantMambaMixer(m))  # type: ignore[return-value]

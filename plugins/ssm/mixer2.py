@@ -55,7 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polyquant.nn import ActQuantizer, QuantConv1d, QuantLinear, QuantSpec, RotatedLinear, set_submodule
+from polyquant.surgery import replace_modules
 
+from .mixer import maybe_quantize
 from .sizes import check_hadamard_size
 
 __all__ = ["QuantMamba2Mixer", "ssd_scan", "ssd_scan_state", "ssd_step", "mamba2_mixers", "replace_mamba2_mixers",
@@ -144,10 +146,6 @@ class QuantMamba2Mixer(nn.Module):
         self.D_quantizer: nn.Module | None = None
         self.dt_bias_quantizer: nn.Module | None = None
 
-    @staticmethod
-    def _q(quantizer: nn.Module | None, x: Tensor) -> Tensor:
-        return x if quantizer is None else quantizer(x)
-
     def forward(self, hidden_states: Tensor, cache_params: Any = None, attention_mask: Tensor | None = None,
                 **kwargs: Any) -> Tensor:
         """hidden_states (B, L, d_model); attention_mask (B, L) of 0 / 1 (padding) or None -> (B, L, d_model).
@@ -174,13 +172,13 @@ class QuantMamba2Mixer(nn.Module):
         if mask is not None:
             xbc = (xbc * mask).to(xbc.dtype)
         x, bc = xbc.split([d, 2 * g * n], dim=-1)
-        x = self._q(self.u_quantizer, x.contiguous())  # (B, L, D): the SSM input u
-        b, c = self._q(self.bc_quantizer, bc.contiguous()).split([g * n, g * n], dim=-1)  # (B, L, G N) each
-        dt = F.softplus(dt.float() + self._q(self.dt_bias_quantizer, self.dt_bias).float())  # (B, L, H)
+        x = maybe_quantize(self.u_quantizer, x.contiguous())  # (B, L, D): the SSM input u
+        b, c = maybe_quantize(self.bc_quantizer, bc.contiguous()).split([g * n, g * n], dim=-1)  # (B, L, G N) each
+        dt = F.softplus(dt.float() + maybe_quantize(self.dt_bias_quantizer, self.dt_bias).float())  # (B, L, H)
         dt = dt.clamp(min=self.time_step_limit[0], max=self.time_step_limit[1])
-        a = -torch.exp(self._q(self.A_log_quantizer, self.A_log).float())  # (H,)
+        a = -torch.exp(maybe_quantize(self.A_log_quantizer, self.A_log).float())  # (H,)
         y, state = ssd_scan_state(x.reshape(bsz, length, h, p), dt, a, b.reshape(bsz, length, g, n),
-                                  c.reshape(bsz, length, g, n), self._q(self.D_quantizer, self.D), h0)
+                                  c.reshape(bsz, length, g, n), maybe_quantize(self.D_quantizer, self.D), h0)
         if cache_params is not None:  # y (B, L, H, P); state (B, H, P, N), float
             cache_params.update_recurrent_state(state, self.layer_idx)
         y = self.norm(y.reshape(bsz, length, d), z)  # (B, L, D): y * silu(z), RMS-normalized per group
@@ -218,14 +216,9 @@ def replace_mamba2_mixers(model: nn.Module) -> dict[str, QuantMamba2Mixer]:
     by name; ``ValueError`` when the model has neither (not a Mamba-2 model)."""
     from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, Mamba2Mixer)]
-    if not found and not any(isinstance(m, QuantMamba2Mixer) for m in model.modules()):
+    if not any(isinstance(m, (Mamba2Mixer, QuantMamba2Mixer)) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no transformers Mamba2Mixer: not a Mamba-2 model")
-    out = {}
-    for name, m in found:
-        out[name] = QuantMamba2Mixer(m)
-        set_submodule(model, name, out[name])
-    return out
+    return replace_modules(model, Mamba2Mixer, lambda name, m: QuantMamba2Mixer(m))  # type: ignore[return-value]
 
 
 def mamba2_placements(act: QuantSpec, weight: QuantSpec, u: QuantSpec) -> dict[str, QuantSpec]:

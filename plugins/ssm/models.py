@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SHIPPED2", "SHIPPED_PATHS", "MambaLM", "ByteMamba", "build_model", "check_config", "load_pretrained", "load_tokenizer", "encode",
-           "text_bytes", "byte_batches", "token_batches", "bits_per_byte", "SHIPPED", "SHIPPED_PATH", "ARCH_DEFAULTS",
-           "MODEL_TYPES", "inject_outliers"]
+__all__ = ["MambaLM", "ByteMamba", "build_model", "check_config", "load_pretrained", "load_tokenizer", "encode",
+           "text_bytes", "byte_batches", "token_batches", "bits_per_byte", "SHIPPED", "SHIPPED2", "SHIPPED_PATH",
+           "SHIPPED_PATHS", "ARCH_DEFAULTS", "MODEL_TYPES", "inject_outliers"]
 
 SHIPPED = "byte-mamba"  # the shipped Mamba-1 checkpoint's name (plugins/ssm/assets/byte_mamba.safetensors)
 SHIPPED2 = "byte-mamba2"  # the shipped Mamba-2 checkpoint's name (plugins/ssm/assets/byte_mamba2.safetensors)

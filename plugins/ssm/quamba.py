@@ -23,7 +23,8 @@ returns exactly this table and ``tests/plugins/ssm`` checks the model against it
 
 quamba: the percentile observer on u (``alpha``) and the Hadamard rotation of out_proj (online ``fwht`` of y, H
 folded offline into the weight: ``polyquant.nn.RotatedLinear``). naive: the same points, min-max everywhere, no
-rotation. quarot (``quarot.py``): naive's ranges with both in_proj and out_proj rotated. Embedding, norms, lm_head, the residual stream and the scan state stay float.
+rotation. quarot (``quarot.py``): naive's ranges with both in_proj and out_proj rotated. Embedding, norms, lm_head,
+the residual stream and the scan state stay float.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""SmoothQuant-style W8A8 baseline for Mamba-1 and Mamba-2 (Xiao et al., "SmoothQuant: Accurate and Efficient Post-Training
-Quantization for Large Language Models", ICML 2023, arXiv 2211.10438), as Quamba compares against it.
+"""SmoothQuant-style W8A8 baseline for Mamba-1 and Mamba-2 (Xiao et al., "SmoothQuant: Accurate and Efficient
+Post-Training Quantization for Large Language Models", ICML 2023, arXiv 2211.10438), as Quamba compares against it.
 
 Per mixer, the per-channel difficulty of the in_proj input (the block's RMSNorm output) is migrated into in_proj's
 weight before the naive W8A8 recipe (``quamba.NaiveConfig``'s points and min-max ranges):

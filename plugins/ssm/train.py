@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     bpb = bits_per_byte(model, held_out)
     print(f"held-out bits per byte: {bpb:.4f} ({len(train)} train bytes, {len(test)} test bytes)")
-    meta = {"version": args.version, "steps": args.steps, "seed": args.seed, "batch_size": args.batch_size, "seq_len": args.seq_len,
+    meta = {"version": args.version, "steps": args.steps, "seed": args.seed, "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
             "lr": args.lr, "held_out_bpb": round(bpb, 4), "python": sys.version.split()[0],
             "seconds": round(time.time() - t0)}
     hf = ByteMamba(arch)  # back to transformers' own modules: Mamba-1's dt_bias is dt_proj.bias there

@@ -13,6 +13,7 @@ def run_demo(wbits: int = 4, abits: int = 4, calib_size: int = 16) -> str:
     import torch
 
     import polyquant as pq
+    from polyquant.demo import text_table
 
     from .adalog import AdaLogConfig
     from .baselines import MinMaxConfig
@@ -36,12 +37,9 @@ def run_demo(wbits: int = 4, abits: int = 4, calib_size: int = 16) -> str:
     finally:
         torch.set_num_threads(threads)
     header = ("method", "bits", "top-1 %", "calib s")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
-    lines = [f"digits ViT (sklearn 8x8 digits at 32x32, 540 test images, {calib_size} calibration images)"]
-    for r in [header, *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-    lines.append("AdaLog: one FPCS round here (benchmarks/vit.py runs the full three); fake-quant simulation.")
-    return "\n".join(lines)
+    title = f"digits ViT (sklearn 8x8 digits at 32x32, 540 test images, {calib_size} calibration images)"
+    note = "AdaLog: one FPCS round here (benchmarks/vit.py runs the full three); fake-quant simulation."
+    return text_table(title, header, rows, note)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator
 
 import pytest
 import torch
@@ -31,13 +30,7 @@ from polyquant.reconstruct import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls: one thread is faster and keeps timings stable on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops: one thread (conftest)
 
 
 def _quant_linear(weight: Tensor, spec: QuantSpec) -> QuantLinear:

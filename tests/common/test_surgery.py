@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from polyquant.nn import QuantMatMul, QuantSpec
 from polyquant.surgery import (
+    replace_modules,
     PRODUCT_NAMES,
     PRODUCT_PATCHES,
     ProductSite,
@@ -243,3 +244,27 @@ def test_fold_batchnorm_checks_in_full_fp32_and_restores_tf32_flags() -> None:
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
+
+
+def test_replace_modules_replaces_every_match_once_and_returns_them() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Linear(4, 2)), nn.Tanh())
+    seen: list[str] = []
+
+    def make(name: str, m: nn.Module) -> nn.Module:
+        seen.append(name)
+        wrapped = nn.Sequential(m)  # holds the original (a Linear): not visited again
+        return wrapped
+
+    out = replace_modules(model, nn.Linear, make)
+    assert seen == ["0", "1.1"] and list(out) == ["0", "1.1"]
+    assert model[0] is out["0"] and model[1][1] is out["1.1"]
+    assert type(model[0][0]) is nn.Linear and type(model[2]) is nn.Tanh
+    x = torch.randn(3, 4)
+    assert model(x).shape == (3, 2)
+    assert replace_modules(model, nn.Conv1d, make) == {}
+    # a match inside a module replaced in the same call is not replaced again (its parent is gone)
+    nested = nn.ModuleDict({"a": nn.Sequential(nn.Sequential(nn.ReLU()))})
+    out = replace_modules(nested, nn.Sequential, lambda name, m: nn.Identity())
+    assert list(out) == ["a"] and type(nested["a"]) is nn.Identity
+    with pytest.raises(ValueError, match="root module"):
+        replace_modules(nn.Linear(2, 2), nn.Linear, make)

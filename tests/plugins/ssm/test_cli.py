@@ -70,7 +70,8 @@ def test_user_folder_quantize_then_load_with_eval_text(kind: str, tmp_path: Path
         assert hit is not None and hit.group(1) == "quamba", out
         assert abs(float(hit.group(2)) / float(hit.group(3)) - 1) < 0.02
     # without the folder, the artifact still rebuilds itself (its transformers config travels in the manifest)
-    rc, out, _ = _run(["load", str(art), "--eval-text", str(held_out), "--seq-len", "32", "--eval-batches", "1"], capsys)
+    rc, out, _ = _run(["load", str(art), "--eval-text", str(held_out), "--seq-len", "32", "--eval-batches", "1"],
+                      capsys)
     assert rc == 0 and "pass --model FOLDER" in out and "quamba" in out
 
 

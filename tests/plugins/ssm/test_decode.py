@@ -5,7 +5,6 @@ uncached reference on the float, quamba fake-quant and quamba packed models, the
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +32,7 @@ QUANT_ATOL = 1e-3
 PACKED_ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # A tiny model stepped token by token: one thread is faster and keeps the time stable on a shared machine
-    # (two OpenMP threads on a busy machine made this file 7x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops: one thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ kernel, a multi-token chunk after a prefill, and ``decode.py``'s helpers on a ``
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,13 +40,7 @@ QUANT_ATOL = 1e-3
 PACKED_ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # A tiny model stepped token by token: one thread is faster and keeps the time stable on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny ops: one thread (conftest)
 
 
 @pytest.fixture(scope="module")
