@@ -119,9 +119,10 @@ def main() -> None:
         lines.append(f"| {label} | {1e3 * r['prefill_s']:.2f} | {1e3 * r['decode_s_per_token']:.3f} | "
                      f"{r['decode_vs_float']:.2f}x | {r['resident_bytes'] / 2**20:.2f} |")
     print("\n".join(lines))
-    if args.out is not None:
+    if args.out is not None:  # the JSON and, beside it, the table as markdown
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
