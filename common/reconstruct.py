@@ -11,6 +11,9 @@ itself exactly. The next block's inputs come from the already reconstructed mode
 | rounding   | learnable                                                                | paper                      |
 |------------|--------------------------------------------------------------------------|----------------------------|
 | adaround   | V per weight; W~ = s * (clamp(floor(W/s) + h(V) + z, qmin, qmax) - z)     | Nagel et al., ICML 2020    |
+|            | ExMy: W~ = s * clamp((floor(x/d) + h(V)) * d), d = x's binade step        |                            |
+|  + scale_  | V' = step * V, h(V' / step): gradients no longer scale with the step      | FP4DiT, arXiv 2503.15465   |
+|    aware   | (``ReconstructConfig(scale_aware=True)``)                                 |                            |
 | flexround  | log s1 (grid), log S2 (per weight), log s3 (per out ch), log s4 (conv in) | Lee et al., ICML 2023      |
 
     from polyquant.reconstruct import ReconstructConfig, reconstruct
@@ -38,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Call, capture
-from .formats import IntFormat
+from .formats import FloatFormat, IntFormat
 from .nn import Quantizer, default_forward, QuantWeightModule
 from .primitives import block_expand
 
@@ -150,7 +153,8 @@ class ReconstructConfig:
         lr: Adam learning rate of the rounding variables. None: adaround keeps the papers' budget of lr 1e-3
             over 20000 steps, lr = min(1e-2, 1e-3 * 20000 / iters) (1e-2 at 2000 steps: on the digits MLP at W3
             this matches 20000 steps at 1e-3, while 2000 steps at 1e-3 leave ~3x the block error);
-            flexround uses 1e-3.
+            scale-aware adaround uses FP4DiT's 1e-4 on V' (2500 steps there; V' is in weight units, so this
+            lr assumes weights of a transformer's magnitude); flexround uses 1e-3.
         batch_size: samples per step, drawn at random from the captured calibration set.
         reg_weight: AdaRound regularizer weight lambda (ignored by flexround); relative to the losses above,
             which sum over dim 1 and average the rest as BRECQ does, so the papers' 0.01 keeps its meaning.
@@ -167,6 +171,8 @@ class ReconstructConfig:
             the earlier, already reconstructed blocks: BRECQ / QDrop) or "float" (the float model's block
             inputs, as the AdaLog reference's ``block_recon.py`` does). QDrop needs "quantized".
         max_samples: keep at most this many captured samples (random subset); None keeps all.
+        scale_aware: adaround only: learn V' = step * V with h(V' / step) (FP4DiT's scale-aware AdaRound,
+            see ``AdaRoundWeight``); meant for minifloat (ExMy) weights, whose steps differ by binade.
         seed: seed of the mini-batch sampling, the ``max_samples`` subset and the QDrop masks. Each block draws
             from its own stream, seeded by (seed, block name), so a block's result does not depend on which
             blocks were reconstructed before it (with ``block_inputs="float"`` it is bit-identical); the
@@ -189,6 +195,7 @@ class ReconstructConfig:
     block_inputs: str = "quantized"
     max_samples: int | None = None
     seed: int = 0
+    scale_aware: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -228,6 +235,10 @@ class ReconstructConfig:
             raise ValueError(f"max_samples must be a positive integer or None, got {self.max_samples!r}")
         if not _is_int(self.seed):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.scale_aware, bool):
+            raise ValueError(f"scale_aware must be a bool, got {self.scale_aware!r}")
+        if self.scale_aware and self.rounding != "adaround":
+            raise ValueError(f"scale_aware is an AdaRound option; rounding={self.rounding!r} has no V to rescale")
         if self.version != 1:
             raise ValueError(f"unsupported ReconstructConfig version {self.version!r}; this polyquant reads 1")
 
@@ -237,6 +248,8 @@ class ReconstructConfig:
         if self.lr is not None:
             return self.lr
         if self.rounding == "adaround":
+            if self.scale_aware:
+                return 1e-4  # FP4DiT, on V'
             return min(1e-2, 1e-3 * 20000 / max(self.iters, 1))
         return 1e-3
 
@@ -287,24 +300,36 @@ def _check_weight_quantizer(quantizer: Quantizer, what: str) -> None:
 
 
 class AdaRoundWeight(nn.Module):
-    """AdaRound (Nagel et al., 2020): learn whether each weight rounds up or down.
+    """AdaRound (Nagel et al., 2020): learn whether each weight rounds up or down; on INT and minifloat grids.
 
     Stands in for a frozen weight ``Quantizer`` (``state == "quantized"``), so ``QuantLinear.quant_weight()``
     returns the soft (``soft=True``) or hard rounded weight. ``hard_weight()`` is the hardened result.
 
-    soft:  W~ = s * (clamp(floor(W / s) + h(V) + z, qmin, qmax) - z)
-    hard:  W_q = s * (clamp(floor(W / s) + [V >= 0] + z, qmin, qmax) - z)      (h(V) >= 0.5  <=>  V >= 0)
-    V starts at ``adaround_init(frac(W / s))``, so the soft weight starts at W (clamped to the grid's range).
-    INT formats only.
+    IntFormat (s: the block's scale, z: its zero point):
+        soft:  W~ = s * (clamp(floor(W / s) + h(V) + z, qmin, qmax) - z)
+        hard:  W_q = s * (clamp(floor(W / s) + [V >= 0] + z, qmin, qmax) - z)     (h(V) >= 0.5  <=>  V >= 0)
+    FloatFormat (x = clamp(W / s, -max, max) in format units; d = ``fmt._step(x)``, the grid spacing of x's
+    binade, so floor(x / d) * d and (floor(x / d) + 1) * d are x's two grid neighbours):
+        soft:  W~ = s * clamp((floor(x / d) + h(V)) * d, -max, max)
+        hard:  W_q = s * clamp((floor(x / d) + [V >= 0]) * d, -max, max)
+    V starts at ``adaround_init(rest)``, rest = frac(W / s) (INT) or frac(x / d) (FP), so the soft weight
+    starts at W (clamped to the grid's range).
+
+    ``scale_aware`` (FP4DiT, Chen et al., arXiv 2503.15465, Eq. 8): the learnable variable is V' = step * V,
+    with step the element's absolute grid spacing (s for INT, s * d for FP), and h'(V') = h(V' / step). The
+    gradient w.r.t. V' then no longer scales with the step (it does w.r.t. V), so elements of every binade
+    learn at the same pace; the hard rule V' >= 0 is V >= 0. ``v`` holds V' then, ``v_scale`` the step.
     """
 
-    def __init__(self, weight: Tensor, quantizer: Quantizer) -> None:
+    def __init__(self, weight: Tensor, quantizer: Quantizer, *, scale_aware: bool = False) -> None:
         super().__init__()
         _check_weight_quantizer(quantizer, "AdaRound")
         fmt = quantizer.fmt
-        if not isinstance(fmt, IntFormat):
-            raise ValueError(f"AdaRound rounds onto an integer grid; {quantizer.name} uses {fmt.name}")
+        if not isinstance(fmt, (IntFormat, FloatFormat)):
+            raise ValueError(f"AdaRound rounds onto an integer or minifloat (ExMy) grid; {quantizer.name} uses "
+                             f"{fmt.name}")
         self.fmt = fmt
+        self.scale_aware = bool(scale_aware)
         self.state = "quantized"  # read by QuantWeightModule.quant_weight()
         self.soft = True
         self.block_size = quantizer.block_size(weight)
@@ -314,17 +339,35 @@ class AdaRoundWeight(nn.Module):
         self.register_buffer("zero_point", zp.detach().to(w.device).float().clone())
         s = block_expand(self.scale, w.shape, self.block_size)
         x = w.float() / s
+        if isinstance(fmt, FloatFormat):
+            x = torch.clamp(x, -fmt.max_value, fmt.max_value)
+            step = fmt._step(x)  # grid spacing of each element's binade, in format units
+            x = x / step
+            self.register_buffer("step", step)
+        else:
+            step = None
+            self.register_buffer("step", None)
         floor = torch.floor(x)
         self.register_buffer("w_floor", floor)
-        self.v = nn.Parameter(adaround_init((x - floor).clamp(0.0, 1.0)))
+        v = adaround_init((x - floor).clamp(0.0, 1.0))
+        if self.scale_aware:
+            v_scale = s if step is None else s * step  # absolute grid spacing of each element
+            self.register_buffer("v_scale", v_scale.clone())
+            v = v * v_scale
+        else:
+            self.register_buffer("v_scale", None)
+        self.v = nn.Parameter(v)
 
     def h(self) -> Tensor:
-        """The rectified sigmoid of V: the soft rounding offset in [0, 1]."""
-        return rectified_sigmoid(self.v)
+        """The rectified sigmoid of V (of V' / step when scale-aware): the soft rounding offset in [0, 1]."""
+        return rectified_sigmoid(self.v if self.v_scale is None else self.v / self.v_scale)
 
     def _dequant(self, offset: Tensor, dtype: torch.dtype) -> Tensor:
         # Same arithmetic as primitives.fake_quantize, so the hard weight is a fixed point of the quantizer.
         s = block_expand(self.scale.to(dtype), self.w_floor.shape, self.block_size)
+        if self.step is not None:
+            m = self.fmt.max_value
+            return torch.clamp((self.w_floor.to(dtype) + offset.to(dtype)) * self.step.to(dtype), -m, m) * s
         z = block_expand(self.zero_point.to(dtype), self.w_floor.shape, self.block_size)
         q = torch.clamp(self.w_floor.to(dtype) + offset.to(dtype) + z, self.fmt.qmin, self.fmt.qmax)
         return (q - z) * s
@@ -343,11 +386,12 @@ class AdaRoundWeight(nn.Module):
 
     @torch.no_grad()
     def hard_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The hardened dequantized weight (V >= 0 rounds up)."""
+        """The hardened dequantized weight (V >= 0, or V' >= 0, rounds up)."""
         return self._dequant((self.v >= 0).to(dtype), dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.fmt.name}, shape={tuple(self.v.shape)}, soft={self.soft}"
+        aware = ", scale_aware" if self.scale_aware else ""
+        return f"{self.fmt.name}, shape={tuple(self.v.shape)}, soft={self.soft}{aware}"
 
 
 class FlexRoundWeight(nn.Module):
@@ -785,7 +829,10 @@ def _reconstruct_block(
         for p in block.parameters():
             p.requires_grad_(False)
         for m, q in zip(modules, originals):
-            r = _ROUNDERS[config.rounding](m.weight, q)  # type: ignore[arg-type]
+            if config.rounding == "adaround":
+                r = AdaRoundWeight(m.weight, q, scale_aware=config.scale_aware)  # type: ignore[arg-type]
+            else:
+                r = _ROUNDERS[config.rounding](m.weight, q)  # type: ignore[arg-type]
             rounders.append(r)
             m.weight_quantizer = r  # type: ignore[assignment]
         for q in learn_qs:
