@@ -1,0 +1,1 @@
+"""polyquant diffusion plugin: FP4DiT post-training quantization of diffusers transformers."""
