@@ -2,8 +2,9 @@
 baselines on ``transformers``' Mamba (``quamba.py`` holds the configs and the placement; ``smoothquant.py`` the
 migration fold; ``quarot.py`` the rotation baseline; ``mixer.py`` the quantizable mixer).
 
-Every method is core quant layers and core activation quantizers on a ``QuantMambaMixer``; the ``prepare`` hook
-rebuilds them on a float skeleton, so the core's default restore and packing do the rest (``in_proj`` ->
+Every method is core quant layers and core activation quantizers on a ``QuantMambaMixer`` (Mamba-2:
+``QuantMamba2Mixer``); the ``prepare`` hook rebuilds them on a float skeleton, so the core's default restore and
+packing do the rest (``in_proj`` ->
 ``W8A8Linear``, ``out_proj`` -> ``HadamardLinear(W8A8Linear)`` for quamba, ``conv1d`` -> ``PackedConv``, ``x_proj``
 / ``dt_proj`` -> ``PackedLinear`` on int8 codes: their inputs are already int8 values of the preceding quantizer).
 smoothquant folds its migration into float weights before quantizing: the norms' weights travel as float tensors,
@@ -203,20 +204,27 @@ def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
     from polyquant.nn import QuantWeightModule
 
     if qm.packing is not None:
-        n_q, kind = len(qm.packing.packed), "packed"
+        kinds = sorted(set(qm.packing.packed.values()))
+        print(f"restored ssm/{qm.method}: {len(qm.packing.packed)} packed layers ({', '.join(kinds)}); the SSM's "
+              "activation points (u, dt, B / C) and its A_log / D / dt_bias stay quantize-dequantize (the scan runs "
+              "in float); embedding, norms and lm_head float")
     else:
-        n_q, kind = sum(isinstance(m, QuantWeightModule) for m in qm.model.modules()), "fake-quant"
-    print(f"restored ssm/{qm.method}: {n_q} quantized layers ({kind}); embedding, norms and lm_head float")
+        n_q = sum(isinstance(m, QuantWeightModule) for m in qm.model.modules())
+        print(f"restored ssm/{qm.method}: {n_q} quantized layers (fake-quant); embedding, norms and lm_head float")
     if args.eval_text is None:
         return 0
     if args.eval_batches < 1 or not 2 <= args.seq_len <= 65536:
         raise UsageError("--eval-batches must be at least 1 and --seq-len in [2, 65536]")
-    model_config = qm.model_config or {}
+    if not qm.model_config:
+        raise UsageError("the artifact does not describe its model: no float reference can be built")
     float_model: MambaLM | None = None
     if args.model is not None:
-        float_model, _ = _user_model(args.model, False)
-    elif "hf_config" not in model_config:
-        float_model = build_model(model_config)  # the shipped checkpoint or a seeded architecture
+        float_model, user_config = _user_model(args.model, False)
+        if user_config != qm.model_config:
+            raise UsageError(f"--model {args.model}: not the model this artifact was quantized from (its "
+                             "transformers config differs)")
+    elif "hf_config" not in qm.model_config:
+        float_model = build_model(qm.model_config)  # the shipped checkpoint or a seeded architecture
     tokenizer = _folder_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
     lm = qm.model
     vocab = int(lm.lm.config.vocab_size)

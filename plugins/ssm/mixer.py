@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["QuantMambaMixer", "maybe_quantize", "selective_scan", "scan_step", "replace_mixers", "mixers"]
+__all__ = ["QuantMambaMixer", "maybe_quantize", "causal_conv", "selective_scan", "scan_step", "replace_mixers",
+           "mixers"]
 
 
 def scan_step(h: Tensor, decay: Tensor, drive: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -61,6 +62,25 @@ def selective_scan(u: Tensor, dt: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Te
         h, y_t = scan_step(h, decay_t, drive_t, c_t)
         ys.append(y_t)  # (B, D)
     return torch.stack(ys, dim=1) + u * d.float(), h  # (B, L, D), (B, D, N)
+
+
+def causal_conv(conv1d: nn.Module, x: Tensor, cache_params: Any, layer_idx: int, conv_state: Tensor | None) -> Tensor:
+    """A mixer's causal depthwise conv of x (B, C, L) -> (B, C, L), continuing the cached inputs when there are some
+    (both mixers; ``conv1d`` is an ``nn.Conv1d``, ``QuantConv1d`` or ``PackedConv``: called, its weight never read).
+
+    ``conv1d`` pads K - 1 zeros on both sides (HF's layout, kept by the quant and packed convs), so output o covers
+    inputs o - K + 1 .. o: the first L outputs are causal. With a conv state, the window is the cached inputs
+    followed by the L new ones (W >= K + L, what the cache's ``update_conv_state`` returns; it also stores the last K
+    inputs), and the outputs of the new inputs are W - L .. W - 1, each covering a full window of real inputs.
+    """
+    length = x.shape[-1]
+    if cache_params is None:
+        return conv1d(x)[..., :length]  # the right padding dropped
+    window = cache_params.update_conv_state(x, layer_idx, conv_kernel_size=conv1d.kernel_size[0])
+    if conv_state is None:  # prefill: the whole-sequence conv (the cache zero-pads a prompt shorter than K)
+        return conv1d(x)[..., :length]
+    w = window.shape[-1]
+    return conv1d(window)[..., w - length:w]
 
 
 def maybe_quantize(quantizer: nn.Module | None, x: Tensor) -> Tensor:
@@ -109,7 +129,7 @@ class QuantMambaMixer(nn.Module):
             conv_state = cache_params.get_conv_state(self.layer_idx)  # (B, D, K): the last K conv inputs
             h0 = cache_params.get_recurrent_state(self.layer_idx)  # (B, D, N)
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, D) each
-        x = self._conv(x.transpose(1, 2), cache_params, conv_state)  # (B, D, L)
+        x = causal_conv(self.conv1d, x.transpose(1, 2), cache_params, self.layer_idx, conv_state)  # (B, D, L)
         u = maybe_quantize(self.u_quantizer, self.act(x).transpose(1, 2).contiguous())  # (B, L, D): the SSM input
         if attention_mask is not None:
             u = u * attention_mask[:, :, None].to(u.dtype)
@@ -123,24 +143,6 @@ class QuantMambaMixer(nn.Module):
             cache_params.update_recurrent_state(h, self.layer_idx)
         y = y * F.silu(z.float())
         return self.out_proj(y.to(hidden_states.dtype))  # (B, L, d_model)
-
-    def _conv(self, x: Tensor, cache_params: Any, conv_state: Tensor | None) -> Tensor:
-        """The causal depthwise conv of x (B, D, L) -> (B, D, L), continuing the cached inputs when there are some.
-
-        ``conv1d`` pads K - 1 zeros on both sides (HF's layout; ``QuantConv1d`` and ``PackedConv`` keep it), so
-        output o covers inputs o - K + 1 .. o: the first L outputs are causal. With a conv state, the window is
-        the K cached inputs followed by the L new ones (W = K + L, what the cache's ``update_conv_state`` returns),
-        and the outputs of the new inputs are W - L .. W - 1, each covering a full window of real inputs.
-        """
-        length = x.shape[-1]
-        if cache_params is None:
-            return self.conv1d(x)[..., :length]  # the right padding dropped
-        k = self.conv1d.kernel_size[0]
-        window = cache_params.update_conv_state(x, self.layer_idx, conv_kernel_size=k)  # stores the last K inputs
-        if conv_state is None:  # prefill: the whole-sequence conv (the cache zero-pads a prompt shorter than K)
-            return self.conv1d(x)[..., :length]
-        w = window.shape[-1]  # K + L
-        return self.conv1d(window)[..., w - length:w]
 
 
 def mixers(model: nn.Module) -> dict[str, nn.Module]:

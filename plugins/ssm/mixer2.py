@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from polyquant.nn import ActQuantizer, QuantConv1d, QuantLinear, QuantSpec, RotatedLinear, set_submodule
 from polyquant.surgery import replace_modules
 
-from .mixer import maybe_quantize
+from .mixer import causal_conv, maybe_quantize
 from .sizes import check_hadamard_size
 
 __all__ = ["QuantMamba2Mixer", "ssd_scan", "ssd_scan_state", "ssd_step", "mamba2_mixers", "replace_mamba2_mixers",
@@ -167,7 +167,7 @@ class QuantMamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(hidden_states)  # (B, L, 2 d_mlp + D + conv_dim + H)
         d_mlp = (zxbcdt.shape[-1] - 2 * d - 2 * g * n - h) // 2  # 0 for every HF config; dropped as HF drops it
         _, _, z, xbc, dt = zxbcdt.split([d_mlp, d_mlp, d, self.conv_dim, h], dim=-1)
-        xbc = self._conv(xbc.transpose(1, 2), cache_params, conv_state)  # (B, conv_dim, L)
+        xbc = causal_conv(self.conv1d, xbc.transpose(1, 2), cache_params, self.layer_idx, conv_state)  # (B, C, L)
         xbc = self.act(xbc).transpose(1, 2)  # (B, L, conv_dim)
         if mask is not None:
             xbc = (xbc * mask).to(xbc.dtype)
@@ -183,25 +183,6 @@ class QuantMamba2Mixer(nn.Module):
             cache_params.update_recurrent_state(state, self.layer_idx)
         y = self.norm(y.reshape(bsz, length, d), z)  # (B, L, D): y * silu(z), RMS-normalized per group
         return self.out_proj(y.to(dtype))  # (B, L, d_model)
-
-    def _conv(self, xbc: Tensor, cache_params: Any, conv_state: Tensor | None) -> Tensor:
-        """The causal depthwise conv of xbc (B, conv_dim, L) -> (B, conv_dim, L), continuing the cached inputs when
-        there are some (``mixer.QuantMambaMixer._conv``'s scheme).
-
-        ``conv1d`` pads K - 1 zeros on both sides (HF's layout; ``QuantConv1d`` and ``PackedConv`` keep it), so
-        output o covers inputs o - K + 1 .. o: the first L outputs are causal. With a conv state, the window is the
-        cached inputs followed by the L new ones (W >= K + L, what the cache's ``update_conv_state`` returns) and
-        the outputs of the new inputs are W - L .. W - 1, each covering a full window of real inputs.
-        """
-        length = xbc.shape[-1]
-        if cache_params is None:
-            return self.conv1d(xbc)[..., :length]  # the right padding dropped
-        k = self.conv1d.kernel_size[0]
-        window = cache_params.update_conv_state(xbc, self.layer_idx, conv_kernel_size=k)  # stores the last K
-        if conv_state is None:  # prefill: the whole-sequence conv (the cache zero-pads a prompt shorter than K)
-            return self.conv1d(xbc)[..., :length]
-        w = window.shape[-1]
-        return self.conv1d(window)[..., w - length:w]
 
 
 def mamba2_mixers(model: nn.Module) -> dict[str, nn.Module]:

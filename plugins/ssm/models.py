@@ -13,7 +13,7 @@ shipped byte-level Mamba-1 checkpoint, seeded tiny architectures, and a user's `
 
 ``MambaLM`` wraps the transformers model so that it returns the logits tensor (what the core's contract compares)
 and keeps the cache off (``use_cache=False``) for whole sequences; token-by-token generation with the cache runs on
-``model.lm`` (``decode.py``; Mamba-1).
+``model.lm`` (``decode.py``; Mamba-1 and Mamba-2).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 __all__ = ["MambaLM", "ByteMamba", "build_model", "check_config", "load_pretrained", "load_tokenizer", "encode",
            "text_bytes", "byte_batches", "token_batches", "bits_per_byte", "SHIPPED", "SHIPPED2", "SHIPPED_PATH",
-           "SHIPPED_PATHS", "ARCH_DEFAULTS", "MODEL_TYPES", "inject_outliers"]
+           "SHIPPED_PATHS", "ARCH_DEFAULTS", "MODEL_TYPES", "inject_outliers", "save_shipped"]
 
 SHIPPED = "byte-mamba"  # the shipped Mamba-1 checkpoint's name (plugins/ssm/assets/byte_mamba.safetensors)
 SHIPPED2 = "byte-mamba2"  # the shipped Mamba-2 checkpoint's name (plugins/ssm/assets/byte_mamba2.safetensors)
@@ -105,20 +105,36 @@ def _decode_floats(value: Any) -> Any:
     return value
 
 
+# Bounds of a transformers config's sizes (an artifact's config is untrusted JSON: transformers builds per-layer
+# lists from num_hidden_layers before any weight is read, so an absurd value must not reach it).
+_HF_BOUNDS: dict[str, tuple[int, int]] = {
+    "num_hidden_layers": (1, 512), "hidden_size": (1, 65536), "intermediate_size": (1, 262144),
+    "vocab_size": (1, 2**20), "state_size": (1, 1024), "expand": (1, 16), "conv_kernel": (1, 64),
+    "num_heads": (1, 65536), "head_dim": (1, 65536), "n_groups": (1, 65536), "chunk_size": (1, 65536),
+}
+
+
 def _hf_config(config: dict[str, Any]) -> Any:
-    """The transformers config of a ``{"hf_config": ...}`` model config (``ValueError`` for another model type)."""
+    """The transformers config of a ``{"hf_config": ...}`` model config; ``ValueError`` (one line) for another model
+    type, a size out of ``_HF_BOUNDS`` or any config transformers refuses."""
     from transformers import Mamba2Config, MambaConfig
 
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type {model_type!r} is not a Mamba model; the ssm plugin quantizes "
                          f"{', '.join(MODEL_TYPES)} (transformers MambaForCausalLM, Mamba2ForCausalLM)")
+    for key, (lo, hi) in _HF_BOUNDS.items():
+        v = config.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi):
+            raise ValueError(f"invalid {model_type} config: {key} must be an integer in [{lo}, {hi}], got {v!r}")
     cls = MambaConfig if model_type == "mamba" else Mamba2Config
-    fields = {k: _decode_floats(v) for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    fields = {k: _decode_floats(v) for k, v in config.items()
+              if k not in ("model_type", "transformers_version") and not k.startswith("_")}
     try:
         out = cls.from_dict(fields)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ValueError(f"invalid {model_type} config: {e}") from None
+    except Exception as e:  # transformers / huggingface_hub raise their own validation errors too
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"invalid {model_type} config: {first}") from None
     out.use_cache = False
     return out
 
@@ -164,7 +180,10 @@ def build_model(model_config: dict[str, Any] | None = None) -> MambaLM:
         hf = _hf_config(cfg["hf_config"])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model: MambaLM = MambaLM(_lm_class(hf.model_type)(hf))
+            try:
+                model: MambaLM = MambaLM(_lm_class(hf.model_type)(hf))
+            except Exception as e:  # an inconsistent config fails only when the layers are built
+                raise ValueError(f"invalid {hf.model_type} config: {e}") from None
     elif "name" in cfg:
         path = SHIPPED_PATHS[cfg["name"]]
         tensors, meta = read_checkpoint(path)
@@ -209,14 +228,16 @@ def load_pretrained(path: str | Path, *, progress: bool = False) -> tuple[MambaL
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        lm = _lm_class(hf.model_type).from_pretrained(folder, config=hf, local_files_only=True, dtype=torch.float32)
+        lm = _lm_class(hf.model_type).from_pretrained(folder, config=hf, local_files_only=True, dtype=torch.float32,
+                                                      use_safetensors=True)  # never a pickled .bin
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{folder}: the weights do not load: {first}") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    model_config = {"hf_config": json.loads(lm.config.to_json_string(use_diff=False))}
+    config = json.loads(lm.config.to_json_string(use_diff=False))
+    model_config = {"hf_config": {k: v for k, v in config.items() if not k.startswith("_")}}  # no local paths
     return describe_model(MambaLM(lm).eval(), model_config), model_config
 
 
@@ -243,11 +264,12 @@ def encode(data: bytes, tokenizer: Any | None, vocab_size: int) -> tuple[Tensor,
             raise ValueError(f"the model has a {vocab_size}-token vocabulary and no tokenizer: save the tokenizer in "
                              "its folder (tokenizer.save_pretrained) or pass --tokenizer FOLDER")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), 1.0
-    ids = tokenizer(data.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+    text = data.decode("utf-8", errors="replace")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     out = torch.tensor(ids, dtype=torch.long)
     if out.numel() and int(out.max()) >= vocab_size:
         raise ValueError(f"the tokenizer gives id {int(out.max())}, beyond the model's vocabulary of {vocab_size}")
-    return out, len(data) / max(out.numel(), 1)
+    return out, len(text.encode("utf-8")) / max(out.numel(), 1)
 
 
 def _tied(model: MambaLM) -> set[str]:
@@ -329,7 +351,11 @@ def inject_outliers(model: nn.Module, *, channels: int = 4, factor: float = 30.0
     spaced evenly over d_inner."""
     from .mixer import mixers
 
-    for m in mixers(model).values():
+    found = mixers(model)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no Mamba-1 mixer: inject_outliers scales Mamba-1's x_proj / "
+                         "out_proj columns")
+    for m in found.values():
         d = m.intermediate_size
         idx = torch.arange(channels) * (d // channels)
         with torch.no_grad():

@@ -5,10 +5,11 @@ projections of every mixer, then naive W8A8 (static per-tensor int8, min-max) at
     in_proj(x)  = Q(x H) @ Q(W_in H).T        out_proj(y) = Q(y H) @ Q(W_out H).T
 
 Both rotations are online FWHTs of the activation with H folded offline into the weight (core ``RotatedLinear``),
-so the float model is unchanged. Departures from QuaRot proper: the in_proj rotation is online (QuaRot folds a
-random orthogonal rotation of the residual stream into the embedding and every block's weights, which removes it
-at run time but is the same rotation of in_proj's input up to the random signs); no percentile clipping (the
-min-max ranges of the naive recipe).
+so the float model is unchanged. Departures from QuaRot proper: the in_proj rotation is online and rotates the
+RMSNorm's output with its weight applied (QuaRot folds the norm weight into in_proj and a random orthogonal
+rotation of the residual stream into the embedding and every block's weights, so no rotation runs at inference and
+the rotated tensor is the un-weighted normalized state); plain Hadamard, no random signs; no percentile clipping
+(the min-max ranges of the naive recipe).
 """
 
 from __future__ import annotations

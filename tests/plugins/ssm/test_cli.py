@@ -61,18 +61,27 @@ def test_user_folder_quantize_then_load_with_eval_text(kind: str, tmp_path: Path
     m = re.search(r"held-out bits per byte: float (\d+\.\d+), quamba (\d+\.\d+)", out)
     assert m is not None, out
     fp, q = float(m.group(1)), float(m.group(2))
-    assert abs(q / fp - 1) < 0.02  # W8A8 of a random model: close to float, measured < 0.5%
+    assert q != fp and abs(q / fp - 1) < 0.02  # W8A8 of a random model: close to float, measured < 0.5%
+    from polyquant.artifact import load as load_artifact
+
+    hf_config = load_artifact(art).config["model"]["hf_config"]
+    assert hf_config["model_type"] == kind and not any(k.startswith("_") for k in hf_config)  # no local paths
     for mode in ("fake", "packed"):
         rc, out, _ = _run(["load", str(art), "--mode", mode, "--eval-text", str(held_out), "--model", str(folder),
                            "--seq-len", "32", "--eval-batches", "2"], capsys)
         assert rc == 0, out
         hit = BPB.search(out)
         assert hit is not None and hit.group(1) == "quamba", out
-        assert abs(float(hit.group(2)) / float(hit.group(3)) - 1) < 0.02
+        assert abs(float(hit.group(2)) / float(hit.group(3)) - 1) < 0.02  # 4 decimals: may print equal
+        if mode == "packed":
+            assert "packed layers (" in out and "HadamardLinear(W8A8Linear)" in out and "W8A8Linear" in out
     # without the folder, the artifact still rebuilds itself (its transformers config travels in the manifest)
     rc, out, _ = _run(["load", str(art), "--eval-text", str(held_out), "--seq-len", "32", "--eval-batches", "1"],
                       capsys)
     assert rc == 0 and "pass --model FOLDER" in out and "quamba" in out
+    other = _save(tmp_path / "other", kind, hidden=64)  # another model: refused as the float reference
+    rc, _, err = _run(["load", str(art), "--eval-text", str(held_out), "--model", str(other)], capsys)
+    assert rc == 2 and "not the model this artifact was quantized from" in err
 
 
 @pytest.mark.parametrize("method", ["naive", "smoothquant", "quarot"])
@@ -141,3 +150,43 @@ def test_demo_table_lists_every_method_on_every_model() -> None:
         for method in ("float", *METHODS):
             row = re.search(rf"^{re.escape(model)} +{method} +(\d+\.\d+)", table, flags=re.M)
             assert row is not None and 1.0 < float(row.group(1)) < 4.5, (model, method, table)
+
+
+def test_bits_per_byte_arithmetic_with_and_without_a_tokenizer() -> None:
+    from polyquant.plugins.ssm.models import bits_per_byte, encode
+
+    class Uniform(torch.nn.Module):  # every next token equally likely: log2(vocab) bits per token
+        def __init__(self, vocab: int) -> None:
+            super().__init__()
+            self.vocab = vocab
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(*ids.shape, self.vocab)
+
+    ids, bpt = encode(b"hello world", None, 256)
+    assert ids.tolist() == list(b"hello world") and bpt == 1.0
+    assert bits_per_byte(Uniform(256), [ids[None]], bpt) == pytest.approx(8.0)
+
+    class TwoBytes:  # a stand-in tokenizer: one token per two characters
+        def __call__(self, text: str, add_special_tokens: bool) -> dict[str, list[int]]:
+            return {"input_ids": [ord(text[i]) for i in range(0, len(text), 2)]}
+
+    ids, bpt = encode(b"abcdefgh", TwoBytes(), 512)
+    assert ids.tolist() == [97, 99, 101, 103] and bpt == 2.0
+    assert bits_per_byte(Uniform(512), [ids[None]], bpt) == pytest.approx(9.0 / 2.0)  # log2(512) bits per 2 bytes
+    with pytest.raises(ValueError, match="no tokenizer"):
+        encode(b"abc", None, 512)
+    with pytest.raises(ValueError, match="beyond the model's vocabulary"):
+        encode(b"abcdefgh", TwoBytes(), 100)
+
+
+def test_forged_transformers_configs_are_refused_in_one_line() -> None:
+    from polyquant.plugins.ssm.models import build_model, check_config
+
+    for bad, message in (({"model_type": "mamba", "num_hidden_layers": 10**9}, r"num_hidden_layers must be an integer"),
+                         ({"model_type": "mamba", "hidden_size": -3}, "hidden_size must be an integer"),
+                         ({"model_type": "mamba2", "hidden_size": 64, "num_heads": 3, "head_dim": 16},
+                          "invalid mamba2 config"),
+                         ({"model_type": "llama"}, "not a Mamba model")):
+        with pytest.raises(ValueError, match=message):
+            build_model(check_config({"hf_config": bad}))

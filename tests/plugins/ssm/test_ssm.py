@@ -222,3 +222,38 @@ def test_smoothquant_is_naive_w8a8_after_the_fold(shipped: nn.Module) -> None:
     assert set(found) == set(MIXER_QUANTIZERS)
     assert all(q.spec.observer == "minmax" for q in found.values())
     assert type(model.lm.backbone.layers[0].mixer.out_proj) is QuantLinear  # no rotation
+
+
+@pytest.mark.parametrize("config", [QuambaConfig(), NaiveConfig(), SmoothQuantConfig(), QuaRotConfig()],
+                         ids=["quamba", "naive", "smoothquant", "quarot"])
+def test_every_method_places_mamba2_quantizers_exactly(config) -> None:
+    from polyquant.plugins.ssm.mixer2 import MAMBA2_POINTS, QuantMamba2Mixer
+
+    model = build_model({"name": SHIPPED2})
+    calib = byte_batches(text_bytes("train", limit=50_000), batches=1, batch_size=2, seq_len=32, seed=1)
+    qmodel = pq.quantize(model, config, calib=calib, progress=False).model
+    found = {name: q for name, q in qmodel.named_modules() if isinstance(q, Quantizer)}
+    assert set(found) == {f"lm.backbone.layers.{i}.mixer.{rel}" for i in range(2) for rel in MAMBA2_POINTS}
+    for name, q in found.items():
+        percentile = isinstance(config, QuambaConfig) and name.endswith(".u_quantizer")
+        assert q.spec.observer == ("abs_percentile" if percentile else "minmax"), name
+        assert (q.spec.fmt.name, type(q.spec.granularity), q.spec.symmetric, q.spec.dynamic) == \
+            ("int8", PerTensor, True, False), name
+    for i in range(2):
+        m = qmodel.get_submodule(f"lm.backbone.layers.{i}.mixer")
+        assert isinstance(m, QuantMamba2Mixer) and type(m.conv1d) is QuantConv1d
+        assert type(m.in_proj) is (RotatedLinear if isinstance(config, QuaRotConfig) else QuantLinear)
+        assert type(m.out_proj) is (RotatedLinear if isinstance(config, (QuambaConfig, QuaRotConfig)) else QuantLinear)
+        assert not any(isinstance(q, Quantizer) for q in m.norm.modules())  # the gated norm stays float
+
+
+def test_smoothing_fold_preserves_mamba2_float_outputs() -> None:
+    model = build_model({"name": SHIPPED2})
+    calib = byte_batches(text_bytes("train", limit=50_000), batches=2, batch_size=2, seq_len=32, seed=1)
+    ids = calib[0]
+    with torch.no_grad():
+        ref = model(ids)
+        smoothed = copy.deepcopy(model)
+        factors = smooth_mixers(smoothed, calib, 0.5)
+        assert len(factors) == 2 and all(not torch.allclose(s, torch.ones_like(s)) for s in factors.values())
+        torch.testing.assert_close(smoothed(ids), ref, rtol=1e-4, atol=1e-4)
