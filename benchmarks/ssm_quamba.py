@@ -48,7 +48,8 @@ from polyquant.plugins.ssm.methods import METHODS
 from polyquant.plugins.ssm.mixer import mixers
 from polyquant.plugins.ssm.mixer2 import mamba2_mixers
 from polyquant.plugins.ssm.models import SHIPPED, SHIPPED2, build_model, byte_batches, inject_outliers, text_bytes
-from polyquant.plugins.ssm.quamba import NaiveConfig, QuambaConfig
+from polyquant.plugins.ssm.naive import NaiveConfig
+from polyquant.plugins.ssm.quamba import QuambaConfig
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results_cpu" / "ssm_quamba.json"

@@ -1,6 +1,7 @@
 """The impl module of plugin ``ssm`` (``SPEC.impl``): Quamba W8A8 and its naive, SmoothQuant and QuaRot W8A8
-baselines on ``transformers``' Mamba (``quamba.py`` holds the configs and the placement; ``smoothquant.py`` the
-migration fold; ``quarot.py`` the rotation baseline; ``mixer.py`` the quantizable mixer).
+baselines on ``transformers``' Mamba (one file per method's config: ``quamba.py``, ``naive.py``, ``smoothquant.py``
+with its migration fold, ``quarot.py``; the shared points: ``placement.py``; the quantizable mixers: ``mixer.py``,
+``mixer2.py``).
 
 Every method is core quant layers and core activation quantizers on a ``QuantMambaMixer`` (Mamba-2:
 ``QuantMamba2Mixer``); the ``prepare`` hook rebuilds them on a float skeleton, so the core's default restore and
@@ -27,7 +28,9 @@ from polyquant.nn import calibrate
 
 from .models import (SHIPPED, MambaLM, bits_per_byte, build_model, byte_batches, encode, load_pretrained,
                      load_tokenizer, text_bytes, token_batches)
-from .quamba import NaiveConfig, QuambaConfig, quantize_mixers
+from .naive import NaiveConfig
+from .placement import quantize_mixers
+from .quamba import QuambaConfig
 from .quarot import QuaRotConfig
 from .smoothquant import SmoothQuantConfig, smooth_mixers
 

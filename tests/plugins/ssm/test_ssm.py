@@ -22,7 +22,8 @@ from polyquant.transforms import hadamard_matrix  # noqa: E402
 from polyquant.plugins.ssm.mixer import QuantMambaMixer, replace_mixers  # noqa: E402
 from polyquant.plugins.ssm.models import (  # noqa: E402
     SHIPPED, SHIPPED2, bits_per_byte, build_model, byte_batches, inject_outliers, text_bytes)
-from polyquant.plugins.ssm.quamba import NaiveConfig, QuambaConfig  # noqa: E402
+from polyquant.plugins.ssm.naive import NaiveConfig  # noqa: E402
+from polyquant.plugins.ssm.quamba import QuambaConfig  # noqa: E402
 from polyquant.plugins.ssm.sizes import quamba_hadamard_size  # noqa: E402
 from polyquant.plugins.ssm.quarot import QuaRotConfig  # noqa: E402
 from polyquant.plugins.ssm.smoothquant import SmoothQuantConfig, smooth_mixers, smoothing_factors  # noqa: E402
