@@ -111,8 +111,8 @@ def main() -> None:
     report = {"benchmark": "ssm_latency", "arch": {"name": args.arch, **ARCHS[args.arch]}, "prompt": args.prompt,
               "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "environment": env,
               "rows": rows, "seconds": time.perf_counter() - t0}
-    lines = [f"ssm decode latency, batch 1, {args.arch} ({ARCHS[args.arch]}), prompt {args.prompt}, {args.steps} "
-             f"tokens, median of {args.repeats}; {env['device_name']} ({device}), torch {env['torch']}, "
+    lines = [f"ssm decode latency, batch 1, {args.arch} (seeded random weights, {ARCHS[args.arch]}), prompt "
+             f"{args.prompt}, {args.steps} tokens, median of {args.repeats}; {env['device_name']} ({device}), torch {env['torch']}, "
              f"commit {env['git_sha']} (dirty: {env['git_dirty']})", "",
              "| model | prefill ms | decode ms/token | vs float | resident MB |", "|---|---|---|---|---|"]
     for label, r in rows.items():

@@ -167,8 +167,8 @@ def _reading(results: dict[str, Any]) -> list[str]:
         f"(shipped: {pct(shipped, 'quamba alpha=0.9999'):+.2f}% / {pct(shipped, 'quamba alpha=0.999'):+.2f}% / "
         f"{pct(shipped, 'quamba alpha=0.99'):+.2f}%).",
         f"- Why alpha matters here: a calibration batch holds {ELEMENTS_PER_BATCH:,} values of |u|, so the "
-        f"0.99999 quantile has {ELEMENTS_PER_BATCH * 1e-5:.2f} values above it: it is the batch maximum, and the "
-        "running update only averages batch maxima. In the paper's setting (one 512-token sample of Mamba-130m, "
+        f"0.99999 quantile has {ELEMENTS_PER_BATCH * 1e-5:.2f} values above it: it lies between the two largest "
+        "values (linear interpolation), so the running update averages what are nearly batch maxima. In the paper's setting (one 512-token sample of Mamba-130m, "
         f"d_inner 1536: {PAPER_ELEMENTS_PER_BATCH:,} values per update) 0.99999 clips about "
         f"{PAPER_ELEMENTS_PER_BATCH * 1e-5:.0f} values per update, as 0.9999 ({ELEMENTS_PER_BATCH * 1e-4:.1f}) does "
         "here. The injected channels are 4 of 128 (3% of u's values, in every token), which no quantile above 0.97 "
@@ -203,8 +203,9 @@ def markdown(report: dict[str, Any]) -> str:
               "quamba). \"Hadamard only\" is `QuambaConfig(alpha=1.0)`: the observer's quantile 1.0 is each "
               "batch's max |u|, merged by the running update w <- w + 0.01 (cur - w) (not naive's running max). "
               "SQNR is of each mixer's output vs the float model's, end to end (layer 1 sees layer 0's error).", "",
-              "Machine note: CPU only (no GPU lent to this run); fake quantization (quantize-dequantize in float32), "
-              "so no latency is reported here.", ""]
+              "Machine note: CPU only (no GPU lent to this run); fake quantization (quantize-dequantize in float32). "
+              "Batch-1 decode latency: `benchmarks/ssm_latency.py` (CPU run: `results_cpu/ssm_latency_130m.md`, a "
+              "random-weight model of Mamba-130m's shape); GPU latency pending (`GPU_PENDING.md` item 9).", ""]
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .export import export
 from .nn import QuantRule, QuantSpec, calibrate, prepare
 from .primitives import PerChannel
 
-__all__ = ["DemoRow", "digits_split", "train_digits_mlp", "run_core_demo", "text_table"]
+__all__ = ["DemoRow", "digits_split", "train_digits_mlp", "run_core_demo", "text_table", "demo_threads"]
 
 
 @dataclass
@@ -70,6 +71,18 @@ def _artifact_bytes(model: nn.Module, directory: Path, name: str) -> int:
 
 
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4), "W3A3": (3, 3)}
+
+
+@contextmanager
+def demo_threads(most: int = 2) -> Iterator[None]:
+    """Run a plugin demo on at most ``most`` torch threads (its tiny models are slower on more, and the demo's
+    timings stay comparable between machines); the thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, most))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def text_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], note: str) -> str:

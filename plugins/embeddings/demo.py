@@ -13,7 +13,7 @@ def run_demo(n: int = 20_000, dim: int = 128, queries: int = 100, k: int = 10) -
     clustered unit vectors of ``dim`` dims; report recall@k against exact float search."""
     import torch
 
-    from polyquant.demo import text_table
+    from polyquant.demo import demo_threads, text_table
 
     from .configs import BinaryConfig, EmbeddingConfig, FP8E4M3Config, Float16Config, Int4Config, Int8Config
     from .configs import UInt8Config
@@ -21,9 +21,7 @@ def run_demo(n: int = 20_000, dim: int = 128, queries: int = 100, k: int = 10) -
     from .metrics import overlap_at_k
     from .store import EmbeddingStore
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    try:
+    with demo_threads():
         x = example_vectors(n, dim, clusters=256, noise=0.5, seed=0)
         g = torch.Generator().manual_seed(1)
         q = x[torch.randint(0, n, (queries,), generator=g)] + 0.1 * torch.randn(queries, dim, generator=g)
@@ -49,8 +47,6 @@ def run_demo(n: int = 20_000, dim: int = 128, queries: int = 100, k: int = 10) -
             recall = float(overlap_at_k(ids, truth, k).mean())  # one relevant set: the float top k
             bpv = store.bytes_per_vector()
             rows.append((label, f"{recall:.3f}", f"{bpv:.1f}", f"{4 * dim / bpv:.1f}x", f"{queries / seconds:.0f}"))
-    finally:
-        torch.set_num_threads(threads)
     header = ("format", f"recall@{k}", "bytes/vec", "compression", "queries/s")
     title = (f"embedding stores: {n} seeded clustered unit vectors of {dim} dims, {queries} queries, exact float "
              f"top-{k} as truth (CPU)")

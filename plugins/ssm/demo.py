@@ -12,17 +12,14 @@ __all__ = ["run_demo"]
 def run_demo(calib_batches: int = 4, eval_batches: int = 4, seq_len: int = 128) -> str:
     """Held-out bits per byte of float and every method on the three models (``calib_batches`` x (4, seq_len)
     stdlib-train bytes; ``eval_batches`` x (4, seq_len) stdlib-test bytes) as a table."""
-    import torch
 
     import polyquant as pq
-    from polyquant.demo import text_table
+    from polyquant.demo import demo_threads, text_table
 
     from .methods import METHODS
     from .models import SHIPPED, SHIPPED2, bits_per_byte, build_model, byte_batches, inject_outliers, text_bytes
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(threads, 2))
-    try:
+    with demo_threads():
         calib = byte_batches(text_bytes("train"), batches=calib_batches, batch_size=4, seq_len=seq_len, seed=1)
         held_out = byte_batches(text_bytes("test"), batches=eval_batches, batch_size=4, seq_len=seq_len, seed=2)
         mamba1 = build_model({"name": SHIPPED})
@@ -38,8 +35,6 @@ def run_demo(calib_batches: int = 4, eval_batches: int = 4, seq_len: int = 128) 
                 seconds = time.perf_counter() - t0
                 bpb = bits_per_byte(q, held_out)
                 rows.append((label, method, f"{bpb:.4f}", f"{100 * (bpb / fp - 1):+.2f}%", f"{seconds:.1f}"))
-    finally:
-        torch.set_num_threads(threads)
     header = ("model", "method", "bits/byte", "vs float", "calib s")
     title = (f"byte-level Mamba on Python stdlib sources ({calib_batches} x (4, {seq_len}) calibration bytes, "
              f"{eval_batches} x (4, {seq_len}) held-out bytes), W8A8 static per-tensor int8")
