@@ -112,8 +112,8 @@ def main() -> None:
               "steps": args.steps, "repeats": args.repeats, "threads": args.threads, "environment": env,
               "rows": rows, "seconds": time.perf_counter() - t0}
     lines = [f"ssm decode latency, batch 1, {args.arch} (seeded random weights, {ARCHS[args.arch]}), prompt "
-             f"{args.prompt}, {args.steps} tokens, median of {args.repeats}; {env['device_name']} ({device}), torch {env['torch']}, "
-             f"commit {env['git_sha']} (dirty: {env['git_dirty']})", "",
+             f"{args.prompt}, {args.steps} tokens, median of {args.repeats}; {env['device_name']} ({device}), "
+             f"torch {env['torch']}, commit {env['git_sha']} (dirty: {env['git_dirty']})", "",
              "| model | prefill ms | decode ms/token | vs float | resident MB |", "|---|---|---|---|---|"]
     for label, r in rows.items():
         lines.append(f"| {label} | {1e3 * r['prefill_s']:.2f} | {1e3 * r['decode_s_per_token']:.3f} | "
