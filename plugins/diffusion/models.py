@@ -3,6 +3,8 @@ sampling loop over diffusers schedulers, the shipped digits classifier and the m
 
     build_model(model_config) -> DiTTransformer2DModel   {"name": "digits-dit"} (the shipped checkpoint) or an
                                                          architecture {"num_layers": ..., ...} (seeded random weights)
+    build_denoiser(model_config) -> DiTDenoiser          the same DiT as one call eps = m(x_t, t, labels) (what the
+                                                         plugin's methods quantize: module names "transformer.*")
     digits_images(split, size=8) -> (images (N, 1, S, S) in [-1, 1], labels (N,))   fixed 70/30 stratified split
     noise_prediction(model, x_t, t, labels) -> eps (B, 1, S, S)
     sample(model, labels, *, steps=20, scheduler="ddim", seed=0, guidance_scale=1.0, return_trajectory=False)
@@ -36,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["SHIPPED", "SHIPPED_PATH", "CLASSIFIER_PATH", "ARCH_DEFAULTS", "NUM_CLASSES", "NULL_CLASS",
-           "NOISE_SCHEDULE", "SCHEDULERS", "check_config", "build_model", "dit_from_arch", "save_dit",
+           "NOISE_SCHEDULE", "SCHEDULERS", "check_config", "build_model", "DiTDenoiser", "build_denoiser",
+           "dit_from_arch", "save_dit",
            "digits_images", "make_scheduler", "noise_prediction", "sample", "DigitsClassifier", "load_classifier",
            "save_classifier", "classifier_features", "classify", "noise_mse", "psnr", "frechet_distance",
            "class_accuracy"]
@@ -126,6 +129,39 @@ def build_model(model_config: dict[str, Any] | None = None) -> nn.Module:
             torch.manual_seed(cfg["seed"])
             model = dit_from_arch(cfg)
     return describe_model(model.eval(), cfg)
+
+
+class DiTDenoiser(nn.Module):
+    """A diffusers DiT as one call, ``forward(x_t, t, labels) -> eps`` (B, C, S, S) (``noise_prediction``), so a
+    calibration batch is a dict ``{"x_t", "t", "labels"}`` (``model(**batch)``); ``model(batch)`` with that dict as
+    the only argument is the same call (how the core's contract test feeds one input). The DiT is
+    ``.transformer``, as in a diffusers pipeline."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    @property
+    def config(self) -> Any:
+        return self.transformer.config
+
+    def forward(self, x_t: Tensor | dict[str, Tensor], t: Tensor | int | None = None,
+                labels: Tensor | None = None) -> Tensor:
+        if isinstance(x_t, dict):
+            if t is not None or labels is not None or set(x_t) != {"x_t", "t", "labels"}:
+                raise TypeError("DiTDenoiser takes (x_t, t, labels) or one dict with exactly those keys")
+            return self.forward(**x_t)
+        if t is None or labels is None:
+            raise TypeError("DiTDenoiser needs a timestep t and class labels")
+        return noise_prediction(self.transformer, x_t, t, labels)
+
+
+def build_denoiser(model_config: dict[str, Any] | None = None) -> DiTDenoiser:
+    """``build_model``'s DiT as a ``DiTDenoiser``, recorded with ``describe_model`` (the same config)."""
+    from polyquant.api import describe_model, model_description
+
+    dit = build_model(model_config)
+    return describe_model(DiTDenoiser(dit).eval(), model_description(dit) or {})
 
 
 def save_dit(model: nn.Module, arch: dict[str, int], record: dict[str, Any], path: str | Path = SHIPPED_PATH,

@@ -1,0 +1,310 @@
+"""The impl module of plugin ``diffusion`` (``SPEC.impl``): FP4DiT and its INT baseline on diffusers DiTs (one file
+per method's config: ``fp4dit.py``, ``baselines.py``; calibration across timesteps: ``calib.py``).
+
+    import polyquant as pq
+    from polyquant.plugins.diffusion.calib import timestep_batches
+    from polyquant.plugins.diffusion.fp4dit import FP4DiTConfig
+    from polyquant.plugins.diffusion.methods import build_model
+
+    model = build_model({"name": "digits-dit"})                         # a DiTDenoiser: eps = model(x_t, t, labels)
+    calib = timestep_batches(model, torch.arange(10).repeat(2), steps=20, scheduler="plms")
+    qm = pq.quantize(model, FP4DiTConfig(abits=8, recon_iters=500), calib=calib)
+    pq.save(qm, "fp4dit_w4a8.safetensors"); qm = pq.load("fp4dit_w4a8.safetensors")
+
+    polyquant quantize diffusion/fp4dit --model tiny --abits 6 --recon-iters 500 --out fp4dit_w4a6.safetensors
+
+Every method is core quant layers (``QuantLinear`` with a per-group weight quantizer and a dynamic token-wise input
+quantizer) plus, with ``quantize_qkv``, diffusers ``Attention`` modules patched by the core's product patches
+(``polyquant.surgery``): q @ k^T and attn @ v computed by ``matmul_qk`` / ``matmul_av`` product modules whose
+quantizers see q, k and v token-wise (k untransposed: ``QuantMatMulKT``); the softmax output stays float. The
+``prepare`` hook rebuilds both on a float skeleton, so the core's export, restore and packing do the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polyquant.api import Calibration, MethodExample, QuantizedModel, RunOptions, register_handler
+from polyquant.cli import CliInputs
+from polyquant.config import QuantConfig, UsageError
+from polyquant.nn import QuantMatMul, calibrate, prepare
+
+from .baselines import BASELINES, IntMinMaxConfig, int_act_spec, int_minmax_rules
+from .fp4dit import KEEP_FLOAT, FP4DiTConfig, fp4dit_rules, fp_act_spec
+from .models import SHIPPED, build_denoiser
+
+__all__ = ["METHODS", "QuantMatMulKT", "quantize_dit", "build_model", "example", "add_model_args", "load_inputs",
+           "report_quantized", "add_load_args", "run_load"]
+
+PLUGIN = "diffusion"
+
+METHODS: dict[str, type[QuantConfig]] = {"fp4dit": FP4DiTConfig, **BASELINES}
+
+
+# --- attention products (diffusers Attention, AttnProcessor2_0's path) --------------------------------------------
+
+
+class QuantMatMulKT(QuantMatMul):
+    """a @ b^T with both operands fake-quantized as given: q and k of shape (B, H, N, d), so a token-wise
+    quantizer of k sees k's tokens (not k^T's channels)."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.a_quantizer is not None:
+            a = self.a_quantizer(a)
+        if self.b_quantizer is not None:
+            b = self.b_quantizer(b)
+        return a @ b.transpose(-1, -2)
+
+
+def _attention_forward(self: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                       attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
+    # diffusers Attention with AttnProcessor2_0, its two products as self.matmul_qk / self.matmul_av (3-D inputs).
+    if hidden_states.ndim != 3 or self.spatial_norm is not None or self.group_norm is not None:
+        raise NotImplementedError("the quantized attention takes (B, N, C) hidden states without spatial / group "
+                                  "norms (diffusers DiT / PixArt attention)")
+    residual = hidden_states
+    b, n, _ = hidden_states.shape
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if encoder_hidden_states is not None and self.norm_cross:
+        context = self.norm_encoder_hidden_states(context)
+    q, k, v = self.to_q(hidden_states), self.to_k(context), self.to_v(context)  # (B, N, H d), (B, M, H d)
+    d = k.shape[-1] // self.heads
+    q = q.view(b, -1, self.heads, d).transpose(1, 2)  # (B, H, N, d)
+    k = k.view(b, -1, self.heads, d).transpose(1, 2)  # (B, H, M, d)
+    v = v.view(b, -1, self.heads, d).transpose(1, 2)  # (B, H, M, d)
+    if self.norm_q is not None:
+        q = self.norm_q(q)
+    if self.norm_k is not None:
+        k = self.norm_k(k)
+    scores = self.matmul_qk(q, k) * self.scale  # (B, H, N, M)
+    if attention_mask is not None:
+        mask = self.prepare_attention_mask(attention_mask, k.shape[2], b)
+        scores = scores + mask.view(b, self.heads, -1, mask.shape[-1])
+    attn = scores.softmax(dim=-1)
+    out = self.matmul_av(attn, v)  # (B, H, N, d)
+    out = out.transpose(1, 2).reshape(b, n, self.heads * d).to(q.dtype)
+    out = self.to_out[1](self.to_out[0](out))
+    if self.residual_connection:
+        out = out + residual
+    return out / self.rescale_output_factor
+
+
+_REGISTERED = [False]
+
+
+def _register_attention() -> None:
+    if _REGISTERED[0]:
+        return
+    from diffusers.models.attention_processor import Attention
+
+    from polyquant.surgery import register_product_patch
+
+    register_product_patch(Attention, _attention_forward, product=QuantMatMulKT)
+    _REGISTERED[0] = True
+
+
+# --- placement ------------------------------------------------------------------------------------------------------
+
+
+def _rules_and_act(config: QuantConfig) -> tuple[list, Any]:
+    if isinstance(config, FP4DiTConfig):
+        return fp4dit_rules(config), fp_act_spec(config.abits)
+    if isinstance(config, IntMinMaxConfig):
+        return int_minmax_rules(config), int_act_spec(config.abits)
+    raise TypeError(f"not a diffusion config: {type(config).__name__}")
+
+
+def _check_groups(model: nn.Module, group_size: int, method: str) -> None:
+    from polyquant.nn import _matches
+
+    for name, m in model.named_modules():
+        if type(m) is nn.Linear and not any(_matches(p, name, m) for p in KEEP_FLOAT):
+            if m.in_features % group_size:
+                raise UsageError(f"{PLUGIN}/{method}: group_size {group_size} does not divide {name}'s in_features "
+                                 f"{m.in_features}; pick a divisor (e.g. {math.gcd(group_size, m.in_features)})")
+
+
+def quantize_dit(model: nn.Module, config: QuantConfig, method: str) -> nn.Module:
+    """Put ``config``'s quant layers on a diffusers DiT (or a ``DiTDenoiser``), in place: every Linear but the
+    float-kept ones (``fp4dit.KEEP_FLOAT``), and with ``quantize_qkv`` attention's q / k / v. Unset quantizers
+    (``calibrate`` freezes them)."""
+    _check_groups(model, config.group_size, method)  # type: ignore[attr-defined]
+    rules, act = _rules_and_act(config)
+    try:
+        prepare(model, rules, ignore=KEEP_FLOAT, inplace=True)
+    except ValueError as e:
+        raise UsageError(f"{PLUGIN}/{method}: {e}") from None
+    if config.quantize_qkv:  # type: ignore[attr-defined]
+        from diffusers.models.attention_processor import Attention
+
+        from polyquant.surgery import patch_products
+
+        _register_attention()
+        # matmul_qk = q @ k^T quantizes q and k (QuantMatMulKT); matmul_av = attn @ v only v (softmax stays float)
+        patch_products(model, lambda site: QuantMatMulKT(a=act, b=act, name=site.name) if site.product == "matmul_qk"
+                       else QuantMatMul(b=act, name=site.name), classes=[Attention])
+    return model
+
+
+def _blocks(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if n.rsplit(".", 1)[0].endswith("transformer_blocks")
+            and n.rsplit(".", 1)[-1].isdigit()]
+
+
+def _quantize(model: nn.Module, config: QuantConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
+    method = "fp4dit" if isinstance(config, FP4DiTConfig) else "int_minmax"
+    iters = getattr(config, "recon_iters", 0)
+    fp_model = copy.deepcopy(model) if iters else None
+    quantize_dit(model, config, method)
+    calibrate(model, calib, progress=run.progress)  # activations are dynamic: this freezes the weight quantizers
+    if iters:
+        from polyquant.reconstruct import ReconstructConfig, reconstruct
+
+        assert isinstance(config, FP4DiTConfig)
+        rc = ReconstructConfig("adaround", iters=iters, lr=config.recon_lr or None, batch_size=config.recon_batch,
+                               scale_aware=config.scale_aware, seed=config.seed)
+        reconstruct(model, _blocks(model), list(calib.batches), rc, fp_model=fp_model, forward_fn=calib.forward,
+                    progress=run.progress)
+    return QuantizedModel(model.eval(), config)
+
+
+def _prepare(skeleton: nn.Module, config: QuantConfig, state: dict[str, Any]) -> nn.Module:
+    method = "fp4dit" if isinstance(config, FP4DiTConfig) else "int_minmax"
+    return quantize_dit(skeleton, config, method)
+
+
+def _example_input(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]:
+    cfg = model.config
+    s, c = int(cfg.sample_size), int(cfg.in_channels)
+    return {"x_t": torch.zeros(1, c, s, s), "t": torch.tensor([500]), "labels": torch.tensor([0])}
+
+
+for _name, _cls in METHODS.items():
+    register_handler(_cls, plugin=PLUGIN, method=_name, prepare=_prepare, example_input=_example_input)(_quantize)
+
+
+# --- models and the contract test's case ----------------------------------------------------------------------------
+
+
+def build_model(model_config: dict[str, Any]) -> nn.Module:
+    """The float ``DiTDenoiser`` a model config describes (``models.build_model``'s DiT wrapped; ``polyquant.load``
+    calls this)."""
+    return build_denoiser(model_config)
+
+
+def example(method: str) -> MethodExample:
+    """The shipped digits DiT, 4 labels sampled with 4 DDIM steps as calibration (4 batches), one batch of 4."""
+    from .calib import timestep_batches
+
+    if method not in METHODS:
+        raise KeyError(f"{PLUGIN} has no method {method!r}")
+    model = build_model({"name": SHIPPED})
+    calib = timestep_batches(model, torch.arange(4), steps=4, scheduler="ddim", seed=1)
+    inputs = timestep_batches(model, torch.tensor([5, 6, 7, 8]), steps=2, scheduler="ddim", seed=2)[1]
+    config = FP4DiTConfig(recon_iters=2, recon_batch=4) if method == "fp4dit" else METHODS[method]()
+    return MethodExample(model=model, config=config, calib=calib, inputs=inputs)
+
+
+# --- command line (polyquant quantize diffusion/METHOD, polyquant load ART) -------------------------------------
+
+
+def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:
+    """Model and calibration options of ``polyquant quantize diffusion/<method>``."""
+    group = parser.add_argument_group("model and calibration (diffusion)")
+    group.add_argument("--model", default="tiny",
+                       help="'tiny': the shipped class-conditional digits DiT (diffusers DiTTransformer2DModel); "
+                            "a user's diffusers folder comes in a later version (default: %(default)s)")
+    group.add_argument("--sampler", choices=("plms", "ddim"), default="plms",
+                       help="scheduler of the calibration (and report) sampling runs (default: %(default)s)")
+    group.add_argument("--calib-steps", type=int, default=20, help="sampling steps of calibration (default: 20)")
+    group.add_argument("--calib-images", type=int, default=20,
+                       help="images sampled for calibration, labels 0..9 in turn (default: %(default)s)")
+    group.add_argument("--calib-seed", type=int, default=0, help="noise seed of calibration (default: 0)")
+    group.add_argument("--eval-images", type=int, default=20,
+                       help="images sampled (float vs quantized, same noise) for the report (default: %(default)s)")
+
+
+def _model_arg(model: str) -> None:
+    if model != "tiny":
+        raise UsageError(f"--model {model}: only 'tiny' (the shipped digits DiT) is supported in this version")
+
+
+def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> CliInputs:
+    """The shipped DiT and its inputs at every step of sampling ``--calib-images`` labels."""
+    from .calib import timestep_batches
+
+    _model_arg(args.model)
+    if not 1 <= args.calib_steps <= 1000 or not 1 <= args.calib_images <= 10_000 or not 1 <= args.eval_images <= 10_000:
+        raise UsageError("--calib-steps must be in [1, 1000], --calib-images and --eval-images in [1, 10000]")
+    if not 0 <= args.calib_seed < 2**31:
+        raise UsageError(f"--calib-seed must be in [0, 2^31), got {args.calib_seed}")
+    model = build_model({"name": SHIPPED})
+    labels = torch.arange(args.calib_images) % 10
+    calib = timestep_batches(model, labels, steps=args.calib_steps, scheduler=args.sampler, seed=args.calib_seed,
+                             batch_size=32)
+    label = (f"digits DiT ({SHIPPED}), {len(calib)} calibration batches: {args.calib_images} images x "
+             f"{args.calib_steps} {args.sampler} steps")
+    return CliInputs(model=model, model_config={"name": SHIPPED}, calib=calib, label=label,
+                     evaluation={"images": args.eval_images, "sampler": args.sampler, "steps": args.calib_steps})
+
+
+def compare_samples(float_model: nn.Module, qmodel: nn.Module, labels: Tensor, *, steps: int = 20,
+                    scheduler: str = "plms", seed: int = 1000) -> dict[str, float]:
+    """Sample ``labels`` with both models from the same noise: mean per-step noise MSE of the quantized vs the
+    float model, sample PSNR (dB) vs the float samples, and the class accuracy (%) of both models' samples."""
+    from .models import class_accuracy, noise_mse, psnr, sample
+
+    fp_img, fp_traj = sample(float_model.transformer, labels, steps=steps, scheduler=scheduler, seed=seed,
+                             return_trajectory=True)
+    q_img, q_traj = sample(qmodel.transformer, labels, steps=steps, scheduler=scheduler, seed=seed,
+                           return_trajectory=True)
+    mse = noise_mse(fp_traj, q_traj)
+    return {"noise_mse": sum(mse) / len(mse), "psnr": psnr(fp_img, q_img),
+            "acc_float": class_accuracy(fp_img, labels), "acc_quant": class_accuracy(q_img, labels)}
+
+
+def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Namespace) -> None:
+    """Noise MSE, sample PSNR and class accuracy of a few samples, quantized vs float (same labels and noise)."""
+    ev = inputs.evaluation
+    labels = torch.arange(ev["images"]) % 10
+    r = compare_samples(inputs.model, qm.model.cpu(), labels, steps=ev["steps"], scheduler=ev["sampler"])
+    print(f"{ev['images']} samples ({ev['sampler']}, {ev['steps']} steps) vs float: noise MSE {r['noise_mse']:.3e}, "
+          f"PSNR {r['psnr']:.2f} dB, class accuracy float {r['acc_float']:.1f}% / {qm.method} {r['acc_quant']:.1f}%")
+
+
+def add_load_args(parser: argparse.ArgumentParser) -> None:
+    """Options of ``polyquant load`` for diffusion artifacts."""
+    parser.add_argument("--eval-images", type=int, default=0,
+                        help="sample this many images with the rebuilt and the float model (same noise) and report "
+                             "noise MSE / PSNR / class accuracy (shipped DiT only; default: none)")
+
+
+def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
+    """``polyquant load``: the rebuilt model's quantized layers, and with --eval-images its samples vs float."""
+    from polyquant.nn import QuantWeightModule
+    from polyquant.packed import PACKED_MODULES
+    from polyquant.surgery import is_product_patched
+
+    n_q = sum(isinstance(m, (QuantWeightModule, *PACKED_MODULES)) for m in qm.model.modules())
+    n_attn = sum(is_product_patched(m) for m in qm.model.modules())
+    kind = "packed" if qm.packing is not None else "fake-quant"
+    print(f"restored {PLUGIN}/{qm.method} ({kind}): {n_q} quantized linears, {n_attn} attentions with quantized "
+          "q / k / v; patch embedding, timestep / label embedders and the final layer float")
+    if args.eval_images:
+        if not 1 <= args.eval_images <= 10_000:
+            raise UsageError(f"--eval-images must be in [1, 10000], got {args.eval_images}")
+        if qm.model_config != {"name": SHIPPED}:
+            raise UsageError("--eval-images: only artifacts of the shipped digits DiT can be compared with their float "
+                             "model")
+        labels = torch.arange(args.eval_images) % 10
+        r = compare_samples(build_model({"name": SHIPPED}), qm.model.cpu(), labels)
+        print(f"{args.eval_images} samples (plms, 20 steps) vs float: noise MSE {r['noise_mse']:.3e}, PSNR "
+              f"{r['psnr']:.2f} dB, class accuracy float {r['acc_float']:.1f}% / {qm.method} {r['acc_quant']:.1f}%")
+    return 0

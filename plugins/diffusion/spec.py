@@ -1,0 +1,22 @@
+"""Entry point of the diffusion plugin (light: no torch, no diffusers): ``polyquant.plugins.diffusion.spec:SPEC``."""
+
+from __future__ import annotations
+
+from polyquant.plugins import API_VERSION, PluginSpec
+
+SPEC = PluginSpec(
+    name="diffusion",
+    api_version=API_VERSION,
+    summary="Post-training quantization of diffusion transformers (diffusers DiT): FP4DiT minifloat W4A8 / W4A6 "
+    "beside an INT min-max baseline, calibrated across the sampler's timesteps.",
+    methods={
+        "fp4dit": "FP4DiT (TMLR'25): E2M1 / E1M2 weights with per-group absmax scales (E3M0 on the first FFN "
+        "linear), online token-wise FP activations (E3M4 / E2M3, q/k/v included), optional scale-aware AdaRound "
+        "block reconstruction over timesteps.",
+        "int_minmax": "Q-Diffusion-like RTN baseline: INT4 per-group min-max weights, INT8 token-wise dynamic "
+        "activations.",
+    },
+    requires=("torch>=2.4", "diffusers>=0.30"),
+    impl="polyquant.plugins.diffusion.methods",
+    demo=None,
+)
