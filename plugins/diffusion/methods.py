@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polyquant.api import Calibration, MethodExample, QuantizedModel, RunOptions, register_handler
@@ -122,10 +122,8 @@ def _rules_and_act(config: QuantConfig) -> tuple[list, Any]:
 
 
 def _check_groups(model: nn.Module, group_size: int, method: str) -> None:
-    from polyquant.nn import _matches
-
     for name, m in model.named_modules():
-        if type(m) is nn.Linear and not any(_matches(p, name, m) for p in KEEP_FLOAT):
+        if type(m) is nn.Linear and not any(fnmatch.fnmatchcase(name, p) for p in KEEP_FLOAT):
             if m.in_features % group_size:
                 raise UsageError(f"{PLUGIN}/{method}: group_size {group_size} does not divide {name}'s in_features "
                                  f"{m.in_features}; pick a divisor (e.g. {math.gcd(group_size, m.in_features)})")
