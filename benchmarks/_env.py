@@ -18,17 +18,20 @@ Benchmark scripts run as ``python benchmarks/<name>.py``; Python puts the script
 
 from __future__ import annotations
 
+import json
 import platform
+import statistics
 import re
 import resource
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["environment", "hbm_spec_gbps"]
+__all__ = ["environment", "hbm_spec_gbps", "seed_stats", "mean_pm_std", "write_report"]
 
 # (pattern on the device name, specified peak HBM bandwidth in GB/s): NVIDIA's data sheets. The first match wins.
 _HBM_SPEC_GBPS: list[tuple[str, float]] = [
@@ -96,3 +99,21 @@ def environment(device: str) -> dict[str, object]:
         "cuda_driver": driver.splitlines()[0].strip() if driver else None,
         "hbm_spec_GBps": hbm_spec_gbps(name) if on_cuda else None,
     }
+
+
+def seed_stats(values: list[float]) -> dict[str, Any]:
+    """Mean, sample std (0 for one value) and the per-seed values of a metric measured once per seed."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
+def mean_pm_std(s: dict[str, Any], fmt: str) -> str:
+    """``seed_stats`` as "mean ± std" with ``fmt`` (a leading "+" signs the mean only)."""
+    return f"{s['mean']:{fmt}} ± {s['std']:{fmt.lstrip('+')}}"
+
+
+def write_report(report: dict[str, Any], out: Path, table: Path, text: str) -> None:
+    """Write a benchmark's JSON report to ``out`` (its folder created) and its markdown ``text`` to ``table``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    table.write_text(text)

@@ -25,14 +25,12 @@ int_minmax" are mean ± std over seeds of the paired per-seed difference.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from _env import environment
+from _env import environment, mean_pm_std, seed_stats, write_report
 
 import polyquant as pq
 from polyquant.config import QuantConfig
@@ -65,10 +63,6 @@ def rows(abits: int, iters: int, seed: int) -> list[tuple[str, QuantConfig]]:
     ]
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "per_seed": values}
-
 
 @torch.no_grad()
 def _sample(model: torch.nn.Module, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -85,7 +79,7 @@ def run(args: argparse.Namespace, seeds: tuple[int, ...], iters: int) -> dict[st
         img, traj = _sample(model, eval_labels, 1000 + s)
         floats[s] = {"img": img, "traj": traj, "feats": classifier_features(img).detach(),
                      "acc": class_accuracy(img, eval_labels)}
-    results: dict[str, Any] = {"float": {"acc": _stats([floats[s]["acc"] for s in seeds])}}
+    results: dict[str, Any] = {"float": {"acc": seed_stats([floats[s]["acc"] for s in seeds])}}
     for abits in args.abits:
         print(f"W4A{abits}", flush=True)
         per: dict[str, dict[str, list[float]]] = {}
@@ -109,16 +103,13 @@ def run(args: argparse.Namespace, seeds: tuple[int, ...], iters: int) -> dict[st
         out: dict[str, Any] = {}
         for label, rec in per.items():
             out[label] = {"config": {k: v for k, v in configs[label].items() if k != "seed"},
-                          **{k: _stats(v) for k, v in rec.items()}}
+                          **{k: seed_stats(v) for k, v in rec.items()}}
             for ref_key, ref in (("psnr_vs_rtn", "fp4dit RTN"),
                                  ("psnr_vs_int_minmax", "int_minmax (INT4 asym g32 + INT per-token)")):
-                out[label][ref_key] = _stats([a - b for a, b in zip(rec["psnr"], per[ref]["psnr"])])
+                out[label][ref_key] = seed_stats([a - b for a, b in zip(rec["psnr"], per[ref]["psnr"])])
         results[f"W4A{abits}"] = out
     return results
 
-
-def _pm(s: dict[str, Any], fmt: str) -> str:
-    return f"{s['mean']:{fmt}} ± {s['std']:{fmt.lstrip('+')}}"
 
 
 def _reading(results: dict[str, Any], iters: int) -> list[str]:
@@ -141,10 +132,11 @@ def _reading(results: dict[str, Any], iters: int) -> list[str]:
         holds_all &= holds
         loses_im |= not beats_im
         lines.append(
-            f"- {key}: best FP4DiT row by PSNR is \"{best}\": {_pm(b['psnr'], '.2f')} dB, accuracy "
-            f"{_pm(b['acc'], '.1f')}%; int_minmax {_pm(im['psnr'], '.2f')} dB, {_pm(im['acc'], '.1f')}% (best FP4DiT "
-            f"- int_minmax PSNR, paired: {_pm(b['psnr_vs_int_minmax'], '+.2f')} dB); plain AdaRound "
-            f"{_pm(pl['psnr'], '.2f')} dB, {_pm(pl['acc'], '.1f')}%. Beats int_minmax on both: "
+            f"- {key}: best FP4DiT row by PSNR is \"{best}\": {mean_pm_std(b['psnr'], '.2f')} dB, accuracy "
+            f"{mean_pm_std(b['acc'], '.1f')}%; int_minmax {mean_pm_std(im['psnr'], '.2f')} dB, "
+            f"{mean_pm_std(im['acc'], '.1f')}% (best FP4DiT "
+            f"- int_minmax PSNR, paired: {mean_pm_std(b['psnr_vs_int_minmax'], '+.2f')} dB); plain AdaRound "
+            f"{mean_pm_std(pl['psnr'], '.2f')} dB, {mean_pm_std(pl['acc'], '.1f')}%. Beats int_minmax on both: "
             f"{'yes' if beats_im else 'no'}; beats plain AdaRound on both: {'yes' if beats_pl else 'no'}.")
     for key, res in results.items():
         if key == "float":
@@ -153,13 +145,14 @@ def _reading(results: dict[str, Any], iters: int) -> list[str]:
         sa = res[f"fp4dit + scale-aware AdaRound ({iters} it, lr 1e-4)"]
         sa3 = res[f"fp4dit + scale-aware AdaRound ({iters} it, lr 1e-3)"]
         e1 = res["fp4dit E1M2 everywhere (RTN)"]
-        d = _stats([a - b for a, b in zip(sa["psnr"]["per_seed"], pl["psnr"]["per_seed"])])
-        d3 = _stats([a - b for a, b in zip(sa3["psnr"]["per_seed"], pl["psnr"]["per_seed"])])
+        d = seed_stats([a - b for a, b in zip(sa["psnr"]["per_seed"], pl["psnr"]["per_seed"])])
+        d3 = seed_stats([a - b for a, b in zip(sa3["psnr"]["per_seed"], pl["psnr"]["per_seed"])])
         lines.append(
             f"- {key}, scale-aware vs plain AdaRound at equal iterations ({iters}, lr 1e-4), paired PSNR: "
-            f"{_pm(d, '+.2f')} dB; scale-aware at lr 1e-3 vs plain at 1e-4: {_pm(d3, '+.2f')} dB. "
-            f"E1M2 everywhere, RTN (a near-uniform grid): {_pm(e1['psnr_vs_int_minmax'], '+.2f')} dB vs int_minmax, "
-            f"{_pm(e1['psnr_vs_rtn'], '+.2f')} dB vs fp4dit RTN (E2M1 / E3M0).")
+            f"{mean_pm_std(d, '+.2f')} dB; scale-aware at lr 1e-3 vs plain at 1e-4: {mean_pm_std(d3, '+.2f')} dB. "
+            f"E1M2 everywhere, RTN (a near-uniform grid): {mean_pm_std(e1['psnr_vs_int_minmax'], '+.2f')} dB vs "
+            "int_minmax, "
+            f"{mean_pm_std(e1['psnr_vs_rtn'], '+.2f')} dB vs fp4dit RTN (E2M1 / E3M0).")
     lines += ["", f"**The bar {'holds' if holds_all else 'does NOT hold'} on this model** (the shipped digits DiT, "
               f"means over {n_seeds} seed(s); differences of about a seed std or less are noise at this sample count). "
               + ("" if not loses_im else
@@ -179,7 +172,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"Commit {env['git_sha']} (dirty: {env['git_dirty']}); python {env['python']}, torch {env['torch']}; "
              f"{env['platform']}, {env['device']} ({env['device_name']}), {setup['threads']} torch threads; whole run "
              f"{report['seconds']:.0f} s.", "",
-             f"Float samples' class accuracy: {_pm(res['float']['acc'], '.1f')}% (per seed "
+             f"Float samples' class accuracy: {mean_pm_std(res['float']['acc'], '.1f')}% (per seed "
              f"{res['float']['acc']['per_seed']}).", ""]
     for key, rows_ in res.items():
         if key == "float":
@@ -190,10 +183,11 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{res['float']['acc']['mean']:.1f}) | calib. s |",
                   "|---|---|---|---|---|---|---|---|"]
         for label, r in rows_.items():
-            vr = "—" if label == "fp4dit RTN" else _pm(r["psnr_vs_rtn"], "+.2f")
-            vi = "—" if label.startswith("int_minmax") else _pm(r["psnr_vs_int_minmax"], "+.2f")
-            lines.append(f"| {label} | {_pm(r['noise_mse'], '.4f')} | {_pm(r['psnr'], '.2f')} | {vr} | {vi} | "
-                         f"{_pm(r['fd'], '.2f')} | {_pm(r['acc'], '.1f')} | {_pm(r['seconds'], '.1f')} |")
+            vr = "—" if label == "fp4dit RTN" else mean_pm_std(r["psnr_vs_rtn"], "+.2f")
+            vi = "—" if label.startswith("int_minmax") else mean_pm_std(r["psnr_vs_int_minmax"], "+.2f")
+            lines.append(f"| {label} | {mean_pm_std(r['noise_mse'], '.4f')} | {mean_pm_std(r['psnr'], '.2f')} | {vr} | "
+                         f"{vi} | {mean_pm_std(r['fd'], '.2f')} | {mean_pm_std(r['acc'], '.1f')} | "
+                         f"{mean_pm_std(r['seconds'], '.1f')} |")
         lines.append("")
     lines += _reading(res, it)
     lines += ["Mean ± std over the seeds; \"vs RTN\" / \"vs int_minmax\" are means ± std over seeds of the paired "
@@ -237,10 +231,9 @@ def main() -> None:
         "results": results,
     }
     report["seconds"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    args.table.write_text(markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    write_report(report, args.out, args.table, text)
+    print(text)
 
 
 if __name__ == "__main__":

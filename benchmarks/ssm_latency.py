@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _env import environment
+from _env import environment, write_report
 
 import polyquant as pq
 from polyquant.packed import resident_bytes
@@ -120,9 +119,7 @@ def main() -> None:
                      f"{r['decode_vs_float']:.2f}x | {r['resident_bytes'] / 2**20:.2f} |")
     print("\n".join(lines))
     if args.out is not None:  # the JSON and, beside it, the table as markdown
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        write_report(report, args.out, args.out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -30,16 +30,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _env import environment
+from _env import environment, mean_pm_std, seed_stats, write_report
 
 import polyquant as pq
 from polyquant.capture import capture
@@ -94,10 +92,6 @@ def _sqnr_db(ref: torch.Tensor, got: torch.Tensor) -> float:
     return 10.0 * math.log10(float(ref.pow(2).sum()) / max(float((ref - got).pow(2).sum()), 1e-300))
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "per_seed": values}
-
 
 def run_model(model: torch.nn.Module, calibs: dict[int, list[torch.Tensor]],
               held_out: list[torch.Tensor]) -> dict[str, Any]:
@@ -121,18 +115,15 @@ def run_model(model: torch.nn.Module, calibs: dict[int, list[torch.Tensor]],
         per_seed[label] = rec
         out[label] = {"config": {"method": type(config).__name__, **config.to_dict()}
                       if hasattr(config, "to_dict") else {"method": type(config).__name__},
-                      **{k: _stats(v) for k, v in rec.items()},
-                      "bpb_increase_pct": _stats([100.0 * (b / float_bpb - 1.0) for b in rec["bpb"]])}
+                      **{k: seed_stats(v) for k, v in rec.items()},
+                      "bpb_increase_pct": seed_stats([100.0 * (b / float_bpb - 1.0) for b in rec["bpb"]])}
         print(f"  {label:34s} bpb {out[label]['bpb']['mean']:.4f} ± {out[label]['bpb']['std']:.4f}  "
               f"KL {out[label]['kl_bits']['mean']:.4f}  ({sum(rec['seconds']):.1f} s)", flush=True)
     for label, rec in per_seed.items():
-        out[label]["vs_quamba"] = {k: _stats([a - b for a, b in zip(v, per_seed["quamba"][k])])
+        out[label]["vs_quamba"] = {k: seed_stats([a - b for a, b in zip(v, per_seed["quamba"][k])])
                                    for k, v in rec.items() if k != "seconds"}
     return out
 
-
-def _pm(s: dict[str, float], fmt: str) -> str:
-    return f"{s['mean']:{fmt}} ± {s['std']:{fmt.lstrip('+')}}"
 
 
 ELEMENTS_PER_BATCH = 4 * SEQ_LEN * 128  # |u| values per calibration batch: (4, 128) tokens x d_inner 128
@@ -168,7 +159,8 @@ def _reading(results: dict[str, Any]) -> list[str]:
         f"{pct(shipped, 'quamba alpha=0.99'):+.2f}%).",
         f"- Why alpha matters here: a calibration batch holds {ELEMENTS_PER_BATCH:,} values of |u|, so the "
         f"0.99999 quantile has {ELEMENTS_PER_BATCH * 1e-5:.2f} values above it: it lies between the two largest "
-        "values (linear interpolation), so the running update averages what are nearly batch maxima. In the paper's setting (one 512-token sample of Mamba-130m, "
+        "values (linear interpolation), so the running update averages what are nearly batch maxima. In the "
+        "paper's setting (one 512-token sample of Mamba-130m, "
         f"d_inner 1536: {PAPER_ELEMENTS_PER_BATCH:,} values per update) 0.99999 clips about "
         f"{PAPER_ELEMENTS_PER_BATCH * 1e-5:.0f} values per update, as 0.9999 ({ELEMENTS_PER_BATCH * 1e-4:.1f}) does "
         "here. The injected channels are 4 of 128 (3% of u's values, in every token), which no quantile above 0.97 "
@@ -194,9 +186,10 @@ def markdown(report: dict[str, Any]) -> str:
         for label, r in res.items():
             if label == "float":
                 continue
-            vs = "—" if label == "quamba" else _pm(r["vs_quamba"]["bpb"], "+.4f")
-            lines.append(f"| {label} | {_pm(r['bpb'], '.4f')} | {r['bpb_increase_pct']['mean']:+.2f}% | {vs} | "
-                         f"{_pm(r['kl_bits'], '.4f')} | " + " | ".join(_pm(r[l], ".1f") for l in layers) + " |")
+            vs = "—" if label == "quamba" else mean_pm_std(r["vs_quamba"]["bpb"], "+.4f")
+            sqnr = " | ".join(mean_pm_std(r[l], ".1f") for l in layers)
+            lines.append(f"| {label} | {mean_pm_std(r['bpb'], '.4f')} | {r['bpb_increase_pct']['mean']:+.2f}% | {vs} | "
+                         f"{mean_pm_std(r['kl_bits'], '.4f')} | {sqnr} |")
         lines.append("")
     lines += _reading(report["results"])
     lines += ["Mean ± std over the calibration seeds; \"vs quamba\" is the per-seed paired difference (row - "
@@ -248,10 +241,9 @@ def main() -> None:
         "results": results,
     }
     report["seconds"] = time.perf_counter() - t0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    args.table.write_text(markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    write_report(report, args.out, args.table, text)
+    print(text)
 
 
 if __name__ == "__main__":
