@@ -210,8 +210,10 @@ class FloatFormat:
         neg = [-v for v in reversed(pos) if v > 0]
         return torch.tensor(neg + pos, dtype=torch.float32)
 
-    def _step(self, x: Tensor) -> Tensor:
-        # Spacing of the grid around |x|: 2^(e - M) with e the (clamped) binade exponent.
+    def step(self, x: Tensor) -> Tensor:
+        """The grid spacing at each element of ``x`` (format units): 2^(e - M) with e the binade exponent of |x|,
+        clamped to the subnormal range, so round(x / step) * step is the nearest grid value (AdaRound's neighbours
+        are floor(x / step) * step and one step above)."""
         absx = x.detach().abs().float()
         e = torch.floor(torch.log2(absx.clamp_min(torch.finfo(torch.float32).tiny)))
         e = e.clamp(min=self.min_normal_exponent)
@@ -219,12 +221,12 @@ class FloatFormat:
 
     def round(self, x: Tensor) -> Tensor:
         x = torch.clamp(x, -self.max_value, self.max_value)  # saturate first: the step of +-Inf would be Inf
-        step = self._step(x)
+        step = self.step(x)
         return (torch.round(x / step) * step).to(x.dtype)  # round half to even on the mantissa
 
     def round_ste(self, x: Tensor) -> Tensor:
         x = torch.clamp(x, -self.max_value, self.max_value)
-        step = self._step(x)
+        step = self.step(x)
         return round_ste(x / step) * step
 
     def encode(self, q: Tensor) -> Tensor:

@@ -308,7 +308,7 @@ class AdaRoundWeight(nn.Module):
     IntFormat (s: the block's scale, z: its zero point):
         soft:  W~ = s * (clamp(floor(W / s) + h(V) + z, qmin, qmax) - z)
         hard:  W_q = s * (clamp(floor(W / s) + [V >= 0] + z, qmin, qmax) - z)     (h(V) >= 0.5  <=>  V >= 0)
-    FloatFormat (x = clamp(W / s, -max, max) in format units; d = ``fmt._step(x)``, the grid spacing of x's
+    FloatFormat (x = clamp(W / s, -max, max) in format units; d = ``fmt.step(x)``, the grid spacing of x's
     binade, so floor(x / d) * d and (floor(x / d) + 1) * d are x's two grid neighbours):
         soft:  W~ = s * clamp((floor(x / d) + h(V)) * d, -max, max)
         hard:  W_q = s * clamp((floor(x / d) + [V >= 0]) * d, -max, max)
@@ -341,7 +341,7 @@ class AdaRoundWeight(nn.Module):
         x = w.float() / s
         if isinstance(fmt, FloatFormat):
             x = torch.clamp(x, -fmt.max_value, fmt.max_value)
-            step = fmt._step(x)  # grid spacing of each element's binade, in format units
+            step = fmt.step(x)  # grid spacing of each element's binade, in format units
             x = x / step
             self.register_buffer("step", step)
         else:
@@ -464,7 +464,11 @@ class FlexRoundWeight(nn.Module):
         return f"{self.fmt.name}, shape={tuple(self.w_fp.shape)}"
 
 
-_ROUNDERS: dict[str, type[nn.Module]] = {"adaround": AdaRoundWeight, "flexround": FlexRoundWeight}
+# rounding name -> the rounder of one weight (weight, its frozen quantizer, the config)
+_ROUNDERS: dict[str, Callable[[Tensor, Quantizer, "ReconstructConfig"], nn.Module]] = {
+    "adaround": lambda w, q, config: AdaRoundWeight(w, q, scale_aware=config.scale_aware),
+    "flexround": lambda w, q, config: FlexRoundWeight(w, q),
+}
 
 
 # --- capture -------------------------------------------------------------------------------------------------
@@ -829,10 +833,7 @@ def _reconstruct_block(
         for p in block.parameters():
             p.requires_grad_(False)
         for m, q in zip(modules, originals):
-            if config.rounding == "adaround":
-                r = AdaRoundWeight(m.weight, q, scale_aware=config.scale_aware)  # type: ignore[arg-type]
-            else:
-                r = _ROUNDERS[config.rounding](m.weight, q)  # type: ignore[arg-type]
+            r = _ROUNDERS[config.rounding](m.weight, q, config)  # type: ignore[arg-type]
             rounders.append(r)
             m.weight_quantizer = r  # type: ignore[assignment]
         for q in learn_qs:
