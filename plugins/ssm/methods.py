@@ -230,12 +230,7 @@ def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
         float_model = build_model(qm.model_config)  # the shipped checkpoint or a seeded architecture
     tokenizer = _folder_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
     lm = qm.model
-    vocab = int(lm.lm.config.vocab_size)
-    data = _read_text(args.eval_text, "--eval-text")
-    try:
-        ids, bytes_per_token = encode(data, tokenizer, vocab)
-    except ValueError as e:
-        raise UsageError(f"--eval-text: {e}") from None
+    ids, bytes_per_token = _tokens(_read_text(args.eval_text, "--eval-text"), tokenizer, lm, "--eval-text")
     batches = _windows(ids, args.eval_batches, args.seq_len, 2, "--eval-text")
     device = next(lm.parameters()).device
     q = bits_per_byte(lm, [b.to(device) for b in batches], bytes_per_token)

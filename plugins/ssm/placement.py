@@ -78,12 +78,13 @@ def quantize_mixers(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Replace every Mamba-1 / Mamba-2 mixer of ``model`` (in place) by a ``QuantMambaMixer`` /
     ``QuantMamba2Mixer`` with the method's quantizers (not calibrated). ``UsageError`` for a model without
     transformers Mamba mixers or a rotated size with no Hadamard matrix."""
-    if not mixers(model) and not mamba2_mixers(model):
+    has1, has2 = bool(mixers(model)), bool(mamba2_mixers(model))
+    if not has1 and not has2:
         raise UsageError(f"ssm: {type(model).__name__} has no transformers MambaMixer or Mamba2Mixer: not a Mamba "
                          "model")
     rotate_in, rotate_out = rotations(config)
-    mamba1 = replace_mixers(model) if mixers(model) else {}
-    mamba2 = replace_mamba2_mixers(model) if mamba2_mixers(model) else {}
+    mamba1 = replace_mixers(model) if has1 else {}
+    mamba2 = replace_mamba2_mixers(model) if has2 else {}
     spec = placements(config)
     for name, m in mamba1.items():
         _quantize_mixer(name, m, spec, rotate_in=rotate_in, rotate_out=rotate_out)
