@@ -77,6 +77,7 @@ __all__ = [
     "QuantConv2d",
     "QuantConv3d",
     "QuantMatMul",
+    "QuantMatMulKT",
     "prepare",
     "set_submodule",
     "calibrate",
@@ -585,12 +586,26 @@ class QuantMatMul(nn.Module):
         self.a_quantizer = _make(a, f"{name}.a" if name else "a")
         self.b_quantizer = _make(b, f"{name}.b" if name else "b")
 
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+    def quantize_operands(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        """Both operands through their quantizers (an operand without one passes as is)."""
         if self.a_quantizer is not None:
             a = self.a_quantizer(a)
         if self.b_quantizer is not None:
             b = self.b_quantizer(b)
+        return a, b
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        a, b = self.quantize_operands(a, b)
         return a @ b
+
+
+class QuantMatMulKT(QuantMatMul):
+    """a @ b^T with both operands fake-quantized as given: for q @ k^T with k passed untransposed, (..., M, d), so
+    a token-wise (per-row) quantizer of b sees k's tokens, not k^T's channels."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        a, b = self.quantize_operands(a, b)
+        return a @ b.transpose(-1, -2)
 
 
 # --- model surgery -------------------------------------------------------------------------------------------

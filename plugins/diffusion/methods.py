@@ -16,7 +16,7 @@ per method's config: ``fp4dit.py``, ``baselines.py``; calibration across timeste
 Every method is core quant layers (``QuantLinear`` with a per-group weight quantizer and a dynamic token-wise input
 quantizer) plus, with ``quantize_qkv``, diffusers ``Attention`` modules patched by the core's product patches
 (``polyquant.surgery``): q @ k^T and attn @ v computed by ``matmul_qk`` / ``matmul_av`` product modules whose
-quantizers see q, k and v token-wise (k untransposed: ``QuantMatMulKT``); the softmax output stays float. The
+quantizers see q, k and v token-wise (k untransposed: the core's ``QuantMatMulKT``); the softmax output stays float. The
 ``prepare`` hook rebuilds both on a float skeleton, so the core's export, restore and packing do the rest.
 """
 
@@ -34,13 +34,13 @@ from torch import Tensor, nn
 from polyquant.api import Calibration, MethodExample, QuantizedModel, RunOptions, register_handler
 from polyquant.cli import CliInputs
 from polyquant.config import QuantConfig, UsageError
-from polyquant.nn import QuantMatMul, calibrate, prepare
+from polyquant.nn import QuantMatMul, QuantMatMulKT, calibrate, prepare
 
 from .baselines import BASELINES, IntMinMaxConfig, int_act_spec, int_minmax_rules
 from .fp4dit import KEEP_FLOAT, FP4DiTConfig, fp4dit_rules, fp_act_spec
 from .models import SHIPPED, build_denoiser
 
-__all__ = ["METHODS", "QuantMatMulKT", "quantize_dit", "build_model", "example", "add_model_args", "load_inputs",
+__all__ = ["METHODS", "quantize_dit", "build_model", "example", "add_model_args", "load_inputs",
            "report_quantized", "add_load_args", "run_load"]
 
 PLUGIN = "diffusion"
@@ -49,18 +49,6 @@ METHODS: dict[str, type[QuantConfig]] = {"fp4dit": FP4DiTConfig, **BASELINES}
 
 
 # --- attention products (diffusers Attention, AttnProcessor2_0's path) --------------------------------------------
-
-
-class QuantMatMulKT(QuantMatMul):
-    """a @ b^T with both operands fake-quantized as given: q and k of shape (B, H, N, d), so a token-wise
-    quantizer of k sees k's tokens (not k^T's channels)."""
-
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        if self.a_quantizer is not None:
-            a = self.a_quantizer(a)
-        if self.b_quantizer is not None:
-            b = self.b_quantizer(b)
-        return a @ b.transpose(-1, -2)
 
 
 def _attention_forward(self: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,

@@ -13,6 +13,7 @@ from polyquant.nn import (
     QuantConv3d,
     QuantLinear,
     QuantMatMul,
+    QuantMatMulKT,
     QuantRule,
     QuantSpec,
     Quantizer,
@@ -151,6 +152,19 @@ def test_quant_matmul_and_act_quantizer() -> None:
         m.set_state("quantized")
     assert torch.allclose(mm(a, b), a @ b, atol=0.1)
     assert act(p).unique().numel() <= 16
+
+
+def test_quant_matmul_kt_quantizes_b_by_its_own_rows() -> None:
+    q, k = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 6, 8)
+    torch.testing.assert_close(QuantMatMulKT()(q, k), q @ k.transpose(-1, -2))
+    token = QuantSpec("int8", PerToken(), dynamic=True)
+    mm = QuantMatMulKT(b=token)
+    mm.b_quantizer.set_state("quantized")  # dynamic: qparams from every input, no calibration
+    k[..., 2, :] *= 100.0  # one token of k far larger: a per-token scale keeps the other tokens exact-ish
+    want = q @ mm.b_quantizer(k).transpose(-1, -2)
+    torch.testing.assert_close(mm(q, k), want)
+    err = (mm(q, k) - q @ k.transpose(-1, -2)).abs()
+    assert float(err[..., [0, 1, 3, 4, 5]].max()) < 0.05 * float(err[..., 2].max())
 
 
 def test_calibrate_errors() -> None:

@@ -18,7 +18,8 @@ from polyquant.primitives import PerGroup, PerToken  # noqa: E402
 from polyquant.plugins.diffusion.baselines import IntMinMaxConfig  # noqa: E402
 from polyquant.plugins.diffusion.calib import dit_forward, timestep_batches  # noqa: E402
 from polyquant.plugins.diffusion.fp4dit import FP4DiTConfig  # noqa: E402
-from polyquant.plugins.diffusion.methods import QuantMatMulKT, build_model, compare_samples, quantize_dit  # noqa: E402
+from polyquant.nn import QuantMatMulKT  # noqa: E402
+from polyquant.plugins.diffusion.methods import build_model, compare_samples, quantize_dit  # noqa: E402
 from polyquant.plugins.diffusion.models import SHIPPED  # noqa: E402
 
 
