@@ -58,6 +58,7 @@ __all__ = [
     "block_expand",
     "qparams_from_minmax",
     "choose_qparams",
+    "pow2_scale",
     "quantize_tensor",
     "dequantize",
     "fake_quantize",
@@ -288,6 +289,15 @@ def choose_qparams(
     return qparams_from_minmax(
         block_reduce(x, block_size, "amin"), block_reduce(x, block_size, "amax"), fmt, symmetric=symmetric, eps=eps
     )
+
+
+def pow2_scale(scale: Tensor) -> Tensor:
+    """The smallest power of two >= each scale: the scale a format with an integer exponent bias (or an E8M0 shared
+    exponent, as MX formats) can express, so the top code only reaches the range's max when it is 2^k times the
+    format's max. Rounding up never clips; ``scale`` must be positive and finite."""
+    if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+        raise ValueError("pow2_scale needs positive, finite scales")
+    return torch.exp2(torch.ceil(torch.log2(scale.float()))).to(scale.dtype)
 
 
 def _check_params(scale: Tensor, zero_point: Tensor | None, q: Tensor | None = None) -> None:

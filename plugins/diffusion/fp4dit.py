@@ -12,18 +12,10 @@ TMLR 2025, arXiv 2503.15465; code cccrrrccc/FP4DiT) on diffusers DiTs, as core f
 - optional block reconstruction over the calibration timesteps with scale-aware AdaRound (V' = step * V, core
   ``reconstruct`` with ``ReconstructConfig(scale_aware=True)``); ``recon_iters`` = 0 is round-to-nearest.
 
-Layers kept in float, the code's skip list (``quant_model.py::quant_module_refactor``) mapped to diffusers'
-``DiTTransformer2DModel`` names (the plugin's models are ``DiTDenoiser``s: every name under ``transformer.``):
-
-| FP4DiT (PixArt / Hunyuan)           | diffusers DiT                                                         |
-|-------------------------------------|-----------------------------------------------------------------------|
-| ``pos_embed`` (patch embedding)     | ``pos_embed.proj`` (Conv2d)                                           |
-| ``t_embedder`` / ``time_extra_emb`` | ``transformer_blocks.*.norm1.emb.timestep_embedder.linear_1/2``       |
-| ``text_embedder`` (the condition)   | ``transformer_blocks.*.norm1.emb.class_embedder`` (an Embedding)      |
-| ``norm_out``, ``proj_out`` (final)  | ``proj_out_1``, ``proj_out_2`` (and the affine-free ``norm_out``)     |
-
-Everything else (attention ``to_q / to_k / to_v / to_out.0``, ``ff.net.0.proj``, ``ff.net.2`` and the adaLN
-modulation ``norm1.linear`` of every block) is quantized.
+Layers kept in float follow the code's skip list (``quant_model.py::quant_module_refactor``: patch embedding,
+timestep and text / label embedders, final norm and projection), mapped to each diffusers class in ``archs.py``
+(DiT, PixArt, SD3, Flux); every other Linear (attention q / k / v / out, the FFN, the blocks' adaLN modulation)
+is quantized.
 """
 
 from __future__ import annotations
@@ -35,11 +27,8 @@ from torch import nn
 
 from polyquant.config import QuantConfig, float_field, int_field
 
-__all__ = ["FP4DiTConfig", "KEEP_FLOAT", "FF1_PATTERN", "ACT_FORMATS", "fp4dit_rules", "fp_act_spec"]
+__all__ = ["FP4DiTConfig", "ACT_FORMATS", "fp_rules", "fp_act_spec"]
 
-# fnmatch patterns of the module names kept float (see the table above); "*" prefixes let them match a bare DiT too
-KEEP_FLOAT = ("*pos_embed*", "*.norm1.emb.*", "*proj_out*", "*norm_out*")
-FF1_PATTERN = "*.ff.net.0.proj"  # the first FFN linear (before GELU) of diffusers' FeedForward
 ACT_FORMATS = {8: "e3m4", 6: "e2m3"}  # activation bits -> the code's format (act_mantissa_bits 4 / 3)
 
 
@@ -85,13 +74,14 @@ def fp_act_spec(abits: int):  # -> QuantSpec
     return QuantSpec(ACT_FORMATS[abits], PerToken(), dynamic=True)
 
 
-def fp4dit_rules(config: FP4DiTConfig) -> list:  # -> list[QuantRule]
-    """The quant rules of every quantized Linear (first match wins): E3M0 (``ff1_format``) on the first FFN
-    linear, ``weight_format`` elsewhere; symmetric absmax per group along in_features; token-wise FP inputs."""
+def fp_rules(weight_format: str, ff1_format: str, group_size: int, abits: int, ff1: list[str]) -> list:
+    """The quant rules of every quantized Linear (first match wins): ``ff1_format`` (E3M0) on the first FFN
+    linears (``ff1``: their fnmatch patterns, ``archs.ff1_patterns``), ``weight_format`` elsewhere; symmetric
+    absmax per group along in_features; token-wise FP inputs."""
     from polyquant.nn import QuantRule, QuantSpec
     from polyquant.primitives import PerGroup
 
-    act = fp_act_spec(config.abits)
-    group = PerGroup(config.group_size, axis=-1)
-    return [QuantRule(FF1_PATTERN, weight=QuantSpec(config.ff1_format, group), input=act),
-            QuantRule(nn.Linear, weight=QuantSpec(config.weight_format, group), input=act)]
+    act = fp_act_spec(abits)
+    group = PerGroup(group_size, axis=-1)
+    return [*(QuantRule(p, weight=QuantSpec(ff1_format, group), input=act) for p in ff1),
+            QuantRule(nn.Linear, weight=QuantSpec(weight_format, group), input=act)]

@@ -26,6 +26,7 @@ import argparse
 import copy
 import fnmatch
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -36,9 +37,14 @@ from polyquant.cli import CliInputs
 from polyquant.config import QuantConfig, UsageError
 from polyquant.nn import QuantMatMul, QuantMatMulKT, calibrate, prepare
 
-from .baselines import BASELINES, IntMinMaxConfig, int_act_spec, int_minmax_rules
-from .fp4dit import KEEP_FLOAT, FP4DiTConfig, fp4dit_rules, fp_act_spec
-from .models import SHIPPED, build_denoiser
+from .archs import (block_names, build_transformer, example_kwargs, ff1_patterns, find_transformer,
+                    keep_float_patterns, transformer_config)
+from .attention import register as register_attention
+from .attention import supported
+from .baselines import (BASELINES, AdaRoundConfig, FixedBiasConfig, Int8Config, IntMinMaxConfig, int_act_spec,
+                        int_rules)
+from .fp4dit import FP4DiTConfig, fp_act_spec, fp_rules
+from .models import SHIPPED, DiTDenoiser, build_denoiser
 
 __all__ = ["METHODS", "quantize_dit", "build_model", "example", "add_model_args", "load_inputs",
            "report_quantized", "add_load_args", "run_load"]
@@ -48,128 +54,110 @@ PLUGIN = "diffusion"
 METHODS: dict[str, type[QuantConfig]] = {"fp4dit": FP4DiTConfig, **BASELINES}
 
 
-# --- attention products (diffusers Attention, AttnProcessor2_0's path) --------------------------------------------
-
-
-def _attention_forward(self: Any, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                       attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
-    # diffusers Attention with AttnProcessor2_0, its two products as self.matmul_qk / self.matmul_av (3-D inputs).
-    if hidden_states.ndim != 3 or self.spatial_norm is not None or self.group_norm is not None:
-        raise NotImplementedError("the quantized attention takes (B, N, C) hidden states without spatial / group "
-                                  "norms (diffusers DiT / PixArt attention)")
-    residual = hidden_states
-    b, n, _ = hidden_states.shape
-    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    if encoder_hidden_states is not None and self.norm_cross:
-        context = self.norm_encoder_hidden_states(context)
-    q, k, v = self.to_q(hidden_states), self.to_k(context), self.to_v(context)  # (B, N, H d), (B, M, H d)
-    d = k.shape[-1] // self.heads
-    q = q.view(b, -1, self.heads, d).transpose(1, 2)  # (B, H, N, d)
-    k = k.view(b, -1, self.heads, d).transpose(1, 2)  # (B, H, M, d)
-    v = v.view(b, -1, self.heads, d).transpose(1, 2)  # (B, H, M, d)
-    if self.norm_q is not None:
-        q = self.norm_q(q)
-    if self.norm_k is not None:
-        k = self.norm_k(k)
-    scores = self.matmul_qk(q, k) * self.scale  # (B, H, N, M)
-    if attention_mask is not None:
-        mask = self.prepare_attention_mask(attention_mask, k.shape[2], b)
-        scores = scores + mask.view(b, self.heads, -1, mask.shape[-1])
-    attn = scores.softmax(dim=-1)
-    out = self.matmul_av(attn, v)  # (B, H, N, d)
-    out = out.transpose(1, 2).reshape(b, n, self.heads * d).to(q.dtype)
-    out = self.to_out[1](self.to_out[0](out))
-    if self.residual_connection:
-        out = out + residual
-    return out / self.rescale_output_factor
-
-
-_REGISTERED = [False]
-
-
-def _register_attention() -> None:
-    if _REGISTERED[0]:
-        return
-    from diffusers.models.attention_processor import Attention
-
-    from polyquant.surgery import register_product_patch
-
-    register_product_patch(Attention, _attention_forward, product=QuantMatMulKT)
-    _REGISTERED[0] = True
-
-
 # --- placement ------------------------------------------------------------------------------------------------------
 
 
-def _rules_and_act(config: QuantConfig) -> tuple[list, Any]:
-    if isinstance(config, FP4DiTConfig):
-        return fp4dit_rules(config), fp_act_spec(config.abits)
+def _method(config: QuantConfig) -> str:
+    return next(name for name, cls in METHODS.items() if type(config) is cls)
+
+
+def _rules_and_act(config: QuantConfig, ff1: list[str]) -> tuple[list, Any]:
+    if isinstance(config, (FP4DiTConfig, FixedBiasConfig)):
+        return (fp_rules(config.weight_format, config.ff1_format, config.group_size, config.abits, ff1),
+                fp_act_spec(config.abits))
+    if isinstance(config, AdaRoundConfig):
+        if config.grid == "fp":
+            return fp_rules("e2m1", "e3m0", config.group_size, config.abits, ff1), fp_act_spec(config.abits)
+        return int_rules(4, config.abits, config.group_size), int_act_spec(config.abits)
     if isinstance(config, IntMinMaxConfig):
-        return int_minmax_rules(config), int_act_spec(config.abits)
+        return int_rules(config.wbits, config.abits, config.group_size), int_act_spec(config.abits)
+    if isinstance(config, Int8Config):
+        return int_rules(8, 8, None), int_act_spec(8)
     raise TypeError(f"not a diffusion config: {type(config).__name__}")
 
 
-def _check_groups(model: nn.Module, group_size: int, method: str) -> None:
+def _check_groups(model: nn.Module, group_size: int | None, method: str) -> None:
+    if group_size is None:
+        return
+    keep = keep_float_patterns(model)
     for name, m in model.named_modules():
-        if type(m) is nn.Linear and not any(fnmatch.fnmatchcase(name, p) for p in KEEP_FLOAT):
+        if type(m) is nn.Linear and not any(fnmatch.fnmatchcase(name, p) for p in keep):
             if m.in_features % group_size:
                 raise UsageError(f"{PLUGIN}/{method}: group_size {group_size} does not divide {name}'s in_features "
                                  f"{m.in_features}; pick a divisor (e.g. {math.gcd(group_size, m.in_features)})")
 
 
-def quantize_dit(model: nn.Module, config: QuantConfig, method: str) -> nn.Module:
-    """Put ``config``'s quant layers on a diffusers DiT (or a ``DiTDenoiser``), in place: every Linear but the
-    float-kept ones (``fp4dit.KEEP_FLOAT``), and with ``quantize_qkv`` attention's q / k / v. Unset quantizers
-    (``calibrate`` freezes them)."""
-    _check_groups(model, config.group_size, method)  # type: ignore[attr-defined]
-    rules, act = _rules_and_act(config)
+def quantize_dit(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Put ``config``'s quant layers on a diffusers transformer (DiT, PixArt, SD3, Flux; or a model holding one,
+    as the ``DiTDenoiser``), in place: every Linear but the float-kept ones (``archs.LAYOUTS``), and with
+    ``quantize_qkv`` attention's q / k / v (``attention.py``). Unset quantizers (``calibrate`` freezes them)."""
+    method = _method(config)
     try:
-        prepare(model, rules, ignore=KEEP_FLOAT, inplace=True)
+        keep, ff1 = keep_float_patterns(model), ff1_patterns(model)
+    except ValueError as e:
+        raise UsageError(f"{PLUGIN}/{method}: {e}") from None
+    _check_groups(model, getattr(config, "group_size", None), method)
+    rules, act = _rules_and_act(config, ff1)
+    try:
+        prepare(model, rules, ignore=keep, inplace=True)
     except ValueError as e:
         raise UsageError(f"{PLUGIN}/{method}: {e}") from None
     if config.quantize_qkv:  # type: ignore[attr-defined]
-        from diffusers.models.attention_processor import Attention
-
         from polyquant.surgery import patch_products
 
-        _register_attention()
+        classes = register_attention()
+        skipped = [n for n, m in model.named_modules() if type(m) in classes and not supported(m)]
+        if skipped:
+            warnings.warn(f"{PLUGIN}/{method}: {len(skipped)} attention module(s) use a processor without a quantized "
+                          f"path (e.g. {skipped[0]}); their q / k / v stay float", stacklevel=2)
         # matmul_qk = q @ k^T quantizes q and k (QuantMatMulKT); matmul_av = attn @ v only v (softmax stays float)
         patch_products(model, lambda site: QuantMatMulKT(a=act, b=act, name=site.name) if site.product == "matmul_qk"
-                       else QuantMatMul(b=act, name=site.name), classes=[Attention])
+                       else QuantMatMul(b=act, name=site.name), classes=classes, ignore=skipped)
     return model
 
 
-def _blocks(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if n.rsplit(".", 1)[0].endswith("transformer_blocks")
-            and n.rsplit(".", 1)[-1].isdigit()]
-
-
 def _quantize(model: nn.Module, config: QuantConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
-    method = "fp4dit" if isinstance(config, FP4DiTConfig) else "int_minmax"
     iters = getattr(config, "recon_iters", 0)
+    # a bare diffusers transformer (a user's) describes itself: its class and config rebuild it at load
+    described = transformer_config(model) if not isinstance(model, DiTDenoiser) and _is_transformer(model) else None
     fp_model = copy.deepcopy(model) if iters else None
-    quantize_dit(model, config, method)
+    quantize_dit(model, config)
     calibrate(model, calib, progress=run.progress)  # activations are dynamic: this freezes the weight quantizers
+    if isinstance(config, FixedBiasConfig):
+        from polyquant.nn import QuantWeightModule
+        from polyquant.primitives import pow2_scale
+
+        for m in model.modules():  # integer exponent bias: each group's range moves in powers of two
+            if isinstance(m, QuantWeightModule) and m.weight_quantizer is not None:
+                m.weight_quantizer.freeze(pow2_scale(m.weight_quantizer.scale))
     if iters:
         from polyquant.reconstruct import ReconstructConfig, reconstruct
 
-        assert isinstance(config, FP4DiTConfig)
+        assert isinstance(config, (FP4DiTConfig, AdaRoundConfig))
         rc = ReconstructConfig("adaround", iters=iters, lr=config.recon_lr or None, batch_size=config.recon_batch,
-                               scale_aware=config.scale_aware, seed=config.seed)
-        reconstruct(model, _blocks(model), list(calib.batches), rc, fp_model=fp_model, forward_fn=calib.forward,
+                               scale_aware=getattr(config, "scale_aware", False), seed=config.seed)
+        reconstruct(model, block_names(model), list(calib.batches), rc, fp_model=fp_model, forward_fn=calib.forward,
                     progress=run.progress)
-    return QuantizedModel(model.eval(), config)
+    return QuantizedModel(model.eval(), config, model_config=described)
+
+
+def _is_transformer(model: nn.Module) -> bool:
+    try:
+        return find_transformer(model)[1] is model
+    except ValueError:
+        return False
 
 
 def _prepare(skeleton: nn.Module, config: QuantConfig, state: dict[str, Any]) -> nn.Module:
-    method = "fp4dit" if isinstance(config, FP4DiTConfig) else "int_minmax"
-    return quantize_dit(skeleton, config, method)
+    return quantize_dit(skeleton, config)
 
 
-def _example_input(model: nn.Module, state: dict[str, Any]) -> dict[str, Tensor]:
-    cfg = model.config
-    s, c = int(cfg.sample_size), int(cfg.in_channels)
-    return {"x_t": torch.zeros(1, c, s, s), "t": torch.tensor([500]), "labels": torch.tensor([0])}
+def _example_input(model: nn.Module, state: dict[str, Any]) -> Any:
+    if isinstance(model, DiTDenoiser):
+        cfg = model.config
+        s, c = int(cfg.sample_size), int(cfg.in_channels)
+        return {"x_t": torch.zeros(1, c, s, s), "t": torch.tensor([500]), "labels": torch.tensor([0])}
+    return example_kwargs(model, batch=1)
 
 
 for _name, _cls in METHODS.items():
@@ -180,8 +168,11 @@ for _name, _cls in METHODS.items():
 
 
 def build_model(model_config: dict[str, Any]) -> nn.Module:
-    """The float ``DiTDenoiser`` a model config describes (``models.build_model``'s DiT wrapped; ``polyquant.load``
-    calls this)."""
+    """The float model a model config describes (``polyquant.load`` calls this): ``{"name": "digits-dit"}`` or a
+    digits-DiT architecture -> a ``DiTDenoiser``; ``{"diffusers": class name, "config": {...}}`` (a user's
+    transformer, ``archs.transformer_config``) -> that diffusers transformer."""
+    if isinstance(model_config, dict) and "diffusers" in model_config:
+        return build_transformer(model_config)
     return build_denoiser(model_config)
 
 
@@ -194,7 +185,9 @@ def example(method: str) -> MethodExample:
     model = build_model({"name": SHIPPED})
     calib = timestep_batches(model, torch.arange(4), steps=4, scheduler="ddim", seed=1)
     inputs = timestep_batches(model, torch.tensor([5, 6, 7, 8]), steps=2, scheduler="ddim", seed=2)[1]
-    config = FP4DiTConfig(recon_iters=2, recon_batch=4) if method == "fp4dit" else METHODS[method]()
+    configs: dict[str, QuantConfig] = {"fp4dit": FP4DiTConfig(recon_iters=2, recon_batch=4),
+                                       "adaround": AdaRoundConfig(recon_iters=2, recon_batch=4)}
+    config = configs.get(method) or METHODS[method]()
     return MethodExample(model=model, config=config, calib=calib, inputs=inputs)
 
 

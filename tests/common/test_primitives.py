@@ -302,3 +302,16 @@ def test_wrong_rank_block_size_and_wrong_size_scale_refused() -> None:
     # Any shape with one entry per block is still read in the scale shape's order.
     assert torch.equal(fake_quantize(x, "int4", torch.full((3,), 0.1), None, (1, 4)),
                        fake_quantize(x, "int4", torch.full((3, 1), 0.1), None, (1, 4)))
+
+
+def test_pow2_scale_rounds_up_to_powers_of_two() -> None:
+    from polyquant.primitives import pow2_scale
+
+    s = torch.tensor([0.3, 0.25, 1.0, 1.0001, 6.0, 2.0**-20])
+    assert pow2_scale(s).tolist() == [0.5, 0.25, 1.0, 2.0, 8.0, 2.0**-20]
+    # fixed exponent bias: E2M1's top code (6) times a pow2 scale covers the group max, never clips
+    absmax = torch.rand(100, generator=torch.Generator().manual_seed(0)) * 10 + 1e-3
+    p = pow2_scale(absmax / 6)
+    assert bool((p * 6 >= absmax).all()) and bool((p * 3 < absmax).all())
+    with pytest.raises(ValueError, match="positive"):
+        pow2_scale(torch.tensor([0.0, 1.0]))

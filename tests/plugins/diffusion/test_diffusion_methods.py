@@ -52,7 +52,7 @@ def test_calibration_follows_the_sampler(model: torch.nn.Module, calib: list) ->
 
 
 def test_fp4dit_quantizers_and_float_layers(model: torch.nn.Module) -> None:
-    q = quantize_dit(copy.deepcopy(model), FP4DiTConfig(), "fp4dit")
+    q = quantize_dit(copy.deepcopy(model), FP4DiTConfig())
     linears = {n: m for n, m in q.named_modules() if isinstance(m, QuantLinear)}
     per_block = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2",
                  "norm1.linear"]
@@ -77,7 +77,7 @@ def test_fp4dit_quantizers_and_float_layers(model: torch.nn.Module) -> None:
                     | {f"transformer.transformer_blocks.{i}.norm1.emb.{e}" for i in range(4)
                        for e in ("timestep_embedder.linear_1", "timestep_embedder.linear_2",
                                  "class_embedder.embedding_table")})
-    a6 = quantize_dit(copy.deepcopy(model), FP4DiTConfig(abits=6, weight_format="e1m2", quantize_qkv=False), "fp4dit")
+    a6 = quantize_dit(copy.deepcopy(model), FP4DiTConfig(abits=6, weight_format="e1m2", quantize_qkv=False))
     lin = a6.get_submodule("transformer.transformer_blocks.0.attn1.to_q")
     assert lin.weight_quantizer.spec.fmt.name == "e1m2" and lin.input_quantizer.spec.fmt.name == "e2m3"
     assert not hasattr(a6.get_submodule("transformer.transformer_blocks.0.attn1"), "matmul_qk")
