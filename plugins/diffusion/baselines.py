@@ -39,12 +39,14 @@ class IntMinMaxConfig(QuantConfig):
         wbits: weight bits (INT, asymmetric, per group).
         abits: activation bits (INT, symmetric, one absmax scale per token, every forward).
         group_size: consecutive input weights sharing one range; must divide every quantized linear's in_features.
+            0: one range per output channel (Q-Diffusion's own granularity, the baseline FP4DiT's paper compares
+            with).
         quantize_qkv: also quantize attention's q, k and v (token-wise); softmax stays float.
     """
 
     wbits: int = bits_field(4, 2, 8)
     abits: int = bits_field(8, 4, 8)
-    group_size: int = int_field(32, 1, 4096)
+    group_size: int = int_field(32, 0, 4096)
     quantize_qkv: bool = True
 
 
@@ -69,7 +71,8 @@ class AdaRoundConfig(QuantConfig):
         grid: "int": asymmetric INT4 min-max per group (int_minmax's) with INT token-wise activations; "fp":
             FP4DiT's E2M1 (E3M0 on the first FFN linear) with FP token-wise activations.
         abits: activation bits: 8 or 6 (INT8 / INT6, or E3M4 / E2M3).
-        group_size: consecutive input weights sharing one scale (FP4DiT's 32 on the digits DiT).
+        group_size: consecutive input weights sharing one scale (FP4DiT's 32 on the digits DiT); 0: one per output
+            channel (Q-Diffusion's INT granularity; the FP grid needs a group size).
         quantize_qkv: also quantize attention's q, k and v.
         recon_iters: AdaRound iterations per transformer block (Q-Diffusion's 20k; 0: round-to-nearest).
         recon_lr: Adam learning rate of V; 0 uses the core's AdaRound default (min(1e-2, 20 / iters)).
@@ -79,7 +82,7 @@ class AdaRoundConfig(QuantConfig):
 
     grid: Literal["int", "fp"] = "int"
     abits: Literal[6, 8] = 8
-    group_size: int = int_field(32, 1, 4096)
+    group_size: int = int_field(32, 0, 4096)
     quantize_qkv: bool = True
     recon_iters: int = int_field(300, 0, 100_000)
     recon_lr: float = float_field(0.0, 0.0, 1.0)
@@ -115,16 +118,14 @@ def int_act_spec(abits: int):  # -> QuantSpec
     return QuantSpec(f"int{abits}", PerToken(), dynamic=True)
 
 
-def int_rules(wbits: int, abits: int, group_size: int | None) -> list:  # -> list[QuantRule]
-    """Every quantized Linear: INT weights (asymmetric min-max per group along in_features; ``group_size`` None:
-    symmetric per output channel), token-wise INT inputs."""
+def int_rules(wbits: int, abits: int, group_size: int, *, symmetric: bool = False) -> list:  # -> list[QuantRule]
+    """Every quantized Linear: INT min-max weights per group of ``group_size`` along in_features (0: per output
+    channel), asymmetric unless ``symmetric``; token-wise INT inputs."""
     from polyquant.nn import QuantRule, QuantSpec
     from polyquant.primitives import PerChannel, PerGroup
 
-    if group_size is None:
-        weight = QuantSpec(f"int{wbits}", PerChannel(0))
-    else:
-        weight = QuantSpec(f"int{wbits}", PerGroup(group_size, axis=-1), symmetric=False)
+    granularity = PerGroup(group_size, axis=-1) if group_size else PerChannel(0)
+    weight = QuantSpec(f"int{wbits}", granularity, symmetric=symmetric)
     return [QuantRule(nn.Linear, weight=weight, input=int_act_spec(abits))]
 
 

@@ -8,34 +8,60 @@ and ``reconstruct`` re-run them block by block.
 
     batches = timestep_batches(model, labels, steps=20, scheduler="plms", seed=0)   # [{"x_t", "t", "labels"}]
     calib = Calibration(batches, dit_forward)   # or just the list: a DiTDenoiser takes model(**batch)
+
+``record_calls(transformer, run)`` is the general recorder under it: any code that samples (a diffusers pipeline,
+``pipeline.quantize_pipeline``) runs with a forward pre-hook on the transformer that keeps each call's keyword
+inputs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["timestep_batches", "dit_forward"]
+__all__ = ["record_calls", "timestep_batches", "dit_forward"]
 
 
-class _Recorder(nn.Module):
-    """Stands in for the DiT in ``models.sample``: records each call's inputs, then runs the DiT."""
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
-    def __init__(self, transformer: nn.Module) -> None:
-        super().__init__()
-        self.transformer = transformer
-        self.calls: list[dict[str, Tensor]] = []
 
-    @property
-    def config(self) -> Any:
-        return self.transformer.config
+@torch.no_grad()
+def record_calls(transformer: nn.Module, run: Callable[[], Any], *, progress: bool = False,
+                 total: int | None = None) -> list[dict[str, Any]]:
+    """Run ``run()`` and return the keyword inputs of every ``transformer`` call it made, in order (positional
+    arguments named after the forward's parameters; None values and ``return_dict`` dropped; tensors on the
+    CPU). ``progress``: a bar counting the calls (``total``: how many are expected). ValueError when ``run`` never
+    calls the transformer."""
+    from tqdm.auto import tqdm
 
-    def forward(self, hidden_states: Tensor, timestep: Tensor, class_labels: Tensor, return_dict: bool = False) -> Any:
-        self.calls.append({"x_t": hidden_states.detach().cpu().clone(), "t": timestep.detach().cpu().clone(),
-                           "labels": class_labels.detach().cpu().clone()})
-        return self.transformer(hidden_states, timestep=timestep, class_labels=class_labels, return_dict=return_dict)
+    signature = inspect.signature(transformer.forward)
+    calls: list[dict[str, Any]] = []
+    bar = tqdm(total=total, desc="calibration (sampling)", unit="call", disable=not progress)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        calls.append({k: _to_cpu(v) for k, v in bound.items() if v is not None and k != "return_dict"})
+        bar.update(1)
+
+    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+        bar.close()
+    if not calls:
+        raise ValueError("the calibration run never called the transformer")
+    return calls
 
 
 def _transformer(model: nn.Module) -> nn.Module:
@@ -44,11 +70,11 @@ def _transformer(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def timestep_batches(model: nn.Module, labels: Tensor, *, steps: int = 20, scheduler: str = "plms", seed: int = 0,
-                     batch_size: int | None = None) -> list[dict[str, Tensor]]:
+                     batch_size: int | None = None, progress: bool = False) -> list[dict[str, Tensor]]:
     """The float ``model``'s inputs at every step of sampling ``labels`` (N,) from the noise of ``seed``: one dict
     ``{"x_t": (B, C, S, S), "t": (B,) int64, "labels": (B,)}`` per model call (PLMS calls the model steps + 1
     times), on the CPU, in sampling order. ``batch_size`` splits the labels into several sampling runs (seeds
-    ``seed``, ``seed + 1``, ...). The model is not changed."""
+    ``seed``, ``seed + 1``, ...). ``progress``: a bar over the model calls. The model is not changed."""
     from .models import sample
 
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
@@ -57,10 +83,16 @@ def timestep_batches(model: nn.Module, labels: Tensor, *, steps: int = 20, sched
     size = len(labels) if batch_size is None else batch_size
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    recorder = _Recorder(_transformer(model))
-    for i, chunk in enumerate(labels.split(size)):
-        sample(recorder, chunk, steps=steps, scheduler=scheduler, seed=seed + i)
-    return recorder.calls
+    chunks = labels.split(size)
+    transformer = _transformer(model)
+
+    def run() -> None:
+        for i, chunk in enumerate(chunks):
+            sample(transformer, chunk, steps=steps, scheduler=scheduler, seed=seed + i)
+
+    calls = record_calls(transformer, run, progress=progress,
+                         total=len(chunks) * (steps + 1 if scheduler == "plms" else steps))
+    return [{"x_t": c["hidden_states"], "t": c["timestep"], "labels": c["class_labels"]} for c in calls]
 
 
 def dit_forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -1,5 +1,7 @@
-"""The impl module of plugin ``diffusion`` (``SPEC.impl``): FP4DiT and its INT baseline on diffusers DiTs (one file
-per method's config: ``fp4dit.py``, ``baselines.py``; calibration across timesteps: ``calib.py``).
+"""The impl module of plugin ``diffusion`` (``SPEC.impl``): FP4DiT and its baselines on diffusers transformers (one
+file per method family's configs: ``fp4dit.py``, ``baselines.py``; which layers of DiT / PixArt / SD3 / Flux:
+``archs.py``; quantized attention products: ``attention.py``; calibration across timesteps: ``calib.py``;
+pipelines: ``pipeline.py``).
 
     import polyquant as pq
     from polyquant.plugins.diffusion.calib import timestep_batches
@@ -9,15 +11,23 @@ per method's config: ``fp4dit.py``, ``baselines.py``; calibration across timeste
     model = build_model({"name": "digits-dit"})                         # a DiTDenoiser: eps = model(x_t, t, labels)
     calib = timestep_batches(model, torch.arange(10).repeat(2), steps=20, scheduler="plms")
     qm = pq.quantize(model, FP4DiTConfig(abits=8, recon_iters=500), calib=calib)
-    pq.save(qm, "fp4dit_w4a8.safetensors"); qm = pq.load("fp4dit_w4a8.safetensors")
+    pq.save(qm, "fp4dit_w4a8.safetensors"); qm = pq.load("fp4dit_w4a8.safetensors", mode="packed")
 
     polyquant quantize diffusion/fp4dit --model tiny --abits 6 --recon-iters 500 --out fp4dit_w4a6.safetensors
+    polyquant quantize diffusion/fp4dit --model DIR --prompts prompts.txt --out pixart_w4a8.safetensors
+
+A user's transformer (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``, ``SD3Transformer2DModel``,
+``FluxTransformer2DModel``) is quantized bare, calibrated on the calls its pipeline makes
+(``pipeline.quantize_pipeline``); the artifact records its class and config, so ``polyquant.load`` rebuilds it.
 
 Every method is core quant layers (``QuantLinear`` with a per-group weight quantizer and a dynamic token-wise input
-quantizer) plus, with ``quantize_qkv``, diffusers ``Attention`` modules patched by the core's product patches
-(``polyquant.surgery``): q @ k^T and attn @ v computed by ``matmul_qk`` / ``matmul_av`` product modules whose
-quantizers see q, k and v token-wise (k untransposed: the core's ``QuantMatMulKT``); the softmax output stays float. The
-``prepare`` hook rebuilds both on a float skeleton, so the core's export, restore and packing do the rest.
+quantizer) plus, with ``quantize_qkv``, diffusers attention modules patched by the core's product patches
+(``polyquant.surgery``, ``attention.py``): q @ k^T and attn @ v computed by ``matmul_qk`` / ``matmul_av`` product
+modules whose quantizers see q, k and v token-wise (k untransposed: the core's ``QuantMatMulKT``); the softmax
+output stays float. The ``prepare`` hook rebuilds both on a float skeleton, so the core's export, restore and
+packing do the rest: FP4DiT's weights are the core's ``float`` entries (E2M1 / E3M0 / E1M2 codes + group scales;
+the grid is the format's, the real-valued bias is the scale), which ``PackedLinear`` runs on the kernels' FP4 GEMM
+on CUDA (E2M1) and by decode on the CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import copy
 import fnmatch
 import math
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -67,17 +77,20 @@ def _rules_and_act(config: QuantConfig, ff1: list[str]) -> tuple[list, Any]:
                 fp_act_spec(config.abits))
     if isinstance(config, AdaRoundConfig):
         if config.grid == "fp":
+            if not config.group_size:
+                raise UsageError("diffusion/adaround: the FP grid needs a group size (absmax per group); group_size 0 "
+                                 "(per channel) is for grid='int'")
             return fp_rules("e2m1", "e3m0", config.group_size, config.abits, ff1), fp_act_spec(config.abits)
         return int_rules(4, config.abits, config.group_size), int_act_spec(config.abits)
     if isinstance(config, IntMinMaxConfig):
         return int_rules(config.wbits, config.abits, config.group_size), int_act_spec(config.abits)
     if isinstance(config, Int8Config):
-        return int_rules(8, 8, None), int_act_spec(8)
+        return int_rules(8, 8, 0, symmetric=True), int_act_spec(8)
     raise TypeError(f"not a diffusion config: {type(config).__name__}")
 
 
 def _check_groups(model: nn.Module, group_size: int | None, method: str) -> None:
-    if group_size is None:
+    if not group_size:  # None / 0: per output channel
         return
     keep = keep_float_patterns(model)
     for name, m in model.named_modules():
@@ -198,40 +211,134 @@ def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:
     """Model and calibration options of ``polyquant quantize diffusion/<method>``."""
     group = parser.add_argument_group("model and calibration (diffusion)")
     group.add_argument("--model", default="tiny",
-                       help="'tiny': the shipped class-conditional digits DiT (diffusers DiTTransformer2DModel); "
-                            "a user's diffusers folder comes in a later version (default: %(default)s)")
+                       help="'tiny': the shipped class-conditional digits DiT; or DIR, a diffusers folder "
+                            "(save_pretrained layout, safetensors): a pipeline (model_index.json) whose transformer "
+                            "is a DiT, PixArt, SD3 or Flux one, or a DiTTransformer2DModel folder (config.json) "
+                            "(default: %(default)s)")
+    group.add_argument("--prompts", default=None, metavar="FILE",
+                       help="text-to-image pipelines: a UTF-8 file of calibration prompts, one per line")
     group.add_argument("--sampler", choices=("plms", "ddim"), default="plms",
-                       help="scheduler of the calibration (and report) sampling runs (default: %(default)s)")
+                       help="scheduler of the calibration (and report) sampling runs of 'tiny' and of a DiT "
+                            "transformer folder; a pipeline samples with its own scheduler (default: %(default)s)")
     group.add_argument("--calib-steps", type=int, default=20, help="sampling steps of calibration (default: 20)")
     group.add_argument("--calib-images", type=int, default=20,
-                       help="images sampled for calibration, labels 0..9 in turn (default: %(default)s)")
+                       help="images sampled for calibration: class labels 0, 1, 2, ... in turn, or the first "
+                            "prompts (default: %(default)s)")
     group.add_argument("--calib-seed", type=int, default=0, help="noise seed of calibration (default: 0)")
     group.add_argument("--eval-images", type=int, default=20,
                        help="images sampled (float vs quantized, same noise) for the report (default: %(default)s)")
 
 
-def _model_arg(model: str) -> None:
-    if model != "tiny":
-        raise UsageError(f"--model {model}: only 'tiny' (the shipped digits DiT) is supported in this version")
+def _check_args(args: argparse.Namespace) -> None:
+    if not 1 <= args.calib_steps <= 1000 or not 1 <= args.calib_images <= 10_000 \
+            or not 0 <= args.eval_images <= 10_000:
+        raise UsageError("--calib-steps must be in [1, 1000], --calib-images in [1, 10000], --eval-images in "
+                         "[0, 10000]")
+    if not 0 <= args.calib_seed < 2**31:
+        raise UsageError(f"--calib-seed must be in [0, 2^31), got {args.calib_seed}")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompts is None:
+        raise UsageError(f"--model {args.model}: a text-to-image pipeline calibrates on prompts: pass --prompts FILE")
+    try:
+        with open(args.prompts, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--prompts {args.prompts}: cannot read it ({type(e).__name__})") from None
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UsageError(f"--prompts {args.prompts}: no prompt in it (one per line)")
+    return lines
+
+
+def _sampling_run(pipe: Any, transformer: nn.Module, args: argparse.Namespace, images: int,
+                  seed: int) -> Callable[[], None]:
+    """What samples ``images`` images: the pipeline (class labels for a DiT, prompts for the others) or, for a
+    bare DiT, ``models.sample``; chunks of 8 images with noise seeds ``seed``, ``seed + 1``, ..."""
+    from .models import sample
+
+    chunk = 8
+    class_conditional = type(transformer).__name__ == "DiTTransformer2DModel"
+    n_classes = int(getattr(transformer.config, "num_embeds_ada_norm", None) or 1)
+    prompts = None if class_conditional else _prompts(args)
+
+    def run() -> None:
+        for i, start in enumerate(range(0, images, chunk)):
+            n = min(chunk, images - start)
+            gen = torch.Generator().manual_seed(seed + i)
+            labels = [(start + j) % n_classes for j in range(n)]
+            if pipe is None:
+                sample(transformer, torch.tensor(labels), steps=args.calib_steps, scheduler=args.sampler,
+                       seed=seed + i)
+            elif prompts is None:
+                pipe(class_labels=labels, generator=gen, num_inference_steps=args.calib_steps, output_type="pt")
+            else:
+                pipe(prompt=[prompts[(start + j) % len(prompts)] for j in range(n)], generator=gen,
+                     num_inference_steps=args.calib_steps, output_type="latent")
+    return run
+
+
+def _folder_inputs(args: argparse.Namespace) -> CliInputs:
+    from polyquant.api import progress_default
+    from polyquant.nn import Calibration
+
+    from .calib import record_calls
+    from .pipeline import calls_bytes, load_folder, transformer_forward
+
+    try:
+        pipe, transformer = load_folder(args.model)
+    except ValueError as e:
+        raise UsageError(f"--model: {e}") from None
+    if pipe is None and type(transformer).__name__ != "DiTTransformer2DModel":
+        raise UsageError(f"--model {args.model}: a {type(transformer).__name__} alone cannot sample (no text encoder "
+                         "or scheduler): pass its pipeline folder (model_index.json)")
+    if pipe is not None:
+        pipe.set_progress_bar_config(disable=True)
+    calls = record_calls(transformer, _sampling_run(pipe, transformer, args, args.calib_images, args.calib_seed),
+                         progress=progress_default() and not args.quiet)
+    held = [] if not args.eval_images else record_calls(
+        transformer, _sampling_run(pipe, transformer, args, args.eval_images, args.calib_seed + 10_000))
+    n_params = sum(p.numel() for p in transformer.parameters())
+    how = type(pipe).__name__ if pipe is not None else f"{args.sampler} sampling"
+    label = (f"{type(transformer).__name__} from {args.model} ({n_params / 1e6:.2f} M parameters), {len(calls)} "
+             f"calibration calls ({args.calib_images} images x {args.calib_steps} steps, {how}; "
+             f"{calls_bytes(calls) / 2**20:.1f} MiB of inputs held)")
+    return CliInputs(model=transformer, model_config=transformer_config(transformer),
+                     calib=Calibration(calls, transformer_forward), label=label, evaluation={"calls": held})
 
 
 def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> CliInputs:
-    """The shipped DiT and its inputs at every step of sampling ``--calib-images`` labels."""
+    """The shipped DiT (``--model tiny``) or a user's diffusers folder, and the transformer's inputs at every step
+    of sampling ``--calib-images`` images."""
+    from polyquant.api import progress_default
+
     from .calib import timestep_batches
 
-    _model_arg(args.model)
-    if not 1 <= args.calib_steps <= 1000 or not 1 <= args.calib_images <= 10_000 or not 1 <= args.eval_images <= 10_000:
-        raise UsageError("--calib-steps must be in [1, 1000], --calib-images and --eval-images in [1, 10000]")
-    if not 0 <= args.calib_seed < 2**31:
-        raise UsageError(f"--calib-seed must be in [0, 2^31), got {args.calib_seed}")
+    _check_args(args)
+    if args.model != "tiny":
+        return _folder_inputs(args)
     model = build_model({"name": SHIPPED})
     labels = torch.arange(args.calib_images) % 10
     calib = timestep_batches(model, labels, steps=args.calib_steps, scheduler=args.sampler, seed=args.calib_seed,
-                             batch_size=32)
+                             batch_size=32, progress=progress_default() and not args.quiet)
     label = (f"digits DiT ({SHIPPED}), {len(calib)} calibration batches: {args.calib_images} images x "
              f"{args.calib_steps} {args.sampler} steps")
     return CliInputs(model=model, model_config={"name": SHIPPED}, calib=calib, label=label,
                      evaluation={"images": args.eval_images, "sampler": args.sampler, "steps": args.calib_steps})
+
+
+@torch.no_grad()
+def prediction_error(float_model: nn.Module, qmodel: nn.Module, calls: list[dict[str, Any]]) -> float:
+    """Mean over recorded transformer calls of ||q - f||^2 / ||f||^2: the quantized vs the float transformer's
+    first output (the noise / velocity prediction) on the same inputs."""
+    from .pipeline import transformer_forward
+
+    errs = []
+    for c in calls:
+        f, q = transformer_forward(float_model, c).float(), transformer_forward(qmodel, c).float()
+        errs.append(float((q - f).pow(2).sum() / f.pow(2).sum().clamp_min(1e-30)))
+    return sum(errs) / len(errs)
 
 
 def compare_samples(float_model: nn.Module, qmodel: nn.Module, labels: Tensor, *, steps: int = 20,
@@ -250,12 +357,24 @@ def compare_samples(float_model: nn.Module, qmodel: nn.Module, labels: Tensor, *
 
 
 def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Namespace) -> None:
-    """Noise MSE, sample PSNR and class accuracy of a few samples, quantized vs float (same labels and noise)."""
+    """The shipped DiT: noise MSE, sample PSNR and class accuracy of a few samples, quantized vs float (same labels
+    and noise). A user's folder: the relative prediction error on held-out calls (other noise seeds). Both: the
+    process's peak resident memory."""
+    from .pipeline import peak_rss_mib
+
     ev = inputs.evaluation
-    labels = torch.arange(ev["images"]) % 10
-    r = compare_samples(inputs.model, qm.model.cpu(), labels, steps=ev["steps"], scheduler=ev["sampler"])
-    print(f"{ev['images']} samples ({ev['sampler']}, {ev['steps']} steps) vs float: noise MSE {r['noise_mse']:.3e}, "
-          f"PSNR {r['psnr']:.2f} dB, class accuracy float {r['acc_float']:.1f}% / {qm.method} {r['acc_quant']:.1f}%")
+    if "calls" in ev:
+        if ev["calls"]:
+            err = prediction_error(inputs.model, qm.model.cpu(), ev["calls"])
+            print(f"{len(ev['calls'])} held-out transformer calls ({args.eval_images} images, other noise): "
+                  f"relative prediction error ||q - f||^2 / ||f||^2 = {err:.3e}")
+    elif ev["images"]:
+        labels = torch.arange(ev["images"]) % 10
+        r = compare_samples(inputs.model, qm.model.cpu(), labels, steps=ev["steps"], scheduler=ev["sampler"])
+        print(f"{ev['images']} samples ({ev['sampler']}, {ev['steps']} steps) vs float: noise MSE "
+              f"{r['noise_mse']:.3e}, PSNR {r['psnr']:.2f} dB, class accuracy float {r['acc_float']:.1f}% / "
+              f"{qm.method} {r['acc_quant']:.1f}%")
+    print(f"peak resident memory of this process: {peak_rss_mib():.0f} MiB (CPU)")
 
 
 def add_load_args(parser: argparse.ArgumentParser) -> None:

@@ -254,10 +254,11 @@ def sample(model: nn.Module, labels: Tensor, *, steps: int = 20, scheduler: str 
     if not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise ValueError(f"steps must be an integer in [1, 1000], got {steps!r}")
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > NULL_CLASS):
-        raise ValueError(f"labels must be class indices in [0, {NUM_CLASSES - 1}] (or {NULL_CLASS}: null class)")
-    device, dtype = _model_device_dtype(model)
     cfg = model.config if hasattr(model, "config") else None
+    null_class = int(getattr(cfg, "num_embeds_ada_norm", None) or NULL_CLASS)  # a user's DiT: its own classes
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > null_class):
+        raise ValueError(f"labels must be class indices in [0, {null_class - 1}] (or {null_class}: null class)")
+    device, dtype = _model_device_dtype(model)
     size = int(cfg.sample_size) if cfg is not None else ARCH_DEFAULTS["sample_size"]
     channels = int(cfg.in_channels) if cfg is not None else 1
     sched = make_scheduler(scheduler)
@@ -269,7 +270,7 @@ def sample(model: nn.Module, labels: Tensor, *, steps: int = 20, scheduler: str 
     trajectory: list[Tensor] = []
     for t in sched.timesteps:
         if guided:
-            null = torch.full_like(labels, NULL_CLASS)
+            null = torch.full_like(labels, null_class)
             cond, uncond = noise_prediction(model, torch.cat([x, x]), t, torch.cat([labels, null])).chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)
         else:

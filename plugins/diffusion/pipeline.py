@@ -11,7 +11,7 @@ samples (its own scheduler loop, prompts or labels, guidance), and load an artif
     pq.save(qm, "pixart_w4a8.safetensors")                           # pipe.transformer is now quantized
     load_into_pipeline(pipe2, "pixart_w4a8.safetensors", mode="packed")  # codes + scales, no float copy
 
-Calibration (``record_calls``) runs ``run(pipe)`` with a forward pre-hook on ``pipe.transformer`` that keeps every
+Calibration (``calib.record_calls``) runs ``run(pipe)`` with a forward pre-hook on ``pipe.transformer`` that keeps every
 call's inputs (keyword arguments, tensors copied to the CPU): FP4DiT's timestep calibration through the real
 sampler. Only the transformer's inputs are held (latents and text states per call); the core's block
 reconstruction then captures one block's activations at a time (``polyquant.reconstruct``), so the held memory is
@@ -21,51 +21,14 @@ process's peak resident memory (CPU; on CUDA ``torch.cuda.max_memory_allocated``
 
 from __future__ import annotations
 
-import inspect
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["record_calls", "quantize_pipeline", "load_into_pipeline", "transformer_forward", "peak_rss_mib",
-           "calls_bytes"]
-
-
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-@torch.no_grad()
-def record_calls(transformer: nn.Module, run: Callable[[], Any], *, progress: bool = False) -> list[dict[str, Any]]:
-    """Run ``run()`` and return the keyword inputs of every ``transformer`` call it made, in order (positional
-    arguments named after the forward's parameters; None values and ``return_dict`` dropped; tensors on the
-    CPU). ``progress``: a bar counting the calls. ValueError when ``run`` never calls the transformer."""
-    from tqdm.auto import tqdm
-
-    signature = inspect.signature(transformer.forward)
-    calls: list[dict[str, Any]] = []
-    bar = tqdm(desc="calibration calls", unit="call", disable=not progress)
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        calls.append({k: _to_cpu(v) for k, v in bound.items() if v is not None and k != "return_dict"})
-        bar.update(1)
-
-    handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        run()
-    finally:
-        handle.remove()
-        bar.close()
-    if not calls:
-        raise ValueError("the calibration run never called the transformer")
-    return calls
+__all__ = ["quantize_pipeline", "load_into_pipeline", "transformer_forward", "peak_rss_mib",
+           "calls_bytes", "load_folder"]
 
 
 def transformer_forward(model: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -104,6 +67,8 @@ def quantize_pipeline(pipe: Any, config: Any, run: Callable[[Any], Any], *, prog
     show = progress_default() if progress is None else bool(progress)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # one bar: ours, over the transformer calls
+    from .calib import record_calls
+
     calls = record_calls(transformer, lambda: run(pipe), progress=show)
     qm = pq.quantize(transformer, config, calib=Calibration(calls, transformer_forward), progress=show)
     pipe.transformer = qm.model
@@ -124,3 +89,37 @@ def load_into_pipeline(pipe: Any, path: str, *, mode: str = "packed", device: st
                          f"{type(old).__name__}")
     pipe.transformer = qm.model
     return qm
+
+
+def load_folder(path: str | Path) -> tuple[Any, nn.Module]:
+    """A user's diffusers folder (``save_pretrained`` layout, safetensors weights, local files only): a pipeline
+    (``model_index.json``) -> (pipeline, its transformer); a transformer (``config.json`` of one of
+    ``archs.LAYOUTS``' classes) -> (None, transformer). ValueError (one line) for anything else."""
+    import json
+
+    from .archs import find_transformer, transformer_class
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory (a diffusers folder written by save_pretrained)")
+    try:
+        if (path / "model_index.json").is_file():
+            from diffusers import DiffusionPipeline
+
+            pipe = DiffusionPipeline.from_pretrained(path, use_safetensors=True, local_files_only=True)
+            transformer = getattr(pipe, "transformer", None)
+            if transformer is None:
+                raise ValueError(f"{path}: a {type(pipe).__name__} has no transformer (U-Net pipelines are not "
+                                 "supported)")
+            find_transformer(transformer)
+            return pipe, transformer.eval()
+        if (path / "config.json").is_file():
+            name = json.loads((path / "config.json").read_text()).get("_class_name")
+            cls = transformer_class(str(name))
+            return None, cls.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
+    except ValueError:
+        raise
+    except Exception as e:  # diffusers / huggingface_hub / safetensors raise their own errors on bad folders
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot load it with diffusers: {first[:200]}") from None
+    raise ValueError(f"{path}: neither a pipeline (model_index.json) nor a transformer (config.json) folder")

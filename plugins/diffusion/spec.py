@@ -7,16 +7,21 @@ from polyquant.plugins import API_VERSION, PluginSpec
 SPEC = PluginSpec(
     name="diffusion",
     api_version=API_VERSION,
-    summary="Post-training quantization of diffusion transformers (diffusers DiT): FP4DiT minifloat W4A8 / W4A6 "
-    "beside an INT min-max baseline, calibrated across the sampler's timesteps.",
+    summary="Post-training quantization of diffusion transformers (diffusers DiT, PixArt, SD3, Flux; pipelines "
+    "quantized in place): FP4DiT minifloat W4A8 / W4A6 beside INT and FP baselines, calibrated across the "
+    "sampler's timesteps.",
     methods={
         "fp4dit": "FP4DiT (TMLR'25): E2M1 / E1M2 weights with per-group absmax scales (E3M0 on the first FFN "
         "linear), online token-wise FP activations (E3M4 / E2M3, q/k/v included), optional scale-aware AdaRound "
         "block reconstruction over timesteps.",
         "int_minmax": "Q-Diffusion-like RTN baseline: INT4 per-group min-max weights, INT8 token-wise dynamic "
         "activations.",
+        "int8": "W8A8 INT baseline: INT8 per-channel weights, INT8 token-wise activations.",
+        "adaround": "plain AdaRound block reconstruction (BRECQ / Q-Diffusion) on the INT4 or FP4DiT's FP grid.",
+        "fp_fixed_bias": "FP4DiT's formats with an integer exponent bias (power-of-two group scales): the "
+        "real-valued-bias ablation.",
     },
     requires=("torch>=2.4", "diffusers>=0.30"),
     impl="polyquant.plugins.diffusion.methods",
-    demo=None,
+    demo="polyquant.plugins.diffusion.demo:run_demo",
 )
