@@ -9,8 +9,9 @@ Every quantizer maps ``(..., dim)`` vectors to integer codes and back:
 |----------------------|--------------------------------------|---------------------------------------------|
 | VectorQuantizer      | (...,)                               | one (K, dim)                                |
 | ResidualVQ           | (..., num_quantizers)                | one per stage, each on the previous residual |
-| GroupedResidualVQ    | (..., groups, num_quantizers)        | one RVQ per slice of dim / groups features   |
-| ProductVQ            | (..., num_subvectors)                | one per slice of dim / num_subvectors        |
+| GroupedVQ            | (..., groups, *inner codes)          | any quantizer per slice of dim / groups      |
+| GroupedResidualVQ    | (..., groups, num_quantizers)        | GroupedVQ of one RVQ per slice               |
+| ProductVQ            | (..., num_subvectors)                | GroupedVQ of one VQ per slice                |
 
 Codebooks are buffers updated by exponential moving averages of assigned counts and sums, never by gradients.
 k-means, ``fit``, ``set_codebook`` and training forwards refuse NaN / Inf vectors (one would poison a codebook row).
@@ -19,6 +20,8 @@ the wrong shape with a ``ValueError`` (one reduction over the codes).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +32,11 @@ __all__ = [
     "residual_kmeans",
     "nearest_codes",
     "batched_kmeans",
+    "CodebookOptions",
+    "CODEBOOK_PRESETS",
     "VectorQuantizer",
     "ResidualVQ",
+    "GroupedVQ",
     "GroupedResidualVQ",
     "ProductVQ",
 ]
@@ -235,8 +241,50 @@ def residual_kmeans(
 # Vector quantizer
 
 
+@dataclass(frozen=True)
+class CodebookOptions:
+    """How a ``VectorQuantizer``'s codebook learns and searches (the references differ; see ``CODEBOOK_PRESETS``).
+
+    Args:
+        ema: update the codebook by exponential moving averages of assigned counts and sums (EnCodec, SoundStream);
+            False: the codebook is a Parameter learned by gradient through ``codebook_weight`` (HiFi-Codec, DAC).
+        laplace_smoothing: EMA counts smoothed as EnCodec's ``(n_k + eps) / (sum n + K eps) * sum n`` before the
+            division (else floored at ``eps``).
+        codebook_weight: weight of the codebook loss ``|sg(z) - e|^2`` (only with ``ema=False``).
+        cosine: nearest neighbour by cosine (L2-normalized vectors and codes; DAC); the lookup returns the raw code.
+        init: initial codebook when k-means init is off: "randn" (N(0, 1)) or "uniform" (U(-1/K, 1/K), the
+            ``nn.Embedding`` init of HiFi-Codec).
+    """
+
+    ema: bool = True
+    laplace_smoothing: bool = False
+    codebook_weight: float = 0.0
+    cosine: bool = False
+    init: str = "randn"
+
+    def __post_init__(self) -> None:
+        if self.init not in ("randn", "uniform"):
+            raise ValueError(f"init must be 'randn' or 'uniform', got {self.init!r}")
+        if self.codebook_weight < 0 or (self.ema and self.codebook_weight):
+            raise ValueError("codebook_weight must be >= 0 and needs ema=False (an EMA codebook is not learned by "
+                             "gradient)")
+
+
+# The references' settings (with the VectorQuantizer arguments they go with, see the audio plugin's presets):
+# EnCodec: EMA 0.99 + Laplace smoothing, k-means init, dead-code threshold 2, commitment 1;
+# HiFi-Codec: learned codebook (codebook loss 1, commitment 0.25), U(+-1/K) init, no k-means, no restart;
+# DAC: learned codebook (1, 0.25) searched by cosine in a factorized (8-d) space.
+CODEBOOK_PRESETS: dict[str, CodebookOptions] = {
+    "encodec": CodebookOptions(ema=True, laplace_smoothing=True),
+    "hificodec": CodebookOptions(ema=False, codebook_weight=1.0, init="uniform"),
+    "dac": CodebookOptions(ema=False, codebook_weight=1.0, cosine=True),
+}
+
+
 class VectorQuantizer(nn.Module):
     """VQ with EMA codebook (van den Oord et al. 2017, "Neural Discrete Representation Learning")."""
+
+    code_dims = 0  # codes (...,): no code axis of its own (see GroupedVQ)
 
     embed: Tensor
     cluster_size: Tensor
@@ -255,6 +303,7 @@ class VectorQuantizer(nn.Module):
         threshold_dead_code: float = 0.0,
         eps: float = 1e-5,
         seed: int = 0,
+        options: CodebookOptions | None = None,
     ) -> None:
         """
         Args:
@@ -271,6 +320,8 @@ class VectorQuantizer(nn.Module):
                 (0 disables).
             eps: floor of the EMA counts in the division.
             seed: seeds the initial codebook, k-means and dead-code sampling.
+            options: EMA or learned codebook, Laplace smoothing, cosine search, init (``CodebookOptions``; default:
+                EMA, no smoothing, Euclidean, randn).
         """
         super().__init__()
         if dim < 1 or codebook_size < 1:
@@ -288,9 +339,17 @@ class VectorQuantizer(nn.Module):
         self.threshold_dead_code = threshold_dead_code
         self.eps = eps
         self.seed = seed
+        self.options = options if options is not None else CodebookOptions()
         self._generator = torch.Generator().manual_seed(seed)
-        init = torch.randn(codebook_size, dim, generator=torch.Generator().manual_seed(seed))
-        self.register_buffer("embed", init)  # (K, D) the codebook
+        g = torch.Generator().manual_seed(seed)
+        if self.options.init == "uniform":
+            init = (torch.rand(codebook_size, dim, generator=g) * 2 - 1) / codebook_size
+        else:
+            init = torch.randn(codebook_size, dim, generator=g)
+        if self.options.ema:
+            self.register_buffer("embed", init)  # (K, D) the codebook
+        else:
+            self.embed = nn.Parameter(init)  # (K, D), learned by gradient
         self.register_buffer("cluster_size", torch.ones(codebook_size))  # (K,) EMA of assigned counts
         self.register_buffer("embed_sum", init.clone())  # (K, D) EMA of assigned sums
         self.register_buffer("initted", torch.tensor(not kmeans_init))
@@ -323,8 +382,11 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def encode(self, x: Tensor) -> Tensor:
         """Nearest code of each vector: (..., dim) -> (...,) int64."""
-        flat = self._flatten(x)
-        codes, _ = nearest_codes(flat.to(self.embed.dtype)[None], self.embed[None], None)
+        flat = self._flatten(x).to(self.embed.dtype)
+        book = self.embed.detach()
+        if self.options.cosine:  # DAC: search on the unit sphere, return the raw code
+            flat, book = F.normalize(flat, dim=-1), F.normalize(book, dim=-1)
+        codes, _ = nearest_codes(flat[None], book[None], None)
         return codes[0].view(x.shape[:-1])
 
     def decode(self, codes: Tensor) -> Tensor:
@@ -344,10 +406,15 @@ class VectorQuantizer(nn.Module):
         if self.training and not bool(self.initted):
             self.fit(flat)
         codes = self.encode(flat)  # (N,)
-        q = self._lookup(codes).to(x.dtype)  # (N, D)
+        q = self._lookup(codes).to(x.dtype)  # (N, D); carries the codebook's gradient when it is learned
         if self.training:
             self._ema_update(flat.detach(), codes)
-        loss = self.commitment_weight * F.mse_loss(flat, q.detach()) if flat.numel() else flat.sum()
+        if flat.numel():
+            loss = self.commitment_weight * F.mse_loss(flat, q.detach())
+            if self.options.codebook_weight:
+                loss = loss + self.options.codebook_weight * F.mse_loss(q, flat.detach())
+        else:
+            loss = flat.sum()
         x_hat = flat + (q - flat).detach()  # straight-through estimator
         return x_hat.view(x.shape), codes.view(x.shape[:-1]), loss
 
@@ -356,9 +423,15 @@ class VectorQuantizer(nn.Module):
         flat = flat.to(self.embed.dtype)
         sums, counts = _cluster_stats(flat[None], codes[None], self.codebook_size, None)
         sums, counts = sums[0], counts[0].to(self.embed.dtype)  # (K, D), (K,)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        self.embed.copy_(self.embed_sum / self.cluster_size.clamp_min(self.eps)[:, None])
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)  # also tracked for a learned codebook
+        if self.options.ema:
+            self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            if self.options.laplace_smoothing:  # EnCodec: (n_k + eps) / (sum n + K eps) * sum n
+                total = self.cluster_size.sum()
+                smoothed = (self.cluster_size + self.eps) / (total + self.codebook_size * self.eps) * total
+            else:
+                smoothed = self.cluster_size.clamp_min(self.eps)
+            self.embed.copy_(self.embed_sum / smoothed[:, None])
         if self.threshold_dead_code > 0:
             self._restart_dead_codes(flat)
 
@@ -388,6 +461,8 @@ class VectorQuantizer(nn.Module):
 class ResidualVQ(nn.Module):
     """Residual VQ: each stage quantizes the previous stages' error (Zeghidour et al. 2021, "SoundStream")."""
 
+    code_dims = 1  # codes (..., n): one axis of stages (see GroupedVQ)
+
     def __init__(
         self,
         *,
@@ -401,12 +476,18 @@ class ResidualVQ(nn.Module):
         kmeans_iters: int = 10,
         threshold_dead_code: float = 0.0,
         seed: int = 0,
+        options: CodebookOptions | None = None,
+        encodec_residual: bool = False,
     ) -> None:
         """
         Args:
             num_quantizers: number of stages n_q.
             quantizer_dropout: in training, use only the first n ~ U{1..n_q} stages per forward (codes of the
                 dropped stages are -1), so that fewer stages still decode well (SoundStream's bitrate scalability).
+            encodec_residual: reproduce EnCodec's residual (``residual - quantized`` with the straight-through output,
+                encodec issue #25): the next stage's residual carries no gradient, so only the first stage's
+                commitment loss trains the encoder. Off: the residual subtracts the detached code, so every stage's
+                commitment loss reaches the input (vector-quantize-pytorch's fix #33).
             Other arguments: as ``VectorQuantizer`` (stage i uses seed + i).
         """
         super().__init__()
@@ -415,6 +496,7 @@ class ResidualVQ(nn.Module):
         self.dim = dim
         self.num_quantizers = num_quantizers
         self.quantizer_dropout = quantizer_dropout
+        self.encodec_residual = encodec_residual
         self._generator = torch.Generator().manual_seed(seed)
         self.layers = nn.ModuleList(
             VectorQuantizer(
@@ -426,6 +508,7 @@ class ResidualVQ(nn.Module):
                 kmeans_iters=kmeans_iters,
                 threshold_dead_code=threshold_dead_code,
                 seed=seed + i,
+                options=options,
             )
             for i in range(num_quantizers)
         )
@@ -477,9 +560,13 @@ class ResidualVQ(nn.Module):
         codes = torch.full((*x.shape[:-1], self.num_quantizers), -1, dtype=torch.int64, device=x.device)
         for i, layer in enumerate(self.layers[:n]):
             q, c, stage_loss = layer(residual)  # the loss reaches x through the residual
-            q = q.detach()
+            if self.encodec_residual:
+                residual = residual - q  # q = residual + sg(e - residual): the new residual has no gradient
+                q = q.detach()
+            else:
+                q = q.detach()
+                residual = residual - q
             total = total + q
-            residual = residual - q
             loss = loss + stage_loss
             codes[..., i] = c
         x_hat = x + (total - x).detach()
@@ -493,7 +580,69 @@ class ResidualVQ(nn.Module):
         return n
 
 
-class GroupedResidualVQ(nn.Module):
+class GroupedVQ(nn.Module):
+    """The features split into equal slices, each quantized by its own quantizer: the one combinator under
+    ``GroupedResidualVQ`` (an RVQ per slice: HiFi-Codec's GRVQ) and ``ProductVQ`` (a VQ per slice: sub-vector VQ).
+
+    ``quantizers[g]`` takes slice g of ``dim / len(quantizers)`` features; its codes ``(..., *inner)`` (inner: ``()``
+    for a ``VectorQuantizer``, ``(n,)`` for a ``ResidualVQ``: its ``code_dims``) stack into ``(..., groups, *inner)``.
+    """
+
+    code_dims: int
+
+    def __init__(self, quantizers: list[nn.Module], *, dim: int) -> None:
+        super().__init__()
+        groups = len(quantizers)
+        if groups < 1 or dim % groups:
+            raise ValueError(f"dim={dim} must be divisible by groups={groups}")
+        inner = {int(getattr(q, "code_dims", -1)) for q in quantizers}
+        if len(inner) != 1 or -1 in inner:
+            raise ValueError("GroupedVQ needs quantizers of one kind with a code_dims attribute")
+        self.dim = dim
+        self.groups = groups
+        self.inner_code_dims = inner.pop()
+        self.code_dims = self.inner_code_dims + 1
+        self.quantizers = nn.ModuleList(quantizers)
+
+    @property
+    def _axis(self) -> int:  # where the group axis sits in the codes
+        return -(self.inner_code_dims + 1)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, ...]:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected vectors of size {self.dim} in the last dim, got shape {tuple(x.shape)}")
+        return x.chunk(self.groups, dim=-1)
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, *, iters: int | None = None) -> "GroupedVQ":
+        """Fit each group's quantizer on its slice of ``x`` (..., dim); returns self."""
+        _check_finite(x, "kmeans")  # before any group's codebook moves
+        for q, part in zip(self.quantizers, self._split(x)):
+            q.fit(part, iters=iters)
+        return self
+
+    def _check_group_codes(self, codes: Tensor) -> None:
+        if codes.dim() < self.code_dims or codes.shape[self._axis] != self.groups:
+            inner = ", n" if self.inner_code_dims else ""
+            raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (..., groups={self.groups}{inner})")
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """(..., groups, *inner) -> (..., dim)."""
+        self._check_group_codes(codes)
+        return torch.cat([q.decode(c) for q, c in zip(self.quantizers, codes.unbind(self._axis))], dim=-1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (x_hat, codes (..., groups, *inner), summed loss)."""
+        if self.training:
+            _check_finite(x.detach(), "VQ training batch")  # before any group's codebook moves
+        outs = [q(p) for q, p in zip(self.quantizers, self._split(x))]
+        x_hat = torch.cat([o[0] for o in outs], dim=-1)
+        codes = torch.stack([o[1] for o in outs], dim=self._axis)
+        loss = torch.stack([o[2] for o in outs]).sum()
+        return x_hat, codes, loss
+
+
+class GroupedResidualVQ(GroupedVQ):
     """Group-residual VQ: the features split into groups, each with its own RVQ (Yang et al. 2023, "HiFi-Codec")."""
 
     def __init__(
@@ -510,14 +659,13 @@ class GroupedResidualVQ(nn.Module):
         kmeans_iters: int = 10,
         threshold_dead_code: float = 0.0,
         seed: int = 0,
+        options: CodebookOptions | None = None,
+        encodec_residual: bool = False,
     ) -> None:
         """``dim`` must be divisible by ``groups``; group g uses seed + g * num_quantizers. Else as ``ResidualVQ``."""
-        super().__init__()
         if groups < 1 or dim % groups:
             raise ValueError(f"dim={dim} must be divisible by groups={groups}")
-        self.dim = dim
-        self.groups = groups
-        self.rvqs = nn.ModuleList(
+        super().__init__([
             ResidualVQ(
                 dim=dim // groups,
                 num_quantizers=num_quantizers,
@@ -529,46 +677,20 @@ class GroupedResidualVQ(nn.Module):
                 kmeans_iters=kmeans_iters,
                 threshold_dead_code=threshold_dead_code,
                 seed=seed + g * num_quantizers,
+                options=options,
+                encodec_residual=encodec_residual,
             )
             for g in range(groups)
-        )
-
-    def _split(self, x: Tensor) -> tuple[Tensor, ...]:
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"expected vectors of size {self.dim} in the last dim, got shape {tuple(x.shape)}")
-        return x.chunk(self.groups, dim=-1)
-
-    @torch.no_grad()
-    def fit(self, x: Tensor, *, iters: int | None = None) -> GroupedResidualVQ:
-        """Fit each group's RVQ on its slice of ``x`` (..., dim); returns self."""
-        _check_finite(x, "kmeans")  # before any group's codebook moves
-        for rvq, part in zip(self.rvqs, self._split(x)):
-            rvq.fit(part, iters=iters)
-        return self
+        ], dim=dim)
 
     def encode(self, x: Tensor, *, num_quantizers: int | None = None) -> Tensor:
         """(..., dim) -> (..., groups, n)."""
         parts = self._split(x)
-        return torch.stack([rvq.encode(p, num_quantizers=num_quantizers) for rvq, p in zip(self.rvqs, parts)], dim=-2)
-
-    def decode(self, codes: Tensor) -> Tensor:
-        """(..., groups, n) -> (..., dim)."""
-        if codes.dim() < 2 or codes.shape[-2] != self.groups:
-            raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (..., groups={self.groups}, n)")
-        return torch.cat([rvq.decode(codes[..., g, :]) for g, rvq in enumerate(self.rvqs)], dim=-1)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (x_hat, codes (..., groups, n_q), summed loss)."""
-        if self.training:
-            _check_finite(x.detach(), "VQ training batch")  # before any group's codebook moves
-        outs = [rvq(p) for rvq, p in zip(self.rvqs, self._split(x))]
-        x_hat = torch.cat([o[0] for o in outs], dim=-1)
-        codes = torch.stack([o[1] for o in outs], dim=-2)
-        loss = torch.stack([o[2] for o in outs]).sum()
-        return x_hat, codes, loss
+        return torch.stack([q.encode(p, num_quantizers=num_quantizers) for q, p in zip(self.quantizers, parts)],
+                           dim=-2)
 
 
-class ProductVQ(nn.Module):
+class ProductVQ(GroupedVQ):
     """Product (sub-vector) quantization: one codebook per slice of the features (Jegou et al. 2011, "PQ")."""
 
     def __init__(
@@ -583,16 +705,12 @@ class ProductVQ(nn.Module):
         kmeans_iters: int = 10,
         threshold_dead_code: float = 0.0,
         seed: int = 0,
+        options: CodebookOptions | None = None,
     ) -> None:
         """``dim`` must be divisible by ``num_subvectors``; sub-vector m uses seed + m. Else as ``VectorQuantizer``."""
-        super().__init__()
         if num_subvectors < 1 or dim % num_subvectors:
             raise ValueError(f"dim={dim} must be divisible by num_subvectors={num_subvectors}")
-        self.dim = dim
-        self.num_subvectors = num_subvectors
-        self.kmeans_iters = kmeans_iters
-        self.seed = seed
-        self.quantizers = nn.ModuleList(
+        super().__init__([
             VectorQuantizer(
                 dim=dim // num_subvectors,
                 codebook_size=codebook_size,
@@ -602,17 +720,16 @@ class ProductVQ(nn.Module):
                 kmeans_iters=kmeans_iters,
                 threshold_dead_code=threshold_dead_code,
                 seed=seed + m,
+                options=options,
             )
             for m in range(num_subvectors)
-        )
-
-    def _split(self, x: Tensor) -> tuple[Tensor, ...]:
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"expected vectors of size {self.dim} in the last dim, got shape {tuple(x.shape)}")
-        return x.chunk(self.num_subvectors, dim=-1)
+        ], dim=dim)
+        self.num_subvectors = num_subvectors
+        self.kmeans_iters = kmeans_iters
+        self.seed = seed
 
     @torch.no_grad()
-    def fit(self, x: Tensor, *, iters: int | None = None) -> ProductVQ:
+    def fit(self, x: Tensor, *, iters: int | None = None) -> "ProductVQ":
         """k-means on all sub-vectors at once (``batched_kmeans``); returns self."""
         sub = x.reshape(-1, self.num_subvectors, self.dim // self.num_subvectors).transpose(0, 1)  # (M, N, d)
         first = self.quantizers[0]
@@ -627,18 +744,8 @@ class ProductVQ(nn.Module):
         return torch.stack([vq.encode(p) for vq, p in zip(self.quantizers, self._split(x))], dim=-1)
 
     def decode(self, codes: Tensor) -> Tensor:
-        """(..., num_subvectors) -> (..., dim)."""
+        """(..., num_subvectors) -> (..., dim) (one range check over all the codes)."""
         if codes.dim() == 0 or codes.shape[-1] != self.num_subvectors:
             raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (..., num_subvectors={self.num_subvectors})")
         _check_codes(codes, 0, self.quantizers[0].codebook_size, "ProductVQ.decode")
         return torch.cat([vq._lookup(codes[..., m]) for m, vq in enumerate(self.quantizers)], dim=-1)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (x_hat, codes (..., num_subvectors), summed loss)."""
-        if self.training:
-            _check_finite(x.detach(), "VQ training batch")  # before any sub-vector's codebook moves
-        outs = [vq(p) for vq, p in zip(self.quantizers, self._split(x))]
-        x_hat = torch.cat([o[0] for o in outs], dim=-1)
-        codes = torch.stack([o[1] for o in outs], dim=-1)
-        loss = torch.stack([o[2] for o in outs]).sum()
-        return x_hat, codes, loss

@@ -413,3 +413,88 @@ def test_grouped_and_product_decode_refuse_codes_of_the_wrong_shape_or_range() -
         pvq.decode(torch.tensor([[0, -1]]))
     x = torch.randn(6, 4)
     assert pvq.decode(pvq.encode(x)).shape == (6, 4) and grvq.decode(grvq.encode(x)).shape == (6, 4)
+
+
+# --- the group combinator and the codebook options (issue 24) -------------------------------------------------------
+
+
+def test_grouped_vq_combinator_stacks_any_quantizer() -> None:
+    from polyquant.fsq import FSQ
+    from polyquant.vq import GroupedVQ
+
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    g = GroupedVQ([FSQ([4, 4]), FSQ([5, 3])], dim=4)  # code_dims 0 inside -> codes (..., groups)
+    x_hat, codes, _ = g(x)
+    assert codes.shape == (50, 2) and torch.equal(g.decode(codes), x_hat)
+    assert torch.equal(codes[:, 1], FSQ([5, 3]).encode(x[:, 2:]))
+    grvq = GroupedResidualVQ(dim=4, groups=2, num_quantizers=3, codebook_size=8).fit(x)
+    c = grvq.encode(x)  # (..., groups, n): group g is its own RVQ on slice g
+    assert c.shape == (50, 2, 3) and torch.equal(c[:, 1], grvq.quantizers[1].encode(x[:, 2:]))
+    assert torch.allclose(grvq.decode(c), torch.cat([q.decode(c[:, i]) for i, q in enumerate(grvq.quantizers)], -1))
+    with pytest.raises(ValueError, match="one kind"):
+        GroupedVQ([FSQ([4, 4]), ResidualVQ(dim=2, num_quantizers=2, codebook_size=4)], dim=4)
+    with pytest.raises(ValueError, match="groups=2"):
+        g.decode(torch.zeros(5, 3, dtype=torch.int64))
+
+
+def test_laplace_smoothing_by_hand() -> None:
+    from polyquant.vq import CodebookOptions
+
+    book = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    vq = VectorQuantizer(dim=2, codebook_size=2, decay=0.5, kmeans_init=False, eps=1e-5,
+                         options=CodebookOptions(laplace_smoothing=True))
+    vq.set_codebook(book)  # counts (1, 1), sums = the codes
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])  # all three nearest to code 0
+    vq.train()(x)
+    n = torch.tensor([0.5 * 1 + 0.5 * 3, 0.5 * 1])  # EMA counts (2, 0.5)
+    s = torch.stack([0.5 * book[0] + 0.5 * x.sum(0), 0.5 * book[1]])
+    smoothed = (n + 1e-5) / (n.sum() + 2 * 1e-5) * n.sum()
+    assert torch.allclose(vq.cluster_size, n) and torch.allclose(vq.codebook, s / smoothed[:, None], atol=1e-6)
+
+
+def test_learned_codebook_trains_by_gradient_not_ema() -> None:
+    from polyquant.vq import CODEBOOK_PRESETS
+
+    vq = VectorQuantizer(dim=3, codebook_size=16, kmeans_init=False, commitment_weight=0.25,
+                         options=CODEBOOK_PRESETS["hificodec"])
+    assert isinstance(vq.embed, torch.nn.Parameter) and float(vq.embed.detach().abs().max()) <= 1 / 16
+    before = vq.codebook.detach().clone()
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    x_hat, codes, loss = vq.train()(x)
+    assert torch.equal(vq.codebook.detach(), before)  # no EMA move
+    q = before[codes]
+    expected = 0.25 * ((x - q) ** 2).mean() + 1.0 * ((q - x) ** 2).mean()  # commitment + codebook loss
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    used = torch.zeros(16, dtype=torch.bool)
+    used[codes] = True
+    grad_rows = vq.embed.grad.abs().sum(1) > 0
+    assert torch.equal(grad_rows, used)  # only the chosen codes receive a gradient
+
+
+def test_cosine_search_returns_the_raw_code() -> None:
+    from polyquant.vq import CodebookOptions
+
+    book = torch.tensor([[10.0, 0.0], [0.0, 1.0]])
+    x = torch.tensor([[0.1, 0.0]])
+    euclid = VectorQuantizer(dim=2, codebook_size=2, kmeans_init=False)
+    cos = VectorQuantizer(dim=2, codebook_size=2, kmeans_init=False, options=CodebookOptions(cosine=True))
+    euclid.set_codebook(book)
+    cos.set_codebook(book)
+    assert int(euclid.encode(x)) == 1 and int(cos.encode(x)) == 0  # nearest vs same direction
+    assert cos.eval()(x)[0].tolist() == [[10.0, 0.0]]  # DAC: the lookup is the unnormalized row
+
+
+@pytest.mark.parametrize("encodec_residual", [False, True])
+def test_encodec_residual_flag_cuts_later_stages_gradient(encodec_residual: bool) -> None:
+    rvq = ResidualVQ(dim=2, num_quantizers=2, codebook_size=4, kmeans_init=False, encodec_residual=encodec_residual)
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(2))
+    rvq.fit(x0)
+    x = x0.clone().requires_grad_()
+    _, codes, loss = rvq.eval()(x)
+    loss.backward()
+    e0 = rvq.layers[0].codebook[codes[:, 0]]
+    e1 = rvq.layers[1].codebook[codes[:, 1]]
+    first = 2 * (x0 - e0) / x0.numel()  # d/dx of the first stage's commitment mean((x - e0)^2)
+    second = 2 * (x0 - e0 - e1) / x0.numel()  # the second stage's, on the residual x - sg(e0)
+    assert torch.allclose(x.grad, first if encodec_residual else first + second, atol=1e-6)
