@@ -240,12 +240,13 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=50)
     parser.add_argument("--abits", type=int, nargs="+", default=[8, 6])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3, choices=(1, 2, 3), help="seeds 0.. used (default: 3)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 10 AdaRound iterations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     env = environment("cpu")  # at the start: the commit and tree the run used
-    seeds = SEEDS[:1] if args.quick else SEEDS
+    seeds = SEEDS[:1] if args.quick else SEEDS[:args.seeds]
     iters = 10 if args.quick else args.iters
     if args.quick:
         args.long_iters = 0

@@ -129,6 +129,8 @@ def test_errors() -> None:
     model = tiny_transformer("SD3Transformer2DModel")
     with pytest.raises(UsageError, match="group_size 32 does not divide .* in_features 16"):
         quantize_dit(copy.deepcopy(model), FP4DiTConfig(group_size=32))
+    with pytest.raises(UsageError, match="the FP grid needs a group size"):
+        quantize_dit(copy.deepcopy(model), AdaRoundConfig(grid="fp", group_size=0))
     with pytest.raises(UsageError, match="holds no supported diffusers transformer"):
         quantize_dit(torch.nn.Sequential(torch.nn.Linear(8, 8)), FP4DiTConfig(group_size=8))
     with pytest.raises(ValueError, match="unsupported diffusers transformer 'UNet2DModel'"):
