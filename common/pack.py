@@ -1,4 +1,5 @@
-"""Dense bit packing of 1..8-bit integer codes into bytes, exact round trip.
+"""Dense bit packing of 1..16-bit integer codes into bytes, exact round trip (9..16 bits: e.g. the 10-bit codes of
+a 1024-entry codebook; unpacked as int32, 1..8 bits as uint8).
 
 Layout: the codes are read in flattened (row-major) order and written to one little-endian bit stream. Code ``i``
 occupies stream bits ``[i * bits, (i + 1) * bits)``, its least significant bit first, and stream bit ``j`` is bit
@@ -8,6 +9,7 @@ byte are zero.
 
     bits=4, codes [1, 2, 3]  ->  bytes [0x21, 0x03]
     bits=3, codes [7, 1]     ->  bytes [0x0F]          (0b00_001_111)
+    bits=10, codes [1023, 1] ->  bytes [0xFF, 0x07, 0x00]   (0b0000_0000_0001 | 11_1111_1111)
 
 The shape is not stored: pass ``numel`` to ``unpack_bits`` and reshape the result yourself.
 Signed codes are stored in offset binary (``code + 2 ** (bits - 1)``), see ``pack_signed``.
@@ -54,9 +56,42 @@ _GROUP = 8
 _CHUNK_GROUPS = 1 << 20
 
 
-def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+# Codes of 9..16 bits (a 1024-entry codebook's 10-bit codes) go through bit planes, this many codes per step (a
+# multiple of 8, so every step ends on a byte boundary).
+_WIDE_CHUNK = 1 << 18
+
+
+def _check_bits(bits: int, most: int = 16) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= most:
+        raise ValueError(f"bits must be an integer in 1..{most}, got {bits!r}")
+
+
+def _pack_wide(flat: Tensor, bits: int) -> Tensor:
+    """``pack_bits`` for any bits (used for 9..16): each code's bits, least significant first, are the stream."""
+    n = flat.numel()
+    out = torch.zeros(packed_numel(n, bits), dtype=torch.uint8, device=flat.device)
+    code_bit = torch.arange(bits, device=flat.device)
+    byte_bit = torch.arange(8, device=flat.device)
+    for start in range(0, n, _WIDE_CHUNK):
+        c = flat[start : start + _WIDE_CHUNK].to(torch.int64)
+        stream = ((c[:, None] >> code_bit) & 1).reshape(-1)  # (codes * bits,) bits, LSB first
+        stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8)).view(-1, 8)
+        first = start * bits // 8  # whole bytes: start is a multiple of 8 codes
+        out[first : first + stream.shape[0]] = (stream << byte_bit).sum(dim=1).to(torch.uint8)
+    return out
+
+
+def _unpack_wide(flat: Tensor, bits: int, numel: int) -> Tensor:
+    """``unpack_bits`` for any bits: int32 codes."""
+    out = torch.empty(numel, dtype=torch.int32, device=flat.device)
+    code_bit = torch.arange(bits, device=flat.device)
+    byte_bit = torch.arange(8, device=flat.device)
+    for start in range(0, numel, _WIDE_CHUNK):
+        count = min(_WIDE_CHUNK, numel - start)
+        first, last = start * bits // 8, -(-(start + count) * bits // 8)
+        stream = ((flat[first:last].to(torch.int64)[:, None] >> byte_bit) & 1).reshape(-1)[: count * bits]
+        out[start : start + count] = (stream.view(count, bits) << code_bit).sum(dim=1).to(torch.int32)
+    return out
 
 
 def packed_numel(numel: int, bits: int) -> int:
@@ -72,7 +107,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
     Args:
         codes: integer (or bool) tensor of any shape; it is read in flattened order.
-        bits: bits per code, 1..8.
+        bits: bits per code, 1..16.
 
     Returns:
         uint8 tensor of ``ceil(codes.numel() * bits / 8)`` bytes, on the device of ``codes``.
@@ -91,6 +126,8 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for bits={bits}, got values in [{lo}, {hi}]")
     if bits == 8:
         return flat.to(torch.uint8).clone()
+    if bits > 8:
+        return _pack_wide(flat, bits)
 
     num_groups = math.ceil(n / _GROUP)
     padded = torch.zeros(num_groups * _GROUP, dtype=torch.int64, device=codes.device)
@@ -107,7 +144,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of ``pack_bits``: the first ``numel`` codes of ``packed`` as a 1-D uint8 tensor.
+    """Inverse of ``pack_bits``: the first ``numel`` codes of ``packed`` as a 1-D uint8 tensor (int32 for 9..16 bits).
 
     ``packed`` must hold exactly ``ceil(numel * bits / 8)`` bytes.
     """
@@ -121,9 +158,11 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
             f"packed has {flat.numel()} bytes, but {numel} codes of {bits} bits need exactly {expected} bytes"
         )
     if numel == 0:
-        return torch.empty(0, dtype=torch.uint8, device=packed.device)
+        return torch.empty(0, dtype=torch.uint8 if bits <= 8 else torch.int32, device=packed.device)
     if bits == 8:
         return flat.clone()
+    if bits > 8:
+        return _unpack_wide(flat, bits, numel)
 
     num_groups = math.ceil(numel / _GROUP)
     padded = torch.zeros(num_groups * bits, dtype=torch.int64, device=packed.device)
@@ -144,9 +183,9 @@ def pack_signed(codes: Tensor, bits: int) -> Tensor:
     """Pack signed codes in ``[-2**(bits-1), 2**(bits-1) - 1]`` (the range of a two's-complement ``bits``-bit int).
 
     Each code is stored in offset binary, ``code + 2**(bits-1)`` (two's complement with the top bit flipped), then
-    packed with ``pack_bits``.
+    packed with ``pack_bits``. 1..8 bits.
     """
-    _check_bits(bits)
+    _check_bits(bits, most=8)
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise ValueError(f"codes must be a signed integer tensor, got dtype {codes.dtype}")
     offset = 1 << (bits - 1)
@@ -162,7 +201,7 @@ def pack_signed(codes: Tensor, bits: int) -> Tensor:
 
 def unpack_signed(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of ``pack_signed``: the first ``numel`` signed codes as a 1-D int8 tensor."""
-    _check_bits(bits)
+    _check_bits(bits, most=8)
     offset = 1 << (bits - 1)
     return (unpack_bits(packed, bits, numel).to(torch.int16) - offset).to(torch.int8)
 
@@ -194,7 +233,8 @@ def pack_rows(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_rows(packed: Tensor, bits: int, k: int) -> Tensor:
-    """Inverse of ``pack_rows``: (..., row_length(k, bits) * bits / 8) uint8 -> (..., k) uint8 codes."""
+    """Inverse of ``pack_rows``: (..., row_length(k, bits) * bits / 8) uint8 -> (..., k) uint8 codes (int32 for
+    9..16 bits)."""
     length = row_length(k, bits)
     if packed.dim() == 0 or packed.shape[-1] != length * bits // 8:
         raise ValueError(

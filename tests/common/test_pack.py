@@ -70,14 +70,46 @@ def test_empty(bits: int) -> None:
     assert pack_signed(torch.empty(0, dtype=torch.int8), bits).numel() == 0
 
 
-@pytest.mark.parametrize("bits", [0, 9, -1, 2.0, True])
+@pytest.mark.parametrize("bits", [0, 17, -1, 2.0, True])
 def test_invalid_bits(bits: object) -> None:
-    with pytest.raises(ValueError, match="bits must be an integer in 1..8"):
+    with pytest.raises(ValueError, match="bits must be an integer in 1..16"):
         pack_bits(torch.zeros(3, dtype=torch.uint8), bits)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="bits must be an integer in 1..8"):
+    with pytest.raises(ValueError, match="bits must be an integer in 1..16"):
         unpack_bits(torch.zeros(3, dtype=torch.uint8), bits, 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="bits must be an integer in 1..8"):
-        pack_signed(torch.zeros(3, dtype=torch.int8), bits)  # type: ignore[arg-type]
+        pack_signed(torch.zeros(3, dtype=torch.int8), 9)
+
+
+def test_wide_codes_hand_computed_and_round_trip() -> None:
+    # 10 bits (a 1024-entry codebook): 1023 fills bits 0..9, 1 sets bit 10 -> bytes 0xFF, 0x07, 0x00
+    assert pack_bits(torch.tensor([1023, 1]), 10).tolist() == [0xFF, 0x07, 0x00]
+    assert pack_bits(torch.tensor([0x1234]), 16).tolist() == [0x34, 0x12]
+    g = torch.Generator().manual_seed(0)
+    for bits in range(9, 17):
+        codes = torch.randint(0, 1 << bits, (1001,), generator=g)
+        packed = pack_bits(codes, bits)
+        assert packed.numel() == packed_numel(1001, bits)
+        out = unpack_bits(packed, bits, 1001)
+        assert out.dtype == torch.int32 and torch.equal(out.long(), codes)
+        rows = codes[:1000].reshape(8, 125)
+        assert torch.equal(unpack_rows(pack_rows(rows, bits), bits, 125).long(), rows)
+    with pytest.raises(ValueError, match="codes must lie in"):
+        pack_bits(torch.tensor([1024]), 10)
+
+
+def test_wide_path_is_the_same_layout() -> None:
+    """The bit-plane path of 9..16 bits, run on 1..8-bit codes, writes the bytes of the word path."""
+    from polyquant.pack import _pack_wide
+
+    g = torch.Generator().manual_seed(1)
+    for bits in range(1, 9):
+        codes = torch.randint(0, 1 << bits, (8 * 300 + 5,), generator=g)
+        assert torch.equal(_pack_wide(codes, bits), pack_bits(codes, bits)), bits
+
+
+def test_wide_codes_cross_chunks() -> None:
+    codes = torch.randint(0, 1024, ((1 << 18) + 77,), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(unpack_bits(pack_bits(codes, 10), 10, codes.numel()).long(), codes)
 
 
 @pytest.mark.parametrize(("bits", "bad"), [(1, 2), (3, 8), (4, 16), (7, 128), (4, -1)])
@@ -139,8 +171,9 @@ def test_signed_roundtrip_property(bits: int, data: st.DataObject) -> None:
 def test_row_length() -> None:
     assert [row_length(5, b) for b in range(1, 9)] == [8, 8, 8, 6, 8, 8, 8, 5]
     assert [row_length(k, 4) for k in (0, 1, 2, 3)] == [0, 2, 2, 4]
+    assert row_length(5, 10) == 8 and row_length(5, 16) == 5  # 4 codes of 10 bits fill 5 bytes
     with pytest.raises(ValueError, match="bits"):
-        row_length(4, 9)
+        row_length(4, 17)
 
 
 def test_rows_hand_computed() -> None:
