@@ -23,7 +23,7 @@ Values: int / float / table code c in block b stands for ``(fmt.decode(c) - zero
 point for float and table formats); blocks are ``block`` of the weight's shape (``polyquant.primitives``). Codes
 are in ``polyquant.pack``'s row layout over the weight flattened to (N, K): one zero-padded row of bytes per output
 channel (the layout the GEMM kernels read). VQ: ``polyquant.nn.VQSpec``'s layout, codes (G, M, R) stored as rows of
-R codes at ceil(log2 C) bits (int32 above 8 bits).
+R codes at ceil(log2 C) bits (int32 above 16 bits; older artifacts hold int32 codes above 8 bits, still read).
 """
 
 from __future__ import annotations
@@ -303,7 +303,8 @@ def entry_tensors(name: str, entry: Entry) -> dict[str, Tensor]:
     if isinstance(entry, VQEntry):
         g, m, r = entry.codes.shape
         rows = entry.codes.reshape(g * m, r)
-        codes = pack_rows(rows.to(torch.uint8), entry.bits) if entry.bits <= 8 else rows.to(torch.int32)
+        # packed rows at ceil(log2 C) bits (up to 16: a 65536-entry codebook); beyond, int32 codes
+        codes = pack_rows(rows, entry.bits) if entry.bits <= 16 else rows.to(torch.int32)
         return {f"{name}.weight_codes": codes.contiguous(), f"{name}.weight_codebooks": entry.codebooks.float().contiguous(),
                 f"{name}.weight_shape": shape}
     out = {f"{name}.weight_packed": entry.packed.reshape(-1).contiguous(),
@@ -382,7 +383,7 @@ def _read_vq(tensors: dict[str, Tensor], name: str, spec: dict[str, Any], shape:
         raise ArtifactError(f"{name}: groups {g} and dim {d} do not cut a {shape} weight")
     m = shape[0] * k // (g * d)
     raw = _get(tensors, f"{name}.weight_codes")
-    if bits <= 8:
+    if bits <= 16 and not (bits > 8 and raw.dtype == torch.int32):  # int32 9..16-bit codes: older artifacts
         want = (g * m, row_length(r, bits) * bits // 8)
         if raw.dtype != torch.uint8 or tuple(raw.shape) != want:
             raise ArtifactError(f"{name}.weight_codes must be uint8 {list(want)}, got {raw.dtype} {list(raw.shape)}")

@@ -546,8 +546,8 @@ class VQTensor(nn.Module):
         self.groups, self.vectors, self.levels = g, m, r
         self.matrix_shape = entry.shape
         rows = entry.codes.reshape(g * m, r)
-        # (G * M, ceil(R * bits / 8)) packed rows; more than 256 codewords: int32 codes
-        stored = pack_rows(rows.to(torch.uint8), self.bits) if self.bits <= 8 else rows.to(torch.int32)
+        # (G * M, ceil(R * bits / 8)) packed rows (up to 16 bits); more than 65536 codewords: int32 codes
+        stored = pack_rows(rows, self.bits) if self.bits <= 16 else rows.to(torch.int32)
         self.register_buffer("codes_packed", stored)
         self.register_buffer("codebooks", entry.codebooks.detach().float().clone())
 
@@ -570,7 +570,7 @@ class VQTensor(nn.Module):
 
     def codes(self) -> Tensor:
         """(G, M, R) int64 (for one group: (M, R) as the constructor took them)."""
-        if self.bits > 8:
+        if self.bits > 16:
             flat = self.codes_packed.long()
         else:
             flat = unpack_rows(self.codes_packed, self.bits, self.levels).long()

@@ -122,6 +122,26 @@ def test_vq_decode_is_the_sum_of_the_levels_codewords() -> None:
     assert entry.dequantize().tolist() == [[1.5, 2.5, -1.0, 0.0]]
 
 
+def test_vq_codes_above_8_bits_are_packed_rows() -> None:
+    """A 1024-entry codebook's codes take 10 bits in the artifact and in VQTensor (int32 before; still read)."""
+    from polyquant.packed import VQTensor
+
+    g = torch.Generator().manual_seed(0)
+    books = torch.randn(1, 2, 1024, 4, generator=g)  # (G, R=2, C=1024, d)
+    codes = torch.randint(0, 1024, (1, 8 * 16 // 4, 2), generator=g)  # a (8, 16) weight
+    entry = VQEntry(codes, books, (8, 16))
+    tensors = entry_tensors("l", entry)
+    raw = tensors["l.weight_codes"]
+    assert entry.bits == 10 and raw.dtype == torch.uint8 and tuple(raw.shape) == (32, 4 * 10 // 8)  # R' = 4
+    back = read_entry(tensors, "l", entry_to_dict(entry))
+    assert isinstance(back, VQEntry) and torch.equal(back.codes, codes)
+    legacy = {**tensors, "l.weight_codes": codes.reshape(32, 2).to(torch.int32)}
+    assert torch.equal(read_entry(legacy, "l", entry_to_dict(entry)).codes, codes)
+    t = VQTensor.from_entry(entry)
+    assert t.codes_packed.dtype == torch.uint8 and torch.equal(t.codes(), codes[0])
+    assert torch.equal(t(), entry.dequantize())
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_rotated_linear_matches_hadamard_linear(dynamic: bool) -> None:
     act = QuantSpec("int8", PerTensor()) if not dynamic else QuantSpec("int8", PerToken(), dynamic=True)
