@@ -28,6 +28,7 @@ int_minmax" are mean ± std over seeds of the paired per-seed difference.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,8 @@ def markdown(report: dict[str, Any]) -> str:
     env, setup, res = report["environment"], report["setup"], report["results"]
     it = setup["recon_iters"]
     lines = ["# Diffusion (issue 23): FP4DiT beside its baselines on the shipped digits DiT", "",
-             f"`python benchmarks/diffusion_fp4dit.py` (JSON: `benchmarks/results_cpu/diffusion_fp4dit.json`). "
+             f"`{setup.get('command', 'python benchmarks/diffusion_fp4dit.py')}` (JSON: "
+             f"`{setup.get('json', 'benchmarks/results_cpu/diffusion_fp4dit.json')}`). "
              f"{setup['note']}", "",
              f"Commit {env['git_sha']} (dirty: {env['git_dirty']}); python {env['python']}, torch {env['torch']}; "
              f"{env['platform']}, {env['device']} ({env['device_name']}), {setup['threads']} torch threads; whole run "
@@ -256,6 +258,9 @@ def main() -> None:
         "setup": {"seeds": list(seeds), "eval_noise_seeds": [1000 + s for s in seeds], "sampler": "PLMS",
                   "steps": STEPS, "model_calls_per_sample": STEPS + 1, "calib_images": args.calib_images,
                   "eval_samples": args.eval_samples, "recon_iters": iters, "threads": args.threads,
+                  "command": " ".join(["python benchmarks/diffusion_fp4dit.py", *sys.argv[1:]]),
+                  "json": f"benchmarks/{args.out.resolve().relative_to(HERE)}" if args.out.resolve().is_relative_to(HERE)
+                  else str(args.out),
                   "note": f"PLMS-{STEPS}; calibration: {args.calib_images} images (labels 0..9 in turn) x {STEPS + 1} "
                           f"model calls per seed, seeds {list(seeds)} (also AdaRound's seed); evaluation: "
                           f"{args.eval_samples} samples (labels 0..9 in turn) from the noise of seed 1000 + s, the "
