@@ -29,7 +29,7 @@ def _to_cpu(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.detach().to("cpu", copy=True)
     if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items() if v is not None}
+        return {k: _to_cpu(v) for k, v in value.items()}  # None entries kept: a forward may index them
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(v) for v in value)
     return value

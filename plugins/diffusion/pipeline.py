@@ -65,12 +65,11 @@ def quantize_pipeline(pipe: Any, config: Any, run: Callable[[Any], Any], *, prog
         raise ValueError(f"{type(pipe).__name__} has no transformer (U-Net pipelines are not supported)")
     find_transformer(transformer)  # ValueError for an unsupported class, before the calibration run
     show = progress_default() if progress is None else bool(progress)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)  # one bar: ours, over the transformer calls
     from .calib import record_calls
 
     calls = record_calls(transformer, lambda: run(pipe), progress=show)
-    qm = pq.quantize(transformer, config, calib=Calibration(calls, transformer_forward), progress=show)
+    device = next(transformer.parameters()).device  # the recorded calls are on the CPU: quantize where it runs
+    qm = pq.quantize(transformer, config, calib=Calibration(calls, transformer_forward), progress=show, device=device)
     pipe.transformer = qm.model
     return qm
 
@@ -79,10 +78,13 @@ def load_into_pipeline(pipe: Any, path: str, *, mode: str = "packed", device: st
                        cpu_dtype: torch.dtype = torch.bfloat16) -> Any:
     """Load a diffusion artifact of a transformer (``quantize_pipeline``'s) into ``pipe`` in place of its
     transformer (``polyquant.load``; packed: codes + scales through the core's packed modules). Returns the
-    ``QuantizedModel``. ValueError when the artifact's transformer is another class than the pipeline's."""
+    ``QuantizedModel``. ``device``: default, where the pipeline's transformer is. ValueError when the artifact's
+    transformer is another class than the pipeline's."""
     import polyquant as pq
 
     old = getattr(pipe, "transformer", None)
+    if device is None and old is not None:
+        device = next(old.parameters()).device  # where the pipeline runs
     qm = pq.load(path, mode=mode, device=device, cpu_dtype=cpu_dtype)
     if old is not None and type(qm.model) is not type(old):
         raise ValueError(f"{path}: holds a {type(qm.model).__name__}, the pipeline's transformer is a "
