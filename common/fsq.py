@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .vq import check_codes
+
 __all__ = ["FSQ"]
 
 
@@ -86,13 +88,7 @@ class FSQ(nn.Module):
 
     def decode(self, codes: Tensor) -> Tensor:
         """codes (...,) -> values (..., dim) in [-1, 1]; ValueError for non-integer codes or codes out of range."""
-        if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-            raise ValueError(f"FSQ.decode: codes must be integers, got {codes.dtype}")
-        if codes.numel():
-            mn, mx = torch.aminmax(codes)
-            if int(mn) < 0 or int(mx) >= self.codebook_size:
-                raise ValueError(f"FSQ.decode: codes must lie in [0, {self.codebook_size}), got values in "
-                                 f"[{int(mn)}, {int(mx)}]")
+        check_codes(codes, 0, self.codebook_size, "FSQ.decode")
         digits = torch.div(codes.long()[..., None], self.basis, rounding_mode="floor") % self.levels_t.long()
         half = self._half_width()
         return (digits.float() - half) / half

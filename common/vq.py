@@ -13,7 +13,8 @@ Every quantizer maps ``(..., dim)`` vectors to integer codes and back:
 | GroupedResidualVQ    | (..., groups, num_quantizers)        | GroupedVQ of one RVQ per slice               |
 | ProductVQ            | (..., num_subvectors)                | GroupedVQ of one VQ per slice                |
 
-Codebooks are buffers updated by exponential moving averages of assigned counts and sums, never by gradients.
+Codebooks are buffers updated by exponential moving averages of assigned counts and sums (EnCodec-style), or, with
+``CodebookOptions(ema=False)``, Parameters learned by gradient through a codebook loss (HiFi-Codec / DAC-style).
 k-means, ``fit``, ``set_codebook`` and training forwards refuse NaN / Inf vectors (one would poison a codebook row).
 ``decode`` refuses codes outside [0, K) (ResidualVQ: [-1, K), -1 = a skipped stage), non-integer codes and codes of
 the wrong shape with a ``ValueError`` (one reduction over the codes).
@@ -32,6 +33,7 @@ __all__ = [
     "residual_kmeans",
     "nearest_codes",
     "batched_kmeans",
+    "check_codes",
     "CodebookOptions",
     "CODEBOOK_PRESETS",
     "VectorQuantizer",
@@ -60,7 +62,7 @@ def _check_finite(x: Tensor, what: str) -> None:
         raise ValueError(f"{what}: {bad} vectors contain NaN or Inf; clean the data before training the codebook")
 
 
-def _check_codes(codes: Tensor, lo: int, k: int, what: str) -> None:
+def check_codes(codes: Tensor, lo: int, k: int, what: str) -> None:
     """``ValueError`` unless ``codes`` are integers in [lo, k): one reduction. (-2 wrapped or was read as a skipped
     stage, and K an IndexError, before.)"""
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
@@ -391,7 +393,7 @@ class VectorQuantizer(nn.Module):
 
     def decode(self, codes: Tensor) -> Tensor:
         """Codebook vectors of ``codes``: (...,) integers in [0, codebook_size) -> (..., dim)."""
-        _check_codes(codes, 0, self.codebook_size, "VectorQuantizer.decode")
+        check_codes(codes, 0, self.codebook_size, "VectorQuantizer.decode")
         return self._lookup(codes)
 
     def _lookup(self, codes: Tensor) -> Tensor:
@@ -542,7 +544,7 @@ class ResidualVQ(nn.Module):
         if codes.dim() == 0 or codes.shape[-1] > self.num_quantizers:
             raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (..., n) with n <= {self.num_quantizers} "
                              "stages")
-        _check_codes(codes, -1, self.layers[0].codebook_size, "ResidualVQ.decode")
+        check_codes(codes, -1, self.layers[0].codebook_size, "ResidualVQ.decode")
         out = torch.zeros(*codes.shape[:-1], self.dim, dtype=self.layers[0].embed.dtype, device=codes.device)
         for i in range(codes.shape[-1]):
             c = codes[..., i]
@@ -747,5 +749,5 @@ class ProductVQ(GroupedVQ):
         """(..., num_subvectors) -> (..., dim) (one range check over all the codes)."""
         if codes.dim() == 0 or codes.shape[-1] != self.num_subvectors:
             raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (..., num_subvectors={self.num_subvectors})")
-        _check_codes(codes, 0, self.quantizers[0].codebook_size, "ProductVQ.decode")
+        check_codes(codes, 0, self.quantizers[0].codebook_size, "ProductVQ.decode")
         return torch.cat([vq._lookup(codes[..., m]) for m, vq in enumerate(self.quantizers)], dim=-1)
