@@ -794,19 +794,21 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     raise TypeError(f"cannot feed a batch of type {type(batch).__name__}; pass forward_fn")
 
 
-def to_device(batch: Any, device: torch.device | str | None, *, dtype: torch.dtype | None = None) -> Any:
+def to_device(batch: Any, device: torch.device | str | None, *, dtype: torch.dtype | None = None,
+              copy: bool = False) -> Any:
     """``batch`` with every tensor in it (also inside tuples, lists and dicts) moved to ``device`` (None: as is);
-    ``dtype``: floating-point tensors are also cast to it (integer ones, e.g. token ids, are not)."""
-    if device is None and dtype is None:
+    ``dtype``: floating-point tensors are also cast to it (integer ones, e.g. token ids, are not). ``copy``: every
+    tensor is a fresh copy, also one already there (a recorder keeping inputs its caller may change in place)."""
+    if device is None and dtype is None and not copy:
         return batch
     if isinstance(batch, Tensor):
         if dtype is not None and batch.is_floating_point():
             batch = batch.to(dtype)
-        return batch if device is None else batch.to(device)
+        return batch.to(device if device is not None else batch.device, copy=copy)
     if isinstance(batch, dict):
-        return {k: to_device(v, device, dtype=dtype) for k, v in batch.items()}
+        return {k: to_device(v, device, dtype=dtype, copy=copy) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        moved = [to_device(v, device, dtype=dtype) for v in batch]
+        moved = [to_device(v, device, dtype=dtype, copy=copy) for v in batch]
         return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
     return batch
 

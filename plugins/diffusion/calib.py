@@ -25,16 +25,6 @@ from torch import Tensor, nn
 __all__ = ["record_calls", "timestep_batches", "dit_forward"]
 
 
-def _to_cpu(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}  # None entries kept: a forward may index them
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
 @torch.no_grad()
 def record_calls(transformer: nn.Module, run: Callable[[], Any], *, progress: bool = False,
                  total: int | None = None) -> list[dict[str, Any]]:
@@ -44,13 +34,16 @@ def record_calls(transformer: nn.Module, run: Callable[[], Any], *, progress: bo
     calls the transformer."""
     from tqdm.auto import tqdm
 
+    from polyquant.nn import to_device
+
     signature = inspect.signature(transformer.forward)
     calls: list[dict[str, Any]] = []
     bar = tqdm(total=total, desc="calibration (sampling)", unit="call", disable=not progress)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         bound = signature.bind_partial(*args, **kwargs).arguments
-        calls.append({k: _to_cpu(v) for k, v in bound.items() if v is not None and k != "return_dict"})
+        kept = {k: v for k, v in bound.items() if v is not None and k != "return_dict"}
+        calls.append(to_device(kept, "cpu", copy=True))  # copies: the caller may change its tensors in place
         bar.update(1)
 
     handle = transformer.register_forward_pre_hook(hook, with_kwargs=True)

@@ -273,3 +273,19 @@ def test_half_models_cast_around_float32_quantizers(dtype: torch.dtype) -> None:
     moved = to_device(batch, None, dtype=torch.float32)
     assert moved["x"].dtype == torch.float32 and moved["ids"].dtype == torch.int64
     assert moved["pair"][0].dtype == torch.float32
+
+
+def test_to_device_copy_gives_fresh_tensors_in_nested_batches() -> None:
+    from collections import namedtuple
+
+    from polyquant.nn import to_device
+
+    Pair = namedtuple("Pair", "a b")
+    x = torch.arange(4.0)
+    batch = {"x": x, "pair": Pair(x, 1), "none": None}
+    same = to_device(batch, "cpu")
+    assert same["x"] is x  # already there: no copy
+    out = to_device(batch, "cpu", copy=True)
+    x.add_(10)  # the caller changes its tensor in place afterwards
+    assert out["x"].tolist() == [0.0, 1.0, 2.0, 3.0] and out["pair"].a.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert isinstance(out["pair"], Pair) and out["pair"].b == 1 and out["none"] is None
