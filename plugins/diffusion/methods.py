@@ -252,16 +252,14 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-def _sampling_run(pipe: Any, transformer: nn.Module, args: argparse.Namespace, images: int,
-                  seed: int) -> Callable[[], None]:
-    """What samples ``images`` images: the pipeline (class labels for a DiT, prompts for the others) or, for a
-    bare DiT, ``models.sample``; chunks of 8 images with noise seeds ``seed``, ``seed + 1``, ..."""
+def _sampling_run(pipe: Any, transformer: nn.Module, args: argparse.Namespace, prompts: list[str] | None,
+                  images: int, seed: int) -> Callable[[], None]:
+    """What samples ``images`` images: the pipeline (class labels for a DiT, else ``prompts``) or, for a bare DiT,
+    ``models.sample``; chunks of 8 images with noise seeds ``seed``, ``seed + 1``, ..."""
     from .models import sample
 
     chunk = 8
-    class_conditional = type(transformer).__name__ == "DiTTransformer2DModel"
     n_classes = int(getattr(transformer.config, "num_embeds_ada_norm", None) or 1)
-    prompts = None if class_conditional else _prompts(args)
 
     def run() -> None:
         for i, start in enumerate(range(0, images, chunk)):
@@ -295,10 +293,11 @@ def _folder_inputs(args: argparse.Namespace) -> CliInputs:
                          "or scheduler): pass its pipeline folder (model_index.json)")
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
-    calls = record_calls(transformer, _sampling_run(pipe, transformer, args, args.calib_images, args.calib_seed),
-                         progress=progress_default() and not args.quiet)
+    prompts = None if type(transformer).__name__ == "DiTTransformer2DModel" else _prompts(args)  # read once
+    calls = record_calls(transformer, _sampling_run(pipe, transformer, args, prompts, args.calib_images,
+                                                    args.calib_seed), progress=progress_default() and not args.quiet)
     held = [] if not args.eval_images else record_calls(
-        transformer, _sampling_run(pipe, transformer, args, args.eval_images, args.calib_seed + 10_000))
+        transformer, _sampling_run(pipe, transformer, args, prompts, args.eval_images, args.calib_seed + 10_000))
     n_params = sum(p.numel() for p in transformer.parameters())
     how = type(pipe).__name__ if pipe is not None else f"{args.sampler} sampling"
     label = (f"{type(transformer).__name__} from {args.model} ({n_params / 1e6:.2f} M parameters), {len(calls)} "
