@@ -6,7 +6,7 @@ A ``Quantizer`` module quantizes one tensor. It moves through three states:
     calibrating  -> identity, while its observer records statistics
     quantized    -> fake-quant with frozen scale / zero point (or dynamic per-token qparams)
 
-``QuantLinear``, ``QuantConv1d/2d/3d`` and ``QuantMatMul`` hold a weight quantizer and input quantizers.
+``QuantLinear``, ``QuantConv1d/2d/3d``, ``QuantConvTranspose1d/2d/3d`` and ``QuantMatMul`` hold a weight quantizer and input quantizers.
 The weight entries of an artifact each have their fake-quant twin here (``polyquant.packed`` the packed one):
 
 | entry kind    | fake-quant                                                  | packed (``polyquant.packed``)     |
@@ -74,6 +74,9 @@ __all__ = [
     "SearchedQuantizer",
     "QuantLinear",
     "QuantConv1d",
+    "QuantConvTranspose1d",
+    "QuantConvTranspose2d",
+    "QuantConvTranspose3d",
     "QuantConv2d",
     "QuantConv3d",
     "QuantMatMul",
@@ -578,6 +581,31 @@ class QuantConv3d(_QuantConvNd):
     """nn.Conv3d with fake-quantized weight and input."""
 
 
+class _QuantConvTransposeNd(_QuantConvNd):
+    """A transposed convolution (weight (I, O / groups, *kernel): its rows, what per-channel blocks run along, are
+    the input channels) with fake-quantized weight and input. Forward takes no ``output_size``: the module's
+    ``output_padding`` fixes the output length, as ``ConvTransposeNd.forward(x)`` without it."""
+
+    _CONV_ATTRS = (*_QuantConvNd._CONV_ATTRS, "output_padding", "transposed")
+    _FNS: dict[int, Callable[..., Tensor]] = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+    def conv_forward(self, x: Tensor, weight: Tensor) -> Tensor:
+        fn = self._FNS[weight.dim() - 2]
+        return fn(x, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+
+
+class QuantConvTranspose1d(_QuantConvTransposeNd):
+    """nn.ConvTranspose1d with fake-quantized weight and input."""
+
+
+class QuantConvTranspose2d(_QuantConvTransposeNd):
+    """nn.ConvTranspose2d with fake-quantized weight and input."""
+
+
+class QuantConvTranspose3d(_QuantConvTransposeNd):
+    """nn.ConvTranspose3d with fake-quantized weight and input."""
+
+
 class QuantMatMul(nn.Module):
     """a @ b with both operands fake-quantized (attention products q @ k^T and attn @ v)."""
 
@@ -615,6 +643,9 @@ _WRAPPERS: dict[type[nn.Module], type[QuantWeightModule]] = {
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Conv3d: QuantConv3d,
+    nn.ConvTranspose1d: QuantConvTranspose1d,
+    nn.ConvTranspose2d: QuantConvTranspose2d,
+    nn.ConvTranspose3d: QuantConvTranspose3d,
 }
 
 

@@ -274,10 +274,12 @@ def quantize_weight(w: Tensor, fmt: Format | str = "int4", group_size: int | Non
 # --- convolutions -------------------------------------------------------------------------------------------------
 
 _CONV_FNS: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T_FNS: dict[int, Callable[..., Tensor]] = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class PackedConv(nn.Module):
-    """A convolution whose weight (O, I / groups, *kernel) is held as packed codes, decoded for each call."""
+    """A convolution whose weight (O, I / groups, *kernel) is held as packed codes, decoded for each call; a
+    transposed convolution's (``conv.transposed``: weight (I, O / groups, *kernel), with its ``output_padding``) too."""
 
     def __init__(
         self, entry: WeightEntry, conv: nn.Module, *, device: str | torch.device = "cpu",
@@ -293,7 +295,11 @@ class PackedConv(nn.Module):
         self.shape = entry.shape
         self.fmt = entry.fmt
         self.bits = entry.bits
+        self.transposed = bool(getattr(conv, "transposed", False))
+        self.output_padding = tuple(getattr(conv, "output_padding", (0,) * dims))
         self.in_channels, self.out_channels = entry.shape[1] * conv.groups, entry.shape[0]
+        if self.transposed:
+            self.in_channels, self.out_channels = entry.shape[0], entry.shape[1] * conv.groups
         self.kernel_size = tuple(entry.shape[2:])
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups
@@ -307,7 +313,9 @@ class PackedConv(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone().to(dev))
 
     def extra_repr(self) -> str:
-        return f"weight={self.shape}, {self.fmt.name}, stride={self.stride}, padding={self.padding}, groups={self.groups}"
+        kind = ", transposed" if self.transposed else ""
+        return (f"weight={self.shape}, {self.fmt.name}, stride={self.stride}, padding={self.padding}, "
+                f"groups={self.groups}{kind}")
 
     def dequantized_weight(self) -> Tensor:
         codes = unpack_rows(self.weight_packed, self.bits, math.prod(self.shape[1:]))
@@ -317,8 +325,12 @@ class PackedConv(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        y = _CONV_FNS[len(self.shape) - 2](x, self.dequantized_weight().to(x.dtype), bias, self.stride, self.padding,
-                                           self.dilation, self.groups)
+        w = self.dequantized_weight().to(x.dtype)
+        if self.transposed:
+            y = _CONV_T_FNS[len(self.shape) - 2](x, w, bias, self.stride, self.padding, self.output_padding,
+                                                 self.groups, self.dilation)
+        else:
+            y = _CONV_FNS[len(self.shape) - 2](x, w, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.output_quantizer is not None:
             y = self.output_quantizer(y)
         return y

@@ -292,6 +292,37 @@ def test_pack_model_mixed_layers() -> None:
     assert_close(qmodel(x), ref, rtol=1e-4, atol=1e-4 * float(ref.detach().abs().max()))
 
 
+@pytest.mark.parametrize("dims", [1, 2])
+def test_transposed_conv_quantizes_exports_and_packs(dims: int) -> None:
+    torch.manual_seed(dims)
+    conv_t = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}[dims]
+    model = nn.Sequential(conv_t(6, 4, 4, stride=2, padding=1, output_padding=1), nn.ELU(),
+                          conv_t(4, 2, 3, stride=3, groups=2))
+    x = torch.randn(3, 6, *(7,) * dims)
+    with torch.no_grad():
+        ref_float = model(x)
+    qmodel = pq.prepare(model, [pq.QuantRule("*", weight=QuantSpec("int8", PerChannel(0)))])
+    assert type(qmodel[0]).__name__ == f"QuantConvTranspose{dims}d"
+    with torch.no_grad():
+        raw = qmodel(x)  # raw quantizers: the float transposed convolutions, output_padding included
+    assert_close(raw, ref_float)
+    pq.calibrate(qmodel, [x], progress=False)
+    qmodel.eval()
+    with torch.no_grad():
+        fake = qmodel(x)
+    assert fake.shape == ref_float.shape and not torch.equal(fake, ref_float)
+    report = pack_model(qmodel, weight_entries(qmodel, export(qmodel)), cpu_dtype=torch.float32)
+    assert report.packed == {"0": "PackedConv", "2": "PackedConv"} and not report.kept
+    assert isinstance(qmodel[0], PackedConv) and qmodel[0].transposed
+    assert (qmodel[0].in_channels, qmodel[0].out_channels) == (6, 4)
+    with torch.no_grad():
+        packed = qmodel(x)
+    assert_close(packed, fake, rtol=1e-5, atol=1e-5 * float(fake.abs().max()))
+    # int8 per channel: the output error is within the weights' quantization error
+    err = float((fake - ref_float).norm() / ref_float.norm())
+    assert 0 < err < 0.02
+
+
 # --- CUDA: the Triton kernels behind the modules ------------------------------------------------------------------
 
 
