@@ -5,6 +5,7 @@
 | ``set_submodule(model, name, module)``     | replace the submodule at a dotted name (``"blocks.0.attn.qkv"``)    |
 | ``replace_modules(model, cls, make)``      | replace every submodule of a class by ``make(name, module)``        |
 | ``fold_batchnorm(model, example)``         | fold every eval-mode BatchNorm2d into the Conv2d that feeds it      |
+| ``fold_weight_norm(model)``                | make every weight-normalized weight a plain Parameter (g v / |v|)   |
 | ``patch_class(module, forward)``           | give one module a subclass with another ``forward``; weights, names |
 |                                            | and ``isinstance`` checks stay                                      |
 | ``register_product_patch(cls, forward)``   | teach ``patch_products`` the products inside a module class         |
@@ -146,6 +147,25 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> list[str]:
 # --- class patching ---------------------------------------------------------------------------------------------
 
 _PATCHED: dict[tuple[type, Callable[..., Any]], type] = {}  # (class, forward) -> subclass, one per pair
+
+
+def fold_weight_norm(model: nn.Module) -> list[str]:
+    """Replace every weight normalization (``torch.nn.utils.parametrizations.weight_norm`` and the older
+    ``torch.nn.utils.weight_norm`` hook) by the plain weight it computes, ``g v / |v|``, in place: quant layers copy
+    ``module.weight``, which a normalization recomputes from ``weight_g`` / ``weight_v`` (or ``original0`` /
+    ``original1``) on every call. The forward is unchanged. Returns the names of the modules folded."""
+    from torch.nn.utils import parametrize
+
+    folded = []
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            folded.append(name)
+            continue
+        if hasattr(module, "weight_g") and hasattr(module, "weight_v"):  # the older hook
+            torch.nn.utils.remove_weight_norm(module)
+            folded.append(name)
+    return folded
 
 
 def replace_modules(model: nn.Module, cls: type[nn.Module] | tuple[type[nn.Module], ...],

@@ -268,3 +268,21 @@ def test_replace_modules_replaces_every_match_once_and_returns_them() -> None:
     assert list(out) == ["a"] and type(nested["a"]) is nn.Identity
     with pytest.raises(ValueError, match="root module"):
         replace_modules(nn.Linear(2, 2), nn.Linear, make)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")  # the older hook
+def test_fold_weight_norm_keeps_the_forward_and_makes_plain_weights() -> None:
+    from polyquant.surgery import fold_weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(3, 4, 3)),
+                          nn.utils.weight_norm(nn.ConvTranspose1d(4, 2, 4, stride=2)), nn.Linear(5, 5))
+    x = torch.randn(2, 3, 9)
+    with torch.no_grad():
+        ref = model[1](model[0](x))
+    assert fold_weight_norm(model) == ["0", "1"]
+    assert all(isinstance(m.weight, nn.Parameter) for m in model)
+    assert not hasattr(model[1], "weight_g") and not nn.utils.parametrize.is_parametrized(model[0])
+    with torch.no_grad():
+        assert torch.allclose(model[1](model[0](x)), ref, atol=1e-6)
+    assert fold_weight_norm(model) == []
