@@ -41,6 +41,7 @@ __all__ = [
     "GroupedVQ",
     "GroupedResidualVQ",
     "ProductVQ",
+    "train_codebooks",
 ]
 
 # Elements of one (B, rows, K) distance block when batch_size is not given.
@@ -361,24 +362,35 @@ class VectorQuantizer(nn.Module):
         return self.embed
 
     @torch.no_grad()
-    def set_codebook(self, codebook: Tensor) -> None:
-        """Replace the codebook and reset the EMA state: each code starts with a prior count of 1 at its value."""
+    def set_codebook(self, codebook: Tensor, counts: Tensor | None = None) -> None:
+        """Replace the codebook and reset the EMA state: each code starts with a prior count of 1 at its value, or
+        ``counts`` (K,) (e.g. its k-means cluster size, as EnCodec's init): then ``embed_sum = codebook * counts``,
+        so the code stays where it is until the data moves it, and a code with a small count is restarted first."""
         if codebook.shape != (self.codebook_size, self.dim):
             expected = (self.codebook_size, self.dim)
             raise ValueError(f"codebook must have shape {expected}, got {tuple(codebook.shape)}")
         _check_finite(codebook, "codebook")
         self.embed.copy_(codebook)
-        self.cluster_size.fill_(1.0)
-        self.embed_sum.copy_(codebook)
+        if counts is None:
+            self.cluster_size.fill_(1.0)
+            self.embed_sum.copy_(codebook)
+        else:
+            if counts.shape != (self.codebook_size,) or bool((counts < 0).any()):
+                raise ValueError(f"counts must be ({self.codebook_size},) and >= 0, got {tuple(counts.shape)}")
+            self.cluster_size.copy_(counts)
+            self.embed_sum.copy_(codebook * counts.to(codebook.dtype)[:, None])
         self.initted.fill_(True)
 
     @torch.no_grad()
     def fit(self, x: Tensor, *, iters: int | None = None) -> VectorQuantizer:
-        """Set the codebook to the k-means centroids of ``x`` (..., dim); returns self."""
+        """Set the codebook to the k-means centroids of ``x`` (..., dim) and the EMA counts to their cluster sizes
+        (EnCodec's ``init_embed_``: dead-code restart then first replaces the codes k-means left (nearly) empty);
+        returns self."""
         flat = self._flatten(x)
         iters = self.kmeans_iters if iters is None else iters
-        centers, _ = kmeans(flat.to(self.embed.dtype), self.codebook_size, iters=iters, seed=self.seed)
-        self.set_codebook(centers)
+        centers, codes = kmeans(flat.to(self.embed.dtype), self.codebook_size, iters=iters, seed=self.seed)
+        counts = torch.bincount(codes, minlength=self.codebook_size).to(centers.dtype)
+        self.set_codebook(centers, counts)
         return self
 
     @torch.no_grad()
@@ -515,6 +527,12 @@ class ResidualVQ(nn.Module):
             for i in range(num_quantizers)
         )
 
+    @property
+    def codebooks(self) -> Tensor:
+        """The stages' codebooks stacked (num_quantizers, K, dim): what ``polyquant.kernels.rvq_assign`` /
+        ``rvq_decode`` take (Euclidean search; a cosine-searched codebook needs its normalized copy)."""
+        return torch.stack([layer.embed.detach() for layer in self.layers])
+
     @torch.no_grad()
     def fit(self, x: Tensor, *, iters: int | None = None) -> ResidualVQ:
         """Greedy stage-wise k-means on the residuals of ``x`` (..., dim); returns self."""
@@ -622,6 +640,11 @@ class GroupedVQ(nn.Module):
         for q, part in zip(self.quantizers, self._split(x)):
             q.fit(part, iters=iters)
         return self
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """(..., dim) -> codes (..., groups, *inner): each group's quantizer on its slice."""
+        return torch.stack([q.encode(p) for q, p in zip(self.quantizers, self._split(x))], dim=self._axis)
 
     def _check_group_codes(self, codes: Tensor) -> None:
         if codes.dim() < self.code_dims or codes.shape[self._axis] != self.groups:
@@ -751,3 +774,27 @@ class ProductVQ(GroupedVQ):
             raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (..., num_subvectors={self.num_subvectors})")
         check_codes(codes, 0, self.quantizers[0].codebook_size, "ProductVQ.decode")
         return torch.cat([vq._lookup(codes[..., m]) for m, vq in enumerate(self.quantizers)], dim=-1)
+
+
+@torch.no_grad()
+def train_codebooks(quantizer: nn.Module, batches: "list[Tensor]", *, epochs: int = 1, progress: bool = False,
+                    desc: str = "codebooks") -> nn.Module:
+    """EMA training passes over batches of vectors (..., dim): each batch goes through the quantizer's training
+    forward (k-means init on the first batch if the codebook is not initialized yet, the EMA update, dead-code
+    restart), ``epochs`` times; returns the quantizer in eval mode. Post-training codebook fitting for EMA
+    codebooks (a learned codebook, ``CodebookOptions(ema=False)``, needs gradients: refused)."""
+    from tqdm.auto import tqdm
+
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    learned = [m for m in quantizer.modules() if isinstance(m, VectorQuantizer) and not m.options.ema]
+    if learned:
+        raise ValueError("train_codebooks updates EMA codebooks; this quantizer has codebooks learned by gradient")
+    quantizer.train()
+    try:
+        for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+            for batch in batches:
+                quantizer(batch)
+    finally:
+        quantizer.eval()
+    return quantizer

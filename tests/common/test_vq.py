@@ -254,6 +254,19 @@ def test_rvq_encode_decode_and_forward_consistent() -> None:
         rvq.encode(xs, num_quantizers=4)
 
 
+def test_rvq_codebooks_feed_the_kernels() -> None:
+    from polyquant.kernels import rvq_assign, rvq_decode
+
+    torch.manual_seed(0)
+    rvq = ResidualVQ(dim=6, num_quantizers=3, codebook_size=16).fit(torch.randn(500, 6))
+    books = rvq.codebooks
+    assert books.shape == (3, 16, 6) and torch.equal(books[1], rvq.layers[1].embed)
+    xs = torch.randn(4, 9, 6)
+    codes = rvq.encode(xs)
+    assert torch.equal(rvq_assign(xs, books), codes)  # kernels' greedy residual search = the module's
+    assert torch.allclose(rvq_decode(codes, books), rvq.decode(codes), atol=1e-6)
+
+
 def test_rvq_training_and_quantizer_dropout() -> None:
     x = torch.randn(256, 4)
     rvq = ResidualVQ(dim=4, num_quantizers=4, codebook_size=8, quantizer_dropout=True, seed=2)
@@ -426,6 +439,7 @@ def test_grouped_vq_combinator_stacks_any_quantizer() -> None:
     g = GroupedVQ([FSQ([4, 4]), FSQ([5, 3])], dim=4)  # code_dims 0 inside -> codes (..., groups)
     x_hat, codes, _ = g(x)
     assert codes.shape == (50, 2) and torch.equal(g.decode(codes), x_hat)
+    assert torch.equal(g.encode(x), codes)
     assert torch.equal(codes[:, 1], FSQ([5, 3]).encode(x[:, 2:]))
     grvq = GroupedResidualVQ(dim=4, groups=2, num_quantizers=3, codebook_size=8).fit(x)
     c = grvq.encode(x)  # (..., groups, n): group g is its own RVQ on slice g
@@ -498,3 +512,24 @@ def test_encodec_residual_flag_cuts_later_stages_gradient(encodec_residual: bool
     first = 2 * (x0 - e0) / x0.numel()  # d/dx of the first stage's commitment mean((x - e0)^2)
     second = 2 * (x0 - e0 - e1) / x0.numel()  # the second stage's, on the residual x - sg(e0)
     assert torch.allclose(x.grad, first if encodec_residual else first + second, atol=1e-6)
+
+
+def test_train_codebooks_ema_passes_cut_error_and_revive_dead_codes() -> None:
+    from polyquant.vq import CODEBOOK_PRESETS, train_codebooks
+
+    torch.manual_seed(0)
+    centers = torch.randn(8, 4) * 3
+    data = centers[torch.randint(0, 8, (2000,))] + 0.1 * torch.randn(2000, 4)
+    batches = list(data.split(200))
+    plain = VectorQuantizer(dim=4, codebook_size=16, kmeans_init=False, decay=0.8)
+    restarted = VectorQuantizer(dim=4, codebook_size=16, kmeans_init=False, decay=0.8, threshold_dead_code=1.0)
+    err0 = float((plain.decode(plain.encode(data)) - data).pow(2).mean())
+    for q in (plain, restarted):
+        assert train_codebooks(q, batches, epochs=3) is q and not q.training
+    err_plain = float((plain.decode(plain.encode(data)) - data).pow(2).mean())
+    err_restart = float((restarted.decode(restarted.encode(data)) - data).pow(2).mean())
+    assert err_plain < err0 and err_restart < err_plain  # restart revives the random codes far from the data
+    assert err_restart < 0.05
+    learned = VectorQuantizer(dim=4, codebook_size=16, options=CODEBOOK_PRESETS["hificodec"])
+    with pytest.raises(ValueError, match="learned by gradient"):
+        train_codebooks(learned, batches)
