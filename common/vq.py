@@ -451,13 +451,21 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: Tensor) -> None:
+        """Codes whose EMA count fell below the threshold move to distinct random vectors of the batch (at most one
+        per vector: with more dead codes than vectors, a random subset now, the rest at later batches) and restart
+        with the count at the threshold (vector-quantize-pytorch's ``reset_cluster_size``), so a restarted code is
+        not expired again before it had a batch to win vectors."""
         dead = (self.cluster_size < self.threshold_dead_code).nonzero().squeeze(1)
-        if dead.numel() == 0 or flat.shape[0] == 0:
+        n = flat.shape[0]
+        if dead.numel() == 0 or n == 0:
             return
-        pick = torch.randint(0, flat.shape[0], (dead.numel(),), generator=self._generator).to(flat.device)
-        self.embed[dead] = flat[pick]
-        self.embed_sum[dead] = flat[pick]
-        self.cluster_size[dead] = 1.0
+        if dead.numel() > n:
+            dead = dead[torch.randperm(dead.numel(), generator=self._generator)[:n].to(dead.device)]
+        pick = torch.randperm(n, generator=self._generator)[: dead.numel()].to(flat.device)
+        count = max(self.threshold_dead_code, 1.0)
+        self.embed[dead] = flat[pick].to(self.embed.dtype)
+        self.embed_sum[dead] = flat[pick].to(self.embed.dtype) * count
+        self.cluster_size[dead] = count
 
     def _flatten(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.dim:

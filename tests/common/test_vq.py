@@ -204,8 +204,9 @@ def test_dead_code_restart() -> None:
     assert set(codes.tolist()) == {0, 1}  # the far codes were unused ...
     for row in vq.codebook[2:]:  # ... so they were restarted at batch vectors
         assert (data == row).all(dim=1).any()
-    assert vq.cluster_size[2:].tolist() == [1.0, 1.0]
+    assert vq.cluster_size[2:].tolist() == [1.0, 1.0]  # restarted at the threshold's count
     assert (vq.cluster_size[:2] >= 1.0).all()  # used codes stay alive
+    assert not torch.equal(vq.codebook[2], vq.codebook[3])  # distinct batch vectors (sampled without replacement)
 
 
 def test_vq_state_dict_roundtrip_and_errors() -> None:
