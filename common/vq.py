@@ -8,6 +8,7 @@ Every quantizer maps ``(..., dim)`` vectors to integer codes and back:
 | quantizer            | codes shape                          | codebooks                                   |
 |----------------------|--------------------------------------|---------------------------------------------|
 | VectorQuantizer      | (...,)                               | one (K, dim)                                |
+| FactorizedVQ         | (...,)                               | one (K, code_dim) behind projections (DAC)   |
 | ResidualVQ           | (..., num_quantizers)                | one per stage, each on the previous residual |
 | GroupedVQ            | (..., groups, *inner codes)          | any quantizer per slice of dim / groups      |
 | GroupedResidualVQ    | (..., groups, num_quantizers)        | GroupedVQ of one RVQ per slice               |
@@ -23,6 +24,7 @@ the wrong shape with a ``ValueError`` (one reduction over the codes).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ __all__ = [
     "CodebookOptions",
     "CODEBOOK_PRESETS",
     "VectorQuantizer",
+    "FactorizedVQ",
     "ResidualVQ",
     "GroupedVQ",
     "GroupedResidualVQ",
@@ -476,6 +479,78 @@ class VectorQuantizer(nn.Module):
         return f"dim={self.dim}, codebook_size={self.codebook_size}, decay={self.decay}"
 
 
+class FactorizedVQ(nn.Module):
+    """DAC's factorized codes (Kumar et al. 2023, "High-Fidelity Audio Compression with Improved RVQGAN"; code
+    descriptinc/descript-audio-codec ``dac/nn/quantize.py``): a weight-normalized projection dim -> code_dim, a
+    ``VectorQuantizer`` there (default ``CODEBOOK_PRESETS["dac"]``: a learned codebook searched by cosine, codebook
+    loss 1 and commitment 0.25 on the projected vectors) and a weight-normalized projection back. The lookup returns
+    the raw (unnormalized) code, projected up. Codes (...,) as a ``VectorQuantizer``'s."""
+
+    code_dims = 0
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        code_dim: int,
+        codebook_size: int,
+        commitment_weight: float = 0.25,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        threshold_dead_code: float = 0.0,
+        decay: float = 0.99,
+        seed: int = 0,
+        options: CodebookOptions | None = None,
+    ) -> None:
+        """``code_dim``: the projected size (DAC: 8). Other arguments: as ``VectorQuantizer`` (on the projections)."""
+        super().__init__()
+        if not 1 <= code_dim:
+            raise ValueError(f"code_dim must be >= 1, got {code_dim}")
+        self.dim, self.code_dim, self.codebook_size = dim, code_dim, codebook_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.in_proj = nn.utils.parametrizations.weight_norm(nn.Linear(dim, code_dim))
+            self.out_proj = nn.utils.parametrizations.weight_norm(nn.Linear(code_dim, dim))
+        self.vq = VectorQuantizer(
+            dim=code_dim, codebook_size=codebook_size, decay=decay, commitment_weight=commitment_weight,
+            kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, threshold_dead_code=threshold_dead_code, seed=seed,
+            options=options if options is not None else CODEBOOK_PRESETS["dac"])
+
+    @property
+    def embed(self) -> Tensor:
+        """The (K, code_dim) codebook, in the projected space."""
+        return self.vq.embed
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, *, iters: int | None = None) -> "FactorizedVQ":
+        """k-means of the projected vectors of ``x`` (..., dim); returns self."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected vectors of size {self.dim} in the last dim, got shape {tuple(x.shape)}")
+        self.vq.fit(self.in_proj(x.reshape(-1, self.dim)), iters=iters)
+        return self
+
+    @torch.no_grad()
+    def encode(self, x: Tensor) -> Tensor:
+        """(..., dim) -> codes (...,): nearest code of the projection (by cosine with the DAC preset)."""
+        return self.vq.encode(self.in_proj(x))
+
+    def _lookup(self, codes: Tensor) -> Tensor:
+        return self.out_proj(self.vq._lookup(codes))
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """codes (...,) in [0, K) -> out_proj(raw code) (..., dim)."""
+        check_codes(codes, 0, self.codebook_size, "FactorizedVQ.decode")
+        return self._lookup(codes)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(out_proj(z_e + sg(e - z_e)): gradients reach both projections, codes, the projected-space loss)."""
+        z_q, codes, loss = self.vq(self.in_proj(x))
+        return self.out_proj(z_q), codes, loss
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, code_dim={self.code_dim}, codebook_size={self.codebook_size}"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Residual VQ
 
@@ -500,6 +575,7 @@ class ResidualVQ(nn.Module):
         seed: int = 0,
         options: CodebookOptions | None = None,
         encodec_residual: bool = False,
+        factorized_dim: int | None = None,
     ) -> None:
         """
         Args:
@@ -510,6 +586,10 @@ class ResidualVQ(nn.Module):
                 encodec issue #25): the next stage's residual carries no gradient, so only the first stage's
                 commitment loss trains the encoder. Off: the residual subtracts the detached code, so every stage's
                 commitment loss reaches the input (vector-quantize-pytorch's fix #33).
+            factorized_dim: DAC's stages: each a ``FactorizedVQ`` with codes in this many dims (DAC: 8; ``options``
+                default ``CODEBOOK_PRESETS["dac"]``). The output is then the sum of the stages' outputs and the
+                residual subtracts them undetached (DAC's ``ResidualVectorQuantize``, issue #107), so the
+                projections and codebooks train through the codec's loss; ``encodec_residual`` does not apply.
             Other arguments: as ``VectorQuantizer`` (stage i uses seed + i).
         """
         super().__init__()
@@ -519,26 +599,25 @@ class ResidualVQ(nn.Module):
         self.num_quantizers = num_quantizers
         self.quantizer_dropout = quantizer_dropout
         self.encodec_residual = encodec_residual
+        self.factorized_dim = factorized_dim
         self._generator = torch.Generator().manual_seed(seed)
-        self.layers = nn.ModuleList(
-            VectorQuantizer(
-                dim=dim,
-                codebook_size=codebook_size,
-                decay=decay,
-                commitment_weight=commitment_weight,
-                kmeans_init=kmeans_init,
-                kmeans_iters=kmeans_iters,
-                threshold_dead_code=threshold_dead_code,
-                seed=seed + i,
-                options=options,
-            )
-            for i in range(num_quantizers)
-        )
+        stage: dict[str, Any] = dict(codebook_size=codebook_size, decay=decay, commitment_weight=commitment_weight,
+                                     kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
+                                     threshold_dead_code=threshold_dead_code, options=options)
+        if factorized_dim is not None:
+            self.layers = nn.ModuleList(FactorizedVQ(dim=dim, code_dim=factorized_dim, seed=seed + i, **stage)
+                                        for i in range(num_quantizers))
+        else:
+            self.layers = nn.ModuleList(VectorQuantizer(dim=dim, seed=seed + i, **stage)
+                                        for i in range(num_quantizers))
 
     @property
     def codebooks(self) -> Tensor:
         """The stages' codebooks stacked (num_quantizers, K, dim): what ``polyquant.kernels.rvq_assign`` /
-        ``rvq_decode`` take (Euclidean search; a cosine-searched codebook needs its normalized copy)."""
+        ``rvq_decode`` take (Euclidean search; a cosine-searched codebook needs its normalized copy). Factorized
+        stages have no codebook in the input space: ``ValueError``."""
+        if self.factorized_dim is not None:
+            raise ValueError("factorized (DAC) stages search projected codes: no stacked codebooks in the input space")
         return torch.stack([layer.embed.detach() for layer in self.layers])
 
     @torch.no_grad()
@@ -588,7 +667,9 @@ class ResidualVQ(nn.Module):
         codes = torch.full((*x.shape[:-1], self.num_quantizers), -1, dtype=torch.int64, device=x.device)
         for i, layer in enumerate(self.layers[:n]):
             q, c, stage_loss = layer(residual)  # the loss reaches x through the residual
-            if self.encodec_residual:
+            if self.factorized_dim is not None:  # DAC: the stage outputs keep their gradients
+                residual = residual - q
+            elif self.encodec_residual:
                 residual = residual - q  # q = residual + sg(e - residual): the new residual has no gradient
                 q = q.detach()
             else:
@@ -597,7 +678,7 @@ class ResidualVQ(nn.Module):
             total = total + q
             loss = loss + stage_loss
             codes[..., i] = c
-        x_hat = x + (total - x).detach()
+        x_hat = total if self.factorized_dim is not None else x + (total - x).detach()
         return x_hat, codes, loss
 
     def _check_n(self, n: int | None) -> int:

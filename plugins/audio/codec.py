@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polyquant.vq import CODEBOOK_PRESETS, GroupedResidualVQ, ResidualVQ
+from polyquant.vq import CODEBOOK_PRESETS, GroupedResidualVQ, ResidualVQ, VectorQuantizer
 
 from .codes import kernel_decode, kernel_encode
 
@@ -30,7 +30,7 @@ __all__ = ["STRIDES", "HOP", "SAMPLE_RATE", "Codec", "TinyCodec", "make_quantize
 STRIDES = (2, 4, 5, 8)
 HOP = math.prod(STRIDES)  # 320 samples = 20 ms at 16 kHz
 SAMPLE_RATE = 16_000
-QUANTIZER_KINDS = ("rvq", "grvq")
+QUANTIZER_KINDS = ("rvq", "grvq", "dac")
 
 
 class ResUnit(nn.Module):
@@ -100,7 +100,9 @@ def make_quantizer(spec: dict[str, Any], dim: int) -> nn.Module:
     """The bottleneck of a quantizer spec: ``{"kind": "rvq", "num_quantizers": 4, "codebook_size": 1024}`` (EnCodec
     style: EMA + Laplace smoothing, k-means init, dead-code threshold 2, quantizer dropout) or ``{"kind": "grvq",
     "groups": 2, "num_quantizers": 2, "codebook_size": 1024}`` (HiFi-Codec style: codebooks learned by gradient,
-    commitment 0.25, U(+-1/K) init)."""
+    commitment 0.25, U(+-1/K) init) or ``{"kind": "dac", "num_quantizers": 4, "codebook_size": 1024, "code_dim": 8}``
+    (DAC style: factorized 8-d codes searched by cosine, learned codebooks, codebook 1 + commitment 0.25, quantizer
+    dropout)."""
     kind = spec.get("kind")
     n, k = int(spec.get("num_quantizers", 4)), int(spec.get("codebook_size", 1024))
     if kind == "rvq":
@@ -110,12 +112,16 @@ def make_quantizer(spec: dict[str, Any], dim: int) -> nn.Module:
     if kind == "grvq":
         return GroupedResidualVQ(dim=dim, groups=int(spec.get("groups", 2)), num_quantizers=n, codebook_size=k,
                                  kmeans_init=False, commitment_weight=0.25, options=CODEBOOK_PRESETS["hificodec"])
+    if kind == "dac":
+        return ResidualVQ(dim=dim, num_quantizers=n, codebook_size=k, quantizer_dropout=True, kmeans_init=False,
+                          commitment_weight=0.25, factorized_dim=int(spec.get("code_dim", 8)),
+                          options=CODEBOOK_PRESETS["dac"])
     raise ValueError(f"quantizer kind must be one of {QUANTIZER_KINDS}, got {kind!r}")
 
 
 def codebook_sizes(quantizer: nn.Module) -> list[int]:
     """K of every codebook a frame's code uses (one per RVQ stage, per group)."""
-    return [int(m.codebook_size) for m in quantizer.modules() if hasattr(m, "codebook_size") and hasattr(m, "embed")]
+    return [int(m.codebook_size) for m in quantizer.modules() if isinstance(m, VectorQuantizer)]
 
 
 def bitrate(sample_rate: int, hop: int, sizes: list[int]) -> float:

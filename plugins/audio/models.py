@@ -37,7 +37,7 @@ SHIPPED: dict[str, dict[str, Any]] = {
 SHIPPED_PATHS = {name: _ASSETS / f"{name.replace('-', '_')}.safetensors" for name in SHIPPED}
 _META = "polyquant_model"
 _BOUNDS = {"channels": (1, 64), "dim": (2, 1024), "num_quantizers": (1, 32), "codebook_size": (2, 65536),
-           "groups": (1, 64), "seed": (0, 2**31 - 1)}
+           "groups": (1, 64), "code_dim": (1, 1024), "seed": (0, 2**31 - 1)}
 
 
 def _check(model_config: dict[str, Any]) -> dict[str, Any]:

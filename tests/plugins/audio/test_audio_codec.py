@@ -130,3 +130,20 @@ def test_training_forward_quantizer_dropout_and_losses() -> None:
     assert y.shape == x.shape and len(used) > 1
     assert all(p.grad is not None for p in model.encoder.parameters())
     assert codebook_sizes(quantizer) == [32] * 4
+
+
+def test_dac_style_codec_trains_and_codes_by_cosine() -> None:
+    torch.manual_seed(0)
+    quantizer = make_quantizer({"kind": "dac", "num_quantizers": 4, "codebook_size": 1024, "code_dim": 8}, 64)
+    model = TinyCodec(quantizer, channels=2, dim=64)
+    assert model.bitrate() == 2000.0 and codebook_sizes(quantizer) == [1024] * 4
+    model.train()
+    x = _clips(2, seed=2, seconds=0.2)
+    y, codes, loss = model.reconstruct(x)
+    (torch.nn.functional.l1_loss(y, x) + loss).backward()
+    used = int((codes[0, 0] >= 0).sum())  # quantizer dropout: the first n stages ran
+    assert all(layer.out_proj.parametrizations.weight.original1.grad is not None for layer in quantizer.layers[:used])
+    model.eval()
+    codes = model.encode(x)  # cosine search: the module path (the kernels search by L2)
+    assert codes.shape == (2, 10, 4) and not model._kernels()
+    assert model.decode(codes).shape == (2, 1, 3200)
