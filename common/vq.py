@@ -24,7 +24,7 @@ the wrong shape with a ``ValueError`` (one reduction over the codes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -690,25 +690,32 @@ class ResidualVQ(nn.Module):
 
 
 class GroupedVQ(nn.Module):
-    """The features split into equal slices, each quantized by its own quantizer: the one combinator under
+    """The features split into slices, each quantized by its own quantizer: the one combinator under
     ``GroupedResidualVQ`` (an RVQ per slice: HiFi-Codec's GRVQ) and ``ProductVQ`` (a VQ per slice: sub-vector VQ).
 
-    ``quantizers[g]`` takes slice g of ``dim / len(quantizers)`` features; its codes ``(..., *inner)`` (inner: ``()``
-    for a ``VectorQuantizer``, ``(n,)`` for a ``ResidualVQ``: its ``code_dims``) stack into ``(..., groups, *inner)``.
+    ``quantizers[g]`` takes slice g: ``sizes[g]`` features (default: equal slices of ``dim / len(quantizers)``); its
+    codes ``(..., *inner)`` (inner: ``()`` for a ``VectorQuantizer``, ``(n,)`` for a ``ResidualVQ``: its
+    ``code_dims``) stack into ``(..., groups, *inner)``.
     """
 
     code_dims: int
 
-    def __init__(self, quantizers: list[nn.Module], *, dim: int) -> None:
+    def __init__(self, quantizers: list[nn.Module], *, dim: int, sizes: "Sequence[int] | None" = None) -> None:
         super().__init__()
         groups = len(quantizers)
-        if groups < 1 or dim % groups:
-            raise ValueError(f"dim={dim} must be divisible by groups={groups}")
+        if sizes is None:
+            if groups < 1 or dim % groups:
+                raise ValueError(f"dim={dim} must be divisible by groups={groups}")
+            sizes = [dim // groups] * groups
+        sizes = [int(v) for v in sizes]
+        if groups < 1 or len(sizes) != groups or min(sizes) < 1 or sum(sizes) != dim:
+            raise ValueError(f"slice sizes {sizes} must be {groups} positive sizes summing to dim={dim}")
         inner = {int(getattr(q, "code_dims", -1)) for q in quantizers}
         if len(inner) != 1 or -1 in inner:
             raise ValueError("GroupedVQ needs quantizers of one kind with a code_dims attribute")
         self.dim = dim
         self.groups = groups
+        self.sizes = sizes
         self.inner_code_dims = inner.pop()
         self.code_dims = self.inner_code_dims + 1
         self.quantizers = nn.ModuleList(quantizers)
@@ -720,7 +727,7 @@ class GroupedVQ(nn.Module):
     def _split(self, x: Tensor) -> tuple[Tensor, ...]:
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected vectors of size {self.dim} in the last dim, got shape {tuple(x.shape)}")
-        return x.chunk(self.groups, dim=-1)
+        return x.split(self.sizes, dim=-1)
 
     @torch.no_grad()
     def fit(self, x: Tensor, *, iters: int | None = None) -> "GroupedVQ":
@@ -805,14 +812,17 @@ class GroupedResidualVQ(GroupedVQ):
 
 
 class ProductVQ(GroupedVQ):
-    """Product (sub-vector) quantization: one codebook per slice of the features (Jegou et al. 2011, "PQ")."""
+    """Product (sub-vector) quantization: one codebook per slice of the features (Jegou et al. 2011, "PQ"); slices
+    and codebooks may differ in size (OMG's sub-vector quantization: e.g. scale 3 x 1-d with K = 64, rotation 2 x 2-d
+    with K = 512)."""
 
     def __init__(
         self,
         *,
         dim: int,
-        num_subvectors: int,
-        codebook_size: int,
+        num_subvectors: int | None = None,
+        codebook_size: int | Sequence[int],
+        slices: Sequence[int] | None = None,
         decay: float = 0.99,
         commitment_weight: float = 1.0,
         kmeans_init: bool = True,
@@ -821,13 +831,27 @@ class ProductVQ(GroupedVQ):
         seed: int = 0,
         options: CodebookOptions | None = None,
     ) -> None:
-        """``dim`` must be divisible by ``num_subvectors``; sub-vector m uses seed + m. Else as ``VectorQuantizer``."""
-        if num_subvectors < 1 or dim % num_subvectors:
-            raise ValueError(f"dim={dim} must be divisible by num_subvectors={num_subvectors}")
+        """
+        Args:
+            num_subvectors: M equal slices (``dim`` divisible by M); or give ``slices``.
+            codebook_size: K of every slice, or one K per slice.
+            slices: the slice lengths in order (summing to ``dim``); M = len(slices).
+            Other arguments: as ``VectorQuantizer`` (sub-vector m uses seed + m).
+        """
+        if slices is None:
+            if num_subvectors is None or num_subvectors < 1 or dim % num_subvectors:
+                raise ValueError(f"dim={dim} must be divisible by num_subvectors={num_subvectors}")
+            slices = [dim // num_subvectors] * num_subvectors
+        elif num_subvectors is not None and num_subvectors != len(slices):
+            raise ValueError(f"num_subvectors={num_subvectors} but {len(slices)} slices")
+        slices = [int(v) for v in slices]
+        sizes = [int(codebook_size)] * len(slices) if isinstance(codebook_size, int) else [int(k) for k in codebook_size]
+        if len(sizes) != len(slices) or min(sizes, default=0) < 1:
+            raise ValueError(f"codebook_size must be one K >= 1 or one per slice ({len(slices)}), got {codebook_size}")
         super().__init__([
             VectorQuantizer(
-                dim=dim // num_subvectors,
-                codebook_size=codebook_size,
+                dim=d,
+                codebook_size=k,
                 decay=decay,
                 commitment_weight=commitment_weight,
                 kmeans_init=kmeans_init,
@@ -836,21 +860,30 @@ class ProductVQ(GroupedVQ):
                 seed=seed + m,
                 options=options,
             )
-            for m in range(num_subvectors)
-        ], dim=dim)
-        self.num_subvectors = num_subvectors
+            for m, (d, k) in enumerate(zip(slices, sizes))
+        ], dim=dim, sizes=slices)
+        self.num_subvectors = len(slices)
+        self.codebook_sizes = sizes
         self.kmeans_iters = kmeans_iters
         self.seed = seed
 
     @torch.no_grad()
     def fit(self, x: Tensor, *, iters: int | None = None) -> "ProductVQ":
-        """k-means on all sub-vectors at once (``batched_kmeans``); returns self."""
-        sub = x.reshape(-1, self.num_subvectors, self.dim // self.num_subvectors).transpose(0, 1)  # (M, N, d)
-        first = self.quantizers[0]
+        """k-means of every slice, with the EMA counts at the cluster sizes: all slices at once (``batched_kmeans``)
+        when they share their length and K, else slice by slice (sub-vector m seeded seed + m); returns self."""
         iters = self.kmeans_iters if iters is None else iters
-        centers, _ = batched_kmeans(sub.to(first.embed.dtype), first.codebook_size, iters=iters, seed=self.seed)
-        for m, vq in enumerate(self.quantizers):
-            vq.set_codebook(centers[m])
+        first = self.quantizers[0]
+        if len(set(self.sizes)) == 1 and len(set(self.codebook_sizes)) == 1:
+            sub = x.reshape(-1, self.num_subvectors, self.sizes[0]).transpose(0, 1)  # (M, N, d)
+            centers, codes = batched_kmeans(sub.to(first.embed.dtype), first.codebook_size, iters=iters,
+                                            seed=self.seed)
+            for m, vq in enumerate(self.quantizers):
+                counts = torch.bincount(codes[m], minlength=vq.codebook_size).to(centers.dtype)
+                vq.set_codebook(centers[m], counts)
+            return self
+        _check_finite(x.reshape(-1, self.dim), "kmeans")  # before any slice's codebook moves
+        for vq, part in zip(self.quantizers, self._split(x)):
+            vq.fit(part, iters=iters)
         return self
 
     def encode(self, x: Tensor) -> Tensor:
@@ -858,10 +891,15 @@ class ProductVQ(GroupedVQ):
         return torch.stack([vq.encode(p) for vq, p in zip(self.quantizers, self._split(x))], dim=-1)
 
     def decode(self, codes: Tensor) -> Tensor:
-        """(..., num_subvectors) -> (..., dim) (one range check over all the codes)."""
+        """(..., num_subvectors) -> (..., dim); codes of slice m must lie in [0, K_m) (one range check over all the
+        codes when every K is the same, else one per slice)."""
         if codes.dim() == 0 or codes.shape[-1] != self.num_subvectors:
             raise ValueError(f"codes of shape {tuple(codes.shape)}: expected (..., num_subvectors={self.num_subvectors})")
-        check_codes(codes, 0, self.quantizers[0].codebook_size, "ProductVQ.decode")
+        if len(set(self.codebook_sizes)) == 1:
+            check_codes(codes, 0, self.codebook_sizes[0], "ProductVQ.decode")
+        else:
+            for m, k in enumerate(self.codebook_sizes):
+                check_codes(codes[..., m], 0, k, f"ProductVQ.decode (sub-vector {m})")
         return torch.cat([vq._lookup(codes[..., m]) for m, vq in enumerate(self.quantizers)], dim=-1)
 
 

@@ -586,3 +586,34 @@ def test_dac_rvq_trains_projections_and_codebooks_through_the_output() -> None:
     rvq.eval()
     with torch.no_grad():
         assert torch.allclose(rvq(data)[0], rvq.decode(rvq.encode(data)), atol=1e-5)
+
+
+def test_product_vq_with_slices_and_codebooks_of_different_sizes() -> None:
+    # OMG's layout in miniature: scale as 3 x 1-d (K = 8), rotation as 2 x 2-d (K = 16), one 3-d slice (K = 32)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 10, generator=g)
+    slices, sizes = [1, 1, 1, 2, 2, 3], [8, 8, 8, 16, 16, 32]
+    pvq = ProductVQ(dim=10, codebook_size=sizes, slices=slices, seed=3).fit(x, iters=15)
+    assert pvq.num_subvectors == 6 and [q.codebook.shape for q in pvq.quantizers] == [
+        (k, d) for d, k in zip(slices, sizes)]
+    codes = pvq.encode(x)
+    assert codes.shape == (600, 6) and all(int(codes[:, m].max()) < k for m, k in enumerate(sizes))
+    # each slice is the core k-means of that slice alone, seeded seed + m
+    parts = x.split(slices, dim=-1)
+    for m, (part, k) in enumerate(zip(parts, sizes)):
+        centers, _ = kmeans(part, k, iters=15, seed=3 + m)
+        assert torch.allclose(pvq.quantizers[m].codebook, centers)
+    x_hat = pvq.decode(codes)
+    assert torch.allclose(x_hat, torch.cat([q.decode(codes[:, m]) for m, q in enumerate(pvq.quantizers)], -1))
+    # a code valid for the 32-entry slice but not for an 8-entry one is refused, naming the slice
+    bad = codes.clone()
+    bad[0, 1] = 20
+    with pytest.raises(ValueError, match="sub-vector 1"):
+        pvq.decode(bad)
+    with pytest.raises(ValueError, match="summing to dim"):
+        ProductVQ(dim=10, codebook_size=8, slices=[4, 4])
+    with pytest.raises(ValueError, match="one per slice"):
+        ProductVQ(dim=10, codebook_size=[8, 8], slices=slices)
+    # equal slices and K still take the batched path, with EMA counts at the cluster sizes
+    even = ProductVQ(dim=8, num_subvectors=4, codebook_size=16).fit(x[:, :8])
+    assert float(even.quantizers[0].cluster_size.sum()) == 600
