@@ -6,7 +6,8 @@ A ``Quantizer`` module quantizes one tensor. It moves through three states:
     calibrating  -> identity, while its observer records statistics
     quantized    -> fake-quant with frozen scale / zero point (or dynamic per-token qparams)
 
-``QuantLinear``, ``QuantConv1d/2d/3d``, ``QuantConvTranspose1d/2d/3d`` and ``QuantMatMul`` hold a weight quantizer and input quantizers.
+``QuantLinear``, ``QuantConv1d/2d/3d``, ``QuantConvTranspose1d/2d/3d`` and ``QuantMatMul`` hold a weight quantizer
+and input quantizers.
 The weight entries of an artifact each have their fake-quant twin here (``polyquant.packed`` the packed one):
 
 | entry kind    | fake-quant                                                  | packed (``polyquant.packed``)     |
@@ -74,11 +75,11 @@ __all__ = [
     "SearchedQuantizer",
     "QuantLinear",
     "QuantConv1d",
+    "QuantConv2d",
+    "QuantConv3d",
     "QuantConvTranspose1d",
     "QuantConvTranspose2d",
     "QuantConvTranspose3d",
-    "QuantConv2d",
-    "QuantConv3d",
     "QuantMatMul",
     "QuantMatMulKT",
     "prepare",

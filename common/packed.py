@@ -297,9 +297,8 @@ class PackedConv(nn.Module):
         self.bits = entry.bits
         self.transposed = bool(getattr(conv, "transposed", False))
         self.output_padding = tuple(getattr(conv, "output_padding", (0,) * dims))
-        self.in_channels, self.out_channels = entry.shape[1] * conv.groups, entry.shape[0]
-        if self.transposed:
-            self.in_channels, self.out_channels = entry.shape[0], entry.shape[1] * conv.groups
+        rows, per_group = entry.shape[0], entry.shape[1] * conv.groups  # a transposed weight's rows are its inputs
+        self.in_channels, self.out_channels = (rows, per_group) if self.transposed else (per_group, rows)
         self.kernel_size = tuple(entry.shape[2:])
         self.stride, self.padding = conv.stride, conv.padding
         self.dilation, self.groups = conv.dilation, conv.groups

@@ -504,7 +504,7 @@ class FactorizedVQ(nn.Module):
     ) -> None:
         """``code_dim``: the projected size (DAC: 8). Other arguments: as ``VectorQuantizer`` (on the projections)."""
         super().__init__()
-        if not 1 <= code_dim:
+        if code_dim < 1:
             raise ValueError(f"code_dim must be >= 1, got {code_dim}")
         self.dim, self.code_dim, self.codebook_size = dim, code_dim, codebook_size
         with torch.random.fork_rng(devices=[]):
@@ -863,9 +863,13 @@ class ProductVQ(GroupedVQ):
             for m, (d, k) in enumerate(zip(slices, sizes))
         ], dim=dim, sizes=slices)
         self.num_subvectors = len(slices)
-        self.codebook_sizes = sizes
         self.kmeans_iters = kmeans_iters
         self.seed = seed
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        """K of each slice's codebook."""
+        return [vq.codebook_size for vq in self.quantizers]
 
     @torch.no_grad()
     def fit(self, x: Tensor, *, iters: int | None = None) -> "ProductVQ":
@@ -881,14 +885,8 @@ class ProductVQ(GroupedVQ):
                 counts = torch.bincount(codes[m], minlength=vq.codebook_size).to(centers.dtype)
                 vq.set_codebook(centers[m], counts)
             return self
-        _check_finite(x.reshape(-1, self.dim), "kmeans")  # before any slice's codebook moves
-        for vq, part in zip(self.quantizers, self._split(x)):
-            vq.fit(part, iters=iters)
+        super().fit(x, iters=iters)  # slice by slice
         return self
-
-    def encode(self, x: Tensor) -> Tensor:
-        """(..., dim) -> (..., num_subvectors)."""
-        return torch.stack([vq.encode(p) for vq, p in zip(self.quantizers, self._split(x))], dim=-1)
 
     def decode(self, codes: Tensor) -> Tensor:
         """(..., num_subvectors) -> (..., dim); codes of slice m must lie in [0, K_m) (one range check over all the
