@@ -31,7 +31,6 @@ std over seeds; "GRVQ - RVQ at 2 kbps" is the paired per-seed difference.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -39,14 +38,14 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from _env import environment, mean_pm_std, seed_stats, write_report
+from _env import environment, mean_pm_std, package_version, seed_stats, write_report
 
 import polyquant as pq
 from polyquant.nn import Calibration
 from polyquant.plugins.audio import synth
 from polyquant.plugins.audio.fsq import FSQConfig, ProjectedFSQ
 from polyquant.plugins.audio.grvq import GRVQConfig
-from polyquant.plugins.audio.methods import build_model, codebook_size, frame_rate, latent_frames, synthetic_batches
+from polyquant.plugins.audio.methods import build_model, latent_frames, synthetic_batches
 from polyquant.plugins.audio.metrics import code_usage, mel_distance, pesq_wb, si_sdr, sqnr, stft_distance, stoi
 from polyquant.plugins.audio.ptq import PTQConfig
 from polyquant.plugins.audio.rvq import RVQConfig
@@ -181,8 +180,7 @@ def _codec_row(codec: torch.nn.Module, mixed: torch.Tensor, speech: torch.Tensor
         codes = codec.encode(mixed, levels)
         y = codec.decode(codes)[..., : mixed.shape[-1]]
         ys = codec.decode(codec.encode(speech, levels))[..., : speech.shape[-1]]
-    kbps = frame_rate(codec) * math.prod(codes.shape[2:]) * math.log2(codebook_size(codec.quantizer)) / 1000
-    return {"kbps": kbps, "mel": mel_distance(y, mixed), "stft": stft_distance(y, mixed), "si_sdr": si_sdr(y, mixed),
+    return {"kbps": codec.code_bitrate(codes) / 1000, "mel": mel_distance(y, mixed), "stft": stft_distance(y, mixed), "si_sdr": si_sdr(y, mixed),
             "pesq": pesq_wb(ys, speech), "stoi": stoi(ys, speech)}
 
 
@@ -295,25 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     }
     if all(r[grvq2]["pesq"] is not None and r[rvq2]["pesq"] is not None for r in c_runs):
         paired["grvq_minus_rvq_pesq"] = seed_stats([r[grvq2]["pesq"] - r[rvq2]["pesq"] for r in c_runs])
-    import importlib.metadata as md
-
-    versions = {p: md.version(p) for p in ("vector-quantize-pytorch", "torchaudio", "pesq", "pystoi")
-                if _installed(p)}
+    versions = {p: package_version(p) for p in ("vector-quantize-pytorch", "torchaudio", "pesq", "pystoi")
+                if package_version(p) is not None}
     report = {"environment": environment("cpu"), "seeds": list(seeds), "args": {k: v for k, v in vars(args).items()
               if k not in ("out", "table")}, "quantizer_only": _stats(q_runs), "codec": _stats(c_runs),
               "paired": paired, "versions": versions, "per_seed": {"quantizer_only": q_runs, "codec": c_runs}}
     write_report(report, args.out, args.table, markdown(report))
     print(markdown(report))
-
-
-def _installed(name: str) -> bool:
-    import importlib.metadata as md
-
-    try:
-        md.version(name)
-        return True
-    except md.PackageNotFoundError:
-        return False
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polyquant.fsq import FSQ
 from polyquant.vq import CODEBOOK_PRESETS, GroupedResidualVQ, ResidualVQ, VectorQuantizer
 
-from .codes import kernel_decode, kernel_encode
+from .codes import has_kernel_path, kernel_decode, kernel_encode
 
 __all__ = ["STRIDES", "HOP", "SAMPLE_RATE", "Codec", "TinyCodec", "make_quantizer", "bitrate", "QUANTIZER_KINDS",
            "codebook_sizes"]
@@ -120,8 +121,9 @@ def make_quantizer(spec: dict[str, Any], dim: int) -> nn.Module:
 
 
 def codebook_sizes(quantizer: nn.Module) -> list[int]:
-    """K of every codebook a frame's code uses (one per RVQ stage, per group)."""
-    return [int(m.codebook_size) for m in quantizer.modules() if isinstance(m, VectorQuantizer)]
+    """K of every code of a frame: one per RVQ stage and group (its VectorQuantizer), or per FSQ group (its implicit
+    grid of prod(levels) codes)."""
+    return [int(m.codebook_size) for m in quantizer.modules() if isinstance(m, (VectorQuantizer, FSQ))]
 
 
 def bitrate(sample_rate: int, hop: int, sizes: list[int]) -> float:
@@ -157,9 +159,7 @@ class Codec(nn.Module):
 
     def _kernels(self) -> bool:
         """RVQ / GRVQ bottlenecks with Euclidean search run on ``polyquant.kernels`` (torch reference on CPU)."""
-        q = self.quantizer
-        return isinstance(q, (ResidualVQ, GroupedResidualVQ)) and not any(
-            getattr(m, "options", None) is not None and m.options.cosine for m in q.modules())
+        return has_kernel_path(self.quantizer)
 
     @torch.no_grad()
     def encode(self, wav: Tensor, num_quantizers: int | None = None) -> Tensor:
@@ -181,6 +181,18 @@ class Codec(nn.Module):
 
     def bitrate(self) -> float:
         return bitrate(self.sample_rate, self.hop, codebook_sizes(self.quantizer))
+
+    @property
+    def codebook_size(self) -> int:
+        """K of the bottleneck's codes (one K for every stage and group; what a code file stores them at)."""
+        sizes = set(codebook_sizes(self.quantizer))
+        if len(sizes) != 1:
+            raise ValueError(f"the bottleneck's codes have codebook sizes {sorted(sizes)}, not one K")
+        return sizes.pop()
+
+    def code_bitrate(self, codes: Tensor) -> float:
+        """Bits per second of codes (B, T', *per frame), e.g. of the first levels only."""
+        return bitrate(self.sample_rate, self.hop, [self.codebook_size] * math.prod(codes.shape[2:]))
 
 
 class TinyCodec(Codec):

@@ -1,6 +1,7 @@
 """Codec code streams: encode / decode through the shared kernels, token grids, ResGen cumulative embeddings, and
 code files packed at ceil(log2 K) bits.
 
+    has_kernel_path(quantizer) -> bool                            RVQ / GRVQ with L2-searched codebooks
     kernel_encode(quantizer, z, num_quantizers=None) -> codes     polyquant.kernels.rvq_assign per group
     kernel_decode(quantizer, codes) -> z_hat                      polyquant.kernels.rvq_decode per group
     token_grid(codes) -> tokens (B, T, levels)                    RVQ (B, T, n) as is; GRVQ (B, T, G, n) layer-major
@@ -28,30 +29,42 @@ from polyquant.kernels import rvq_assign, rvq_decode
 from polyquant.pack import pack_bits, unpack_bits
 from polyquant.vq import GroupedResidualVQ, ResidualVQ, check_codes
 
-__all__ = ["kernel_encode", "kernel_decode", "token_grid", "from_token_grid", "cumulative_embedding", "save_codes",
+__all__ = ["has_kernel_path", "kernel_encode", "kernel_decode", "token_grid", "from_token_grid", "cumulative_embedding", "save_codes",
            "load_codes", "code_bits", "MAX_CODE_FILE_BYTES"]
 
 MAX_CODE_FILE_BYTES = 1 << 30
 _FORMAT = "polyquant-audio-codes"
 
 
-def _rvqs(quantizer: nn.Module) -> list[ResidualVQ]:
+def _residual_vqs(quantizer: nn.Module) -> list[ResidualVQ]:
+    """The RVQs of a ResidualVQ / GroupedResidualVQ (one per group), [] for any other quantizer."""
     if isinstance(quantizer, ResidualVQ):
-        rvqs = [quantizer]
-    elif isinstance(quantizer, GroupedResidualVQ):
-        rvqs = list(quantizer.quantizers)  # type: ignore[arg-type]
-    else:
-        raise TypeError(f"expected a ResidualVQ or GroupedResidualVQ, got {type(quantizer).__name__}")
-    if any(layer.options.cosine for r in rvqs for layer in r.layers):
-        raise ValueError("cosine-searched codebooks have no kernel path (the kernels search by L2)")
-    return rvqs
+        return [quantizer]
+    if isinstance(quantizer, GroupedResidualVQ):
+        return list(quantizer.quantizers)  # type: ignore[arg-type]
+    return []
+
+
+def has_kernel_path(quantizer: nn.Module) -> bool:
+    """Whether ``kernel_encode`` / ``kernel_decode`` take this quantizer: RVQ or GRVQ stages with codebooks in the
+    frames' space searched by L2 (not DAC's factorized stages, not a cosine search)."""
+    rvqs = _residual_vqs(quantizer)
+    return bool(rvqs) and all(r.factorized_dim is None and not any(layer.options.cosine for layer in r.layers)
+                              for r in rvqs)
+
+
+def _rvqs(quantizer: nn.Module) -> list[ResidualVQ]:
+    if not has_kernel_path(quantizer):
+        raise ValueError(f"{type(quantizer).__name__} has no kernel path (the kernels take RVQ / GRVQ codebooks in "
+                         "the frames' space, searched by L2)")
+    return _residual_vqs(quantizer)
 
 
 @torch.no_grad()
 def kernel_encode(quantizer: nn.Module, z: Tensor, num_quantizers: int | None = None) -> Tensor:
     """Codes of frames z (..., D) through ``polyquant.kernels.rvq_assign``: (..., n) or (..., G, n)."""
     rvqs = _rvqs(quantizer)
-    parts = z.chunk(len(rvqs), dim=-1) if len(rvqs) > 1 else (z,)
+    parts = z.split(quantizer.sizes, dim=-1) if isinstance(quantizer, GroupedResidualVQ) else (z,)
     codes = []
     for rvq, part in zip(rvqs, parts):
         n = rvq.num_quantizers if num_quantizers is None else num_quantizers

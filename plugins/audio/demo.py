@@ -46,15 +46,10 @@ def run_demo(clips: int = 8, calib_clips: int = 32, out_dir: str | None = None) 
 
     from .fsq import FSQConfig
     from .grvq import GRVQConfig
-    from .methods import build_model, codebook_size, frame_rate, synthetic_batches
+    from .methods import build_model, synthetic_batches
     from .metrics import mel_distance, si_sdr
     from .ptq import PTQConfig
     from .rvq import RVQConfig
-
-    def kbps(codec: torch.nn.Module, codes: Tensor) -> float:
-        import math
-
-        return frame_rate(codec) * math.prod(codes.shape[2:]) * math.log2(codebook_size(codec.quantizer)) / 1000
 
     rows = []
     with demo_threads(), torch.no_grad():
@@ -66,10 +61,10 @@ def run_demo(clips: int = 8, calib_clips: int = 32, out_dir: str | None = None) 
             for levels in ((1, 2, 4) if name == "tiny-rvq" else (1, 2)):
                 codes = codec.encode(x, levels)
                 y = codec.decode(codes)[..., : x.shape[-1]]
-                rows.append((f"{name}, first {levels} level(s)", f"{kbps(codec, codes):.2f}",
+                rows.append((f"{name}, first {levels} level(s)", f"{codec.code_bitrate(codes) / 1000:.2f}",
                              f"{mel_distance(y, x):.3f}", f"{si_sdr(y, x):.2f}", "-"))
                 if levels == (4 if name == "tiny-rvq" else 2):
-                    shown[f"{name} ({kbps(codec, codes):.0f} kbps)"] = y[0]
+                    shown[f"{name} ({codec.code_bitrate(codes) / 1000:.0f} kbps)"] = y[0]
         methods = {"rvq refit (2 kbps)": (rvq, RVQConfig()), "grvq refit (2 kbps)": (rvq, GRVQConfig()),
                    "fsq baseline (2 kbps)": (rvq, FSQConfig()), "ptq int8 weights": (rvq, PTQConfig()),
                    "ptq int4 weights": (rvq, PTQConfig(weight_bits=4))}
@@ -79,7 +74,7 @@ def run_demo(clips: int = 8, calib_clips: int = 32, out_dir: str | None = None) 
             seconds = time.perf_counter() - t0
             codes = q.encode(x)
             y = q.decode(codes)[..., : x.shape[-1]]
-            rows.append((f"tiny-rvq + {label}", f"{kbps(q, codes):.2f}", f"{mel_distance(y, x):.3f}",
+            rows.append((f"tiny-rvq + {label}", f"{q.code_bitrate(codes) / 1000:.2f}", f"{mel_distance(y, x):.3f}",
                          f"{si_sdr(y, x):.2f}", f"{seconds:.1f}"))
             if label.startswith("fsq"):
                 shown[f"tiny-rvq + {label}"] = y[0]

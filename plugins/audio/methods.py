@@ -39,7 +39,7 @@ from .ptq import PTQConfig, ptq_rules
 from .rvq import RVQConfig, stages_for
 from .wavio import read_wav, write_wav
 
-__all__ = ["METHODS", "build_model", "example", "bottleneck_for", "codebook_size", "frame_rate", "add_model_args",
+__all__ = ["METHODS", "build_model", "example", "bottleneck_for", "frame_rate", "add_model_args",
            "load_inputs", "report_quantized", "add_load_args", "run_load"]
 
 PLUGIN = "audio"
@@ -50,23 +50,12 @@ def frame_rate(codec: nn.Module) -> float:
     return codec.sample_rate / codec.hop
 
 
-def codebook_size(quantizer: nn.Module) -> int:
-    """K of the bottleneck's codes (every stage and group of one quantizer has the same K here)."""
-    if isinstance(quantizer, ResidualVQ):
-        return quantizer.layers[0].codebook_size
-    if isinstance(quantizer, GroupedResidualVQ):
-        return quantizer.quantizers[0].layers[0].codebook_size
-    if isinstance(quantizer, ProjectedFSQ):
-        return quantizer.fsq.quantizers[0].codebook_size
-    raise TypeError(f"no codebook size for {type(quantizer).__name__}")
-
-
 def bottleneck_for(config: QuantConfig, codec: nn.Module) -> nn.Module:
     """The unfitted bottleneck a config describes for this codec (what ``prepare`` rebuilds at load)."""
     fr, dim = frame_rate(codec), codec.dim
     if isinstance(config, FSQConfig):
         levels = parse_levels(config.levels)
-        groups = int(math.floor(config.bandwidth * 1000 / (fr * math.log2(math.prod(levels))) + 1e-9))
+        groups = stages_for(config.bandwidth, fr, math.prod(levels))  # FSQ groups of prod(levels) codes each
         if not 1 <= groups * len(levels) <= dim:
             raise UsageError(f"fsq at {config.bandwidth} kbps needs {groups} groups of {len(levels)} channels; the "
                              f"codec's frames have {dim} channels at {fr:g} frames/s")
@@ -232,18 +221,14 @@ def _check_side(path: Path, args: argparse.Namespace, inputs: list[str]) -> None
 
 
 def _encode_decode(codec: nn.Module, wav: Tensor, num_quantizers: int | None = None) -> tuple[Tensor, Tensor]:
-    """codes (1, T', ...) and the decoded (1, 1, T) of a (1, T) wav."""
+    """codes (1, T', ...) of the first ``num_quantizers`` stages (default all) and the decoded (1, 1, T) of a (1, T)
+    wav."""
     device = next(codec.parameters()).device
     x = wav[None].to(device)
     with torch.no_grad():
-        codes = codec.encode(x, num_quantizers) if num_quantizers is not None else codec.encode(x)
+        codes = codec.encode(x, num_quantizers)
         y = codec.decode(codes)[..., : x.shape[-1]]
     return codes.cpu(), y.cpu()
-
-
-def _bits(codec: nn.Module, codes: Tensor) -> float:
-    per_frame = math.prod(codes.shape[2:])
-    return frame_rate(codec) * per_frame * math.log2(codebook_size(codec.quantizer))
 
 
 def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Namespace) -> None:
@@ -262,9 +247,9 @@ def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Names
     x = wav[None]
     meta = {"sample_rate": codec.sample_rate, "hop": codec.hop, "num_samples": int(wav.shape[-1]),
             "model": qm.model_config, "method": qm.method}
-    save_codes(codes_path, codes, codebook_size(codec.quantizer), meta)
+    save_codes(codes_path, codes, codec.codebook_size, meta)
     write_wav(wav_path, y[0], codec.sample_rate)
-    print(f"{args.input}: {_bits(codec, codes) / 1000:.2f} kbps, codes {tuple(codes.shape)} -> {codes_path} "
+    print(f"{args.input}: {codec.code_bitrate(codes) / 1000:.2f} kbps, codes {tuple(codes.shape)} -> {codes_path} "
           f"({codes_path.stat().st_size:,} bytes), decoded -> {wav_path}")
     print(f"mel distance {mel_distance(y, x):.3f} (shipped codec {mel_distance(y_float, x):.3f}), "
           f"SI-SDR {si_sdr(y, x):.2f} dB (shipped codec {si_sdr(y_float, x):.2f} dB)")
@@ -281,14 +266,20 @@ def add_load_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--downmix", action="store_true", help="average a multi-channel --input to mono")
 
 
-def _truncate(codes: Tensor, levels: int | None, quantizer: nn.Module) -> Tensor:
+def _stages(quantizer: nn.Module) -> int:
+    """Residual levels of an RVQ bottleneck (per group of a GRVQ); 0 for any other."""
+    rvq = quantizer.quantizers[0] if isinstance(quantizer, GroupedResidualVQ) else quantizer
+    return rvq.num_quantizers if isinstance(rvq, ResidualVQ) else 0
+
+
+def _check_levels(levels: int | None, quantizer: nn.Module, available: int) -> None:
+    """``UsageError`` unless --levels is absent or names 1..available residual levels of an RVQ / GRVQ."""
     if levels is None:
-        return codes
+        return
     if isinstance(quantizer, ProjectedFSQ):
         raise UsageError("--levels: an FSQ bottleneck has no residual levels")
-    if not 1 <= levels <= codes.shape[-1]:
-        raise UsageError(f"--levels must be in [1, {codes.shape[-1]}], got {levels}")
-    return codes[..., :levels]
+    if not 1 <= levels <= available:
+        raise UsageError(f"--levels must be in [1, {available}], got {levels}")
 
 
 def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
@@ -315,7 +306,8 @@ def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
         if header.get("sample_rate") != codec.sample_rate or header.get("hop") != codec.hop:
             raise UsageError(f"--codes {args.codes}: codes of a {header.get('sample_rate')} Hz / hop "
                              f"{header.get('hop')} codec; this one runs at {codec.sample_rate} Hz / hop {codec.hop}")
-        codes = _truncate(codes, args.levels, codec.quantizer)
+        _check_levels(args.levels, codec.quantizer, codes.shape[-1])
+        codes = codes if args.levels is None else codes[..., : args.levels]
         out = Path(args.wav_out) if args.wav_out else Path(args.codes).with_suffix(".wav")
         _check_side(out, args, [args.codes])
         device = next(codec.parameters()).device
@@ -325,18 +317,15 @@ def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"--codes {args.codes}: {e}") from None
         write_wav(out, y[0], codec.sample_rate)
-        print(f"decoded {tuple(codes.shape)} codes ({_bits(codec, codes) / 1000:.2f} kbps) -> {out}")
+        print(f"decoded {tuple(codes.shape)} codes ({codec.code_bitrate(codes) / 1000:.2f} kbps) -> {out}")
         return 0
     wav = read_wav(args.input, codec.sample_rate, downmix=args.downmix)
     out = Path(args.wav_out) if args.wav_out else _side_paths(None, args.input)[1]
     _check_side(out, args, [args.input])
-    codes, y = _encode_decode(codec, wav)
-    codes = _truncate(codes, args.levels, codec.quantizer)
-    if args.levels is not None:
-        with torch.no_grad():
-            y = codec.decode(codes.to(next(codec.parameters()).device))[..., : wav.shape[-1]].cpu()
+    _check_levels(args.levels, codec.quantizer, _stages(codec.quantizer))
+    codes, y = _encode_decode(codec, wav, args.levels)  # the first levels' codes are a prefix of all the codes
     write_wav(out, y[0], codec.sample_rate)
     x = wav[None]
-    print(f"{args.input}: {_bits(codec, codes) / 1000:.2f} kbps, mel distance {mel_distance(y, x):.3f}, "
+    print(f"{args.input}: {codec.code_bitrate(codes) / 1000:.2f} kbps, mel distance {mel_distance(y, x):.3f}, "
           f"SI-SDR {si_sdr(y, x):.2f} dB -> {out}")
     return 0

@@ -40,6 +40,14 @@ def _magnitude(w: Tensor, n_fft: int, hop: int) -> Tensor:
     return torch.stft(w, n_fft, hop, window=win, return_complex=True).abs()  # (B, F, frames)
 
 
+def _log_mel_l1(y: Tensor, x: Tensor, n_fft: int, fb: Tensor) -> Tensor:
+    """mean |ln mel(y) - ln mel(x)| of (B, T) waveforms: magnitudes at hop n_fft / 4 through the (F, M) filterbank,
+    clamped at 1e-5."""
+    my = (_magnitude(y, n_fft, n_fft // 4).transpose(1, 2) @ fb).clamp_min(1e-5).log()
+    mx = (_magnitude(x, n_fft, n_fft // 4).transpose(1, 2) @ fb).clamp_min(1e-5).log()
+    return (my - mx).abs().mean()
+
+
 class MelLoss(nn.Module):
     """Multi-resolution log-mel L1: mean over ``resolutions`` of |log mel(y) - log mel(x)| (clamped at 1e-5)."""
 
@@ -53,10 +61,7 @@ class MelLoss(nn.Module):
         y, x = _flat(y), _flat(x)
         total = y.new_zeros(())
         for n_fft, _ in self.resolutions:
-            fb = getattr(self, f"fb_{n_fft}")
-            my = (_magnitude(y, n_fft, n_fft // 4).transpose(1, 2) @ fb).clamp_min(1e-5).log()
-            mx = (_magnitude(x, n_fft, n_fft // 4).transpose(1, 2) @ fb).clamp_min(1e-5).log()
-            total = total + (my - mx).abs().mean()
+            total = total + _log_mel_l1(y, x, n_fft, getattr(self, f"fb_{n_fft}"))
         return total / len(self.resolutions)
 
 
@@ -67,10 +72,7 @@ def mel_distance(y: Tensor, x: Tensor, sr: int = 16_000) -> float:
     y, x = _flat(y), _flat(x)
     total = 0.0
     for n_fft, mels in _DAC_MEL:
-        fb = _mel_fb(n_fft, mels, sr, y.device)
-        my = (_magnitude(y, n_fft, n_fft // 4).transpose(1, 2) @ fb).clamp_min(1e-5).log10()
-        mx = (_magnitude(x, n_fft, n_fft // 4).transpose(1, 2) @ fb).clamp_min(1e-5).log10()
-        total += float((my - mx).abs().mean())
+        total += float(_log_mel_l1(y, x, n_fft, _mel_fb(n_fft, mels, sr, y.device))) / math.log(10)  # log10
     return total
 
 

@@ -146,4 +146,6 @@ def test_dac_style_codec_trains_and_codes_by_cosine() -> None:
     model.eval()
     codes = model.encode(x)  # cosine search: the module path (the kernels search by L2)
     assert codes.shape == (2, 10, 4) and not model._kernels()
+    with pytest.raises(ValueError, match="no kernel path"):
+        kernel_encode(quantizer, model.latent(x))
     assert model.decode(codes).shape == (2, 1, 3200)

@@ -3,6 +3,7 @@ WAV file (codes and decoded audio written, decoded again from the code file bit-
 
 from __future__ import annotations
 
+import math
 import wave
 from pathlib import Path
 
@@ -80,8 +81,11 @@ def test_grvq_fits_a_group_residual_bottleneck(codec_and_data) -> None:
 
 def test_fsq_projection_is_pca_and_its_scale_searched(codec_and_data) -> None:
     model, calib, held_out = codec_and_data
-    q = pq.quantize(model, FSQConfig(), calib=calib, progress=False).model.quantizer
+    fsq_codec = pq.quantize(model, FSQConfig(), calib=calib, progress=False).model
+    q = fsq_codec.quantizer
     assert isinstance(q, ProjectedFSQ)
+    # 4 FSQ groups of 1000 codes per frame at 50 frames/s: the codec's bitrate counts the FSQ grid's codes
+    assert fsq_codec.codebook_size == 1000 and abs(fsq_codec.bitrate() - 50 * 4 * math.log2(1000)) < 1e-9
     assert torch.allclose(q.proj.T @ q.proj, torch.eye(16), atol=1e-4)  # orthonormal directions
     z = latent_frames(model, Calibration(calib))
     var = ((z - q.mean) @ q.proj).var(0)
