@@ -75,6 +75,16 @@ def _triton_version() -> str | None:
     return str(triton.__version__)
 
 
+def package_version(dist: str) -> str | None:
+    """The installed version of a distribution (``"faiss-cpu"``), or None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
 def environment(device: str) -> dict[str, object]:
     """What a benchmark report records about where it ran (module docstring): one flat, JSON-ready dict.
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _env import environment
+from _env import environment, package_version
 
 from polyquant.plugins.embeddings import corpus, metrics, references
 from polyquant.plugins.embeddings.configs import (
@@ -333,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "rows": rows,
     }
-    result["environment"]["sentence_transformers"] = _version("sentence-transformers")
-    result["environment"]["faiss"] = _version("faiss-cpu")
-    result["environment"]["usearch"] = _version("usearch")
+    result["environment"]["sentence_transformers"] = package_version("sentence-transformers")
+    result["environment"]["faiss"] = package_version("faiss-cpu")
+    result["environment"]["usearch"] = package_version("usearch")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     text = markdown(rows)
@@ -347,15 +347,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"+- {r['ndcg@10_paired_delta_se']:.2%} (paired s.e.)")
     print(f"\n{text}\n\nwrote {args.out} ({result['seconds']['total']:.0f} s in all)")
     return 0
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":
