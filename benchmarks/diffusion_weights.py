@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from _env import environment, write_report
 
-from polyquant.formats import get_format
+from polyquant.primitives import choose_qparams, fake_quantize
 from polyquant.plugins.diffusion.archs import keep_float_patterns
 from polyquant.plugins.diffusion.methods import build_model
 from polyquant.plugins.diffusion.models import SHIPPED
@@ -42,15 +42,12 @@ def _excess_kurtosis(x: torch.Tensor) -> torch.Tensor:  # over the last dim
 
 
 def _rel_mse(w: torch.Tensor, fmt: str) -> float:  # w: (groups, GROUP)
-    if fmt == "int4 asym":
-        lo, hi = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
-        s = (hi - lo) / 15
-        q = torch.round((w - lo) / s).clamp(0, 15) * s + lo
-    else:
-        grid = get_format(fmt).grid().to(w.dtype)
-        grid = grid / grid.abs().max()
-        a = w.abs().max(1, keepdim=True).values
-        q = grid[(w[..., None] / a[..., None] - grid).abs().argmin(-1)] * a
+    """Relative MSE of the core's min-max fake quantization per group: absmax-scaled (symmetric) for the FP grids,
+    asymmetric with a zero point for INT4 (the int_minmax baseline's quantizer)."""
+    name, symmetric = ("int4", False) if fmt == "int4 asym" else (fmt, True)
+    block = (1, GROUP)
+    scale, zero_point = choose_qparams(w, name, block, symmetric=symmetric)
+    q = fake_quantize(w, name, scale, zero_point if not symmetric else None, block)
     return float(((q - w) ** 2).sum() / (w**2).sum())
 
 
