@@ -472,6 +472,7 @@ def cmd_load(args: argparse.Namespace) -> int:
         if hooks:
             impl.add_load_args(parser)
         plugin_args = parser.parse_args(["--help"] if args.help else args.rest)
+        plugin_args.artifact_path = path  # for a run_load hook that reads the file itself (sizes)
         _print_artifact(path, artifact)
         from .api import from_artifact
 

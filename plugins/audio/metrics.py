@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polyquant.metrics import sqnr  # re-exported: the audio metrics in one place
+
 __all__ = ["MelLoss", "mel_distance", "stft_distance", "si_sdr", "pesq_wb", "stoi", "sqnr", "code_usage"]
 
 _DAC_MEL = ((32, 5), (64, 10), (128, 20), (256, 40), (512, 80), (1024, 160), (2048, 320))  # (window, mels)
@@ -126,12 +128,6 @@ def stoi(y: Tensor, x: Tensor, sr: int = 16_000) -> float | None:
         return None
     values = [_stoi(b, a, sr, extended=False) for a, b in zip(_flat(y).numpy(), _flat(x).numpy())]
     return float(sum(values) / len(values))
-
-
-def sqnr(x_hat: Tensor, x: Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB."""
-    noise = float(((x.double() - x_hat.double()) ** 2).sum())
-    return 10 * math.log10(float((x.double() ** 2).sum()) / max(noise, 1e-30))
 
 
 def code_usage(codes: Tensor, k: int) -> tuple[float, float]:

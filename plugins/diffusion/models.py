@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from polyquant import metrics
+
 __all__ = ["SHIPPED", "SHIPPED_PATH", "CLASSIFIER_PATH", "ARCH_DEFAULTS", "NUM_CLASSES", "NULL_CLASS",
            "NOISE_SCHEDULE", "SCHEDULERS", "check_config", "build_model", "DiTDenoiser", "build_denoiser",
            "dit_from_arch", "save_dit",
@@ -350,12 +352,8 @@ def noise_mse(traj_a: Sequence[Tensor], traj_b: Sequence[Tensor]) -> list[float]
 
 
 def psnr(a: Tensor, b: Tensor, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio in dB of ``b`` against ``a`` over all elements: 10 log10(range^2 / MSE); images
-    in [-1, 1] have range 2. Identical tensors give inf."""
-    if a.shape != b.shape:
-        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-    mse = float((a.double() - b.double()).pow(2).mean())
-    return float("inf") if mse == 0.0 else float(10.0 * torch.log10(torch.tensor(data_range**2 / mse)))
+    """PSNR in dB of ``b`` against ``a`` for images in [-1, 1] (range 2): the core's ``polyquant.metrics.psnr``."""
+    return metrics.psnr(a, b, data_range)
 
 
 def _sqrtm_psd(m: Tensor) -> Tensor:
