@@ -117,6 +117,12 @@ def _finetune_codebooks(q: QuantizedGaussians, views: list[View], steps: int, lr
 # --- handlers -------------------------------------------------------------------------------------------------------
 
 
+def _result(q: QuantizedGaussians, config: QuantConfig) -> QuantizedModel:
+    """The handler's result: the artifact describes the scene's layout, so it loads without the float scene."""
+    return QuantizedModel(q.eval(), config, state=layout_state(q),
+                          model_config={"num_gaussians": q.num_gaussians, "sh_degree": q.sh_degree})
+
+
 def _vq_methods(model: nn.Module, config: QuantConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
     assert isinstance(config, SVQConfig)
     scene = canonical_scene(float_scene(model))
@@ -126,7 +132,7 @@ def _vq_methods(model: nn.Module, config: QuantConfig, calib: Calibration, run: 
     if config.finetune_steps:
         _finetune_codebooks(q, _views(calib, scene, "finetune_steps"), config.finetune_steps, config.finetune_lr,
                             config.seed, run.progress)
-    return QuantizedModel(q.eval(), config, state=layout_state(q))
+    return _result(q, config)
 
 
 def _uniform8(model: nn.Module, config: QuantConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
@@ -134,7 +140,7 @@ def _uniform8(model: nn.Module, config: QuantConfig, calib: Calibration, run: Ru
     scene = canonical_scene(float_scene(model))
     names = ["scale", "rotation", "opacity", "sh_dc"] + (["sh_rest"] if scene.sh_degree else [])
     q = QuantizedGaussians(scene.xyz, dict(uniform_attributes(scene, names, config.bits)), scene.sh_degree)
-    return QuantizedModel(q.eval(), config, state=layout_state(q))
+    return _result(q, config)
 
 
 def _omg(model: nn.Module, config: QuantConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
@@ -175,7 +181,7 @@ def _omg(model: nn.Module, config: QuantConfig, calib: Calibration, run: RunOpti
                     views, steps=config.post_steps, seed=config.seed + 1, progress=run.progress,
                     desc="OMG after SVQ")
     q = QuantizedGaussians(xyz16, attrs, scene.sh_degree, decoder.round_to_half().eval())
-    return QuantizedModel(q.eval(), config, state=layout_state(q))
+    return _result(q, config)
 
 
 def _export(qm: QuantizedModel) -> dict[str, Any]:
