@@ -96,20 +96,20 @@ def _views(calib: Calibration, scene: GaussianScene, what: str) -> list[View]:
 def _finetune_codebooks(q: QuantizedGaussians, views: list[View], steps: int, lr: float, seed: int,
                         progress: bool) -> None:
     """Train the VQ codebooks against renders with the assignments frozen, then round them to fp16 again."""
+    vq_attrs = {name: module for name, module in q.attributes.items() if isinstance(module, VQAttribute)}
     books = {f"{name}.{m}": vq.embed.detach().clone().requires_grad_(True)
-             for name, module in q.attributes.items() if isinstance(module, VQAttribute)
-             for m, vq in enumerate(module.quantizer.quantizers)}
+             for name, module in vq_attrs.items() for m, vq in enumerate(module.quantizer.quantizers)}
 
     def scene_fn() -> GaussianScene:
-        attrs = {}
-        for name, module in q.attributes.items():
+        attrs = {name: module.decode() for name, module in q.attributes.items() if name not in vq_attrs}
+        for name, module in vq_attrs.items():
             codes = module.codes.long()
             attrs[name] = torch.cat([books[f"{name}.{m}"][codes[:, m]] for m in range(codes.shape[1])], dim=1)
         return scene_from_attributes(q.xyz, attrs, q.sh_degree)
 
     train_views({k: (v, lr) for k, v in books.items()}, scene_fn, views, steps=steps, seed=seed, progress=progress,
                 desc="codebook fine-tuning")
-    for name, module in q.attributes.items():
+    for name, module in vq_attrs.items():
         for m, vq in enumerate(module.quantizer.quantizers):
             vq.set_codebook(books[f"{name}.{m}"].detach().half().float())
 

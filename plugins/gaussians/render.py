@@ -267,11 +267,11 @@ def _render_gsplat(scene: GaussianScene, cam: Camera, background: Tensor | None)
     return img[0].permute(2, 0, 1)
 
 
-def render(scene: GaussianScene, cam: Camera, background: Tensor | None = None, backend: str = "torch") -> Tensor:
+def render(scene: GaussianScene, cam: Camera, background: Tensor | None = None, backend: str = "auto") -> Tensor:
     """The (3, H, W) image of a scene (raw parameters: log scales, logit opacities, SH) from ``cam``.
 
-    ``backend``: "torch" (this module's rasterizer, any device), "gsplat" (CUDA only), or "auto" (gsplat when
-    ``gsplat_available()``)."""
+    ``backend``: "torch" (this module's rasterizer, any device), "gsplat" (CUDA only), or "auto" (the default:
+    gsplat for a scene on CUDA when ``gsplat_available()``, else torch)."""
     if backend not in ("torch", "gsplat", "auto"):
         raise ValueError(f"backend must be torch, gsplat or auto, got {backend!r}")
     if backend == "gsplat" or (backend == "auto" and scene.xyz.is_cuda and gsplat_available()):

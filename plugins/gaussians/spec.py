@@ -18,5 +18,5 @@ SPEC = PluginSpec(
     },
     requires=("torch>=2.4", "plyfile>=1.0", "constriction>=0.4"),
     impl="polyquant.plugins.gaussians.methods",
-    demo=None,
+    demo="polyquant.plugins.gaussians.demo:run_demo",
 )
