@@ -67,7 +67,7 @@ def build_model(model_config: dict[str, Any]) -> GaussianModel:
     return skeleton(n, degree)
 
 
-def fit_shipped(name: str, path: Path | None = None, progress: bool = True) -> Path:
+def fit_shipped(name: str, path: Path | None = None, progress: bool = False) -> Path:
     """Fit a shipped scene again from its recipe and write it as a .ply."""
     from .fitting import fit_scene
     from .ply import write_ply
@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
+    from polyquant.api import progress_default
+
     torch.set_num_threads(1)
     for name in [args.name] if args.name else sorted(SHIPPED):
-        fit_shipped(name)
+        fit_shipped(name, progress=progress_default())
     return 0
 
 
