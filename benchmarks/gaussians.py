@@ -17,6 +17,8 @@ Positions are coded losslessly with delta + LZMA, not MPEG G-PCC (OMG's coder is
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from polyquant.plugins.gaussians.fitting import fit_scene
 from polyquant.plugins.gaussians.methods import attribute_sqnr, camera_rows, canonical_scene
 from polyquant.plugins.gaussians.model import GaussianModel, QuantizedGaussians, scene_from_attributes
 from polyquant.plugins.gaussians.omg import OMGConfig, OMGDecoder, distill, scene_aabb
-from polyquant.plugins.gaussians.ply import ply_bytes
+from polyquant.plugins.gaussians.ply import ply_bytes, read_ply, write_ply
 from polyquant.plugins.gaussians.procedural import procedural_scene
 from polyquant.plugins.gaussians.render import Camera, orbit_cameras, render
 from polyquant.plugins.gaussians.scene import GaussianScene
@@ -84,12 +86,27 @@ def _omg_mlps_only(scene: GaussianScene, config: OMGConfig) -> GaussianScene:
         return scene_from_attributes(xyz16, attrs, scene.sh_degree)
 
 
-def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def _fitted(seed: int, target: GaussianScene, args: argparse.Namespace) -> tuple[GaussianScene, float]:
+    """The fitted scene of a seed and the fitting's seconds; with ``--cache DIR`` kept there as a .ply (a rerun
+    of the same settings reads it back, and reports the first run's seconds)."""
+    name = f"fitted_s{seed}_n{args.gaussians}_t{args.target_gaussians}_k{args.steps}_v{args.views}_p{args.size}.ply"
+    path = None if args.cache is None else args.cache / name
+    if path is not None and path.exists():
+        return read_ply(path), float(json.loads(path.with_suffix(".json").read_text())["fit_seconds"])
     t0 = time.perf_counter()
-    target = procedural_scene(seed, args.target_gaussians, 3)
     fitted, _ = fit_scene(target, num_gaussians=args.gaussians, steps=args.steps, seed=seed, views=args.views,
                           size=args.size, sh_degree=3, progress=args.progress)
-    fit_seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        args.cache.mkdir(parents=True, exist_ok=True)
+        write_ply(fitted, path)
+        path.with_suffix(".json").write_text(json.dumps({"fit_seconds": seconds}))
+    return fitted, seconds
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    target = procedural_scene(seed, args.target_gaussians, 3)
+    fitted, fit_seconds = _fitted(seed, target, args)
     held = orbit_cameras(16, size=args.size, seed=1000 + seed)
     truth = _images(target, held)
     float_images = _images(fitted, held)
@@ -138,7 +155,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict[str, Any]:
 def _stats(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label in per_seed[0]:
-        keys = [k for k, v in per_seed[0][label].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        keys = [k for k, v in per_seed[0][label].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and all(math.isfinite(float(r[label][k])) for r in per_seed)]  # the float row's PSNR vs itself: inf
         out[label] = {k: seed_stats([float(r[label][k]) for r in per_seed]) for k in keys}
         for k in ("round_trip_exact", "size_accounting_exact"):
             if k in per_seed[0][label]:
@@ -180,7 +198,7 @@ def markdown(report: dict[str, Any]) -> str:
         bits = (f"{r['index_bits']['mean']:.0f} ({r['index_bits_coded']['mean']:.1f})" if "index_bits" in r else "-")
         lines.append(
             f"| {label} | {mean_pm_std(r['psnr'], '.2f')} | {mean_pm_std(drop, '+.2f') if drop else '-'} | "
-            f"{r['ssim']['mean']:.4f} | {r['psnr_vs_float']['mean']:.2f} | {bits} | "
+            f"{r['ssim']['mean']:.4f} | {_mean(r, 'psnr_vs_float', '.2f')} | {bits} | "
             f"{_mean(r, 'bytes_per_gaussian', '.2f')} | {_mean(r, 'ratio', '.1f')}{'x' if 'ratio' in r else ''} | "
             f"{'exact' if r.get('round_trip_exact') else '-' if 'round_trip_exact' not in r else 'NO'} | "
             f"{'yes' if r.get('size_accounting_exact') else '-' if 'size_accounting_exact' not in r else 'NO'} |")
@@ -227,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--finetune-steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--cache", type=Path, default=None, help="keep / reuse the fitted scenes in this folder")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--table", type=Path, default=DEFAULT_TABLE)
     args = ap.parse_args(argv)
@@ -234,7 +253,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         seeds, args.gaussians, args.steps, args.finetune_steps = (0,), 4096, 100, 10
     torch.set_num_threads(args.threads)
-    per_seed = [run_seed(seed, args) for seed in seeds]
+    per_seed = []
+    for seed in seeds:
+        per_seed.append(run_seed(seed, args))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".partial.json").write_text(json.dumps(per_seed, indent=1))  # a crash keeps the seeds
     labels = list(per_seed[0])
     paired = {f"drop::{label}": _paired(per_seed, FLOAT, label) for label in labels if label != FLOAT}
     paired["svq_minus_vq"] = _paired(per_seed, "svq (OMG sub-vector VQ)", "vq (full vectors, equal entries)")
@@ -244,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     report = {"environment": environment("cpu"), "seeds": list(seeds),
               "args": {k: v for k, v in vars(args).items() if k not in ("out", "table")},
               "stats": _stats(per_seed), "paired": paired, "versions": versions, "per_seed": per_seed}
+    report["args"]["cache"] = None if args.cache is None else str(args.cache)
     write_report(report, args.out, args.table, markdown(report))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(markdown(report))
 
 
