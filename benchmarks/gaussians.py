@@ -207,8 +207,9 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Drop: float PSNR minus the method's, paired per seed (positive: the method is worse). Paired, seeds: "
         f"svq minus vq (equal codebook entries) {mean_pm_std(p['svq_minus_vq'], '+.2f')} dB; svq minus uniform8 "
-        f"{mean_pm_std(p['svq_minus_uniform8'], '+.2f')} dB; omg minus its MLPs before SVQ "
-        f"{mean_pm_std(p['omg_minus_mlps'], '+.2f')} dB (what SVQ costs on OMG's representation).",
+        f"{mean_pm_std(p['svq_minus_uniform8'], '+.2f')} dB; omg minus its distilled MLPs before SVQ "
+        f"{mean_pm_std(p['omg_minus_mlps'], '+.2f')} dB (omg = SVQ of the MLPs' features, then the MLPs trained "
+        "against renders with the codes frozen: OMG's drop is the MLPs', not SVQ's).",
         "",
         "Bytes per component of the written file (mean over seeds; they sum to the file size):",
         "",
@@ -228,7 +229,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(f"{r['sqnr'][k]['mean']:.1f}" for k in
                                                       ("scale", "rotation", "opacity", "sh_dc", "sh_rest")) + " |")
     lines += ["", "Encode / decode seconds (CPU, "
-              f"{a['threads']} threads): " + "; ".join(
+              f"{a['threads']} threads, sharing the machine with other work): " + "; ".join(
                   f"{label} {r['encode_seconds']['mean']:.1f} / {r['decode_seconds']['mean']:.2f}"
                   for label, r in s.items() if "encode_seconds" in r) + ".", ""]
     return "\n".join(lines)
