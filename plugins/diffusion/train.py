@@ -2,6 +2,7 @@
 (``assets/digits_dit.safetensors``) on scikit-learn's digits.
 
     python -m polyquant.plugins.diffusion.train [--steps 3000] [--seed 0] [--threads 1]
+    python -m polyquant.plugins.diffusion.train --unet       # the digits UNet of issue 26 (assets/digits_unet...)
 
 Seeded (weights, batches, noise, timesteps, label dropout); CPU, a few minutes. The DiT learns epsilon prediction
 under ``models.NOISE_SCHEDULE`` (diffusers ``DDPMScheduler.add_noise``, 1000 timesteps) with label dropout 0.1
@@ -60,12 +61,11 @@ def train_classifier(*, seed: int, steps: int = 1500, batch_size: int = 128,
     return clf, record
 
 
-def train_dit(arch: dict, *, seed: int, steps: int, batch_size: int = 128, lr: float = 1e-3,
-              ema_decay: float = 0.999) -> tuple[torch.nn.Module, dict]:
-    """The DiT trained for epsilon prediction on the train split; returns its EMA copy (eval mode)."""
-    x, y = M.digits_images("train", arch["sample_size"])
-    torch.manual_seed(arch["seed"])
-    model = M.dit_from_arch(arch)
+def train_denoiser(model: torch.nn.Module, *, size: int, seed: int, steps: int, batch_size: int = 128,
+                   lr: float = 1e-3, ema_decay: float = 0.999, name: str = "dit") -> tuple[torch.nn.Module, dict]:
+    """Train a digits denoiser (DiT or UNet) for epsilon prediction on the train split; returns its EMA copy (eval
+    mode) and the training record."""
+    x, y = M.digits_images("train", size)
     ema = copy.deepcopy(model).eval()
     ddpm = M.make_scheduler("ddpm")
     T = ddpm.config.num_train_timesteps
@@ -73,8 +73,8 @@ def train_dit(arch: dict, *, seed: int, steps: int, batch_size: int = 128, lr: f
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     t0 = time.time()
-    # eval mode all along (the DiT has no dropout): diffusers' LabelEmbedding would drop labels independently in
-    # every block's embedding in train mode; the null class is drawn here, once per image, from the seeded generator
+    # eval mode all along (no dropout): diffusers' LabelEmbedding would drop labels independently in every block's
+    # embedding in train mode; the null class is drawn here, once per image, from the seeded generator
     model.eval()
     for step in range(steps):
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
@@ -95,10 +95,40 @@ def train_dit(arch: dict, *, seed: int, steps: int, batch_size: int = 128, lr: f
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1 - decay)
         if step % 250 == 0 or step == steps - 1:
-            print(f"dit step {step} loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
+            print(f"{name} step {step} loss {loss.item():.4f}  {time.time() - t0:.0f}s", flush=True)
     record = {"steps": steps, "seed": seed, "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
               "noise_schedule": M.NOISE_SCHEDULE, "label_dropout": LABEL_DROPOUT, "seconds": round(time.time() - t0, 1)}
     return ema, record
+
+
+def train_dit(arch: dict, *, seed: int, steps: int, batch_size: int = 128, lr: float = 1e-3,
+              ema_decay: float = 0.999) -> tuple[torch.nn.Module, dict]:
+    """The DiT trained for epsilon prediction on the train split; returns its EMA copy (eval mode)."""
+    torch.manual_seed(arch["seed"])
+    return train_denoiser(M.dit_from_arch(arch), size=arch["sample_size"], seed=seed, steps=steps,
+                          batch_size=batch_size, lr=lr, ema_decay=ema_decay, name="dit")
+
+
+def _sample_accuracy(model: torch.nn.Module, record: dict) -> None:
+    labels = torch.arange(100) % M.NUM_CLASSES
+    for name in M.SCHEDULERS:
+        images = M.sample(model, labels, steps=20, scheduler=name, seed=0)
+        record[f"sample_accuracy_{name}20"] = round(M.class_accuracy(images, labels), 1)
+        print(f"class accuracy of 100 {name.upper()}-20 samples: {record[f'sample_accuracy_{name}20']:.1f}%")
+    record["python"] = sys.version.split()[0]
+
+
+def train_unet_main(args: argparse.Namespace) -> int:
+    """Train and save the digits UNet (``unet.py``)."""
+    from . import unet as U
+
+    arch = {**U.UNET_ARCH, "seed": args.seed}
+    torch.manual_seed(arch["seed"])
+    model, record = train_denoiser(U.unet_from_arch(arch), size=arch["sample_size"], seed=args.seed,
+                                   steps=args.steps, name="unet")
+    _sample_accuracy(model, record)
+    print(U.save_unet(model, arch, record))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classifier-steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--unet", action="store_true", help="train the digits UNet (issue 26) instead")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.unet:
+        return train_unet_main(args)
     clf, clf_record = train_classifier(seed=args.seed, steps=args.classifier_steps)
     print(f"classifier held-out accuracy: {clf_record['held_out_accuracy']:.2f}% ({clf_record['seconds']}s)")
     M.save_classifier(clf, clf_record)
@@ -116,12 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     arch = {**M.ARCH_DEFAULTS, "seed": args.seed}
     model, record = train_dit(arch, seed=args.seed, steps=args.steps)
-    labels = torch.arange(100) % M.NUM_CLASSES
-    for name in M.SCHEDULERS:
-        images = M.sample(model, labels, steps=20, scheduler=name, seed=0)
-        record[f"sample_accuracy_{name}20"] = round(M.class_accuracy(images, labels), 1)
-        print(f"class accuracy of 100 {name.upper()}-20 samples: {record[f'sample_accuracy_{name}20']:.1f}%")
-    record["python"] = sys.version.split()[0]
+    _sample_accuracy(model, record)
     print(M.save_dit(model, arch, record))
     return 0
 
