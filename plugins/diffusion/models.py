@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from polyquant import metrics
 
 __all__ = ["SHIPPED", "SHIPPED_PATH", "CLASSIFIER_PATH", "ARCH_DEFAULTS", "NUM_CLASSES", "NULL_CLASS",
-           "NOISE_SCHEDULE", "SCHEDULERS", "check_config", "build_model", "DiTDenoiser", "build_denoiser",
+           "NOISE_SCHEDULE", "SCHEDULERS", "check_config", "named_or_arch", "build_model", "DiTDenoiser", "build_denoiser",
            "dit_from_arch", "save_dit",
            "digits_images", "make_scheduler", "noise_prediction", "sample", "DigitsClassifier", "load_classifier",
            "save_classifier", "classifier_features", "classify", "noise_mse", "psnr", "frechet_distance",
@@ -73,19 +73,27 @@ SCHEDULERS = ("ddim", "plms")
 # --- the DiT ------------------------------------------------------------------------------------------------------
 
 
+def named_or_arch(model_config: Any, shipped: str, defaults: dict[str, Any], what: str) -> dict[str, Any]:
+    """``{"name": shipped}`` as it is, or an architecture (keys of ``defaults``) with the defaults filled in (its
+    values are checked by the caller); ``ValueError`` for anything else (``what`` names the model kind)."""
+    if not isinstance(model_config, dict):
+        raise ValueError(f"a {what} config is a JSON object, got {type(model_config).__name__}")
+    if "name" in model_config:
+        if set(model_config) != {"name"} or model_config["name"] != shipped:
+            raise ValueError(f"unknown {what} {model_config!r}; the shipped model is {{'name': {shipped!r}}}")
+        return dict(model_config)
+    unknown = sorted(set(model_config) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {what} config key(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **model_config}
+
+
 def check_config(model_config: Any) -> dict[str, Any]:
     """``{"name": "digits-dit"}`` or an architecture (``ARCH_DEFAULTS``' keys) with its defaults filled in;
     ``ValueError`` naming the bad key otherwise."""
-    if not isinstance(model_config, dict):
-        raise ValueError(f"a diffusion model config is a JSON object, got {type(model_config).__name__}")
-    if "name" in model_config:
-        if set(model_config) != {"name"} or model_config["name"] != SHIPPED:
-            raise ValueError(f"unknown diffusion model {model_config!r}; the shipped model is {{'name': {SHIPPED!r}}}")
-        return dict(model_config)
-    unknown = sorted(set(model_config) - set(ARCH_DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown diffusion model config key(s) {unknown}; known: {sorted(ARCH_DEFAULTS)}")
-    cfg = {**ARCH_DEFAULTS, **model_config}
+    cfg = named_or_arch(model_config, SHIPPED, ARCH_DEFAULTS, "diffusion model")
+    if "name" in cfg:
+        return cfg
     for key, (lo, hi) in _BOUNDS.items():
         v = cfg[key]
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:

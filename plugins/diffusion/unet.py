@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import ASSET_DIR, NUM_CLASSES
+from .models import ASSET_DIR, NUM_CLASSES, named_or_arch
 
 __all__ = ["UNET_SHIPPED", "UNET_PATH", "UNET_ARCH", "check_unet_config", "unet_from_arch", "build_unet", "save_unet"]
 
@@ -32,16 +32,9 @@ _META_TRAIN = "train"
 
 def check_unet_config(model_config: Any) -> dict[str, Any]:
     """``{"name": "digits-unet"}`` or an architecture (``UNET_ARCH``' keys) with its defaults filled in."""
-    if not isinstance(model_config, dict):
-        raise ValueError(f"a UNet config is a JSON object, got {type(model_config).__name__}")
-    if "name" in model_config:
-        if set(model_config) != {"name"} or model_config["name"] != UNET_SHIPPED:
-            raise ValueError(f"unknown UNet {model_config!r}; the shipped one is {{'name': {UNET_SHIPPED!r}}}")
-        return dict(model_config)
-    unknown = sorted(set(model_config) - set(UNET_ARCH))
-    if unknown:
-        raise ValueError(f"unknown UNet config key(s) {unknown}; known: {sorted(UNET_ARCH)}")
-    cfg = {**UNET_ARCH, **model_config}
+    cfg = named_or_arch(model_config, UNET_SHIPPED, UNET_ARCH, "UNet")
+    if "name" in cfg:
+        return cfg
     channels = cfg["block_out_channels"]
     if not (isinstance(channels, list) and 2 <= len(channels) <= 4
             and all(isinstance(c, int) and 4 <= c <= 512 and c % cfg["norm_num_groups"] == 0 for c in channels)):

@@ -40,7 +40,7 @@ def run_demo(views: int = 4, size: int = 64, omg_steps: int = 400, out_dir: str 
     from polyquant.demo import demo_threads, text_table
 
     from .container import size_report
-    from .methods import _orbit, build_model, camera_rows, evaluate
+    from .methods import orbit_views, build_model, camera_rows, evaluate
     from .omg import OMGConfig
     from .ply import ply_bytes
     from .render import render
@@ -54,10 +54,10 @@ def run_demo(views: int = 4, size: int = 64, omg_steps: int = 400, out_dir: str 
     with demo_threads():
         model = build_model({"name": "fitted-s0"})
         scene = model.scene().detach()
-        cams = _orbit(scene, views, size, None, seed=2)
-        calib = [camera_rows(_orbit(scene, 8, size, None, seed=1))]
+        cams = orbit_views(scene, views, size, None, seed=2)
+        calib = [camera_rows(orbit_views(scene, 8, size, None, seed=1))]
         float_bytes = ply_bytes(scene)
-        shown_cam = _orbit(scene, 1, 160, None, seed=0)[0]
+        shown_cam = orbit_views(scene, 1, 160, None, seed=0)[0]
         with torch.no_grad():
             shown = {f"float .ply ({float_bytes / 1024:.0f} KiB)": render(scene, shown_cam)}
         methods = {"svq": SVQConfig(), "vq (equal entries)": VQConfig(), "uniform8": Uniform8Config(),

@@ -42,8 +42,8 @@ from .svq import SVQConfig, check_layout, fit_attribute, fit_layout, svq_layout
 from .uniform import Uniform8Config, uniform_attributes
 from .vq import VQConfig, vq_layout
 
-__all__ = ["METHODS", "build_model", "example", "float_scene", "canonical_scene", "camera_rows", "evaluate",
-           "add_model_args", "load_inputs", "report_quantized", "add_load_args", "run_load"]
+__all__ = ["METHODS", "build_model", "example", "float_scene", "canonical_scene", "camera_rows", "orbit_views",
+           "evaluate", "add_model_args", "load_inputs", "report_quantized", "add_load_args", "run_load"]
 
 PLUGIN = "gaussians"
 FP16_MAX = 65504.0
@@ -278,7 +278,9 @@ def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:
                        help="orbit radius (default: 2.2x the scene's radius around its centre)")
 
 
-def _orbit(scene: GaussianScene, count: int, size: int, radius: float | None, seed: int) -> list[Camera]:
+def orbit_views(scene: GaussianScene, count: int, size: int, radius: float | None, seed: int) -> list[Camera]:
+    """``count`` seeded orbit cameras around the scene's median position (radius: 2.2x its 95th-percentile extent
+    unless given), ``size`` px: the calibration and held-out views of the CLI, the demo and the tests."""
     center = scene.xyz.median(0).values
     extent = float((scene.xyz - center).norm(dim=1).quantile(0.95))
     r = radius if radius is not None else 2.2 * max(extent, 1e-3)
@@ -309,8 +311,8 @@ def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> C
         scene = model.scene().detach()
         model_config = {"name": args.scene}
         label = f"shipped scene {args.scene} ({scene.num_gaussians:,} Gaussians, SH degree {scene.sh_degree})"
-    calib = [camera_rows(_orbit(scene, args.views, args.size, args.radius, seed=1))]
-    held_out = _orbit(scene, args.views, args.size, args.radius, seed=2)
+    calib = [camera_rows(orbit_views(scene, args.views, args.size, args.radius, seed=1))]
+    held_out = orbit_views(scene, args.views, args.size, args.radius, seed=2)
     return CliInputs(model=model, model_config=model_config, calib=calib, label=label,
                      evaluation={"scene": scene, "cameras": held_out})
 
@@ -391,7 +393,7 @@ def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
         path = write_ply(scene, args.ply)
         print(f"decoded scene -> {path} ({path.stat().st_size:,} bytes)")
     if args.render is not None:
-        cam = _orbit(scene, 1, args.size, None, seed=0)[0]
+        cam = orbit_views(scene, 1, args.size, None, seed=0)[0]
         with torch.no_grad():
             image = render(scene, cam).clamp(0, 1)
         _write_png(image, Path(args.render))

@@ -17,6 +17,7 @@ from polyquant.api import describe_model
 from polyquant.primitives import dequantize
 from polyquant.vq import ProductVQ
 
+from .coding import fixed_bits
 from .render import Camera, render
 from .scene import GaussianScene, rest_bands
 
@@ -106,7 +107,7 @@ class VQAttribute(nn.Module):
 
     def index_bits(self) -> int:
         """Bits per Gaussian of the fixed-length codes: sum of ceil(log2 K_m)."""
-        return sum(max(1, (k - 1).bit_length()) for k in self.quantizer.codebook_sizes)
+        return sum(fixed_bits(k) for k in self.quantizer.codebook_sizes)
 
 
 class UniformAttribute(nn.Module):

@@ -14,7 +14,7 @@ from polyquant.cli import main
 from polyquant.config import UsageError
 from polyquant.plugins.gaussians.coding import canonical_order
 from polyquant.plugins.gaussians.container import size_report
-from polyquant.plugins.gaussians.methods import _orbit, camera_rows, evaluate
+from polyquant.plugins.gaussians.methods import orbit_views, camera_rows, evaluate
 from polyquant.plugins.gaussians.model import GaussianModel, QuantizedGaussians, VQAttribute
 from polyquant.plugins.gaussians.models import build_model
 from polyquant.plugins.gaussians.omg import OMGConfig, contract, frequency_encoding
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def shipped() -> tuple[GaussianModel, list[torch.Tensor], list]:
     model = build_model({"name": "fitted-s0"})
     scene = model.scene().detach()
-    calib = [camera_rows(_orbit(scene, 4, 32, None, seed=1))]
-    held_out = _orbit(scene, 4, 32, None, seed=2)
+    calib = [camera_rows(orbit_views(scene, 4, 32, None, seed=1))]
+    held_out = orbit_views(scene, 4, 32, None, seed=2)
     return model, calib, held_out
 
 
@@ -84,7 +84,7 @@ def test_codebook_finetuning_moves_codebooks_towards_the_renders(shipped) -> Non
     cfg = dict(kmeans_iters=5, scale_k=8, rotation_k=16, opacity_k=8, dc_k=16, rest_k=8)
     frozen = pq.quantize(model, SVQConfig(**cfg), calib=calib).model
     tuned = pq.quantize(model, SVQConfig(**cfg, finetune_steps=30), calib=calib).model
-    train = _orbit(model.scene().detach(), 4, 32, None, seed=1)  # the calibration views
+    train = orbit_views(model.scene().detach(), 4, 32, None, seed=1)  # the calibration views
     ref = model.scene().detach()
     # measured: +1.2 dB on the training views (+0.5 dB held out) after 30 steps at lr 1e-3
     assert evaluate(ref, tuned.scene(), train)["psnr"] > evaluate(ref, frozen.scene(), train)["psnr"] + 0.5
