@@ -5,17 +5,22 @@
 - ``ssim``: structural similarity (Wang et al. 2004) with the usual 11-tap Gaussian window (sigma 1.5) and
   K1 = 0.01, K2 = 0.03, as scikit-image's ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)``
   and the 3DGS training code compute it; ``ssim_map`` keeps its gradients (a D-SSIM loss).
+- ``MacCounter``: multiply-accumulates of the convolutions and linear layers a model runs (float, fake-quant and
+  packed alike), counted from the weight and output shapes, for theoretical speedups of caching or pruning
+  (counted, not timed).
 """
 
 from __future__ import annotations
 
 import math
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["sqnr", "psnr", "ssim", "ssim_map"]
+__all__ = ["sqnr", "psnr", "ssim", "ssim_map", "MacCounter", "layer_macs"]
 
 
 def _same_shape(a: Tensor, b: Tensor) -> None:
@@ -73,3 +78,53 @@ def ssim_map(a: Tensor, b: Tensor, data_range: float = 1.0, window: int = 11, si
 def ssim(a: Tensor, b: Tensor, data_range: float = 1.0) -> float:
     """Mean SSIM of ``b`` against ``a`` (images (C, H, W) or (B, C, H, W)), computed in float64."""
     return float(ssim_map(a.double(), b.double(), data_range).mean())
+
+
+
+def layer_macs(module: nn.Module, x: Tensor, y: Tensor) -> int | None:
+    """Multiply-accumulates of one call ``y = module(x)`` of a linear layer (``in_features``: each output element
+    costs in_features) or a convolution (``in_channels``, ``out_channels``, ``kernel_size``, ``groups``: each output
+    element costs in / groups * prod(kernel); a transposed one, each input element out / groups * prod(kernel)),
+    float, fake-quant and packed alike (they keep these attributes); None for any other module."""
+    in_features = getattr(module, "in_features", None)
+    if isinstance(in_features, int) and isinstance(getattr(module, "out_features", None), int):
+        return y.numel() * in_features
+    attrs = [getattr(module, a, None) for a in ("in_channels", "out_channels", "kernel_size", "groups")]
+    if not all(a is not None for a in attrs) or not hasattr(module, "stride"):
+        return None
+    c_in, c_out, kernel, groups = attrs
+    taps = math.prod(kernel) if isinstance(kernel, (tuple, list)) else int(kernel)
+    if getattr(module, "transposed", False):
+        return x.numel() * (c_out // groups) * taps
+    return y.numel() * (c_in // groups) * taps
+
+
+class MacCounter:
+    """Counts the multiply-accumulates of the linear layers and convolutions of ``model`` while entered:
+    ``with MacCounter(model) as c: model(x)``; ``c.total`` the sum, ``c.calls`` how many layer calls. For
+    theoretical speedups (counted, not timed); attention products, norms and elementwise ops are not counted
+    (state it beside a result)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.total = 0
+        self.calls = 0
+        self._handles: list[Any] = []
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if args and isinstance(args[0], Tensor) and isinstance(output, Tensor):
+            macs = layer_macs(module, args[0], output)
+            if macs is not None:
+                self.total += macs
+                self.calls += 1
+
+    def __enter__(self) -> "MacCounter":
+        self.total, self.calls = 0, 0
+        for module in self.model.modules():
+            self._handles.append(module.register_forward_hook(self._hook))
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

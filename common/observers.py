@@ -255,17 +255,24 @@ class MSEObserver(Observer):
         best_err = torch.full((nb,), float("inf"))
         best_scale, best_zp = scale.reshape(nb).clone(), zp.reshape(nb).clone()
         lo, hi = self.min_val.reshape(nb), self.max_val.reshape(nb)
-        row_block = (1, data.shape[1])
-        for ratio in torch.linspace(1.0, self.min_ratio, self.grid).tolist():
-            s, z = qparams_from_minmax(lo * ratio, hi * ratio, self.fmt, symmetric=self.symmetric)
-            s, z = s.reshape(nb, 1), z.reshape(nb, 1)
+        ratios = torch.linspace(1.0, self.min_ratio, self.grid).tolist()
+        # the grid in chunks of ratios at once (rows ratio-major), at most ~4M elements each
+        chunk = max(1, min(len(ratios), (1 << 22) // max(1, data.numel())))
+        for start in range(0, len(ratios), chunk):
+            r = torch.tensor(ratios[start:start + chunk]).reshape(-1, 1)  # (g, 1)
+            g = r.shape[0]
+            s, z = qparams_from_minmax((lo * r).reshape(-1), (hi * r).reshape(-1), self.fmt, symmetric=self.symmetric)
+            s, z = s.reshape(g * nb, 1), z.reshape(g * nb, 1)
             zq = z if self.fmt.supports_zero_point else None
-            xq = fake_quantize(data, self.fmt, s, zq, row_block)
-            err = (xq - data).abs().pow(self.norm).mean(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, s.flatten(), best_scale)
-            best_zp = torch.where(better, z.flatten(), best_zp)
+            rows = data.repeat(g, 1)  # (g * nb, samples)
+            xq = fake_quantize(rows, self.fmt, s, zq, (1, data.shape[1]))
+            errs = (xq - rows).abs().pow(self.norm).mean(dim=1).reshape(g, nb)
+            s, z = s.reshape(g, nb), z.reshape(g, nb)
+            for i in range(g):  # in grid order: the first ratio of the lowest error wins, as one at a time
+                better = errs[i] < best_err
+                best_err = torch.where(better, errs[i], best_err)
+                best_scale = torch.where(better, s[i], best_scale)
+                best_zp = torch.where(better, z[i], best_zp)
         return best_scale.reshape(scale.shape), best_zp.reshape(zp.shape)
 
 

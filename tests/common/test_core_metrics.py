@@ -1,4 +1,4 @@
-"""polyquant.metrics: hand-computed SQNR, PSNR and SSIM values."""
+"""polyquant.metrics: hand-computed SQNR, PSNR, SSIM and MAC counts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from polyquant.metrics import psnr, sqnr, ssim, ssim_map
+from polyquant.metrics import MacCounter, psnr, sqnr, ssim, ssim_map
 
 
 def test_sqnr_and_psnr_by_hand() -> None:
@@ -36,3 +36,29 @@ def test_ssim_by_hand() -> None:
     assert ssim_map(img, noisy).shape == (2, 3, 10, 10)  # valid positions of the 11-px window
     with pytest.raises(ValueError, match="smaller than"):
         ssim(torch.zeros(3, 8, 8), torch.zeros(3, 8, 8))
+
+
+def test_mac_counter_by_hand() -> None:
+    from torch import nn
+
+    from polyquant.nn import QuantRule, QuantSpec, calibrate, prepare
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2, stride=2),
+                          nn.ConvTranspose2d(8, 4, 2, stride=2), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    x = torch.randn(2, 3, 7, 7)
+    conv1 = 2 * 8 * 7 * 7 * (3 * 9)         # each output element: in * k * k
+    conv2 = 2 * 8 * 3 * 3 * (4 * 9)         # groups 2: in / groups = 4
+    convt = 2 * 8 * 3 * 3 * (4 * 4)         # transposed: each input element, out * k * k
+    linear = 2 * 5 * 144
+    with MacCounter(model) as c:
+        model(x)
+    assert (c.total, c.calls) == (conv1 + conv2 + convt + linear, 4)
+    model(x)  # hooks removed on exit
+    assert c.total == conv1 + conv2 + convt + linear
+    # fake-quant layers count the same (their own quantizers are not layers)
+    q = prepare(model, [QuantRule((nn.Conv2d, nn.Linear), weight=QuantSpec("int8"), input=QuantSpec("int8"))])
+    calibrate(q, [x], progress=False)
+    with MacCounter(q) as cq:
+        q(x)
+    assert cq.total == c.total
