@@ -58,7 +58,8 @@ def record_calls(transformer: nn.Module, run: Callable[[], Any], *, progress: bo
 
 
 def _transformer(model: nn.Module) -> nn.Module:
-    return getattr(model, "transformer", model)  # a DiTDenoiser or a bare diffusers DiT
+    # a DiTDenoiser / UNetDenoiser, or a bare diffusers DiT / UNet (whose forward calls ``sample``)
+    return getattr(model, "transformer", None) or getattr(model, "unet", None) or model
 
 
 @torch.no_grad()
@@ -85,7 +86,8 @@ def timestep_batches(model: nn.Module, labels: Tensor, *, steps: int = 20, sched
 
     calls = record_calls(transformer, run, progress=progress,
                          total=len(chunks) * (steps + 1 if scheduler == "plms" else steps))
-    return [{"x_t": c["hidden_states"], "t": c["timestep"], "labels": c["class_labels"]} for c in calls]
+    return [{"x_t": c["hidden_states"] if "hidden_states" in c else c["sample"], "t": c["timestep"],
+             "labels": c["class_labels"]} for c in calls]
 
 
 def dit_forward(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

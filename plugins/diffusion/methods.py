@@ -53,15 +53,18 @@ from .attention import register as register_attention
 from .attention import supported
 from .baselines import (BASELINES, AdaRoundConfig, FixedBiasConfig, Int8Config, IntMinMaxConfig, int_act_spec,
                         int_rules)
+from .cachequant import CacheQuantConfig, build_cached, quantize_cachequant
 from .fp4dit import FP4DiTConfig, fp_act_spec, fp_rules
 from .models import SHIPPED, DiTDenoiser, build_denoiser
+from .unet import UNET_SHIPPED, build_unet_denoiser, is_unet_config
 
 __all__ = ["METHODS", "quantize_dit", "build_model", "example", "add_model_args", "load_inputs",
            "report_quantized", "add_load_args", "run_load"]
 
 PLUGIN = "diffusion"
 
-METHODS: dict[str, type[QuantConfig]] = {"fp4dit": FP4DiTConfig, **BASELINES}
+DIT_METHODS: dict[str, type[QuantConfig]] = {"fp4dit": FP4DiTConfig, **BASELINES}
+METHODS: dict[str, type[QuantConfig]] = {**DIT_METHODS, "cachequant": CacheQuantConfig}
 
 
 # --- placement ------------------------------------------------------------------------------------------------------
@@ -173,8 +176,31 @@ def _example_input(model: nn.Module, state: dict[str, Any]) -> Any:
     return example_kwargs(model, batch=1)
 
 
-for _name, _cls in METHODS.items():
+for _name, _cls in DIT_METHODS.items():
     register_handler(_cls, plugin=PLUGIN, method=_name, prepare=_prepare, example_input=_example_input)(_quantize)
+
+
+def _prepare_cachequant(skeleton: nn.Module, config: QuantConfig, state: dict[str, Any]) -> nn.Module:
+    assert isinstance(config, CacheQuantConfig)
+    unet = getattr(skeleton, "unet", None)
+    if unet is None:
+        raise UsageError(f"{PLUGIN}/cachequant restores into a UNetDenoiser, got {type(skeleton).__name__}")
+    return build_cached(unet, config, state)
+
+
+def _example_cachequant(model: nn.Module, state: dict[str, Any]) -> Any:
+    cfg = model.config
+    s, c = int(cfg.sample_size), int(cfg.in_channels)
+    return {"x_t": torch.zeros(1, c, s, s), "t": torch.tensor([int(state["timesteps"][0])]),
+            "labels": torch.tensor([0])}
+
+
+@register_handler(CacheQuantConfig, plugin=PLUGIN, method="cachequant", prepare=_prepare_cachequant,
+                  example_input=_example_cachequant)
+def _quantize_cachequant(model: nn.Module, config: CacheQuantConfig, calib: Calibration,
+                         run: RunOptions) -> QuantizedModel:
+    cached, state = quantize_cachequant(model, config, list(calib.batches), calib.forward, progress=run.progress)
+    return QuantizedModel(cached, config, state=state)
 
 
 # --- models and the contract test's case ----------------------------------------------------------------------------
@@ -186,6 +212,8 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
     transformer, ``archs.transformer_config``) -> that diffusers transformer."""
     if isinstance(model_config, dict) and "diffusers" in model_config:
         return build_transformer(model_config)
+    if is_unet_config(model_config):
+        return build_unet_denoiser(model_config)
     return build_denoiser(model_config)
 
 
@@ -195,6 +223,11 @@ def example(method: str) -> MethodExample:
 
     if method not in METHODS:
         raise KeyError(f"{PLUGIN} has no method {method!r}")
+    if method == "cachequant":  # the digits UNet, one DDIM run of 4 calls (cache every 2)
+        unet = build_model({"name": UNET_SHIPPED})
+        calib = timestep_batches(unet, torch.arange(4), steps=4, scheduler="ddim", seed=1)
+        inputs = timestep_batches(unet, torch.tensor([5, 6, 7, 8]), steps=4, scheduler="ddim", seed=2)[1]
+        return MethodExample(model=unet, config=CacheQuantConfig(steps=4, interval=2), calib=calib, inputs=inputs)
     model = build_model({"name": SHIPPED})
     calib = timestep_batches(model, torch.arange(4), steps=4, scheduler="ddim", seed=1)
     inputs = timestep_batches(model, torch.tensor([5, 6, 7, 8]), steps=2, scheduler="ddim", seed=2)[1]
@@ -307,6 +340,48 @@ def _folder_inputs(args: argparse.Namespace) -> CliInputs:
                      calib=Calibration(calls, transformer_forward), label=label, evaluation={"calls": held})
 
 
+def _cachequant_inputs(config: CacheQuantConfig, args: argparse.Namespace) -> CliInputs:
+    """The shipped digits UNet and whole sampling runs of ``config.steps`` model calls (DDIM: that many steps;
+    PLMS: one fewer), 32 images per run."""
+    from polyquant.api import progress_default
+
+    from .calib import timestep_batches
+
+    if args.model != "tiny":
+        raise UsageError(f"{PLUGIN}/cachequant --model: only 'tiny' (the shipped digits UNet) on the command line; in "
+                         "Python, quantize UNetDenoiser(UNet2DModel.from_pretrained(DIR)) with calibration runs of "
+                         "calib.timestep_batches")
+    steps = config.steps - (1 if args.sampler == "plms" else 0)
+    if steps < 1:
+        raise UsageError(f"{PLUGIN}/cachequant: PLMS calls the model steps + 1 times; --steps must be >= 2")
+    model = build_model({"name": UNET_SHIPPED})
+    labels = torch.arange(args.calib_images) % 10
+    calib = timestep_batches(model, labels, steps=steps, scheduler=args.sampler, seed=args.calib_seed,
+                             batch_size=32, progress=progress_default() and not args.quiet)
+    label = (f"digits UNet ({UNET_SHIPPED}), {len(calib)} calibration calls: {args.calib_images} images x "
+             f"{config.steps} {args.sampler} model calls")
+    return CliInputs(model=model, model_config={"name": UNET_SHIPPED}, calib=calib, label=label,
+                     evaluation={"images": args.eval_images, "sampler": args.sampler})
+
+
+def compare_cached(float_model: nn.Module, qmodel: nn.Module, labels: Tensor, *, scheduler: str = "ddim",
+                   seed: int = 1000) -> dict[str, float]:
+    """A ``CachedDenoiser`` sampling ``labels`` under its cache vs its float UNet without one (same noise): sample
+    PSNR (dB), class accuracy (%) of both, and the theoretical speedup (counted MACs, ``schedule_macs``)."""
+    from .cachequant import cached_sample, schedule_macs
+    from .models import class_accuracy, psnr, sample
+
+    steps = qmodel.schedule.num_steps - (1 if scheduler == "plms" else 0)
+    fp_img = sample(float_model.unet, labels, steps=steps, scheduler=scheduler, seed=seed)
+    q_img = cached_sample(qmodel, labels, scheduler=scheduler, seed=seed)
+    size, ch = int(qmodel.config.sample_size), int(qmodel.config.in_channels)
+    batch = {"x_t": torch.zeros(1, ch, size, size), "t": torch.tensor([qmodel.clock.timesteps[0]]),
+             "labels": torch.tensor([0])}
+    macs = schedule_macs(float_model, qmodel.schedule, batch)
+    return {"psnr": psnr(fp_img, q_img), "acc_float": class_accuracy(fp_img, labels),
+            "acc_quant": class_accuracy(q_img, labels), "speedup": macs["speedup"]}
+
+
 def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> CliInputs:
     """The shipped DiT (``--model tiny``) or a user's diffusers folder, and the transformer's inputs at every step
     of sampling ``--calib-images`` images."""
@@ -315,6 +390,8 @@ def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> C
     from .calib import timestep_batches
 
     _check_args(args)
+    if isinstance(config, CacheQuantConfig):
+        return _cachequant_inputs(config, args)
     if args.model != "tiny":
         return _folder_inputs(args)
     model = build_model({"name": SHIPPED})
@@ -362,7 +439,14 @@ def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Names
     from .pipeline import peak_rss_mib
 
     ev = inputs.evaluation
-    if "calls" in ev:
+    if isinstance(qm.config, CacheQuantConfig):
+        if ev["images"]:
+            r = compare_cached(inputs.model, qm.model.cpu(), torch.arange(ev["images"]) % 10, scheduler=ev["sampler"])
+            print(f"{ev['images']} samples ({ev['sampler']}, {qm.config.steps} calls, cache refreshed at "
+                  f"{len(qm.model.schedule.refresh)} of them) vs the float model without cache: PSNR "
+                  f"{r['psnr']:.2f} dB, class accuracy float {r['acc_float']:.1f}% / cachequant "
+                  f"{r['acc_quant']:.1f}%; theoretical speedup {r['speedup']:.2f}x (counted conv / linear MACs)")
+    elif "calls" in ev:
         if ev["calls"]:
             err = prediction_error(inputs.model, qm.model.cpu(), ev["calls"])
             print(f"{len(ev['calls'])} held-out transformer calls ({args.eval_images} images, other noise): "
@@ -392,11 +476,28 @@ def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
     n_q = sum(isinstance(m, (QuantWeightModule, *PACKED_MODULES)) for m in qm.model.modules())
     n_attn = sum(is_product_patched(m) for m in qm.model.modules())
     kind = "packed" if qm.packing is not None else "fake-quant"
-    print(f"restored {PLUGIN}/{qm.method} ({kind}): {n_q} quantized linears, {n_attn} attentions with quantized "
-          "q / k / v; patch embedding, timestep / label embedders and the final layer float")
+    cachequant = isinstance(qm.config, CacheQuantConfig)
+    if cachequant:
+        sched = qm.model.schedule
+        print(f"restored {PLUGIN}/cachequant ({kind}): {n_q} quantized convolutions / linears (per-timestep activation "
+              f"ranges at {len(qm.model.clock)} timesteps), the cache refreshed at calls {list(sched.refresh)} of "
+              f"{sched.num_steps}; with model.feature_cache(): sample(model.unet, ...)")
+    else:
+        print(f"restored {PLUGIN}/{qm.method} ({kind}): {n_q} quantized linears, {n_attn} attentions with quantized "
+              "q / k / v; patch embedding, timestep / label embedders and the final layer float")
     if args.eval_images:
         if not 1 <= args.eval_images <= 10_000:
             raise UsageError(f"--eval-images must be in [1, 10000], got {args.eval_images}")
+        if cachequant:
+            if qm.model_config != {"name": UNET_SHIPPED}:
+                raise UsageError("--eval-images: only artifacts of the shipped digits UNet can be compared with their "
+                                 "float model")
+            r = compare_cached(build_model({"name": UNET_SHIPPED}), qm.model.cpu(),
+                               torch.arange(args.eval_images) % 10)
+            print(f"{args.eval_images} samples (ddim, cached) vs float: PSNR {r['psnr']:.2f} dB, class accuracy float "
+                  f"{r['acc_float']:.1f}% / cachequant {r['acc_quant']:.1f}%; theoretical speedup "
+                  f"{r['speedup']:.2f}x")
+            return 0
         if qm.model_config != {"name": SHIPPED}:
             raise UsageError("--eval-images: only artifacts of the shipped digits DiT can be compared with their float "
                              "model")

@@ -7,9 +7,9 @@ from polyquant.plugins import API_VERSION, PluginSpec
 SPEC = PluginSpec(
     name="diffusion",
     api_version=API_VERSION,
-    summary="Post-training quantization of diffusion transformers (diffusers DiT, PixArt, SD3, Flux; pipelines "
-    "quantized in place): FP4DiT minifloat W4A8 / W4A6 beside INT and FP baselines, calibrated across the "
-    "sampler's timesteps.",
+    summary="Post-training quantization of diffusion models (diffusers DiT, PixArt, SD3, Flux transformers, "
+    "pipelines quantized in place; UNets): FP4DiT minifloat W4A8 / W4A6 beside INT and FP baselines, calibrated "
+    "across the sampler's timesteps; CacheQuant's feature cache with quantization on UNets.",
     methods={
         "fp4dit": "FP4DiT (TMLR'25): E2M1 / E1M2 weights with per-group absmax scales (E3M0 on the first FFN "
         "linear), online token-wise FP activations (E3M4 / E2M3, q/k/v included), optional scale-aware AdaRound "
@@ -20,6 +20,9 @@ SPEC = PluginSpec(
         "adaround": "plain AdaRound block reconstruction (BRECQ / Q-Diffusion) on the INT4 or FP4DiT's FP grid.",
         "fp_fixed_bias": "FP4DiT's formats with an integer exponent bias (power-of-two group scales): the "
         "real-valued-bias ablation.",
+        "cachequant": "CacheQuant (CVPR'25) on diffusers UNets: DeepCache with the DPS refresh schedule, W8A8 / W4A8 "
+        "with per-timestep activation ranges fitted along the cached path, DEC corrections of the cache and "
+        "quantization errors.",
     },
     requires=("torch>=2.4", "diffusers>=0.30"),
     impl="polyquant.plugins.diffusion.methods",

@@ -3,6 +3,7 @@
 
     build_unet({"name": "digits-unet"}) -> UNet2DModel    the shipped checkpoint (assets/digits_unet.safetensors)
     build_unet({"block_out_channels": [16, 32], ...})    seeded random weights of an architecture
+    build_unet_denoiser({"name": "digits-unet"}) -> UNetDenoiser    eps = model(x_t, t, labels), as the DiT's
 
 Same data, noise schedule, label dropout and sampling as the DiT (``models.sample``, ``models.noise_prediction``
 work on it unchanged): 8 x 8 digits in [-1, 1], epsilon prediction, 10 classes plus the null class (index 10) for
@@ -16,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .models import ASSET_DIR, NUM_CLASSES, named_or_arch
+from .models import ASSET_DIR, NUM_CLASSES, named_or_arch, noise_prediction
 
-__all__ = ["UNET_SHIPPED", "UNET_PATH", "UNET_ARCH", "check_unet_config", "unet_from_arch", "build_unet", "save_unet"]
+__all__ = ["UNET_SHIPPED", "UNET_PATH", "UNET_ARCH", "check_unet_config", "is_unet_config", "unet_from_arch",
+           "build_unet", "UNetDenoiser", "build_unet_denoiser", "save_unet"]
 
 UNET_SHIPPED = "digits-unet"
 UNET_PATH = ASSET_DIR / "digits_unet.safetensors"
@@ -50,6 +52,12 @@ def check_unet_config(model_config: Any) -> dict[str, Any]:
     return cfg
 
 
+def is_unet_config(model_config: Any) -> bool:
+    """Whether a model config names the shipped UNet or describes a UNet architecture (not a DiT's)."""
+    return isinstance(model_config, dict) and (model_config.get("name") == UNET_SHIPPED
+                                               or "block_out_channels" in model_config)
+
+
 def unet_from_arch(arch: dict[str, Any]) -> nn.Module:
     """A class-conditional ``UNet2DModel`` (1 channel, 11 class rows: 10 digits and the null class), weights from the
     current global RNG."""
@@ -73,12 +81,45 @@ def build_unet(model_config: dict[str, Any] | None = None) -> nn.Module:
         arch = check_unet_config(json.loads(meta[_META_MODEL]))
         with torch.random.fork_rng(devices=[]):
             model = unet_from_arch(arch)
-        model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True)
+        if model.conv_in.weight.device.type != "meta":  # the core sizes a config on the meta device first
+            model.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, strict=True)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg["seed"])
             model = unet_from_arch(cfg)
     return describe_model(model.eval(), cfg)
+
+
+class UNetDenoiser(nn.Module):
+    """A diffusers UNet as one call, ``forward(x_t, t, labels) -> eps`` (B, C, S, S), as ``models.DiTDenoiser``:
+    a calibration batch is ``{"x_t", "t", "labels"}``, and ``model(batch)`` with that dict alone is the same call.
+    The UNet is ``.unet``, as in a diffusers pipeline (``cache.FeatureCache`` finds it there)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    @property
+    def config(self) -> Any:
+        return self.unet.config
+
+    def forward(self, x_t: Tensor | dict[str, Tensor], t: Tensor | int | None = None,
+                labels: Tensor | None = None) -> Tensor:
+        if isinstance(x_t, dict):
+            if t is not None or labels is not None or set(x_t) != {"x_t", "t", "labels"}:
+                raise TypeError("UNetDenoiser takes (x_t, t, labels) or one dict with exactly those keys")
+            return self.forward(**x_t)
+        if t is None or labels is None:
+            raise TypeError("UNetDenoiser needs a timestep t and class labels")
+        return noise_prediction(self.unet, x_t, t, labels)
+
+
+def build_unet_denoiser(model_config: dict[str, Any] | None = None) -> UNetDenoiser:
+    """``build_unet``'s UNet as a ``UNetDenoiser``, recorded with ``describe_model`` (the same config)."""
+    from polyquant.api import describe_model, model_description
+
+    unet = build_unet(model_config)
+    return describe_model(UNetDenoiser(unet).eval(), model_description(unet) or {})
 
 
 def save_unet(model: nn.Module, arch: dict[str, Any], record: dict[str, Any], path: str | Path = UNET_PATH) -> Path:
