@@ -25,6 +25,7 @@ counted), artifact bytes (``pq.save``; the float model's fp32 parameters beside)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -61,7 +62,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 def _row(rec: dict[str, list[float]], fp: torch.Tensor, img: torch.Tensor, real: torch.Tensor,
          labels: torch.Tensor) -> None:
-    rec.setdefault("psnr", []).append(psnr(fp, img))
+    if img is not fp:  # the reference row has no PSNR against itself
+        rec.setdefault("psnr", []).append(psnr(fp, img))
     rec.setdefault("fd", []).append(frechet_distance(real, classifier_features(img).detach()))
     rec.setdefault("acc", []).append(class_accuracy(img, labels))
 
@@ -105,6 +107,9 @@ def run(args: argparse.Namespace, seeds: tuple[int, ...]) -> dict[str, Any]:
                     rec.setdefault("bytes", []).append(float(pq.save(qm, Path(tmp) / "a.safetensors").stat().st_size))
                 rec.setdefault("seconds", []).append(secs)
                 print(f"  {key} {label:42s} " + "  ".join(f"{k} {v[-1]:.4g}" for k, v in rec.items()), flush=True)
+        partial = args.out.with_suffix(".partial.json")  # the raw per-seed values so far (a crash keeps them)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"seeds_done": seeds[:seeds.index(s) + 1], "per": per}))
     results: dict[str, Any] = {"float_param_bytes": float_bytes}
     for key, rows in per.items():
         results[key] = {label: {k: seed_stats(v) for k, v in rec.items()} for label, rec in rows.items()}
@@ -145,7 +150,7 @@ def markdown(report: dict[str, Any]) -> str:
         if key == "float_param_bytes":
             continue
         for label, r in rows.items():
-            psnr_s = "—" if label == "float, no cache" else mean_pm_std(r["psnr"], ".2f")
+            psnr_s = mean_pm_std(r["psnr"], ".2f") if "psnr" in r else "—"
             vs_p = mean_pm_std(r["psnr_vs_naive"], "+.2f") if "psnr_vs_naive" in r and label != NAIVE else "—"
             vs_f = mean_pm_std(r["fd_vs_naive"], "+.3f") if "fd_vs_naive" in r and label != NAIVE else "—"
             speed = f"{r['speedup']['mean']:.2f}x" if "speedup" in r else "1.00x"
@@ -212,6 +217,7 @@ def main() -> None:
     report["seconds"] = time.perf_counter() - t0
     text = markdown(report)
     write_report(report, args.out, args.table, text)
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(text)
 
 
