@@ -85,6 +85,7 @@ __all__ = [
     "prepare",
     "set_submodule",
     "calibrate",
+    "quantize_weights",
     "set_state",
     "quantizers",
     "State",
@@ -951,6 +952,20 @@ def calibration(batches: "Iterable[Any] | Calibration", forward_fn: Callable[[nn
             raise TypeError("pass forward_fn inside the Calibration or as an argument, not both")
         return batches
     return Calibration(batches, forward_fn)
+
+
+def quantize_weights(model: nn.Module, rules: Sequence[QuantRule], *, ignore: Iterable[str | type] = (),
+                     inplace: bool = False) -> nn.Module:
+    """Weight-only quantization without data: ``prepare`` with ``rules`` (which must set no input or output
+    quantizer), then every weight quantizer frozen from its weight. Returns the model (a copy unless ``inplace``)."""
+    if any(r.input is not None or r.output is not None for r in rules):
+        raise ValueError("quantize_weights quantizes weights only: a rule with an input or output spec needs "
+                         "calibration data (prepare + calibrate)")
+    model = prepare(model, rules, ignore=ignore, inplace=inplace)
+    for m in model.modules():
+        if isinstance(m, QuantWeightModule):
+            m.calibrate_weight()
+    return model
 
 
 def calibrate(

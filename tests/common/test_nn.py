@@ -289,3 +289,19 @@ def test_to_device_copy_gives_fresh_tensors_in_nested_batches() -> None:
     x.add_(10)  # the caller changes its tensor in place afterwards
     assert out["x"].tolist() == [0.0, 1.0, 2.0, 3.0] and out["pair"].a.tolist() == [0.0, 1.0, 2.0, 3.0]
     assert isinstance(out["pair"], Pair) and out["pair"].b == 1 and out["none"] is None
+
+
+def test_quantize_weights_needs_no_data() -> None:
+    from polyquant.nn import QuantLinear, QuantRule, QuantSpec, quantize_weights
+    from polyquant.primitives import PerChannel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    q = quantize_weights(model, [QuantRule(nn.Linear, weight=QuantSpec("int8", PerChannel(0)))])
+    assert isinstance(q[0], QuantLinear) and isinstance(model[0], nn.Linear)  # a copy by default
+    w = model[0].weight.detach()
+    scale = w.abs().amax(1, keepdim=True) / 127  # symmetric absmax per output channel
+    assert torch.allclose(q[0].quant_weight(), torch.round(w / scale) * scale, atol=1e-7)
+    assert q[0].input_quantizer is None
+    with pytest.raises(ValueError, match="weights only"):
+        quantize_weights(model, [QuantRule(nn.Linear, weight=QuantSpec("int8"), input=QuantSpec("int8"))])
