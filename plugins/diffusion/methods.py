@@ -1,7 +1,8 @@
 """The impl module of plugin ``diffusion`` (``SPEC.impl``): FP4DiT and its baselines on diffusers transformers (one
 file per method family's configs: ``fp4dit.py``, ``baselines.py``; which layers of DiT / PixArt / SD3 / Flux:
 ``archs.py``; quantized attention products: ``attention.py``; calibration across timesteps: ``calib.py``;
-pipelines: ``pipeline.py``).
+pipelines: ``pipeline.py``), and on diffusers UNets CacheQuant (``cachequant.py`` on the feature cache of
+``cache.py``) and ZOODiP (``zoodip.py``; text-to-image pipelines: ``textual.py``).
 
     import polyquant as pq
     from polyquant.plugins.diffusion.calib import timestep_batches
@@ -57,6 +58,7 @@ from .cachequant import CacheQuantConfig, build_cached, quantize_cachequant
 from .fp4dit import FP4DiTConfig, fp_act_spec, fp_rules
 from .models import SHIPPED, DiTDenoiser, build_denoiser
 from .unet import UNET_SHIPPED, build_unet_denoiser, is_unet_config
+from .zoodip import ZOODiPConfig, grow_class_embedding, train_embedding, weight_only_rules
 
 __all__ = ["METHODS", "quantize_dit", "build_model", "example", "add_model_args", "load_inputs",
            "report_quantized", "add_load_args", "run_load"]
@@ -64,7 +66,7 @@ __all__ = ["METHODS", "quantize_dit", "build_model", "example", "add_model_args"
 PLUGIN = "diffusion"
 
 DIT_METHODS: dict[str, type[QuantConfig]] = {"fp4dit": FP4DiTConfig, **BASELINES}
-METHODS: dict[str, type[QuantConfig]] = {**DIT_METHODS, "cachequant": CacheQuantConfig}
+METHODS: dict[str, type[QuantConfig]] = {**DIT_METHODS, "cachequant": CacheQuantConfig, "zoodip": ZOODiPConfig}
 
 
 # --- placement ------------------------------------------------------------------------------------------------------
@@ -203,6 +205,63 @@ def _quantize_cachequant(model: nn.Module, config: CacheQuantConfig, calib: Cali
     return QuantizedModel(cached, config, state=state)
 
 
+def _prepare_zoodip(skeleton: nn.Module, config: QuantConfig, state: dict[str, Any]) -> nn.Module:
+    from polyquant.nn import prepare
+
+    assert isinstance(config, ZOODiPConfig)
+    unet = getattr(skeleton, "unet", None)
+    if unet is None:
+        raise UsageError(f"{PLUGIN}/zoodip restores into a UNetDenoiser, got {type(skeleton).__name__}")
+    grow_class_embedding(unet, torch.zeros(1, unet.class_embedding.embedding_dim))  # the learned row, loaded next
+    return prepare(skeleton, weight_only_rules(config.wbits), inplace=True)
+
+
+def reference_images(batches: Any) -> Tensor:
+    """The reference images of a ZOODiP calibration: image tensors (B, C, S, S) in [-1, 1] (or (C, S, S)), or
+    dicts holding them as ``images``, concatenated."""
+    out = []
+    for b in batches:
+        x = b.get("images") if isinstance(b, dict) else b
+        if not isinstance(x, Tensor) or x.dim() not in (3, 4) or not x.is_floating_point():
+            raise UsageError(f"{PLUGIN}/zoodip: calibration batches are reference images (B, C, S, S) in [-1, 1], got "
+                             f"{type(x).__name__}{list(x.shape) if isinstance(x, Tensor) else ''}")
+        out.append(x if x.dim() == 4 else x[None])
+    if not out:
+        raise UsageError(f"{PLUGIN}/zoodip needs at least one reference image")
+    return torch.cat([x.float() for x in out])
+
+
+def _example_zoodip(model: nn.Module, state: dict[str, Any]) -> Any:
+    cfg = model.config
+    s, c = int(cfg.sample_size), int(cfg.in_channels)
+    return {"x_t": torch.zeros(1, c, s, s), "t": torch.tensor([500]), "labels": torch.tensor([int(state["new_class"])])}
+
+
+@register_handler(ZOODiPConfig, plugin=PLUGIN, method="zoodip", prepare=_prepare_zoodip,
+                  example_input=_example_zoodip)
+def _quantize_zoodip(model: nn.Module, config: ZOODiPConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
+    """INT8 weight-only quantization of a UNetDenoiser, then ZOODiP learns one new class row against it; the
+    artifact holds the quantized model with the grown class table (the new class: ``state["new_class"]``)."""
+    from polyquant.nn import quantize_weights
+
+    unet = getattr(model, "unet", None)
+    if unet is None or not isinstance(getattr(unet, "class_embedding", None), nn.Embedding):
+        raise UsageError(f"{PLUGIN}/zoodip personalizes a class-conditional diffusers UNet (a UNetDenoiser whose UNet "
+                         f"has a class_embedding table); got {type(model).__name__}")
+    refs = reference_images(calib.batches)
+    size = (int(unet.config.in_channels), int(unet.config.sample_size), int(unet.config.sample_size))
+    if tuple(refs.shape[1:]) != size:
+        raise UsageError(f"{PLUGIN}/zoodip: reference images of size {list(refs.shape[1:])}, the model samples {list(size)}")
+    quantize_weights(model, weight_only_rules(config.wbits), inplace=True)
+    try:
+        theta, record = train_embedding(unet, refs, config, progress=run.progress)
+    except ValueError as e:
+        raise UsageError(f"{PLUGIN}/zoodip: {e}") from None
+    new = grow_class_embedding(unet, theta.reshape(1, -1))
+    return QuantizedModel(model.eval(), config, state={"new_class": new, "references": len(refs)},
+                          report={"losses": record["losses"], "forward_passes": record["forward_passes"]})
+
+
 # --- models and the contract test's case ----------------------------------------------------------------------------
 
 
@@ -223,6 +282,14 @@ def example(method: str) -> MethodExample:
 
     if method not in METHODS:
         raise KeyError(f"{PLUGIN} has no method {method!r}")
+    if method == "zoodip":  # the digits UNet, 4 reference images of a 3, 3 steps
+        from .models import digits_images
+
+        unet = build_model({"name": UNET_SHIPPED})
+        images, labels = digits_images("train")
+        refs = images[labels == 3][:4]
+        inputs = timestep_batches(unet, torch.tensor([3, 5, 7, 10]), steps=4, scheduler="ddim", seed=2)[1]
+        return MethodExample(model=unet, config=ZOODiPConfig(iters=3, tau=2), calib=[refs[:2], refs[2:]], inputs=inputs)
     if method == "cachequant":  # the digits UNet, one DDIM run of 4 calls (cache every 2)
         unet = build_model({"name": UNET_SHIPPED})
         calib = timestep_batches(unet, torch.arange(4), steps=4, scheduler="ddim", seed=1)
@@ -260,6 +327,13 @@ def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:
     group.add_argument("--calib-seed", type=int, default=0, help="noise seed of calibration (default: 0)")
     group.add_argument("--eval-images", type=int, default=20,
                        help="images sampled (float vs quantized, same noise) for the report (default: %(default)s)")
+    if method == "zoodip":
+        group.add_argument("--concept", type=int, default=3,
+                           help="zoodip: the digit whose training images are the references (and what the report's "
+                                "classifier checks the new class's samples against) (default: %(default)s)")
+        group.add_argument("--refs", default=None, metavar="DIR",
+                           help="zoodip: a folder of your own reference images (PNG / JPEG, turned grayscale and "
+                                "resized to the model's size) instead of --concept's digits")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -364,6 +438,54 @@ def _cachequant_inputs(config: CacheQuantConfig, args: argparse.Namespace) -> Cl
                      evaluation={"images": args.eval_images, "sampler": args.sampler})
 
 
+def read_reference_images(folder: str, size: int) -> Tensor:
+    """(N, 1, size, size) in [-1, 1] from the PNG / JPEG files of ``folder`` (grayscale, resized bilinearly);
+    UsageError for a missing folder, no image in it, or a file PIL cannot read."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UsageError(f"--refs {folder}: not a folder")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise UsageError(f"--refs {folder}: no .png / .jpg image in it")
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                g = im.convert("L").resize((size, size), Image.BILINEAR)
+        except (OSError, UnidentifiedImageError):
+            raise UsageError(f"--refs: cannot read {f.name} as an image") from None
+        out.append(torch.from_numpy(np.asarray(g, dtype=np.float32).copy()) / 127.5 - 1.0)
+    return torch.stack(out)[:, None]
+
+
+def _zoodip_inputs(args: argparse.Namespace) -> CliInputs:
+    """The shipped digits UNet and the reference images: the first --calib-images training digits of --concept,
+    or the user's --refs folder."""
+    from .models import digits_images
+
+    if args.model != "tiny":
+        raise UsageError(f"{PLUGIN}/zoodip --model: only 'tiny' (the shipped digits UNet) on the command line; in "
+                         "Python, pass a UNetDenoiser of a class-conditional UNet2DModel")
+    if not 0 <= args.concept <= 9:
+        raise UsageError(f"--concept must be a digit 0..9, got {args.concept}")
+    model = build_model({"name": UNET_SHIPPED})
+    if args.refs is not None:
+        refs = read_reference_images(args.refs, int(model.config.sample_size))
+        what = f"{len(refs)} reference images from {args.refs}"
+    else:
+        images, labels = digits_images("train")
+        refs = images[labels == args.concept][: args.calib_images]
+        what = f"{len(refs)} training images of the digit {args.concept}"
+    label = f"digits UNet ({UNET_SHIPPED}), INT8 weights, a new class learned from {what}"
+    return CliInputs(model=model, model_config={"name": UNET_SHIPPED}, calib=[refs], label=label,
+                     evaluation={"images": args.eval_images, "concept": None if args.refs else args.concept})
+
+
 def compare_cached(float_model: nn.Module, qmodel: nn.Module, labels: Tensor, *, scheduler: str = "ddim",
                    seed: int = 1000) -> dict[str, float]:
     """A ``CachedDenoiser`` sampling ``labels`` under its cache vs its float UNet without one (same noise): sample
@@ -392,6 +514,8 @@ def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> C
     _check_args(args)
     if isinstance(config, CacheQuantConfig):
         return _cachequant_inputs(config, args)
+    if isinstance(config, ZOODiPConfig):
+        return _zoodip_inputs(args)
     if args.model != "tiny":
         return _folder_inputs(args)
     model = build_model({"name": SHIPPED})
@@ -439,7 +563,22 @@ def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Names
     from .pipeline import peak_rss_mib
 
     ev = inputs.evaluation
-    if isinstance(qm.config, CacheQuantConfig):
+    if isinstance(qm.config, ZOODiPConfig):
+        losses = qm.report["losses"]
+        k = max(1, len(losses) // 10)
+        print(f"ZOODiP: {qm.config.iters} steps, {qm.report['forward_passes']} forward passes, no backward; denoising "
+              f"loss (mean of the first / last {k} steps) {sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}; "
+              f"the new class is label {qm.state['new_class']}")
+        if ev["images"]:
+            from .models import classify, sample
+
+            labels = torch.full((ev["images"],), int(qm.state["new_class"]))
+            img = sample(qm.model.unet, labels, steps=20, scheduler="ddim", seed=1000)
+            if ev["concept"] is not None:
+                share = float((classify(img) == ev["concept"]).float().mean()) * 100
+                print(f"{ev['images']} samples of the new class (DDIM-20): {share:.1f}% classified as the digit "
+                      f"{ev['concept']} (chance 10%)")
+    elif isinstance(qm.config, CacheQuantConfig):
         if ev["images"]:
             r = compare_cached(inputs.model, qm.model.cpu(), torch.arange(ev["images"]) % 10, scheduler=ev["sampler"])
             print(f"{ev['images']} samples ({ev['sampler']}, {qm.config.steps} calls, cache refreshed at "

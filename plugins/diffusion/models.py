@@ -266,8 +266,11 @@ def sample(model: nn.Module, labels: Tensor, *, steps: int = 20, scheduler: str 
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
     cfg = model.config if hasattr(model, "config") else None
     null_class = int(getattr(cfg, "num_embeds_ada_norm", None) or NULL_CLASS)  # a user's DiT: its own classes
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > null_class):
-        raise ValueError(f"labels must be class indices in [0, {null_class - 1}] (or {null_class}: null class)")
+    table = getattr(model, "class_embedding", None)  # a UNet's class rows (ZOODiP appends new ones)
+    top = table.num_embeddings - 1 if isinstance(table, nn.Embedding) else null_class
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > top):
+        raise ValueError(f"labels must be class indices in [0, {null_class - 1}] (or {null_class}: null class"
+                         + (f"; {null_class + 1}..{top}: added classes)" if top > null_class else ")"))
     device, dtype = _model_device_dtype(model)
     size = int(cfg.sample_size) if cfg is not None else ARCH_DEFAULTS["sample_size"]
     channels = int(cfg.in_channels) if cfg is not None else 1
