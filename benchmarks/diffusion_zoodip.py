@@ -35,7 +35,6 @@ from typing import Any
 import torch
 from _env import environment, mean_pm_std, seed_stats, write_report
 
-import polyquant as pq
 from polyquant.plugins.diffusion import methods as M
 from polyquant.plugins.diffusion.models import classify, digits_images, make_scheduler, sample
 from polyquant.plugins.diffusion.unet import UNET_SHIPPED
@@ -181,7 +180,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {label} | {r['steps']['mean']:.0f} | {r['forward_passes']['mean']:.0f} | "
                      f"{mean_pm_std(r['loss_all_t'], '.4f')} | {vs_a} | {mean_pm_std(r['loss_puts_t'], '.4f')} | "
                      f"{vs_p} | {mean_pm_std(r['concept_pct'], '.1f')} | {mem} | {mean_pm_std(r['seconds'], '.1f')} |")
-    z, p, b = rows[ZOODIP], rows[PLAIN2], rows[BACKPROP]
+    z, b = rows[ZOODIP], rows[BACKPROP]
     lines += ["", "## Reading", "",
               f"- ZOODiP vs plain ZO n=2 at equal forward passes, paired eval loss: t uniform "
               f"{mean_pm_std(z['loss_all_t_vs_zo2'], '+.4f')}, t in 500..899 "

@@ -12,7 +12,7 @@ from torch import nn
 import polyquant as pq
 from polyquant.config import UsageError
 from polyquant.nn import QuantSpec
-from polyquant.plugins.diffusion.cache import CacheSchedule, FeatureCache, uniform_schedule
+from polyquant.plugins.diffusion.cache import uniform_schedule
 from polyquant.plugins.diffusion.cachequant import (
     CacheQuantConfig, CachedDenoiser, SplitConv2d, StepClock, TimestepQuantizer, cached_sample, schedule_macs,
     split_runs,

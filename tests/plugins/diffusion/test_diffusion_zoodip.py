@@ -15,7 +15,7 @@ from polyquant.config import UsageError
 from polyquant.plugins.diffusion.methods import build_model
 from polyquant.plugins.diffusion.models import digits_images
 from polyquant.plugins.diffusion.zoodip import (
-    EmbeddingTrainer, SubspaceTracker, ZOAdam, ZOODiPConfig, grow_class_embedding, sample_timesteps,
+    SubspaceTracker, ZOAdam, ZOODiPConfig, grow_class_embedding, sample_timesteps,
     train_embedding, zo_gradient,
 )
 
