@@ -7,7 +7,7 @@ sampled with DDIM-50 (50 model calls), cache interval N = 5 (10 refresh steps). 
 seed s (``calib.timestep_batches``: whole runs, which CacheQuant replays under the cache). Evaluation per seed s:
 ``--eval-samples`` labels (0..9 in turn) from the noise of seed 1000 + s, the same noise for every row.
 
-    python benchmarks/diffusion_cachequant.py          # writes results_cpu/diffusion_cachequant.json, diffusion_cachequant.md
+    python benchmarks/diffusion_cachequant.py   # writes results_cpu/diffusion_cachequant.json, diffusion_cachequant.md
     python benchmarks/diffusion_cachequant.py --quick --out /tmp/c.json --table /tmp/c.md   # 1 seed, 10 steps
 
 Rows: the float model without cache (the reference); cache only (float, uniform and DPS schedules; DEC(cache) on
@@ -41,7 +41,8 @@ from polyquant.plugins.diffusion.cache import (FeatureCache, dec_cache, dps_sche
                                                uniform_schedule)
 from polyquant.plugins.diffusion.cachequant import CacheQuantConfig, cached_sample, schedule_macs
 from polyquant.plugins.diffusion.calib import timestep_batches
-from polyquant.plugins.diffusion.models import class_accuracy, classifier_features, digits_images, frechet_distance, psnr, sample
+from polyquant.plugins.diffusion.models import (class_accuracy, classifier_features, digits_images, frechet_distance,
+                                                psnr, sample)
 from polyquant.plugins.diffusion.unet import UNET_SHIPPED
 
 HERE = Path(__file__).resolve().parent
@@ -132,7 +133,8 @@ def _verdict(rows: dict[str, Any], metric: str, higher_better: bool) -> str:
         where = "worse than naive"
     else:
         where = "closer to quant only" if gain > gap / 2 else "closer to naive"
-    share = f"{100 * gain / gap:.0f}% of the naive-to-quant-only gap closed" if gap > 0 else "quant only is not better than naive here"
+    share = (f"{100 * gain / gap:.0f}% of the naive-to-quant-only gap closed" if gap > 0
+             else "quant only is not better than naive here")
     return f"{where} ({share})"
 
 

@@ -187,7 +187,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"{mean_pm_std(z['loss_puts_t_vs_zo2'], '+.4f')} (negative: ZOODiP lower); per seed "
               f"{[round(v, 4) for v in z['loss_all_t_vs_zo2']['per_seed']]} / "
               f"{[round(v, 4) for v in z['loss_puts_t_vs_zo2']['per_seed']]}.",
-              f"- Samples of the learned class called the concept digit: ZOODiP {mean_pm_std(z['concept_pct'], '.1f')}%, "
+              "- Samples of the learned class called the concept digit: ZOODiP "
+              f"{mean_pm_std(z['concept_pct'], '.1f')}%, "
               f"backprop {mean_pm_std(b['concept_pct'], '.1f')}% (chance 10%). The null class's float loss on the "
               f"t-uniform set is {res['init_loss_all_t (null class, float)']:.4f}."]
     if z["peak_growth_mib"] is not None and b["peak_growth_mib"]:
@@ -196,8 +197,9 @@ def markdown(report: dict[str, Any]) -> str:
                      f"({z['peak_growth_mib'] / b['peak_growth_mib']:.2f}x).")
     lines += ["", "Mean ± std over the seeds; \"vs ZO n=2\" is the mean ± std over seeds of the paired per-seed "
               "difference. Every learned vector is evaluated on the INT8 model. Memory is the CPU resident-set "
-              "growth of a fresh process (one thread) over the loaded model, which includes the allocator's "
-              "slack; on a GPU it would be torch.cuda.max_memory_allocated (GPU_PENDING).", ""]
+              "growth of a fresh process (one thread) over the loaded model, with glibc returning blocks of 64 KiB or "
+              "more on free (smaller ones stay in its heap); on a GPU it would be torch.cuda.max_memory_allocated "
+              "(GPU_PENDING).", ""]
     return "\n".join(lines)
 
 

@@ -251,7 +251,8 @@ def _quantize_zoodip(model: nn.Module, config: ZOODiPConfig, calib: Calibration,
     refs = reference_images(calib.batches)
     size = (int(unet.config.in_channels), int(unet.config.sample_size), int(unet.config.sample_size))
     if tuple(refs.shape[1:]) != size:
-        raise UsageError(f"{PLUGIN}/zoodip: reference images of size {list(refs.shape[1:])}, the model samples {list(size)}")
+        raise UsageError(f"{PLUGIN}/zoodip: reference images of size {list(refs.shape[1:])}, the model samples "
+                         f"{list(size)}")
     quantize_weights(model, weight_only_rules(config.wbits), inplace=True)
     try:
         theta, record = train_embedding(unet, refs, config, progress=run.progress)

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from polyquant import metrics
 
 __all__ = ["SHIPPED", "SHIPPED_PATH", "CLASSIFIER_PATH", "ARCH_DEFAULTS", "NUM_CLASSES", "NULL_CLASS",
-           "NOISE_SCHEDULE", "SCHEDULERS", "check_config", "named_or_arch", "build_model", "DiTDenoiser", "build_denoiser",
-           "dit_from_arch", "save_dit",
+           "NOISE_SCHEDULE", "SCHEDULERS", "check_config", "named_or_arch", "build_model", "Denoiser", "DiTDenoiser",
+           "build_denoiser", "dit_from_arch", "save_dit",
            "digits_images", "make_scheduler", "noise_prediction", "sample", "DigitsClassifier", "load_classifier",
            "save_classifier", "classifier_features", "classify", "noise_mse", "psnr", "frechet_distance",
            "class_accuracy"]
@@ -141,29 +141,42 @@ def build_model(model_config: dict[str, Any] | None = None) -> nn.Module:
     return describe_model(model.eval(), cfg)
 
 
-class DiTDenoiser(nn.Module):
-    """A diffusers DiT as one call, ``forward(x_t, t, labels) -> eps`` (B, C, S, S) (``noise_prediction``), so a
+class Denoiser(nn.Module):
+    """A diffusers network as one call, ``forward(x_t, t, labels) -> eps`` (B, C, S, S) (``noise_prediction``), so a
     calibration batch is a dict ``{"x_t", "t", "labels"}`` (``model(**batch)``); ``model(batch)`` with that dict as
-    the only argument is the same call (how the core's contract test feeds one input). The DiT is
-    ``.transformer``, as in a diffusers pipeline."""
+    the only argument is the same call (how the core's contract test feeds one input). Subclasses hold the network
+    under its pipeline name and return it from ``net``."""
+
+    @property
+    def net(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def config(self) -> Any:
+        return self.net.config
+
+    def forward(self, x_t: Tensor | dict[str, Tensor], t: Tensor | int | None = None,
+                labels: Tensor | None = None) -> Tensor:
+        name = type(self).__name__
+        if isinstance(x_t, dict):
+            if t is not None or labels is not None or set(x_t) != {"x_t", "t", "labels"}:
+                raise TypeError(f"{name} takes (x_t, t, labels) or one dict with exactly those keys")
+            return self.forward(**x_t)
+        if t is None or labels is None:
+            raise TypeError(f"{name} needs a timestep t and class labels")
+        return noise_prediction(self.net, x_t, t, labels)
+
+
+class DiTDenoiser(Denoiser):
+    """A diffusers DiT as a ``Denoiser``; the DiT is ``.transformer``, as in a diffusers pipeline."""
 
     def __init__(self, transformer: nn.Module) -> None:
         super().__init__()
         self.transformer = transformer
 
     @property
-    def config(self) -> Any:
-        return self.transformer.config
-
-    def forward(self, x_t: Tensor | dict[str, Tensor], t: Tensor | int | None = None,
-                labels: Tensor | None = None) -> Tensor:
-        if isinstance(x_t, dict):
-            if t is not None or labels is not None or set(x_t) != {"x_t", "t", "labels"}:
-                raise TypeError("DiTDenoiser takes (x_t, t, labels) or one dict with exactly those keys")
-            return self.forward(**x_t)
-        if t is None or labels is None:
-            raise TypeError("DiTDenoiser needs a timestep t and class labels")
-        return noise_prediction(self.transformer, x_t, t, labels)
+    def net(self) -> nn.Module:
+        return self.transformer
 
 
 def build_denoiser(model_config: dict[str, Any] | None = None) -> DiTDenoiser:

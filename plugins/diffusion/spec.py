@@ -9,7 +9,8 @@ SPEC = PluginSpec(
     api_version=API_VERSION,
     summary="Post-training quantization of diffusion models (diffusers DiT, PixArt, SD3, Flux transformers, "
     "pipelines quantized in place; UNets): FP4DiT minifloat W4A8 / W4A6 beside INT and FP baselines, calibrated "
-    "across the sampler's timesteps; CacheQuant's feature cache with quantization and ZOODiP's backprop-free personalization on UNets.",
+    "across the sampler's timesteps; CacheQuant's feature cache with quantization and ZOODiP's backprop-free "
+    "personalization on UNets.",
     methods={
         "fp4dit": "FP4DiT (TMLR'25): E2M1 / E1M2 weights with per-group absmax scales (E3M0 on the first FFN "
         "linear), online token-wise FP activations (E3M4 / E2M3, q/k/v included), optional scale-aware AdaRound "

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .models import ASSET_DIR, NUM_CLASSES, named_or_arch, noise_prediction
+from .models import ASSET_DIR, NUM_CLASSES, Denoiser, named_or_arch
 
 __all__ = ["UNET_SHIPPED", "UNET_PATH", "UNET_ARCH", "check_unet_config", "is_unet_config", "unet_from_arch",
            "build_unet", "UNetDenoiser", "build_unet_denoiser", "save_unet"]
@@ -90,28 +90,17 @@ def build_unet(model_config: dict[str, Any] | None = None) -> nn.Module:
     return describe_model(model.eval(), cfg)
 
 
-class UNetDenoiser(nn.Module):
-    """A diffusers UNet as one call, ``forward(x_t, t, labels) -> eps`` (B, C, S, S), as ``models.DiTDenoiser``:
-    a calibration batch is ``{"x_t", "t", "labels"}``, and ``model(batch)`` with that dict alone is the same call.
-    The UNet is ``.unet``, as in a diffusers pipeline (``cache.FeatureCache`` finds it there)."""
+class UNetDenoiser(Denoiser):
+    """A diffusers UNet as a ``models.Denoiser`` (``forward(x_t, t, labels) -> eps``, a batch dict alone too); the
+    UNet is ``.unet``, as in a diffusers pipeline (``cache.FeatureCache`` finds it there)."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
     @property
-    def config(self) -> Any:
-        return self.unet.config
-
-    def forward(self, x_t: Tensor | dict[str, Tensor], t: Tensor | int | None = None,
-                labels: Tensor | None = None) -> Tensor:
-        if isinstance(x_t, dict):
-            if t is not None or labels is not None or set(x_t) != {"x_t", "t", "labels"}:
-                raise TypeError("UNetDenoiser takes (x_t, t, labels) or one dict with exactly those keys")
-            return self.forward(**x_t)
-        if t is None or labels is None:
-            raise TypeError("UNetDenoiser needs a timestep t and class labels")
-        return noise_prediction(self.unet, x_t, t, labels)
+    def net(self) -> nn.Module:
+        return self.unet
 
 
 def build_unet_denoiser(model_config: dict[str, Any] | None = None) -> UNetDenoiser:

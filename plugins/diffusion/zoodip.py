@@ -1,6 +1,6 @@
 """ZOODiP (Seo, Jeong, Lee, Chun, "Efficient Personalization of Quantized Diffusion Model without
-Backpropagation", CVPR 2025, arXiv 2503.14868; code ignoww/ZOODiP ``train_zoodip.py``): textual-inversion-style personalization of a quantized diffusion model
-with forward passes only.
+Backpropagation", CVPR 2025, arXiv 2503.14868; code ignoww/ZOODiP ``train_zoodip.py``): textual-inversion-style
+personalization of a quantized diffusion model with forward passes only.
 
 A new conditioning vector theta (for the digits UNet: a new row of ``class_embedding``, d = 128) is learned against
 a frozen INT8 weight-only model under ``torch.no_grad()`` (no autograd graph):
@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from polyquant.config import QuantConfig, float_field, int_field
 
-__all__ = ["ZOODiPConfig", "weight_only_rules", "zo_gradient", "SubspaceTracker", "ZOAdam", "sample_timesteps", "EmbeddingTrainer",
+__all__ = ["ZOODiPConfig", "weight_only_rules", "zo_gradient", "SubspaceTracker", "ZOAdam", "sample_timesteps",
+           "EmbeddingTrainer",
            "zo_train", "train_embedding", "backprop_embedding", "grow_class_embedding"]
 
 
@@ -321,9 +322,9 @@ def backprop_embedding(unet: nn.Module, refs: Tensor, config: ZOODiPConfig, *, p
                 loss = trainer.losses(th.reshape(1, -1))[0]
                 (g,) = torch.autograd.grad(loss, th)
             theta = opt.step(theta, g.detach())
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if on_step is not None:
-                on_step(step, theta, float(loss))
+                on_step(step, theta, losses[-1])
     finally:
         for p in params:
             p.requires_grad_(True)
