@@ -1,6 +1,7 @@
-"""ZOODiP on a real diffusers StableDiffusionPipeline built from tiny configs (word-level tokenizer, CLIP text
-encoder, UNet2DConditionModel, VAE): a token learned against the INT8 pipeline with forward passes only, saved in
-diffusers' textual-inversion format and loaded into a fresh pipeline (ours and diffusers' loader), and the errors."""
+"""A real diffusers StableDiffusionPipeline built from tiny configs (word-level tokenizer, CLIP text encoder,
+UNet2DConditionModel, VAE): ZOODiP's token learned against the INT8 pipeline with forward passes only, saved in
+diffusers' textual-inversion format and loaded into a fresh pipeline (ours and diffusers' loader), its errors; and
+the feature cache inside the pipeline's own DDIM / PLMS loop."""
 
 from __future__ import annotations
 
@@ -102,3 +103,34 @@ def test_token_errors(tmp_path: Path) -> None:
         from polyquant.checkpoint import save_checkpoint
 
         load_token(_pipeline(), save_checkpoint({"a": torch.zeros(1, 32), "b": torch.zeros(1)}, tmp_path / "x.st", {}))
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "plms"])
+def test_feature_cache_inside_a_stable_diffusion_pipeline(scheduler: str) -> None:
+    """DeepCache on a UNet2DConditionModel inside the pipeline's own scheduler loop (classifier-free guidance sends
+    both halves in one call; PLMS calls the UNet steps + 1 times): the deep blocks run on refresh calls only, the
+    cached images differ a little from the full ones, and disabling restores the model."""
+    from diffusers import PNDMScheduler
+
+    from polyquant.plugins.diffusion.cache import FeatureCache, uniform_schedule
+
+    pipe = _pipeline()
+    if scheduler == "plms":
+        pipe.scheduler = PNDMScheduler(skip_prk_steps=True)
+    steps = 6
+    calls = steps + 1 if scheduler == "plms" else steps
+
+    def run() -> torch.Tensor:
+        return pipe("a photo of dog", num_inference_steps=steps, height=8, width=8, output_type="pt",
+                    guidance_scale=3.0, generator=torch.Generator().manual_seed(0)).images
+
+    full = run()
+    deep = []
+    handle = pipe.unet.mid_block.resnets[0].register_forward_hook(lambda *_: deep.append(1))  # inside the block
+    with FeatureCache(pipe, uniform_schedule(calls, 3)) as cache:
+        cached = run()
+        assert cache.step == calls - 1
+    handle.remove()
+    assert len(deep) == len(range(0, calls, 3))
+    assert 0 < float((cached - full).abs().max()) < 0.5
+    assert torch.equal(run(), full)
