@@ -6,6 +6,7 @@
 | percentile  | lower / upper percentile of each batch (EMA'd)    | min-max of the clipped range               |
 | mse         | min / max plus a bounded sample of the data       | clipping ratio by grid search on the MSE   |
 | abs_percentile | w <- w + m (quantile(abs(x), p) - w) per batch | symmetric range [-w, w] (Quamba)           |
+| entropy     | 2048-bin histogram of abs(x), re-binned as the max grows | TensorRT's KL threshold, symmetric      |
 
 Every observer rejects NaN / Inf in its input with a ``ValueError``, refuses a batch whose blocks differ from the
 earlier batches' (per-token statistics of another batch size), and refuses to produce qparams before it has seen
@@ -14,12 +15,13 @@ data. Values up to the float32 limit (3e38) give finite statistics and scales.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .formats import Format, get_format
+from .formats import Format, IntFormat, get_format
 from .primitives import (
     Granularity,
     PerChannel,
@@ -33,8 +35,8 @@ from .primitives import (
     scale_shape,
 )
 
-__all__ = ["Observer", "MinMaxObserver", "PercentileObserver", "AbsPercentileObserver", "MSEObserver", "make_observer",
-           "OBSERVERS", "quantile"]
+__all__ = ["Observer", "MinMaxObserver", "PercentileObserver", "AbsPercentileObserver", "MSEObserver",
+           "EntropyObserver", "kl_threshold", "make_observer", "OBSERVERS", "quantile"]
 
 
 class Observer:
@@ -297,11 +299,111 @@ def _blocks_as_rows(x: Tensor, block_size: Sequence[int]) -> Tensor:
     return x.reshape(view).permute(perm).reshape(num_blocks, -1)
 
 
+def _smooth(p: "np.ndarray", eps: float = 1e-4) -> "np.ndarray":
+    """Move ``eps`` onto every empty bin of counts ``p``, taken evenly from the non-empty ones (MXNet's
+    ``_smooth_distribution``)."""
+    zeros = p == 0
+    n_zero = int(zeros.sum())
+    return p + eps * zeros - (eps * n_zero / (p.size - n_zero)) * ~zeros
+
+
+def kl_threshold(hist: Tensor, levels: int) -> int:
+    """TensorRT's entropy calibration (Migacz, "8-bit Inference with TensorRT", GTC 2017; as MXNet's
+    ``_get_optimal_threshold`` writes it) on a histogram of |x| (``hist`` (B,) counts over [0, max), equal bins):
+    the bin count i in [levels, B] whose reference P (bins 0..i-1, the outliers of bins i.. added to bin i-1) is
+    closest in KL divergence to Q, the bins 0..i-1 merged into ``levels`` groups (i // levels bins each, the last
+    taking the remainder) and spread evenly back over the bins where P is non-zero, both smoothed (``_smooth``).
+    The threshold is then (i + 0.5) bin widths (``EntropyObserver``). Returns B for a histogram no longer than
+    ``levels`` or without counts."""
+    import numpy as np
+
+    h = hist.double().cpu().numpy()
+    n = h.size
+    if n <= levels or h.sum() == 0:
+        return n
+    tail = np.cumsum(h[::-1])[::-1]  # tail[i] = sum(h[i:])
+    best_i, best_kl = n, math.inf
+    for i in range(levels, n + 1):
+        p = h[:i].copy()
+        if i < n:
+            p[i - 1] += tail[i]
+        nz = p != 0
+        group = np.minimum(np.arange(i) // (i // levels), levels - 1)
+        sums = np.bincount(group, weights=h[:i], minlength=levels)
+        counts = np.bincount(group, weights=nz.astype(np.float64), minlength=levels)
+        q = np.where(nz, sums[group] / np.maximum(counts[group], 1), 0.0)
+        if q.sum() == 0:
+            continue
+        ps, qs = _smooth(p), _smooth(q)  # on counts, as MXNet (eps is 1e-4 of one count)
+        ps, qs = ps / ps.sum(), qs / qs.sum()
+        kl = float((ps * np.log(ps / qs)).sum())
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i
+
+
+class EntropyObserver(Observer):
+    """TensorRT's entropy (KL) calibration, symmetric and per tensor, for integer formats: a ``bins``-bin histogram
+    of |x| over [0, running max |x|] (an earlier histogram is re-binned by its bin centres when the max grows), and
+    the clipping threshold T = (i + 0.5) * bin width of ``kl_threshold`` with 2^(bits - 1) levels (128 for int8).
+    Zeros count in the histogram as TensorRT counts them: on a mostly empty feature map (LiDAR BEV) they pull the
+    threshold down, the failure LiDAR-PTQ describes."""
+
+    def __init__(
+        self,
+        fmt: Format | str,
+        granularity: Granularity | Sequence[int],
+        *,
+        symmetric: bool = True,
+        averaging: float | None = None,
+        bins: int = 2048,
+        name: str = "",
+    ) -> None:
+        super().__init__(fmt, granularity, symmetric=symmetric, averaging=averaging, name=name)
+        if not symmetric or averaging is not None:
+            raise ValueError("entropy calibration is symmetric with a running histogram (no averaging)")
+        if not isinstance(self.fmt, IntFormat) or not self.fmt.signed:
+            raise ValueError(f"entropy calibration needs a signed integer format, got {self.fmt.name}")
+        if not isinstance(granularity, PerTensor):
+            raise ValueError("entropy calibration is per tensor")
+        self.bins = bins
+        self.levels = 2 ** (self.fmt.bits - 1)
+        if bins < self.levels:
+            raise ValueError(f"entropy calibration needs at least {self.levels} bins, got {bins}")
+        self.hist: Tensor | None = None
+        self.range = 0.0
+
+    def update(self, x: Tensor) -> None:
+        super().update(x)
+        a = x.detach().float().abs().flatten()
+        top = float(a.max())
+        if self.hist is None:
+            self.range = top if top > 0 else 1.0
+            self.hist = torch.zeros(self.bins, dtype=torch.float64)
+        elif top > self.range:  # re-bin the old counts by their bin centres onto the wider range
+            centres = (torch.arange(self.bins, dtype=torch.float64) + 0.5) * (self.range / self.bins)
+            idx = (centres / (top / self.bins)).floor().long().clamp(max=self.bins - 1)
+            self.hist = torch.zeros(self.bins, dtype=torch.float64).index_add_(0, idx, self.hist)
+            self.range = top
+        self.hist += torch.histc(a, self.bins, 0.0, self.range).double()
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:
+        if self.hist is None or self.min_val is None:
+            where = f" {self.name}" if self.name else ""
+            raise ValueError(f"observer{where} has seen no data: the calibration set is empty")
+        i = kl_threshold(self.hist, self.levels)
+        t = min((i + 0.5) * self.range / self.bins, self.range) if i < self.bins else self.range
+        t = max(t, 1e-30)
+        return qparams_from_minmax(torch.tensor(-t).reshape(self.min_val.shape),
+                                   torch.tensor(t).reshape(self.max_val.shape), self.fmt, symmetric=True)
+
+
 OBSERVERS: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "percentile": PercentileObserver,
     "abs_percentile": AbsPercentileObserver,
     "mse": MSEObserver,
+    "entropy": EntropyObserver,
 }
 
 
@@ -315,7 +417,7 @@ def make_observer(
     percentile: float = 99.99,
     name: str = "",
 ) -> Observer:
-    """Build an observer by name ('minmax', 'percentile', 'abs_percentile' or 'mse')."""
+    """Build an observer by name ('minmax', 'percentile', 'abs_percentile', 'mse' or 'entropy')."""
     if kind == "minmax":
         return MinMaxObserver(fmt, granularity, symmetric=symmetric, averaging=averaging, name=name)
     if kind == "percentile":
@@ -327,5 +429,7 @@ def make_observer(
                                      averaging=averaging, name=name)
     if kind == "mse":
         return MSEObserver(fmt, granularity, symmetric=symmetric, averaging=averaging, name=name)
+    if kind == "entropy":
+        return EntropyObserver(fmt, granularity, symmetric=symmetric, averaging=averaging, name=name)
     raise ValueError(f"unknown observer {kind!r}; choose from {sorted(OBSERVERS)}")
 

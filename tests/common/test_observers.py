@@ -146,3 +146,69 @@ def test_abs_percentile_interpolates_and_is_symmetric_only() -> None:
     assert QuantSpec("int8", observer="abs_percentile", percentile=99.999).observer == "abs_percentile"
     with pytest.raises(ValueError, match="abs_percentile"):
         QuantSpec("int8", observer="nope")
+
+
+def test_kl_threshold_by_hand() -> None:
+    import math
+
+    from polyquant.observers import kl_threshold
+
+    hist = torch.tensor([4.0, 2.0, 3.0, 1.0])  # no empty bin: no smoothing
+    # i bins kept, outliers folded into bin i - 1; Q: bins merged into 2 groups, spread over P's non-empty bins
+    cands = {2: ([4, 6], [4, 2]), 3: ([4, 2, 4], [4, 2.5, 2.5]), 4: ([4, 2, 3, 1], [3, 3, 2, 2])}
+
+    def kl(p: list[float], q: list[float]) -> float:
+        sp, sq = sum(p), sum(q)
+        return sum(a / sp * math.log((a / sp) / (b / sq)) for a, b in zip(p, q))
+
+    want = min(cands, key=lambda i: kl(*cands[i]))
+    assert kl_threshold(hist, 2) == want
+    assert kl_threshold(torch.tensor([1.0, 2.0]), 2) == 2  # no longer than the levels: keep everything
+
+
+def test_entropy_observer_clips_outliers_and_zero_heavy_data() -> None:
+    from polyquant.observers import EntropyObserver
+
+    g = torch.Generator().manual_seed(0)
+
+    def threshold(*batches: torch.Tensor) -> float:
+        o = EntropyObserver("int8", PerTensor())
+        for b in batches:
+            o.update(b)
+        scale, zp = o.calculate_qparams()
+        assert float(zp) == 0
+        return float(scale) * 127  # symmetric int8: T / 127
+
+    gauss = torch.randn(100_000, generator=g)
+    assert 3.0 < threshold(gauss) < float(gauss.abs().max())  # TensorRT clips a Gaussian near 4 sigma
+    outlier = gauss.clone()
+    outlier[0] = 100.0
+    assert threshold(outlier) < 20  # one far value does not set the range
+    uniform = torch.rand(100_000, generator=g) * 2 - 1
+    assert threshold(uniform) > 0.95  # nothing to clip
+    sparse = torch.zeros(100_000)  # 90% zeros, a long tail: the zeros pull the threshold down (LiDAR-PTQ's case)
+    hit = torch.rand(100_000, generator=g) < 0.1
+    sparse[hit] = torch.rand(int(hit.sum()), generator=g).pow(3) * 40
+    t = threshold(sparse)
+    assert t < 0.25 * float(sparse.max())
+    # two batches, the second with a larger max: the first histogram is re-binned, no count lost
+    o = EntropyObserver("int8", PerTensor())
+    o.update(sparse[:50_000] * 0.5)
+    o.update(sparse[50_000:])
+    assert float(o.hist.sum()) == 100_000
+    assert abs(float(o.calculate_qparams()[0]) * 127 - threshold(torch.cat([sparse[:50_000] * 0.5, sparse[50_000:]]))) \
+        < 4 * 40 / 2048  # within a few bins of one pass over both
+
+
+def test_entropy_observer_errors_and_spec() -> None:
+    from polyquant.nn import QuantRule, QuantSpec, calibrate, prepare
+    from polyquant.observers import EntropyObserver
+
+    for kwargs, fmt, gran in [({"symmetric": False}, "int8", PerTensor()), ({}, "uint8", PerTensor()),
+                              ({}, "e4m3", PerTensor()), ({}, "int8", PerChannel(0))]:
+        with pytest.raises(ValueError, match="entropy calibration"):
+            EntropyObserver(fmt, gran, **kwargs)
+    model = prepare(torch.nn.Sequential(torch.nn.Linear(4, 4)),
+                    [QuantRule(torch.nn.Linear, weight=QuantSpec("int8"), input=QuantSpec("int8", observer="entropy"))])
+    calibrate(model, [torch.randn(64, 4)], progress=False)
+    assert model[0].input_quantizer.scale.numel() == 1
