@@ -16,7 +16,7 @@ data. Values up to the float32 limit (3e38) give finite statistics and scales.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -299,7 +299,7 @@ def _blocks_as_rows(x: Tensor, block_size: Sequence[int]) -> Tensor:
     return x.reshape(view).permute(perm).reshape(num_blocks, -1)
 
 
-def _smooth(p: "np.ndarray", eps: float = 1e-4) -> "np.ndarray":
+def _smooth(p: Any, eps: float = 1e-4) -> Any:  # numpy arrays (numpy is imported lazily)
     """Move ``eps`` onto every empty bin of counts ``p``, taken evenly from the non-empty ones (MXNet's
     ``_smooth_distribution``)."""
     zeros = p == 0
