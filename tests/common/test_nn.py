@@ -193,7 +193,7 @@ def test_quantspec_validation() -> None:
     with pytest.raises(ValueError, match="integer format"):
         QuantSpec("e4m3", symmetric=False)
     with pytest.raises(ValueError, match="unknown observer"):
-        QuantSpec("int8", observer="entropy")
+        QuantSpec("int8", observer="no_such_observer")
     with pytest.raises(ValueError, match="unknown format"):
         QuantSpec("int17")
 
