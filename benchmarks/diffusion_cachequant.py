@@ -42,7 +42,7 @@ from polyquant.plugins.diffusion.cache import (FeatureCache, dec_cache, dps_sche
 from polyquant.plugins.diffusion.cachequant import CacheQuantConfig, cached_sample, schedule_macs
 from polyquant.plugins.diffusion.calib import timestep_batches
 from polyquant.plugins.diffusion.models import (class_accuracy, classifier_features, digits_images, frechet_distance,
-                                                psnr, sample)
+                                                psnr, sample, zero_batch)
 from polyquant.plugins.diffusion.unet import UNET_SHIPPED
 
 HERE = Path(__file__).resolve().parent
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, seeds: tuple[int, ...]) -> dict[str, Any]:
     calib_labels = torch.arange(args.calib_images) % 10
     labels = torch.arange(args.eval_samples) % 10
     float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    batch = {"x_t": torch.zeros(1, 1, 8, 8), "t": torch.tensor([500]), "labels": torch.tensor([0])}
+    batch = zero_batch(model)
     per: dict[str, dict[str, dict[str, list[float]]]] = {"float": {}}
     for s in seeds:
         print(f"seed {s}", flush=True)

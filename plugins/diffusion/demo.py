@@ -86,7 +86,7 @@ def run_cachequant_demo(calib_images: int = 10, steps: int = 20, interval: int =
     from .cachequant import CacheQuantConfig, cached_sample, schedule_macs
     from .calib import timestep_batches
     from .methods import build_model
-    from .models import class_accuracy, psnr, sample
+    from .models import class_accuracy, psnr, sample, zero_batch
     from .unet import UNET_SHIPPED
 
     labels = torch.arange(10)
@@ -95,7 +95,6 @@ def run_cachequant_demo(calib_images: int = 10, steps: int = 20, interval: int =
                "naive quant + cache": CacheQuantConfig(steps=steps, interval=interval, schedule="uniform",
                                                        dec_cache=False, dec_quant=False, calib_cached=False),
                "CacheQuant (DPS + DEC)": CacheQuantConfig(steps=steps, interval=interval)}
-    batch = {"x_t": torch.zeros(1, 1, 8, 8), "t": torch.tensor([500]), "labels": torch.tensor([0])}
     with demo_threads():
         model = build_model({"name": UNET_SHIPPED})
         calib = timestep_batches(model, torch.arange(calib_images) % 10, steps=steps, scheduler="ddim", seed=0)
@@ -106,7 +105,7 @@ def run_cachequant_demo(calib_images: int = 10, steps: int = 20, interval: int =
         grid = {"float": fp, "cache only": cached}
         rows = [("float", "-", f"{class_accuracy(fp, labels):.0f}", "1.00x", "-"),
                 ("cache only (float, uniform)", f"{psnr(fp, cached):.2f}", f"{class_accuracy(cached, labels):.0f}",
-                 f"{schedule_macs(model, uniform, batch)['speedup']:.2f}x", "-")]
+                 f"{schedule_macs(model, uniform, zero_batch(model))['speedup']:.2f}x", "-")]
         for label, config in configs.items():
             t0 = time.perf_counter()
             q = pq.quantize(model, config, calib=calib, progress=False).model
@@ -114,7 +113,7 @@ def run_cachequant_demo(calib_images: int = 10, steps: int = 20, interval: int =
             img = cached_sample(q, labels, seed=1000)
             grid[label] = img
             rows.append((label, f"{psnr(fp, img):.2f}", f"{class_accuracy(img, labels):.0f}",
-                         f"{schedule_macs(model, q.schedule, batch)['speedup']:.2f}x", f"{seconds:.1f}"))
+                         f"{schedule_macs(model, q.schedule, zero_batch(model))['speedup']:.2f}x", f"{seconds:.1f}"))
     path = save_grid(grid, Path(out_dir or tempfile.mkdtemp(prefix="polyquant-diffusion-")) / "samples_unet.png")
     title = (f"CacheQuant: digits UNet (diffusers UNet2DModel, 8x8), DDIM-{steps}, cache interval {interval}, "
              f"{calib_images} calibration images; 10 samples, labels 0..9, the same noise for every row")

@@ -56,7 +56,7 @@ from .baselines import (BASELINES, AdaRoundConfig, FixedBiasConfig, Int8Config, 
                         int_rules)
 from .cachequant import CacheQuantConfig, build_cached, quantize_cachequant
 from .fp4dit import FP4DiTConfig, fp_act_spec, fp_rules
-from .models import SHIPPED, DiTDenoiser, build_denoiser
+from .models import SHIPPED, DiTDenoiser, build_denoiser, zero_batch
 from .unet import UNET_SHIPPED, build_unet_denoiser, is_unet_config
 from .zoodip import ZOODiPConfig, grow_class_embedding, train_embedding, weight_only_rules
 
@@ -172,9 +172,7 @@ def _prepare(skeleton: nn.Module, config: QuantConfig, state: dict[str, Any]) ->
 
 def _example_input(model: nn.Module, state: dict[str, Any]) -> Any:
     if isinstance(model, DiTDenoiser):
-        cfg = model.config
-        s, c = int(cfg.sample_size), int(cfg.in_channels)
-        return {"x_t": torch.zeros(1, c, s, s), "t": torch.tensor([500]), "labels": torch.tensor([0])}
+        return zero_batch(model)
     return example_kwargs(model, batch=1)
 
 
@@ -191,10 +189,7 @@ def _prepare_cachequant(skeleton: nn.Module, config: QuantConfig, state: dict[st
 
 
 def _example_cachequant(model: nn.Module, state: dict[str, Any]) -> Any:
-    cfg = model.config
-    s, c = int(cfg.sample_size), int(cfg.in_channels)
-    return {"x_t": torch.zeros(1, c, s, s), "t": torch.tensor([int(state["timesteps"][0])]),
-            "labels": torch.tensor([0])}
+    return zero_batch(model, t=state["timesteps"][0])
 
 
 @register_handler(CacheQuantConfig, plugin=PLUGIN, method="cachequant", prepare=_prepare_cachequant,
@@ -232,9 +227,7 @@ def reference_images(batches: Any) -> Tensor:
 
 
 def _example_zoodip(model: nn.Module, state: dict[str, Any]) -> Any:
-    cfg = model.config
-    s, c = int(cfg.sample_size), int(cfg.in_channels)
-    return {"x_t": torch.zeros(1, c, s, s), "t": torch.tensor([500]), "labels": torch.tensor([int(state["new_class"])])}
+    return zero_batch(model, label=state["new_class"])
 
 
 @register_handler(ZOODiPConfig, plugin=PLUGIN, method="zoodip", prepare=_prepare_zoodip,
@@ -497,10 +490,7 @@ def compare_cached(float_model: nn.Module, qmodel: nn.Module, labels: Tensor, *,
     steps = qmodel.schedule.num_steps - (1 if scheduler == "plms" else 0)
     fp_img = sample(float_model.unet, labels, steps=steps, scheduler=scheduler, seed=seed)
     q_img = cached_sample(qmodel, labels, scheduler=scheduler, seed=seed)
-    size, ch = int(qmodel.config.sample_size), int(qmodel.config.in_channels)
-    batch = {"x_t": torch.zeros(1, ch, size, size), "t": torch.tensor([qmodel.clock.timesteps[0]]),
-             "labels": torch.tensor([0])}
-    macs = schedule_macs(float_model, qmodel.schedule, batch)
+    macs = schedule_macs(float_model, qmodel.schedule, zero_batch(qmodel, t=qmodel.clock.timesteps[0]))
     return {"psnr": psnr(fp_img, q_img), "acc_float": class_accuracy(fp_img, labels),
             "acc_quant": class_accuracy(q_img, labels), "speedup": macs["speedup"]}
 

@@ -41,7 +41,7 @@ from polyquant import metrics
 
 __all__ = ["SHIPPED", "SHIPPED_PATH", "CLASSIFIER_PATH", "ARCH_DEFAULTS", "NUM_CLASSES", "NULL_CLASS",
            "NOISE_SCHEDULE", "SCHEDULERS", "check_config", "named_or_arch", "build_model", "Denoiser", "DiTDenoiser",
-           "build_denoiser", "dit_from_arch", "save_dit",
+           "build_denoiser", "zero_batch", "dit_from_arch", "save_dit",
            "digits_images", "make_scheduler", "noise_prediction", "sample", "DigitsClassifier", "load_classifier",
            "save_classifier", "classifier_features", "classify", "noise_mse", "psnr", "frechet_distance",
            "class_accuracy"]
@@ -177,6 +177,14 @@ class DiTDenoiser(Denoiser):
     @property
     def net(self) -> nn.Module:
         return self.transformer
+
+
+def zero_batch(model: nn.Module, t: int = 500, label: int = 0) -> dict[str, Tensor]:
+    """One input of a ``Denoiser`` of ``model.config``'s size: ``{"x_t": zeros (1, C, S, S), "t": [t],
+    "labels": [label]}`` (a restored model's check call, a MAC count)."""
+    cfg = model.config
+    s, c = int(cfg.sample_size), int(cfg.in_channels)
+    return {"x_t": torch.zeros(1, c, s, s), "t": torch.tensor([int(t)]), "labels": torch.tensor([int(label)])}
 
 
 def build_denoiser(model_config: dict[str, Any] | None = None) -> DiTDenoiser:
