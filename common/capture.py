@@ -37,15 +37,16 @@ mode. Non-tensor inputs are kept as given (not copied).
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .nn import Calibration, calibration, tensors_in
 
-__all__ = ["Call", "Captured", "CaptureLimitError", "capture"]
+__all__ = ["Call", "Captured", "CaptureLimitError", "capture", "replace_output"]
 
 
 class CaptureLimitError(RuntimeError):
@@ -356,3 +357,26 @@ def _gradients(loss: Tensor, live: list[tuple[str, Call, Any]], store: _Store) -
     by_id = {id(t): torch.zeros_like(t) if g is None else g for t, g in zip(targets, grads)}
     for name, call, out in live:
         call.grad = _map(lambda t: store.copy(by_id[id(t)], name, call.batch) if id(t) in by_id else None, out)
+
+
+@contextmanager
+def replace_output(model: nn.Module, name: str, value: Any) -> Iterator[None]:
+    """While active, the module ``name`` of ``model`` returns ``value`` in place of its own output.
+
+    The module still runs (a forward hook swaps its result), so whatever follows it in the model computes from
+    ``value``, and gradients flow from the model's output back into ``value``: a task loss of the whole model as
+    a function of one block's output (LiDAR-PTQ's TGPL during block reconstruction). The hook is removed on exit,
+    also when the forward raises.
+
+        with replace_output(qmodel, "backbone.1", out_q):
+            pred = qmodel(**batch)
+    """
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the model has no module named {name!r}") from None
+    handle = module.register_forward_hook(lambda _m, _args, _out: value)
+    try:
+        yield
+    finally:
+        handle.remove()

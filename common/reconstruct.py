@@ -15,6 +15,8 @@ itself exactly. The next block's inputs come from the already reconstructed mode
 |  + scale_  | V' = step * V, h(V' / step): gradients no longer scale with the step      | FP4DiT, arXiv 2503.15465   |
 |    aware   | (``ReconstructConfig(scale_aware=True)``)                                 |                            |
 | flexround  | log s1 (grid), log S2 (per weight), log s3 (per out ch), log s4 (conv in) | Lee et al., ICML 2023      |
+| nearest    | nothing: weights round to nearest; only the activation scales learn       | LSQ-style scale refinement |
+|            | (``learn_act_scale=True`` is required)                                    | (LiDAR-PTQ's "+ TGPL" step)|
 
     from polyquant.reconstruct import ReconstructConfig, reconstruct
     qmodel = calibrate(prepare(model, rules), calib)
@@ -59,6 +61,7 @@ __all__ = [
     "beta_schedule",
     "AdaRoundWeight",
     "FlexRoundWeight",
+    "NearestWeight",
     "BlockData",
     "capture_block_io",
     "fisher_grad_weights",
@@ -133,7 +136,7 @@ def fisher_loss(out_q: Tensor, out_fp: Tensor, ctx: ReconContext) -> Tensor:
     return _channel_sum_mean(ctx.grad_weight * (out_q - out_fp).pow(2))
 
 
-_ROUNDINGS = ("adaround", "flexround")
+_ROUNDINGS = ("adaround", "flexround", "nearest")
 
 
 def _is_int(x: Any) -> bool:
@@ -148,7 +151,8 @@ class ReconstructConfig:
     """Block reconstruction settings (defaults follow BRECQ / AdaRound, with fewer iterations).
 
     Args:
-        rounding: "adaround" or "flexround".
+        rounding: "adaround", "flexround" or "nearest" (weights round to nearest and stay fixed; only the
+            activation scales learn, so ``learn_act_scale`` must be True).
         iters: optimisation steps per block (papers: 20000; 2000 is usually within a few 0.1% of that).
         lr: Adam learning rate of the rounding variables. None: adaround keeps the papers' budget of lr 1e-3
             over 20000 steps, lr = min(1e-2, 1e-3 * 20000 / iters) (1e-2 at 2000 steps: on the digits MLP at W3
@@ -237,6 +241,8 @@ class ReconstructConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.scale_aware, bool):
             raise ValueError(f"scale_aware must be a bool, got {self.scale_aware!r}")
+        if self.rounding == "nearest" and not self.learn_act_scale:
+            raise ValueError("rounding='nearest' learns nothing but activation scales: set learn_act_scale=True")
         if self.scale_aware and self.rounding != "adaround":
             raise ValueError(f"scale_aware is an AdaRound option; rounding={self.rounding!r} has no V to rescale")
         if self.version != 1:
@@ -464,10 +470,33 @@ class FlexRoundWeight(nn.Module):
         return f"{self.fmt.name}, shape={tuple(self.w_fp.shape)}"
 
 
+class NearestWeight(nn.Module):
+    """Round-to-nearest stand-in for a frozen weight ``Quantizer`` (``ReconstructConfig(rounding="nearest")``):
+    nothing to learn, the weight is the quantizer's fake-quantized weight, and so is ``hard_weight()``."""
+
+    def __init__(self, weight: Tensor, quantizer: Quantizer) -> None:
+        super().__init__()
+        _check_weight_quantizer(quantizer, "nearest rounding")
+        self.quantizer = quantizer
+        self.register_buffer("w_fp", weight.detach().clone())
+        self.state = "quantized"  # read by QuantWeightModule.quant_weight()
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return self.quantizer(weight)
+
+    def regularizer(self, beta: float) -> Tensor:
+        return self.w_fp.new_zeros(())
+
+    @torch.no_grad()
+    def hard_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.quantizer(self.w_fp).to(dtype)
+
+
 # rounding name -> the rounder of one weight (weight, its frozen quantizer, the config)
 _ROUNDERS: dict[str, Callable[[Tensor, Quantizer, "ReconstructConfig"], nn.Module]] = {
     "adaround": lambda w, q, config: AdaRoundWeight(w, q, scale_aware=config.scale_aware),
     "flexround": lambda w, q, config: FlexRoundWeight(w, q),
+    "nearest": lambda w, q, config: NearestWeight(w, q),
 }
 
 
@@ -851,7 +880,7 @@ def _reconstruct_block(
             hooks = [q.register_forward_hook(drop) for q in act_qs]
 
         params = [p for r in rounders for p in r.parameters()]
-        opt = torch.optim.Adam(params, lr=config.learning_rate)
+        opt = torch.optim.Adam(params, lr=config.learning_rate) if params else None  # nearest: none
         act_opt = sched = None
         if learn_qs:
             act_opt = torch.optim.Adam([q.scale for q in learn_qs], lr=config.act_lr)  # type: ignore[misc]
@@ -877,11 +906,13 @@ def _reconstruct_block(
                     if reg_on and config.reg_weight > 0:
                         reg = sum(r.regularizer(beta) for r in rounders)  # type: ignore[operator]
                         total = total + config.reg_weight * reg
-                opt.zero_grad(set_to_none=True)
+                if opt is not None:
+                    opt.zero_grad(set_to_none=True)
                 if act_opt is not None:
                     act_opt.zero_grad(set_to_none=True)
                 total.backward()
-                opt.step()
+                if opt is not None:
+                    opt.step()
                 if act_opt is not None:
                     act_opt.step()
                     sched.step()  # type: ignore[union-attr]

@@ -24,6 +24,8 @@ a time, and ``chunked`` splits a callback's own work by an element budget, so me
 | ``quantile_rows``       | per-row quantiles without ``torch.quantile``'s size limit                       |
 | ``lowest``              | indices of the k lowest losses per group (NaN ranks last)                       |
 | ``chunked``             | run a callback on slices of the candidate axis and concatenate                  |
+| ``output_error_search`` | clip a layer's per-tensor input quantizer by the error of the layer's output,    |
+|                         | weighted per output element (LiDAR-PTQ's grid search on non-empty BEV cells)     |
 
 Ties: ``tie_break="topk"`` ranks equal losses in ``torch.topk``'s order (the FPCS reference code);
 ``"first"`` picks the lowest candidate index among equal losses (``torch.argmin``; a loop that keeps the first
@@ -33,10 +35,13 @@ strictly better candidate).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .nn import QuantWeightModule
 
 __all__ = [
     "Evaluate",
@@ -48,6 +53,7 @@ __all__ = [
     "uniform_grid",
     "grid_search",
     "progressive_search",
+    "output_error_search",
 ]
 
 Evaluate = Callable[[Tensor, "Tensor | None"], Tensor]  # (K, G) scales, zero points or None -> (K, G) losses
@@ -239,3 +245,75 @@ def progressive_search(
         loss = _evaluate(evaluate, scales, zero_points, chunk)
         evaluations += scales.shape[0]
     return _pick(scales, zero_points, loss, evaluations, tie_break)
+
+
+def output_error_search(
+    layer: "QuantWeightModule",
+    inputs: Sequence[Tensor],
+    *,
+    weights: Sequence[Tensor | None] | None = None,
+    grid: int = 100,
+    min_ratio: float = 0.01,
+    forward: Callable[[Tensor], Tensor] | None = None,
+) -> SearchResult:
+    """Clip ``layer``'s per-tensor input quantizer by the error of the layer's output; freezes it.
+
+    The max-min range of ``inputs`` (a list of the layer's input batches) is the starting point; candidate ranges
+    are ``ratio * [min, max]`` for ``grid`` ratios spaced linearly from ``min_ratio`` to 1 (LiDAR-PTQ's
+    lightweight grid search after its max-min initialisation). A candidate's loss is
+    ``sum_b sum(w_b * (f(Q(x_b)) - f(x_b))^2)`` with f the layer's own op on its (quantized, if frozen) weight,
+    or ``forward`` when given, and ``w_b`` the per-output-element ``weights`` (broadcast against the output; None:
+    every element counts): 1 on the non-empty cells of a sparse BEV map, 0 on the empty ones, say, so the search
+    spends the quantization grid where the points are. The quantizer gets the best candidate's scale and zero
+    point (``Quantizer.freeze``) and ``SearchResult`` says which (``scale`` is the clip ratio there).
+    Runs under ``torch.no_grad()``. Raises ``ValueError`` for a layer without a per-tensor input quantizer or
+    with no inputs.
+    """
+    from torch.nn import functional as F
+
+    from .nn import QuantLinear, QuantWeightModule
+    from .primitives import PerTensor, fake_quantize, qparams_from_minmax
+
+    if not isinstance(layer, QuantWeightModule) or layer.input_quantizer is None:
+        raise ValueError("output_error_search needs a quant layer with an input quantizer")
+    quantizer = layer.input_quantizer
+    if not isinstance(quantizer.spec.granularity, PerTensor) or quantizer.spec.dynamic:
+        raise ValueError(f"output_error_search clips per-tensor static quantizers; {quantizer.name} is "
+                         f"{type(quantizer.spec.granularity).__name__}{' dynamic' if quantizer.spec.dynamic else ''}")
+    if not inputs:
+        raise ValueError(f"output_error_search: no inputs for {quantizer.name}")
+    if grid < 1 or not 0.0 < min_ratio <= 1.0:
+        raise ValueError("output_error_search: grid must be >= 1 and min_ratio in (0, 1]")
+    if weights is not None and len(weights) != len(inputs):
+        raise ValueError(f"{len(weights)} weight tensors for {len(inputs)} input batches")
+    spec = quantizer.spec
+    op = forward
+    if op is None:
+        weight = layer.quant_weight().detach()
+        conv_forward = getattr(layer, "conv_forward", None)
+        if conv_forward is not None:
+            op = lambda x: conv_forward(x, weight)  # noqa: E731
+        elif type(layer) is QuantLinear:
+            op = lambda x: F.linear(x, weight, layer.bias)  # noqa: E731
+        else:
+            raise ValueError(f"output_error_search: pass forward= for a {type(layer).__name__} (what its input "
+                             "quantizer's output goes through)")
+    lo = torch.stack([x.detach().float().min() for x in inputs]).min()
+    hi = torch.stack([x.detach().float().max() for x in inputs]).max()
+    ratios = torch.linspace(min_ratio, 1.0, grid)
+    loss = torch.zeros(grid)
+    candidates = [qparams_from_minmax((r * lo).reshape(1), (r * hi).reshape(1), spec.fmt, symmetric=spec.symmetric)
+                  for r in ratios.tolist()]
+    with torch.no_grad():
+        for b, x in enumerate(inputs):
+            ref = op(x)
+            w = None if weights is None else weights[b]
+            for k, (scale, zp) in enumerate(candidates):
+                zp_arg = zp if spec.fmt.supports_zero_point else None
+                err = (op(fake_quantize(x, spec.fmt, scale, zp_arg, tuple(x.shape))) - ref).float().pow(2)
+                loss[k] += float((err if w is None else err * w).sum())
+    best = int(lowest(loss[:, None], 1, tie_break="first")[0, 0])
+    scale, zp = candidates[best]
+    quantizer.freeze(scale.reshape(()), zp.reshape(()) if spec.fmt.supports_zero_point else None)
+    return SearchResult(scale=ratios[best].reshape(1), zero_point=None, loss=loss[best].reshape(1),
+                        index=torch.tensor([best]), evaluations=grid)

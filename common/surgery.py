@@ -4,7 +4,8 @@
 |--------------------------------------------|---------------------------------------------------------------------|
 | ``set_submodule(model, name, module)``     | replace the submodule at a dotted name (``"blocks.0.attn.qkv"``)    |
 | ``replace_modules(model, cls, make)``      | replace every submodule of a class by ``make(name, module)``        |
-| ``fold_batchnorm(model, example)``         | fold every eval-mode BatchNorm2d into the Conv2d that feeds it      |
+| ``fold_batchnorm(model, example)``         | fold every eval-mode BatchNorm into the conv (or transposed conv)   |
+|                                            | that feeds it                                                       |
 | ``fold_weight_norm(model)``                | make every weight-normalized weight a plain Parameter (g v / |v|)   |
 | ``patch_class(module, forward)``           | give one module a subclass with another ``forward``; weights, names |
 |                                            | and ``isinstance`` checks stay                                      |
@@ -35,7 +36,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .nn import QuantMatMul, set_submodule
+from .nn import QuantMatMul, default_forward, set_submodule
 
 __all__ = [
     "PRODUCT_NAMES",
@@ -57,6 +58,10 @@ PRODUCT_NAMES = ("matmul_qk", "matmul_av")  # first and second product of an att
 # --- BatchNorm folding ------------------------------------------------------------------------------------------
 
 
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_FOLDABLE_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + _TRANSPOSED
+
+
 @contextmanager
 def _exact_fp32() -> Iterator[None]:
     """Full-precision fp32 convolutions and matmuls on CUDA (no TF32) while fold_batchnorm compares outputs:
@@ -70,13 +75,17 @@ def _exact_fp32() -> Iterator[None]:
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, example: Tensor) -> list[str]:
-    """Fold every eval-mode BatchNorm2d whose input is exactly a Conv2d's output into that conv; in place.
+def fold_batchnorm(model: nn.Module, example: Any) -> list[str]:
+    """Fold every eval-mode BatchNorm1d / 2d / 3d whose input is exactly the output of a Conv1d / 2d / 3d or
+    ConvTranspose1d / 2d / 3d into that conv; in place.
 
-    One forward of ``example`` (any input the model accepts; its values do not change the result) finds the
-    (conv, BN) pairs by tensor identity (the BN's input *is* the conv's output), so it works for any module
-    nesting (timm ``ConvNormAct`` / ``BatchNormAct2d``, ``ConvNorm``, ``nn.Sequential`` stems).
-    W' = W * gamma / sqrt(var + eps), b' = (b - mean) * gamma / sqrt(var + eps) + beta. A plain BN becomes
+    One forward of ``example`` (any input the model accepts, fed as ``polyquant.nn.default_forward`` does: a
+    tensor, a dict of keyword arguments or a tuple whose first element is the input; its values do not change
+    the result) finds the (conv, BN) pairs by tensor identity (the BN's input *is* the conv's output), so it
+    works for any module nesting (timm ``ConvNormAct`` / ``BatchNormAct2d``, ``ConvNorm``, ``nn.Sequential``
+    stems, PointPillars' 1x1 Conv1d + BatchNorm1d PFN, a transposed-conv upsampling neck).
+    W' = W * gamma / sqrt(var + eps) along the output channels (dim 0 of a conv's weight, dim 1 of a transposed
+    conv's), b' = (b - mean) * gamma / sqrt(var + eps) + beta. A plain BN becomes
     ``nn.Identity``; timm's ``BatchNormAct2d`` keeps its dropout and activation. A conv that feeds two BNs is left
     alone; a second forward checks that the output did not change (a folded conv whose output has another
     consumer). Returns the names of the folded convs. The model must be in eval mode (running statistics).
@@ -100,13 +109,13 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> list[str]:
         seen_bn.add(name)
 
     for m in model.modules():
-        if type(m) is nn.Conv2d:
+        if type(m) in _FOLDABLE_CONVS:
             hooks.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
             hooks.append(m.register_forward_pre_hook(bn_hook))
     try:
         with _exact_fp32():
-            reference = model(example)
+            reference = default_forward(model, example)
     finally:
         for h in hooks:
             h.remove()
@@ -117,6 +126,8 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> list[str]:
     for conv_name, bn_name in pairs:
         if convs_used[conv_name] != 1:
             continue  # one conv feeding two BNs: not foldable
+        if isinstance(model.get_submodule(conv_name), _TRANSPOSED) and model.get_submodule(conv_name).groups != 1:
+            continue  # a grouped transposed conv's weight mixes groups along dim 1: not folded
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
         if bn.running_mean is None or bn.running_var is None:
@@ -126,7 +137,10 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> list[str]:
         beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
         inv = gamma / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.weight = nn.Parameter((w * inv.view(-1, *([1] * (w.dim() - 1)))).detach().clone())
+        axis = 1 if isinstance(conv, _TRANSPOSED) else 0  # output channels (groups=1)
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        conv.weight = nn.Parameter((w * inv.view(shape)).detach().clone())
         conv.bias = nn.Parameter(((bias - bn.running_mean) * inv + beta).detach().clone())
         replacement: nn.Module = nn.Identity()
         if hasattr(bn, "act"):  # timm BatchNormAct2d: bn -> drop -> act
@@ -135,7 +149,7 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> list[str]:
         folded.append(conv_name)
     if folded and isinstance(reference, Tensor):
         with _exact_fp32():
-            got = model(example)
+            got = default_forward(model, example)
         tol = 1e-4 * max(1.0, float(reference.abs().max()))
         if not torch.allclose(got, reference, rtol=1e-4, atol=tol):
             change = float((got - reference).abs().max())

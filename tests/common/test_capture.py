@@ -302,3 +302,24 @@ def test_call_is_a_plain_record() -> None:
     empty: Any = Captured("x")
     with pytest.raises(ValueError, match="no call"):
         empty.output()
+
+
+def test_replace_output_feeds_the_rest_of_the_model_and_its_gradient() -> None:
+    from polyquant.capture import replace_output
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    value = torch.randn(5, 4, requires_grad=True)
+    with replace_output(model, "0", value):
+        out = model(x)
+    assert torch.allclose(out, model[2](torch.relu(value)))  # the rest computed from the value
+    out.sum().backward()
+    assert value.grad is not None and value.grad.abs().sum() > 0
+    assert torch.equal(model(x), model[2](torch.relu(model[0](x))))  # the hook is gone
+    with pytest.raises(RuntimeError), replace_output(model, "0", value):
+        raise RuntimeError("inside")
+    assert len(model[0]._forward_hooks) == 0  # removed when the body raises
+    with pytest.raises(ValueError, match="no module named"):
+        with replace_output(model, "nope", value):
+            pass

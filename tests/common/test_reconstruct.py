@@ -696,3 +696,21 @@ def test_layer_reconstruction_on_an_e2m1_grid_beats_round_to_nearest(layer_resul
     # not better here at the two defaults; at lr 1e-3 on V' it is .813 .817 .814 (plain's best, lr 0.1: .79).
     for seed, res in layer_results.items():
         assert res[variant] < 0.95 * res["rtn"], (seed, res)
+
+
+def test_nearest_rounding_learns_only_activation_scales() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    rules = [QuantRule(nn.Linear, weight=QuantSpec("int4", PerChannel(0)), input=QuantSpec("int4"))]
+    data = [torch.randn(32, 8) for _ in range(2)]
+    qmodel = calibrate(prepare(model, rules), data, progress=False)
+    w_rtn = [m.quant_weight().detach().clone() for m in qmodel if isinstance(m, QuantLinear)]
+    scales = [m.input_quantizer.scale.clone() for m in qmodel if isinstance(m, QuantLinear)]
+    reconstruct(qmodel, ["0", "2"], data, ReconstructConfig("nearest", iters=30, learn_act_scale=True, act_lr=1e-2),
+                fp_model=model, progress=False)
+    layers = [m for m in qmodel if isinstance(m, QuantLinear)]
+    for m, w in zip(layers, w_rtn):
+        assert torch.equal(m.weight, w) and torch.equal(m.quant_weight(), w)  # round to nearest, hardened as is
+    assert any(not torch.equal(m.input_quantizer.scale, s) for m, s in zip(layers, scales))
+    with pytest.raises(ValueError, match="learn_act_scale"):
+        ReconstructConfig("nearest")

@@ -204,3 +204,40 @@ def test_quantizer_freeze_sets_spec_and_survives_calibration() -> None:
         q.freeze(0.5)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="QuantSpec"):
         q.freeze(torch.tensor(0.5), spec="int4")  # type: ignore[arg-type]
+
+
+def test_output_error_search_weights_the_output_error() -> None:
+    # A 1x1 conv on a map whose "empty" cells hold one huge value: with every cell counted the search keeps the
+    # whole range; counting only the occupied cells, it clips and the occupied cells' error drops.
+    from torch import nn
+
+    from polyquant.nn import QuantRule, QuantSpec, calibrate, prepare
+    from polyquant.primitives import PerChannel, PerTensor
+    from polyquant.search import output_error_search
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 1)
+    rule = QuantRule(nn.Conv2d, weight=QuantSpec("int8", PerChannel(0)), input=QuantSpec("int4", PerTensor()))
+    x = torch.randn(4, 2, 8, 8)
+    x[:, :, 0, 0] = 60.0  # an outlier in a cell that does not count
+    occupied = torch.ones(4, 1, 8, 8)
+    occupied[:, :, 0, 0] = 0.0
+
+    def searched(weights: list[torch.Tensor] | None) -> tuple[float, float]:
+        layer = calibrate(prepare(nn.Sequential(conv), [rule]), [x], progress=False)[0]
+        result = output_error_search(layer, [x], weights=weights, grid=50)
+        with torch.no_grad():
+            ref = layer.conv_forward(x, layer.quant_weight())
+            err = float(((layer(x) - ref).pow(2) * occupied).sum())
+        return float(result.scale[0]), err
+
+    ratio_all, err_all = searched(None)
+    ratio_occ, err_occ = searched([occupied])
+    assert ratio_occ < 0.3 < ratio_all  # the occupied cells' values are ~N(0, 1): a tight range
+    assert err_occ < 0.2 * err_all
+    # the chosen candidate's loss is the lowest of the grid, by hand for one other ratio
+    layer = calibrate(prepare(nn.Sequential(conv), [rule]), [x], progress=False)[0]
+    best = output_error_search(layer, [x], weights=[occupied], grid=50)
+    assert best.evaluations == 50 and int(best.index[0]) < 50
+    with pytest.raises(ValueError, match="input quantizer"):
+        output_error_search(prepare(nn.Sequential(conv), [QuantRule(nn.Conv2d, weight=QuantSpec())])[0], [x])

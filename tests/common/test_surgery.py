@@ -286,3 +286,44 @@ def test_fold_weight_norm_keeps_the_forward_and_makes_plain_weights() -> None:
     with torch.no_grad():
         assert torch.allclose(model[1](model[0](x)), ref, atol=1e-6)
     assert fold_weight_norm(model) == []
+
+
+def test_fold_batchnorm_conv1d_and_transposed_conv_by_hand() -> None:
+    # PointPillars' PFN (1x1 Conv1d + BatchNorm1d) and an upsampling neck (ConvTranspose2d + BatchNorm2d), fed a
+    # dict of keyword inputs as polyquant.nn.default_forward does.
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pfn = nn.Conv1d(3, 4, 1, bias=False)
+            self.bn1 = nn.BatchNorm1d(4)
+            self.up = nn.ConvTranspose2d(4, 5, 2, stride=2)
+            self.bn2 = nn.BatchNorm2d(5)
+
+        def forward(self, x: Tensor, scale: float = 1.0) -> Tensor:
+            y = self.bn1(self.pfn(x * scale))  # (B, 4, 16)
+            return self.bn2(self.up(y.reshape(-1, 4, 4, 4)))
+
+    net = Net()
+    for bn in (net.bn1, net.bn2):
+        c = bn.num_features
+        bn.running_mean.copy_(torch.randn(c))
+        bn.running_var.copy_(torch.rand(c) + 0.5)
+        bn.weight.data.copy_(torch.randn(c))
+        bn.bias.data.copy_(torch.randn(c))
+    net.eval()
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        ref = net(x)
+    folded = copy.deepcopy(net)
+    assert sorted(fold_batchnorm(folded, {"x": x[:1]})) == ["pfn", "up"]
+    assert isinstance(folded.bn1, nn.Identity) and isinstance(folded.bn2, nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), ref, atol=1e-5)
+    inv = net.bn2.weight / torch.sqrt(net.bn2.running_var + net.bn2.eps)
+    # a transposed conv's output channels are dim 1 of its weight (in, out, kh, kw)
+    assert torch.allclose(folded.up.weight, net.up.weight * inv[None, :, None, None])
+    assert torch.allclose(folded.up.bias, (net.up.bias - net.bn2.running_mean) * inv + net.bn2.bias)
+    inv1 = net.bn1.weight / torch.sqrt(net.bn1.running_var + net.bn1.eps)
+    assert torch.allclose(folded.pfn.bias, -net.bn1.running_mean * inv1 + net.bn1.bias)
