@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/polyquant demo
 
+# Two pytest-xdist workers (a test file stays on one worker, so its module fixtures are built once); every test
+# runs with one torch thread (tests/conftest.py), so the two workers fit two cores.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -18,6 +18,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two xdist workers on two cores: each keeps one torch thread, so they do not oversubscribe.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
