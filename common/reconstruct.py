@@ -843,8 +843,10 @@ def _reconstruct_block(
     loss_fn: ReconLoss = LOSSES[config.loss] if isinstance(config.loss, str) else config.loss
     if config.loss == "fisher" and gw is None:
         raise ValueError(f"loss='fisher' needs grad_weights for block {name!r} (see fisher_grad_weights)")
+    captured = torch.arange(data.num_samples)  # a sample's index in the captured set (ReconContext.index)
     if config.max_samples is not None and data.num_samples > config.max_samples:
         keep = torch.randperm(data.num_samples)[: config.max_samples]
+        captured = keep
         data = data.subset(keep)
         gw = None if gw is None else [None if g is None else g[keep] for g in gw]
     n = data.num_samples
@@ -898,7 +900,7 @@ def _reconstruct_block(
                     if o is None or t is None:
                         continue
                     g = None if gw is None or gw[j] is None else gw[j][index].to(device)  # type: ignore[index]
-                    ctx = ReconContext(name, it, config.iters, g, index)
+                    ctx = ReconContext(name, it, config.iters, g, captured[index])
                     rec = rec + loss_fn(o.float(), t[index].to(device).float(), ctx)
                 total = rec
                 if adaround:

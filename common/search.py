@@ -258,14 +258,16 @@ def output_error_search(
 ) -> SearchResult:
     """Clip ``layer``'s per-tensor input quantizer by the error of the layer's output; freezes it.
 
-    The max-min range of ``inputs`` (a list of the layer's input batches) is the starting point; candidate ranges
+    The starting range is the quantizer's own when it is frozen (the max-min range ``calibrate`` gave it over the
+    whole calibration set), else the max-min range of ``inputs`` (a list of the layer's input batches); candidate ranges
     are ``ratio * [min, max]`` for ``grid`` ratios spaced linearly from ``min_ratio`` to 1 (LiDAR-PTQ's
     lightweight grid search after its max-min initialisation). A candidate's loss is
     ``sum_b sum(w_b * (f(Q(x_b)) - f(x_b))^2)`` with f the layer's own op on its (quantized, if frozen) weight,
     or ``forward`` when given, and ``w_b`` the per-output-element ``weights`` (broadcast against the output; None:
     every element counts): 1 on the non-empty cells of a sparse BEV map, 0 on the empty ones, say, so the search
     spends the quantization grid where the points are. The quantizer gets the best candidate's scale and zero
-    point (``Quantizer.freeze``) and ``SearchResult`` says which (``scale`` is the clip ratio there).
+    point (``Quantizer.freeze``) and ``SearchResult`` says which (``scale`` is the clip ratio there). Equal losses
+    keep the largest ratio (all-zero weights leave the starting range).
     Runs under ``torch.no_grad()``. Raises ``ValueError`` for a layer without a per-tensor input quantizer or
     with no inputs.
     """
@@ -298,8 +300,20 @@ def output_error_search(
         else:
             raise ValueError(f"output_error_search: pass forward= for a {type(layer).__name__} (what its input "
                              "quantizer's output goes through)")
-    lo = torch.stack([x.detach().float().min() for x in inputs]).min()
-    hi = torch.stack([x.detach().float().max() for x in inputs]).max()
+    if quantizer.scale is not None:  # frozen: the range its scale and zero point cover
+        scale0 = quantizer.scale.detach().float().reshape(()).cpu()
+        zp0 = (quantizer.zero_point.detach().float().reshape(()).cpu()
+               if quantizer.zero_point is not None and spec.fmt.supports_zero_point else torch.zeros(()))
+        if spec.fmt.supports_zero_point:
+            lo, hi = (spec.fmt.qmin - zp0) * scale0, (spec.fmt.qmax - zp0) * scale0  # type: ignore[attr-defined]
+        else:
+            hi = scale0 * spec.fmt.max_value
+            lo = -hi
+        if spec.symmetric:
+            lo = -hi
+    else:
+        lo = torch.stack([x.detach().float().min() for x in inputs]).min().cpu()
+        hi = torch.stack([x.detach().float().max() for x in inputs]).max().cpu()
     ratios = torch.linspace(min_ratio, 1.0, grid)
     loss = torch.zeros(grid)
     candidates = [qparams_from_minmax((r * lo).reshape(1), (r * hi).reshape(1), spec.fmt, symmetric=spec.symmetric)
@@ -312,7 +326,7 @@ def output_error_search(
                 zp_arg = zp if spec.fmt.supports_zero_point else None
                 err = (op(fake_quantize(x, spec.fmt, scale, zp_arg, tuple(x.shape))) - ref).float().pow(2)
                 loss[k] += float((err if w is None else err * w).sum())
-    best = int(lowest(loss[:, None], 1, tie_break="first")[0, 0])
+    best = int((loss == loss.min()).nonzero()[-1, 0])  # ties: the largest ratio
     scale, zp = candidates[best]
     quantizer.freeze(scale.reshape(()), zp.reshape(()) if spec.fmt.supports_zero_point else None)
     return SearchResult(scale=ratios[best].reshape(1), zero_point=None, loss=loss[best].reshape(1),

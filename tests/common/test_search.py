@@ -235,9 +235,25 @@ def test_output_error_search_weights_the_output_error() -> None:
     ratio_occ, err_occ = searched([occupied])
     assert ratio_occ < 0.3 < ratio_all  # the occupied cells' values are ~N(0, 1): a tight range
     assert err_occ < 0.2 * err_all
-    # the chosen candidate's loss is the lowest of the grid, by hand for one other ratio
-    layer = calibrate(prepare(nn.Sequential(conv), [rule]), [x], progress=False)[0]
-    best = output_error_search(layer, [x], weights=[occupied], grid=50)
-    assert best.evaluations == 50 and int(best.index[0]) < 50
+    # the start is the calibrated (max-min) range: ratio 1 reproduces the calibrated scale exactly; with all-zero
+    # weights every loss ties and the largest ratio (the max-min range) is kept
+    layer = calibrate(prepare(nn.Sequential(conv), [rule]), [x, 2 * x], progress=False)[0]  # range of 2x
+    calibrated = layer.input_quantizer.scale.clone()
+    tie = output_error_search(layer, [x], weights=[torch.zeros_like(occupied)], grid=50)
+    assert float(tie.scale[0]) == 1.0 and torch.allclose(layer.input_quantizer.scale, calibrated)
+    # several batches: the loss is the sum over them, so the pick is the best over both (by hand: evaluate every
+    # candidate's total and compare)
+    best = output_error_search(layer, [x, 2 * x], weights=[occupied, occupied], grid=10)
+    from polyquant.primitives import fake_quantize, qparams_from_minmax
+
+    hi = calibrated.reshape(()) * 7  # int4 symmetric: the calibrated range is scale * qmax
+    w = layer.quant_weight().detach()
+    totals = []
+    for r in torch.linspace(0.01, 1.0, 10).tolist():
+        s, _ = qparams_from_minmax((-r * hi).reshape(1), (r * hi).reshape(1), "int4", symmetric=True)
+        totals.append(sum(float(((layer.conv_forward(fake_quantize(b, "int4", s, None, tuple(b.shape)), w)
+                                  - layer.conv_forward(b, w)).pow(2) * occupied).sum()) for b in (x, 2 * x)))
+    assert int(best.index[0]) == min(range(10), key=lambda k: (totals[k], -k))
+    assert float(best.loss[0]) == pytest.approx(min(totals), rel=1e-4)
     with pytest.raises(ValueError, match="input quantizer"):
         output_error_search(prepare(nn.Sequential(conv), [QuantRule(nn.Conv2d, weight=QuantSpec())])[0], [x])
