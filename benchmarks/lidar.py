@@ -4,8 +4,8 @@ TensorRT-style entropy, percentile, BRECQ and QDrop, one run, 3 calibration seed
 Each calibration seed draws ``--calib`` scenes (32: 0.16% of the 20,000 training scenes, the paper's fraction)
 from the calibration pool; every model is evaluated on the same 200 held-out scenes: BEV mAP over centre distances
 {0.5, 1, 2, 4} m and both classes, heading-aware mAPH, and mAP per range bin (near < 10 m, mid 10-20 m, far >= 20
-m). Settings: W8A8 with every conv quantized (the PFN's too), W8A8 and W4A8 with the first PFN layer float (as
-NVIDIA's deployment keeps the first layers FP16). A short QAT fine-tune (the detector with max-min fake-quant,
+m). Settings: W8A8 with every conv quantized (the PFN's too), W8A8, W4A8 and W6A6 with the first PFN layer float
+(as NVIDIA's deployment keeps the first layers FP16). A short QAT fine-tune (the detector with max-min fake-quant,
 trained with STE on ground-truth labels of fresh training scenes) gives the wall-clock ratio the paper reports.
 
     python benchmarks/lidar.py          # writes results_cpu/lidar.json and lidar.md
@@ -47,7 +47,8 @@ SEEDS = (0, 1, 2)
 TRAIN_SCENES = 20_000  # 2500 steps x 8 scenes (train.py's shipped run)
 SETTINGS = {"W8A8": dict(w_bits=8, a_bits=8, float_pfn=False),
             "W8A8, PFN float": dict(w_bits=8, a_bits=8, float_pfn=True),
-            "W4A8, PFN float": dict(w_bits=4, a_bits=8, float_pfn=True)}
+            "W4A8, PFN float": dict(w_bits=4, a_bits=8, float_pfn=True),
+            "W6A6, PFN float": dict(w_bits=6, a_bits=6, float_pfn=True)}
 LADDER = ("max-min", "+ grid search", "+ TGPL", "+ adaptive rounding (LiDAR-PTQ)")
 
 
@@ -171,7 +172,7 @@ def main() -> None:
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
     parser.add_argument("--calib", type=int, default=32, help="calibration scenes per seed")
     parser.add_argument("--eval", type=int, default=200, help="held-out scenes")
-    parser.add_argument("--iters", type=int, default=200, help="reconstruction steps per block")
+    parser.add_argument("--iters", type=int, default=150, help="reconstruction steps per block")
     parser.add_argument("--qat-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=3, choices=(1, 2, 3))

@@ -29,7 +29,7 @@ class MinMaxConfig(QuantConfig):
     """Max-min ranges for every weight and activation.
 
     Args:
-        w_bits: weight bits (symmetric, per output channel).
+        w_bits: weight bits (symmetric, one scale per weight row: a conv's output channels).
         a_bits: activation bits (symmetric, per tensor).
         float_pfn: keep the first PFN layer float.
     """
@@ -45,7 +45,7 @@ class EntropyConfig(MinMaxConfig):
     2048-bin histogram and the quantized one; weights by their max.
 
     Args:
-        w_bits: weight bits (symmetric, per output channel).
+        w_bits: weight bits (symmetric, one scale per weight row: a conv's output channels).
         a_bits: activation bits (symmetric, per tensor).
         float_pfn: keep the first PFN layer float.
     """
@@ -56,7 +56,7 @@ class PercentileConfig(MinMaxConfig):
     """Percentile ranges for the activations (the range covers that percentile of the values); weights max-min.
 
     Args:
-        w_bits: weight bits (symmetric, per output channel).
+        w_bits: weight bits (symmetric, one scale per weight row: a conv's output channels).
         a_bits: activation bits (symmetric, per tensor).
         float_pfn: keep the first PFN layer float.
         percentile: upper percentile of each activation's values.
@@ -71,7 +71,7 @@ class BRECQConfig(MinMaxConfig):
     scales learned alongside.
 
     Args:
-        w_bits: weight bits (symmetric, per output channel).
+        w_bits: weight bits (symmetric, one scale per weight row: a conv's output channels).
         a_bits: activation bits (symmetric, per tensor).
         float_pfn: keep the first PFN layer float.
         iters: reconstruction steps per block.
@@ -90,7 +90,7 @@ class QDropConfig(BRECQConfig):
     probability ``drop_prob`` during the reconstruction.
 
     Args:
-        w_bits: weight bits (symmetric, per output channel).
+        w_bits: weight bits (symmetric, one scale per weight row: a conv's output channels).
         a_bits: activation bits (symmetric, per tensor).
         float_pfn: keep the first PFN layer float.
         iters: reconstruction steps per block.

@@ -5,8 +5,8 @@ arXiv 2401.15865; no code released): three components on the core's quant layers
    large coordinates are not clipped), then a lightweight grid search over clipping ratios: weights by
    ||W - W_q||^2 per output channel (the core's ``mse`` observer, 100 ratios), activations by the error of the
    layer's output measured on the **non-empty** BEV cells only (the occupancy of the pillar grid, max-pooled to
-   the layer's resolution; real points for the PFN), ``polyquant.search.output_error_search``. The ~90% of
-   empty cells no longer decide the range.
+   the layer's resolution and dilated by one cell; real points for the PFN), starting from the max-min range
+   (``polyquant.search.output_error_search``). The ~90% of empty cells no longer decide the range.
 2. **TGPL, task-guided global positive loss.** The float detector's confident detections (score > tau, top K)
    are pseudo-labels, rendered as CenterHead targets (Gaussian heatmap; the float model's own regression outputs
    at their centres). During each block's reconstruction the quantized model runs from the block's output to
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -35,12 +35,13 @@ from polyquant.config import QuantConfig, bits_field, float_field, int_field
 from polyquant.nn import Calibration, QuantWeightModule, calibrate, set_state
 from polyquant.reconstruct import ReconContext, ReconstructConfig, mse_loss
 
-from .model import HEAD_SLICES, CenterPointPillar, occupancy
-from .placement import check_detector, clouds_of, prepare_detector, reconstruct_blocks, uniform_batches
+from .model import HEAD_SLICES, occupancy, point_features
+from .placement import (check_detector, clouds_of, detector_blocks, prepare_detector, reconstruct_blocks,
+                        uniform_batches)
 from .targets import Targets, decode, focal_loss, regression_l1, render_targets
 
-__all__ = ["LidarPTQConfig", "layer_weights", "search_activation_ranges", "pseudo_labels", "TGPLLoss",
-           "quantize_lidarptq"]
+__all__ = ["LidarPTQConfig", "layer_weights", "search_activation_ranges", "pseudo_labels", "CenterHeadTGPL",
+           "TGPLLoss", "quantize_lidarptq"]
 
 
 @dataclass
@@ -48,7 +49,7 @@ class LidarPTQConfig(QuantConfig):
     """LiDAR-PTQ: sparsity-based calibration, TGPL and adaptive rounding (each switchable: the paper's ablation).
 
     Args:
-        w_bits: weight bits (symmetric, per output channel).
+        w_bits: weight bits (symmetric, one scale per weight row: a conv's output channels).
         a_bits: activation bits (symmetric, per tensor).
         grid_search: the sparsity-aware grid search after max-min (False: max-min ranges only).
         tgpl: add the task-guided global positive loss to the block reconstruction.
@@ -83,25 +84,38 @@ class LidarPTQConfig(QuantConfig):
 
 
 def layer_weights(points: Tensor, mask: Tensor, output: Tensor, grid: Any) -> Tensor:
-    """Where a layer's output error counts: the real points of a (B, C, N) PFN output, the non-empty cells of a
-    (B, C, H, W) map (the pillar occupancy max-pooled to H x W). Shape (B, 1, ...), values 0 / 1."""
+    """Where a layer's output error counts: the real points inside the grid of a (B, C, N) PFN output; on a
+    (B, C, H, W) map, the non-empty cells (the pillar occupancy max-pooled to H x W) and their 8 neighbours (an
+    object's centre cell, where the head reads its heatmap and box, is often empty itself). (B, 1, ...), 0 / 1."""
     if output.dim() == 3:
-        return mask[:, None].to(output.dtype)
-    occ = occupancy(points, mask, grid)
-    return F.adaptive_max_pool2d(occ, output.shape[-2:]).to(output.dtype)
+        _, index = point_features(points, mask, grid)
+        return (index < grid.cells**2)[:, None].to(output.dtype)
+    occ = F.adaptive_max_pool2d(occupancy(points, mask, grid), output.shape[-2:])
+    return F.max_pool2d(occ, 3, stride=1, padding=1).to(output.dtype)
 
 
-def search_activation_ranges(qmodel: CenterPointPillar, batches: list[dict[str, Tensor]], *, grid: int,
-                             progress: bool = False) -> dict[str, float]:
+WeightsFn = Callable[[str, dict[str, Tensor], Tensor], "Tensor | None"]  # (layer, batch, output) -> weights
+
+
+def search_activation_ranges(qmodel: nn.Module, batches: list[dict[str, Tensor]], *, grid: int,
+                             weights: WeightsFn | None = None, progress: bool = False) -> dict[str, float]:
     """The sparsity-aware grid search of every input quantizer; returns the chosen clip ratio per layer.
 
     The layers' float inputs are captured once (every quantizer raw), each layer is searched on its own with its
-    frozen quantized weight (``output_error_search``), then the model is quantized again.
+    frozen quantized weight (``output_error_search``), its output error weighted by ``weights(layer name, batch,
+    output)`` (default, for a ``CenterPointPillar``: ``layer_weights``, the real points and the non-empty cells),
+    then the model is quantized again.
     """
     from tqdm.auto import tqdm
 
     from polyquant.capture import capture
     from polyquant.search import output_error_search
+
+    if weights is None:
+        grid_config = check_detector(qmodel).grid
+
+        def weights(name: str, batch: dict[str, Tensor], output: Tensor) -> Tensor:
+            return layer_weights(batch["points"].cpu(), batch["mask"].cpu(), output, grid_config)
 
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantWeightModule)
               and m.input_quantizer is not None}
@@ -112,15 +126,14 @@ def search_activation_ranges(qmodel: CenterPointPillar, batches: list[dict[str, 
         set_state(qmodel, "quantized")
     ratios: dict[str, float] = {}
     for name in tqdm(layers, desc="grid search", disable=not progress, leave=False):
-        inputs, weights = [], []
-        for call, batch in zip(caps[name].calls, batches):
-            x = call.args[0]
-            inputs.append(x)
-            weights.append(layer_weights(batch["points"].cpu(), batch["mask"].cpu(), call.output, qmodel.grid))
         layer = layers[name]
         device = layer.weight.device
-        result = output_error_search(layer, [x.to(device) for x in inputs], weights=[w.to(device) for w in weights],
-                                     grid=grid)
+        inputs, masks = [], []
+        for call in caps[name].calls:
+            w = weights(name, batches[call.batch], call.output)
+            inputs.append(call.args[0].to(device))
+            masks.append(None if w is None else w.to(device))
+        result = output_error_search(layer, inputs, weights=masks, grid=grid)
         ratios[name] = float(result.scale[0])
     return ratios
 
@@ -135,32 +148,45 @@ def pseudo_labels(fp_model: nn.Module, batches: list[dict[str, Tensor]], *, scor
         for batch in batches:
             out = fp_model(**batch).float().cpu()
             dets = decode(out, grid, top_k=top_k, threshold=score_threshold)
-            t = render_targets([d.boxes for d in dets], [d.labels for d in dets], grid)
+            t = render_targets([d.boxes for d in dets], [d.labels for d in dets], grid,
+                               cells=[d.cells for d in dets])  # type: ignore[misc]
             heat.append(t.heatmap)
             reg.append(out[:, HEAD_SLICES["heatmap"].stop:])
             centres.append(t.centres)
     return Targets(torch.cat(heat), torch.cat(reg), torch.cat(centres))
 
 
-class TGPLLoss:
-    """The block-output reconstruction loss plus lambda_T x TGPL of the quantized model's prediction, run from the
-    block's output to the head (a ``polyquant.reconstruct.ReconLoss``)."""
+class CenterHeadTGPL:
+    """TGPL's task term on this plugin's CenterHead output (B, 10, H, W): the focal loss against the pseudo-label
+    heatmap plus ``box_weight`` x the L1 to the float model's regression at the pseudo-labels' centres."""
 
-    def __init__(self, qmodel: nn.Module, batches: list[dict[str, Tensor]], targets: Targets, *, weight: float,
-                 box_weight: float) -> None:
-        self.qmodel = qmodel
-        self.points = torch.cat([b["points"] for b in batches])
-        self.mask = torch.cat([b["mask"] for b in batches])
+    def __init__(self, targets: Targets, box_weight: float) -> None:
         self.targets = targets
-        self.weight = weight
         self.box_weight = box_weight
 
-    def task_loss(self, pred: Tensor, index: Tensor) -> Tensor:
-        """Focal loss against the pseudo-label heatmap + box_weight x L1 to the float regression at centres."""
+    def __call__(self, pred: Tensor, index: Tensor) -> Tensor:
         device = pred.device
         t = Targets(self.targets.heatmap[index].to(device), self.targets.regression[index].to(device),
                     self.targets.centres[index].to(device))
         return focal_loss(pred[:, HEAD_SLICES["heatmap"]], t.heatmap) + self.box_weight * regression_l1(pred, t)
+
+
+class TGPLLoss:
+    """The block-output reconstruction loss plus lambda_T x TGPL of the quantized model's prediction, run from the
+    block's output to the head (a ``polyquant.reconstruct.ReconLoss``).
+
+    ``task_loss(prediction, index)`` scores the whole model's output for the calibration scenes ``index`` (their
+    rows in ``batches``, concatenated in order, as the block reconstruction numbers its samples) against their
+    pseudo-labels; the model is called as ``qmodel(points=..., mask=...)``.
+    """
+
+    def __init__(self, qmodel: nn.Module, batches: list[dict[str, Tensor]], task_loss: Callable[[Tensor, Tensor], Tensor],
+                 *, weight: float) -> None:
+        self.qmodel = qmodel
+        self.points = torch.cat([b["points"] for b in batches])
+        self.mask = torch.cat([b["mask"] for b in batches])
+        self.task_loss = task_loss
+        self.weight = weight
 
     def __call__(self, out_q: Tensor, out_fp: Tensor, ctx: ReconContext) -> Tensor:
         rec = mse_loss(out_q, out_fp, ctx)
@@ -193,8 +219,8 @@ def quantize_lidarptq(model: nn.Module, config: LidarPTQConfig, calib: Calibrati
         loss: Any = "mse"
         if config.tgpl:
             targets = pseudo_labels(fp, batches, score_threshold=config.score_threshold, top_k=config.top_k)
-            loss = TGPLLoss(qmodel, batches, targets, weight=config.tgpl_weight, box_weight=config.box_weight)
+            loss = TGPLLoss(qmodel, batches, CenterHeadTGPL(targets, config.box_weight), weight=config.tgpl_weight)
         rc = ReconstructConfig(rounding="adaround" if config.adaptive_rounding else "nearest", iters=config.iters,
                                batch_size=config.batch_size, loss=loss, learn_act_scale=True, seed=config.seed)
-        reconstruct_blocks(qmodel, fp, batches, rc, float_pfn=config.float_pfn, progress=progress)
+        reconstruct_blocks(qmodel, fp, batches, rc, blocks=detector_blocks(config.float_pfn), progress=progress)
     return qmodel.eval()

@@ -21,7 +21,8 @@ from .baselines import BRECQConfig, EntropyConfig, MinMaxConfig, PercentileConfi
 from .data import calib_scenes, read_clouds, held_out_scenes
 from .lidarptq import LidarPTQConfig, quantize_lidarptq
 from .model import CenterPointPillar, pad_clouds, scene_batch
-from .placement import check_detector, clouds_of, prepare_detector, reconstruct_blocks, uniform_batches
+from .placement import (check_detector, clouds_of, detector_blocks, prepare_detector, reconstruct_blocks,
+                        uniform_batches)
 from .synthetic import make_scenes
 
 __all__ = ["METHODS", "SHIPPED", "build_model", "example", "evaluate_detector", "add_model_args", "load_inputs",
@@ -83,7 +84,7 @@ def _quantize_brecq(model: nn.Module, config: QuantConfig, calib: Calibration, r
     drop = config.drop_prob if isinstance(config, QDropConfig) else 0.0
     rc = ReconstructConfig("adaround", iters=config.iters, batch_size=config.batch_size, drop_prob=drop,
                            learn_act_scale=True, seed=config.seed)
-    reconstruct_blocks(qmodel, fp, batches, rc, float_pfn=config.float_pfn, progress=run.progress)
+    reconstruct_blocks(qmodel, fp, batches, rc, blocks=detector_blocks(config.float_pfn), progress=run.progress)
     return QuantizedModel(qmodel.eval(), config)
 
 

@@ -4,8 +4,8 @@ with an upsampling neck -> CenterHead (heatmap, offset, z, log-size, sin/cos yaw
 The pillars are computed inside ``forward`` from padded point clouds (``points`` (B, N, 4), ``mask`` (B, N)), so
 every module's input and output is batched by scene: the core's calibration and block reconstruction see one row
 per scene. The PFN runs on every point and max-pools per pillar (PointPillars without the per-pillar point cap);
-padding rows repeat a real point of their scene (``pad_clouds``), which leaves the pillar maxima unchanged, and are
-left out of the cluster means by ``mask``.
+padding rows (``mask`` False) fall in no pillar; ``pad_clouds`` also fills them with a real point of their scene, so
+their PFN inputs stay in the data's range.
 
 | module           | input -> output                                    | notes                                         |
 |------------------|----------------------------------------------------|-----------------------------------------------|
@@ -121,14 +121,15 @@ def scene_batch(scenes: list[Scene], size: int | None = None) -> dict[str, Tenso
 
 
 def point_features(points: Tensor, mask: Tensor, grid: GridConfig) -> tuple[Tensor, Tensor]:
-    """The 9 PFN features (B, N, 9) and each point's pillar index (B, N) (``cells**2`` for points outside)."""
+    """The 9 PFN features (B, N, 9) and each point's pillar index (B, N) (``cells**2``, a slot the scatter drops,
+    for points outside the grid and for padding rows)."""
     b, n, _ = points.shape
     cells = grid.cells
     ix = torch.floor(points[..., 0] / grid.pillar).long()
     iy = torch.floor((points[..., 1] + grid.extent / 2) / grid.pillar).long()
-    inside = (ix >= 0) & (ix < cells) & (iy >= 0) & (iy < cells)
+    inside = (ix >= 0) & (ix < cells) & (iy >= 0) & (iy < cells) & mask  # padding rows go nowhere
     index = torch.where(inside, iy * cells + ix, torch.full_like(ix, cells * cells))
-    counted = (mask & inside).to(points.dtype)  # padding rows are left out of the means
+    counted = inside.to(points.dtype)
     sums = points.new_zeros(b, cells * cells + 1, 3).scatter_add_(1, index[..., None].expand(-1, -1, 3),
                                                                    points[..., :3] * counted[..., None])
     counts = points.new_zeros(b, cells * cells + 1).scatter_add_(1, index, counted)

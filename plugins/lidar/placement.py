@@ -1,7 +1,8 @@
 """Where every lidar method quantizes, and the calibration data layout they share.
 
-Every Conv1d / Conv2d / ConvTranspose2d of the (BatchNorm-folded) detector gets a symmetric per-output-channel
-INT weight quantizer and a symmetric per-tensor INT input quantizer, as TensorRT deploys INT8 (the paper's
+Every Conv1d / Conv2d / ConvTranspose2d of the (BatchNorm-folded) detector gets a symmetric INT weight quantizer
+with one scale per row of its weight (a conv's output channels; a transposed conv's input channels, as the core
+packs its rows) and a symmetric per-tensor INT input quantizer, as TensorRT deploys INT8 (the paper's
 target): the PFN's 1x1 conv over the points, the backbone's and the neck's convs, the head's shared conv and its
 output convs. ``float_pfn`` keeps the first PFN layer float (NVIDIA keeps the first layers FP16). The scatter,
 the max per pillar and the ReLUs stay float; they act on values already on a grid.
@@ -23,7 +24,7 @@ from polyquant.primitives import PerChannel, PerTensor
 from .model import CenterPointPillar, check_points, pad_clouds
 
 __all__ = ["BLOCKS", "PFN", "rules", "prepare_detector", "clouds_of", "uniform_batches", "check_detector",
-           "reconstruct_blocks"]
+           "detector_blocks", "reconstruct_blocks"]
 
 BLOCKS = ("pfn", "backbone.0", "backbone.1", "backbone.2", "neck", "head")
 PFN = "pfn.linear"
@@ -84,13 +85,17 @@ def uniform_batches(clouds: list[Tensor], batch_size: int, device: torch.device 
             for i in range(0, len(clouds), batch_size)]
 
 
+def detector_blocks(float_pfn: bool) -> list[str]:
+    """The shipped detector's reconstruction blocks (``pfn`` left out when it stays float)."""
+    return [b for b in BLOCKS if not (float_pfn and b == "pfn")]
+
+
 def reconstruct_blocks(qmodel: nn.Module, fp_model: nn.Module, batches: list[dict[str, Any]], config: Any, *,
-                       float_pfn: bool, progress: bool) -> nn.Module:
-    """``polyquant.reconstruct`` over ``BLOCKS`` (``pfn`` left out when it stays float), every parameter frozen
-    meanwhile (a task loss that runs the whole model then computes no weight gradient outside the block)."""
+                       blocks: list[str], progress: bool) -> nn.Module:
+    """``polyquant.reconstruct`` over ``blocks``, every parameter frozen meanwhile (a task loss that runs the whole
+    model then computes no weight gradient outside the block)."""
     from polyquant.reconstruct import reconstruct
 
-    blocks = [b for b in BLOCKS if not (float_pfn and b == "pfn")]
     flags = [(p, p.requires_grad) for p in qmodel.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)

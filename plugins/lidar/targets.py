@@ -40,10 +40,17 @@ class Detections:
     boxes: Tensor
     labels: Tensor
     scores: Tensor
+    cells: Tensor | None = None  # (M, 2) the (row, column) of each detection's heatmap peak on the output grid
 
 
-def render_targets(boxes: list[Tensor], labels: list[Tensor], grid: GridConfig) -> Targets:
-    """Targets for each scene's boxes (M_i, 7) and labels (M_i,) on the head's output grid."""
+def render_targets(boxes: list[Tensor], labels: list[Tensor], grid: GridConfig,
+                   cells: list[Tensor] | None = None) -> Targets:
+    """Targets for each scene's boxes (M_i, 7) and labels (M_i,) on the head's output grid.
+
+    A box's centre cell is the one holding its centre, or with ``cells`` ((M_i, 2) rows and columns, e.g. the
+    peaks ``decode`` found) that cell: a pseudo-label then sits on the float model's own peak even where the
+    model's offset points outside it.
+    """
     b, size, cell = len(boxes), grid.out_cells, grid.out_cell
     heat = torch.zeros(b, len(CLASSES), size, size)
     reg = torch.zeros(b, 8, size, size)
@@ -51,9 +58,10 @@ def render_targets(boxes: list[Tensor], labels: list[Tensor], grid: GridConfig) 
     ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                             indexing="ij")
     for i, (bx, lab) in enumerate(zip(boxes, labels)):
-        for box, c in zip(bx.tolist(), lab.tolist()):
+        peaks = None if cells is None else cells[i].tolist()
+        for k, (box, c) in enumerate(zip(bx.tolist(), lab.tolist())):
             fx, fy = box[0] / cell, (box[1] + grid.extent / 2) / cell
-            ix, iy = int(math.floor(fx)), int(math.floor(fy))
+            iy, ix = (int(math.floor(fy)), int(math.floor(fx))) if peaks is None else peaks[k]
             if not (0 <= ix < size and 0 <= iy < size):
                 continue
             radius = gaussian_radius(box[3], box[4], cell)
@@ -112,5 +120,5 @@ def decode(output: Tensor, grid: GridConfig, *, top_k: int = 64, threshold: floa
         dims = reg[:, 3:6].clamp(-5, 5).exp()
         yaw = torch.atan2(reg[:, 6], reg[:, 7])
         boxes = torch.stack([cx, cy, reg[:, 2], dims[:, 0], dims[:, 1], dims[:, 2], yaw], 1)
-        result.append(Detections(boxes, labels.clamp(max=classes - 1), scores))
+        result.append(Detections(boxes, labels.clamp(max=classes - 1), scores, torch.stack([iy, ix], 1)))
     return result

@@ -10,11 +10,12 @@ import polyquant as pq
 from polyquant.nn import QuantWeightModule, calibrate
 from polyquant.plugins.lidar.baselines import EntropyConfig, MinMaxConfig
 from polyquant.plugins.lidar.data import calib_scenes, held_out_scenes
-from polyquant.plugins.lidar.lidarptq import (LidarPTQConfig, TGPLLoss, layer_weights, pseudo_labels,
-                                              search_activation_ranges)
+from polyquant.plugins.lidar.lidarptq import (CenterHeadTGPL, LidarPTQConfig, TGPLLoss, layer_weights,
+                                              pseudo_labels, search_activation_ranges)
 from polyquant.plugins.lidar.methods import build_model, evaluate_detector
 from polyquant.plugins.lidar.model import GridConfig, scene_batch
 from polyquant.plugins.lidar.placement import prepare_detector, uniform_batches
+from polyquant.plugins.lidar.targets import focal_loss
 from polyquant.reconstruct import ReconContext, mse_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,44 +32,78 @@ def _batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
 
 def test_layer_weights_mark_real_points_and_non_empty_cells() -> None:
     grid = GridConfig()
-    points = torch.tensor([[[0.1, -19.9, 0.0, 0.5], [39.9, 19.9, 0.0, 0.5], [0.1, -19.9, 0.0, 0.5]]])
-    mask = torch.tensor([[True, True, False]])  # the third row is padding
-    pfn = layer_weights(points, mask, torch.zeros(1, 32, 3), grid)
-    assert pfn.tolist() == [[[1.0, 1.0, 0.0]]]
+    points = torch.tensor([[[0.1, -19.9, 0.0, 0.5], [39.9, 19.9, 0.0, 0.5], [0.1, -19.9, 0.0, 0.5],
+                            [45.0, 0.0, 0.0, 0.5]]])
+    mask = torch.tensor([[True, True, False, True]])  # the third row is padding, the fourth lies beyond 40 m
+    pfn = layer_weights(points, mask, torch.zeros(1, 32, 4), grid)
+    assert pfn.tolist() == [[[1.0, 1.0, 0.0, 0.0]]]
     bev = layer_weights(points, mask, torch.zeros(1, 8, 16, 16), grid)  # a stride-4 map
-    assert bev.shape == (1, 1, 16, 16) and float(bev.sum()) == 2.0
-    assert float(bev[0, 0, 0, 0]) == 1.0 and float(bev[0, 0, 15, 15]) == 1.0  # (y, x) corners of the area
+    # (y, x) corners of the area, each with its neighbours inside the map: 2 x 2 cells per corner
+    assert bev.shape == (1, 1, 16, 16) and float(bev.sum()) == 8.0
+    assert float(bev[0, 0, :2, :2].sum()) == 4.0 and float(bev[0, 0, 14:, 14:].sum()) == 4.0
 
 
 def test_sparsity_search_never_loses_to_max_min_on_the_occupied_cells(detector: torch.nn.Module) -> None:
     import copy
 
+    from polyquant.capture import capture
+    from polyquant.nn import set_state
+
     batches = _batches(8)
     q = calibrate(prepare_detector(copy.deepcopy(detector), 8, 4, float_pfn=False), batches, progress=False)
-    before = {n: m.input_quantizer.scale.clone() for n, m in q.named_modules() if isinstance(m, QuantWeightModule)}
+    layers = {n: m for n, m in q.named_modules() if isinstance(m, QuantWeightModule)}
+    before = {n: m.input_quantizer.scale.clone() for n, m in layers.items()}
+    set_state(q, "raw")
+    caps = capture(q, list(layers), batches, inputs=True, outputs=True)
+    set_state(q, "quantized")
+
+    def masked_error(name: str) -> float:  # the search's own objective, evaluated on the frozen quantizer
+        m = layers[name]
+        total = 0.0
+        with torch.no_grad():
+            for call in caps[name].calls:
+                batch = batches[call.batch]
+                x = call.args[0]
+                w = layer_weights(batch["points"], batch["mask"], call.output, q.grid)
+                ref = m.conv_forward(x, m.quant_weight())
+                total += float(((m.conv_forward(m.input_quantizer(x), m.quant_weight()) - ref).pow(2) * w).sum())
+        return total
+
+    max_min = {n: masked_error(n) for n in layers}
     ratios = search_activation_ranges(q, batches, grid=20)
     assert set(ratios) == set(before) and all(0.0 < r <= 1.0 for r in ratios.values())
     assert min(ratios.values()) < 1.0  # at 4 bits the search clips somewhere
-    for name, m in q.named_modules():
-        if isinstance(m, QuantWeightModule):  # the scale is the max-min one times the chosen ratio
-            assert float(m.input_quantizer.scale) == pytest.approx(float(before[name]) * ratios[name], rel=1e-4)
+    for name in layers:  # ratio 1 (the max-min range) is a candidate: the search can only lower the error
+        assert masked_error(name) <= max_min[name] * (1 + 1e-5) + 1e-9
+        assert float(layers[name].input_quantizer.scale) == pytest.approx(float(before[name]) * ratios[name],
+                                                                         rel=1e-4)
 
 
 def test_pseudo_labels_and_tgpl_loss(detector: torch.nn.Module) -> None:
-    batches = _batches(4)
+    batches = _batches(8)  # two batches of 4
     targets = pseudo_labels(detector, batches, score_threshold=0.3, top_k=32)
-    assert targets.heatmap.shape == (4, 2, 32, 32) and targets.regression.shape == (4, 8, 32, 32)
+    assert targets.heatmap.shape == (8, 2, 32, 32) and targets.regression.shape == (8, 8, 32, 32)
     assert int(targets.centres.sum()) > 0 and float(targets.heatmap.max()) == 1.0
-    out_fp = torch.randn(2, 10, 32, 32)
-    out_q = (out_fp + 0.1 * torch.randn_like(out_fp)).requires_grad_(True)
-    ctx = ReconContext("head", 0, 1, index=torch.tensor([0, 2]))
-    plain = TGPLLoss(detector, batches, targets, weight=0.0, box_weight=0.25)
-    assert torch.equal(plain(out_q, out_fp, ctx), mse_loss(out_q, out_fp, ctx))
-    loss = TGPLLoss(detector, batches, targets, weight=1.0, box_weight=0.25)
-    value = loss(out_q, out_fp, ctx)
-    pred_index = torch.tensor([0, 2])
-    assert float(value.detach()) == pytest.approx(float(mse_loss(out_q, out_fp, ctx) + loss.task_loss(out_q, pred_index)),
-                                         rel=1e-5)  # the head block: the prediction is its output
+    # every pseudo-label centre is a peak of the float heatmap (decode's cells), where the target heatmap is 1
+    assert bool((targets.heatmap.amax(1)[targets.centres] == 1.0).all())
+    task = CenterHeadTGPL(targets, box_weight=0.25)
+    points = torch.cat([b["points"] for b in batches])
+    mask = torch.cat([b["mask"] for b in batches])
+    index = torch.tensor([0, 5])  # scene 5 is row 1 of the second batch
+    with torch.no_grad():
+        pred = detector(points=points[index], mask=mask[index])
+    # TGPL at the float model's own outputs: the focal loss of its heatmap against the pseudo-labels (by hand:
+    # the regression target is the float regression, so its L1 is 0)
+    assert float(task(pred, index)) == pytest.approx(float(focal_loss(pred[:, :2], targets.heatmap[index])), rel=1e-5)
+    # run from a middle block: with the block's true output the prediction is the float model's own
+    from polyquant.capture import capture
+
+    out = capture(detector, ["backbone.1"], [{"points": points[index], "mask": mask[index]}])["backbone.1"].output()
+    out_q = out.clone().requires_grad_(True)
+    ctx = ReconContext("backbone.1", 0, 1, index=index)
+    assert torch.equal(TGPLLoss(detector, batches, task, weight=0.0)(out_q, out, ctx), mse_loss(out_q, out, ctx))
+    value = TGPLLoss(detector, batches, task, weight=2.0)(out_q, out, ctx)
+    assert float(value.detach()) == pytest.approx(2.0 * float(task(pred, index)), rel=1e-4)
     value.backward()
     assert out_q.grad is not None and float(out_q.grad.abs().sum()) > 0
 
