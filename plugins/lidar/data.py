@@ -1,7 +1,7 @@
 """Point clouds for calibration and evaluation: synthetic scenes by seed, or the user's own files.
 
-A user's cloud is a ``.npy`` array (N, 4) or a KITTI-style ``.bin`` (float32 x, y, z, intensity rows), in the
-detector's frame (x forward, metres). Files with another number of features, empty clouds and NaN / infinite
+A user's cloud is a ``.npy`` array (N, F) or a ``.bin`` of float32 rows (KITTI: x, y, z, intensity; nuScenes adds
+a time column), in the detector's frame (x forward, metres); F is what the detector reads (4 for the shipped one). Files with another number of features, empty clouds and NaN / infinite
 coordinates are refused with a one-line ``UsageError`` naming the file.
 """
 
@@ -39,8 +39,9 @@ def held_out_scenes(n: int = len(TEST_SEEDS), config: SceneConfig | None = None)
     return make_scenes(TEST_SEEDS[:n], config)
 
 
-def read_cloud(path: str | Path) -> Tensor:
-    """One point cloud (N, 4) float32 from a ``.npy`` or KITTI ``.bin`` file; ``UsageError`` if it is not one."""
+def read_cloud(path: str | Path, features: int = 4) -> Tensor:
+    """One point cloud (N, ``features``) float32 from a ``.npy`` or a ``.bin`` file of float32 rows (KITTI: 4
+    features, nuScenes: 5); ``UsageError`` if it is not one."""
     import numpy as np
 
     from polyquant.artifact import ArtifactError, open_regular
@@ -59,28 +60,28 @@ def read_cloud(path: str | Path) -> Tensor:
 
             array = np.load(io.BytesIO(raw), allow_pickle=False)
         else:
-            if len(raw) % 16:
-                raise ValueError(f"a .bin cloud is rows of 4 float32 (16 bytes); {len(raw)} bytes is not a multiple "
-                                 "of 16 (a cloud with another number of features?)")
-            array = np.frombuffer(raw, dtype=np.float32).reshape(-1, 4)
+            if len(raw) % (4 * features):
+                raise ValueError(f"a .bin cloud is rows of {features} float32 ({4 * features} bytes); {len(raw)} bytes "
+                                 f"is not a multiple of {4 * features} (a cloud with another number of features?)")
+            array = np.frombuffer(raw, dtype=np.float32).reshape(-1, features)
     except ValueError as e:
         raise UsageError(f"{p}: {e}") from None
     if array.dtype.kind not in "fiu":
         raise UsageError(f"{p}: not a numeric array ({array.dtype})")
     cloud = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     try:
-        check_points(cloud, str(p))
+        check_points(cloud, str(p), features)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return cloud
 
 
-def read_clouds(folder: str | Path, limit: int | None = None) -> list[Tensor]:
-    """Every ``.npy`` / ``.bin`` cloud in ``folder`` (sorted by name), at most ``limit``."""
+def read_clouds(folder: str | Path, limit: int | None = None, features: int = 4) -> list[Tensor]:
+    """Every ``.npy`` / ``.bin`` cloud of ``features`` columns in ``folder`` (sorted by name), at most ``limit``."""
     root = Path(folder)
     if not root.is_dir():
         raise UsageError(f"{root}: not a folder of point clouds")
     files = sorted(f for f in root.iterdir() if f.suffix in SUFFIXES and f.is_file())
     if not files:
         raise UsageError(f"{root}: no .npy or .bin point clouds in it")
-    return [read_cloud(f) for f in files[:limit]]
+    return [read_cloud(f, features) for f in files[:limit]]

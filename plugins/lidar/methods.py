@@ -20,7 +20,7 @@ from polyquant.nn import calibrate
 from .baselines import BRECQConfig, EntropyConfig, MinMaxConfig, PercentileConfig, QDropConfig
 from .data import calib_scenes, read_clouds, held_out_scenes
 from .lidarptq import LidarPTQConfig, quantize_lidarptq
-from .model import CenterPointPillar, pad_clouds, scene_batch
+from .model import pad_clouds, scene_batch
 from .placement import (check_detector, clouds_of, detector_blocks, prepare_detector, reconstruct_blocks,
                         uniform_batches)
 from .synthetic import make_scenes
@@ -32,36 +32,66 @@ PLUGIN = "lidar"
 SHIPPED = "centerpoint-pillar"  # plugins/lidar/assets/centerpoint_pillar.safetensors
 
 
-def build_model(model_config: dict[str, Any] | None = None) -> CenterPointPillar:
-    """The shipped, BatchNorm-folded CenterPoint-Pillar (``{"name": "centerpoint-pillar"}``)."""
+def build_model(model_config: dict[str, Any] | None = None) -> nn.Module:
+    """The shipped, BatchNorm-folded CenterPoint-Pillar (``{"name": "centerpoint-pillar"}``), or an mmdet3d pillar
+    detector wrapped by the adapter (``{"mmdet3d": CONFIG, "checkpoint": FILE or None}``; the optional extra)."""
     from .train import load_detector
 
     model_config = model_config or {"name": SHIPPED}
+    if set(model_config) == {"mmdet3d", "checkpoint"}:
+        from .mmdet3d_adapter import MMDet3DPillars, build_mmdet3d
+
+        detector = build_mmdet3d(model_config["mmdet3d"], model_config["checkpoint"])
+        return describe_model(MMDet3DPillars(detector), model_config)
     if model_config != {"name": SHIPPED}:
-        raise ValueError(f"lidar builds {{'name': {SHIPPED!r}}} only, got {model_config!r}")
-    return describe_model(load_detector(), model_config)  # type: ignore[return-value]
+        raise ValueError(f"lidar builds {{'name': {SHIPPED!r}}} or {{'mmdet3d': CONFIG, 'checkpoint': FILE}}, got "
+                         f"{model_config!r}")
+    return describe_model(load_detector(), model_config)
+
+
+def _is_mmdet3d(model: nn.Module) -> bool:
+    from .mmdet3d_adapter import MMDet3DPillars
+
+    return isinstance(model, MMDet3DPillars)
 
 
 def _prepare(skeleton: nn.Module, config: QuantConfig, state: dict[str, Any]) -> nn.Module:
+    if _is_mmdet3d(skeleton):
+        from .mmdet3d_adapter import prepare_mmdet3d
+
+        return prepare_mmdet3d(skeleton, config)  # type: ignore[arg-type]
     return prepare_detector(check_detector(skeleton), config.w_bits, config.a_bits,  # type: ignore[attr-defined]
                             float_pfn=config.float_pfn)  # type: ignore[attr-defined]
 
 
 def _example_input(model: nn.Module, state: dict[str, Any]) -> torch.Tensor:
-    return torch.tensor([[[10.0, 0.0, 0.5, 0.3], [20.0, 5.0, 1.0, 0.6]]])  # (1, 2, 4): two points
+    points = torch.tensor([[[10.0, 0.0, 0.5, 0.3], [20.0, 5.0, 1.0, 0.6]]])  # (1, 2, 4): two points
+    features = model.features if _is_mmdet3d(model) else 4  # type: ignore[attr-defined]
+    return torch.cat([points, points.new_zeros(1, 2, max(0, features - 4))], 2)[..., :features]
 
 
-def _batches(calib: Calibration, run: RunOptions) -> list[dict[str, torch.Tensor]]:
-    return uniform_batches(clouds_of(calib), 8, run.device)
+def _batches(calib: Calibration, run: RunOptions, features: int = 4) -> list[dict[str, torch.Tensor]]:
+    return uniform_batches(clouds_of(calib, features), 8, run.device)
+
+
+def _quantize_mmdet3d(model: nn.Module, config: QuantConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
+    from .mmdet3d_adapter import quantize_mmdet3d
+
+    batches = _batches(calib, run, model.features)  # type: ignore[attr-defined]
+    return QuantizedModel(quantize_mmdet3d(model, config, batches, progress=run.progress), config)  # type: ignore[arg-type]
 
 
 def _quantize_lidarptq(model: nn.Module, config: QuantConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
     assert isinstance(config, LidarPTQConfig)
+    if _is_mmdet3d(model):
+        return _quantize_mmdet3d(model, config, calib, run)
     return QuantizedModel(quantize_lidarptq(model, config, calib, progress=run.progress), config)
 
 
 def _quantize_observers(model: nn.Module, config: QuantConfig, calib: Calibration, run: RunOptions) -> QuantizedModel:
     assert isinstance(config, MinMaxConfig)
+    if _is_mmdet3d(model):
+        return _quantize_mmdet3d(model, config, calib, run)
     observer = {EntropyConfig: "entropy", PercentileConfig: "percentile"}.get(type(config), "minmax")
     percentile = config.percentile if isinstance(config, PercentileConfig) else 99.99
     qmodel = prepare_detector(check_detector(model), config.w_bits, config.a_bits, float_pfn=config.float_pfn,
@@ -76,6 +106,8 @@ def _quantize_brecq(model: nn.Module, config: QuantConfig, calib: Calibration, r
     from polyquant.reconstruct import ReconstructConfig
 
     assert isinstance(config, BRECQConfig)
+    if _is_mmdet3d(model):
+        return _quantize_mmdet3d(model, config, calib, run)
     fp = copy.deepcopy(check_detector(model)).eval()
     batches = _batches(calib, run)
     qmodel = prepare_detector(model, config.w_bits, config.a_bits, float_pfn=config.float_pfn, weight_observer="mse",
@@ -144,7 +176,11 @@ def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:
     """Model and data options of ``polyquant quantize lidar/<method>``."""
     group = parser.add_argument_group("model and data (lidar)")
     group.add_argument("--model", default="tiny",
-                       help="'tiny': the shipped CenterPoint-Pillar trained on synthetic scenes (default: %(default)s)")
+                       help="'tiny' (the shipped CenterPoint-Pillar trained on synthetic scenes) or an mmdet3d config "
+                            "file of a pillar detector (PointPillars, CenterPoint-Pillar; needs "
+                            "scripts/install-lidar-extra.sh) (default: %(default)s)")
+    group.add_argument("--checkpoint", default=None, metavar="FILE",
+                       help="the mmdet3d model's weights (default: mmdet3d's initialisation)")
     group.add_argument("--calib", type=int, default=32, metavar="N",
                        help="calibration scenes from the synthetic calibration pool (default: %(default)s)")
     group.add_argument("--calib-seed", type=int, default=0, help="which pool scenes (default: %(default)s)")
@@ -156,35 +192,61 @@ def add_model_args(parser: argparse.ArgumentParser, method: str) -> None:
                             "(default: %(default)s)")
 
 
-def _check_model(name: str) -> None:
-    if name != "tiny":
-        raise UsageError(f"--model {name}: this version quantizes 'tiny' (the shipped CenterPoint-Pillar); mmdet3d "
-                         "configs need the mmdet3d adapter, which is not in this version")
+def _model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], str]:
+    if args.model == "tiny":
+        if args.checkpoint is not None:
+            raise UsageError("--checkpoint goes with an mmdet3d config in --model; 'tiny' ships its weights")
+        return build_model(), {"name": SHIPPED}, f"CenterPoint-Pillar ({SHIPPED})"
+    from pathlib import Path
+
+    if not Path(args.model).is_file():
+        raise UsageError(f"--model {args.model}: 'tiny' or an mmdet3d config file; no such file")
+    config = {"mmdet3d": str(Path(args.model).resolve()),
+              "checkpoint": None if args.checkpoint is None else str(Path(args.checkpoint).resolve())}
+    try:
+        model = build_model(config)
+    except UsageError as e:
+        raise UsageError(f"--model {args.model}: {e}") from None
+    return model, config, f"mmdet3d {type(model.detector).__name__} from {args.model}"  # type: ignore[attr-defined]
 
 
 def load_inputs(method: str, config: QuantConfig, args: argparse.Namespace) -> CliInputs:
-    """The shipped detector and its calibration scenes (or the user's clouds)."""
-    _check_model(args.model)
+    """The detector (shipped, or an mmdet3d config) and its calibration scenes (or the user's clouds)."""
     if not 1 <= args.calib <= 4096:
         raise UsageError(f"--calib must be in [1, 4096], got {args.calib}")
     if not 0 <= args.eval <= 200:
         raise UsageError(f"--eval must be in [0, 200], got {args.eval}")
-    model = build_model()
+    model, model_config, name = _model(args)
+    features = model.features if _is_mmdet3d(model) else 4  # type: ignore[attr-defined]
     if args.calib_dir is not None:
-        clouds = read_clouds(args.calib_dir, args.calib)
+        clouds = read_clouds(args.calib_dir, args.calib, features)
         source = f"{len(clouds)} clouds from {args.calib_dir}"
     else:
         if args.calib > 512:
             raise UsageError("--calib: the synthetic calibration pool holds 512 scenes")
-        clouds = [s.points for s in calib_scenes(args.calib, args.calib_seed)]
+        scenes = calib_scenes(args.calib, args.calib_seed)
+        if _is_mmdet3d(model):
+            from .mmdet3d_adapter import scene_clouds
+
+            clouds = scene_clouds(scenes, features)
+        else:
+            clouds = [s.points for s in scenes]
         source = f"{args.calib} synthetic scenes"
-    return CliInputs(model=model, model_config={"name": SHIPPED}, calib=uniform_batches(clouds, 8),
-                     label=f"CenterPoint-Pillar ({SHIPPED}), {source}",
-                     evaluation=held_out_scenes(args.eval) if args.eval else None)
+    evaluation = held_out_scenes(args.eval) if args.eval and not _is_mmdet3d(model) else None
+    return CliInputs(model=model, model_config=model_config, calib=uniform_batches(clouds, 8),
+                     label=f"{name}, {source}", evaluation=evaluation)
 
 
 def report_quantized(qm: QuantizedModel, inputs: CliInputs, args: argparse.Namespace) -> None:
-    """BEV AP of the float and the quantized detector on the held-out scenes."""
+    """BEV AP of the float and the quantized detector on the held-out scenes (the shipped detector); for an
+    mmdet3d model, the relative error of its head outputs against the float model's on one calibration batch."""
+    if _is_mmdet3d(qm.model):
+        batch = next(iter(inputs.calib))
+        with torch.no_grad():
+            ref, got = inputs.model(**batch), qm.model(**batch)
+        err = float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+        print(f"head outputs vs float on {batch['points'].shape[0]} calibration scenes: relative error {err:.4f}")
+        return
     if inputs.evaluation is None:
         return
     scenes = inputs.evaluation
@@ -211,6 +273,9 @@ def run_load(qm: QuantizedModel, args: argparse.Namespace) -> int:
         print(f"restored lidar/{qm.method}: {n_q} quantized layers (fake-quant)")
     if not args.eval:
         return 0
+    if qm.model_config != {"name": SHIPPED}:
+        raise UsageError("--eval scores the shipped detector on the synthetic scenes; this artifact holds another "
+                         "model")
     if not 1 <= args.eval <= 200:
         raise UsageError(f"--eval must be in [0, 200], got {args.eval}")
     scenes = held_out_scenes(args.eval)

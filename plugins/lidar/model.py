@@ -85,26 +85,27 @@ class GridConfig:
         return cls(**values)  # type: ignore[arg-type]
 
 
-def check_points(points: Tensor, what: str = "point cloud") -> None:
-    """Raise ``ValueError`` for a cloud that is not (N, 4) finite floats with N >= 1."""
+def check_points(points: Tensor, what: str = "point cloud", features: int = NUM_FEATURES) -> None:
+    """Raise ``ValueError`` for a cloud that is not (N, ``features``) finite floats with N >= 1."""
     if not isinstance(points, Tensor) or points.dim() != 2:
-        raise ValueError(f"{what}: expected an (N, 4) tensor of x, y, z, intensity, got "
+        raise ValueError(f"{what}: expected an (N, {features}) tensor of points, got "
                          f"{tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__}")
-    if points.shape[1] != NUM_FEATURES:
-        raise ValueError(f"{what}: points have {points.shape[1]} features; this detector reads "
-                         f"{NUM_FEATURES} (x, y, z, intensity)")
+    if points.shape[1] != features:
+        names = " (x, y, z, intensity)" if features == NUM_FEATURES else ""
+        raise ValueError(f"{what}: points have {points.shape[1]} features; this detector reads {features}{names}")
     if points.shape[0] == 0:
         raise ValueError(f"{what}: the cloud is empty (0 points)")
     if not torch.isfinite(points).all():
         raise ValueError(f"{what}: the cloud holds NaN or infinite values")
 
 
-def pad_clouds(clouds: list[Tensor], size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Stack clouds into (B, N, 4) and a validity mask (B, N); padding rows repeat each cloud's first point."""
+def pad_clouds(clouds: list[Tensor], size: int | None = None, features: int = NUM_FEATURES) -> tuple[Tensor, Tensor]:
+    """Stack clouds of ``features`` columns into (B, N, features) and a validity mask (B, N); padding rows repeat
+    each cloud's first point."""
     for i, c in enumerate(clouds):
-        check_points(c, f"point cloud {i}")
+        check_points(c, f"point cloud {i}", features)
     n = size if size is not None else max(c.shape[0] for c in clouds)
-    points = torch.empty(len(clouds), n, NUM_FEATURES)
+    points = torch.empty(len(clouds), n, features)
     mask = torch.zeros(len(clouds), n, dtype=torch.bool)
     for i, c in enumerate(clouds):
         c = c[:n].float()

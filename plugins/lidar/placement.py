@@ -54,8 +54,9 @@ def prepare_detector(model: nn.Module, w_bits: int, a_bits: int, *, float_pfn: b
                                 percentile=percentile), ignore=[PFN] if float_pfn else [], inplace=True)
 
 
-def clouds_of(calib: Calibration) -> list[Tensor]:
-    """Every scene of the calibration batches (dicts of ``points`` (B, N, 4) and ``mask`` (B, N)), in order."""
+def clouds_of(calib: Calibration, features: int = 4) -> list[Tensor]:
+    """Every scene of the calibration batches (dicts of ``points`` (B, N, features) and ``mask`` (B, N)), in
+    order."""
     clouds: list[Tensor] = []
     for batch in calib:
         if not isinstance(batch, dict) or set(batch) != {"points", "mask"}:
@@ -63,12 +64,12 @@ def clouds_of(calib: Calibration) -> list[Tensor]:
                              "(polyquant.plugins.lidar.model.scene_batch)")
         points, mask = batch["points"], batch["mask"]
         if points.dim() != 3 or mask.shape != points.shape[:2]:
-            raise UsageError(f"calibration points must be (B, N, 4) with a (B, N) mask, got "
+            raise UsageError(f"calibration points must be (B, N, {features}) with a (B, N) mask, got "
                              f"{tuple(points.shape)} and {tuple(mask.shape)}")
         for i in range(points.shape[0]):
             cloud = points[i][mask[i].bool()]
             try:
-                check_points(cloud, f"calibration scene {len(clouds)}")
+                check_points(cloud, f"calibration scene {len(clouds)}", features)
             except ValueError as e:
                 raise UsageError(str(e)) from None
             clouds.append(cloud.cpu())
@@ -80,7 +81,7 @@ def clouds_of(calib: Calibration) -> list[Tensor]:
 def uniform_batches(clouds: list[Tensor], batch_size: int, device: torch.device | None = None) -> list[dict[str, Any]]:
     """The clouds padded to one common length and cut into batches (block reconstruction concatenates the
     captured inputs of every batch, so every batch must have the same number of point rows)."""
-    points, mask = pad_clouds(clouds)
+    points, mask = pad_clouds(clouds, features=clouds[0].shape[1] if clouds and clouds[0].dim() == 2 else 4)
     return [{"points": points[i:i + batch_size].to(device), "mask": mask[i:i + batch_size].to(device)}
             for i in range(0, len(clouds), batch_size)]
 
