@@ -11,9 +11,9 @@ trained with STE on ground-truth labels of fresh training scenes) gives the wall
     python benchmarks/lidar.py          # writes results_cpu/lidar.json and lidar.md
     python benchmarks/lidar.py --quick --out /tmp/l.json --table /tmp/l.md   # 1 seed, 40 scenes, 20 steps
 
-Rows: float; entropy; percentile (99.99); max-min; + grid search (LiDAR-PTQ's sparsity-aware search); + TGPL
-(activation scales learned on reconstruction + TGPL, weights round to nearest); + adaptive rounding (= LiDAR-PTQ);
-BRECQ; QDrop.
+Rows: float; entropy; percentile (99.99); max-min; + grid search (LiDAR-PTQ's sparsity-aware search); a control
+(the activation scales learned on the block-output MSE alone, weights round to nearest); + TGPL (the same with TGPL
+added to the loss); + adaptive rounding (= LiDAR-PTQ); BRECQ; QDrop.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def configs(setting: dict[str, Any], iters: int, seed: int) -> dict[str, pq.Quan
         "percentile": PercentileConfig(**setting),
         "max-min": MinMaxConfig(**setting),
         "+ grid search": LidarPTQConfig(**setting, tgpl=False, adaptive_rounding=False),
+        "(control: + scale learning, MSE only)": LidarPTQConfig(**setting, adaptive_rounding=False, tgpl_weight=0.0,
+                                                                 **rec),
         "+ TGPL": LidarPTQConfig(**setting, adaptive_rounding=False, **rec),
         "+ adaptive rounding (LiDAR-PTQ)": LidarPTQConfig(**setting, **rec),
         "BRECQ": BRECQConfig(**setting, **rec),
@@ -171,8 +173,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--table", type=Path, default=DEFAULT_TABLE)
     parser.add_argument("--calib", type=int, default=32, help="calibration scenes per seed")
-    parser.add_argument("--eval", type=int, default=200, help="held-out scenes")
-    parser.add_argument("--iters", type=int, default=150, help="reconstruction steps per block")
+    parser.add_argument("--eval", type=int, default=160, help="held-out scenes")
+    parser.add_argument("--iters", type=int, default=100, help="reconstruction steps per block")
     parser.add_argument("--qat-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=3, choices=(1, 2, 3))

@@ -34,6 +34,6 @@ if ! ls "$WHEELS"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
 fi
 "$PY" -m pip install --quiet --no-deps "$WHEELS"/mmcv-2.1.0-*.whl
 "$PY" -m pip install --quiet --no-deps "mmengine==0.10.7" "mmdet==3.3.0" "mmdet3d==1.4.0"
-"$PY" -m pip install --quiet addict yapf termcolor rich "opencv-python-headless>=4" shapely terminaltables \
+"$PY" -m pip install --quiet addict yapf termcolor rich six "opencv-python-headless>=4" shapely terminaltables \
     pycocotools "numba>=0.57" plyfile trimesh
 "$PY" -c "import mmcv._ext, mmdet3d.models; print('mmdet3d', __import__('mmdet3d').__version__, 'with mmcv ops: ok')"

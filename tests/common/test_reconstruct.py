@@ -164,7 +164,7 @@ def test_flexround_conv_has_input_channel_factor_and_equals_rtn_at_init() -> Non
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(rounding="nearest"), "unknown rounding"),
+        (dict(rounding="stochastic"), "unknown rounding"),
         (dict(iters=-1), "iters"),
         (dict(iters=2.5), "iters"),
         (dict(lr=0.0), "lr"),
