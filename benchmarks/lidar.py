@@ -2,7 +2,7 @@
 TensorRT-style entropy, percentile, BRECQ and QDrop, one run, 3 calibration seeds.
 
 Each calibration seed draws ``--calib`` scenes (32: 0.16% of the 20,000 training scenes, the paper's fraction)
-from the calibration pool; every model is evaluated on the same 200 held-out scenes: BEV mAP over centre distances
+from the calibration pool; every model is evaluated on the same 160 held-out scenes: BEV mAP over centre distances
 {0.5, 1, 2, 4} m and both classes, heading-aware mAPH, and mAP per range bin (near < 10 m, mid 10-20 m, far >= 20
 m). Settings: W8A8 with every conv quantized (the PFN's too), W8A8, W4A8 and W6A6 with the first PFN layer float
 (as NVIDIA's deployment keeps the first layers FP16). A short QAT fine-tune (the detector with max-min fake-quant,
