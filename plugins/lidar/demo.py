@@ -54,7 +54,7 @@ def save_bev_plot(scene: Any, detections: dict[str, Any], path: str | Path, exte
     return path
 
 
-def run_demo(calib_scenes: int = 32, eval_scenes: int = 100, iters: int = 150, out_dir: str | None = None) -> str:
+def run_demo(calib_scenes: int = 32, eval_scenes: int = 100, iters: int = 100, out_dir: str | None = None) -> str:
     """Max-min, entropy and LiDAR-PTQ (``iters`` reconstruction steps per block) at W8A8 on ``calib_scenes``
     calibration scenes; AP on ``eval_scenes`` held-out scenes. The BEV PNG goes to ``out_dir`` (default: a new
     temporary folder)."""
