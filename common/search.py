@@ -314,20 +314,27 @@ def output_error_search(
     else:
         lo = torch.stack([x.detach().float().min() for x in inputs]).min().cpu()
         hi = torch.stack([x.detach().float().max() for x in inputs]).max().cpu()
-    ratios = torch.linspace(min_ratio, 1.0, grid)
-    loss = torch.zeros(grid)
-    candidates = [qparams_from_minmax((r * lo).reshape(1), (r * hi).reshape(1), spec.fmt, symmetric=spec.symmetric)
-                  for r in ratios.tolist()]
-    with torch.no_grad():
-        for b, x in enumerate(inputs):
-            ref = op(x)
-            w = None if weights is None else weights[b]
-            for k, (scale, zp) in enumerate(candidates):
-                zp_arg = zp if spec.fmt.supports_zero_point else None
-                err = (op(fake_quantize(x, spec.fmt, scale, zp_arg, tuple(x.shape))) - ref).float().pow(2)
-                loss[k] += float((err if w is None else err * w).sum())
-    best = int((loss == loss.min()).nonzero()[-1, 0])  # ties: the largest ratio
-    scale, zp = candidates[best]
-    quantizer.freeze(scale.reshape(()), zp.reshape(()) if spec.fmt.supports_zero_point else None)
-    return SearchResult(scale=ratios[best].reshape(1), zero_point=None, loss=loss[best].reshape(1),
-                        index=torch.tensor([best]), evaluations=grid)
+    zp_used = spec.fmt.supports_zero_point
+
+    def candidate(ratio: Tensor) -> tuple[Tensor, Tensor]:
+        return qparams_from_minmax((ratio * lo).reshape(1), (ratio * hi).reshape(1), spec.fmt, symmetric=spec.symmetric)
+
+    def evaluate(ratios: Tensor, _: Tensor | None) -> Tensor:  # (k, 1) clip ratios -> (k, 1) weighted errors
+        loss = torch.zeros(ratios.shape[0], 1)
+        qparams = [candidate(r) for r in ratios[:, 0]]
+        with torch.no_grad():
+            for b, x in enumerate(inputs):
+                ref = op(x)
+                w = None if weights is None else weights[b]
+                for k, (scale, zp) in enumerate(qparams):
+                    err = (op(fake_quantize(x, spec.fmt, scale, zp if zp_used else None, tuple(x.shape))) - ref)
+                    err = err.float().pow(2)
+                    loss[k, 0] += float((err if w is None else err * w).sum())
+        return loss
+
+    # Largest ratio first, so that "first" keeps the largest ratio among equal losses.
+    found = grid_search(torch.linspace(min_ratio, 1.0, grid).flip(0)[:, None], None, evaluate, tie_break="first")
+    scale, zp = candidate(found.scale[0])
+    quantizer.freeze(scale.reshape(()), zp.reshape(()) if zp_used else None)
+    return SearchResult(scale=found.scale, zero_point=None, loss=found.loss,
+                        index=grid - 1 - found.index, evaluations=grid)
