@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from polyquant.capture import replace_output
 from polyquant.config import QuantConfig, bits_field, float_field, int_field
 from polyquant.nn import Calibration, QuantWeightModule, calibrate, set_state
 from polyquant.reconstruct import ReconContext, ReconstructConfig, mse_loss
@@ -40,7 +41,7 @@ from .placement import (check_detector, clouds_of, detector_blocks, prepare_dete
                         uniform_batches)
 from .targets import Targets, decode, focal_loss, regression_l1, render_targets
 
-__all__ = ["LidarPTQConfig", "layer_weights", "search_activation_ranges", "pseudo_labels", "CenterHeadTGPL",
+__all__ = ["LidarPTQConfig", "layer_weights", "occupancy_weights", "search_activation_ranges", "pseudo_labels", "CenterHeadTGPL",
            "TGPLLoss", "quantize_lidarptq"]
 
 
@@ -90,11 +91,16 @@ def layer_weights(points: Tensor, mask: Tensor, output: Tensor, grid: Any) -> Te
     if output.dim() == 3:
         _, index = point_features(points, mask, grid)
         return (index < grid.cells**2)[:, None].to(output.dtype)
-    occ = F.adaptive_max_pool2d(occupancy(points, mask, grid), output.shape[-2:])
+    return occupancy_weights(occupancy(points, mask, grid), output)
+
+
+def occupancy_weights(occupied: Tensor, output: Tensor) -> Tensor:
+    """A (B, 1, H0, W0) occupancy map at the output's resolution, dilated by one cell: (B, 1, H, W), 0 / 1."""
+    occ = F.adaptive_max_pool2d(occupied, output.shape[-2:])
     return F.max_pool2d(occ, 3, stride=1, padding=1).to(output.dtype)
 
 
-WeightsFn = Callable[[str, dict[str, Tensor], Tensor], "Tensor | None"]  # (layer, batch, output) -> weights
+WeightsFn = Callable[[str, int, Tensor], "Tensor | None"]  # (layer name, batch index, output) -> weights
 
 
 def search_activation_ranges(qmodel: nn.Module, batches: list[dict[str, Tensor]], *, grid: int,
@@ -102,8 +108,8 @@ def search_activation_ranges(qmodel: nn.Module, batches: list[dict[str, Tensor]]
     """The sparsity-aware grid search of every input quantizer; returns the chosen clip ratio per layer.
 
     The layers' float inputs are captured once (every quantizer raw), each layer is searched on its own with its
-    frozen quantized weight (``output_error_search``), its output error weighted by ``weights(layer name, batch,
-    output)`` (default, for a ``CenterPointPillar``: ``layer_weights``, the real points and the non-empty cells),
+    frozen quantized weight (``output_error_search``), its output error weighted by ``weights(layer name, batch
+    index, output)`` (default, for a ``CenterPointPillar``: ``layer_weights``, the real points and the non-empty cells),
     then the model is quantized again.
     """
     from tqdm.auto import tqdm
@@ -113,9 +119,13 @@ def search_activation_ranges(qmodel: nn.Module, batches: list[dict[str, Tensor]]
 
     if weights is None:
         grid_config = check_detector(qmodel).grid
+        occupied = [occupancy(b["points"].cpu(), b["mask"].cpu(), grid_config) for b in batches]  # once per batch
 
-        def weights(name: str, batch: dict[str, Tensor], output: Tensor) -> Tensor:
-            return layer_weights(batch["points"].cpu(), batch["mask"].cpu(), output, grid_config)
+        def weights(name: str, index: int, output: Tensor) -> Tensor:
+            if output.dim() == 3:
+                return layer_weights(batches[index]["points"].cpu(), batches[index]["mask"].cpu(), output,
+                                     grid_config)
+            return occupancy_weights(occupied[index], output)
 
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantWeightModule)
               and m.input_quantizer is not None}
@@ -130,7 +140,7 @@ def search_activation_ranges(qmodel: nn.Module, batches: list[dict[str, Tensor]]
         device = layer.weight.device
         inputs, masks = [], []
         for call in caps[name].calls:
-            w = weights(name, batches[call.batch], call.output)
+            w = weights(name, call.batch, call.output)
             inputs.append(call.args[0].to(device))
             masks.append(None if w is None else w.to(device))
         result = output_error_search(layer, inputs, weights=masks, grid=grid)
@@ -193,8 +203,6 @@ class TGPLLoss:
         if self.weight == 0 or ctx.index is None:
             return rec
         index = ctx.index.cpu()
-        from polyquant.capture import replace_output
-
         device = out_q.device
         with replace_output(self.qmodel, ctx.block, out_q):
             pred = self.qmodel(points=self.points[index].to(device), mask=self.mask[index].to(device))

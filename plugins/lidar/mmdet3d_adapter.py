@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from polyquant.config import QuantConfig, UsageError
 from polyquant.nn import calibrate, prepare
 
+from .lidarptq import occupancy_weights
 from .placement import rules
 
 __all__ = ["available", "build_mmdet3d", "MMDet3DPillars", "prepare_mmdet3d", "quantize_mmdet3d", "scene_clouds"]
@@ -190,12 +190,13 @@ class MMDet3DPillars(nn.Module):
         return found
 
 
-def _weights_fn(model: MMDet3DPillars):
-    def weights(name: str, batch: dict[str, Tensor], output: Tensor) -> Tensor | None:
+def _weights_fn(model: MMDet3DPillars, batches: list[dict[str, Tensor]]):
+    canvases = [model.canvas(b["points"], b["mask"]).cpu() for b in batches]  # once per batch
+
+    def weights(name: str, index: int, output: Tensor) -> Tensor | None:
         if output.dim() != 4:
             return None  # the PFN: every point slot counts
-        occ = F.adaptive_max_pool2d(model.canvas(batch["points"], batch["mask"]).cpu(), output.shape[-2:])
-        return F.max_pool2d(occ, 3, stride=1, padding=1)  # as on the shipped detector: dilated by one cell
+        return occupancy_weights(canvases[index], output)  # as on the shipped detector: dilated by one cell
 
     return weights
 
@@ -277,8 +278,8 @@ def quantize_mmdet3d(model: MMDet3DPillars, config: QuantConfig, batches: list[d
     prepare_mmdet3d(model, config, weight_observer=weight_obs, act_observer=act, percentile=percentile)
     calibrate(model, batches, progress=progress)
     if is_ptq and config.grid_search:
-        search_activation_ranges(model, batches[: max(1, config.search_scenes // 8)], grid=config.grid,
-                                 weights=_weights_fn(model), progress=progress)
+        search = batches[: max(1, config.search_scenes // 8)]
+        search_activation_ranges(model, search, grid=config.grid, weights=_weights_fn(model, search), progress=progress)
     rc = None
     if is_ptq and (config.tgpl or config.adaptive_rounding):
         loss: Any = "mse"
