@@ -75,7 +75,7 @@ from torch import Tensor
 
 from .formats import Codec, PreparedQueries
 from .reduce import Reducer
-from .references import require
+from .references import require, usearch_results
 from .store import EmbeddingStore, prepare_queries
 
 __all__ = ["ExportedIndex", "to_faiss", "to_usearch", "to_qdrant"]
@@ -322,11 +322,8 @@ def to_usearch(store: EmbeddingStore, *, dequantize: bool = False, threads: int 
 
 
 def _usearch_search(index: Any, queries: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
-    matches = index.search(queries, k, exact=True, threads=threads)
-    keys = np.asarray(matches.keys).reshape(len(queries), -1).astype(np.int64)
-    distances = np.asarray(matches.distances, dtype=np.float64).reshape(len(queries), -1)
-    found = np.arange(keys.shape[1])[None, :] < np.asarray(matches.counts).reshape(-1, 1)
-    return np.where(found, distances, 0.0), np.where(found, keys, -1)
+    keys, distances, found = usearch_results(index.search(queries, k, exact=True, threads=threads), len(queries))
+    return distances, np.where(found, keys, -1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ __all__ = [
     "usearch_native",
     "default_references",
     "require",
+    "usearch_results",
 ]
 
 SearchFn = Callable[[np.ndarray, int], np.ndarray]  # (queries (Q, d) float32, k) -> ids (Q, k) int64, -1 = none
@@ -138,6 +140,20 @@ def require(module: str, pip: str) -> ModuleType:
         return importlib.import_module(module)
     except (ImportError, OSError, RuntimeError) as err:
         raise ImportError(f"{module} is needed here: pip install {pip}") from err
+
+
+def usearch_results(matches: Any, queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A usearch search result as arrays: keys (Q, K) int64, distances (Q, K) float64 and found (Q, K) bool (False
+    past each query's count). usearch returns ``BatchMatches`` (with ``counts``) for several queries and
+    ``Matches`` (its own length, keys trimmed to it) for one (a (1, d) or (d,) query)."""
+    batch = hasattr(matches, "counts")
+    rows = queries if batch else 1
+    keys = np.asarray(matches.keys).reshape(rows, -1).astype(np.int64)
+    with np.errstate(invalid="ignore"):  # the padding past a count holds signalling NaNs
+        distances = np.asarray(matches.distances, dtype=np.float64).reshape(rows, -1)
+    counts = np.asarray(matches.counts).reshape(-1, 1) if batch else np.array([[len(matches)]])
+    found = np.arange(keys.shape[1])[None, :] < counts
+    return keys, np.where(found, distances, 0.0), found
 
 
 def _st_quantization() -> ModuleType:
@@ -291,10 +307,8 @@ def usearch_native(documents: np.ndarray, *, dtype: str, threads: int = 0) -> Se
     def search(queries: np.ndarray, k: int) -> np.ndarray:
         _check_k(k)
         q = _vectors(queries, "queries", dim=docs.shape[1])
-        matches = index.search(q, int(k), exact=True, threads=threads)
-        ids = np.asarray(matches.keys, dtype=np.int64).reshape(q.shape[0], -1)
-        valid = np.arange(ids.shape[1]) < np.asarray(matches.counts).reshape(-1, 1)
-        return _pad(np.where(valid, ids, -1), k)
+        ids, _, found = usearch_results(index.search(q, int(k), exact=True, threads=threads), q.shape[0])
+        return _pad(np.where(found, ids, -1), k)
 
     return SearchMethod(name=f"usearch {dtype}", search=search,
                         bytes_per_vector=USEARCH_DTYPES[dtype] * docs.shape[1], note="cosine, exact search")

@@ -365,3 +365,25 @@ def test_a_memory_mapped_store_exports_the_same(tmp_path: Path) -> None:
     for export in (to_faiss, partial(to_usearch, threads=1)):
         want, got = export(store).search(Q, K), export(mapped).search(Q, K)
         assert np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("config", [Int8Config(), Float16Config(), BinaryConfig()], ids=["int8", "float16", "binary"])
+def test_every_export_searches_one_query_as_a_row_or_a_vector(config: EmbeddingConfig) -> None:
+    """A single query, (1, D) or (D,), gives the first row of the batch search (usearch answers one query with
+    ``Matches``, not ``BatchMatches``), also when k exceeds the exported vectors."""
+    store = _store(config)
+    client = qdrant_client.QdrantClient(":memory:")
+    for exported in (to_faiss(store), to_usearch(store, threads=1), to_qdrant(store, client, "one")):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Local mode performs exact")
+            scores, ids = exported.search(Q[:3], K)
+            for query in (Q[:1], Q[0], Q[0].numpy()):
+                one_scores, one_ids = exported.search(query, K)
+                assert one_ids.shape == (1, K) and one_ids.tolist() == ids[:1].tolist(), exported.engine
+                np.testing.assert_allclose(one_scores, scores[:1], rtol=0, atol=1e-6)
+    small = EmbeddingStore.fit(X[:300], config=config)
+    small.add(X[:4])
+    for exported in (to_faiss(small), to_usearch(small, threads=1)):
+        one_scores, one_ids = exported.search(Q[0], 6)
+        assert sorted(one_ids[0, :4].tolist()) == [0, 1, 2, 3] and one_ids[0, 4:].tolist() == [-1, -1]
+        assert np.isneginf(one_scores[0, 4:]).all() and np.isfinite(one_scores[0, :4]).all()

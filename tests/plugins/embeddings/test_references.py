@@ -118,6 +118,10 @@ def test_usearch_native(data) -> None:
     assert (f16.bytes_per_vector, i8.bytes_per_vector) == (2 * D, D)
     ids = refs.usearch_native(data["docs"][:3], dtype="f16", threads=1).search(data["queries"][:2], 5)
     assert (ids[:, 3:] == -1).all() and sorted(ids[1, :3]) == [0, 1, 2]
+    for method in (f16, i8):  # one query: usearch answers with Matches (no counts), not BatchMatches
+        assert method.search(data["queries"][:1], 10).tolist() == method.search(data["queries"][:4], 10)[:1].tolist()
+    one = refs.usearch_native(data["docs"][:3], dtype="f16", threads=1).search(data["queries"][:1], 5)
+    assert one.shape == (1, 5) and (one[:, 3:] == -1).all() and sorted(one[0, :3]) == [0, 1, 2]
 
 
 def test_bad_inputs(data) -> None:
