@@ -143,9 +143,9 @@ def require(module: str, pip: str) -> ModuleType:
 
 
 def usearch_results(matches: Any, queries: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A usearch search result as arrays: keys (Q, K) int64, distances (Q, K) float64 and found (Q, K) bool (False
-    past each query's count). usearch returns ``BatchMatches`` (with ``counts``) for several queries and
-    ``Matches`` (its own length, keys trimmed to it) for one (a (1, d) or (d,) query)."""
+    """A usearch search result as arrays: keys (Q, K) int64, distances (Q, K) float64 (0 where not found) and
+    found (Q, K) bool (False past each query's count). usearch returns ``BatchMatches`` (with ``counts``) for
+    several queries and ``Matches`` (its own length, keys trimmed to it) for one (a (1, d) or (d,) query)."""
     batch = hasattr(matches, "counts")
     rows = queries if batch else 1
     keys = np.asarray(matches.keys).reshape(rows, -1).astype(np.int64)
