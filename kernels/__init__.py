@@ -11,7 +11,7 @@ without it, and names are loaded lazily from their modules on first use.
 | gemm       | w4_gemm (int4 / fp4 weight-only, packed), int8_gemm and w8a8_linear (W8A8)              |
 | hadamard   | fwht, fwht_quantize (n = 2^k, 12 * 2^k, 40 * 2^k, ...)                                  |
 | vq         | vq_assign (fused distance + argmin), vq_decode, rvq_decode, rvq_assign                  |
-| hamming    | pack_binary, hamming_topk (packed-bit Hamming top-k)                                    |
+| hamming    | pack_binary, hamming_topk (packed-bit Hamming top-k; CPU: popcount by FAISS or numpy)    |
 
 The kernels speak the core's vocabulary and compute the core's definitions: formats are ``polyquant.formats``
 objects or names, granularity is the core's ``block_size`` (``polyquant.primitives``), packed weights use the
@@ -63,6 +63,7 @@ _EXPORTS: dict[str, str] = {
     "hamming_distance_reference": "hamming",
     "hamming_topk": "hamming",
     "hamming_topk_reference": "hamming",
+    "hamming_topk_cpu": "hamming",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,8 +14,8 @@ per vector (row_scale), absent (0 or 1) where the table has no entry. Casts and 
 | int8      | int8 (N, D)               | c in -128..127    | calib absmax / 127        | -                | -         |
 | uint8     | uint8 (N, D)              | c in 0..255       | (max - min) / 256         | min + step / 2   | -         |
 | int4      | uint8 (N, ceil(D / 2))    | c in 0..15        | (max - min) / 16          | min + step / 2   | -         |
-| binary    | uint8 (N, ceil(D / 8))    | +1 / -1 (sign of  | calib mean |x_d - mu_d|   | mu (centred) or  | -         |
-|           |                           | x - mu, or of x)  |                           | - (not centred)  |           |
+| binary    | uint8 (N, ceil(D / 8))    | +1 / -1 (sign of  | calib mean |x_d - mu_d|,  | mu (centred) or  | -         |
+|           |                           | x - mu, or of x)  | averaged over d (uniform) | - (not centred)  |           |
 
 fp8 with ``scale="vector"`` keeps one float32 row scale per vector (absmax / format max: the vector's largest
 entry lands on the format's max instead of unit-vector entries underflowing E4M3). uint8 and int4 cut the
@@ -24,6 +24,13 @@ clamp(round((x - offset) / step)), which is floor((x - min) / step)): sentence-t
 dequantized (its rescoring reads raw codes, sentence-transformers PR #4058). int4 codes are packed two per byte
 with ``polyquant.pack.pack_rows`` (low nibble = even dimension); binary codes with ``polyquant.kernels.pack_binary``
 (bit 1 = x >= 0, the core ``BinaryFormat`` code of +1). Float codes saturate at the format's max (no inf).
+
+Binary magnitudes (``fit_codec(..., magnitude=)``, ``BinaryConfig(magnitude=)``): a decoded sign is multiplied by
+one magnitude for every dimension ("uniform", the default: the mean over dimensions of the calibrated mean |x_d -
+mu_d|), so rescoring ranks candidates by q . sign, the ranking of sentence-transformers' +-1 / {0, 1} rescoring;
+or by each dimension's mean |x_d - mu_d| ("dimension", the least-squares decode of each dimension given its sign),
+which reconstructs x better but ranked 0.68 +- 0.22 nDCG@10 points lower after 4x rescoring on the docstring
+benchmark (``benchmarks/embeddings.py`` has both, paired). The step is stored per dimension either way.
 
 Centred binary codes (``fit_codec(..., center=True)``, ``BinaryConfig(center=True)``): embedding models are
 anisotropic (a common mean direction mu, |mu| ~ 0.35 for all-MiniLM-L6-v2), so the bits of sign(x) are unbalanced
@@ -48,12 +55,22 @@ Scoring a query q (already reduced, with its reducer offset b) against codes, ne
 
     q . x_hat = b + q . offset + row_scale * sum_d u_d value(c_d),        u = q * step (q where there is no step)
 
-- float formats: the chunk's codes are upcast to float32 and multiplied, one chunk at a time (exact to fp32).
-- int8 / uint8 / int4: u is quantized per query to int8 (``polyquant.kernels.quantize_dynamic``: u ~ s_u * u_q,
-  s_u = max|u| / 127) and multiplied with the int8 codes by ``polyquant.kernels.int8_gemm`` (exact int32 sums).
-  uint8 codes enter the GEMM as c - 128 (int8), with + 128 * sum(u) added to the offset term; int4 codes are
-  unpacked to 0..15. The only approximation is the query's rounding: the score differs from the dequantized dot
-  product by at most s_u / 2 * sum_d |c_d| (c_d as fed to the GEMM) plus fp32 rounding.
+- On the CPU (every format but binary): value(code) is upcast to float32 ``TILE_ROWS`` vectors at a time into a
+  buffer that stays in the cache, and multiplied with the float32 u by the BLAS (no rounding of the query: the
+  score is the dequantized dot product up to fp32 rounding). The upcast is one vectorised cast for int8, uint8,
+  float16 and bfloat16; int4 splits the bytes into low and high nibbles (even and odd dimensions, two half-width
+  products); fp8 reads byte pairs as int16 and moves each byte into float16 bits with shifts and a mask (E5M2 is
+  the high byte of float16; E4M3 lands on float16 at 2^-8 of its value, exponent and subnormals included, and u is
+  scaled by 2^8), then casts float16 to float32, again as even and odd halves. torch's own float8 cast is not
+  vectorised (14 ns a value, 20x the int8 cast) and int8 integer GEMMs without VNNI are slower still, so these
+  paths are what keeps every format near the memory speed (``benchmarks/embeddings_store.py``). A float8 E4M3
+  NaN code (the byte 0x7F / 0xFF, never written by ``encode``) scores NaN, as it would decoded.
+- On CUDA, int8 / uint8 / int4: u is quantized per query to int8 (``polyquant.kernels.quantize_dynamic``: u ~
+  s_u * u_q, s_u = max|u| / 127) and multiplied with the int8 codes by ``polyquant.kernels.int8_gemm`` (exact
+  int32 sums). uint8 codes enter the GEMM as c - 128 (int8), with + 128 * sum(u) added to the offset term; int4
+  codes are unpacked to 0..15. The only approximation is the query's rounding: the score differs from the
+  dequantized dot product by at most s_u / 2 * sum_d |c_d| (c_d as fed to the GEMM) plus fp32 rounding. Float
+  formats upcast the chunk and multiply.
 - binary: sign bits of q (also for centred codes) against the codes, Hamming distance h; the score is the cosine
   of the sign vectors, (D - 2 h) / D (``polyquant.kernels.hamming_topk`` finds the top k; ``scores`` gives the
   same values through a +-1 matmul). Rescoring with the float query against the decoded codes uses the step
@@ -70,7 +87,7 @@ from torch import Tensor
 from polyquant.formats import FloatFormat, IntFormat, get_format
 from polyquant.primitives import choose_qparams, quantize_tensor
 
-__all__ = ["FORMATS", "SCALES", "MAX_MAGNITUDE", "Codec", "PreparedQueries", "check_values", "fit_codec"]
+__all__ = ["FORMATS", "SCALES", "MAX_MAGNITUDE", "TILE_ROWS", "Codec", "PreparedQueries", "check_values", "fit_codec"]
 
 FORMATS = ("float16", "bfloat16", "fp8_e4m3", "fp8_e5m2", "int8", "uint8", "int4", "binary")
 SCALES = ("none", "vector", "dimension")  # fp8 only
@@ -85,6 +102,9 @@ _FLOATS: dict[str, tuple[FloatFormat, torch.dtype]] = {
 _AFFINE_BITS = {"uint8": 8, "int4": 4}  # unsigned codes over calibrated [min, max] cells
 _EPS = 1e-12  # the smallest step a fit gives (compared in float32)
 MAX_MAGNITUDE = 1e6  # bound of every codec and reducer entry (module docstring)
+TILE_ROWS = 2048  # vectors upcast to float32 per step on the CPU (3 MB at 384 dims; measured best of 512..8192)
+_E4M3_BITS = -16512  # 0xBF80 as int16: sign, 4 exponent and 3 mantissa bits of an E4M3 byte moved to bits 7-15
+_E5M2_HIGH = -256  # 0xFF00 as int16: the high byte
 
 
 def check_values(t: Tensor, name: str, lo: float, hi: float) -> None:
@@ -107,6 +127,9 @@ class PreparedQueries:
         bias: (Q,) float32 constant term of every score: offset + q . codec offset (+ 128 sum(u) for uint8).
         qcodes, qscale: u quantized per query, (Q, D) int8 and (Q, 1) float32 (integer formats), else None.
         bits: (Q, ceil(D / 8)) uint8 packed sign bits (binary), else None.
+        tile_weights: (S, Q, H) float32: u in the column order of ``Codec.upcast`` (S = 2 halves for int4 and
+            fp8, else 1; E4M3 scaled by 2^8; zero for int4's padding nibble); None for binary.
+        tile_bias: (Q,) float32 constant term of the CPU path's scores (``bias`` without the uint8 shift).
     """
 
     reduced: Tensor
@@ -116,6 +139,8 @@ class PreparedQueries:
     qcodes: Tensor | None = None
     qscale: Tensor | None = None
     bits: Tensor | None = None
+    tile_weights: Tensor | None = None
+    tile_bias: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -276,11 +301,92 @@ class Codec:
             from polyquant.kernels import quantize_dynamic
 
             qcodes, qscale = quantize_dynamic(u, fmt="int8")  # (Q, D) int8, (Q, 1) float32
+        tile_weights = tile_bias = None
         if self.format == "binary":
             from polyquant.kernels import pack_binary
 
             bits = pack_binary(q >= 0)
-        return PreparedQueries(q, offset.float(), u, bias, qcodes, qscale, bits)
+        else:
+            tile_weights = self._tile_weights(u)
+            tile_bias = bias - 128.0 * u.sum(dim=1) if self.format == "uint8" else bias
+        return PreparedQueries(q, offset.float(), u, bias, qcodes, qscale, bits, tile_weights, tile_bias)
+
+    # --- the CPU path: upcast tiles, BLAS products ----------------------------------------------------------------
+
+    @property
+    def halves(self) -> bool:
+        """Whether ``upcast`` writes even and odd dimensions as two halves (int4; fp8 of an even dimension)."""
+        return self.format == "int4" or (self.format.startswith("fp8") and self.dim % 2 == 0)
+
+    def _tile_weights(self, u: Tensor) -> Tensor:
+        """u (Q, dim) as the (S, Q, H) weights of ``upcast``'s columns (``PreparedQueries.tile_weights``)."""
+        if not self.halves:
+            return u[None].contiguous()
+        if self.format == "fp8_e4m3":
+            u = u * 256.0  # upcast gives E4M3 values times 2^-8 (exact: a power of two)
+        width = 2 * self.code_width if self.format == "int4" else self.dim
+        padded = torch.nn.functional.pad(u, (0, width - self.dim))  # int4 of an odd dim: a zero for the pad nibble
+        return torch.stack([padded[:, 0::2], padded[:, 1::2]]).contiguous()
+
+    def scratch(self, rows: int) -> Tensor | None:
+        """The integer buffer ``upcast`` works in for up to ``rows`` codes: (rows, code_width) uint8 for int4,
+        (2, rows, dim / 2) int16 for fp8 halves, else None."""
+        if self.format == "int4":
+            return torch.empty(rows, self.code_width, dtype=torch.uint8)
+        if self.halves:
+            return torch.empty(2, rows, self.dim // 2, dtype=torch.int16)
+        return None
+
+    def upcast(self, codes: Tensor, out: Tensor, scratch: Tensor | None = None) -> None:
+        """value(code) of CPU codes (n, code_width) into ``out`` (S, n, H) float32, the columns of
+        ``tile_weights`` (module docstring), working in ``scratch`` (``scratch(n)`` or larger; allocated if None).
+        A float8 E4M3 NaN byte makes the whole tile NaN (damage is refused where it is scored)."""
+        n = len(codes)
+        if not self.halves:
+            out[0].copy_(codes)  # int8, uint8, float16, bfloat16: vectorised casts; fp8 of an odd dim: torch's own
+            return
+        buffer = self.scratch(n) if scratch is None else scratch
+        if self.format == "int4":
+            nibbles = buffer[:n]
+            out[0].copy_(torch.bitwise_and(codes, 0xF, out=nibbles))  # low nibble: even dimension
+            out[1].copy_(torch.bitwise_right_shift(codes, 4, out=nibbles))
+            return
+        h = buffer[:, :n]
+        pairs = codes.view(torch.uint8).view(torch.int16)  # (n, dim / 2): even byte low, odd byte high
+        if self.format == "fp8_e5m2":  # E5M2 bits are float16's high byte
+            torch.bitwise_left_shift(pairs, 8, out=h[0])
+            torch.bitwise_and(pairs, _E5M2_HIGH, out=h[1])
+        else:  # E4M3 byte s eeee mmm -> float16 bits s 0 eeee mmm 0000000: 2^-8 of the value
+            torch.bitwise_left_shift(pairs, 8, out=h[0])
+            h[0].bitwise_right_shift_(1)  # arithmetic: bits 7-14 <- the even byte, bit 15 <- its sign
+            torch.bitwise_right_shift(pairs, 1, out=h[1])  # bits 7-14 <- the odd byte, bit 15 <- its sign
+            h.bitwise_and_(_E4M3_BITS)  # clear bit 14 (the sign's copy) and bits 0-6 (the other byte)
+            raw = codes.view(torch.uint8)  # NaN bytes 0x7F / 0xFF are the int8 / uint8 maxima: two fast reductions
+            if int(raw.max()) == 0xFF or int(raw.view(torch.int8).max()) == 0x7F:
+                out.fill_(float("nan"))
+                return
+        out.copy_(h.view(torch.float16))
+
+    def _tile_scores(self, p: PreparedQueries, codes: Tensor, row_scale: Tensor | None) -> Tensor:
+        """The CPU path of ``scores``: ``TILE_ROWS`` codes at a time upcast and multiplied (module docstring)."""
+        assert p.tile_weights is not None and p.tile_bias is not None
+        w = p.tile_weights
+        n = len(codes)
+        out = torch.empty(w.shape[1], n)
+        rows = min(n, TILE_ROWS)
+        tile = torch.empty(w.shape[0], rows, w.shape[2])
+        scratch = self.scratch(rows)
+        for start in range(0, n, rows):
+            c = codes[start : start + rows]
+            t = tile[:, : len(c)]
+            self.upcast(c, t, scratch)
+            dots = out[:, start : start + len(c)]
+            torch.matmul(w[0], t[0].T, out=dots)
+            if len(w) == 2:
+                dots.addmm_(w[1], t[1].T)
+        if row_scale is not None:
+            out.mul_(row_scale.float()[None, :])
+        return out.add_(p.tile_bias[:, None])
 
     def gemm_codes(self, codes: Tensor) -> Tensor:
         """The int8 matrix the integer formats feed ``int8_gemm``: int8 codes, uint8 codes - 128, int4 0..15."""
@@ -300,6 +406,8 @@ class Codec:
         if self.format == "binary":
             signs = (p.reduced >= 0).float() * 2 - 1  # (Q, D)
             return (signs @ self.values(codes.to(signs.device)).T) / self.dim  # (D - 2 h) / D, exact integers
+        if codes.device.type == "cpu" and p.weights.device.type == "cpu":
+            return self._tile_scores(p, codes, row_scale)
         if p.qcodes is not None:
             from polyquant.kernels import int8_gemm
 
@@ -318,7 +426,8 @@ class Codec:
         return prepared.offset[:, None] + prepared.reduced @ x.T
 
 
-def fit_codec(calibration: Tensor, format: str, *, scale: str = "none", center: bool = False) -> Codec:
+def fit_codec(calibration: Tensor, format: str, *, scale: str = "none", center: bool = False,
+              magnitude: str = "uniform") -> Codec:
     """Fit ``format`` on calibration vectors (N, D) (already reduced): the per-dimension ranges of the table.
 
     Args:
@@ -326,6 +435,9 @@ def fit_codec(calibration: Tensor, format: str, *, scale: str = "none", center: 
         format: one of ``FORMATS``.
         scale: fp8 scaling, one of ``SCALES``.
         center: binary only: centred codes, the bits of x - mu with mu the calibration mean (module docstring).
+        magnitude: binary only: the step of every dimension is "uniform", the mean over dimensions of the
+            calibrated mean |x_d - mu_d| (rescoring then ranks by q . sign, as sentence-transformers does), or
+            "dimension", each dimension's own mean |x_d - mu_d| (module docstring).
     """
     if calibration.dim() != 2 or calibration.shape[0] < 1:
         raise ValueError(f"calibration vectors must be (N, D) with N >= 1, got {tuple(calibration.shape)}")
@@ -343,9 +455,13 @@ def fit_codec(calibration: Tensor, format: str, *, scale: str = "none", center: 
         return Codec(format=format, dim=d, scale=scale)
     if scale != "none":
         raise ValueError(f"{format}: scale applies to fp8 formats only, got {scale!r}")
+    if magnitude not in ("uniform", "dimension") or (magnitude != "uniform" and format != "binary"):
+        raise ValueError(f"{format}: magnitude applies to binary codes ('uniform' or 'dimension'), got {magnitude!r}")
     if format == "binary":
         mu = x.mean(dim=0) if center else None  # (D,)
         step = (x if mu is None else x - mu).abs().mean(dim=0).clamp_min(_EPS)  # least-squares magnitude per sign
+        if magnitude == "uniform":
+            step = step.mean().expand(d).clamp_min(_EPS)  # one magnitude: rescoring ranks by q . sign
         return Codec(format=format, dim=d, step=step.contiguous(), offset=None if mu is None else mu.contiguous())
     if format == "int8":
         step, _ = choose_qparams(x, get_format("int8"), (n, 1), eps=_EPS)  # (1, D): absmax / 127

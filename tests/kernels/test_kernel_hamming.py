@@ -69,3 +69,37 @@ def test_topk_gpu_large() -> None:
     dist, idx = hamming.hamming_topk(q, db, 10)
     ref_dist, ref_idx = hamming.hamming_topk_reference(q, db, 10)
     assert torch.equal(dist, ref_dist) and torch.equal(idx, ref_idx)
+
+
+@pytest.mark.parametrize("engine", ["faiss", "numpy"])
+@pytest.mark.parametrize("nq, n, d, k", [(5, 300, 64, 7), (3, 2000, 8, 50), (4, 257, 20, 257), (2, 900, 384, 40),
+                                         (1, 70, 128, 1)])
+def test_cpu_engine_matches_reference_ties_included(monkeypatch: pytest.MonkeyPatch, engine: str, nq: int, n: int,
+                                                     d: int, k: int) -> None:
+    """FAISS's knn_hamming and the numpy popcount give the reference's distances and indices, ties (8-bit codes:
+    9 distinct distances over 2,000 rows; duplicated rows) to the smaller index, whole words or not."""
+    if engine == "faiss":
+        pytest.importorskip("faiss")
+    else:
+        monkeypatch.setattr(hamming, "_faiss", lambda: None)
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        q = hamming.pack_binary(torch.rand(nq, d, generator=g) > 0.5)
+        db = hamming.pack_binary(torch.rand(n, d, generator=g) > 0.5)
+        db[n // 3 : n // 3 + 5] = db[:5]  # duplicates: equal distances at different indices
+        dist, idx = hamming.hamming_topk_cpu(q, db, k)
+        ref_dist, ref_idx = hamming.hamming_topk_reference(q, db, k)
+        assert dist.dtype == torch.int32 and idx.dtype == torch.int64
+        assert torch.equal(dist, ref_dist) and torch.equal(idx, ref_idx)
+        assert torch.equal(hamming.hamming_topk(q, db, k)[1], ref_idx)  # the CPU dispatch runs the engine
+    with pytest.raises(ValueError, match="k must be"):
+        hamming.hamming_topk_cpu(q, db, n + 1)
+
+
+def test_cpu_engine_reads_a_memory_mapped_database_in_place(tmp_path) -> None:
+    db = np.memmap(tmp_path / "codes", dtype=np.uint8, mode="w+", shape=(500, 48))
+    db[:] = np.random.default_rng(0).integers(0, 256, (500, 48), dtype=np.uint8)
+    q = torch.from_numpy(np.array(db[[3, 400]]))
+    dist, idx = hamming.hamming_topk_cpu(q, torch.from_numpy(db[100:]), 5)
+    assert idx[1, 0].item() == 300 and dist[1, 0].item() == 0  # row 400 of the file is row 300 of the view
+    assert torch.equal(idx, hamming.hamming_topk_reference(q, torch.from_numpy(np.array(db[100:])), 5)[1])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from polyquant.kernels import hamming_distance_reference
-from polyquant.plugins.embeddings.formats import FORMATS, Codec, fit_codec
+from polyquant.plugins.embeddings.formats import FORMATS, TILE_ROWS, Codec, fit_codec
 
 T = torch.tensor
 
@@ -50,15 +50,34 @@ def test_int4_packs_two_codes_per_byte_by_hand() -> None:
 
 
 def test_binary_sign_bits_and_calibrated_magnitudes_by_hand() -> None:
-    codec = fit_codec(T([[1.0, -2.0], [-3.0, 4.0]]), "binary")  # step = mean |x| per dim
+    codec = fit_codec(T([[1.0, -2.0], [-3.0, 4.0]]), "binary", magnitude="dimension")  # step = mean |x| per dim
     assert torch.equal(codec.step, T([2.0, 3.0]))
     codes, _, x = _roundtrip(codec, T([[0.5, -0.1], [-1.0, 0.0]]))
     assert codes.tolist() == [[0b01], [0b10]]  # bit j = dim j >= 0 (0 counts as +)
     assert x.tolist() == [[2.0, -3.0], [-2.0, 3.0]]
 
 
+def test_uniform_binary_magnitude_ranks_rescoring_by_the_signs_by_hand() -> None:
+    """The default magnitude is one value for every dimension, the mean of the per-dimension ones ((2 + 3) / 2), so
+    rescoring ranks by q . sign like sentence-transformers; per-dimension magnitudes can rank otherwise."""
+    calibration = T([[1.0, -2.0], [-3.0, 4.0]])
+    uniform, per_dim = fit_codec(calibration, "binary"), fit_codec(calibration, "binary", magnitude="dimension")
+    assert torch.equal(uniform.step, T([2.5, 2.5])) and torch.equal(uniform.encode(calibration)[0],
+                                                                    per_dim.encode(calibration)[0])
+    codes, _ = uniform.encode(T([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]]))  # signs (+, +), (+, -), (-, +)
+    q = T([[0.6, 0.5]])
+    prep, prep_dim = uniform.prepare(q, T([0.0])), per_dim.prepare(q, T([0.0]))
+    torch.testing.assert_close(uniform.dequantized_scores(prep, codes), T([[2.75, 0.25, -0.25]]))  # 2.5 q . sign
+    torch.testing.assert_close(per_dim.dequantized_scores(prep_dim, codes), T([[2.7, -0.3, 0.3]]))  # (2, 3) weights
+    with pytest.raises(ValueError, match="magnitude applies to binary codes"):
+        fit_codec(calibration, "int8", magnitude="dimension")
+    with pytest.raises(ValueError, match="magnitude applies to binary codes"):
+        fit_codec(calibration, "binary", magnitude="per-dim")
+
+
 def test_centred_binary_codes_and_decode_by_hand() -> None:
-    codec = fit_codec(T([[1.0, -2.0], [-3.0, 4.0]]), "binary", center=True)  # mu = (-1, 1), mean |x - mu| = (2, 3)
+    codec = fit_codec(T([[1.0, -2.0], [-3.0, 4.0]]), "binary", center=True, magnitude="dimension")  # mu = (-1, 1),
+    # mean |x - mu| = (2, 3)
     assert codec.centred and torch.equal(codec.offset, T([-1.0, 1.0])) and torch.equal(codec.step, T([2.0, 3.0]))
     assert set(codec.tensors()) == {"step", "offset"} and codec.nbytes() == 16 and codec.code_bytes() == 1
     codes, _, x = _roundtrip(codec, T([[0.5, -0.1], [-1.0, 1.0], [-2.0, 2.0]]))
@@ -150,10 +169,16 @@ def _data(d: int = 40, n: int = 300, q: int = 7) -> tuple[torch.Tensor, torch.Te
     return x / x.norm(dim=1, keepdim=True), torch.randn(q, d, generator=g)
 
 
-@pytest.mark.parametrize("fmt,scale", [(f, "none") for f in FORMATS] + [("fp8_e4m3", "vector"),
-                                                                        ("fp8_e5m2", "dimension")])
-def test_scores_on_codes_match_the_dequantized_dot_product(fmt: str, scale: str) -> None:
-    x, q = _data()
+SCORED = [(f, "none") for f in FORMATS] + [("fp8_e4m3", "vector"), ("fp8_e5m2", "dimension")]
+
+
+@pytest.mark.parametrize("d", [40, 39], ids=["even", "odd"])
+@pytest.mark.parametrize("fmt,scale", SCORED)
+def test_scores_on_codes_match_the_dequantized_dot_product(fmt: str, scale: str, d: int) -> None:
+    """On the CPU every format but binary upcasts tiles of codes and multiplies with the float query: the
+    dequantized dot product up to fp32 summation order (int4 and fp8 as even / odd halves; fp8 of an odd
+    dimension through torch's cast), over more than one tile."""
+    x, q = _data(d=d, n=TILE_ROWS + 300)
     codec = fit_codec(x[:200], fmt, scale=scale)
     codes, row_scale = codec.encode(x)
     offset = torch.linspace(-0.5, 0.5, len(q))  # a reducer offset is carried through unchanged
@@ -164,15 +189,43 @@ def test_scores_on_codes_match_the_dequantized_dot_product(fmt: str, scale: str)
         assert torch.equal(got, (codec.dim - 2 * h) / codec.dim)
         return
     want = offset[:, None] + q @ codec.decode(codes, row_scale).T
-    if fmt in ("int8", "uint8", "int4"):
-        # only the query is rounded (u ~ s_u u_q): |error| <= s_u / 2 * sum_d |c_d| over the GEMM's int8 codes
-        c = codec.gemm_codes(codes).float().abs().sum(dim=1)  # (N,)
-        bound = prep.qscale / 2 * c[None, :] + 1e-5
-        assert bool(((got - want).abs() <= bound).all())
-        assert float((got - want).abs().max()) > 0  # the query really is quantized
-    else:  # exact up to fp32 summation order: |q| |x| D eps with |q| ~ sqrt(D) here
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # |q| |x| D eps with |q| ~ sqrt(D) here
     torch.testing.assert_close(codec.dequantized_scores(prep, codes, row_scale), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_upcast_is_exact_for_every_byte(fmt: str) -> None:
+    """Every one of the 256 codes (subnormals and the largest included) upcast by the shift-and-mask path is the
+    float8 value (E4M3 at 2^-8, E5M2 exactly); a NaN byte (or E5M2 Inf) scores non-finite."""
+    codec = Codec(format=fmt, dim=2)
+    dtype = torch.float8_e4m3fn if fmt == "fp8_e4m3" else torch.float8_e5m2
+    byte = torch.arange(256, dtype=torch.uint8)
+    value = byte.view(dtype).float()
+    finite = torch.isfinite(value)
+    pairs = torch.stack([byte[finite], byte[finite].flip(0)], dim=1).contiguous().view(dtype)  # (n, 2) codes
+    out = torch.empty(2, len(pairs), 1)
+    codec.upcast(pairs, out)
+    unit = 2.0**-8 if fmt == "fp8_e4m3" else 1.0
+    assert torch.equal(out[0, :, 0], value[finite] * unit) and torch.equal(out[1, :, 0], value[finite].flip(0) * unit)
+    prep = codec.prepare(torch.ones(1, 2), torch.zeros(1))
+    for bad in byte[~finite].tolist():
+        codes = torch.tensor([[0x38, 0x38], [bad, 0x38]], dtype=torch.uint8).view(dtype)
+        assert not bool(torch.isfinite(codec.scores(prep, codes)[0, 1])), hex(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the int8 GEMM path)")
+@pytest.mark.parametrize("fmt", ["int8", "uint8", "int4"])
+def test_cuda_integer_scores_round_only_the_query(fmt: str) -> None:
+    x, q = _data()
+    codec = fit_codec(x[:200], fmt)
+    codes, _ = codec.encode(x)
+    prep = codec.prepare(q.cuda(), torch.zeros(len(q), device="cuda"))
+    got = codec.scores(prep, codes.cuda()).cpu()
+    want = q @ codec.decode(codes).T
+    # only the query is rounded (u ~ s_u u_q): |error| <= s_u / 2 * sum_d |c_d| over the GEMM's int8 codes
+    c = codec.gemm_codes(codes).float().abs().sum(dim=1)  # (N,)
+    bound = prep.qscale.cpu() / 2 * c[None, :] + 1e-5
+    assert bool(((got - want).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

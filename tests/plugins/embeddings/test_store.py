@@ -272,8 +272,9 @@ def test_centred_binary_search_and_rescoring_on_the_codes(tmp_path: Path) -> Non
     scores, ids = store.search(Q, 10, rescore=1)
     assert torch.equal(ids, want.indices[:, :10])
     assert torch.equal(scores, (D - 2 * want.values[:, :10]).float() / D)
-    # rescoring: the 40 Hamming candidates, ranked by the float query . (mu + sign * mean |x - mu|)
-    decoded = mu + torch.where(X - mu >= 0, 1.0, -1.0) * (X[:400] - mu).abs().mean(dim=0)  # (N, D)
+    # rescoring: the 40 Hamming candidates, ranked by the float query . (mu + sign * m), m = mean |x - mu| over the
+    # calibration set and the dimensions (the default uniform magnitude)
+    decoded = mu + torch.where(X - mu >= 0, 1.0, -1.0) * (X[:400] - mu).abs().mean()  # (N, D)
     cand = want.indices[:, :40]
     exact = (Q @ decoded.T).gather(1, cand)
     top = torch.sort(exact, dim=1, descending=True, stable=True)
