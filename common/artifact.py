@@ -58,11 +58,13 @@ import sys
 from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where tensors are made or read: ``read_manifest`` needs none
+    import torch
+    from torch import Tensor
 
 try:  # advisory locks on temp files (POSIX); without them stale temp files are left alone
     import fcntl
@@ -92,25 +94,41 @@ _MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 _NAME_MAX = 255  # bytes in a file name, where the file system does not say (os.pathconf)
 _TEMP_SUFFIX_BYTES = 16 + len(".tmp")  # the random hex part and the suffix of a temp file name
 
-# safetensors dtype name -> torch dtype (the ones we write and accept)
-_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype name -> bytes per element (the dtypes we write and accept; ``_torch_dtypes`` has their torch dtype)
+_ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
-_DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in _DTYPES.items()}
+
+
+@cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype name -> torch dtype (imports torch on first use)."""
+    import torch
+
+    return {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U64": torch.uint64,
+        "U32": torch.uint32,
+        "U16": torch.uint16,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+
+
+@cache
+def _dtype_names() -> dict[torch.dtype, str]:
+    """torch dtype -> safetensors dtype name."""
+    return {v: k for k, v in _torch_dtypes().items()}
 
 _MANIFEST_FIELDS = {
     "format",
@@ -196,7 +214,7 @@ def save(artifact: Artifact, path: str | os.PathLike[str]) -> Path:
         "meta": artifact.meta,
         "tensors": {
             name: {
-                "dtype": _DTYPE_NAMES[t.dtype],
+                "dtype": _dtype_names()[t.dtype],
                 "shape": list(t.shape),
                 "sha256": hashlib.sha256(raw[name]).hexdigest(),
             }
@@ -212,7 +230,7 @@ def save(artifact: Artifact, path: str | os.PathLike[str]) -> Path:
     for name in order:
         end = offset + len(raw[name])
         t = tensors[name]
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        header[name] = {"dtype": _dtype_names()[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
         offset = end
     head = json.dumps(header, separators=(",", ":")).encode("ascii")
     head += b" " * (-(8 + len(head)) % 8)
@@ -391,6 +409,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _prepare_tensor(name: object, t: object, where: str) -> Tensor:
+    import torch
+
     if not isinstance(name, str) or not name:
         raise ArtifactError(f"{where}: tensor names must be non-empty strings, got {name!r}")
     if name == "__metadata__":
@@ -399,12 +419,12 @@ def _prepare_tensor(name: object, t: object, where: str) -> Tensor:
         name.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ArtifactError(f"{where}: tensor name {name!r} is not valid unicode") from e
-    if not isinstance(t, Tensor):
+    if not isinstance(t, torch.Tensor):
         raise ArtifactError(f"{where}: tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
     if t.layout != torch.strided or t.is_quantized or t.device.type == "meta":
         raise ArtifactError(f"{where}: tensor {name!r} must be a dense tensor with data ({t.layout}, {t.device})")
-    if t.dtype not in _DTYPE_NAMES:
-        supported = ", ".join(str(d).removeprefix("torch.") for d in _DTYPE_NAMES)
+    if t.dtype not in _dtype_names():
+        supported = ", ".join(str(d).removeprefix("torch.") for d in _dtype_names())
         raise ArtifactError(f"{where}: tensor {name!r} has unsupported dtype {t.dtype} (supported: {supported})")
     problem = _shape_problem(list(t.shape))
     if problem:
@@ -427,6 +447,8 @@ def _raw_bytes(t: Tensor) -> memoryview:
     """The tensor's bytes in memory order (little-endian), without a copy."""
     if sys.byteorder != "little":
         raise ArtifactError("saving artifacts on a big-endian machine is not supported")
+    import torch
+
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -551,6 +573,7 @@ def _load(path: Path, where: str) -> Artifact:
 
 def _load_mmap(path: Path, where: str, *, verify: bool) -> Artifact:
     import numpy as np
+    import torch
 
     if sys.byteorder != "little":
         raise ArtifactError(f"{where}: memory-mapped loading needs a little-endian machine")
@@ -567,7 +590,7 @@ def _load_mmap(path: Path, where: str, *, verify: bool) -> Artifact:
     tensors: dict[str, Tensor] = {}
     for name, spec in manifest["tensors"].items():
         begin, end = entries[name]["data_offsets"]
-        dtype = _DTYPES[spec["dtype"]]
+        dtype = _torch_dtypes()[spec["dtype"]]
         raw = mapped[start + begin : start + end]
         if verify and hashlib.sha256(memoryview(raw)).hexdigest() != spec["sha256"]:
             raise ArtifactError(f"{where}: checksum mismatch for tensor {_short(name)} (the file is corrupted)")
@@ -588,6 +611,8 @@ def _load_mmap(path: Path, where: str, *, verify: bool) -> Artifact:
 
 def _check_bool(name: str, t: Tensor, where: str) -> None:
     """A bool tensor must hold only the bytes 0 and 1 (any other byte is undefined behaviour in torch)."""
+    import torch
+
     if t.dtype == torch.bool and t.numel() and int(t.reshape(-1).view(torch.uint8).max()) > 1:
         raise ArtifactError(f"{where}: bool tensor {_short(name)} holds bytes other than 0 and 1")
 
@@ -692,7 +717,7 @@ def _parse_header(head: bytes, data_len: int, where: str) -> tuple[dict[str, dic
                 f"{where}: bad header entry for tensor {_short(name)}: expected {sorted(_ENTRY_FIELDS)}"
             )
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
             raise ArtifactError(f"{where}: tensor {_short(name)} has unknown dtype {_short(dtype)}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise ArtifactError(f"{where}: tensor {_short(name)} has a bad shape {_short(shape)}")
@@ -706,7 +731,7 @@ def _parse_header(head: bytes, data_len: int, where: str) -> tuple[dict[str, dic
             raise ArtifactError(
                 f"{where}: tensor {_short(name)} data_offsets {_short(offsets)} outside the {data_len} data bytes"
             )
-        nbytes = math.prod(shape) * _DTYPES[dtype].itemsize
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]
         if end - begin != nbytes:
             raise ArtifactError(
                 f"{where}: tensor {_short(name)} spans {end - begin} bytes, {dtype}{_short(shape)} needs {nbytes}"

@@ -5,20 +5,24 @@
     polyquant demo [PLUGIN ...]                     plugin demos; the core demo when no plugin has one
     polyquant quantize PLUGIN/METHOD [ARGS ...]     options from the method's config fields + the plugin's model
                                                     and data options (add_model_args / load_inputs), then
-                                                    polyquant.quantize and polyquant.save
+                                                    polyquant.quantize and polyquant.save; the time of the inputs
+                                                    (a model to load, texts to embed) is reported apart
     polyquant load ARTIFACT [ARGS ...]              verify and summarize an artifact; its plugin rebuilds the model
                                                     and its run_load hook reports
     polyquant search ARTIFACT [ARGS ...]            search an artifact (an embedding store) with the search hook of
                                                     the plugin its manifest names
 
-Plugin hooks of ``search`` (optional, in the plugin's impl module; see ``polyquant.plugins._registry``):
+Plugin hooks of ``search`` (optional, in the plugin's impl module or its light ``spec.cli`` module, which imports
+no torch: see ``polyquant.plugins._registry``):
 
     add_search_args(parser: argparse.ArgumentParser) -> None     the plugin's options (queries, -k, ...)
     run_search(artifact_path: pathlib.Path, args: argparse.Namespace) -> int    loads the artifact itself (it may
                                                     memory-map it), prints the results, returns the exit code
 
 ``search`` reads only the artifact's header (``polyquant.artifact.read_manifest``) to find the plugin; a file that
-is not an artifact, names no plugin, or whose plugin has no search hook is a usage error (exit 2).
+is not an artifact, names no plugin, or whose plugin has no search hook is a usage error (exit 2). Torch is
+imported by the commands that need it, so ``--help``, ``list``, ``info`` and the argument checks of ``search``
+(with a plugin's light ``spec.cli``) start without it.
 
 Exit codes: 0 success, 1 a command failed, 2 bad arguments or an unusable plugin, 141 standard output closed
 early (``polyquant list --json | head -1``; nothing is reported, like a command ended by SIGPIPE). Errors are one
@@ -44,9 +48,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, NoReturn
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from . import __version__
 from .config import CliOption, ConfigError, QuantConfig, UsageError, cli_options
@@ -60,7 +62,11 @@ from .plugins import (
     get_info,
     get_method,
     load,
+    load_cli,
 )
+
+if TYPE_CHECKING:  # imported inside the commands that need it: --help, list and search's checks start without it
+    import torch
 
 __all__ = ["main", "build_parser", "CliError", "CliInputs", "add_config_options", "config_from_args", "printable"]
 
@@ -212,6 +218,7 @@ def _info_dict(info: PluginInfo) -> dict[str, Any]:
         "requires": list(spec.requires) if spec else [],
         "impl": spec.impl if spec else None,
         "demo": spec.demo if spec else None,
+        "cli": spec.cli if spec else None,
     }
 
 
@@ -230,6 +237,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  api version:    {spec.api_version}")
     print(f"  implementation: {p(spec.impl)}")
     print(f"  demo:           {p(spec.demo or '-')}")
+    if spec.cli:
+        print(f"  cli hooks:      {p(spec.cli)}")
     print("  requires:" + ("" if spec.requires else "       -"))
     width = max((len(p(r)) for r in spec.requires), default=0)
     for status in check_requirements(spec.requires):
@@ -367,7 +376,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if not sep or not plugin or not method:
         raise CliError(f"expected PLUGIN/METHOD, got {args.target!r} (see 'polyquant list')")
     cls = _config_class(plugin, method)
-    impl = load(plugin)
+    impl = load_cli(plugin)  # the module holding the command-line hooks
     if not hasattr(impl, "add_model_args") or not hasattr(impl, "load_inputs"):
         raise CliError(f"plugin {plugin!r} has no command-line model hooks; use its Python API")
     prog = f"polyquant quantize {args.target}"
@@ -376,10 +385,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     add_config_options(parser, cls)
     run = parser.add_argument_group("run options (not saved)")
     run.add_argument("--out", default=None, metavar="PATH",
-                     help="artifact path (.safetensors); checked before calibration starts")
+                     help="artifact path (a safetensors file: .safetensors, or the plugin's suffix such as .pqs); "
+                          "checked before calibration starts")
     run.add_argument("--force", action="store_true", help="overwrite an existing --out file (never an input file)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
-    run.add_argument("--quiet", action="store_true", help="no progress bars (they show only in a terminal)")
+    run.add_argument("--quiet", action="store_true",
+                     help="no progress bars (they show only in a terminal) or status lines on stderr")
     parsed = parser.parse_args(["--help"] if args.help else args.rest)
     config = config_from_args(cls, parsed, prog)
     if parsed.out is not None:
@@ -388,14 +399,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .api import progress_default, quantize, save
 
     device = default_device() if parsed.device is None else torch_device(parsed.device, prog)
-    inputs = impl.load_inputs(method, config, parsed)
+    t0 = time.perf_counter()
+    inputs = impl.load_inputs(method, config, parsed)  # may be the slow part: a model to load, texts to embed
+    input_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     qm = quantize(inputs.model, config, inputs.calib, progress=progress_default() and not parsed.quiet,
                   device=device)
     if qm.model_config is None:
         qm.model_config = inputs.model_config
     seconds = time.perf_counter() - t0
-    print(f"{plugin}/{method}: {inputs.label}, {seconds:.1f} s")
+    print(f"{plugin}/{method}: {inputs.label}; inputs {input_seconds:.1f} s, quantized in {seconds:.1f} s")
     if hasattr(impl, "report_quantized"):
         impl.report_quantized(qm, inputs, parsed)
     if parsed.out is None:
@@ -424,11 +437,15 @@ def _method_summary(plugin: str, method: str) -> str | None:
 
 def default_device() -> torch.device:
     """The command line's default device: CUDA when available, else the CPU."""
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def torch_device(name: str, prog: str) -> torch.device:
     """``--device NAME`` as a torch device (a ``CliError`` naming the option for a bad name)."""
+    import torch
+
     try:
         return torch.device(name)
     except RuntimeError as e:
@@ -455,7 +472,8 @@ def cmd_load(args: argparse.Namespace) -> int:
     impl, unavailable = None, None
     if plugin:
         try:
-            impl = load(plugin)
+            load(plugin)  # the impl module, which the rebuild needs
+            impl = load_cli(plugin)  # the module holding the command-line hooks (often the same)
         except PluginLoadError as e:  # the artifact can still be inspected; only the rebuild needs the plugin
             unavailable = str(e)
     if impl is not None:
@@ -474,6 +492,8 @@ def cmd_load(args: argparse.Namespace) -> int:
         plugin_args = parser.parse_args(["--help"] if args.help else args.rest)
         plugin_args.artifact_path = path  # for a run_load hook that reads the file itself (sizes)
         _print_artifact(path, artifact)
+        import torch
+
         from .api import from_artifact
 
         try:
@@ -535,7 +555,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     plugin = manifest["plugin"]
     if not plugin:
         raise CliError(f"{path}: the artifact names no plugin, so nothing can search it")
-    impl = load(plugin)  # an unusable plugin: PluginLoadError, exit 2
+    impl = load_cli(plugin)  # an unusable plugin: PluginLoadError, exit 2; a light hooks module imports no torch
     if not hasattr(impl, "add_search_args") or not hasattr(impl, "run_search"):
         raise CliError(f"{path}: plugin {plugin!r} ({manifest['method']}) cannot search its artifacts (no "
                        "add_search_args / run_search hooks)")

@@ -24,6 +24,7 @@ from ._registry import (
     get_info,
     get_method,
     load,
+    load_cli,
 )
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "get_info",
     "get_method",
     "load",
+    "load_cli",
 ]

@@ -17,6 +17,7 @@ imported only when the plugin is used. Built-in plugins are declared the same wa
         requires=("torch>=2.4",),                     # PEP 508, checked from metadata before impl is imported
         impl="polyquant_pointcloud.methods",
         demo="polyquant_pointcloud.demo:run",
+        cli=None,                                     # or a light module holding the command-line hooks
     )
 
 The impl module contract (the method contract itself is ``polyquant.api``; docs/ARCHITECTURE.md):
@@ -43,6 +44,10 @@ The impl module contract (the method contract itself is ``polyquant.api``; docs/
     plugin; the hook loads the artifact itself, e.g. memory-mapped; both or neither):
     add_search_args(parser: argparse.ArgumentParser) -> None                   queries, -k, ... options
     run_search(artifact_path: pathlib.Path, args: argparse.Namespace) -> int   search and print; the exit code
+
+The command-line hooks live in the impl module, or all of them in ``spec.cli``: a light module (no torch at import,
+heavy imports inside the hooks) that the command line imports instead of ``impl`` (``load_cli``), so that
+``polyquant search`` parses and checks its options before anything heavy is imported.
 
 ``spec.demo`` ("module:function") names a function that runs a short offline demo and returns a printable report.
 
@@ -79,6 +84,7 @@ __all__ = [
     "discover",
     "get_info",
     "load",
+    "load_cli",
     "get_method",
     "get_demo",
     "clear_cache",
@@ -109,6 +115,8 @@ class PluginSpec:
         requires: PEP 508 requirements, checked from installed metadata before ``impl`` is imported.
         impl: dotted name of the module that holds ``METHODS`` (and the optional CLI hooks).
         demo: ``"module:function"`` running a short offline demo that returns a printable report, or None.
+        cli: dotted name of a light module holding the command-line hooks (``load_cli``), or None: they are in
+            ``impl``.
     """
 
     name: str
@@ -118,6 +126,7 @@ class PluginSpec:
     requires: tuple[str, ...]
     impl: str
     demo: str | None = None
+    cli: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _PLUGIN_NAME.fullmatch(self.name):
@@ -147,6 +156,8 @@ class PluginSpec:
             module, _, func = self.demo.partition(":") if isinstance(self.demo, str) else ("", "", "")
             if not (_DOTTED.fullmatch(module) and func.isidentifier()):
                 raise ValueError(f"{self.name}: demo must be 'module:function', got {self.demo!r}")
+        if self.cli is not None and not (isinstance(self.cli, str) and _DOTTED.fullmatch(self.cli)):
+            raise ValueError(f"{self.name}: cli must be a dotted module name or None, got {self.cli!r}")
 
 
 def _check_line(text: object, what: str) -> None:
@@ -311,19 +322,32 @@ def _usable(name: str) -> PluginSpec:
     return info.spec
 
 
-def load(name: str) -> ModuleType:
-    """Import and return the impl module of plugin ``name``; raises ``PluginLoadError`` if it cannot be used."""
-    spec = _usable(name)
+def _import(name: str, module_name: str) -> ModuleType:
+    """Import a module of plugin ``name`` (its prints go to stderr); any failure is a ``PluginLoadError``."""
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            module = importlib.import_module(spec.impl)
+            return importlib.import_module(module_name)
     except KeyboardInterrupt:
         raise
     except BaseException as e:
-        raise PluginLoadError(f"plugin {name!r}: cannot import {spec.impl!r}: {type(e).__name__}: {e}") from e
+        raise PluginLoadError(f"plugin {name!r}: cannot import {module_name!r}: {type(e).__name__}: {e}") from e
+
+
+def load(name: str) -> ModuleType:
+    """Import and return the impl module of plugin ``name``; raises ``PluginLoadError`` if it cannot be used."""
+    spec = _usable(name)
+    module = _import(name, spec.impl)
     if not isinstance(getattr(module, "METHODS", None), Mapping):
         raise PluginLoadError(f"plugin {name!r}: {spec.impl} defines no METHODS dict")
     return module
+
+
+def load_cli(name: str) -> ModuleType:
+    """The module holding the command-line hooks of plugin ``name``: ``spec.cli``, imported without the impl
+    module, or the impl module itself (``load``) when the plugin names none. Raises ``PluginLoadError`` if the
+    plugin cannot be used."""
+    spec = _usable(name)
+    return load(name) if spec.cli is None else _import(name, spec.cli)
 
 
 def get_method(plugin: str, method: str) -> object:

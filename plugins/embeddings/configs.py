@@ -46,9 +46,12 @@ class EmbeddingConfig(QuantConfig):
     """An embedding store: reduce the dimensionality (optional), then store the vectors in ``FORMAT``.
 
     Args:
-        reduce: dimensionality reduction fitted on the calibration vectors: none, pca (centred, top components),
-            random (seeded Gaussian projection) or truncate (Matryoshka: the first dims, re-normalised).
-        keep: fraction of the dimensions the reduction keeps (ignored when dims is given).
+        reduce: dimensionality reduction, fitted on the calibration vectors and applied to the stored vectors and
+            the queries: none; pca (project on the top principal directions of the centred calibration vectors);
+            random (a seeded Gaussian random projection, see seed); truncate (keep the first dims and
+            re-normalise: Matryoshka-trained models).
+        keep: fraction of the dimensions the reduction keeps, in (0, 1] (0.5: half; rounded, at least 1; ignored
+            when dims is given).
         dims: number of dimensions the reduction keeps (overrides keep).
         calib_size: calibration vectors used to fit the reduction and the format's ranges.
         seed: seed of the random projection.
@@ -88,22 +91,14 @@ class EmbeddingConfig(QuantConfig):
 
 @dataclass
 class Float16Config(EmbeddingConfig):
-    """IEEE float16 codes (saturating at +-65504 instead of overflowing to inf).
-
-    Args:
-        reduce: see EmbeddingConfig.
-    """
+    """IEEE float16 codes (saturating at +-65504 instead of overflowing to inf)."""
 
     FORMAT: ClassVar[str] = "float16"
 
 
 @dataclass
 class BFloat16Config(EmbeddingConfig):
-    """bfloat16 codes (8 exponent bits: no overflow, 8 significant bits).
-
-    Args:
-        reduce: see EmbeddingConfig.
-    """
+    """bfloat16 codes (8 exponent bits: no overflow, 8 significant bits)."""
 
     FORMAT: ClassVar[str] = "bfloat16"
 
@@ -137,11 +132,7 @@ class FP8E5M2Config(FP8Config):
 
 @dataclass
 class Int8Config(EmbeddingConfig):
-    """Symmetric int8 codes: per-dimension step = calibration absmax / 127, x = code * step.
-
-    Args:
-        reduce: see EmbeddingConfig.
-    """
+    """Symmetric int8 codes: per-dimension step = calibration absmax / 127, x = code * step."""
 
     FORMAT: ClassVar[str] = "int8"
 
@@ -150,9 +141,6 @@ class Int8Config(EmbeddingConfig):
 class UInt8Config(EmbeddingConfig):
     """uint8 codes over per-dimension calibrated [min, max] cut into 256 equal cells, dequantized at the cell
     midpoint: x = min + (code + 0.5) * step (FAISS QT_8bit / sentence-transformers uint8 ranges, dequantized).
-
-    Args:
-        reduce: see EmbeddingConfig.
     """
 
     FORMAT: ClassVar[str] = "uint8"
@@ -160,11 +148,7 @@ class UInt8Config(EmbeddingConfig):
 
 @dataclass
 class Int4Config(EmbeddingConfig):
-    """4-bit codes over per-dimension calibrated [min, max] cut into 16 cells (midpoints), two codes per byte.
-
-    Args:
-        reduce: see EmbeddingConfig.
-    """
+    """4-bit codes over per-dimension calibrated [min, max] cut into 16 cells (midpoints), two codes per byte."""
 
     FORMAT: ClassVar[str] = "int4"
 

@@ -1,6 +1,7 @@
 """What the embeddings methods quantize: ``EmbeddingTable``, float vectors whose forward gives cosine scores.
 
     table = EmbeddingTable(vectors=embeddings)           # (N, D) float; ids 0..N-1 unless given
+    table = EmbeddingTable(vectors=embeddings, texts=docs)   # the texts are kept in the store (``set_texts``)
     table(queries)                                       # (Q, N) cosine similarities
     qm = polyquant.quantize(table, Int8Config(), calib=[embeddings[:10_000]])
     qm.model                                             # an EmbeddingStore: forward scores on the codes
@@ -11,6 +12,7 @@ of that shape (the skeleton ``polyquant.load`` hands to the restore).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,9 +35,12 @@ class EmbeddingTable(nn.Module):
             stays mapped).
         ids: int64 (N,) ids, unique; default 0..N-1.
         embedder: the text model the vectors come from (one of ``EMBEDDERS``), or None.
+        texts: the text of each vector (N strings), or None; the quantized store keeps them (``set_texts``), so
+            that a search can show them.
     """
 
-    def __init__(self, *, vectors: Tensor, ids: Tensor | None = None, embedder: str | None = None) -> None:
+    def __init__(self, *, vectors: Tensor, ids: Tensor | None = None, embedder: str | None = None,
+                 texts: Sequence[str] | None = None) -> None:
         super().__init__()
         if vectors.dim() != 2 or not vectors.dtype.is_floating_point:
             raise ValueError(f"vectors must be float (N, D), got {vectors.dtype} {tuple(vectors.shape)}")
@@ -45,9 +50,12 @@ class EmbeddingTable(nn.Module):
             raise ValueError(f"ids must be ({len(vectors)},), got {tuple(ids.shape)}")
         if embedder is not None and embedder not in EMBEDDERS:
             raise ValueError(f"unknown embedder {embedder!r} (known: {', '.join(EMBEDDERS)})")
+        if texts is not None and len(texts) != len(vectors):
+            raise ValueError(f"texts must hold one text per vector ({len(vectors)}), got {len(texts)}")
         self.register_buffer("vectors", vectors)
         self.register_buffer("ids", ids.long())
         self.embedder = embedder
+        self.texts = texts
 
     @property
     def dim(self) -> int:

