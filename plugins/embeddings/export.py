@@ -117,7 +117,7 @@ class ExportedIndex:
     centred: bool = False
 
     def _prepared(self, queries: Tensor | np.ndarray) -> PreparedQueries:
-        return prepare_queries(queries, self.reducer, self.codec)[1]
+        return prepare_queries(queries, self.reducer, self.codec, query_codes=self.query == "int8")[1]
 
     def queries(self, queries: Tensor | np.ndarray) -> np.ndarray:
         """(Q, D) float queries as the engine's search takes them (``query``): unit-normalised, reduced, and for

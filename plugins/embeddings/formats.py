@@ -59,12 +59,13 @@ Scoring a query q (already reduced, with its reducer offset b) against codes, ne
   buffer that stays in the cache, and multiplied with the float32 u by the BLAS (no rounding of the query: the
   score is the dequantized dot product up to fp32 rounding). The upcast is one vectorised cast for int8, uint8,
   float16 and bfloat16; int4 splits the bytes into low and high nibbles (even and odd dimensions, two half-width
-  products); fp8 reads byte pairs as int16 and moves each byte into float16 bits with shifts and a mask (E5M2 is
-  the high byte of float16; E4M3 lands on float16 at 2^-8 of its value, exponent and subnormals included, and u is
-  scaled by 2^8), then casts float16 to float32, again as even and odd halves. torch's own float8 cast is not
+  products); fp8 sign-extends each byte to int16 and moves it into float16 bits with a multiply (and, for E4M3, a
+  mask): E5M2 is the high byte of float16; E4M3 lands on float16 at 2^-8 of its value, subnormals included, and
+  u is scaled by 2^8; then float16 is cast to float32. torch's own float8 cast is not
   vectorised (14 ns a value, 20x the int8 cast) and int8 integer GEMMs without VNNI are slower still, so these
   paths are what keeps every format near the memory speed (``benchmarks/embeddings_store.py``). A float8 E4M3
-  NaN code (the byte 0x7F / 0xFF, never written by ``encode``) scores NaN, as it would decoded.
+  NaN code (the byte 0x7F / 0xFF, never written by ``encode``) is read as +-480 times the scale by the scan
+  (``damaged`` finds such rows; the store checks the vectors a search returns).
 - On CUDA, int8 / uint8 / int4: u is quantized per query to int8 (``polyquant.kernels.quantize_dynamic``: u ~
   s_u * u_q, s_u = max|u| / 127) and multiplied with the int8 codes by ``polyquant.kernels.int8_gemm`` (exact
   int32 sums). uint8 codes enter the GEMM as c - 128 (int8), with + 128 * sum(u) added to the offset term; int4
@@ -79,7 +80,7 @@ Scoring a query q (already reduced, with its reducer offset b) against codes, ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -103,8 +104,7 @@ _AFFINE_BITS = {"uint8": 8, "int4": 4}  # unsigned codes over calibrated [min, m
 _EPS = 1e-12  # the smallest step a fit gives (compared in float32)
 MAX_MAGNITUDE = 1e6  # bound of every codec and reducer entry (module docstring)
 TILE_ROWS = 2048  # vectors upcast to float32 per step on the CPU (3 MB at 384 dims; measured best of 512..8192)
-_E4M3_BITS = -16512  # 0xBF80 as int16: sign, 4 exponent and 3 mantissa bits of an E4M3 byte moved to bits 7-15
-_E5M2_HIGH = -256  # 0xFF00 as int16: the high byte
+_E4M3_BITS = -16385  # 0xBFFF as int16: every bit but 14
 
 
 def check_values(t: Tensor, name: str, lo: float, hi: float) -> None:
@@ -125,11 +125,14 @@ class PreparedQueries:
         offset: (Q,) float32 reducer offset (``Reducer.queries``).
         weights: (Q, D) float32 u = q * step (or q).
         bias: (Q,) float32 constant term of every score: offset + q . codec offset (+ 128 sum(u) for uint8).
-        qcodes, qscale: u quantized per query, (Q, D) int8 and (Q, 1) float32 (integer formats), else None.
+        qcodes, qscale: u quantized per query, (Q, D) int8 and (Q, 1) float32 (integer formats, when asked for:
+            ``Codec.prepare``), else None.
         bits: (Q, ceil(D / 8)) uint8 packed sign bits (binary), else None.
         tile_weights: (S, Q, H) float32: u in the column order of ``Codec.upcast`` (S = 2 halves for int4 and
             fp8, else 1; E4M3 scaled by 2^8; zero for int4's padding nibble); None for binary.
         tile_bias: (Q,) float32 constant term of the CPU path's scores (``bias`` without the uint8 shift).
+        workspace: the CPU path's tile and scratch buffers, made by the first ``scores`` call and reused by the
+            next ones (a search scores chunk after chunk with the same prepared queries).
     """
 
     reduced: Tensor
@@ -141,6 +144,7 @@ class PreparedQueries:
     bits: Tensor | None = None
     tile_weights: Tensor | None = None
     tile_bias: Tensor | None = None
+    workspace: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -287,8 +291,10 @@ class Codec:
 
     # --- scoring ------------------------------------------------------------------------------------------------
 
-    def prepare(self, reduced: Tensor, offset: Tensor) -> PreparedQueries:
-        """Precompute the query side of ``scores`` for reduced queries (Q, dim) and their reducer offsets (Q,)."""
+    def prepare(self, reduced: Tensor, offset: Tensor, *, query_codes: bool | None = None) -> PreparedQueries:
+        """Precompute the query side of ``scores`` for reduced queries (Q, dim) and their reducer offsets (Q,).
+        ``query_codes``: also quantize u to int8 (``qcodes`` / ``qscale``: integer formats; what the CUDA int8 GEMM
+        and the usearch i8 export take); default: where the queries are not on the CPU."""
         q = reduced.float()
         u = q if self.step is None or self.format == "binary" else q * self.step.to(q.device)
         bias = offset.float().clone()
@@ -297,7 +303,9 @@ class Codec:
         if self.format == "uint8":
             bias = bias + 128.0 * u.sum(dim=1)  # codes enter the int8 GEMM as c - 128
         qcodes = qscale = bits = None
-        if self.format in ("int8", *_AFFINE_BITS):
+        if query_codes is None:
+            query_codes = q.device.type != "cpu"
+        if query_codes and self.format in ("int8", *_AFFINE_BITS):
             from polyquant.kernels import quantize_dynamic
 
             qcodes, qscale = quantize_dynamic(u, fmt="int8")  # (Q, D) int8, (Q, 1) float32
@@ -315,57 +323,59 @@ class Codec:
 
     @property
     def halves(self) -> bool:
-        """Whether ``upcast`` writes even and odd dimensions as two halves (int4; fp8 of an even dimension)."""
-        return self.format == "int4" or (self.format.startswith("fp8") and self.dim % 2 == 0)
+        """Whether ``upcast`` writes even and odd dimensions as two halves (int4: low and high nibbles)."""
+        return self.format == "int4"
 
     def _tile_weights(self, u: Tensor) -> Tensor:
         """u (Q, dim) as the (S, Q, H) weights of ``upcast``'s columns (``PreparedQueries.tile_weights``)."""
-        if not self.halves:
-            return u[None].contiguous()
         if self.format == "fp8_e4m3":
             u = u * 256.0  # upcast gives E4M3 values times 2^-8 (exact: a power of two)
-        width = 2 * self.code_width if self.format == "int4" else self.dim
-        padded = torch.nn.functional.pad(u, (0, width - self.dim))  # int4 of an odd dim: a zero for the pad nibble
+        if not self.halves:
+            return u[None].contiguous()
+        padded = torch.nn.functional.pad(u, (0, 2 * self.code_width - self.dim))  # odd dim: 0 for the pad nibble
         return torch.stack([padded[:, 0::2], padded[:, 1::2]]).contiguous()
 
     def scratch(self, rows: int) -> Tensor | None:
         """The integer buffer ``upcast`` works in for up to ``rows`` codes: (rows, code_width) uint8 for int4,
-        (2, rows, dim / 2) int16 for fp8 halves, else None."""
+        (rows, dim) int16 for fp8, else None."""
         if self.format == "int4":
             return torch.empty(rows, self.code_width, dtype=torch.uint8)
-        if self.halves:
-            return torch.empty(2, rows, self.dim // 2, dtype=torch.int16)
+        if self.format.startswith("fp8"):
+            return torch.empty(rows, self.dim, dtype=torch.int16)
         return None
 
     def upcast(self, codes: Tensor, out: Tensor, scratch: Tensor | None = None) -> None:
         """value(code) of CPU codes (n, code_width) into ``out`` (S, n, H) float32, the columns of
         ``tile_weights`` (module docstring), working in ``scratch`` (``scratch(n)`` or larger; allocated if None).
-        A float8 E4M3 NaN byte makes the whole tile NaN (damage is refused where it is scored)."""
+        Float codes are read bit for bit (Inf / NaN kept), except an E4M3 NaN byte, which reads as +-480 (2^-8 of
+        it): checking every byte would cost 10% of the scan; ``damaged`` finds them."""
         n = len(codes)
-        if not self.halves:
-            out[0].copy_(codes)  # int8, uint8, float16, bfloat16: vectorised casts; fp8 of an odd dim: torch's own
-            return
         buffer = self.scratch(n) if scratch is None else scratch
+        if buffer is None:
+            out[0].copy_(codes)  # int8, uint8, float16, bfloat16: vectorised casts
+            return
         if self.format == "int4":
             nibbles = buffer[:n]
             out[0].copy_(torch.bitwise_and(codes, 0xF, out=nibbles))  # low nibble: even dimension
             out[1].copy_(torch.bitwise_right_shift(codes, 4, out=nibbles))
             return
-        h = buffer[:, :n]
-        pairs = codes.view(torch.uint8).view(torch.int16)  # (n, dim / 2): even byte low, odd byte high
-        if self.format == "fp8_e5m2":  # E5M2 bits are float16's high byte
-            torch.bitwise_left_shift(pairs, 8, out=h[0])
-            torch.bitwise_and(pairs, _E5M2_HIGH, out=h[1])
-        else:  # E4M3 byte s eeee mmm -> float16 bits s 0 eeee mmm 0000000: 2^-8 of the value
-            torch.bitwise_left_shift(pairs, 8, out=h[0])
-            h[0].bitwise_right_shift_(1)  # arithmetic: bits 7-14 <- the even byte, bit 15 <- its sign
-            torch.bitwise_right_shift(pairs, 1, out=h[1])  # bits 7-14 <- the odd byte, bit 15 <- its sign
-            h.bitwise_and_(_E4M3_BITS)  # clear bit 14 (the sign's copy) and bits 0-6 (the other byte)
-            raw = codes.view(torch.uint8)  # NaN bytes 0x7F / 0xFF are the int8 / uint8 maxima: two fast reductions
-            if int(raw.max()) == 0xFF or int(raw.view(torch.int8).max()) == 0x7F:
-                out.fill_(float("nan"))
-                return
-        out.copy_(h.view(torch.float16))
+        h = buffer[:n]
+        h.copy_(codes.view(torch.int8))  # each byte b sign-extended: b - 256 s (s its top bit)
+        if self.format == "fp8_e5m2":  # E5M2 bits are float16's high byte: (b - 256 s) << 8 = b << 8 (mod 2^16)
+            h.mul_(256)
+        else:  # E4M3 s eeee mmm -> float16 s 0 eeee mmm 0000000, 2^-8 of the value (subnormals included):
+            # (b - 256 s) << 7 = (b & 0x7F) << 7 + s (2^15 + 2^14) (mod 2^16); clear bit 14
+            h.mul_(128).bitwise_and_(_E4M3_BITS)  # (a NaN byte 0x7F / 0xFF reads as +-480: see ``damaged``)
+        out[0].copy_(h.view(torch.float16))
+
+    def damaged(self, codes: Tensor) -> Tensor:
+        """(N,) bool: the rows of codes (N, code_width) that decode to NaN or Inf (float formats; the integer and
+        binary codes have no such values)."""
+        if self.format == "fp8_e4m3":  # the NaN bytes 0x7F / 0xFF (E4M3 has no Inf)
+            return ((codes.view(torch.uint8) & 0x7F) == 0x7F).any(dim=1)
+        if self.format in _FLOATS:
+            return ~torch.isfinite(codes.float()).all(dim=1)
+        return torch.zeros(len(codes), dtype=torch.bool)
 
     def _tile_scores(self, p: PreparedQueries, codes: Tensor, row_scale: Tensor | None) -> Tensor:
         """The CPU path of ``scores``: ``TILE_ROWS`` codes at a time upcast and multiplied (module docstring)."""
@@ -374,15 +384,20 @@ class Codec:
         n = len(codes)
         out = torch.empty(w.shape[1], n)
         rows = min(n, TILE_ROWS)
-        tile = torch.empty(w.shape[0], rows, w.shape[2])
-        scratch = self.scratch(rows)
+        if p.workspace.get("tile") is None or p.workspace["tile"].shape[1] < rows:  # fresh pages cost page faults
+            p.workspace["tile"] = torch.empty(w.shape[0], rows, w.shape[2])
+            scratch = self.scratch(rows)
+            if scratch is not None:
+                p.workspace["scratch"] = scratch
+        tile, scratch = p.workspace["tile"][:, :rows], p.workspace.get("scratch")
+        halves = len(w) == 2
         for start in range(0, n, rows):
-            c = codes[start : start + rows]
-            t = tile[:, : len(c)]
-            self.upcast(c, t, scratch)
-            dots = out[:, start : start + len(c)]
+            stop = min(start + rows, n)
+            t = tile if stop - start == rows else tile[:, : stop - start]
+            self.upcast(codes[start:stop], t, scratch)
+            dots = out[:, start:stop]
             torch.matmul(w[0], t[0].T, out=dots)
-            if len(w) == 2:
+            if halves:
                 dots.addmm_(w[1], t[1].T)
         if row_scale is not None:
             out.mul_(row_scale.float()[None, :])

@@ -19,17 +19,21 @@ builds chunk by chunk. ``save`` writes a polyquant artifact (``polyquant.save``:
 as first-class entries, ``ids`` int64 and ``live`` bool tensors, the config in the manifest); ``load(mmap=True)``
 maps the file instead of reading it (``polyquant.artifact.load(mmap=True)``), so a store larger than RAM can be
 searched. A memory-mapped store is copy-on-write: deleting or updating changes pages in memory, never the file,
-until it is saved; adding to it copies the mapped rows into a growable buffer first.
+until it is saved; adding to it copies the mapped rows into a growable buffer first. The texts of the vectors, if
+set (``set_texts``: ``polyquant quantize --input texts.txt`` does), are saved as ``texts.*`` tensors
+(``texts.TextTable``); a search reads only the texts of its hits (``texts_of``).
 
 Damage: ``load`` verifies every tensor's sha256 by default, also memory-mapped (one pass over the file, about the
 cost of one search: ``benchmarks/store_verify.py``; ``verify=False`` / ``polyquant search --no-verify`` skip it).
 Whether verified or not, the codec and reduction tensors must be finite and bounded (``formats.check_values``) and
 no live id may appear twice, at load; a live vector whose codes score NaN / Inf, an original vector that is not a
-unit vector and decoded codes that are not finite are refused where a search reads them. Each is a ``ValueError``
+unit vector and decoded codes that are not finite are refused where a search reads them (an fp8 E4M3 NaN code,
+which the scan reads as a finite value, where a search returns its vector or ``forward`` scores it). Each is a ``ValueError``
 naming the tensor (``ArtifactError`` naming the file from ``load``), never a NaN score.
 
-Search scans the codes chunk by chunk with a running top-k (``Codec.scores``: int8 GEMM, float matmul, or Hamming
-top-k for binary codes), skipping deleted vectors (tombstones). With ``rescore`` r > 1 it keeps k * r candidates
+Search scans the codes chunk by chunk with a running top-k (``Codec.scores``: on the CPU float32 tiles of upcast
+codes times the float query; on CUDA the int8 GEMM for integer codes; ``polyquant.kernels.hamming_topk`` for binary
+codes), skipping deleted vectors (tombstones). With ``rescore`` r > 1 it keeps k * r candidates
 and rescores them with the float query: against the original vectors when the store keeps them
 (``keep_originals``), else against the dequantized codes.
 """
@@ -42,6 +46,7 @@ import os
 import shutil
 import tempfile
 import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,7 @@ from torch import Tensor, nn
 from .configs import EmbeddingConfig, method_name
 from .formats import MAX_MAGNITUDE, Codec, PreparedQueries, fit_codec
 from .reduce import Reducer, fit_reducer
+from .texts import TextTable
 
 __all__ = ["EmbeddingStore", "PLUGIN", "normalize_rows", "prepare_queries", "unit_rows"]
 
@@ -97,16 +103,18 @@ def unit_rows(x: Tensor, what: str, dim: int, *, first_row: int = 0) -> Tensor:
     return normalize_rows(x)
 
 
-def prepare_queries(queries: Tensor | np.ndarray, reducer: Reducer, codec: Codec) -> tuple[Tensor, PreparedQueries]:
+def prepare_queries(queries: Tensor | np.ndarray, reducer: Reducer, codec: Codec, *,
+                    query_codes: bool | None = None) -> tuple[Tensor, PreparedQueries]:
     """Queries (Q, D) or (D,) as unit float32 rows, and prepared for scoring against ``codec``'s codes after
-    ``reducer`` (``ValueError`` for no queries, a wrong shape, NaN / Inf or a zero query)."""
+    ``reducer`` (``ValueError`` for no queries, a wrong shape, NaN / Inf or a zero query); ``query_codes``: see
+    ``Codec.prepare``."""
     q = queries if isinstance(queries, Tensor) else torch.as_tensor(np.asarray(queries))
     if q.dim() == 1:
         q = q[None]
     if q.shape[0] == 0:
         raise ValueError("no queries given")
     q = unit_rows(q, "queries", reducer.in_dim)
-    return q, codec.prepare(*reducer.queries(q))
+    return q, codec.prepare(*reducer.queries(q), query_codes=query_codes)
 
 
 class _Rows:
@@ -209,6 +217,7 @@ class EmbeddingStore(nn.Module):
         self._init_rows({})
         self._next_id = 0
         self._dead = 0
+        self.texts: TextTable | None = None  # the texts of the vectors (``set_texts``), saved with the store
 
     def _init_rows(self, data: dict[str, Tensor]) -> None:
         layout = self._layout()
@@ -237,7 +246,8 @@ class EmbeddingStore(nn.Module):
             raise ValueError("the calibration set is empty")
         reducer = fit_reducer(x, config.reduce, config.reduced_dim(x.shape[1]), seed=config.seed)
         scale = getattr(config, "scale", "none")
-        codec = fit_codec(reducer.documents(x), config.FORMAT, scale=scale, center=getattr(config, "center", False))
+        codec = fit_codec(reducer.documents(x), config.FORMAT, scale=scale, center=getattr(config, "center", False),
+                          magnitude=getattr(config, "magnitude", "uniform"))
         return cls(config=config, reducer=reducer, codec=codec, embedder=embedder, workdir=workdir,
                    chunk_size=chunk_size)
 
@@ -375,6 +385,24 @@ class EmbeddingStore(nn.Module):
         if "originals" in self._rows:
             self._rows["originals"].write(slots, x)
 
+    # --- texts --------------------------------------------------------------------------------------------------
+
+    def set_texts(self, ids: Tensor, texts: Sequence[str]) -> None:
+        """Keep ``texts[i]`` as the text of live id ``ids[i]`` (replacing any texts set before), so that searches
+        can show it (``texts_of``) and ``save`` stores it (tensors ``texts.data`` / ``texts.offsets`` /
+        ``texts.ids``). ``ValueError`` for an id that is not live, a repeated id or a length mismatch. The table is
+        set as a whole: ``delete``, ``update`` and ``add`` leave it as it is."""
+        ids = torch.as_tensor(ids).reshape(-1)
+        if len(ids) != len(texts):
+            raise ValueError(f"set_texts: {len(ids)} ids but {len(texts)} texts")
+        self._existing(ids, "set_texts")
+        self.texts = TextTable.from_texts(ids, texts)
+
+    def texts_of(self, ids: Tensor) -> list[str | None]:
+        """The text of each id (read flat), None for an id without text (``set_texts``)."""
+        n = torch.as_tensor(ids).numel()
+        return [None] * n if self.texts is None else self.texts.get(ids)
+
     # --- search -------------------------------------------------------------------------------------------------
 
     def _prepare(self, queries: Tensor) -> tuple[Tensor, PreparedQueries]:
@@ -389,7 +417,8 @@ class EmbeddingStore(nn.Module):
         """``scores`` (Q, m) of slots ``start``.., or ``ValueError`` if a live vector has a row scale outside
         (0, ``MAX_MAGNITUDE``] or scores NaN / Inf: its codes are damaged (the codec and reducer are checked at
         load, so nothing else can cause it)."""
-        checks = [(~torch.isfinite(scores).all(dim=0), "tensor 'codes': scores NaN or Inf")]
+        checks = [(~torch.isfinite(scores.sum(dim=0)), "tensor 'codes': scores NaN or Inf")]  # finite scores
+        # are bounded (formats: every factor within 1e6), so a column sums to a finite value unless one is not
         if row_scale is not None:
             checks.insert(0, (~((row_scale > 0) & (row_scale <= MAX_MAGNITUDE)), "tensor 'row_scale': not in (0, 1e6]"))
         for bad, why in checks:
@@ -404,6 +433,7 @@ class EmbeddingStore(nn.Module):
         parts = []
         for start in range(0, self.slots, self.chunk_size):
             codes, row_scale, live = self._chunk(start, min(start + self.chunk_size, self.slots))
+            self._refuse_damaged(self.codec.damaged(codes) & live, start)
             parts.append(self._checked(self.codec.scores(prep, codes, row_scale), row_scale, live, start)[:, live])
         return torch.cat(parts, dim=1) if parts else torch.empty(len(prep.bias), 0)
 
@@ -432,7 +462,17 @@ class EmbeddingStore(nn.Module):
             scores = self._rescore(q, prep, slots)
             scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
             slots = slots.gather(1, order)
+        returned = torch.unique(slots[:, :k])  # E4M3 NaN codes scan as finite values: refused where they are found
+        self._refuse_damaged(self.codec.damaged(self._rows["codes"].gather(returned)), 0, returned)
         return scores[:, :k].contiguous(), self._rows["ids"].gather(slots[:, :k].reshape(-1)).reshape(-1, k)
+
+    @staticmethod
+    def _refuse_damaged(bad: Tensor, start: int, slots: Tensor | None = None) -> None:
+        """``ValueError`` naming the first slot flagged by ``bad`` (slots ``start``.., or the given ``slots``)."""
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0])
+            slot = start + first if slots is None else int(slots[first])
+            raise ValueError(f"the store is damaged: the vector in slot {slot} (tensor 'codes': scores NaN or Inf)")
 
     def _scan(self, prep: PreparedQueries, k: int) -> tuple[Tensor, Tensor]:
         """Running top-k of the code scores over the chunks: (scores (Q, k), slots (Q, k))."""
@@ -520,6 +560,8 @@ class EmbeddingStore(nn.Module):
         out = {name: rows.view() for name, rows in self._rows.items()}
         out.update({f"codec.{k}": v for k, v in self.codec.tensors().items()})
         out.update({f"reduce.{k}": v for k, v in self.reducer.tensors().items()})
+        if self.texts is not None:
+            out.update({f"texts.{k}": v for k, v in self.texts.tensors().items()})
         return out
 
     @classmethod
@@ -527,8 +569,9 @@ class EmbeddingStore(nn.Module):
                      embedder: str | None = None, state: dict[str, Any] | None = None) -> EmbeddingStore:
         """Rebuild a store from ``tensors()`` output; ``ValueError`` naming the tensor if they do not fit: names,
         dtypes and shapes, the codec and reduction values (``Codec``, ``Reducer``: finite and bounded), a live id
-        held twice, the manifest's counts. The per-vector data (codes, row scales, originals) is checked where a
-        search reads it (``search``), not here: a memory-mapped store is not read whole at load."""
+        held twice, the manifest's counts, the offsets and ids of the optional ``texts.*`` (``TextTable``). The
+        per-vector data (codes, row scales, originals, the texts' bytes) is checked where a search reads it
+        (``search``, ``texts_of``), not here: a memory-mapped store is not read whole at load."""
         scale = getattr(config, "scale", "none")
         out_dim = config.reduced_dim(dim)
         reducer = Reducer(kind=config.reduce, in_dim=dim, out_dim=out_dim, matrix=tensors.get("reduce.matrix"),
@@ -538,6 +581,9 @@ class EmbeddingStore(nn.Module):
         store = cls(config=config, reducer=reducer, codec=codec, embedder=embedder)
         layout = store._layout()
         known = set(layout) | {f"codec.{k}" for k in codec.tensors()} | {f"reduce.{k}" for k in reducer.tensors()}
+        texts = {name.removeprefix("texts."): t for name, t in tensors.items() if name.startswith("texts.")}
+        if texts:  # optional, all three or none (``TextTable``)
+            known |= {f"texts.{k}" for k in TextTable.TENSORS}
         if set(tensors) != known:
             raise ValueError(f"tensors {sorted(set(tensors) ^ known)} do not match a {config.FORMAT} store")
         n = len(tensors["ids"])
@@ -546,6 +592,7 @@ class EmbeddingStore(nn.Module):
             if t.dtype != dtype or tuple(t.shape) != (n, *shape):
                 raise ValueError(f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {(n, *shape)}")
         store._init_rows({name: tensors[name] for name in layout})
+        store.texts = TextTable.from_tensors(texts) if texts else None
         live_ids = store.ids()  # deleted slots may repeat an id, live ones may not
         if not bool((live_ids[1:] > live_ids[:-1]).all()):  # increasing ids (the default) need no sort
             live_ids = torch.sort(live_ids).values
@@ -603,13 +650,15 @@ class EmbeddingStore(nn.Module):
         return store
 
     def close(self) -> None:
-        """Drop every vector and remove the working files; the store is then empty, with its buffers in RAM."""
+        """Drop every vector and text and remove the working files; the store is then empty, with its buffers in
+        RAM."""
         self._rows = {}
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
         self._init_rows({})
         self._dead, self._next_id = 0, 0
+        self.texts = None
 
     def extra_repr(self) -> str:
         reduce = "" if self.reducer.kind == "none" else f", {self.reducer.kind} {self.dim}->{self.codec.dim}"

@@ -211,7 +211,7 @@ def test_usearch_integer_and_binary_kinds_rank_as_the_store(config: EmbeddingCon
     # CUDA int8 GEMM); the store's CPU search uses the float query, within the rounding bound of that
     t = store.tensors()
     codes = store.codec.gemm_codes(t["codes"][t["live"]]).float()  # (live, D')
-    prep = store.codec.prepare(*store.reducer.queries(Q))
+    prep = store.codec.prepare(*store.reducer.queries(Q), query_codes=True)
     rounded = prep.bias[:, None] + prep.qscale * (prep.qcodes.float() @ codes.T)
     _assert_top_k(scores, ids, (rounded, t["ids"][t["live"]]), atol=1e-6)
     bound = float((prep.qscale / 2 * codes.abs().sum(dim=1)[None, :]).max()) + 1e-6

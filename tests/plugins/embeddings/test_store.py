@@ -378,6 +378,19 @@ def test_non_finite_codes_are_refused_where_a_scan_reads_them(tmp_path: Path, va
     assert 9 not in store.search(X[:2], 3)[1].flatten().tolist()
 
 
+def test_e4m3_nan_codes_are_refused_where_they_are_returned(tmp_path: Path) -> None:
+    """The scan reads an E4M3 NaN byte as a finite value (``formats.Codec.upcast``), so a NaN code is refused when
+    its vector is returned (or scored by ``forward``), not wherever it is scanned."""
+    path = _store(FP8E4M3Config(rescore=1), n=50).save(tmp_path / "s.pqs")
+    forged = _forged(path, tmp_path / "f.pqs", "codes", (9, 0), float("nan"))
+    store = EmbeddingStore.load(forged, mmap=True)
+    assert store.tensors()["codes"][9].view(torch.uint8)[0].item() & 0x7F == 0x7F
+    for call in (lambda: store.search(X[9:10], 3), lambda: store.search(X[9:10], 3, rescore=2), lambda: store(X[:2])):
+        with pytest.raises(ValueError, match="the store is damaged: the vector in slot 9 \\(tensor 'codes': "):
+            call()
+    assert 9 not in store.search(X[20:21], 3)[1].flatten().tolist()  # not returned: the search answers
+
+
 @pytest.mark.parametrize("value", [float("nan"), 0.0, -1.0, 3e38], ids=["nan", "zero", "negative", "3e38"])
 def test_forged_row_scales_are_refused_where_a_scan_reads_them(tmp_path: Path, value: float) -> None:
     path = _store(FP8E4M3Config(scale="vector"), n=50).save(tmp_path / "s.pqs")
