@@ -10,7 +10,9 @@ norm); a seeded calibration split (documents only) fits ranges, and never takes 
 Rows: float32 exact search, then every reference of ``references.default_references`` (FAISS scalar quantizers,
 usearch dtypes, sentence-transformers int8 / ubinary with and without rescoring, FAISS IndexBinaryFlat), then the
 rows of ``store_methods``: our ``EmbeddingStore`` in every format (fp8 with each scale, binary, plain and centred,
-with each rescoring multiplier) and reductions x formats (``store_configs``). Every row is a
+with each rescoring multiplier, with one magnitude (the default) and per-dimension magnitudes) and reductions x
+formats (``store_configs``). Binary rows are paired per query with sentence-transformers' ubinary at the same
+rescoring (the default) or with the default (the other options): ``ndcg@10_paired_delta`` and its standard error. Every row is a
 ``references.SearchMethod`` and is searched the same way, on the same vectors, in the same process.
 
 Columns: nDCG@10, Recall@10 (from a k=10 search), Recall@100 (from a k=100 search, so rescoring methods rescore
@@ -69,7 +71,7 @@ class StoreRow:
     config: EmbeddingConfig
     rescore: int = 1
     fit: str = "calibration"
-    paired_with: str = ""  # label of the row its paired per-query nDCG@10 difference is measured against
+    paired_with: str = ""  # method name of the row its paired per-query nDCG@10 difference is measured against
 
 
 def store_configs() -> list[StoreRow]:
@@ -81,11 +83,15 @@ def store_configs() -> list[StoreRow]:
         rows += [StoreRow(f"{cls.FORMAT} (scale {scale})", cls(scale=scale))
                  for scale in ("none", "vector", "dimension")]
     rows += [StoreRow("int8", Int8Config()), StoreRow("uint8", UInt8Config()), StoreRow("int4", Int4Config())]
-    rows += [StoreRow(f"binary + rescore x{m}" if m > 1 else "binary (Hamming)", BinaryConfig(rescore=m), m)
+    rows += [StoreRow(f"binary + rescore x{m}" if m > 1 else "binary (Hamming)", BinaryConfig(rescore=m), m,
+                      paired_with=f"st ubinary (faiss) + rescore x{m}" if m > 1 else "faiss IndexBinaryFlat")
              for m in (1, 2, 4, 10)]
+    rows += [StoreRow(f"binary, per-dimension magnitudes + rescore x{m}", BinaryConfig(rescore=m, magnitude="dimension"),
+                      m, paired_with=f"ours binary + rescore x{m}") for m in (2, 4, 10)]
     rows += [StoreRow(f"binary centred + rescore x{m}" if m > 1 else "binary centred (Hamming)",
                       BinaryConfig(rescore=m, center=True), m,
-                      paired_with=f"binary + rescore x{m}" if m > 1 else "binary (Hamming)") for m in (1, 2, 4, 10)]
+                      paired_with=f"ours binary + rescore x{m}" if m > 1 else "ours binary (Hamming)")
+             for m in (1, 2, 4, 10)]
     rows.append(StoreRow("binary + rescore x4 against the originals", BinaryConfig(keep_originals=True), 4))
     for reduce, keep in (("pca", 0.5), ("pca", 0.25), ("random", 0.5), ("truncate", 0.5)):
         tag = f"{reduce} {keep:.0%}"
@@ -110,7 +116,7 @@ def store_methods(data: EmbeddedSet, *, threads: int) -> list[SearchMethod]:
 
     Each row fits the reduction and the format on ``data.calibration`` (or, for the rows marked "fit on the
     corpus", on ``data.documents``), adds ``data.documents`` (ids 0..N-1) and searches with ``store.search(queries,
-    k, rescore=m)`` on the codes (int8 GEMM, float matmul of one upcast chunk at a time, Hamming top-k + rescoring
+    k, rescore=m)`` on the codes (float32 tiles of upcast codes x the float query, Hamming top-k + rescoring
     against the decoded codes, or the originals where kept). ``bytes_per_vector`` is the per-vector codes (+ the
     fp8 vector scale, + the float32 originals where kept), like the reference rows: the codec's per-dimension
     tensors and the reduction's matrix (``EmbeddingStore.bytes_per_vector`` amortises them) are shared, as in the
@@ -132,7 +138,7 @@ def store_methods(data: EmbeddedSet, *, threads: int) -> list[SearchMethod]:
 
 def paired_rows() -> dict[str, str]:
     """Method name -> the method name its paired per-query nDCG@10 difference is measured against."""
-    return {f"ours {row.label}": f"ours {row.paired_with}" for row in store_configs() if row.paired_with}
+    return {f"ours {row.label}": row.paired_with for row in store_configs() if row.paired_with}
 
 
 def _store_search(store: EmbeddingStore, multiplier: int) -> references.SearchFn:
@@ -143,8 +149,7 @@ def _store_search(store: EmbeddingStore, multiplier: int) -> references.SearchFn
 
 
 def _store_note(store: EmbeddingStore, multiplier: int) -> str:
-    how = {"int8": "int8 GEMM", "uint8": "int8 GEMM", "int4": "int8 GEMM", "binary": "Hamming top-k"}
-    note = how.get(store.codec.format, "float matmul on the codes")
+    note = "Hamming top-k" if store.codec.format == "binary" else "float32 tiles of the codes x the float query"
     if store.codec.centred:
         note += " of sign(q) vs the bits of x - mu (centred codes)"
     if store.reducer.kind != "none":
@@ -319,17 +324,20 @@ def main(argv: list[str] | None = None) -> int:
             "st int8: first pass on raw codes (code-space inner product); rescoring dequantises candidates to "
             "min + (code + 128) * step (sentence-transformers PR #4058 is in the installed version)",
             "st ubinary rescoring: float query x the candidates' {0, 1} bits",
-            "ours: EmbeddingStore.search on the codes (int8 GEMM / float matmul / Hamming top-k); reductions and "
+            "ours: EmbeddingStore.search on the codes (float32 tiles x float query / Hamming top-k); reductions and "
             "ranges fitted on the calibration split, or, where the label says 'fit on the corpus', on the searched "
             "documents (the queries are never seen); bytes_per_vector counts the fp8 vector scale (+4) and kept "
             "float32 originals (+1536)",
-            "ours binary rescoring: float query x the decoded candidates (sign x per-dimension mean |x|), or x the "
-            "float32 originals where the label says so",
+            "ours binary rescoring: float query x the decoded candidates, sign x one magnitude (the default, "
+            "magnitude='uniform': the ranking of sentence-transformers' +-1 rescoring; paired with its st ubinary "
+            "row) or x per-dimension mean |x| where the label says so (paired with the default), or x the float32 "
+            "originals where the label says so",
             "ndcg@10_delta_se: paired standard error of the per-query nDCG@10 difference to float32 (noise scale "
             "of the retention column: retention +- delta_se / float32 nDCG@10)",
             "ours binary centred: bits of x - mu (mu = calibration mean), decoded mu + sign x mean |x - mu|, query "
             "bits sign(q); ndcg@10_paired_delta(_se): the mean per-query nDCG@10 difference to the row in "
-            "paired_with (uncentred binary, same rescoring) as a fraction of float32 nDCG@10, and its standard error",
+            "paired_with (for centred rows: uncentred binary, same rescoring) as a fraction of float32 nDCG@10, and "
+            "its standard error",
         ],
         "rows": rows,
     }

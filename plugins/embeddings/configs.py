@@ -166,9 +166,10 @@ class BinaryConfig(EmbeddingConfig):
             (1,000 / 2,463 queries), within the paired standard error (1.3 / 0.8 points).
         magnitude: what a decoded sign is multiplied by: "uniform" (default), one magnitude for every dimension
             (the mean over dimensions of the calibrated mean |x_d|), which ranks rescored candidates exactly as
-            sentence-transformers' +-1 / {0, 1} rescoring does; or "dimension", each dimension's calibrated mean
-            |x_d| (the least-squares decode per dimension), which ranked 0.68 +- 0.22 nDCG@10 points below it on
-            the docstring benchmark (``benchmarks/embeddings.py`` compares both).
+            sentence-transformers' +-1 / {0, 1} rescoring does (same ids, paired difference 0); or "dimension",
+            each dimension's calibrated mean |x_d| (the least-squares decode per dimension): 0.68 +- 0.22 nDCG@10
+            points below +-1 on a held-out corpus (issue 28), -0.1 +- 0.5 on the docstring benchmark at 2x, 4x and
+            10x (``benchmarks/embeddings.py`` compares both, paired).
     """
 
     FORMAT: ClassVar[str] = "binary"

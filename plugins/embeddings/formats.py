@@ -29,8 +29,9 @@ Binary magnitudes (``fit_codec(..., magnitude=)``, ``BinaryConfig(magnitude=)``)
 one magnitude for every dimension ("uniform", the default: the mean over dimensions of the calibrated mean |x_d -
 mu_d|), so rescoring ranks candidates by q . sign, the ranking of sentence-transformers' +-1 / {0, 1} rescoring;
 or by each dimension's mean |x_d - mu_d| ("dimension", the least-squares decode of each dimension given its sign),
-which reconstructs x better but ranked 0.68 +- 0.22 nDCG@10 points lower after 4x rescoring on the docstring
-benchmark (``benchmarks/embeddings.py`` has both, paired). The step is stored per dimension either way.
+which reconstructs x better but ranked 0.68 +- 0.22 nDCG@10 points lower after 4x rescoring on a held-out corpus
+(issue 28) and 0.1 +- 0.5 points lower on the docstring benchmark (``benchmarks/embeddings.py`` has both, paired).
+The step is stored per dimension either way.
 
 Centred binary codes (``fit_codec(..., center=True)``, ``BinaryConfig(center=True)``): embedding models are
 anisotropic (a common mean direction mu, |mu| ~ 0.35 for all-MiniLM-L6-v2), so the bits of sign(x) are unbalanced

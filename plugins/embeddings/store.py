@@ -65,6 +65,7 @@ PLUGIN = "embeddings"
 _MIN_CAPACITY = 1024  # rows of a new buffer
 _ID_CHUNK = 1 << 20  # ids scanned per step (delete, update, duplicate checks)
 _BIG = torch.iinfo(torch.int64).max
+_HAMMING_SPAN = 1 << 21  # binary codes per CPU Hamming call (read in place: 96 MB at 384 bits)
 
 
 def normalize_rows(x: Tensor) -> Tensor:
@@ -170,7 +171,8 @@ class _Rows:
         return raw.view(self.dtype).reshape(len(slots), *self.shape)
 
     def _bytes(self, rows: Tensor) -> np.ndarray:
-        return rows.detach().cpu().to(self.dtype).contiguous().reshape(len(rows), -1).view(torch.uint8).numpy()
+        rows = rows.detach().cpu().to(self.dtype).contiguous()
+        return rows.reshape(len(rows), math.prod(self.shape)).view(torch.uint8).numpy()
 
     def append(self, rows: Tensor) -> None:
         self.reserve(self.count + len(rows))
@@ -499,15 +501,24 @@ class EmbeddingStore(nn.Module):
         assert prep.bits is not None
         nq = len(prep.bits)
         best = torch.empty(nq, 0, dtype=torch.int64)  # keys distance << 40 | slot
-        for start in range(0, self.slots, self.chunk_size):
-            stop = min(start + self.chunk_size, self.slots)
+        # the CPU engine reads the codes in place and keeps k + deleted candidates, so it takes long spans (fewer
+        # calls) unless a span holds many deleted vectors
+        span = self.chunk_size if prep.bits.device.type != "cpu" else max(self.chunk_size, _HAMMING_SPAN)
+        start = 0
+        while start < self.slots:
+            stop = min(start + span, self.slots)
             codes, _, live = self._chunk(start, stop)
             dead = int((~live).sum())
-            if dead == stop - start:
+            if dead > self.chunk_size and stop - start > self.chunk_size:
+                stop = start + self.chunk_size
+                codes, live = codes[: self.chunk_size], live[: self.chunk_size]
+                dead = int((~live).sum())
+            chunk_start, start = start, stop
+            if dead == stop - chunk_start:
                 continue
-            dist, idx = hamming_topk(prep.bits, codes.to(prep.bits.device), min(k + dead, stop - start))
+            dist, idx = hamming_topk(prep.bits, codes.to(prep.bits.device), min(k + dead, stop - chunk_start))
             dist, idx = dist.cpu().long(), idx.cpu()
-            keys = torch.where(live[idx], (dist << 40) | (idx + start), _BIG)
+            keys = torch.where(live[idx], (dist << 40) | (idx + chunk_start), _BIG)
             merged = torch.cat([best, keys], dim=1)
             best = torch.topk(merged, min(k, merged.shape[1]), dim=1, largest=False).values
         dist, slots = best >> 40, best & ((1 << 40) - 1)

@@ -437,3 +437,22 @@ def test_huge_and_tiny_finite_vectors_keep_their_direction() -> None:
     assert ids[:, 0].tolist() == list(range(5)) and torch.equal(ids, plain_ids)
     torch.testing.assert_close(scores, plain_scores, rtol=0, atol=1e-3)
     assert bool((scores[:, 0] > 0.9).all())
+
+
+@pytest.mark.parametrize("deleted", [range(0, 0), range(150, 260), range(0, 600, 3)], ids=["none", "a run", "spread"])
+def test_binary_search_over_long_spans_and_tombstones_is_the_brute_force(deleted: range) -> None:
+    """The CPU Hamming scan reads long spans in one call and falls back to chunk-sized pieces where a span holds
+    more deleted vectors than a chunk: the same top k as the brute force on the live codes, ties to the smaller
+    slot, either way."""
+    from polyquant.kernels import hamming_distance_reference
+
+    store = _store(BinaryConfig(rescore=1))  # chunk_size 97: 110 or 200 deleted exceed a chunk
+    store.delete(torch.tensor(list(deleted), dtype=torch.int64))
+    t = store.tensors()
+    prep = store.codec.prepare(Q, torch.zeros(len(Q)))
+    h = hamming_distance_reference(prep.bits, t["codes"]).long()  # (Q, 600)
+    h[:, ~t["live"]] = 1 << 20
+    want = torch.sort(h * 1024 + torch.arange(600), dim=1).values[:, :10] % 1024  # ties to the smaller slot
+    scores, ids = store.search(Q, 10)
+    assert torch.equal(ids, t["ids"][want]) and not set(deleted) & set(ids.flatten().tolist())
+    assert torch.equal(scores, (D - 2 * h.gather(1, want)).float() / D)
