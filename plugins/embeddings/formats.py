@@ -59,8 +59,8 @@ Scoring a query q (already reduced, with its reducer offset b) against codes, ne
 - On the CPU (every format but binary): value(code) is upcast to float32 ``TILE_ROWS`` vectors at a time into a
   buffer that stays in the cache, and multiplied with the float32 u by the BLAS (no rounding of the query: the
   score is the dequantized dot product up to fp32 rounding). The upcast is one vectorised cast for int8, uint8,
-  float16 and bfloat16; int4 splits the bytes into low and high nibbles (even and odd dimensions, two half-width
-  products); fp8 sign-extends each byte to int16 and moves it into float16 bits with a multiply (and, for E4M3, a
+  float16 and bfloat16; int4 splits the bytes into low and high nibbles (the even dimensions, then the odd ones,
+  in each tile row: the query's weights are permuted alike); fp8 sign-extends each byte to int16 and moves it into float16 bits with a multiply (and, for E4M3, a
   mask): E5M2 is the high byte of float16; E4M3 lands on float16 at 2^-8 of its value, subnormals included, and
   u is scaled by 2^8; then float16 is cast to float32. torch's own float8 cast is not
   vectorised (14 ns a value, 20x the int8 cast) and int8 integer GEMMs without VNNI are slower still, so these
@@ -129,8 +129,8 @@ class PreparedQueries:
         qcodes, qscale: u quantized per query, (Q, D) int8 and (Q, 1) float32 (integer formats, when asked for:
             ``Codec.prepare``), else None.
         bits: (Q, ceil(D / 8)) uint8 packed sign bits (binary), else None.
-        tile_weights: (S, Q, H) float32: u in the column order of ``Codec.upcast`` (S = 2 halves for int4 and
-            fp8, else 1; E4M3 scaled by 2^8; zero for int4's padding nibble); None for binary.
+        tile_weights: (Q, tile_width) float32: u in the column order of ``Codec.upcast`` (int4: even dimensions,
+            then odd ones, zero for the padding nibble; E4M3 scaled by 2^8); None for binary.
         tile_bias: (Q,) float32 constant term of the CPU path's scores (``bias`` without the uint8 shift).
         workspace: the CPU path's tile and scratch buffers, made by the first ``scores`` call and reused by the
             next ones (a search scores chunk after chunk with the same prepared queries).
@@ -323,42 +323,44 @@ class Codec:
     # --- the CPU path: upcast tiles, BLAS products ----------------------------------------------------------------
 
     @property
-    def halves(self) -> bool:
-        """Whether ``upcast`` writes even and odd dimensions as two halves (int4: low and high nibbles)."""
-        return self.format == "int4"
+    def tile_width(self) -> int:
+        """Columns of ``upcast``'s tiles: dim, or 2 code_width for int4 (its pad nibble included)."""
+        return 2 * self.code_width if self.format == "int4" else self.dim
 
     def _tile_weights(self, u: Tensor) -> Tensor:
-        """u (Q, dim) as the (S, Q, H) weights of ``upcast``'s columns (``PreparedQueries.tile_weights``)."""
+        """u (Q, dim) as the (Q, tile_width) weights of ``upcast``'s columns (``PreparedQueries.tile_weights``):
+        int4 tiles hold the even dimensions (low nibbles), then the odd ones."""
         if self.format == "fp8_e4m3":
             u = u * 256.0  # upcast gives E4M3 values times 2^-8 (exact: a power of two)
-        if not self.halves:
-            return u[None].contiguous()
-        padded = torch.nn.functional.pad(u, (0, 2 * self.code_width - self.dim))  # odd dim: 0 for the pad nibble
-        return torch.stack([padded[:, 0::2], padded[:, 1::2]]).contiguous()
+        if self.format != "int4":
+            return u.contiguous()
+        padded = torch.nn.functional.pad(u, (0, self.tile_width - self.dim))  # odd dim: 0 for the pad nibble
+        return torch.cat([padded[:, 0::2], padded[:, 1::2]], dim=1).contiguous()
 
     def scratch(self, rows: int) -> Tensor | None:
-        """The integer buffer ``upcast`` works in for up to ``rows`` codes: (rows, code_width) uint8 for int4,
+        """The integer buffer ``upcast`` works in for up to ``rows`` codes: (rows, 2, code_width) uint8 for int4,
         (rows, dim) int16 for fp8, else None."""
         if self.format == "int4":
-            return torch.empty(rows, self.code_width, dtype=torch.uint8)
+            return torch.empty(rows, 2, self.code_width, dtype=torch.uint8)
         if self.format.startswith("fp8"):
             return torch.empty(rows, self.dim, dtype=torch.int16)
         return None
 
     def upcast(self, codes: Tensor, out: Tensor, scratch: Tensor | None = None) -> None:
-        """value(code) of CPU codes (n, code_width) into ``out`` (S, n, H) float32, the columns of
+        """value(code) of CPU codes (n, code_width) into ``out`` (n, tile_width) float32, the columns of
         ``tile_weights`` (module docstring), working in ``scratch`` (``scratch(n)`` or larger; allocated if None).
         Float codes are read bit for bit (Inf / NaN kept), except an E4M3 NaN byte, which reads as +-480 (2^-8 of
         it): checking every byte would cost 10% of the scan; ``damaged`` finds them."""
         n = len(codes)
         buffer = self.scratch(n) if scratch is None else scratch
         if buffer is None:
-            out[0].copy_(codes)  # int8, uint8, float16, bfloat16: vectorised casts
+            out.copy_(codes)  # int8, uint8, float16, bfloat16: vectorised casts
             return
         if self.format == "int4":
             nibbles = buffer[:n]
-            out[0].copy_(torch.bitwise_and(codes, 0xF, out=nibbles))  # low nibble: even dimension
-            out[1].copy_(torch.bitwise_right_shift(codes, 4, out=nibbles))
+            torch.bitwise_and(codes, 0xF, out=nibbles[:, 0])  # low nibbles: even dimensions
+            torch.bitwise_right_shift(codes, 4, out=nibbles[:, 1])
+            out.copy_(nibbles.view(n, -1))
             return
         h = buffer[:n]
         h.copy_(codes.view(torch.int8))  # each byte b sign-extended: b - 256 s (s its top bit)
@@ -367,7 +369,7 @@ class Codec:
         else:  # E4M3 s eeee mmm -> float16 s 0 eeee mmm 0000000, 2^-8 of the value (subnormals included):
             # (b - 256 s) << 7 = (b & 0x7F) << 7 + s (2^15 + 2^14) (mod 2^16); clear bit 14
             h.mul_(128).bitwise_and_(_E4M3_BITS)  # (a NaN byte 0x7F / 0xFF reads as +-480: see ``damaged``)
-        out[0].copy_(h.view(torch.float16))
+        out.copy_(h.view(torch.float16))
 
     def damaged(self, codes: Tensor) -> Tensor:
         """(N,) bool: the rows of codes (N, code_width) that decode to NaN or Inf (float formats; the integer and
@@ -383,23 +385,19 @@ class Codec:
         assert p.tile_weights is not None and p.tile_bias is not None
         w = p.tile_weights
         n = len(codes)
-        out = torch.empty(w.shape[1], n)
+        out = torch.empty(len(w), n)
         rows = min(n, TILE_ROWS)
-        if p.workspace.get("tile") is None or p.workspace["tile"].shape[1] < rows:  # fresh pages cost page faults
-            p.workspace["tile"] = torch.empty(w.shape[0], rows, w.shape[2])
+        if p.workspace.get("tile") is None or p.workspace["tile"].shape[0] < rows:  # fresh pages cost page faults
+            p.workspace["tile"] = torch.empty(rows, self.tile_width)
             scratch = self.scratch(rows)
             if scratch is not None:
                 p.workspace["scratch"] = scratch
-        tile, scratch = p.workspace["tile"][:, :rows], p.workspace.get("scratch")
-        halves = len(w) == 2
+        tile, scratch = p.workspace["tile"][:rows], p.workspace.get("scratch")
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            t = tile if stop - start == rows else tile[:, : stop - start]
+            t = tile if stop - start == rows else tile[: stop - start]
             self.upcast(codes[start:stop], t, scratch)
-            dots = out[:, start:stop]
-            torch.matmul(w[0], t[0].T, out=dots)
-            if halves:
-                dots.addmm_(w[1], t[1].T)
+            torch.matmul(w, t.T, out=out[:, start:stop])
         if row_scale is not None:
             out.mul_(row_scale.float()[None, :])
         return out.add_(p.tile_bias[:, None])

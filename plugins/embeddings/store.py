@@ -65,6 +65,7 @@ PLUGIN = "embeddings"
 _MIN_CAPACITY = 1024  # rows of a new buffer
 _ID_CHUNK = 1 << 20  # ids scanned per step (delete, update, duplicate checks)
 _BIG = torch.iinfo(torch.int64).max
+_SCORES_PER_STEP = 1 << 20  # scores (queries x vectors) a dense scan keeps per step, at least one chunk's
 _HAMMING_SPAN = 1 << 21  # binary codes per CPU Hamming call (read in place: 96 MB at 384 bits)
 
 
@@ -197,7 +198,8 @@ class EmbeddingStore(nn.Module):
         embedder: name of the text model the vectors come from (recorded for text queries), or None.
         workdir: folder for the memory-mapped row buffers (a private sub-folder, removed with the store); None
             keeps them in RAM.
-        chunk_size: vectors encoded / scanned per step.
+        chunk_size: vectors encoded / scanned per step (a search of few queries scans longer steps, up to 2^20
+            scores at a time).
     """
 
     def __init__(self, *, config: EmbeddingConfig, reducer: Reducer, codec: Codec, embedder: str | None = None,
@@ -419,8 +421,12 @@ class EmbeddingStore(nn.Module):
         """``scores`` (Q, m) of slots ``start``.., or ``ValueError`` if a live vector has a row scale outside
         (0, ``MAX_MAGNITUDE``] or scores NaN / Inf: its codes are damaged (the codec and reducer are checked at
         load, so nothing else can cause it)."""
-        checks = [(~torch.isfinite(scores.sum(dim=0)), "tensor 'codes': scores NaN or Inf")]  # finite scores
-        # are bounded (formats: every factor within 1e6), so a column sums to a finite value unless one is not
+        # finite scores are bounded (formats: every factor within 1e6), so their sum is finite unless one is not:
+        # one reduction in the common case, the columns only when something is wrong (deleted vectors may be)
+        scale_ok = row_scale is None or bool(((row_scale > 0) & (row_scale <= MAX_MAGNITUDE)).all())
+        if scale_ok and math.isfinite(float(scores.sum())):
+            return scores
+        checks = [(~torch.isfinite(scores.sum(dim=0)), "tensor 'codes': scores NaN or Inf")]
         if row_scale is not None:
             checks.insert(0, (~((row_scale > 0) & (row_scale <= MAX_MAGNITUDE)), "tensor 'row_scale': not in (0, 1e6]"))
         for bad, why in checks:
@@ -481,8 +487,9 @@ class EmbeddingStore(nn.Module):
         nq = len(prep.bias)
         best = torch.empty(nq, 0)
         best_slots = torch.empty(nq, 0, dtype=torch.int64)
-        for start in range(0, self.slots, self.chunk_size):
-            stop = min(start + self.chunk_size, self.slots)
+        step = max(self.chunk_size, _SCORES_PER_STEP // nq)  # few queries: longer chunks, same score memory
+        for start in range(0, self.slots, step):
+            stop = min(start + step, self.slots)
             codes, row_scale, live = self._chunk(start, stop)
             s = self._checked(self.codec.scores(prep, codes, row_scale), row_scale, live, start).cpu()  # (Q, m)
             if not bool(live.all()):

@@ -456,3 +456,20 @@ def test_binary_search_over_long_spans_and_tombstones_is_the_brute_force(deleted
     scores, ids = store.search(Q, 10)
     assert torch.equal(ids, t["ids"][want]) and not set(deleted) & set(ids.flatten().tolist())
     assert torch.equal(scores, (D - 2 * h.gather(1, want)).float() / D)
+
+
+@pytest.mark.parametrize("config", [Int8Config(), FP8E4M3Config(reduce="pca", keep=0.5), Int4Config()],
+                         ids=["int8", "fp8-pca", "int4"])
+def test_dense_scan_steps_do_not_change_the_result(monkeypatch: pytest.MonkeyPatch, config: EmbeddingConfig) -> None:
+    """A search of few queries scans long steps; chunk-sized steps (97 rows, tombstones inside) and one-row tiles
+    give the same ids and scores."""
+    from polyquant.plugins.embeddings import formats, store as store_module
+
+    store = _store(config)
+    store.delete(torch.tensor([5, 96, 97, 98, 400]))
+    want = store.search(Q, 10, rescore=1)
+    monkeypatch.setattr(store_module, "_SCORES_PER_STEP", 0)
+    monkeypatch.setattr(formats, "TILE_ROWS", 7)
+    got = store.search(Q, 10, rescore=1)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-6)
