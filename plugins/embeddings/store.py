@@ -470,8 +470,9 @@ class EmbeddingStore(nn.Module):
             scores = self._rescore(q, prep, slots)
             scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
             slots = slots.gather(1, order)
-        returned = torch.unique(slots[:, :k])  # E4M3 NaN codes scan as finite values: refused where they are found
-        self._refuse_damaged(self.codec.damaged(self._rows["codes"].gather(returned)), 0, returned)
+        if self.codec.format == "fp8_e4m3":  # its NaN codes scan as finite values: refused where they are returned
+            returned = torch.unique(slots[:, :k])
+            self._refuse_damaged(self.codec.damaged(self._rows["codes"].gather(returned)), 0, returned)
         return scores[:, :k].contiguous(), self._rows["ids"].gather(slots[:, :k].reshape(-1)).reshape(-1, k)
 
     @staticmethod
@@ -492,7 +493,7 @@ class EmbeddingStore(nn.Module):
             stop = min(start + step, self.slots)
             codes, row_scale, live = self._chunk(start, stop)
             s = self._checked(self.codec.scores(prep, codes, row_scale), row_scale, live, start).cpu()  # (Q, m)
-            if not bool(live.all()):
+            if self._dead and not bool(live.all()):
                 s[:, ~live] = -math.inf
             top = torch.topk(s, min(k, stop - start), dim=1)
             merged = torch.cat([best, top.values], dim=1)
@@ -515,7 +516,7 @@ class EmbeddingStore(nn.Module):
         while start < self.slots:
             stop = min(start + span, self.slots)
             codes, _, live = self._chunk(start, stop)
-            dead = int((~live).sum())
+            dead = int((~live).sum()) if self._dead else 0
             if dead > self.chunk_size and stop - start > self.chunk_size:
                 stop = start + self.chunk_size
                 codes, live = codes[: self.chunk_size], live[: self.chunk_size]
