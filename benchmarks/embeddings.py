@@ -12,8 +12,8 @@ usearch dtypes, sentence-transformers int8 / ubinary with and without rescoring,
 rows of ``store_methods``: our ``EmbeddingStore`` in every format (fp8 with each scale, binary, plain and centred,
 with each rescoring multiplier, with one magnitude (the default) and per-dimension magnitudes) and reductions x
 formats (``store_configs``). Binary rows are paired per query with sentence-transformers' ubinary at the same
-rescoring (the default) or with the default (the other options): ``ndcg@10_paired_delta`` and its standard error. Every row is a
-``references.SearchMethod`` and is searched the same way, on the same vectors, in the same process.
+rescoring (the default) or with the default (the other options): ``ndcg@10_paired_delta`` and its standard error.
+Every row is a ``references.SearchMethod`` and is searched the same way, on the same vectors, in the same process.
 
 Columns: nDCG@10, Recall@10 (from a k=10 search), Recall@100 (from a k=100 search, so rescoring methods rescore
 100 * m candidates there), each with its retention vs float32; overlap@10 with the float32 neighbours; stored
@@ -86,8 +86,9 @@ def store_configs() -> list[StoreRow]:
     rows += [StoreRow(f"binary + rescore x{m}" if m > 1 else "binary (Hamming)", BinaryConfig(rescore=m), m,
                       paired_with=f"st ubinary (faiss) + rescore x{m}" if m > 1 else "faiss IndexBinaryFlat")
              for m in (1, 2, 4, 10)]
-    rows += [StoreRow(f"binary, per-dimension magnitudes + rescore x{m}", BinaryConfig(rescore=m, magnitude="dimension"),
-                      m, paired_with=f"ours binary + rescore x{m}") for m in (2, 4, 10)]
+    rows += [StoreRow(f"binary, per-dimension magnitudes + rescore x{m}",
+                      BinaryConfig(rescore=m, magnitude="dimension"), m, paired_with=f"ours binary + rescore x{m}")
+             for m in (2, 4, 10)]
     rows += [StoreRow(f"binary centred + rescore x{m}" if m > 1 else "binary centred (Hamming)",
                       BinaryConfig(rescore=m, center=True), m,
                       paired_with=f"ours binary + rescore x{m}" if m > 1 else "ours binary (Hamming)")

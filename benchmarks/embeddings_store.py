@@ -75,7 +75,8 @@ def queries_near(n: int, chunk: int, dim: int, seed: int, count: int) -> tuple[t
     return q / q.norm(dim=1, keepdim=True), sources
 
 
-def exact_top_k(q: torch.Tensor, chunks: list[tuple[int, int]], chunk: int, dim: int, seed: int, k: int) -> torch.Tensor:
+def exact_top_k(q: torch.Tensor, chunks: list[tuple[int, int]], chunk: int, dim: int, seed: int,
+                k: int) -> torch.Tensor:
     """The exact float top-k ids (Q, k) of the queries, regenerating the vectors chunk by chunk."""
     best = torch.empty(len(q), 0)
     best_ids = torch.empty(len(q), 0, dtype=torch.int64)

@@ -3,15 +3,15 @@ fields (any reduction combines with any format).
 
 | method   | config         | codes per vector (D' reduced dims)    | scored on the codes by                   |
 |----------|----------------|---------------------------------------|------------------------------------------|
-| float16  | Float16Config  | D' float16                            | float matmul, one chunk upcast at a time |
-| bfloat16 | BFloat16Config | D' bfloat16                           | float matmul, one chunk upcast at a time |
-| fp8_e4m3 | FP8E4M3Config  | D' fp8 E4M3 (+ 4 bytes: vector scale) | float matmul, one chunk upcast at a time |
-| fp8_e5m2 | FP8E5M2Config  | D' fp8 E5M2 (+ 4 bytes: vector scale) | float matmul, one chunk upcast at a time |
-| int8     | Int8Config     | D' int8, per-dimension absmax steps   | int8 GEMM (``kernels.int8_gemm``)        |
-| uint8    | UInt8Config    | D' uint8, per-dimension min/max cells | int8 GEMM + exact offset terms           |
-| int4     | Int4Config     | ceil(D'/2) bytes, per-dimension cells | int8 GEMM + exact offset terms           |
-| binary   | BinaryConfig   | ceil(D'/8) bytes of sign bits         | Hamming top-k (``kernels.hamming_topk``) |
-|          |                | (of x - mu with center=True)          |                                          |
+| float16  | Float16Config  | D' float16                            | CPU: float32 tiles of the codes x the    |
+| bfloat16 | BFloat16Config | D' bfloat16                           | float query (``formats.Codec.upcast``);  |
+| fp8_e4m3 | FP8E4M3Config  | D' fp8 E4M3 (+ 4 bytes: vector scale) | CUDA: upcast chunks (floats), the int8   |
+| fp8_e5m2 | FP8E5M2Config  | D' fp8 E5M2 (+ 4 bytes: vector scale) | GEMM ``kernels.int8_gemm`` (integers)    |
+| int8     | Int8Config     | D' int8, per-dimension absmax steps   |                                          |
+| uint8    | UInt8Config    | D' uint8, per-dimension min/max cells | + exact offset terms                     |
+| int4     | Int4Config     | ceil(D'/2) bytes, per-dimension cells | + exact offset terms                     |
+| binary   | BinaryConfig   | ceil(D'/8) bytes of sign bits         | Hamming top-k (``kernels.hamming_topk``: |
+|          |                | (of x - mu with center=True)          | popcount on the CPU, Triton on CUDA)     |
 
 This module imports nothing heavy: the handlers live in ``methods``.
 """

@@ -50,7 +50,7 @@ def run_demo(n: int = 20_000, dim: int = 128, queries: int = 100, k: int = 10) -
     header = ("format", f"recall@{k}", "bytes/vec", "compression", "queries/s")
     title = (f"embedding stores: {n} seeded clustered unit vectors of {dim} dims, {queries} queries, exact float "
              f"top-{k} as truth (CPU)")
-    note = ("Scores are computed on the stored codes (int8 GEMM, upcast chunks, Hamming top-k); sizes are the "
+    note = ("Scores are computed on the stored codes (float32 tiles x the float query, Hamming top-k); sizes are the "
             "codes plus amortised codec tensors.")
     return text_table(title, header, rows, note)
 

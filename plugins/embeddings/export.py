@@ -34,12 +34,13 @@ native format, the escape hatch). The store's original vectors (``keep_originals
 
 (min = the codec's per-dimension lower edge, offset - step / 2.) FAISS decodes vmin + (c + 0.5) / (2^b - 1) *
 vdiff, which with those parameters is exactly the store's decode (``formats``), so FAISS ranks by the float query
-against the dequantized codes (``Codec.dequantized_scores``); the store's own int8 / uint8 / int4 search quantizes
-the query to int8 first, so the two agree up to that rounding. usearch's i8 with the ``ip`` metric takes int8
-arrays as they are (no normalisation: that is its float -> i8 cast, used for ``cos``) and scores the raw integer
-dot product, which is the store's int8 GEMM score up to the per-query scale: the same ranking. usearch's f16 /
-bf16 cast the float query to 16 bits; its fp8 kinds would cast the query to fp8 (a unit query underflows E4M3)
-and cannot hold the store's scales, hence no fp8. Binary codes keep their bit layout (``kernels.pack_binary``);
+against the dequantized codes (``Codec.dequantized_scores``), as the store's own CPU search does (its CUDA int8 GEMM
+quantizes the query to int8 first, so there the two agree up to that rounding). usearch's i8 with the ``ip`` metric
+takes int8 arrays as they are (no normalisation: that is its float -> i8 cast, used for ``cos``) and scores the raw
+integer dot product of the codec's int8 query codes (``Codec.prepare(query_codes=True)``): the store's CUDA int8
+GEMM score up to the per-query scale, and its CPU score up to the query's rounding. usearch's f16 / bf16 cast the
+float query to 16 bits; its fp8 kinds would cast the query to fp8 (a unit query underflows E4M3) and cannot hold the
+store's scales, hence no fp8. Binary codes keep their bit layout (``kernels.pack_binary``);
 queries are packed the same way (``Codec.prepare``: the bits of q, also for centred codes), so Hamming distances
 are the store's.
 

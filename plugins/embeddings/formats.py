@@ -57,16 +57,16 @@ Scoring a query q (already reduced, with its reducer offset b) against codes, ne
     q . x_hat = b + q . offset + row_scale * sum_d u_d value(c_d),        u = q * step (q where there is no step)
 
 - On the CPU (every format but binary): value(code) is upcast to float32 ``TILE_ROWS`` vectors at a time into a
-  buffer that stays in the cache, and multiplied with the float32 u by the BLAS (no rounding of the query: the
-  score is the dequantized dot product up to fp32 rounding). The upcast is one vectorised cast for int8, uint8,
-  float16 and bfloat16; int4 splits the bytes into low and high nibbles (the even dimensions, then the odd ones,
-  in each tile row: the query's weights are permuted alike); fp8 sign-extends each byte to int16 and moves it into float16 bits with a multiply (and, for E4M3, a
-  mask): E5M2 is the high byte of float16; E4M3 lands on float16 at 2^-8 of its value, subnormals included, and
-  u is scaled by 2^8; then float16 is cast to float32. torch's own float8 cast is not
-  vectorised (14 ns a value, 20x the int8 cast) and int8 integer GEMMs without VNNI are slower still, so these
-  paths are what keeps every format near the memory speed (``benchmarks/embeddings_store.py``). A float8 E4M3
-  NaN code (the byte 0x7F / 0xFF, never written by ``encode``) is read as +-480 times the scale by the scan
-  (``damaged`` finds such rows; the store checks the vectors a search returns).
+  buffer that stays in the cache, and multiplied with the float32 u by the BLAS (no rounding of the query: the score
+  is the dequantized dot product up to fp32 rounding). The upcast is one vectorised cast for int8, uint8, float16
+  and bfloat16; int4 splits the bytes into low and high nibbles (the even dimensions, then the odd ones, in each
+  tile row: the query's weights are permuted alike); fp8 sign-extends each byte to int16 and moves it into float16
+  bits with a multiply (and, for E4M3, a mask): E5M2 is the high byte of float16; E4M3 lands on float16 at 2^-8 of
+  its value, subnormals included, and u is scaled by 2^8; then float16 is cast to float32. torch's own float8 cast
+  is not vectorised (14 ns a value, 20x the int8 cast) and int8 integer GEMMs without VNNI are slower still, so
+  these paths are what the CPU scan runs (measured beside FAISS and usearch: ``benchmarks/embeddings.md``). A
+  float8 E4M3 NaN code (the byte 0x7F / 0xFF, never written by ``encode``) is read as +-480 times the scale by the
+  scan (``damaged`` finds such rows; the store checks the vectors a search returns).
 - On CUDA, int8 / uint8 / int4: u is quantized per query to int8 (``polyquant.kernels.quantize_dynamic``: u ~
   s_u * u_q, s_u = max|u| / 127) and multiplied with the int8 codes by ``polyquant.kernels.int8_gemm`` (exact
   int32 sums). uint8 codes enter the GEMM as c - 128 (int8), with + 128 * sum(u) added to the offset term; int4

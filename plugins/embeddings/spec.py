@@ -14,7 +14,7 @@ SPEC = PluginSpec(
         "bfloat16": "bfloat16 codes (2 bytes per dim), scored by upcasting one chunk at a time.",
         "fp8_e4m3": "fp8 E4M3 codes (1 byte per dim) with a per-vector or per-dimension scale.",
         "fp8_e5m2": "fp8 E5M2 codes (1 byte per dim) with a per-vector or per-dimension scale.",
-        "int8": "Symmetric int8 codes, per-dimension calibrated absmax, scored by int8 GEMM.",
+        "int8": "Symmetric int8 codes, per-dimension calibrated absmax, scored on the codes.",
         "uint8": "uint8 codes over per-dimension calibrated [min, max], dequantized at cell midpoints.",
         "int4": "4-bit codes over per-dimension calibrated [min, max], two per byte.",
         "binary": "Sign bits (1 bit per dim), Hamming top-k, float rescoring (4x by default).",

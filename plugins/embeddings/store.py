@@ -28,8 +28,8 @@ cost of one search: ``benchmarks/store_verify.py``; ``verify=False`` / ``polyqua
 Whether verified or not, the codec and reduction tensors must be finite and bounded (``formats.check_values``) and
 no live id may appear twice, at load; a live vector whose codes score NaN / Inf, an original vector that is not a
 unit vector and decoded codes that are not finite are refused where a search reads them (an fp8 E4M3 NaN code,
-which the scan reads as a finite value, where a search returns its vector or ``forward`` scores it). Each is a ``ValueError``
-naming the tensor (``ArtifactError`` naming the file from ``load``), never a NaN score.
+which the scan reads as a finite value, where a search returns its vector or ``forward`` scores it). Each is a
+``ValueError`` naming the tensor (``ArtifactError`` naming the file from ``load``), never a NaN score.
 
 Search scans the codes chunk by chunk with a running top-k (``Codec.scores``: on the CPU float32 tiles of upcast
 codes times the float query; on CUDA the int8 GEMM for integer codes; ``polyquant.kernels.hamming_topk`` for binary
