@@ -68,7 +68,8 @@ from .plugins import (
 if TYPE_CHECKING:  # imported inside the commands that need it: --help, list and search's checks start without it
     import torch
 
-__all__ = ["main", "build_parser", "CliError", "CliInputs", "add_config_options", "config_from_args", "printable"]
+__all__ = ["main", "build_parser", "CliError", "CliInputs", "add_config_options", "config_from_args", "printable",
+           "set_threads"]
 
 CORE_DEMO = "polyquant.demo:run_core_demo"
 
@@ -390,21 +391,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     run.add_argument("--force", action="store_true", help="overwrite an existing --out file (never an input file)")
     run.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu)")
     run.add_argument("--quiet", action="store_true",
-                     help="no progress bars (they show only in a terminal) or status lines on stderr")
+                     help="no progress on stderr: bars in a terminal, one line per layer or phase elsewhere")
+    run.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
     parsed = parser.parse_args(["--help"] if args.help else args.rest)
     config = config_from_args(cls, parsed, prog)
     if parsed.out is not None:
         _check_out(parsed, prog)
 
     from .api import progress_default, quantize, save
+    from .progress import line_progress
 
+    set_threads(parsed.threads, prog)
     device = default_device() if parsed.device is None else torch_device(parsed.device, prog)
     t0 = time.perf_counter()
     inputs = impl.load_inputs(method, config, parsed)  # may be the slow part: a model to load, texts to embed
     input_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    qm = quantize(inputs.model, config, inputs.calib, progress=progress_default() and not parsed.quiet,
-                  device=device)
+    with line_progress(not parsed.quiet):  # off a terminal: one line per step of the methods that report them
+        qm = quantize(inputs.model, config, inputs.calib, progress=progress_default() and not parsed.quiet,
+                      device=device)
     if qm.model_config is None:
         qm.model_config = inputs.model_config
     seconds = time.perf_counter() - t0
@@ -416,6 +421,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     path = save(qm, parsed.out, meta={"calib_seconds": round(seconds, 3)})
     print(f"saved {path} ({path.stat().st_size:,} bytes)")
     return 0
+
+
+MAX_THREADS = 1024  # --threads of quantize and load
+THREADS_HELP = "CPU threads of torch (default: torch's own, one per core; fewer helps on a busy machine)"
+
+
+def set_threads(threads: int | None, prog: str) -> None:
+    """Apply ``--threads`` (None: leave torch's default); a ``CliError`` outside 1..``MAX_THREADS``."""
+    if threads is None:
+        return
+    if not 1 <= threads <= MAX_THREADS:
+        raise CliError(f"--threads must be in [1, {MAX_THREADS}], got {threads}", prog=prog)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _check_out(parsed: argparse.Namespace, prog: str) -> None:
@@ -486,10 +506,12 @@ def cmd_load(args: argparse.Namespace) -> int:
         parser.add_argument("--cpu-dtype", choices=("bf16", "fp32"), default="bf16",
                             help="compute dtype of the packed CPU int4 / int8 GEMMs: bf16 is fast, fp32 matches "
                                  "fake-quant to fp32 rounding")
+        parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
         hooks = hasattr(impl, "add_load_args") and hasattr(impl, "run_load")
         if hooks:
             impl.add_load_args(parser)
         plugin_args = parser.parse_args(["--help"] if args.help else args.rest)
+        set_threads(plugin_args.threads, str(parser.prog))
         plugin_args.artifact_path = path  # for a run_load hook that reads the file itself (sizes)
         _print_artifact(path, artifact)
         import torch

@@ -238,6 +238,19 @@ def test_quantize_builds_the_config_and_calls_the_handler(capsys: pytest.Capture
     assert "--bits INT" in out and "weight bit width. (default: 8)" in out and "--size" in out
 
 
+def test_threads_option_sets_torch_threads(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run(capsys, "quantize", "good/alpha", "--bits", "4", "--quiet", "--threads", "1")
+        assert code == 0 and not err and torch.get_num_threads() == 1
+        code, _, err = run(capsys, "quantize", "good/alpha", "--threads", "0")
+        assert code == 2 and "--threads must be in [1, 1024], got 0" in err and len(err.splitlines()) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_command_failure_is_one_line_unless_debug(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
     code, out, err = run(capsys, "quantize", "good/crash", "--bits", "4")
     assert code == 1 and not out
