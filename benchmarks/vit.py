@@ -9,9 +9,11 @@ file (for seed 0).
 Two quality numbers: top-1 accuracy, and KL(float || quantized) of the predicted class distributions, which
 still separates methods where accuracy saturates (one test image is 0.19 points).
 
-On a hybrid model, minmax and percentile are ``qhyvit.quantize_hybrid_baseline``: Q-HyViT's placement (BN
-folded, every Conv / Linear / attention product) calibrated by the plain observer, so only the calibration
-differs. Prints a table (mean +- std over seeds, drop against float, calibration seconds, artifact bytes) and
+On the hybrid, the baselines are the registered methods ``hybrid_minmax`` and ``hybrid_percentile``
+(``qhyvit.quantize_hybrid_baseline``: Q-HyViT's placement, BN folded, every Conv / Linear / attention product,
+calibrated by the plain observer, so only the calibration differs); every run goes through ``polyquant.quantize``,
+so ``polyquant quantize vit/<method>`` with the same images gives the same numbers.
+Prints a table (mean +- std over seeds, drop against float, calibration seconds, artifact bytes) and
 writes every run to JSON (rewritten after each run).
 """
 
@@ -30,7 +32,7 @@ import torch
 
 DEFAULT_METHODS = {  # per model: AdaLog and its baselines on the ViT, Q-HyViT and its baselines on the hybrid
     "digits-vit": ("adalog", "minmax", "percentile", "log2", "logsqrt2", "twin_uniform"),
-    "digits-hybrid": ("qhyvit", "minmax", "percentile"),
+    "digits-hybrid": ("qhyvit", "hybrid_minmax", "hybrid_percentile"),
 }
 DEFAULT_MODELS = tuple(DEFAULT_METHODS)
 
@@ -46,25 +48,19 @@ def parse_bits(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def _artifact_bytes(quantized: Any, method: str) -> int:
-    """Size of the saved artifact: ``polyquant.save`` for the plugin's methods, the core export for the hybrid
-    baselines (plain core fake-quant models)."""
+def _artifact_bytes(quantized: Any) -> int:
+    """Size of the artifact ``polyquant.save`` writes."""
     import polyquant as pq
-    from polyquant.artifact import save
-    from polyquant.export import export
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "a.safetensors"
-        if isinstance(quantized, pq.QuantizedModel):
-            return pq.save(quantized, path).stat().st_size
-        return save(export(quantized, plugin="vit", method=method), path).stat().st_size
+        return pq.save(quantized, Path(tmp) / "a.safetensors").stat().st_size
 
 
 def _config(method: str, wbits: int, abits: int, calib: int, fast: bool, retrain_iters: int) -> Any:
     from polyquant.plugins.vit.methods import METHODS
 
     fields: dict[str, Any] = {"wbits": wbits, "abits": abits, "calib_size": calib}
-    if fast and method not in ("qhyvit", "minmax", "percentile"):
+    if fast and method not in ("qhyvit", "minmax", "percentile", "hybrid_minmax", "hybrid_percentile"):
         fields["search_round"] = 1
     if method == "adalog+retrain":
         return METHODS["adalog"](retrain=True, retrain_iters=retrain_iters, retrain_size=256, **fields)
@@ -81,7 +77,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import polyquant as pq
     from polyquant.plugins.vit.data import calib_set, evaluate, load_digits_data
     from polyquant.plugins.vit.models import build_model, input_spec
-    from polyquant.plugins.vit.qhyvit import quantize_hybrid_baseline
 
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -95,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     task = -1
     for model_name in args.models:
         try:
-            model, model_config = build_model(model_name)
+            model, _ = build_model(model_name)
         except (FileNotFoundError, ImportError, ValueError) as e:
             print(f"skipping {model_name}: {e}", file=sys.stderr)
             continue
@@ -123,14 +118,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     calib = calib_set(n, seed, size, chans)
                     t0 = time.perf_counter()
                     try:
-                        if model_config.get("source") == "hybrid" and method in ("minmax", "percentile"):
-                            # Hybrids: the fair baseline has Q-HyViT's placement; only the calibration differs.
-                            quantized = quantize_hybrid_baseline(model, calib, wbits=wbits, abits=abits,
-                                                                 observer=method, calib_size=args.calib)
-                            qmodel = quantized
-                        else:
-                            quantized = pq.quantize(model, config, calib=[calib], progress=False)
-                            qmodel = quantized.model
+                        quantized = pq.quantize(model, config, calib=[calib], progress=False)
+                        qmodel = quantized.model
                     except Exception as e:  # a method failing on a model is a result, not a crash
                         print(f"  {bits} {method} seed {seed}: FAILED {type(e).__name__}: {e}", flush=True)
                         result["runs"].append({"model": model_name, "bits": bits, "method": method, "seed": seed,
@@ -141,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     with torch.no_grad():
                         logp = torch.log_softmax(qmodel(data.x_test), -1)
                     kl = float((fp_logp.exp() * (fp_logp - logp)).sum(-1).mean())
-                    nbytes = _artifact_bytes(quantized, method) if seed == 0 else None
+                    nbytes = _artifact_bytes(quantized) if seed == 0 else None
                     rec = {"model": model_name, "bits": bits, "method": method, "seed": seed, "accuracy": acc,
                            "kl": kl, "calib_seconds": seconds, "artifact_bytes": nbytes}
                     result["runs"].append(rec)

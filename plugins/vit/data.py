@@ -251,9 +251,10 @@ def preprocess_for(
 
     Size and channels are the model's own (``input_spec``: its patch embedding, else its config), so a timm
     model built with an ``img_size`` override gets that size. Mean, std, interpolation and crop_pct come from
-    timm's data config (``timm.data.resolve_data_config``) when the model has a ``pretrained_cfg``; its RGB mean and
-    std are averaged for a 1-channel model. A model without one (the shipped digits models) gets the digits
-    convention of ``load_digits_data``: mean 0.5, std 0.5, bilinear, crop_pct 1. A single ``mean`` / ``std``
+    timm's data config (``timm.data.resolve_data_config``) when the model has a ``pretrained_cfg`` (a timm model's,
+    a timm folder's config, or the shipped digits models' digits convention); its RGB mean and std are averaged for
+    a 1-channel model. A model without one needs ``mean`` and ``std`` (never guessed: ``ValueError`` naming
+    ``--mean`` / ``--std``); its interpolation and crop_pct default to bilinear and 1. A single ``mean`` / ``std``
     number applies to every channel.
     """
     model_size, channels = input_spec(model)
@@ -264,8 +265,12 @@ def preprocess_for(
         base_mean = _fit_channels("timm mean", config["mean"], channels, average=True)
         base_std = _fit_channels("timm std", config["std"], channels, average=True)
         base_interpolation, base_crop = str(config["interpolation"]), float(config["crop_pct"])
+    elif mean is None or std is None:
+        missing = " and ".join(flag for flag, v in (("--mean", mean), ("--std", std)) if v is None)
+        raise ValueError(f"the model records no input normalization (no timm pretrained_cfg): pass {missing} (the "
+                         "values it was trained with, e.g. --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225)")
     else:
-        base_mean, base_std, base_interpolation, base_crop = (0.5,) * channels, (0.5,) * channels, "bilinear", 1.0
+        base_mean, base_std, base_interpolation, base_crop = (0.0,) * channels, (1.0,) * channels, "bilinear", 1.0
     return Preprocess(
         size=model_size if size is None else size,
         mean=base_mean if mean is None else _fit_channels("mean", mean, channels, average=False),

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -261,11 +261,9 @@ def capture(qmodel: nn.Module, plan: list[LayerInfo], images: Tensor, batch_size
             progress: bool = False) -> dict[str, list[Tensor]]:
     """Float inputs and outputs of every planned layer: name -> [input(s)..., output] (CPU, float32, every call
     concatenated); the input is the layer's first positional argument, both operands for a QuantMatMul."""
-    batches: list[Tensor] | Iterator[Tensor] = list(images.split(batch_size))
-    if progress:
-        from tqdm.auto import tqdm
+    from polyquant.progress import progress_iter
 
-        batches = iter(tqdm(batches, desc="capturing layer inputs"))
+    batches = progress_iter(list(images.split(batch_size)), desc="capturing layer inputs", bars=progress)
     caps = capture_modules(qmodel, [info.name for info in plan], batches)
     data: dict[str, list[Tensor]] = {}
     for info in plan:
@@ -802,24 +800,19 @@ def _work(tensors: list[Tensor]) -> int:
 
 def _calibrate_all(qmodel: nn.Module, plan: list[LayerInfo], data: dict[str, list[Tensor]], recipe: Recipe,
                    device: torch.device, progress: bool) -> None:
-    """Calibrate every planned layer on ``device``; the bar advances by each layer's estimated work (ETA)."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    """Calibrate every planned layer on ``device``; the bar advances by each layer's estimated work (ETA); off a
+    terminal, one line per layer (``polyquant.progress``)."""
+    from polyquant.progress import progress_bar
 
-        bar = tqdm(total=sum(_work(data[info.name]) for info in plan), desc=f"calibrating ({recipe.name})",
-                   bar_format="{l_bar}{bar}| [{elapsed}<{remaining}{postfix}]")  # work units: no count or rate
+    bar = progress_bar(total=sum(_work(data[info.name]) for info in plan), desc=f"calibrating ({recipe.name})",
+                       bars=progress, percent=True)
     try:
         for info in plan:
             tensors = data.pop(info.name)
-            if bar is not None:
-                bar.set_postfix_str(info.name, refresh=True)
             calibrate_layer(qmodel, info, [t.to(device) for t in tensors], recipe)
-            if bar is not None:
-                bar.update(_work(tensors))
+            bar.update(_work(tensors), step=info.name)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
 
 
 def quantize_with_recipe(model: nn.Module, calib: Tensor, recipe: Recipe, *, fold: bool = True,

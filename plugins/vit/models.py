@@ -3,13 +3,23 @@
 A model is described by a JSON-able *model config*, so artifacts can rebuild it without code from a file:
 
     {"source": "vit", "kwargs": {...}}               timm VisionTransformer(**kwargs) (the digits ViT's form)
-    {"source": "timm", "name": "deit_tiny_patch16_224", "kwargs": {"img_size": 32}}
-                                                     timm.create_model(name, pretrained=False, **kwargs)
+    {"source": "timm", "name": "deit_tiny_patch16_224", "kwargs": {"img_size": 32}, "data": {...}}
+                                                     timm.create_model(name, pretrained=False, **kwargs); "data"
+                                                     (optional): the preprocessing of the model's weights (mean,
+                                                     std, interpolation, crop_pct, input_size), given to timm as
+                                                     its pretrained_cfg_overlay
     {"source": "hybrid", "kwargs": {...}}            the digits MobileViT hybrid (``hybrid.HybridConfig``)
 
+The shipped models' configs also name them ("name": "digits-vit"): ``is_shipped`` tells them apart from a user's
+model of the same architecture, and they carry the digits preprocessing as their ``pretrained_cfg``.
+
     load_digits_vit() -> nn.Module                    the shipped, trained digits ViT (eval mode)
-    build_model(spec) -> (model, model_config)         'digits-vit', 'digits-hybrid[-v2]', a checkpoint path, or a
-                                                     timm model name
+    build_model(spec, model_args=None) -> (model, model_config)
+                                                     'digits-vit', 'digits-hybrid[-v2]', a timm model folder
+                                                     (``load_timm_folder``), a polyquant checkpoint path, or a timm
+                                                     architecture name (random weights) with its kwargs
+    load_timm_folder(path) -> (model, model_config)   a folder written by timm's ``save_for_hf(model, DIR,
+                                                     safe_serialization=True)``: config.json + model.safetensors
     validate_model_config(config) -> dict              the config checked against its source's schema (see below)
     model_from_config(config) -> nn.Module             the architecture (weights: random init / checkpoint)
     save_checkpoint(model, path, config, meta=None)    safetensors with the model config in its metadata
@@ -22,8 +32,11 @@ Model configs come from files (artifacts, checkpoints), so ``model_from_config``
 (``validate_model_config``): known top-level keys only, and per source an allowlist of kwargs with types and
 bounds; nothing else reaches timm (no ``checkpoint_path``, ``pretrained``, layer names...). A "vit" or "hybrid"
 config whose parameter count, estimated from its kwargs, exceeds ``MAX_PARAMETERS`` is refused before anything is
-allocated; a "timm" config names a registered timm model, and when it overrides its architecture (depth, widths,
-heads) the model is first counted on the meta device. Every refusal is a ``ValueError`` naming the bad key.
+allocated. A "timm" config names a registered timm model; its input and head kwargs have typed bounds, and any
+other kwarg must be a named parameter of the architecture's own class (its ``__init__`` signature), hold plain
+JSON values (numbers, short names, short lists) and not name a file, a download, a device or a layer factory
+(``_TIMM_DENIED``). Such a config is first built and counted on the meta device. Every refusal is a
+``ValueError`` naming the bad key.
 """
 
 from __future__ import annotations
@@ -52,6 +65,8 @@ __all__ = [
     "digits_vit_config",
     "validate_model_config",
     "model_from_config",
+    "is_shipped",
+    "load_timm_folder",
     "save_checkpoint",
     "load_checkpoint",
     "load_digits_vit",
@@ -179,9 +194,10 @@ _HYBRID_KWARGS: dict[str, _Field] = {
 _HYBRID_DEFAULTS: dict[str, Any] = {"in_chans": 1, "num_classes": 10, "stem_chs": 16, "widths": (16, 24, 32),
                                     "transformer_dim": 48, "transformer_depth": 2, "num_features": 96}
 
-# "timm": the input and head of a registered model, and a few overrides that slim its architecture (tests, CLI).
+# "timm": typed bounds for the input, the head and the common architecture overrides; any other kwarg is checked
+# against the architecture's own signature (``_check_plain``, then ``_timm_parameters``).
 _TIMM_KWARGS: dict[str, _Field] = {
-    "img_size": _IMG_SIZE,
+    "img_size": _Ints(8, 4096, 1, 2, single=True),  # timm's save_for_hf records [H, W]
     "in_chans": _IN_CHANS,
     "num_classes": _NUM_CLASSES,
     "depth": _Int(1, 64),
@@ -189,11 +205,21 @@ _TIMM_KWARGS: dict[str, _Field] = {
     "depths": _Ints(1, 32, 1, 6),
     "num_heads": _Ints(1, 256, 1, 6, single=True),
 }
-_TIMM_ARCHITECTURE = ("depth", "embed_dim", "depths", "num_heads")  # counted on the meta device when present
+_TIMM_INPUT = ("img_size", "in_chans", "num_classes")  # the only kwargs built without a count on the meta device
+# kwargs never taken from a file: downloads, paths, devices, layer factories, feature-extraction wrappers
+_TIMM_DENIED = re.compile(r"pretrained|checkpoint|^path$|_path$|file|url|cache|^dir$|_dir$|hub|device|dtype|^dd$|"
+                          r"_layer$|_fn$|features_only|out_indices|feature_cfg|scriptable|exportable|no_jit|kwargs")
+_TIMM_STRING = re.compile(r"[A-Za-z0-9_.\-]{0,64}")  # a string kwarg: a short name (an activation, a pool type)
+MAX_TIMM_KWARGS = 64  # kwargs of one "timm" config
+MAX_LIST = 64  # entries of one list kwarg (also per nesting level; two levels at most)
 _TIMM_NAME = re.compile(r"\w+(\.\w+)?")  # an architecture, optionally with a pretrained tag; no hub ids or paths
+_DATA_KEYS = ("mean", "std", "interpolation", "crop_pct", "input_size")  # a "timm" config's "data" (preprocessing)
 
-_SOURCES: dict[str, tuple[str, ...]] = {"vit": ("source", "kwargs"), "timm": ("source", "name", "kwargs"),
-                                        "hybrid": ("source", "kwargs")}  # source -> its top-level keys
+_SOURCES: dict[str, tuple[str, ...]] = {  # source -> its top-level keys
+    "vit": ("source", "name", "kwargs"),
+    "timm": ("source", "name", "kwargs", "data"),
+    "hybrid": ("source", "name", "kwargs"),
+}
 
 
 def _check_value(where: str, key: str, value: Any, field: _Field) -> Any:
@@ -279,12 +305,22 @@ def validate_model_config(config: Any) -> dict[str, Any]:
     if not isinstance(kwargs, dict):
         raise ValueError(f"{where}: kwargs must be a dict, got {type(kwargs).__name__}")
     schema = {"vit": _VIT_KWARGS, "timm": _TIMM_KWARGS, "hybrid": _HYBRID_KWARGS}[source]
+    if source == "timm" and len(kwargs) > MAX_TIMM_KWARGS:
+        raise ValueError(f"{where}: {len(kwargs)} kwargs, more than MAX_TIMM_KWARGS = {MAX_TIMM_KWARGS}")
     checked: dict[str, Any] = {}
     for key, value in kwargs.items():
-        if key not in schema:
+        if key in schema:
+            checked[key] = _check_value(where, key, value, schema[key])
+        elif source == "timm":
+            checked[key] = _check_plain(where, key, value)
+        else:
             raise ValueError(f"{where}: kwarg {_short(key)} is not allowed; allowed: {', '.join(schema)}")
-        checked[key] = _check_value(where, key, value, schema[key])
     out: dict[str, Any] = {"source": source, "kwargs": checked}
+    if source != "timm" and "name" in config:  # only the shipped models are named
+        if config["name"] not in DIGITS_MODELS:
+            raise ValueError(f"{where}: name {_short(config['name'])} is not a shipped model "
+                             f"({', '.join(DIGITS_MODELS)})")
+        out["name"] = config["name"]
     if source == "vit":
         k = {**_VIT_DEFAULTS, **checked}
         if k["embed_dim"] % k["num_heads"]:
@@ -303,6 +339,65 @@ def validate_model_config(config: Any) -> dict[str, Any]:
         if not isinstance(name, str) or not _TIMM_NAME.fullmatch(name) or not timm.is_model(name):
             raise ValueError(f"{where}: name {_short(name)} is not a registered timm model (see timm.list_models())")
         out["name"] = name
+        if "data" in config:
+            out["data"] = _check_data(where, config["data"])
+    return out
+
+
+def _check_plain(where: str, key: Any, value: Any, depth: int = 0) -> Any:
+    """A "timm" kwarg outside the typed schema: a plain JSON value (None, a bool, a bounded number, a short name,
+    or a list of at most ``MAX_LIST`` of those, two levels deep), under a name that ``_TIMM_DENIED`` does not
+    match. Whether the architecture takes it is checked against its signature when it is built."""
+    if depth == 0 and (not isinstance(key, str) or not key.isidentifier() or _TIMM_DENIED.search(key)):
+        raise ValueError(f"{where}: kwarg {_short(key)} is not allowed (files, downloads, devices and layer "
+                         "factories are never taken from a model config)")
+    bad = f"{where}: {key} = {_short(value)}"
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        if abs(value) > 2**31:
+            raise ValueError(f"{bad} is not an integer in [-2^31, 2^31]")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > 1e9:
+            raise ValueError(f"{bad} is not a finite number in [-1e9, 1e9]")
+        return value
+    if isinstance(value, str):
+        if not _TIMM_STRING.fullmatch(value):
+            raise ValueError(f"{bad} is not a short name (letters, digits, '_', '.', '-'; at most 64)")
+        return value
+    if isinstance(value, (list, tuple)) and depth < 2:
+        if len(value) > MAX_LIST:
+            raise ValueError(f"{bad} has more than MAX_LIST = {MAX_LIST} entries")
+        return tuple(_check_plain(where, key, v, depth + 1) for v in value)
+    raise ValueError(f"{bad} is not a number, a name, or a list of them")
+
+
+def _check_data(where: str, data: Any) -> dict[str, Any]:
+    """A "timm" config's preprocessing: mean / std (1 to 4 numbers, std > 0), interpolation, crop_pct,
+    input_size [C, H, W]; each optional."""
+    from .data import INTERPOLATIONS
+
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: data must be a dict, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in _DATA_KEYS:
+            raise ValueError(f"{where}: data key {_short(key)} is not allowed; allowed: {', '.join(_DATA_KEYS)}")
+        if key in ("mean", "std"):
+            low = 1e-6 if key == "std" else -10.0
+            ok = isinstance(value, (list, tuple)) and 1 <= len(value) <= 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and low <= v <= 10.0 for v in value)
+            if not ok:
+                raise ValueError(f"{where}: data.{key} = {_short(value)} is not a list of 1 to 4 numbers in "
+                                 f"[{low}, 10]")
+            out[key] = tuple(float(v) for v in value)
+        elif key == "interpolation":
+            out[key] = _check_value(where, "data.interpolation", value, _Choice(INTERPOLATIONS))
+        elif key == "crop_pct":
+            out[key] = _check_value(where, "data.crop_pct", value, _Float(0.1, 2.0))
+        else:
+            out[key] = _check_value(where, "data.input_size", value, _Ints(1, 4096, 3, 3))
     return out
 
 
@@ -311,17 +406,28 @@ def _check_size(where: str, parameters: int) -> None:
         raise ValueError(f"{where}: about {parameters:.3g} parameters, more than MAX_PARAMETERS = {MAX_PARAMETERS:.3g}")
 
 
-def _timm_parameters(name: str, kwargs: dict[str, Any]) -> int:
-    """Parameter count of ``timm.create_model(name, **kwargs)``, built on the meta device (allocates nothing)."""
+def _timm_parameters(name: str, kwargs: dict[str, Any], overlay: dict[str, Any]) -> int:
+    """Parameter count of ``timm.create_model(name, **kwargs)``, built on the meta device (allocates nothing);
+    ``ValueError`` for a kwarg that is not a named parameter of the architecture's class (timm's builder takes a
+    few of its own that the class never sees)."""
+    import inspect
+
     import timm
     import torch
 
     try:
         with torch.device("meta"):
-            return count_parameters(timm.create_model(name, pretrained=False, **kwargs))
+            model = timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, NotImplementedError) as e:
         raise ValueError(f"model config ('timm'): cannot count the parameters of {name!r} with {kwargs}: "
                          f"{type(e).__name__}: {e}") from None
+    params = inspect.signature(type(model)).parameters
+    named = {k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    foreign = [key for key in kwargs if key not in named and key not in _TIMM_KWARGS]
+    if foreign:
+        raise ValueError(f"model config ('timm', {name!r}): kwarg {foreign[0]!r} is not a parameter of "
+                         f"{type(model).__name__}; it takes: {', '.join(sorted(named - {'device', 'dtype'}))}")
+    return count_parameters(model)
 
 
 def model_from_config(config: Any) -> nn.Module:
@@ -333,19 +439,52 @@ def model_from_config(config: Any) -> nn.Module:
         if source == "vit":
             from timm.models.vision_transformer import VisionTransformer
 
-            return VisionTransformer(**kwargs)
+            model: nn.Module = VisionTransformer(**kwargs)
+            return _shipped(model, checked["name"], checked)[0] if "name" in checked else model
         if source == "hybrid":
             from .hybrid import HybridConfig, build_hybrid
 
-            return build_hybrid(HybridConfig(**kwargs))
+            model = build_hybrid(HybridConfig(**kwargs))
+            return _shipped(model, checked["name"], checked)[0] if "name" in checked else model
         import timm
 
         name = checked["name"]
-        if any(key in kwargs for key in _TIMM_ARCHITECTURE):
-            _check_size(f"model config ('timm', {name!r})", _timm_parameters(name, kwargs))
-        return timm.create_model(name, pretrained=False, **kwargs)
+        overlay = _timm_overlay(checked)
+        if any(key not in _TIMM_INPUT for key in kwargs):
+            _check_size(f"model config ('timm', {name!r})", _timm_parameters(name, kwargs, overlay))
+        return timm.create_model(name, pretrained=False, pretrained_cfg_overlay=overlay, **kwargs)
     except (AssertionError, TypeError) as e:  # timm asserts some combinations; a kwarg a timm model does not take
         raise ValueError(f"model config ({source!r}): timm rejects {kwargs}: {type(e).__name__}: {e}") from None
+
+
+def _timm_overlay(checked: dict[str, Any]) -> dict[str, Any]:
+    """timm's ``pretrained_cfg_overlay`` of a checked "timm" config: its "data", and an input_size that follows an
+    ``img_size`` kwarg (timm keeps the registered 224 in the model's pretrained_cfg otherwise)."""
+    overlay = dict(checked.get("data", {}))
+    kwargs = checked["kwargs"]
+    if "img_size" in kwargs and "input_size" not in overlay:
+        size = kwargs["img_size"]
+        h, w = (size, size) if isinstance(size, int) else (size[0], size[-1])
+        overlay["input_size"] = (kwargs.get("in_chans", 3), h, w)
+    return overlay
+
+
+def is_shipped(model_config: dict[str, Any] | None) -> bool:
+    """Whether a model config names one of the shipped digits models (``DIGITS_MODELS``)."""
+    return isinstance(model_config, dict) and model_config.get("name") in DIGITS_MODELS \
+        and model_config.get("source") in ("vit", "hybrid")
+
+
+def _shipped(model: nn.Module, name: str, config: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """A shipped model with its name in its config and the digits preprocessing (``load_digits_data``: pixels in
+    [0, 1] normalized with mean 0.5, std 0.5, bilinear, no crop) as its ``pretrained_cfg``."""
+    from polyquant.api import describe_model
+
+    size, chans = input_spec(model)
+    model.pretrained_cfg = {"input_size": (chans, size, size), "mean": (0.5,) * chans, "std": (0.5,) * chans,
+                            "interpolation": "bilinear", "crop_pct": 1.0}
+    config = {**config, "name": name}
+    return describe_model(model, config), config
 
 
 def save_checkpoint(model: nn.Module, path: str | Path, config: dict[str, Any], meta: dict[str, Any] | None = None
@@ -365,7 +504,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any], dict[s
     path = Path(path)
     metadata = read_checkpoint_metadata(path)
     if _META_MODEL not in metadata:
-        raise ValueError(f"{path} has no model config (metadata key {_META_MODEL!r}); not a polyquant checkpoint")
+        raise ValueError(f"{path} has no model config (metadata key {_META_MODEL!r}); not a polyquant checkpoint. "
+                         f"{FOLDER_HINT}")
     try:
         config = json.loads(metadata[_META_MODEL])
         meta = json.loads(metadata.get(_META_EXTRA, "{}"))
@@ -378,6 +518,65 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any], dict[s
         first = str(e).strip().splitlines()[0][:200]
         raise ValueError(f"{path}: its tensors do not match its model config ({first})") from None
     return describe_model(model.eval(), config), config, meta
+
+
+FOLDER_HINT = ("Pass the folder timm writes with timm.models.save_for_hf(model, DIR, safe_serialization=True) "
+               "(config.json + model.safetensors), or a timm architecture name with --model-args JSON (random "
+               "weights)")
+MAX_CONFIG_BYTES = 1 << 20  # a timm folder's config.json
+
+
+def load_timm_folder(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode, model config) from a timm model folder as ``timm.models.save_for_hf(model, DIR,
+    safe_serialization=True)`` writes it: ``config.json`` (``architecture``, ``model_args``, ``pretrained_cfg``)
+    and ``model.safetensors``.
+
+    The architecture and its ``model_args`` pass ``validate_model_config`` (a registered timm name; kwargs checked
+    against its signature); from ``pretrained_cfg`` only the preprocessing is kept (mean, std, interpolation,
+    crop_pct, input_size). A pickled ``pytorch_model.bin`` (``save_for_hf``'s default) is refused, never read.
+    ``ValueError`` (one line, what to pass) for anything else.
+    """
+    from polyquant.api import describe_model
+    from polyquant.checkpoint import read_checkpoint
+
+    path = Path(path)
+    config_path, weights = path / "config.json", path / "model.safetensors"
+    if not weights.is_file():
+        if (path / "pytorch_model.bin").exists():
+            raise ValueError(f"{path} holds a pickled pytorch_model.bin, which polyquant never loads; save it again "
+                             "with timm.models.save_for_hf(model, DIR, safe_serialization=True)")
+        raise ValueError(f"{path} has no model.safetensors. {FOLDER_HINT}")
+    if not config_path.is_file():
+        raise ValueError(f"{path} has no config.json. {FOLDER_HINT}")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{config_path} is larger than MAX_CONFIG_BYTES = {MAX_CONFIG_BYTES:,}")
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict) or not isinstance(hf.get("architecture"), str):
+        raise ValueError(f"{config_path} names no timm 'architecture'. {FOLDER_HINT}")
+    kwargs = hf.get("model_args", {})
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{config_path}: model_args must be a JSON object")
+    if "num_classes" not in kwargs and "num_classes" in hf:  # timm before model_args: the head at the root
+        kwargs = {**kwargs, "num_classes": hf["num_classes"]}
+    cfg = hf.get("pretrained_cfg", {})
+    data = {k: cfg[k] for k in _DATA_KEYS if isinstance(cfg, dict) and cfg.get(k) is not None}
+    config: dict[str, Any] = {"source": "timm", "name": hf["architecture"], "kwargs": kwargs}
+    if data:
+        config["data"] = data
+    try:
+        model = model_from_config(config)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
+    try:
+        model.load_state_dict(read_checkpoint(weights)[0], strict=True)
+    except RuntimeError as e:  # tensors of another architecture
+        first = str(e).strip().splitlines()[0][:200]
+        raise ValueError(f"{weights}: its tensors do not match {config_path} ({first})") from None
+    config = validate_model_config(json.loads(json.dumps(config)))  # as an artifact will store it
+    return describe_model(model.eval(), config), config
 
 
 def load_digits_vit() -> nn.Module:
@@ -397,31 +596,41 @@ def build_model(
     embed_dim: int | None = None,
     depths: tuple[int, ...] | None = None,
     num_heads: int | tuple[int, ...] | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Resolve a ``--model`` argument: 'digits-vit', 'digits-hybrid[-v2]', a checkpoint path, or a timm model name
-    (random weights). Returns (model in eval mode, model config).
+    """Resolve a ``--model`` argument: 'digits-vit', 'digits-hybrid[-v2]', a timm model folder
+    (``load_timm_folder``), a polyquant checkpoint path, or a timm architecture name (random weights). Returns
+    (model in eval mode, model config).
 
-    The keyword arguments apply to a timm model name only (``timm.create_model``, within the bounds of
-    ``validate_model_config``); the ones left None keep the model's own values.
+    ``model_args`` (the CLI's ``--model-args`` JSON) and the keyword arguments apply to a timm architecture name
+    only (``timm.create_model``, checked by ``validate_model_config``; the keywords win over ``model_args``); the
+    ones left None keep the model's own values. ``ValueError`` for them with any other ``spec``.
     """
     from polyquant.api import describe_model
 
+    overrides = {"img_size": img_size, "in_chans": in_chans, "num_classes": num_classes, "depth": depth,
+                 "embed_dim": embed_dim, "depths": depths, "num_heads": num_heads}
+    kwargs = {**(model_args or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    path = Path(spec)
+    named = spec in DIGITS_MODELS or spec == "digits_vit" or path.is_dir() or path.suffix == ".safetensors" \
+        or path.is_file()
+    if named and kwargs:
+        raise ValueError(f"model arguments ({', '.join(kwargs)}) apply to a timm architecture name only; {spec} "
+                         "records its own")
     if spec in ("digits-vit", "digits_vit"):
         model, config, _ = load_checkpoint(DIGITS_VIT_PATH)
-        return model, config
+        return _shipped(model, "digits-vit", config)
     if spec in HYBRID_NAMES:
         from .hybrid import load_digits_hybrid
 
         model, info = load_digits_hybrid(HYBRID_NAMES[spec])
-        config = {"source": "hybrid", "kwargs": dict(info["config"])}
-        return describe_model(model, config), config
-    path = Path(spec)
+        return _shipped(model, spec, {"source": "hybrid", "kwargs": dict(info["config"])})
+    if path.is_dir():
+        return load_timm_folder(path)
     if path.suffix == ".safetensors" or path.is_file():
         model, config, _ = load_checkpoint(path)
         return model, config
-    overrides = {"img_size": img_size, "in_chans": in_chans, "num_classes": num_classes, "depth": depth,
-                 "embed_dim": embed_dim, "depths": depths, "num_heads": num_heads}
-    config = {"source": "timm", "name": spec, "kwargs": {k: v for k, v in overrides.items() if v is not None}}
+    config = {"source": "timm", "name": spec, "kwargs": kwargs}
     return describe_model(model_from_config(config).eval(), config), config
 
 

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from polyquant.capture import capture
-from polyquant.config import ConfigError, QuantConfig, bits_field, int_field
+from polyquant.config import ConfigError, QuantConfig, bits_field, float_field, int_field
 from polyquant.formats import IntFormat
 from polyquant.nn import QuantConv2d, QuantLinear, QuantMatMul, QuantRule, QuantSpec, Quantizer, prepare
 from polyquant.primitives import PerChannel, PerTensor
@@ -74,6 +74,10 @@ from polyquant.surgery import PRODUCT_PATCHES, ProductSite, fold_batchnorm, is_p
 from .attention import QuantMul, patch_attention
 
 __all__ = [
+    "HybridBaselineConfig",
+    "HybridMinMaxConfig",
+    "HybridPercentileConfig",
+    "HYBRID_BASELINES",
     "QHyViTConfig",
     "QHyViTReport",
     "UnitReport",
@@ -96,7 +100,8 @@ _EPS = 1e-8
 
 @dataclass
 class QHyViTConfig(QuantConfig):
-    """Q-HyViT settings (defaults follow the released code: 32 images, grid 0.01..1.2 in 100 steps, 3 rounds).
+    """Q-HyViT settings (defaults follow the released code: 32 images, grid 0.01..1.2 in 100 steps, 3 rounds;
+    W4A4, the default of every vit method).
 
     Args:
         wbits: weight bits (2..8).
@@ -135,8 +140,8 @@ class QHyViTConfig(QuantConfig):
     """
 
     VERSION: ClassVar[int] = 1
-    wbits: int = bits_field(8)
-    abits: int = bits_field(8)
+    wbits: int = bits_field(4)
+    abits: int = bits_field(4)
     calib_size: int = int_field(32, 1, 1 << 20, cli=("--calib",))
     batch_size: int = int_field(32, 1, 1 << 20)
     granularity: Literal["search", "layer", "channel", "groups", "integer"] = "groups"
@@ -674,6 +679,10 @@ def _as_images(calib: Tensor | Sequence[Tensor], limit: int) -> Tensor:
     return x[:limit].detach()
 
 
+def _unit_name(unit: _Unit) -> str:
+    return unit.name
+
+
 def run_qhyvit(
     model: nn.Module, calib: Tensor | Sequence[Tensor], config: QHyViTConfig | None = None, *, progress: bool = False
 ) -> tuple[nn.Module, QHyViTReport]:
@@ -682,7 +691,7 @@ def run_qhyvit(
     ``calib``: a Tensor of images (N, C, H, W) or a list of image batches; the first ``config.calib_size``
     images are used. The input model is left untouched.
     """
-    from tqdm.auto import tqdm
+    from polyquant.progress import progress_iter
 
     config = config if config is not None else QHyViTConfig()
     if not isinstance(config, QHyViTConfig):
@@ -728,7 +737,7 @@ def run_qhyvit(
 
     gen = torch.Generator().manual_seed(config.seed)
     captured: dict[str, _Captured] = {}
-    bar = tqdm(ordered, desc=f"Q-HyViT W{config.wbits}A{config.abits}", disable=not progress)
+    bar = progress_iter(ordered, desc=f"Q-HyViT W{config.wbits}A{config.abits}", bars=progress, step=_unit_name)
     for i, u in enumerate(bar):
         if u.name not in captured:
             # Capture every unit up to (and including) the next one that changes the calibration state.
@@ -759,6 +768,62 @@ def run_qhyvit(
     qmodel.eval()
     report.seconds = time.perf_counter() - t0
     return qmodel, report
+
+
+@dataclass
+class HybridBaselineConfig(QuantConfig):
+    """The hybrid baselines of Q-HyViT (``quantize_hybrid_baseline``): Q-HyViT's placement (BatchNorms folded,
+    every Conv / Linear / attention product), calibrated by a plain observer; only the calibration differs.
+
+    Args:
+        wbits: weight bits (asymmetric, per output channel).
+        abits: activation bits (asymmetric, per tensor): inputs of every Conv / Linear, both operands of products.
+        calib_size: at most this many calibration images are used (the first ones given).
+        batch_size: images per calibration forward pass.
+    """
+
+    VERSION: ClassVar[int] = 1
+    OBSERVER: ClassVar[str] = ""
+    wbits: int = bits_field(4)
+    abits: int = bits_field(4)
+    calib_size: int = int_field(32, 1, 1 << 20, cli=("--calib",))
+    batch_size: int = int_field(32, 1, 1 << 20)
+
+    def clip_percentile(self) -> float:
+        """The observer's percentile (unused by min-max)."""
+        return 99.99
+
+
+@dataclass
+class HybridMinMaxConfig(HybridBaselineConfig):
+    """Min-max ranges on Q-HyViT's placement (the fair min-max baseline on hybrids)."""
+
+    OBSERVER: ClassVar[str] = "minmax"
+
+
+@dataclass
+class HybridPercentileConfig(HybridBaselineConfig):
+    """Percentile-clipped ranges on Q-HyViT's placement (the fair percentile baseline on hybrids).
+
+    Args:
+        percentile: upper percentile of the ranges (the lower one is 100 - percentile).
+    """
+
+    OBSERVER: ClassVar[str] = "percentile"
+    percentile: float = float_field(99.99, 50.0, 100.0)
+
+    def validate(self) -> None:
+        if self.percentile == 50.0:
+            raise ConfigError("percentile must be in (50, 100], got 50.0")
+
+    def clip_percentile(self) -> float:
+        return self.percentile
+
+
+HYBRID_BASELINES: dict[str, type[HybridBaselineConfig]] = {
+    "hybrid_minmax": HybridMinMaxConfig,
+    "hybrid_percentile": HybridPercentileConfig,
+}
 
 
 def quantize_hybrid_baseline(

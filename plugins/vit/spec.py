@@ -19,6 +19,8 @@ SPEC = PluginSpec(
         "log2": "AdaLog's pipeline with a log2 post-softmax quantizer (FQ-ViT / RepQ-ViT style).",
         "logsqrt2": "RepQ-ViT style: LayerNorm reparameterization and a log-sqrt2 post-softmax quantizer.",
         "twin_uniform": "PTQ4ViT style twin-uniform post-softmax and post-GELU quantizers.",
+        "hybrid_minmax": "Min-max ranges on Q-HyViT's placement in a hybrid (the fair min-max baseline of Q-HyViT).",
+        "hybrid_percentile": "Percentile-clipped ranges on Q-HyViT's placement in a hybrid.",
     },
     requires=("timm>=1.0",),
     impl="polyquant.plugins.vit.methods",

@@ -46,7 +46,8 @@ def test_calibrate_and_evaluate_on_user_folders(user_files, tmp_path: Path,
     ckpt, calib, evaluation = user_files
     out = tmp_path / "q.safetensors"
     argv = ["quantize", "vit/minmax", "--model", str(ckpt), "--calib-data", str(calib), "--eval-data",
-            str(evaluation), "--wbits", "8", "--abits", "8", "--calib", "32", "--out", str(out), "--quiet"]
+            str(evaluation), "--wbits", "8", "--abits", "8", "--calib", "32", "--out", str(out), "--quiet",
+            "--mean", "0.5", "--std", "0.5"]  # a polyquant checkpoint records no normalization: never guessed
     assert main(argv) == 0
     cap = capsys.readouterr()
     assert "found 24 images, 32 requested" in cap.err  # a smaller calibration set than asked is reported
@@ -70,7 +71,8 @@ def test_user_model_without_data_is_not_evaluated_on_digits(user_files, tmp_path
 
 def test_bad_data_folders_are_one_line_errors(user_files, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ckpt, calib, _ = user_files
-    base = ["quantize", "vit/minmax", "--model", str(ckpt), "--out", str(tmp_path / "q.safetensors"), "--quiet"]
+    base = ["quantize", "vit/minmax", "--model", str(ckpt), "--out", str(tmp_path / "q.safetensors"), "--quiet",
+            "--mean", "0.5", "--std", "0.5"]
     assert main([*base, "--calib-data", str(tmp_path / "missing")]) == 2
     assert "--calib-data" in capsys.readouterr().err
     flat = tmp_path / "flat"

@@ -29,6 +29,8 @@ def test_every_method_at_a_non_default_input_size(method: str, hybrid, tmp_path:
     fields: dict = dict(wbits=6, abits=6, calib_size=4)
     if method == "qhyvit":
         fields.update(grid=4, search_rounds=1, batch_size=4)
+    elif method.startswith("hybrid_"):
+        fields.update(batch_size=4)
     elif method not in ("minmax", "percentile"):
         fields.update(search_round=1, eq_n=64, steps=1, calib_batch_size=4)
     qm = pq.quantize(model, METHODS[method](**fields), calib=[x[:4]], progress=False)
