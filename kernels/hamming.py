@@ -26,6 +26,7 @@ block keeps its k best (distance, index) pairs; torch.topk merges the ceil(N / B
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -111,6 +112,18 @@ def _split_keys(keys: Tensor) -> tuple[Tensor, Tensor]:
     return (keys >> 32).to(torch.int32), keys & 0xFFFFFFFF
 
 
+def _chunked_topk(distances: Callable[[int, int], Tensor], nq: int, n: int, k: int, step: int,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
+    """The k smallest ``distances(i, j)`` ((Q, j - i) int for database rows i..j) per query over ``step``-row
+    chunks, ties to the smaller index (sort key distance * 2^32 + index): (distances, indices) as the op returns."""
+    best = torch.empty(nq, 0, dtype=torch.int64, device=device)
+    for i in range(0, n, step):
+        dist = distances(i, min(i + step, n)).long()  # (Q, m)
+        idx = torch.arange(i, i + dist.shape[1], device=device)
+        best = _topk_keys(torch.cat([best, (dist << 32) | idx], dim=1), k)  # (Q, <= k)
+    return _split_keys(best)
+
+
 def hamming_topk_reference(queries: Tensor, database: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """k nearest database rows per query: distances (Q, k) int32 ascending, indices (Q, k) int64.
 
@@ -121,12 +134,8 @@ def hamming_topk_reference(queries: Tensor, database: Tensor, k: int) -> tuple[T
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, N = {n}], got {k}")
     step = max(1, (1 << 22) // max(1, queries.shape[0], 8 * queries.shape[1]))  # (Q, step) keys, (step, D) signs
-    best = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=queries.device)
-    for i in range(0, n, step):
-        dist = hamming_distance_reference(queries, database[i : i + step]).long()  # (Q, n)
-        idx = torch.arange(i, i + dist.shape[1], device=queries.device)
-        best = _topk_keys(torch.cat([best, (dist << 32) | idx], dim=1), k)  # (Q, <= k)
-    return _split_keys(best)
+    return _chunked_topk(lambda i, j: hamming_distance_reference(queries, database[i:j]), queries.shape[0], n, k,
+                         step, queries.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -167,13 +176,9 @@ def hamming_topk_cpu(queries: Tensor, database: Tensor, k: int) -> tuple[Tensor,
         dist, idx = faiss.knn_hamming(q, x, k)  # (Q, k) int32, int64
         keys = (torch.from_numpy(dist).long() << 32) | torch.from_numpy(idx)
         return _split_keys(torch.sort(keys, dim=1).values)
-    best = torch.empty(len(q), 0, dtype=torch.int64)
     step = max(1, (1 << 22) // max(1, len(q)))  # (Q, step) distances per step
-    for i in range(0, n, step):
-        dist = torch.from_numpy(_popcount_distances(q, x[i : i + step])).long()
-        keys = (dist << 32) | torch.arange(i, i + dist.shape[1])
-        best = _topk_keys(torch.cat([best, keys], dim=1), k)
-    return _split_keys(best)
+    return _chunked_topk(lambda i, j: torch.from_numpy(_popcount_distances(q, x[i:j])), len(q), n, k, step,
+                         queries.device)
 
 
 # ----------------------------------------------------------------------------------------------------------------

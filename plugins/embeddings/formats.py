@@ -145,7 +145,7 @@ class PreparedQueries:
     bits: Tensor | None = None
     tile_weights: Tensor | None = None
     tile_bias: Tensor | None = None
-    workspace: dict[str, Tensor] = field(default_factory=dict, compare=False, repr=False)
+    workspace: dict[str, Tensor | None] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -298,11 +298,10 @@ class Codec:
         and the usearch i8 export take); default: where the queries are not on the CPU."""
         q = reduced.float()
         u = q if self.step is None or self.format == "binary" else q * self.step.to(q.device)
-        bias = offset.float().clone()
+        base = offset.float().clone()  # the constant term of the CPU path's scores
         if self.offset is not None:
-            bias = bias + q @ self.offset.to(q.device)
-        if self.format == "uint8":
-            bias = bias + 128.0 * u.sum(dim=1)  # codes enter the int8 GEMM as c - 128
+            base = base + q @ self.offset.to(q.device)
+        bias = base + 128.0 * u.sum(dim=1) if self.format == "uint8" else base  # the GEMM's codes are c - 128
         qcodes = qscale = bits = None
         if query_codes is None:
             query_codes = q.device.type != "cpu"
@@ -316,8 +315,7 @@ class Codec:
 
             bits = pack_binary(q >= 0)
         else:
-            tile_weights = self._tile_weights(u)
-            tile_bias = bias - 128.0 * u.sum(dim=1) if self.format == "uint8" else bias
+            tile_weights, tile_bias = self._tile_weights(u), base
         return PreparedQueries(q, offset.float(), u, bias, qcodes, qscale, bits, tile_weights, tile_bias)
 
     # --- the CPU path: upcast tiles, BLAS products ----------------------------------------------------------------
@@ -387,12 +385,9 @@ class Codec:
         n = len(codes)
         out = torch.empty(len(w), n)
         rows = min(n, TILE_ROWS)
-        if p.workspace.get("tile") is None or p.workspace["tile"].shape[0] < rows:  # fresh pages cost page faults
-            p.workspace["tile"] = torch.empty(rows, self.tile_width)
-            scratch = self.scratch(rows)
-            if scratch is not None:
-                p.workspace["scratch"] = scratch
-        tile, scratch = p.workspace["tile"][:rows], p.workspace.get("scratch")
+        if "tile" not in p.workspace or p.workspace["tile"].shape[0] < rows:  # fresh pages cost page faults
+            p.workspace["tile"], p.workspace["scratch"] = torch.empty(rows, self.tile_width), self.scratch(rows)
+        tile, scratch = p.workspace["tile"][:rows], p.workspace["scratch"]
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             t = tile if stop - start == rows else tile[: stop - start]
