@@ -151,12 +151,14 @@ def model_description(model: nn.Module) -> dict[str, Any] | None:
 @dataclass
 class MethodExample:
     """A small, fast, offline case of one method, which a plugin's impl module returns from ``example(method)``:
-    the contract test (``tests/test_contract.py``) runs every method of every plugin through it."""
+    the contract test (``tests/test_contract.py``) runs every method of every plugin through it, also compiled
+    (``torch.compile(packed model, fullgraph=True)``, or with graph breaks where ``graph_breaks`` says why)."""
 
     model: nn.Module
     config: QuantConfig
     calib: list[Any]
     inputs: Any  # what the model is called on to compare outputs
+    graph_breaks: str | None = None  # why the packed model cannot compile as one graph (None: it can)
 
 
 ExportFn = Callable[[QuantizedModel], dict[str, Any]]  # key -> Tensor, or module name -> polyquant.entries.Entry

@@ -47,6 +47,7 @@ __all__ = [
     "format_from_dict",
     "get_format",
     "list_formats",
+    "checking_values",
     "round_ste",
 ]
 
@@ -56,10 +57,18 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def checking_values() -> bool:
+    """Whether the core's value checks run (codes in range, scales positive, inputs finite): in eager mode always;
+    never while ``torch.compile`` or ``torch.export`` traces a model, where reading a tensor back to branch on it
+    is a data-dependent graph break. A compiled model runs on values already checked: an artifact's tensors are
+    verified when it is loaded, before any module is built; only its inputs go unchecked (NaN in, NaN out)."""
+    return not torch.compiler.is_compiling()
+
+
 def _check_range(t: Tensor, lo: float, hi: float, what: str) -> None:
     """``ValueError`` unless every element of ``t`` lies in [lo, hi] (NaN does not): one reduction, one read-back.
-    Meta tensors (shapes without data) pass."""
-    if t.numel() == 0 or t.is_meta:
+    Meta tensors (shapes without data) pass; so does everything while a graph is traced (``checking_values``)."""
+    if t.numel() == 0 or t.is_meta or not checking_values():
         return
     mn, mx = torch.aminmax(t.detach().reshape(-1))
     if not bool((mn >= lo) & (mx <= hi)):
@@ -266,13 +275,12 @@ class FloatFormat:
         return torch.tensor([self._pattern_value(c) for c in range(2**self.bits)], dtype=torch.float32)
 
     def _grid_codes(self) -> Tensor:
-        values = self._code_values()
-        codes = []
-        for v in self.grid().tolist():
-            # +0 (code 0) for zero, otherwise the unique pattern with that value.
-            matches = (values == v).nonzero().flatten()
-            codes.append(int(matches[0]))
-        return torch.tensor(codes, dtype=torch.uint8)
+        # +0 (code 0) for zero, otherwise the unique pattern with that value. Python floats, no tensor read back:
+        # torch.compile traces this when a graph first needs the tables.
+        values = [self._pattern_value(c) for c in range(2**self.bits)]
+        pos = sorted(set(self._positive_values()))
+        grid = [-v for v in reversed(pos) if v > 0] + pos
+        return torch.tensor([values.index(v) for v in grid], dtype=torch.uint8)
 
 
 @functools.lru_cache(maxsize=64)

@@ -42,7 +42,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import Tensor
 
-from .formats import Format, IntFormat, get_format
+from .formats import Format, IntFormat, checking_values, get_format
 
 __all__ = [
     "granularity_to_dict",
@@ -236,7 +236,7 @@ def qparams_from_minmax(
                          f"{tuple(max_val.shape)}")
     min_val = min_val.float()
     max_val = max_val.float()
-    if not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
+    if checking_values() and not (torch.isfinite(min_val).all() and torch.isfinite(max_val).all()):
         raise ValueError("quantization range contains NaN or Inf (or float64 values beyond the float32 range, "
                          "3.4e38); check the calibration data")
     if symmetric:
@@ -269,7 +269,7 @@ def qparams_from_minmax(
 
 
 def _check_finite_scale(scale: Tensor, fmt: Format) -> None:
-    if not bool(torch.isfinite(scale).all()):
+    if checking_values() and not bool(torch.isfinite(scale).all()):
         raise ValueError(f"the quantization range is too large for {fmt.name}: its scale overflows float32")
 
 
@@ -284,7 +284,7 @@ def choose_qparams(
     """Min-max scale and zero point of ``x`` for every block (see ``qparams_from_minmax``)."""
     if x.numel() == 0:
         raise ValueError("cannot choose quantization parameters for an empty tensor")
-    if not torch.isfinite(x).all():
+    if checking_values() and not torch.isfinite(x).all():
         raise ValueError("input contains NaN or Inf")
     return qparams_from_minmax(
         block_reduce(x, block_size, "amin"), block_reduce(x, block_size, "amax"), fmt, symmetric=symmetric, eps=eps
@@ -304,7 +304,10 @@ def _check_params(scale: Tensor, zero_point: Tensor | None, q: Tensor | None = N
     """Scales positive and finite, zero points finite, grid values ``q`` free of NaN: a ``ValueError`` naming
     what is wrong. Cheap: the scales' min / max and the sums of the (small) zero points and of ``q``, read back
     together (one device sync). With valid parameters ``q`` is NaN exactly where the input is (``round`` keeps
-    NaN and saturates +-Inf); a NaN sum is confirmed element-wise (grid values of +-3e38 may sum to Inf - Inf)."""
+    NaN and saturates +-Inf); a NaN sum is confirmed element-wise (grid values of +-3e38 may sum to Inf - Inf).
+    Skipped while a graph is traced (``formats.checking_values``)."""
+    if not checking_values():
+        return
     if zero_point is None and q is None and scale.numel() == 1:  # the common per-tensor case: one read-back
         lo = hi = float(scale.detach())
         if not (lo > 0 and hi < math.inf):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from polyquant.formats import checking_values
+
 from ._dispatch import (
     HAS_TRITON, as_rows, cdiv, compute_dtype, interpreting, next_pow2, require_triton, tl, tl_dtype, triton, use_triton,
 )
@@ -66,7 +68,7 @@ def _check_indices(indices: Tensor, k: int) -> None:
     """``ValueError`` unless ``indices`` are integers in [0, k) (-2 wrapped to K - 2 and K raised an IndexError)."""
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise ValueError(f"VQ indices must be integers, got {indices.dtype}")
-    if indices.numel():
+    if indices.numel() and checking_values():
         lo, hi = torch.aminmax(indices)
         if not bool((lo >= 0) & (hi < k)):
             raise ValueError(f"VQ indices must lie in [0, {k}) (the codebook size), got values in [{int(lo)}, {int(hi)}]")

@@ -5,7 +5,11 @@ Every method must: configure itself with a ``QuantConfig`` whose dict and comman
 quantize through ``polyquant.quantize`` into a ``QuantizedModel`` that names its plugin and method, save, and load
 back (the plugin rebuilds the model from the artifact alone) with bit-identical outputs, also from the command
 line (``polyquant quantize PLUGIN/METHOD ... --out`` then ``polyquant load``, in both modes), and load packed
-(``mode="packed"``, ``cpu_dtype=torch.float32``) with outputs within ``PACKED_RTOL`` of the fake-quant ones.
+(``mode="packed"``, ``cpu_dtype=torch.float32``) with outputs within ``PACKED_RTOL`` of the fake-quant ones, and
+compiled (``torch.compile(packed, fullgraph=True)``, or with the graph breaks the example explains in
+``graph_breaks``) with outputs within ``COMPILED_RTOL`` of the eager packed ones. The compile test uses the
+``aot_eager`` backend (Dynamo's capture and AOT autograd's functional graph, no code generation: the C++ compiler
+of inductor is left to ``tests/common/test_compile.py`` and ``benchmarks/deploy.py``).
 
 ``PACKED_RTOL``: packed layers compute the fake-quant layer's values in another order (integer GEMMs with exact
 corrections, decoded weights), so they agree to float32 rounding per layer; a rounding difference can move an
@@ -28,6 +32,7 @@ from polyquant.plugins import discover, load
 
 
 PACKED_RTOL = 1e-3  # ||packed - fake|| / ||fake|| over the example's outputs (see the module docstring)
+COMPILED_RTOL = 1e-5  # ||compiled - eager|| / ||eager||: the same operations, fused or reordered by the backend
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -110,6 +115,19 @@ def test_quantize_save_load_same_outputs(plugin: str, method: str, tmp_path: Pat
         got = packed.model(ex.inputs)
     err = float((got.float() - out.float()).norm() / out.float().norm().clamp_min(1e-12))
     assert err <= PACKED_RTOL, f"packed vs fake-quant relative error {err:.2e}; packing {packed.packing}"
+    _check_compiled(packed.model, ex)
+
+
+def _check_compiled(model: torch.nn.Module, ex: pq.api.MethodExample) -> None:
+    """The packed model compiled as one graph (or with the example's explained breaks) gives its eager outputs."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(ex.inputs)
+        compiled = torch.compile(model, fullgraph=ex.graph_breaks is None, backend="aot_eager")
+        got = compiled(ex.inputs)
+    err = float((got.float() - eager.float()).norm() / eager.float().norm().clamp_min(1e-12))
+    assert err <= COMPILED_RTOL, f"compiled vs eager relative error {err:.2e}"
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("plugin,method", CASES, ids=IDS)

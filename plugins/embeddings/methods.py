@@ -103,4 +103,6 @@ def example(method: str) -> MethodExample:
     vectors = example_vectors(512, 32)
     config = METHODS[method](calib_size=256, **extra.get(method, {}))
     table = describe_model(EmbeddingTable(vectors=vectors), {"dim": 32, "embedder": None})
-    return MethodExample(table, config, [vectors[:256]], example_vectors(8, 32, seed=1))
+    return MethodExample(table, config, [vectors[:256]], example_vectors(8, 32, seed=1), graph_breaks=(
+        "a search reads its top-k back and scans the codes with FAISS / numpy on the CPU (the query encoder is the "
+        "float model; the store is not a network)"))

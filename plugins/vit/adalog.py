@@ -230,8 +230,11 @@ class AdaLogQuantizer(VitQuantizer):
         return adalog_tables(int(self.q), self.bits, r=self.r)
 
     def fake_quant(self, x: Tensor) -> Tensor:
-        return adalog_fq(x, self.scale, self.q, self.bits, r=self.r, shift=self.shift, lut=self.lut,
-                         subtract_shift=not bool(self.bias_folded))
+        out = adalog_fq(x, self.scale, self.q, self.bits, r=self.r, shift=self.shift, lut=self.lut,
+                        subtract_shift=False)
+        if not self.shift:
+            return out
+        return out - self.shift * (~self.bias_folded).to(out.dtype)  # a tensor flag: no read-back (torch.compile)
 
     def extra_repr(self) -> str:
         return (f"bits={self.bits}, base=2^({int(self.q)}/{self.r}), shift={self.shift:g}, "
