@@ -170,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", nargs="?", metavar="ARTIFACT", help="path to an artifact")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="ARGS", help="arguments of the plugin's search hook")
     p.set_defaults(run=cmd_search, parser=p)
+
+    p = commands.add_parser(
+        "export",
+        help="export an artifact's packed model to ONNX",
+        description="Rebuild ARTIFACT packed on the CPU and write it as ONNX with QuantizeLinear / "
+        "DequantizeLinear nodes (polyquant.onnx_export), traced on the plugin's example input.",
+    )
+    p.add_argument("artifact", metavar="ARTIFACT", help="path to a .safetensors artifact")
+    p.add_argument("--onnx", required=True, metavar="PATH", help="the ONNX file to write (replaced only by a "
+                                                                  "complete export)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch size to the example's (default: "
+                                                                "the first dimension of every input is free)")
+    p.set_defaults(run=cmd_export)
     return parser
 
 
@@ -546,6 +559,40 @@ def cmd_load(args: argparse.Namespace) -> int:
     _print_artifact(path, artifact, tensors=True)
     if unavailable:
         print(f"polyquant: warning: the model is not rebuilt: {printable(unavailable)}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .artifact import ArtifactError
+
+    path, out = Path(args.artifact), Path(args.onnx)
+    if out.resolve() == path.resolve():
+        raise CliError(f"--onnx {out} is the artifact itself")
+    try:
+        from .onnx_export import export_onnx
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise CliError(f"ONNX export needs onnx and onnxscript (pip install 'polyquant[onnx]'): {e}") from e
+    from .api import get_handler, load as load_artifact
+
+    try:
+        qm = load_artifact(path, mode="packed", device="cpu")
+    except ArtifactError as e:
+        message = str(e)
+        raise CliError(message if message.startswith(str(path)) else f"{path}: {message}") from e
+    make_input = get_handler(type(qm.config)).example_input
+    if make_input is None:
+        raise CliError(f"{qm.plugin}/{qm.method} gives no example input to trace: call "
+                       "polyquant.onnx_export.export_onnx(model, args, path) in Python")
+    batch = make_input(qm.model, qm.state)
+    inputs, kwargs = ((), batch) if isinstance(batch, dict) else (tuple(batch) if isinstance(batch, (tuple, list))
+                                                                   else (batch,), None)
+    report = export_onnx(qm.model, inputs, out, kwargs=kwargs, dynamic_batch=not args.static_batch)
+    as_int = sum(1 for how in report.weights.values() if " DQ" in how)
+    as_qdq = sum(1 for how in report.activations.values() if how.endswith("QDQ"))
+    print(f"wrote {out}: {report.bytes} bytes; {as_int} of {len(report.weights)} packed weights as integer "
+          f"DequantizeLinear, {as_qdq} of {len(report.activations)} activation quantizers as Q / DQ, the rest "
+          f"float operations")
     return 0
 
 

@@ -33,7 +33,7 @@ import copy
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -147,7 +147,14 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32 by the quan
 
 
 class Quantizer(nn.Module):
-    """Fake-quantizes one tensor according to a ``QuantSpec``; see the module docstring for its states."""
+    """Fake-quantizes one tensor according to a ``QuantSpec``; see the module docstring for its states.
+
+    ``affine_grid``: a subclass that overrides ``fake_quant`` with the same maths for an int format,
+    (clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale, sets it True, so that an ONNX export
+    writes it as QuantizeLinear / DequantizeLinear (``polyquant.onnx_export``); other overrides stay float ops.
+    """
+
+    affine_grid: ClassVar[bool] = False
 
     def __init__(self, spec: QuantSpec, *, name: str = "") -> None:
         super().__init__()

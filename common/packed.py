@@ -48,11 +48,11 @@ from torch import Tensor, nn
 
 from .artifact import ArtifactError
 from .entries import Entry, RotatedEntry, VQEntry, WeightEntry, read_weight
-from .kernels import fwht, fwht_quantize, int8_gemm, quantize_dynamic, rvq_assign, w4_gemm
+from .kernels import fwht, fwht_quantize, int8_gemm, quantize_dynamic, w4_gemm
 from .formats import FloatFormat, Format, IntFormat, get_format
 from .nn import vq_decode_weight
 from .pack import unpack_rows
-from .primitives import PerChannel, PerTensor, PerToken, quantize_tensor
+from .primitives import PerTensor, PerToken, quantize_tensor
 
 __all__ = [
     "WeightEntry",
@@ -211,8 +211,23 @@ class PackedLinear(nn.Module):
                                                                self._cpu_params).T.float().contiguous()
         if self.path == "w8":
             return (self.weight_packed.float() * self.weight_scale + self._w8_offset[:, None])
-        codes = unpack_rows(self.weight_packed, self.bits, self.in_features)
-        return decode_weight(codes, self.fmt, self.weight_scale, self.weight_zero_point)
+        return decode_weight(self.codes(), self.fmt, self.weight_scale, self.weight_zero_point)
+
+    def codes(self) -> Tensor:
+        """The weight's codes (N, K) uint8 (``fmt.encode``'s, as the artifact holds them), on every path: the row
+        layout unpacked; int8 from its XOR; torch's tiled int4 layout has no unpacking op, so its codes are read
+        back from the decoded weight, round(w / s + z) - qmin: exact, the bf16 decode is off by at most
+        8 * 2^-8 of a step."""
+        if self.path == "w8":
+            return self.weight_packed.view(torch.uint8) ^ 0x80
+        if self.path == "cpu_int4":
+            assert isinstance(self.fmt, IntFormat)
+            zp = 0.0 if self.weight_zero_point is None else self.weight_zero_point
+            g = self.group_size
+            w = self.dequantized_weight().reshape(self.out_features, -1, g)
+            q = torch.round(w / self.weight_scale[:, :, None] + (zp if isinstance(zp, float) else zp[:, :, None]))
+            return (q - self.fmt.qmin).clamp(0, 15).to(torch.uint8).reshape(self.out_features, self.in_features)
+        return unpack_rows(self.weight_packed, self.bits, self.in_features)
 
     def linear(self, x: Tensor) -> Tensor:
         """x @ W.T + b on the codes (no quantizers)."""
@@ -316,9 +331,12 @@ class PackedConv(nn.Module):
         return (f"weight={self.shape}, {self.fmt.name}, stride={self.stride}, padding={self.padding}, "
                 f"groups={self.groups}{kind}")
 
+    def codes(self) -> Tensor:
+        """The weight's codes (O, I / groups * prod(kernel)) uint8."""
+        return unpack_rows(self.weight_packed, self.bits, math.prod(self.shape[1:]))
+
     def dequantized_weight(self) -> Tensor:
-        codes = unpack_rows(self.weight_packed, self.bits, math.prod(self.shape[1:]))
-        return decode_weight(codes, self.fmt, self.weight_scale, self.weight_zero_point, self.shape)
+        return decode_weight(self.codes(), self.fmt, self.weight_scale, self.weight_zero_point, self.shape)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.input_quantizer is not None:

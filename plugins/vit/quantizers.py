@@ -82,6 +82,8 @@ def uniform_fq(x: Tensor, scale: Tensor, zero_point: Tensor, bits: int) -> Tenso
 class UniformQuantizer(VitQuantizer):
     """Asymmetric uniform quantizer with integer zero point; parameters of shape ``param_shape``."""
 
+    affine_grid = True  # uniform_fq is the core's affine int grid (ONNX: Q / DQ)
+
     def __init__(self, bits: int, param_shape: tuple[int, ...], *, weight: bool = False, name: str = "") -> None:
         # Weights are per output channel: the spec says so, which lets the core's AdaRound expand the scale.
         granularity = PerChannel(0) if weight else PerTensor()
