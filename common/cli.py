@@ -593,6 +593,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {report.bytes} bytes; {as_int} of {len(report.weights)} packed weights as integer "
           f"DequantizeLinear, {as_qdq} of {len(report.activations)} activation quantizers as Q / DQ, the rest "
           f"float operations")
+    if not args.static_batch and not report.dynamic_batch:
+        print("note: the model's code fixes the batch size, so the file takes batches of the example's size only")
     return 0
 
 

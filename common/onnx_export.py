@@ -142,6 +142,23 @@ class DynamicRowQDQ(nn.Module):
         return torch.clamp(torch.round(x / scale), -128, 127) * scale
 
 
+class ChannelFakeQuant(nn.Module):
+    """A static int quantizer with one scale per channel as float operations, (clamp(round(x / s) + z, qmin, qmax)
+    - z) * s, its scale broadcast against x (the core's block expansion would write the input's shape, batch
+    included, into the graph)."""
+
+    def __init__(self, scale: Tensor, zero_point: Tensor | None, fmt: IntFormat) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().float())
+        self.register_buffer("zero_point", torch.zeros_like(self.scale) if zero_point is None
+                             else zero_point.detach().float().expand_as(scale).clone())
+        self.qmin, self.qmax = fmt.qmin, fmt.qmax
+
+    def forward(self, x: Tensor) -> Tensor:
+        s, z = self.scale.to(x.dtype), self.zero_point.to(x.dtype)
+        return (torch.clamp(torch.round(x / s) + z, self.qmin, self.qmax) - z) * s
+
+
 class _Weight(nn.Module):
     """A weight as its grid values and block parameters, dequantized by ``dequantize_weight`` (ONNX: DQ)."""
 
@@ -229,6 +246,7 @@ class OnnxReport:
     activations: dict[str, str] = field(default_factory=dict)  # quantizer -> "int8 QDQ per tensor" / why float
     nodes: dict[str, int] = field(default_factory=dict)  # ONNX op type -> count
     bytes: int = 0
+    dynamic_batch: bool = False  # every input's first dimension is free in the file (the model's code may fix it)
 
 
 def _packed_linear(m: PackedLinear) -> tuple[nn.Module, str]:
@@ -280,25 +298,27 @@ def _convert_module(m: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
-def _quantizer_qdq(q: Quantizer) -> QDQ | str:
-    """The QDQ module of a static per-tensor int activation quantizer, or why it stays the float operations it
-    is. Per tensor only: the integer kernels of TensorRT and ONNX Runtime take one activation scale (ONNX Runtime
-    fuses a per-channel activation DQ into a MatMulIntegerToFloat that then refuses it)."""
+def _activation(q: Quantizer) -> tuple[nn.Module | None, str]:
+    """The export module of an activation quantizer (None: it stays as it is, traced as float operations) and how
+    it went in. Q / DQ for one scale only: the integer kernels of TensorRT and ONNX Runtime take one activation
+    scale (ONNX Runtime fuses a per-channel activation DQ into a MatMulIntegerToFloat that then refuses it)."""
     if type(q).fake_quant is not Quantizer.fake_quant and not q.affine_grid:
-        return f"{type(q).__name__}: its own quantizer maths, exported as float operations"
+        return None, f"{type(q).__name__}: its own quantizer maths, float operations"
     fmt = q.fmt
     if q.spec.dynamic:
-        return "dynamic parameters: exported as float operations"
+        return None, "dynamic parameters: float operations"
     if q.state != "quantized" or q.scale is None:
-        return f"state {q.state}: a pass-through"
+        return None, f"state {q.state}: a pass-through"
     if not isinstance(fmt, IntFormat) or fmt.bits > 8:
-        return f"{fmt.name}: not an integer format of <= 8 bits, exported as float operations"
-    if q.scale.numel() != 1:
-        return f"scales of shape {tuple(q.scale.shape)}: exported as float operations"
-    try:
-        return QDQ(q.scale, q.zero_point if fmt.supports_zero_point else None, fmt)
-    except ValueError as e:
-        return f"{e}: exported as float operations"
+        return None, f"{fmt.name}: not an integer format of <= 8 bits, float operations"
+    zp = q.zero_point if fmt.supports_zero_point else None
+    if zp is not None and not torch.equal(zp, zp.round()):
+        return None, "a fractional zero point: float operations"
+    if q.scale.numel() == 1:
+        return QDQ(q.scale, zp, fmt), f"{fmt.name} QDQ"
+    if sum(d != 1 for d in q.scale.shape) == 1:
+        return ChannelFakeQuant(q.scale, zp, fmt), f"{fmt.name} per channel, float operations"
+    return None, f"scales of shape {tuple(q.scale.shape)}: float operations"
 
 
 def onnx_ready(model: nn.Module, report: OnnxReport | None = None) -> nn.Module:
@@ -317,12 +337,10 @@ def onnx_ready(model: nn.Module, report: OnnxReport | None = None) -> nn.Module:
             report.weights[name] = converted[1]
     for name, module in list(m.named_modules()):
         if isinstance(module, Quantizer) and name.rpartition(".")[2] != "weight_quantizer":
-            qdq_module = _quantizer_qdq(module)
-            if isinstance(qdq_module, QDQ):
-                set_submodule(m, name, qdq_module)
-                report.activations[name] = f"{module.fmt.name} QDQ"
-            else:
-                report.activations[name] = qdq_module
+            new, how = _activation(module)
+            if new is not None:
+                set_submodule(m, name, new)
+            report.activations[name] = how
     return m
 
 
@@ -337,7 +355,8 @@ def export_onnx(
 ) -> OnnxReport:
     """Write ``model`` (packed or fake-quant, on the CPU) called on ``args`` / ``kwargs`` as an ONNX file with
     Q / DQ nodes (see the module docstring) and return what went where. ``dynamic_batch``: the first dimension of
-    every input tensor is left free. Needs ``onnx`` and ``onnxscript`` (``pip install polyquant[onnx]``)."""
+    every input tensor is left free (when the model's code fixes it, torch.onnx writes the example's size:
+    ``report.dynamic_batch`` says which). Needs ``onnx`` and ``onnxscript`` (``pip install polyquant[onnx]``)."""
     try:
         import onnx
     except ImportError as e:  # pragma: no cover - the extra is missing
@@ -366,6 +385,8 @@ def export_onnx(
     graph = onnx.load(str(path), load_external_data=False).graph
     for node in graph.node:
         report.nodes[node.op_type] = report.nodes.get(node.op_type, 0) + 1
+    dims = [i.type.tensor_type.shape.dim for i in graph.input if i.type.tensor_type.shape.dim]
+    report.dynamic_batch = bool(dims) and all(d[0].HasField("dim_param") for d in dims)
     report.bytes = path.stat().st_size
     return report
 
