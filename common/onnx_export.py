@@ -381,8 +381,13 @@ def export_onnx(
     assert program is not None
     tmp = path.with_name(path.name + ".tmp")
     program.save(str(tmp))
+    proto = onnx.load(str(tmp))
+    for node in proto.graph.node:  # the exporter's per-node stack traces and module paths: 80% of a small file
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save(proto, str(tmp))
     tmp.replace(path)  # an existing file is replaced only by a complete one
-    graph = onnx.load(str(path), load_external_data=False).graph
+    graph = proto.graph
     for node in graph.node:
         report.nodes[node.op_type] = report.nodes.get(node.op_type, 0) + 1
     dims = [i.type.tensor_type.shape.dim for i in graph.input if i.type.tensor_type.shape.dim]

@@ -113,6 +113,44 @@ def _check_device(layout_device: str, x: Tensor, what: str) -> None:
                            f"there (polyquant.load(path, mode='packed', device='{x.device.type}'))")
 
 
+# --- torch's CPU weight-only GEMMs under torch.compile ------------------------------------------------------------
+# They need a contiguous input, and inductor hands an aten fallback the strides it chose (a transposed input stays
+# transposed: "A must be contiguous"). Compiled, the calls go through these custom ops, whose bodies make the input
+# contiguous; eager calls the aten ops directly (no custom-op dispatch per call).
+
+
+@torch.library.custom_op("polyquant::weight_int8_mm", mutates_args=())
+def _weight_int8_mm(a: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    return torch.ops.aten._weight_int8pack_mm(a.contiguous(), w, scale)
+
+
+@_weight_int8_mm.register_fake
+def _(a: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    return a.new_empty((a.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("polyquant::weight_int4_mm", mutates_args=())
+def _weight_int4_mm(a: Tensor, w: Tensor, group: int, params: Tensor) -> Tensor:
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(a.contiguous(), w, group, params)
+
+
+@_weight_int4_mm.register_fake
+def _(a: Tensor, w: Tensor, group: int, params: Tensor) -> Tensor:
+    return a.new_empty((a.shape[0], params.shape[1]))
+
+
+def _int8_mm(a: Tensor, w: Tensor, scale: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _weight_int8_mm(a, w, scale)
+    return torch.ops.aten._weight_int8pack_mm(a, w, scale)
+
+
+def _int4_mm(a: Tensor, w: Tensor, group: int, params: Tensor) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _weight_int4_mm(a, w, group, params)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(a, w, group, params)
+
+
 # --- weight-only ------------------------------------------------------------------------------------------------
 
 
@@ -244,11 +282,11 @@ class PackedLinear(nn.Module):
             y = (y.float() + xg @ self._correction.T).to(x.dtype)
         elif self.path == "cpu_int4":
             xc = x.reshape(-1, self.in_features).to(self.cpu_dtype)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xc, self.weight_packed, self.cpu_group, self._cpu_params)
+            y = _int4_mm(xc, self.weight_packed, self.cpu_group, self._cpu_params)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         elif self.path == "w8":
             xc = x.reshape(-1, self.in_features).to(self.cpu_dtype).contiguous()  # the kernel needs unit strides
-            y = torch.ops.aten._weight_int8pack_mm(xc, self.weight_packed, self._w8_scale).float()
+            y = _int8_mm(xc, self.weight_packed, self._w8_scale).float()
             y = y + xc.float().sum(-1, keepdim=True) * self._w8_offset  # asymmetric correction (0 when symmetric)
             y = y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         else:
