@@ -17,8 +17,9 @@ one, rewrites a copy of it into modules whose quantized steps are two custom ops
 | W8A8 dynamic per-token input           | the row absmax scale and the rounding as float operations (see         |
 |                                        | ``DynamicRowQDQ``)                                                     |
 | ``HadamardLinear``                     | ``MatMul`` by the constant orthonormal Hadamard matrix, then its inner |
+| ``VQLinear``                           | the codes (uint8 for <= 256 codewords) ``Gather`` codewords, summed    |
 | everything else                        | traced as the float operations it is: float / table / log formats      |
-|                                        | (AdaLog's table lookup is a ``Gather``), VQ decode, dynamic quantizers  |
+|                                        | (AdaLog's table lookup is a ``Gather``), dynamic quantizers           |
 
 Per-channel activation scales stay float operations (TensorRT and ONNX Runtime's integer kernels take one
 activation scale). A fake-quant layer's weight is exported as its quantizer computes it (folded into a float
@@ -42,8 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .formats import IntFormat
-from .nn import Quantizer
-from .packed import HadamardLinear, PackedConv, PackedLinear, W8A8Linear
+from .nn import Quantizer, vq_decode_weight
+from .packed import HadamardLinear, PackedConv, PackedLinear, VQLinear, VQTensor, W8A8Linear
 
 __all__ = ["OnnxReport", "export_onnx", "onnx_ready", "run_onnx", "qdq", "dequantize_weight"]
 
@@ -186,11 +187,29 @@ class _Weight(nn.Module):
         return w.reshape(self.shape)
 
 
+class _VQWeight(nn.Module):
+    """A ``VQTensor``'s weight decoded in the graph: its codes (unpacked, uint8 / int16 / int32: ONNX has no bit
+    shifts of the row layout's width) gather codewords (``Gather``) that add over stages."""
+
+    def __init__(self, vq: VQTensor) -> None:
+        super().__init__()
+        codes = vq.codes()
+        codes = codes[None] if codes.dim() == 2 else codes  # (G, M, R)
+        k = vq.codebooks.shape[2]
+        dtype = torch.uint8 if k <= 256 else torch.int16 if k <= 2**15 else torch.int32
+        self.register_buffer("codes", codes.to(dtype))
+        self.register_buffer("codebooks", vq.codebooks)
+        self.matrix_shape, self.shape = vq.matrix_shape, vq.shape
+
+    def forward(self) -> Tensor:
+        return vq_decode_weight(self.codes.long(), self.codebooks, self.matrix_shape).reshape(self.shape)
+
+
 class _Layer(nn.Module):
     """A linear or convolution layer of an exported packed module: quantizers (converted on their own), the
     weight (``_Weight`` or a float constant) and the float operation."""
 
-    def __init__(self, weight: "_Weight | Tensor", bias: Tensor | None, op: str, conv: dict[str, Any] | None = None,
+    def __init__(self, weight: "_Weight | _VQWeight | Tensor", bias: Tensor | None, op: str, conv: dict[str, Any] | None = None,
                  input_quantizer: nn.Module | None = None, output_quantizer: nn.Module | None = None) -> None:
         super().__init__()
         if isinstance(weight, Tensor):
@@ -249,21 +268,28 @@ class OnnxReport:
     dynamic_batch: bool = False  # every input's first dimension is free in the file (the model's code may fix it)
 
 
-def _packed_linear(m: PackedLinear) -> tuple[nn.Module, str]:
+def _weight(m: PackedLinear | PackedConv, shape: tuple[int, ...]) -> tuple["_Weight | Tensor", str]:
+    """A packed weight as DQ of its integer values, or (float, table formats) its decoded float values."""
     if isinstance(m.fmt, IntFormat):
-        w: _Weight | Tensor = _Weight(m.codes(), m.fmt, m.weight_scale, m.weight_zero_point, (m.out_features,
-                                                                                            m.in_features))
-        how = f"{m.fmt.name} DQ, " + ("per channel" if w.block == 0 else f"block {w.block}")
-    else:
-        w, how = m.dequantized_weight(), f"float ({m.fmt.name}: no ONNX integer type)"
+        w = _Weight(m.codes(), m.fmt, m.weight_scale, m.weight_zero_point, shape)
+        return w, f"{m.fmt.name} DQ, " + ("per channel" if w.block == 0 else f"block {w.block}")
+    return m.dequantized_weight(), f"float ({m.fmt.name}: no ONNX integer type)"
+
+
+def _vq_linear(m: VQLinear) -> tuple[nn.Module, str]:
+    w = _VQWeight(m.weight)
+    return _Layer(w, m.bias, "linear", None, m.input_quantizer, m.output_quantizer), "vq codes, Gather of codewords"
+
+
+def _packed_linear(m: PackedLinear) -> tuple[nn.Module, str]:
+    w, how = _weight(m, (m.out_features, m.in_features))
     return _Layer(w, m.bias, "linear", None, m.input_quantizer, m.output_quantizer), how
 
 
 def _w8a8(m: W8A8Linear) -> tuple[nn.Module, str]:
-    n = m.out_features
-    zp = torch.zeros(n) if m._c_b is None else -m._c_b.float()  # value = (b8 + c_b) * s
-    w = _Weight(m.weight_int8.view(torch.uint8) ^ 0x80, IntFormat(8), m.weight_scale[:, None], zp[:, None],
-                (n, m.in_features))
+    q, z = m.int8_weight()
+    w = _Weight(q.view(torch.uint8) ^ 0x80, IntFormat(8), m.weight_scale[:, None], z[:, None],
+                (m.out_features, m.in_features))  # codes = q + 128
     act = m.act
     iq: nn.Module = DynamicRowQDQ() if act.dynamic else QDQ(torch.tensor(act.scale), torch.tensor(act.zero_point),
                                                              act.fmt)
@@ -276,11 +302,7 @@ def _packed_conv(m: PackedConv) -> tuple[nn.Module, str]:
     op = f"conv_transpose{dims}d" if m.transposed else f"conv{dims}d"
     conv = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups,
             "output_padding": m.output_padding}
-    if isinstance(m.fmt, IntFormat):
-        w: _Weight | Tensor = _Weight(m.codes(), m.fmt, m.weight_scale, m.weight_zero_point, tuple(m.shape))
-        how = f"{m.fmt.name} DQ, " + ("per channel" if w.block == 0 else f"block {w.block}")
-    else:
-        w, how = m.dequantized_weight(), f"float ({m.fmt.name}: no ONNX integer type)"
+    w, how = _weight(m, tuple(m.shape))
     return _Layer(w, m.bias, op, conv, m.input_quantizer, m.output_quantizer), how
 
 
@@ -295,6 +317,8 @@ def _convert_module(m: nn.Module) -> tuple[nn.Module, str] | None:
         return _packed_linear(m)
     if isinstance(m, PackedConv):
         return _packed_conv(m)
+    if isinstance(m, VQLinear):
+        return _vq_linear(m)
     return None
 
 

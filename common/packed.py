@@ -488,6 +488,11 @@ class W8A8Linear(nn.Module):
         s = self._act_scale.expand(x.shape[0], 1)
         return a, s, 128.0 + fmt.qmin - self.act.zero_point
 
+    def int8_weight(self) -> tuple[Tensor, Tensor]:
+        """The weight as int8 values q (N, K) and zero points z (N,): weight = (q - z) * ``weight_scale``."""
+        z = torch.zeros(self.out_features, device=self.weight_int8.device) if self._c_b is None else -self._c_b
+        return self.weight_int8, z
+
     def int8_matmul(self, a: Tensor, s: Tensor, c_a: float) -> Tensor:
         """(M, N) fp32 output of int8 a (M, K) with scales s (M, 1) and offset c_a (see the class docstring)."""
         if a.is_cuda:

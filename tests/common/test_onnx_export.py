@@ -22,7 +22,7 @@ from polyquant.formats import IntFormat  # noqa: E402
 from polyquant.nn import ActQuantizer, QuantSpec  # noqa: E402
 from polyquant.onnx_export import QDQ, dequantize_weight, export_onnx, onnx_ready, qdq, run_onnx  # noqa: E402
 from polyquant.packed import (  # noqa: E402
-    HadamardLinear, Int8Activation, PackedConv, PackedLinear, W8A8Linear, quantize_weight,
+    HadamardLinear, Int8Activation, PackedConv, PackedLinear, VQLinear, W8A8Linear, quantize_weight,
 )
 from polyquant.plugins import load  # noqa: E402
 from polyquant.primitives import PerTensor, fake_quantize  # noqa: E402
@@ -108,6 +108,17 @@ def test_every_packed_module_in_onnxruntime(tmp_path: Path) -> None:
     assert report.nodes["QuantizeLinear"] == 2 and report.nodes["DequantizeLinear"] >= 7
     floats = sum(p.numel() for p in [*nn.Conv2d(3, 8, 3).parameters(), *nn.Linear(288, 64).parameters()]) * 4
     assert report.bytes < floats  # int4 codes, not float weights
+
+
+def test_vq_linear_in_onnxruntime(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(VQLinear.from_float(nn.Linear(64, 32), dim=4, codebook_size=16, stages=2, iters=3),
+                        nn.ReLU()).eval()
+    x = torch.randn(3, 64)
+    report = export_onnx(net, (x,), tmp_path / "vq.onnx")
+    assert report.weights == {"0": "vq codes, Gather of codewords"}
+    with torch.no_grad():
+        assert _rel(run_onnx(tmp_path / "vq.onnx", x)[0], net(x)) < 1e-5
 
 
 def test_export_replaces_a_file_only_when_complete(tmp_path: Path) -> None:
