@@ -11,8 +11,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (polyquant needs Python 3.11)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "pip>=23" "setuptools>=68,<85" wheel
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,test]"
+	$(PY) -m pip install -qq --upgrade "pip>=23" "setuptools>=77,<85" wheel
+	$(PY) -m pip install -qq -c constraints.txt -e ".[all,test]"  # -qq: errors only (setuptools prints notes on every editable install)
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,0 +1,1 @@
+"""The diffusion plugin's shipped checkpoints and data (package data; a package so that setuptools ships it quietly)."""

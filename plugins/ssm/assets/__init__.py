@@ -1,0 +1,1 @@
+"""The ssm plugin's shipped checkpoints and data (package data; a package so that setuptools ships it quietly)."""
