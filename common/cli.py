@@ -2,7 +2,9 @@
 
     polyquant list [--json]                         installed plugins, their state and methods
     polyquant info PLUGIN                           one plugin: summary, requirements, methods, error
-    polyquant demo [PLUGIN ...]                     plugin demos; the core demo when no plugin has one
+    polyquant demo [PLUGIN ...] [--out DIR]         plugin demos (the core demo when no plugin has one): a summary
+                                                    per plugin and the HTML report DIR/index.html (+ results.json)
+    polyquant report RESULTS.json... [--out DIR]    the same page from results.json files or any benchmark JSON
     polyquant quantize PLUGIN/METHOD [ARGS ...]     options from the method's config fields + the plugin's model
                                                     and data options (add_model_args / load_inputs), then
                                                     polyquant.quantize and polyquant.save; the time of the inputs
@@ -30,7 +32,7 @@ line on stderr; ``--debug`` (anywhere on the line) adds the traceback. Text that
 (manifest strings, tensor names, error messages, plugin and method summaries, demo reports: their line breaks
 kept) is printed with non-printable characters escaped, so an artifact or a plugin cannot send escape sequences
 to the terminal. ``demo`` runs each demo isolated: one that fails, exits, or returns a report whose ``str()``
-fails is reported in one line and the others still run (exit 1 at the end).
+fails is reported in one line, shown with its error on the page, and the others still run (exit 1 at the end).
 """
 
 from __future__ import annotations
@@ -133,7 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
         "the core demo when no plugin has one.",
     )
     p.add_argument("plugins", nargs="*", metavar="PLUGIN", help="plugins whose demo to run (default: all)")
+    p.add_argument("--out", default="polyquant-report", metavar="DIR",
+                   help="folder of the HTML report: index.html and results.json (default: polyquant-report)")
+    p.add_argument("--no-report", action="store_true", help="print the demos' reports only; write no page")
+    p.add_argument("--full", action="store_true", help="print every table on the terminal, not just the summary")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress on stderr: a bar per plugin in a terminal, one line per step elsewhere")
     p.set_defaults(run=cmd_demo)
+
+    p = commands.add_parser(
+        "report",
+        help="render the HTML report from result files",
+        description="Render the demo report page from results.json files written by 'polyquant demo' and from "
+        "any benchmark JSON (its records and groups of values become tables), one section per file.",
+    )
+    p.add_argument("results", nargs="+", metavar="RESULTS.json", help="JSON files to render, in page order")
+    p.add_argument("--out", default="polyquant-report", metavar="DIR",
+                   help="folder of the page: index.html and results.json (default: polyquant-report)")
+    p.add_argument("--title", default="polyquant report", help="the page's title")
+    p.set_defaults(run=cmd_report)
 
     p = commands.add_parser(
         "quantize",
@@ -278,49 +298,104 @@ def cmd_demo(args: argparse.Namespace) -> int:
         names = list(args.plugins)
     else:
         names = [name for name, info in discover().items() if info.available and info.spec and info.spec.demo]
-    if not names:
-        return _run_core_demo(args)
-    failed = 0
-    for name in names:  # each demo is isolated: one that fails to import, raises or exits does not stop the rest
-        print(f"== {printable(name)} ==", flush=True)
-        failed += not _run_reported(f"demo of plugin {name!r}", partial(_plugin_demo, name), args)
+    from .report import check_report_folder
+
+    folder = None
+    if not args.no_report:
+        try:
+            folder = check_report_folder(args.out)  # before any demo runs: a bad --out costs nothing
+        except ValueError as e:
+            raise CliError(f"--out: {e}") from None
+    if names:
+        runs = [(name, f"demo of plugin {name!r}", partial(_plugin_demo, name)) for name in names]
+    else:
+        core = _core_demo(args)
+        if core is None:
+            return 1
+        runs = [("core", "core demo", core)]
+    sections = [_run_demo(name, what, demo, args) for name, what, demo in runs]
+    failed = [s.domain for s in sections if s.error]
+    if folder is not None:
+        from .report import write_report
+
+        page = write_report(sections, folder)
+        total = sum(s.seconds or 0.0 for s in sections)
+        print(f"report: {printable(str(page))} ({len(sections)} sections"
+              f"{', failed: ' + ', '.join(map(printable, failed)) if failed else ''}; {total:.0f} s)", flush=True)
     return 1 if failed else 0
 
 
 def _plugin_demo(name: str) -> object:
-    """Import and run the demo of plugin ``name`` (both inside ``_run_reported``)."""
+    """Import and run the demo of plugin ``name`` (both inside ``_run_demo``)."""
     demo = get_demo(name)
     if demo is None:
         raise PluginLoadError(f"plugin {name!r} declares no demo")
     return demo()
 
 
-def _run_core_demo(args: argparse.Namespace) -> int:
+def _core_demo(args: argparse.Namespace) -> Callable[[], object] | None:
     module_name, _, func_name = CORE_DEMO.partition(":")
     try:
-        demo = getattr(importlib.import_module(module_name), func_name)
+        return getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as e:
         _print_error(f"no plugin has a demo and the core demo {CORE_DEMO} cannot be loaded: {e}", args.debug)
-        return 1
-    print("== core ==", flush=True)
-    return 0 if _run_reported("core demo", demo, args) else 1
+        return None
 
 
-def _run_reported(what: str, demo: Callable[[], object], args: argparse.Namespace) -> bool:
-    """Run one demo and print its report; a failure (any exception, ``sys.exit`` included, but not Ctrl-C) is
-    reported in one line and does not stop the others."""
+def _run_demo(name: str, what: str, demo: Callable[[], object], args: argparse.Namespace) -> Any:
+    """Run one demo under its progress bar and print its summary (``--full``: its whole report); a failure (any
+    exception, ``sys.exit`` included, but not Ctrl-C) is reported in one line, becomes a section holding the
+    error, and does not stop the others. Returns the demo's ``report.Section``."""
+    from .api import progress_default
+    from .demo import demo_bar
+    from .progress import line_progress
+    from .report import Section
+
+    print(f"== {printable(name)} ==", flush=True)
+    t0 = time.perf_counter()
+    error = None
     try:
-        text = str(demo())  # inside: a report whose str() raises or exits fails this demo only
+        with line_progress(not args.quiet), demo_bar(name, progress_default() and not args.quiet):
+            result = demo()
+        # inside: a report whose str() raises or exits fails this demo only
+        section = result if isinstance(result, Section) else Section(domain=name, text=str(result))
+        section.domain = name
+        text = str(section) if args.full or not isinstance(result, Section) else _summary(section)
     except KeyboardInterrupt:
         raise
     except SystemExit as e:
-        _print_error(f"{what} failed: it exited (code {e.code!r}) instead of returning a report", args.debug)
-        return False
+        error = f"it exited (code {e.code!r}) instead of returning a report"
     except BaseException as e:  # noqa: BLE001 - a demo must not take the other demos down
-        _print_error(f"{what} failed: {type(e).__name__}: {_safe_str(e)}", args.debug)
-        return False
-    print("\n".join(printable(line) for line in text.split("\n")), flush=True)  # line breaks kept, the rest escaped
-    return True
+        error = f"{type(e).__name__}: {_safe_str(e)}"
+    seconds = time.perf_counter() - t0
+    if error is not None:
+        _print_error(f"{what} failed: {error}", args.debug)
+        return Section(domain=name, error=error, seconds=seconds)
+    section.seconds = seconds
+    print("\n".join(printable(line) for line in text.split("\n")) + f"\n({seconds:.1f} s)", flush=True)
+    return section
+
+
+def _summary(section: Any) -> str:
+    """A section in a few lines: what ran, the result, what was reduced."""
+    lines = [section.title, section.headline and f"result: {section.headline}",
+             section.reduced and f"reduced: {section.reduced}",
+             f"{len(section.tables)} table(s), {len(section.figures)} figure(s)"]
+    return "\n".join(line for line in lines if line)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import check_report_folder, default_meta, read_sections, write_report
+
+    try:
+        folder = check_report_folder(args.out)
+        sections = [s for path in args.results for s in read_sections(path)]
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    meta = f"rendered from {', '.join(Path(p).name for p in args.results)}; {default_meta()}"
+    page = write_report(sections, folder, title=args.title, meta=meta)
+    print(f"report: {printable(str(page))} ({len(sections)} sections from {len(args.results)} file(s))")
+    return 0
 
 
 def _safe_str(e: BaseException) -> str:

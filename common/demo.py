@@ -6,23 +6,29 @@ Runs offline in a few seconds: ``polyquant demo`` (or ``python -m polyquant.demo
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .api import QuantizedModel
 from .artifact import save
 from .checkpoint import save_checkpoint
 from .export import export
 from .nn import QuantRule, QuantSpec, calibrate, prepare
 from .primitives import PerChannel
+from .progress import Progress, progress_bar
+from .report import text_table
 
-__all__ = ["DemoRow", "digits_split", "train_digits_mlp", "run_core_demo", "text_table", "demo_threads"]
+__all__ = ["DemoRow", "demo_bar", "demo_progress", "demo_threads", "digits_split", "median_seconds", "packed_copy",
+           "run_core_demo", "text_table", "train_digits_mlp"]
 
 
 @dataclass
@@ -85,12 +91,64 @@ def demo_threads(most: int = 2) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def text_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], note: str) -> str:
-    """A plugin demo's printable report: the title line, a plain-text table (each column left-justified to its
-    widest cell, columns two spaces apart, the header first) and a closing note line."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
-    return "\n".join([title, *table, note])
+@dataclass
+class _DemoBar:
+    desc: str
+    bars: bool
+    bar: Progress | None = None
+
+
+_DEMO_BAR: ContextVar[_DemoBar | None] = ContextVar("polyquant_demo_bar", default=None)
+
+
+@contextmanager
+def demo_bar(desc: str, bars: bool) -> Iterator[None]:
+    """Inside, ``demo_progress`` gives the demo running here one progress bar named ``desc`` (``bars``: drawn;
+    else progress lines inside ``progress.line_progress()``, else silent); it is closed on the way out."""
+    state = _DemoBar(desc, bars)
+    token = _DEMO_BAR.set(state)
+    try:
+        yield
+    finally:
+        _DEMO_BAR.reset(token)
+        if state.bar is not None:
+            state.bar.close()
+
+
+def demo_progress(total: int) -> Progress:
+    """A plugin demo's progress: ``total`` steps, ``update(1, step=...)`` after each. Under ``polyquant demo``
+    it is that plugin's one bar; called elsewhere (tests, Python) it is silent."""
+    state = _DEMO_BAR.get()
+    if state is None:
+        return progress_bar(total=total, desc="demo", bars=False)
+    if state.bar is not None:
+        state.bar.close()
+    state.bar = progress_bar(total=total, desc=state.desc, bars=state.bars)
+    return state.bar
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """The median wall time of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (first-call
+    allocations, lazy imports, kernel layout caches): the timing every demo and report shows."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def packed_copy(qm: QuantizedModel, folder: str | Path, name: str, model: nn.Module | None = None,
+                cpu_dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, int]:
+    """The real side of a demo row: ``qm`` saved to ``folder/name.safetensors`` and loaded back packed (codes
+    and the kernels' GEMMs, ``polyquant.load(mode="packed")``; ``model``: the float skeleton when the plugin
+    cannot build it from the recorded config). Returns the packed model and the artifact's size in bytes."""
+    from .api import load, save as save_model
+
+    path = save_model(qm, Path(folder) / f"{name}.safetensors")
+    return load(path, model, mode="packed", cpu_dtype=cpu_dtype).model, path.stat().st_size
 
 
 def run_core_demo(*, seed: int = 0, calib_samples: int = 256) -> str:

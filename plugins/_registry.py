@@ -114,7 +114,8 @@ class PluginSpec:
         methods: method name -> one-line summary; exactly the keys of the impl module's ``METHODS``.
         requires: PEP 508 requirements, checked from installed metadata before ``impl`` is imported.
         impl: dotted name of the module that holds ``METHODS`` (and the optional CLI hooks).
-        demo: ``"module:function"`` running a short offline demo that returns a printable report, or None.
+        demo: ``"module:function"`` running a short offline demo that returns a ``polyquant.report.Section`` (or
+            printable text), or None.
         cli: dotted name of a light module holding the command-line hooks (``load_cli``), or None: they are in
             ``impl``.
     """

@@ -64,3 +64,53 @@ def deadline() -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+class _StrictHTML:
+    """An HTML parser that records what a page holds and every nesting error (an end tag that closes nothing
+    open, an element left open at the end)."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self, page: str) -> None:
+        from html.parser import HTMLParser
+
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.tags: dict[str, int] = {}
+        self.images: list[str] = []
+        self.ids: list[str] = []
+        self.doctype = ""
+        outer = self
+
+        class Parser(HTMLParser):
+            def handle_decl(self, decl: str) -> None:
+                outer.doctype = decl
+
+            def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+                outer.tags[tag] = outer.tags.get(tag, 0) + 1
+                a = dict(attrs)
+                if tag == "img":
+                    outer.images.append(a.get("src") or "")
+                if "id" in a:
+                    outer.ids.append(a["id"] or "")
+                if tag not in outer.VOID:
+                    outer.stack.append(tag)
+
+            def handle_endtag(self, tag: str) -> None:
+                if not outer.stack or outer.stack[-1] != tag:
+                    outer.errors.append(f"</{tag}> closes {outer.stack[-1] if outer.stack else 'nothing'}")
+                else:
+                    outer.stack.pop()
+
+        p = Parser(convert_charrefs=True)
+        p.feed(page)
+        p.close()
+        if self.stack:
+            self.errors.append(f"left open: {self.stack}")
+
+
+@pytest.fixture()
+def parse_html() -> type[_StrictHTML]:
+    """``parse_html(page)``: the page's tags, images, ids and nesting errors (``.errors``, empty when valid)."""
+    return _StrictHTML

@@ -166,6 +166,11 @@ def fake_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     })
 
 
+def _untimed(out: str) -> str:
+    """``polyquant demo`` output without its per-demo time lines."""
+    return re.sub(r"^\(\d+\.\d s\)\n", "", out, flags=re.M)
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -175,7 +180,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--help")
     assert code == 0 and out.startswith("usage: polyquant") and not err
-    for command in ("list", "info", "demo", "quantize", "load", "search"):
+    for command in ("list", "info", "demo", "report", "quantize", "load", "search"):
         assert command in out
 
 
@@ -296,30 +301,91 @@ def test_unknown_plugin_names_the_known_ones(capsys: pytest.CaptureFixture[str],
     assert err == "polyquant: error: unknown plugin 'nope' (known plugins: broken, good, needy)\n"
 
 
-def test_demo_runs_plugin_demos(capsys: pytest.CaptureFixture[str], fake_plugins: None) -> None:
-    assert run(capsys, "demo") == (0, "== good ==\ngood demo report\n", "")
-    assert run(capsys, "demo", "good") == (0, "== good ==\ngood demo report\n", "")
+def test_demo_runs_plugin_demos(capsys: pytest.CaptureFixture[str], fake_plugins: None, tmp_path: Path) -> None:
+    code, out, err = run(capsys, "demo", "--no-report")
+    assert (code, err) == (0, "") and re.fullmatch(r"== good ==\ngood demo report\n\(\d+\.\d s\)\n", out), out
+    code, out, _ = run(capsys, "demo", "good", "--out", str(tmp_path / "page"))
+    assert code == 0 and out.startswith("== good ==\ngood demo report\n")
+    assert out.splitlines()[-1].startswith(f"report: {tmp_path / 'page' / 'index.html'} (1 sections; ")
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert "<pre>good demo report</pre>" in page  # a demo that returns text is shown as text
 
 
-def test_demo_failure_exits_1(
-    capsys: pytest.CaptureFixture[str], fake_plugins: None, monkeypatch: pytest.MonkeyPatch
+def test_demo_section_summary_and_page(capsys: pytest.CaptureFixture[str], fake_plugins: None, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from polyquant.demo import demo_progress
+    from polyquant.report import Section, Table
+
+    def demo() -> Section:
+        steps = demo_progress(total=2)
+        steps.update(1, step="first")
+        steps.update(1, step="second")
+        return Section("ignored", title="what ran", headline="it worked <b>",
+                       tables=[Table("t", ["method", "acc"], [["x", "1.0"]])])
+
+    monkeypatch.setattr(sys.modules["pq_fake_cli_impl"], "demo", demo)
+    code, out, err = run(capsys, "demo", "--out", str(tmp_path))
+    assert code == 0 and out.startswith("== good ==\nwhat ran\nresult: it worked <b>\n1 table(s), 0 figure(s)\n")
+    assert "good: 1/2 first" in err and "good: 2/2 second" in err  # progress lines off a terminal
+    assert run(capsys, "demo", "--out", str(tmp_path), "--quiet")[2] == ""
+    code, out, _ = run(capsys, "demo", "--no-report", "--full")
+    assert "method  acc\nx       1.0" in out
+    page = (tmp_path / "index.html").read_text()
+    assert "it worked &lt;b&gt;" in page and '<section id="s0-good">' in page
+
+
+def test_demo_failure_is_isolated_on_the_page(
+    capsys: pytest.CaptureFixture[str], fake_plugins: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     def boom() -> str:
         raise ValueError("demo broke")
 
     monkeypatch.setattr(sys.modules["pq_fake_cli_impl"], "demo", boom)
-    code, out, err = run(capsys, "demo")
-    assert code == 1 and out == "== good ==\n"
+    code, out, err = run(capsys, "demo", "--out", str(tmp_path))
+    assert code == 1 and out.startswith("== good ==\nreport: ") and "failed: good" in out
     assert err.startswith("polyquant: error: demo of plugin 'good' failed: ValueError: demo broke")
+    assert "This demo failed: ValueError: demo broke" in (tmp_path / "index.html").read_text()
+
+
+def test_demo_bad_out_folder_is_checked_first(capsys: pytest.CaptureFixture[str], fake_plugins: None,
+                                              tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("keep")
+    code, out, err = run(capsys, "demo", "--out", str(tmp_path / "file"))
+    assert (code, out) == (2, "") and err == f"polyquant: error: --out: report folder {tmp_path / 'file'} exists " \
+        "and is not a folder\n"
+    assert (tmp_path / "file").read_text() == "keep"
 
 
 def test_demo_falls_back_to_the_core_demo(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pq_fake_core_demo", _module("pq_fake_core_demo", "def run(): return 'core'"))
     monkeypatch.setattr(cli, "CORE_DEMO", "pq_fake_core_demo:run")
-    assert run(capsys, "demo") == (0, "== core ==\ncore\n", "")
+    code, out, _ = run(capsys, "demo", "--no-report")
+    assert code == 0 and out.startswith("== core ==\ncore\n")
     monkeypatch.setattr(cli, "CORE_DEMO", "pq_fake_no_such_module:run")
-    code, _, err = run(capsys, "demo")
+    code, _, err = run(capsys, "demo", "--no-report")
     assert code == 1 and "core demo pq_fake_no_such_module:run cannot be loaded" in err
+
+
+def test_report_renders_results_and_benchmark_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from polyquant.report import Section, Table, write_report
+
+    write_report([Section("vit", tables=[Table("t", ["a"], [["1"]])])], tmp_path / "first")
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"benchmark": "mine", "rows": [{"method": "x", "acc": 0.5}]}))
+    code, out, err = run(capsys, "report", str(tmp_path / "first" / "results.json"), str(bench), "--out",
+                         str(tmp_path / "page"), "--title", "my runs")
+    assert (code, err) == (0, "") and out == f"report: {tmp_path / 'page' / 'index.html'} (2 sections from 2 file(s))\n"
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert "<title>my runs</title>" in page and "benchmark results: mine" in page and "rendered from" in page
+
+
+def test_report_bad_input_is_one_line_and_writes_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text("{not json")
+    code, out, err = run(capsys, "report", str(tmp_path / "bad.json"), "--out", str(tmp_path / "page"))
+    assert (code, out) == (2, "") and err.startswith(f"polyquant: error: cannot read {tmp_path / 'bad.json'}: ")
+    assert err.count("\n") == 1 and not (tmp_path / "page").exists()
+    code, _, err = run(capsys, "report", str(tmp_path / "missing.json"), "--out", str(tmp_path / "page"))
+    assert code == 2 and "No such file or directory" in err
 
 
 def test_duplicate_plugin_warning_is_one_line(capsys: pytest.CaptureFixture[str], fake_plugins: None,
@@ -590,16 +656,16 @@ def test_each_demo_runs_isolated(capsys: pytest.CaptureFixture[str], fake_plugin
     _use_entry_points(monkeypatch, {"good": "pq_fake_cli_specs:GOOD",
                                     **{name.lower(): f"pq_fake_cli_demos:{name}" for name in names}})
     clear_cache()
-    code, out, err = run(capsys, "demo")
+    code, out, err = run(capsys, "demo", "--no-report")
     assert code == 1
-    assert out.splitlines() == ["== a_import_exits ==", "== b_import_fails ==", "== c_demo_exits ==",
+    assert _untimed(out).splitlines() == ["== a_import_exits ==", "== b_import_fails ==", "== c_demo_exits ==",
                                 "== d_demo_raises ==", "== good ==", "good demo report"]
     errors = err.splitlines()
     assert len(errors) == 4 and all(line.startswith("polyquant: error: demo of plugin '") for line in errors)
     assert re.search(r"SystemExit: 5|exited \(code 5\)", errors[0]) and "pq_fake_cli_demo_missing" in errors[1]
     assert "exited (code 3)" in errors[2] and "KeyError: 'lost'" in errors[3]
-    code, out, _ = run(capsys, "demo", "c_demo_exits", "good")  # named ones too
-    assert code == 1 and out.endswith("== good ==\ngood demo report\n")
+    code, out, _ = run(capsys, "demo", "c_demo_exits", "good", "--no-report")  # named ones too
+    assert code == 1 and _untimed(out).endswith("== good ==\ngood demo report\n")
 
 
 def _vit_available() -> bool:
@@ -683,8 +749,8 @@ def test_demo_reports_are_escaped_and_one_that_cannot_print_stops_no_other(
     _use_entry_points(monkeypatch, {"a_unprintable": "pq_fake_cli_reports:A_UNPRINTABLE",
                                     "b_escapes": "pq_fake_cli_reports:B_ESCAPES", "good": "pq_fake_cli_specs:GOOD"})
     clear_cache()
-    code, out, err = run(capsys, "demo")
+    code, out, err = run(capsys, "demo", "--no-report")
     assert code == 1
-    assert out.split("\n") == ["== a_unprintable ==", "== b_escapes ==", "table\\x1b[2J", "row\\ttwo\\r\\u202e",
+    assert _untimed(out).split("\n") == ["== a_unprintable ==", "== b_escapes ==", "table\\x1b[2J", "row\\ttwo\\r\\u202e",
                                "== good ==", "good demo report", ""]
     assert err == "polyquant: error: demo of plugin 'a_unprintable' failed: RuntimeError: no text\n"
