@@ -141,17 +141,6 @@ def test_errors_are_one_line_and_leave_files_alone(tmp_path: Path, texts, capsys
         assert out_file.read_bytes() == b"not touched"
 
 
-def test_demo_table_lists_every_method_on_every_model() -> None:
-    from polyquant.plugins.ssm.demo import run_demo
-    from polyquant.plugins.ssm.methods import METHODS
-
-    table = run_demo(calib_batches=1, eval_batches=1, seq_len=32)
-    for model in ("Mamba-1", "Mamba-2", "Mamba-1 + outliers"):
-        for method in ("float", *METHODS):
-            row = re.search(rf"^{re.escape(model)} +{method} +(\d+\.\d+)", table, flags=re.M)
-            assert row is not None and 1.0 < float(row.group(1)) < 4.5, (model, method, table)
-
-
 def test_bits_per_byte_arithmetic_with_and_without_a_tokenizer() -> None:
     from polyquant.plugins.ssm.models import bits_per_byte, encode
 
