@@ -7,6 +7,7 @@ restore and packing do the rest (convs -> ``PackedConv`` on int codes; activatio
 from __future__ import annotations
 
 import argparse
+import itertools
 from typing import Any
 
 import torch
@@ -25,8 +26,8 @@ from .placement import (check_detector, clouds_of, detector_blocks, prepare_dete
                         uniform_batches)
 from .synthetic import make_scenes
 
-__all__ = ["METHODS", "SHIPPED", "build_model", "example", "evaluate_detector", "add_model_args", "load_inputs",
-           "report_quantized", "add_load_args", "run_load"]
+__all__ = ["METHODS", "SHIPPED", "build_model", "detect", "example", "evaluate_detector", "add_model_args",
+           "load_inputs", "report_quantized", "add_load_args", "run_load"]
 
 PLUGIN = "lidar"
 SHIPPED = "centerpoint-pillar"  # plugins/lidar/assets/centerpoint_pillar.safetensors
@@ -148,19 +149,26 @@ def example(method: str) -> MethodExample:
 # --- evaluation ---------------------------------------------------------------------------------------------------
 
 
-def evaluate_detector(model: nn.Module, scenes: list[Any], batch_size: int = 20) -> dict[str, Any]:
-    """``metrics.evaluate`` of the model's decoded detections on ``scenes`` (no grad, eval mode)."""
-    from .metrics import evaluate
+def detect(model: nn.Module, scenes: list[Any], batch_size: int = 20) -> list[Any]:
+    """The model's decoded detections (``targets.Detections``) of each scene, in batches (no grad); the model may
+    be float, fake-quant or packed (buffers only)."""
     from .targets import decode
 
     grid = check_detector(model).grid
-    device = next(model.parameters()).device
+    device = next(itertools.chain(model.parameters(), model.buffers())).device  # a packed model holds buffers only
     dets = []
     with torch.no_grad():
         for i in range(0, len(scenes), batch_size):
             batch = {k: v.to(device) for k, v in scene_batch(scenes[i:i + batch_size]).items()}
             dets.extend(decode(model(**batch), grid))
-    return evaluate(dets, scenes)
+    return dets
+
+
+def evaluate_detector(model: nn.Module, scenes: list[Any], batch_size: int = 20) -> dict[str, Any]:
+    """``metrics.evaluate`` of the model's decoded detections on ``scenes`` (``detect``)."""
+    from .metrics import evaluate
+
+    return evaluate(detect(model, scenes, batch_size), scenes)
 
 
 def _summary(result: dict[str, Any]) -> str:
