@@ -150,17 +150,6 @@ def test_quantize_and_search_texts(tmp_path: Path, capsys: pytest.CaptureFixture
                                                                                   ([5], [long.strip()])]
 
 
-def test_demo_runs_offline(capsys: pytest.CaptureFixture[str]) -> None:
-    from polyquant.plugins.embeddings.demo import run_demo
-
-    report = run_demo(n=3000, dim=32, queries=20)
-    lines = report.splitlines()
-    assert "format" in lines[1] and len(lines) == 2 + 8 + 1
-    rows = {line[:25].strip(): line[25:].split() for line in lines[2:10]}
-    assert float(rows["float16"][0]) >= 0.95  # recall@10 of float16 codes
-    assert rows["binary, 4x rescoring"][2] == f"{4 * 32 / (4 + 32 * 4 / 3000):.1f}x"  # 32 bits + amortised step
-
-
 def test_bad_inputs_are_one_line_errors_that_leave_files_intact(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """The done-when sweep on the command line: NaN / wrong-shape inputs, a mismatched query dimension, an empty

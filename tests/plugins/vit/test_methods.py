@@ -140,15 +140,6 @@ def test_cli_bad_arguments_exit_2_without_traceback(argv: list[str], capsys: pyt
     assert "Traceback" not in err and err.strip()
 
 
-def test_demo_table() -> None:
-    from polyquant.plugins.vit.demo import run_demo
-
-    text = run_demo(calib_size=8)
-    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:] if line.split()}
-    assert {"float", "adalog", "minmax"} <= rows.keys()
-    assert float(rows["adalog"][2]) > 90.0
-
-
 def test_adalog_retrain_improves_w3a3(model: torch.nn.Module) -> None:
     from polyquant.plugins.vit.quantizers import GELU_SHIFT
 
