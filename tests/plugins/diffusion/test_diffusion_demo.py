@@ -1,44 +1,90 @@
-"""``polyquant demo diffusion``: the table lists float and every method with sane numbers, and the grid image has
-one row of 10 samples per model."""
+"""``polyquant demo diffusion`` at reduced settings: one Section with the DiT, CacheQuant and ZOODiP tables (every
+row present, sane numbers, packed close to fake-quant, artifacts smaller than float) and three labelled figures."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+import io
 
 import pytest
 
+from polyquant.report import Table
+
 pytest.importorskip("diffusers")
+pytest.importorskip("matplotlib")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def test_demo_table_and_grid_image(tmp_path: Path) -> None:
+def _col(table: Table, name: str) -> int:
+    return table.header.index(name)
+
+
+def test_demo_section_tables_and_figures() -> None:
     from PIL import Image
 
-    from polyquant.plugins.diffusion.demo import run_demo
+    from polyquant.plugins.diffusion.demo import BACKPROP, PLAIN_ZO, ZOODIP, run_demo
+    from polyquant.report import Section
 
-    table = run_demo(calib_images=2, recon_iters=2, out_dir=str(tmp_path), cachequant=False)
-    psnr = {m.group(1).strip(): float(m.group(2)) for m in re.finditer(r"^(\S.*?) {2,}(\d+\.\d+) ", table, re.M)}
-    assert set(psnr) == {"fp4dit RTN", "fp4dit + scale-aware AdaRound (2 it)", "fp_fixed_bias", "int_minmax",
-                         "adaround INT4 (2 it)", "int8 (W8A8)"}, table
-    assert all(15 < v < 60 for v in psnr.values()) and psnr["int8 (W8A8)"] > max(
-        v for k, v in psnr.items() if k != "int8 (W8A8)")  # 8-bit weights are far closer to float than 4-bit
-    image = Image.open(tmp_path / "samples.png")
-    assert image.size == (10 * (8 * 4 + 2), 7 * (8 * 4 + 2))  # 10 samples x 7 rows (float + 6 methods), 4x, 1 px frame
-    assert str(tmp_path / "samples.png") in table
+    section = run_demo(calib_images=2, recon_iters=2, steps=8, cache_steps=8, interval=2, zo_iters=5)
+    assert isinstance(section, Section) and section.domain == "diffusion"
+    assert section.title and section.headline and section.reduced and section.notes
+    dit, unet, zo = section.tables
+    text = str(section)
+    assert all(t.text() in text for t in section.tables)
 
+    # the DiT: float + 6 methods; 8-bit weights are far closer to float than any 4-bit method
+    rows = {r[0]: r for r in dit.rows}
+    assert list(rows) == ["float (fp32)", "fp4dit RTN", "fp4dit + scale-aware AdaRound (2 it)", "fp_fixed_bias",
+                          "int_minmax", "adaround INT4 (2 it)", "int8 (W8A8)"]
+    fake, packed = _col(dit, "PSNR fake-quant (dB)"), _col(dit, "PSNR packed (dB)")
+    nbytes, ms = _col(dit, "artifact bytes"), _col(dit, "ms / call (float or packed)")
+    float_bytes = int(rows["float (fp32)"][nbytes].replace(",", ""))
+    psnr = {k: float(r[fake]) for k, r in rows.items() if k != "float (fp32)"}
+    assert all(15 < v < 60 for v in psnr.values()), dit.text()
+    assert psnr["int8 (W8A8)"] > max(v for k, v in psnr.items() if k != "int8 (W8A8)"), dit.text()
+    for k, r in rows.items():
+        assert float(r[ms]) > 0
+        acc = _col(dit, "class acc. fake-quant %")
+        assert 0 <= float(r[acc]) <= 100
+        if k != "float (fp32)":
+            # bf16 packed compute vs fp32 fake-quant: a few rounding flips over 8 sampling steps, not a new model
+            assert abs(float(r[packed]) - float(r[fake])) < 3, dit.text()
+            assert 0 < int(r[nbytes].replace(",", "")) < float_bytes / 1.8  # 4-bit: ~2.4x; int8: ~1.9x
 
-def test_cachequant_demo_table_and_grid_image(tmp_path: Path) -> None:
-    from PIL import Image
+    # the UNet: float, cache only and the three CacheQuant ablations; caching every 2nd step saves MACs
+    rows = {r[0]: r for r in unet.rows}
+    assert list(rows) == ["float (fp32, no cache)", "cache only (float, uniform)", "quant only (W8A8, no cache)",
+                          "naive quant + cache (uniform)", "CacheQuant (DPS + DEC)"]
+    fake, packed = _col(unet, "PSNR fake-quant (dB)"), _col(unet, "PSNR packed (dB)")
+    nbytes, speed = _col(unet, "artifact bytes"), _col(unet, "speedup (counted MACs)")
+    float_bytes = int(rows["float (fp32, no cache)"][nbytes].replace(",", ""))
+    assert rows["cache only (float, uniform)"][nbytes] == "-" and rows["cache only (float, uniform)"][packed] == "-"
+    for k in ("quant only (W8A8, no cache)", "naive quant + cache (uniform)", "CacheQuant (DPS + DEC)"):
+        r = rows[k]
+        assert 20 < float(r[fake]) < 80 and abs(float(r[packed]) - float(r[fake])) < 3, unet.text()
+        assert 0 < int(r[nbytes].replace(",", "")) < float_bytes / 2.5  # 8-bit weights: ~3.1x
+    assert rows["quant only (W8A8, no cache)"][speed] == "1.00x"
+    assert all(1.2 < float(rows[k][speed].rstrip("x")) < 2 for k in ("cache only (float, uniform)",
+                                                                   "naive quant + cache (uniform)",
+                                                                   "CacheQuant (DPS + DEC)"))
 
-    from polyquant.plugins.diffusion.demo import run_cachequant_demo
+    # ZOODiP: three variants from the same start; only backprop does backward passes; ZO: 3 forward passes / step
+    rows = {r[0]: r for r in zo.rows}
+    assert list(rows) == [ZOODIP, PLAIN_ZO, BACKPROP]
+    start, end = _col(zo, "held loss, t 0..999: start"), _col(zo, "held loss, t 0..999: end")
+    assert len({r[start] for r in rows.values()}) == 1  # theta starts at the null class's row for all
+    assert all(0 < float(r[end]) < 1 for r in rows.values())
+    fwd, bwd = _col(zo, "forward passes"), _col(zo, "backward passes")
+    assert rows[ZOODIP][fwd] == rows[PLAIN_ZO][fwd] == str(5 * 3 * 4) and rows[ZOODIP][bwd] == "0"
+    assert rows[BACKPROP][fwd] == rows[BACKPROP][bwd] == str(5 * 4)
 
-    table = run_cachequant_demo(calib_images=4, steps=8, interval=2, out_dir=str(tmp_path))
-    rows = {m.group(1).strip(): (float(m.group(2)), float(m.group(3)))
-            for m in re.finditer(r"^(\S.*?) {2,}(\d+\.\d+) +\d+ +(\d+\.\d+)x", table, re.M)}
-    assert set(rows) == {"cache only (float, uniform)", "quant only (W8A8, no cache)", "naive quant + cache",
-                         "CacheQuant (DPS + DEC)"}, table
-    assert all(20 < p < 80 for p, _ in rows.values())
-    assert rows["quant only (W8A8, no cache)"][1] == 1.0 and all(  # every step refreshes: no saving
-        1.2 < s < 2 for k, (_, s) in rows.items() if k != "quant only (W8A8, no cache)")  # half the steps cached
-    image = Image.open(tmp_path / "samples_unet.png")
-    assert image.size == (10 * (8 * 4 + 2), 5 * (8 * 4 + 2))  # float, cache only and 3 quantized rows
+    assert [f.title for f in section.figures] == ["samples, float vs quantized", "cache schedule",
+                                                  "ZO personalization loss"]
+    for f in section.figures:
+        image = Image.open(io.BytesIO(f.png))
+        assert image.width > 0 and image.height > 0
+        assert f.axes and all(x.strip() and y.strip() for x, y in f.axes)
+        assert f"figure: {f.title}" in text
+    assert section.figures[0].axes[0] == ["class label", "model"]
+    assert section.figures[1].axes[0] == ["denoising step", "schedule"]
+    assert section.figures[2].axes[0] == ["step", "denoising loss (MSE)"]
