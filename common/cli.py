@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="print every table on the terminal, not just the summary")
     p.add_argument("--quiet", action="store_true",
                    help="no progress on stderr: a bar per plugin in a terminal, one line per step elsewhere")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads of torch (the demos use at most 2; 1 is faster on a busy machine)")
     p.set_defaults(run=cmd_demo)
 
     p = commands.add_parser(
@@ -306,6 +308,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             folder = check_report_folder(args.out)  # before any demo runs: a bad --out costs nothing
         except ValueError as e:
             raise CliError(f"--out: {e}") from None
+    if args.threads is not None:
+        set_threads(args.threads, "polyquant demo")
     if names:
         runs = [(name, f"demo of plugin {name!r}", partial(_plugin_demo, name)) for name in names]
     else:
@@ -348,14 +352,14 @@ def _run_demo(name: str, what: str, demo: Callable[[], object], args: argparse.N
     error, and does not stop the others. Returns the demo's ``report.Section``."""
     from .api import progress_default
     from .demo import demo_bar
-    from .progress import line_progress
     from .report import Section
 
     print(f"== {printable(name)} ==", flush=True)
     t0 = time.perf_counter()
     error = None
     try:
-        with line_progress(not args.quiet), demo_bar(name, progress_default() and not args.quiet):
+        bars = progress_default() and not args.quiet
+        with demo_bar(name, bars, lines=not bars and not args.quiet):  # off a terminal: a line per demo step
             result = demo()
         # inside: a report whose str() raises or exits fails this demo only
         section = result if isinstance(result, Section) else Section(domain=name, text=str(result))

@@ -24,7 +24,7 @@ from .checkpoint import save_checkpoint
 from .export import export
 from .nn import QuantRule, QuantSpec, calibrate, prepare
 from .primitives import PerChannel
-from .progress import Progress, progress_bar
+from .progress import Progress, line_progress, progress_bar
 from .report import text_table
 
 __all__ = ["DemoRow", "demo_bar", "demo_progress", "demo_threads", "digits_split", "median_seconds", "packed_copy",
@@ -95,6 +95,7 @@ def demo_threads(most: int = 2) -> Iterator[None]:
 class _DemoBar:
     desc: str
     bars: bool
+    lines: bool
     bar: Progress | None = None
 
 
@@ -102,10 +103,11 @@ _DEMO_BAR: ContextVar[_DemoBar | None] = ContextVar("polyquant_demo_bar", defaul
 
 
 @contextmanager
-def demo_bar(desc: str, bars: bool) -> Iterator[None]:
+def demo_bar(desc: str, bars: bool, lines: bool = False) -> Iterator[None]:
     """Inside, ``demo_progress`` gives the demo running here one progress bar named ``desc`` (``bars``: drawn;
-    else progress lines inside ``progress.line_progress()``, else silent); it is closed on the way out."""
-    state = _DemoBar(desc, bars)
+    else ``lines``: one line per step on standard error; else silent); it is closed on the way out. The methods
+    the demo runs stay silent (they are called with ``progress=False``)."""
+    state = _DemoBar(desc, bars, lines)
     token = _DEMO_BAR.set(state)
     try:
         yield
@@ -123,7 +125,8 @@ def demo_progress(total: int) -> Progress:
         return progress_bar(total=total, desc="demo", bars=False)
     if state.bar is not None:
         state.bar.close()
-    state.bar = progress_bar(total=total, desc=state.desc, bars=state.bars)
+    with line_progress(state.lines):  # only this bar's lines: the methods inside run without progress
+        state.bar = progress_bar(total=total, desc=state.desc, bars=state.bars)
     return state.bar
 
 
