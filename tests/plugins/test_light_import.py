@@ -130,9 +130,11 @@ def test_every_public_name_resolves_to_its_module_object() -> None:
 
 def test_submodules_are_attributes_in_a_fresh_process() -> None:
     """``import polyquant as pq; pq.api.MethodExample`` works without importing ``polyquant.api`` first, for every
-    submodule of the package (polyquant/__init__.py lists its folder, plus the kernels and plugins subpackages)."""
+    submodule of the package (polyquant/__init__.py lists its folder, subpackages too, plus the kernels and
+    plugins subpackages)."""
     folder = Path(polyquant.__file__).parent
     modules = {p.stem for p in folder.glob("*.py")} - {"__init__", "__main__"}
+    modules |= {p.name for p in folder.iterdir() if (p / "__init__.py").is_file()}  # subpackages: integrations
     assert set(polyquant._SUBMODULES) == modules | {"kernels", "plugins"}
     assert set(polyquant._SUBMODULES) <= set(dir(polyquant))
     found = _run_light(f"""
