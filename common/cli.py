@@ -70,6 +70,8 @@ from .plugins import (
 if TYPE_CHECKING:  # imported inside the commands that need it: --help, list and search's checks start without it
     import torch
 
+    from .report import Section
+
 __all__ = ["main", "build_parser", "CliError", "CliInputs", "add_config_options", "config_from_args", "printable",
            "set_threads"]
 
@@ -346,7 +348,7 @@ def _core_demo(args: argparse.Namespace) -> Callable[[], object] | None:
         return None
 
 
-def _run_demo(name: str, what: str, demo: Callable[[], object], args: argparse.Namespace) -> Any:
+def _run_demo(name: str, what: str, demo: Callable[[], object], args: argparse.Namespace) -> Section:
     """Run one demo under its progress bar and print its summary (``--full``: its whole report); a failure (any
     exception, ``sys.exit`` included, but not Ctrl-C) is reported in one line, becomes a section holding the
     error, and does not stop the others. Returns the demo's ``report.Section``."""
@@ -364,7 +366,7 @@ def _run_demo(name: str, what: str, demo: Callable[[], object], args: argparse.N
         # inside: a report whose str() raises or exits fails this demo only
         section = result if isinstance(result, Section) else Section(domain=name, text=str(result))
         section.domain = name
-        text = str(section) if args.full or not isinstance(result, Section) else _summary(section)
+        text = str(section) if args.full or not isinstance(result, Section) else section.summary()
     except KeyboardInterrupt:
         raise
     except SystemExit as e:
@@ -378,14 +380,6 @@ def _run_demo(name: str, what: str, demo: Callable[[], object], args: argparse.N
     section.seconds = seconds
     print("\n".join(printable(line) for line in text.split("\n")) + f"\n({seconds:.1f} s)", flush=True)
     return section
-
-
-def _summary(section: Any) -> str:
-    """A section in a few lines: what ran, the result, what was reduced."""
-    lines = [section.title, section.headline and f"result: {section.headline}",
-             section.reduced and f"reduced: {section.reduced}",
-             f"{len(section.tables)} table(s), {len(section.figures)} figure(s)"]
-    return "\n".join(line for line in lines if line)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -27,8 +27,8 @@ from .primitives import PerChannel
 from .progress import Progress, line_progress, progress_bar
 from .report import text_table
 
-__all__ = ["DemoRow", "demo_bar", "demo_progress", "demo_threads", "digits_split", "median_seconds", "packed_copy",
-           "run_core_demo", "text_table", "train_digits_mlp"]
+__all__ = ["DemoRow", "checkpoint_bytes", "demo_bar", "demo_progress", "demo_threads", "digits_split",
+           "median_seconds", "packed_copy", "run_core_demo", "text_table", "train_digits_mlp"]
 
 
 @dataclass
@@ -141,6 +141,12 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def checkpoint_bytes(state: dict[str, Tensor], folder: str | Path, name: str) -> int:
+    """The float side of a demo row: ``state`` saved as a safetensors checkpoint ``folder/name.safetensors``
+    (``polyquant.checkpoint``, as the shipped models are); its size in bytes."""
+    return save_checkpoint(state, Path(folder) / f"{name}.safetensors", {}).stat().st_size
 
 
 def packed_copy(qm: QuantizedModel, folder: str | Path, name: str, model: nn.Module | None = None,

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["REPORT_SCHEMA", "Figure", "Section", "Table", "benchmark_section", "check_report_folder", "default_meta", "figure_png", "read_sections",
-           "render_html", "text_table", "write_report"]
+__all__ = ["REPORT_SCHEMA", "Figure", "Section", "Table", "benchmark_section", "check_report_folder", "default_meta",
+           "figure_png", "pyplot", "read_sections", "render_html", "text_table", "write_report"]
 
 REPORT_SCHEMA = 1
 MAX_ROWS = 200  # rows of one table taken from a benchmark file (the rest are counted in its note)
@@ -92,10 +92,17 @@ class Section:
     error: str | None = None
     seconds: float | None = None
 
+    def _header(self) -> list[str]:
+        return [p for p in (self.title, self.headline and f"result: {self.headline}",
+                            self.reduced and f"reduced settings: {self.reduced}") if p]
+
+    def summary(self) -> str:
+        """A few lines for the terminal: what ran, the result, what was reduced, how many tables and figures."""
+        return "\n".join([*self._header(), f"{len(self.tables)} table(s), {len(self.figures)} figure(s)"])
+
     def __str__(self) -> str:
         """The terminal report: title, headline, every table, the figures' titles and the notes."""
-        parts = [p for p in (self.title, self.headline and f"result: {self.headline}",
-                             self.reduced and f"reduced settings: {self.reduced}") if p]
+        parts = self._header()
         parts += [t.text() for t in self.tables]
         parts += [f"figure: {f.title}" for f in self.figures]
         parts += self.notes
@@ -117,8 +124,8 @@ class Section:
     def from_json(cls, obj: Any, where: str) -> Section:
         """A section from ``to_json``'s dict; ``ValueError`` naming ``where`` on anything else."""
         try:
-            return cls(domain=str(obj["domain"]), title=str(obj.get("title", "")), headline=str(obj.get("headline", "")),
-                       reduced=str(obj.get("reduced", "")),
+            return cls(domain=str(obj["domain"]), title=str(obj.get("title", "")),
+                       headline=str(obj.get("headline", "")), reduced=str(obj.get("reduced", "")),
                        tables=[Table(str(t["title"]), list(t["header"]), [list(r) for r in t["rows"]],
                                      str(t.get("note", ""))) for t in obj.get("tables", [])],
                        figures=[Figure(str(f["title"]), base64.b64decode(f["png_base64"], validate=True),
@@ -129,6 +136,16 @@ class Section:
                        seconds=None if obj.get("seconds") is None else float(obj["seconds"]))
         except (KeyError, TypeError, AttributeError, ValueError) as e:  # binascii.Error is a ValueError
             raise ValueError(f"{where}: not a polyquant report section ({type(e).__name__}: {e})") from None
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed): what a demo draws its figures with."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def figure_png(fig: Any, title: str, caption: str = "", dpi: int = 80) -> Figure:
@@ -172,6 +189,11 @@ def _scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
+def _flat(value: Any) -> bool:
+    """A scalar, or a list of scalars: one cell of a key / value table."""
+    return _scalar(value) or (isinstance(value, list) and all(_scalar(x) for x in value))
+
+
 def _tables(value: Any, path: str, out: list[Table]) -> None:
     """Tables of a JSON value: a list of objects is one table (a row each); an object's scalar members are one
     key / value table, an object whose members are all objects of scalars one table (a row per member); the
@@ -192,12 +214,11 @@ def _tables(value: Any, path: str, out: list[Table]) -> None:
         rows = [[str(name), *(_cell(v.get(k)) for k in header)] for name, v in list(value.items())[:MAX_ROWS]]
         out.append(Table(path, ["", *header], rows))
         return
-    scalars = [[str(k), _cell(v)] for k, v in value.items() if _scalar(v) or (isinstance(v, list) and all(
-        _scalar(x) for x in v))]
+    scalars = [[str(k), _cell(v)] for k, v in value.items() if _flat(v)]
     if scalars:
         out.append(Table(path, ["key", "value"], scalars))
     for key, v in value.items():
-        if not (_scalar(v) or (isinstance(v, list) and all(_scalar(x) for x in v))):
+        if not _flat(v):
             _tables(v, f"{path} / {key}" if path else str(key), out)
 
 

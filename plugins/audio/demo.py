@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from polyquant.report import Section
+from polyquant.report import Section, Table, figure_png, pyplot
 
 __all__ = ["run_demo", "spectrogram_figure", "code_usage_figure"]
 
@@ -22,10 +22,7 @@ __all__ = ["run_demo", "spectrogram_figure", "code_usage_figure"]
 def spectrogram_figure(rows: dict[str, Tensor], sample_rate: int = 16_000) -> object:
     """Log-magnitude spectrograms (label -> (T,) or (1, 1, T) audio), one panel per label, top to bottom, as a
     matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(len(rows), 1, figsize=(8, 2.1 * len(rows)), sharex=True, squeeze=False)
     for ax, (label, wav) in zip(axes[:, 0], rows.items()):
@@ -53,10 +50,7 @@ def _usage(codes: Tensor, k: int) -> tuple[Tensor, float, int]:
 def code_usage_figure(codes: dict[str, Tensor], k: int) -> object:
     """One panel per codec: the share of frames of each used codebook entry, sorted by use (log-log), one line per
     RVQ level (codes (B, T', levels)); the legend has each level's perplexity and entries used."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(1, len(codes), figsize=(5 * len(codes), 3.6), squeeze=False, sharey=True)
@@ -78,20 +72,12 @@ def code_usage_figure(codes: dict[str, Tensor], k: int) -> object:
     return fig
 
 
-def _float_bytes(model: nn.Module, folder: Path) -> int:
-    """Bytes of the float codec's safetensors checkpoint (its state dict, the quantizer's EMA buffers included)."""
-    from polyquant.checkpoint import save_checkpoint
-
-    return save_checkpoint(model.state_dict(), folder / "float.safetensors", {}).stat().st_size
-
-
 def run_demo(clips: int = 16, calib_clips: int = 64) -> Section:
     """Held-out reconstruction of the shipped codecs and of each method on ``clips`` synthetic 1 s clips (methods
     calibrated on ``calib_clips`` other clips): kbps, mel distance and SI-SDR fake-quant and packed, artifact bytes,
     ms per decode of one clip, quantize seconds; the spectrogram and code-usage figures; as a report section."""
     import polyquant as pq
-    from polyquant.demo import demo_progress, demo_threads, median_seconds, packed_copy
-    from polyquant.report import Table, figure_png
+    from polyquant.demo import checkpoint_bytes, demo_progress, demo_threads, median_seconds, packed_copy
 
     from .fsq import FSQConfig
     from .grvq import GRVQConfig
@@ -130,7 +116,7 @@ def run_demo(clips: int = 16, calib_clips: int = 64) -> Section:
             if name == "tiny-rvq":
                 usage["tiny-rvq (shipped)"], fp_mel, fp_sdr = full, mel_y, sdr_y
             steps.update(1, step=name)
-        float_bytes = _float_bytes(rvq, folder)
+        float_bytes = checkpoint_bytes(rvq.state_dict(), folder, "float")  # EMA buffers included
         rvq_codes = rvq.encode(one)
         fp_ms = 1000 * median_seconds(lambda: rvq.decode(rvq_codes))
         rows.append(["tiny-rvq float (4 levels)", "2.00", f"{fp_mel:.3f}", "-", f"{fp_sdr:.2f}", "-",

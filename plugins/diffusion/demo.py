@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from polyquant.config import QuantConfig
-from polyquant.report import Figure, Section, Table
+from polyquant.report import Figure, Section, Table, figure_png, pyplot
 
 from .cache import CacheSchedule
 
@@ -68,16 +68,10 @@ def _timing_batch(model: nn.Module) -> dict[str, Tensor]:
     return {"x_t": x, "t": torch.full((len(LABELS),), 500), "labels": LABELS.clone()}
 
 
-def _float_bytes(model: nn.Module, folder: Path, name: str) -> int:
-    from polyquant.checkpoint import save_checkpoint
-
-    return save_checkpoint(model.state_dict(), folder / f"{name}.safetensors", {}).stat().st_size
-
-
 def _dit_rows(calib_images: int, recon_iters: int, steps: int, folder: Path, tick: Callable[[str], None]) -> _Rows:
     """Float, FP4DiT and the baselines on the digits DiT (W4A8; int8: W8A8)."""
     import polyquant as pq
-    from polyquant.demo import packed_copy
+    from polyquant.demo import checkpoint_bytes, packed_copy
 
     from .baselines import AdaRoundConfig, FixedBiasConfig, Int8Config, IntMinMaxConfig
     from .calib import timestep_batches
@@ -96,7 +90,8 @@ def _dit_rows(calib_images: int, recon_iters: int, steps: int, folder: Path, tic
     batch = _timing_batch(model)
     fp = sample(model.transformer, LABELS, steps=steps, scheduler="plms", seed=SEED)
     out.grid["float"], out.acc["float"] = fp, class_accuracy(fp, LABELS)
-    out.nbytes["float"], out.ms["float"] = _float_bytes(model, folder, "dit-float"), _denoiser_ms(model, batch)
+    out.nbytes["float"] = checkpoint_bytes(model.state_dict(), folder, "dit-float")
+    out.ms["float"] = _denoiser_ms(model, batch)
     out.rows.append(["float (fp32)", "-", "-", f"{out.acc['float']:.0f}", "-", f"{out.nbytes['float']:,}",
                      f"{out.ms['float']:.2f}", "-"])
     tick("digits DiT: float")
@@ -128,7 +123,7 @@ class _CacheRun:
 def _unet_rows(calib_images: int, steps: int, interval: int, folder: Path, tick: Callable[[str], None]) -> _CacheRun:
     """Float, cache only and CacheQuant's ablations (W8A8) on the digits UNet, DDIM-``steps``, interval N."""
     import polyquant as pq
-    from polyquant.demo import packed_copy
+    from polyquant.demo import checkpoint_bytes, packed_copy
 
     from .cache import FeatureCache, record_features, uniform_schedule
     from .cachequant import CacheQuantConfig, cached_sample, schedule_macs
@@ -157,7 +152,8 @@ def _unet_rows(calib_images: int, steps: int, interval: int, folder: Path, tick:
         cached = sample(model.unet, LABELS, steps=steps, scheduler="ddim", seed=SEED)
     speedup = {"cache only (float, uniform)": schedule_macs(model, uniform, zero_batch(model))["speedup"]}
     out.grid["float"], out.acc["float"] = fp, class_accuracy(fp, LABELS)
-    out.nbytes["float"], out.ms["float"] = _float_bytes(model, folder, "unet-float"), _denoiser_ms(model, batch)
+    out.nbytes["float"] = checkpoint_bytes(model.state_dict(), folder, "unet-float")
+    out.ms["float"] = _denoiser_ms(model, batch)
     out.rows.append(["float (fp32, no cache)", "-", "-", f"{out.acc['float']:.0f}", "-", f"{out.nbytes['float']:,}",
                      f"{out.ms['float']:.2f}", "1.00x", "-"])
     name = "cache only (float, uniform)"
@@ -291,12 +287,7 @@ def _grid_panel(ax: Any, rows: dict[str, Tensor], title: str) -> None:
 
 
 def _samples_figure(dit: _Rows, unet: _Rows | None, dit_steps: int, cache_steps: int) -> Figure:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from polyquant.report import figure_png
+    plt = pyplot()
 
     panels = [(dit.grid, f"digits DiT, W4A8 (int8: W8A8), PLMS-{dit_steps}")]
     if unet is not None:
@@ -314,12 +305,7 @@ def _samples_figure(dit: _Rows, unet: _Rows | None, dit_steps: int, cache_steps:
 
 
 def _schedule_figure(run: _CacheRun, interval: int) -> Figure:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from polyquant.report import figure_png
+    plt = pyplot()
 
     n = run.uniform.num_steps
     schedules = {f"uniform (DeepCache, every {interval})": run.uniform, "DPS (CacheQuant)": run.dps}
@@ -348,12 +334,7 @@ def _schedule_figure(run: _CacheRun, interval: int) -> Figure:
 
 
 def _loss_figure(run: _ZORun, iters: int) -> Figure:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from polyquant.report import figure_png
+    plt = pyplot()
 
     colors = {ZOODIP: "tab:red", PLAIN_ZO: "tab:blue", BACKPROP: "tab:gray"}
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.4), layout="constrained")

@@ -9,19 +9,14 @@ import math
 import tempfile
 from pathlib import Path
 
-from polyquant.report import Figure, Section
+from polyquant.report import Figure, Section, Table, figure_png, pyplot
 
 __all__ = ["run_demo"]
 
 
 def _recall_figure(points: list[tuple[str, float, float]], k: int) -> Figure:
     """One panel: each format's recall@k against its compression vs float32 (log x), each point labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from polyquant.report import figure_png
+    plt = pyplot()
 
     from matplotlib.ticker import FuncFormatter
 
@@ -56,7 +51,6 @@ def run_demo(n: int = 20_000, dim: int = 128, queries: int = 100, k: int = 10) -
     import torch
 
     from polyquant.demo import demo_progress, demo_threads, median_seconds
-    from polyquant.report import Table
 
     from .configs import BinaryConfig, EmbeddingConfig, FP8E4M3Config, Float16Config, Int4Config, Int8Config
     from .configs import UInt8Config

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from polyquant.report import Figure, Section
+from polyquant.report import Figure, Section, Table, figure_png, pyplot
 
 __all__ = ["renders_figure", "run_demo"]
 
@@ -22,11 +22,7 @@ __all__ = ["renders_figure", "run_demo"]
 def renders_figure(images: dict[str, Tensor], caption: str = "") -> Figure:
     """The report ``Figure`` "renders side by side": (3, H, W) images in [0, 1], one image panel each (axes
     hidden), titled with its key."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from polyquant.report import figure_png
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.6), squeeze=False)
     for ax, (label, img) in zip(axes[0], images.items()):
@@ -46,7 +42,6 @@ def run_demo(views: int = 2, size: int = 48, omg_steps: int = 100, kmeans_iters:
     import polyquant as pq
     from polyquant.demo import demo_progress, demo_threads, median_seconds, packed_copy
     from polyquant.metrics import psnr, ssim
-    from polyquant.report import Table
 
     from .container import size_report
     from .methods import build_model, camera_rows, orbit_views

@@ -10,12 +10,11 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from polyquant.report import Figure, Section
+from polyquant.report import Figure, Section, Table, figure_png, pyplot
 
 __all__ = ["bev_figure", "run_demo"]
 
@@ -32,11 +31,7 @@ def bev_figure(scene: Any, detections: dict[str, Any], extent: float = 40.0, cap
     """The BEV plot as a report ``Figure``: one panel per entry of ``detections`` (title -> ``targets.Detections``),
     each with the scene's points (bird's-eye view: lateral y across, forward x up, metres), its ground-truth boxes
     (green) and the detections scoring above 0.3 (red, dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from polyquant.report import figure_png
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(detections), figsize=(3.0 * len(detections), 3.7), squeeze=False)
     pts = scene.points
@@ -72,9 +67,7 @@ def run_demo(calib_scenes: int = 32, eval_scenes: int = 100, packed_scenes: int 
     held-out scenes, fake-quant and packed AP on the first ``packed_scenes`` of them. Artifacts go to a temporary
     folder that is removed."""
     import polyquant as pq
-    from polyquant.checkpoint import save_checkpoint
-    from polyquant.demo import demo_progress, demo_threads, median_seconds, packed_copy
-    from polyquant.report import Table
+    from polyquant.demo import checkpoint_bytes, demo_progress, demo_threads, median_seconds, packed_copy
 
     from .baselines import EntropyConfig, MinMaxConfig
     from .data import calib_scenes as pool, held_out_scenes
@@ -119,8 +112,7 @@ def run_demo(calib_scenes: int = 32, eval_scenes: int = 100, packed_scenes: int 
             panels[f"{label}{'' if real is m else ' packed'} (mAP {real_sub['mAP']:.3f})"] = real_dets[shown]
             return float(r["mAP"])
 
-        fp_path = save_checkpoint(model.state_dict(), Path(tmp) / "float.safetensors", {})
-        maps = {"float": row("float", model, model, fp_path.stat().st_size, "-")}
+        maps = {"float": row("float", model, model, checkpoint_bytes(model.state_dict(), tmp, "float"), "-")}
         steps.update(1, step="float")
         for label, config in configs.items():
             t0 = time.perf_counter()

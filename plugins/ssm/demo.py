@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polyquant.report import Section
+from polyquant.report import Section, Table, figure_png, pyplot
 
 __all__ = ["run_demo"]
 
@@ -34,22 +34,15 @@ def _pass(model: nn.Module, names: list[str], held_out: list[Tensor]) -> tuple[f
     return float(nll) / math.log(2), {n: caps[n].output() for n in names}
 
 
-def _float_bytes(model: nn.Module, folder: Path, name: str) -> int:
-    """Bytes of the float model's safetensors checkpoint (a tied lm_head stored once, as the shipped files are)."""
-    from polyquant.checkpoint import save_checkpoint
-
+def _float_state(model: nn.Module) -> dict[str, Tensor]:
+    """The float model's state dict with a tied lm_head stored once, as the shipped checkpoints are."""
     tied = getattr(model.lm.config, "tie_word_embeddings", False)
-    state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm.lm_head.weight")}
-    path = save_checkpoint(state, folder / f"{name}-float.safetensors", {})
-    return path.stat().st_size
+    return {k: v for k, v in model.state_dict().items() if not (tied and k == "lm.lm_head.weight")}
 
 
 def _sqnr_figure(sqnr: dict[str, dict[str, list[float]]]) -> object:
     """One panel per model: each method's mixer-output SQNR (dB) against the mixer's layer index."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(sqnr), figsize=(4.2 * len(sqnr), 3.4), squeeze=False, sharey=True)
     for ax, (label, per_method) in zip(axes[0], sqnr.items()):
@@ -74,9 +67,8 @@ def run_demo(calib_batches: int = 4, eval_batches: int = 4, seq_len: int = 128) 
     ``eval_batches`` x (4, seq_len) stdlib-test bytes held out): bits per byte fake-quant and packed, artifact
     bytes, ms per forward of one (4, seq_len) batch, and the per-layer SQNR figure, as a report section."""
     import polyquant as pq
-    from polyquant.demo import demo_progress, demo_threads, median_seconds, packed_copy
+    from polyquant.demo import checkpoint_bytes, demo_progress, demo_threads, median_seconds, packed_copy
     from polyquant.metrics import sqnr
-    from polyquant.report import Table, figure_png
 
     from .methods import METHODS
     from .mixer import mixers
@@ -101,7 +93,7 @@ def run_demo(calib_batches: int = 4, eval_batches: int = 4, seq_len: int = 128) 
             slug = label.lower().replace(" + ", "-").replace(" ", "-")
             names = [*mixers(model), *mamba2_mixers(model)]
             fp, fp_out = _pass(model, names, held_out)
-            fp_bytes = _float_bytes(model, folder, slug)
+            fp_bytes = checkpoint_bytes(_float_state(model), folder, f"{slug}-float")
             fp_ms = 1000 * median_seconds(lambda: model(timed))
             rows.append([label, "float", f"{fp:.4f}", "-", "-", f"{fp_bytes:,}", f"{fp_ms:.0f}", "-"])
             results[label] = {"float": (fp, fp, fp_bytes)}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from polyquant.report import Figure, Section
+from polyquant.report import Figure, Section, Table, figure_png, pyplot
 
 __all__ = ["run_demo"]
 
@@ -44,21 +44,9 @@ class _Row:
                 seconds]
 
 
-def _float_bytes(model: nn.Module, folder: Path, name: str) -> int:
-    """Bytes of the float model's float32 safetensors checkpoint."""
-    from polyquant.checkpoint import save_checkpoint
-
-    return save_checkpoint(model.state_dict(), folder / f"{name}-float.safetensors", {}).stat().st_size
-
-
 def _bits_figure(float_top1: float, curves: dict[str, dict[int, float]], caption: str) -> Figure:
     """One panel: each method's top-1 against its bit width (WbAb), the float model as a horizontal line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from polyquant.report import figure_png
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.8, 3.8))
     for (label, points), marker in zip(curves.items(), "os^v"):
@@ -85,8 +73,7 @@ def run_demo(wbits: int = 4, abits: int = 4, calib_size: int = 16, eq_n: int = 6
     the table at W``wbits``A``abits`` (fake-quant and packed top-1 on the 540 held-out digits, artifact bytes, ms
     per batch), and the figure of the ViT's top-1 at ``minmax_bits`` / ``adalog_bits`` (WbAb), as a section."""
     import polyquant as pq
-    from polyquant.demo import demo_progress, demo_threads, median_seconds, packed_copy
-    from polyquant.report import Table
+    from polyquant.demo import checkpoint_bytes, demo_progress, demo_threads, median_seconds, packed_copy
 
     from .adalog import AdaLogConfig
     from .baselines import MinMaxConfig
@@ -108,7 +95,7 @@ def run_demo(wbits: int = 4, abits: int = 4, calib_size: int = 16, eq_n: int = 6
                 return 1000 * median_seconds(lambda: model(x))
 
         def float_row(label: str, model: nn.Module, data: DigitsData, x: torch.Tensor) -> _Row:
-            float_bytes[label] = _float_bytes(model, folder, label.replace(" ", "-"))
+            float_bytes[label] = checkpoint_bytes(model.state_dict(), folder, label.replace(" ", "-") + "-float")
             return _Row(label, "float", evaluate(model, data), None, float_bytes[label], ms(model, x), None)
 
         def packed_row(label: str, method: str, qm: pq.QuantizedModel, top1: float, seconds: float, data: DigitsData,

@@ -17,6 +17,7 @@ from polyquant.report import (
     Table,
     benchmark_section,
     figure_png,
+    pyplot,
     read_sections,
     render_html,
     text_table,
@@ -27,11 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _plot(xlabel: str = "bits", ylabel: str = "accuracy (%)") -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(2, 2))
     ax.plot([3, 4, 8], [10, 80, 97])
     ax.set_xlabel(xlabel)
@@ -82,6 +79,19 @@ def test_figure_png_needs_labelled_axes() -> None:
     ax.axis("off")
     ax.set_title("float")
     assert figure_png(picture, "render").axes == []
+
+
+def test_pyplot_draws_without_a_display() -> None:
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    assert pyplot() is __import__("matplotlib.pyplot").pyplot and matplotlib.get_backend().lower() == "agg"
+
+
+def test_section_summary() -> None:
+    s = Section("vit", title="t", headline="h", reduced="r", tables=[Table("a", ["x"], [["1"]])])
+    assert s.summary() == "t\nresult: h\nreduced settings: r\n1 table(s), 0 figure(s)"
+    assert str(s).startswith("t\nresult: h\nreduced settings: r\na\nx\n1")  # the same header, then the tables
 
 
 def test_section_text_and_json_round_trip() -> None:
