@@ -302,7 +302,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         names = list(args.plugins)
     else:
         names = [name for name, info in discover().items() if info.available and info.spec and info.spec.demo]
-    from .report import check_report_folder
+    from .report import check_report_folder, write_report
 
     folder = None
     if not args.no_report:
@@ -322,8 +322,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sections = [_run_demo(name, what, demo, args) for name, what, demo in runs]
     failed = [s.domain for s in sections if s.error]
     if folder is not None:
-        from .report import write_report
-
         page = write_report(sections, folder)
         total = sum(s.seconds or 0.0 for s in sections)
         print(f"report: {printable(str(page))} ({len(sections)} sections"
